@@ -1,0 +1,443 @@
+"""YAML config -> frozen, typed objects, validated once at start-up.
+
+Every error names the file, the line, the dotted key and the problem, e.g.
+    config/hangup.yaml:14: routes[0].timeouts.first_token_s: must not exceed total_s (1800)
+and the proxy does not start. Unknown keys are errors (a typo must not silently fall back to a
+default). `${VAR}` and `${VAR:-default}` are read from the environment in string values.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from yarl import URL
+
+Seconds = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A config problem, located. `str()` is the message an operator sees."""
+
+    def __init__(self, file: str, key: str, problem: str, line: int | None = None) -> None:
+        self.file, self.key, self.problem, self.line = file, key, problem, line
+        where = f"{file}:{line}" if line is not None else file
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ListenConfig(_Model):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8080
+    # aiohttp's default of 128 drops connections under bursts; the kernel caps it at somaxconn.
+    backlog: PositiveInt = 4096
+
+
+class LimitsConfig(_Model):
+    # aiohttp's own default is 1 MiB, too small for long prompts and audio uploads.
+    max_request_body_mb: Annotated[float, Field(gt=0)] = 64.0
+
+    @property
+    def max_request_body_bytes(self) -> int:
+        return int(self.max_request_body_mb * 1024 * 1024)
+
+
+class UpstreamConfig(_Model):
+    base_url: str
+    # Server-side key. Without it, the client's own Authorization header is passed through.
+    api_key: SecretStr | None = None
+    # Extra headers sent on every request to this upstream (e.g. OpenAI-Organization).
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except ValueError as exc:
+            raise ValueError(f"not a URL: {value!r}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
+        if url.query_string or url.fragment:
+            raise ValueError(f"must not carry a query or fragment, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # `api_key: ${OPENAI_API_KEY:-}` with the variable unset means "no server-side key".
+        if value is not None and not value.get_secret_value():
+            return None
+        return value
+
+
+TIMEOUT_KEYS = ("connect_s", "headers_s", "first_token_s", "idle_s", "total_s")
+
+
+class TimeoutsConfig(_Model):
+    """Five phases, seconds, `null` = off. See docs/timeouts.md for start points and responses.
+
+    The defaults leave room for reasoning models: a non-streaming answer arrives only after the
+    whole generation (headers_s), and a streamed one may think for minutes before its first
+    visible token (first_token_s). Tighten them per route, not globally.
+    """
+
+    connect_s: Seconds | None = 10.0
+    headers_s: Seconds | None = 600.0
+    first_token_s: Seconds | None = 300.0
+    idle_s: Seconds | None = 120.0
+    total_s: Seconds | None = 3600.0
+
+    def merged(self, override: TimeoutsConfig) -> TimeoutsConfig:
+        """Key by key: only the keys the override spelled out (even as null) replace ours."""
+        return self.model_copy(
+            update={k: getattr(override, k) for k in override.model_fields_set}
+        )
+
+    def impossible(self) -> tuple[str, str] | None:
+        """A (key, problem) pair when a phase can never be reached, else None."""
+        total = self.total_s
+        if total is None:
+            return None
+        for key in ("connect_s", "headers_s", "first_token_s"):
+            value = getattr(self, key)
+            if value is not None and value > total:
+                return key, f"{value:g} must not exceed total_s ({total:g})"
+        return None
+
+
+class MatchConfig(_Model):
+    path_prefix: str = "/v1/"
+    model: str | None = None  # a glob, e.g. "gpt-4o*" or "o*"; None matches any (or no) model
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _under_v1(cls, value: str) -> str:
+        if not value.startswith("/v1"):
+            raise ValueError(f"must start with /v1, got {value!r}")
+        return value
+
+
+OnDisconnect = Literal["cancel", "drain"]
+OnDisconnectBackground = Literal["cancel", "keep"]
+
+
+class RouteOptions(_Model):
+    """Per-route behaviour. In `routes[]` every key is optional and inherits from `defaults`."""
+
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    # Cap the route's total at the client's own deadline (x-stainless-timeout, x-hangup-timeout).
+    honor_client_deadline: bool = True
+    # Let OpenAI SDKs retry our 504s (they do by default; we send x-should-retry: false).
+    sdk_retry: bool = False
+    # Ask the upstream for a usage chunk on streams (and hide it from clients that did not ask).
+    include_usage: bool = True
+    # vLLM: per-chunk usage, so counts are exact at the moment we hang up.
+    continuous_usage_stats: bool = False
+    # Typical completion length assumed for "tokens saved" until enough history exists.
+    expected_completion_tokens: PositiveInt = 256
+    # cancel: close the upstream when the client leaves. drain: keep reading up to drain_max_s
+    # for exact usage (for providers that bill the full response anyway).
+    on_disconnect: OnDisconnect = "cancel"
+    drain_max_s: Seconds = 30.0
+    # Responses API `background: true` streams: cancel the provider-side job, or keep it.
+    on_disconnect_background: OnDisconnectBackground = "cancel"
+    # Forward the remaining deadline to the upstream in this header (off when null).
+    deadline_header: str | None = None
+    # Retries of requests that got no answer (connect failure, 502/503 before any byte).
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 0
+    retry_backoff_s: Seconds = 0.5
+
+
+class RouteConfig(_Model):
+    name: str
+    match: MatchConfig = Field(default_factory=MatchConfig)
+    upstream: str
+    timeouts: TimeoutsConfig | None = None
+    honor_client_deadline: bool | None = None
+    sdk_retry: bool | None = None
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+    expected_completion_tokens: PositiveInt | None = None
+    on_disconnect: OnDisconnect | None = None
+    drain_max_s: Seconds | None = None
+    on_disconnect_background: OnDisconnectBackground | None = None
+    deadline_header: str | None = None
+    max_retries: Annotated[int, Field(ge=0, le=10)] | None = None
+    retry_backoff_s: Seconds | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _label_safe(cls, value: str) -> str:
+        # Route names become metric label values: keep them short and printable.
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
+            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
+        return value
+
+    def resolved(self, defaults: RouteOptions) -> RouteOptions:
+        update: dict[str, Any] = {}
+        for key in RouteOptions.model_fields:
+            if key == "timeouts" or key not in self.model_fields_set:
+                continue
+            update[key] = getattr(self, key)
+        timeouts = defaults.timeouts
+        if self.timeouts is not None:
+            timeouts = timeouts.merged(self.timeouts)
+        update["timeouts"] = timeouts
+        return defaults.model_copy(update=update)
+
+
+class PriceConfig(_Model):
+    """USD per million tokens."""
+
+    input_per_mtok: Annotated[float, Field(ge=0)]
+    output_per_mtok: Annotated[float, Field(ge=0)]
+    cached_input_per_mtok: Annotated[float, Field(ge=0)] | None = None
+
+
+class MetricsConfig(_Model):
+    enabled: bool = True
+    path: str = "/metrics"
+    bearer_token: SecretStr | None = None
+    # Models seen in requests beyond the configured ones become label "other" past this many.
+    max_models: Annotated[int, Field(ge=1, le=1000)] = 50
+
+
+class AuthConfig(_Model):
+    keys: list[SecretStr] = Field(default_factory=list)
+    # Needed to run an open relay that injects a server-side key on a non-loopback listener.
+    allow_unauthenticated: bool = False
+
+
+class ShutdownConfig(_Model):
+    grace_s: Annotated[float, Field(ge=0)] = 30.0
+
+
+class LoggingConfig(_Model):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access_log: bool = True
+    health_checks: bool = False  # log /healthz, /readyz and /metrics hits as traffic
+
+
+class HangupConfig(_Model):
+    listen: ListenConfig = Field(default_factory=ListenConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    upstreams: Annotated[dict[str, UpstreamConfig], Field(min_length=1)]
+    routes: Annotated[list[RouteConfig], Field(min_length=1)]
+    defaults: RouteOptions = Field(default_factory=RouteOptions)
+    prices: dict[str, PriceConfig] = Field(default_factory=dict)
+    # A LiteLLM `model_prices_and_context_window.json`; `prices` entries take precedence.
+    price_file: str | None = None
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    # Where the config came from, for messages (not a YAML key).
+    source: str = Field(default="<config>", exclude=True)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HangupConfig:
+        names: set[str] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in names:
+                raise _Located(("routes", i, "name"), f"duplicate route name {route.name!r}")
+            names.add(route.name)
+            if route.upstream not in self.upstreams:
+                known = ", ".join(sorted(self.upstreams))
+                raise _Located(
+                    ("routes", i, "upstream"),
+                    f"no upstream named {route.upstream!r} (known: {known})",
+                )
+            problem = route.resolved(self.defaults).timeouts.impossible()
+            if problem is not None:
+                key, text = problem
+                where: tuple[str | int, ...] = ("routes", i, "timeouts", key)
+                if route.timeouts is None or key not in route.timeouts.model_fields_set:
+                    where = ("defaults", "timeouts", key)
+                raise _Located(where, text)
+        problem = self.defaults.timeouts.impossible()
+        if problem is not None:
+            raise _Located(("defaults", "timeouts", problem[0]), problem[1])
+        if not self.metrics.path.startswith("/") or self.metrics.path.startswith("/v1"):
+            raise _Located(("metrics", "path"), "must start with / and not be under /v1")
+        return self
+
+    def route_options(self) -> Iterator[tuple[RouteConfig, RouteOptions]]:
+        for route in self.routes:
+            yield route, route.resolved(self.defaults)
+
+
+class _Located(ValueError):
+    """Raised by cross-field checks so the error lands on the right key, not the root."""
+
+    def __init__(self, loc: tuple[str | int, ...], problem: str) -> None:
+        super().__init__(problem)
+        self.loc, self.problem = loc, problem
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+Path_ = tuple[str | int, ...]
+
+
+def dotted(loc: Path_) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _line_map(text: str) -> dict[Path_, int]:
+    """Map each key path of the YAML document to its 1-based line, for error messages."""
+    lines: dict[Path_, int] = {}
+
+    def walk(node: yaml.Node, path: Path_) -> None:
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = path + (str(key_node.value),)
+                walk(value_node, key)
+                lines[key] = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, i))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_for(lines: Mapping[Path_, int], loc: Path_) -> int | None:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return lines.get(())
+
+
+def _interpolate(value: Any, loc: Path_, env: Mapping[str, str], fail: Any) -> Any:
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            fail(loc, f"environment variable {name} is not set and has no default (${{{name}:-...}})")
+            return ""
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*loc, str(k)), env, fail) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*loc, i), env, fail) for i, v in enumerate(value)]
+    return value
+
+
+_MESSAGES = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> HangupConfig:
+    """Parse and validate a YAML document; raise `ConfigError` naming file, line and key."""
+    env = os.environ if env is None else env
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_map(text)
+    except yaml.MarkedYAMLError as exc:
+        line = exc.problem_mark.line + 1 if exc.problem_mark else None
+        hint = ""
+        if "${" in text and "flow" in str(exc.context or ""):
+            hint = " (inside {...} or [...], quote values that use ${VAR})"
+        raise ConfigError(source, "", f"invalid YAML: {exc.problem}{hint}", line) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(source, "", "the document must be a mapping of keys", 1)
+
+    def fail(loc: Path_, problem: str) -> None:
+        raise ConfigError(source, dotted(loc), problem, _line_for(lines, loc))
+
+    data = _interpolate(raw, (), env, fail)
+    try:
+        config = HangupConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc: Path_ = tuple(err["loc"])
+        ctx_error = err.get("ctx", {}).get("error")
+        if isinstance(ctx_error, _Located):
+            fail(ctx_error.loc, ctx_error.problem)
+        message = _MESSAGES.get(err["type"], err["msg"])
+        if message.startswith("Value error, "):
+            message = message.removeprefix("Value error, ")
+        message = message.replace("Input should be", "must be")
+        if err["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in err:
+            value = err["input"]
+            if isinstance(value, str | int | float | bool) or value is None:
+                message += f" (got {value!r})"
+        fail(loc, message)
+        raise AssertionError("unreachable") from exc
+    return config.model_copy(update={"source": source})
+
+
+def load_config(path: str | Path, *, env: Mapping[str, str] | None = None) -> HangupConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read the file: {exc.strerror}") from exc
+    return parse_config(text, source=str(path), env=env)
+
+
+def config_for_upstream(base_url: str, *, base: HangupConfig | None = None) -> HangupConfig:
+    """`--upstream URL`: one upstream and one catch-all route, other settings kept from `base`."""
+    data: dict[str, Any] = {} if base is None else base.model_dump(exclude={"upstreams", "routes"})
+    if base is not None:
+        # model_dump turns secrets into "**********": carry the real values over.
+        data["auth"]["keys"] = [k.get_secret_value() for k in base.auth.keys]
+        if base.metrics.bearer_token is not None:
+            data["metrics"]["bearer_token"] = base.metrics.bearer_token.get_secret_value()
+    data["upstreams"] = {"default": {"base_url": base_url}}
+    data["routes"] = [{"name": "default", "match": {"path_prefix": "/v1/"}, "upstream": "default"}]
+    try:
+        return HangupConfig.model_validate(data).model_copy(
+            update={"source": base.source if base else "--upstream"}
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ConfigError("--upstream", dotted(tuple(err["loc"])), err["msg"]) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRef:
+    name: str
+    config: UpstreamConfig
