@@ -108,9 +108,7 @@ class TimeoutsConfig(_Model):
 
     def merged(self, override: TimeoutsConfig) -> TimeoutsConfig:
         """Key by key: only the keys the override spelled out (even as null) replace ours."""
-        return self.model_copy(
-            update={k: getattr(override, k) for k in override.model_fields_set}
-        )
+        return self.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
 
     def impossible(self) -> tuple[str, str] | None:
         """A (key, problem) pair when a phase can never be reached, else None."""
@@ -318,7 +316,7 @@ def _line_map(text: str) -> dict[Path_, int]:
         lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
-                key = path + (str(key_node.value),)
+                key = (*path, str(key_node.value))
                 walk(value_node, key)
                 lines[key] = key_node.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
@@ -348,7 +346,8 @@ def _interpolate(value: Any, loc: Path_, env: Mapping[str, str], fail: Any) -> A
                 return env[name]
             if default is not None:
                 return default
-            fail(loc, f"environment variable {name} is not set and has no default (${{{name}:-...}})")
+            problem = f"environment variable {name} is not set and has no default"
+            fail(loc, f"{problem} (write ${{{name}:-default}})")
             return ""
 
         return _ENV_REF.sub(sub, value)
