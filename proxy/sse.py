@@ -1,0 +1,165 @@
+"""Sans-I/O decoder for `text/event-stream` (WHATWG HTML, "Server-sent events").
+
+`SSEDecoder.feed(chunk)` takes bytes exactly as they came off the socket and returns the blocks
+completed by them; `flush()` returns what is left at end of stream. Every block keeps its exact
+bytes in `SSEEvent.raw` (terminating blank line included), so that
+
+    b"".join(e.raw for e in decoder.feed(a) + decoder.feed(b) + decoder.flush()) == a + b
+
+for any input. The relay forwards `raw` untouched, which lets it drop one event (the usage chunk
+the proxy asked for on the client's behalf) without re-serialising the others.
+
+Events do not depend on how the input was chunked. The one place where that costs something is a
+block whose closing line ends in a bare `\\r` that is the last byte of a chunk: it may be the first
+half of a `\\r\\n` split across two reads, so the block is emitted when the next byte (or `flush`)
+shows which it was. Upstreams that end lines with `\\n` or `\\r\\n` are never delayed by this.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["SSEDecoder", "SSEEvent"]
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+_CR = 0x0D
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One block of an event stream, ended by a blank line (or by the end of the stream).
+
+    `data` is None when the block had no `data` field (keep-alive comments, stray blank lines);
+    `comment` is True when every line of the block was a comment.
+    """
+
+    event: str | None = None
+    data: str | None = None
+    id: str | None = None
+    retry: int | None = None
+    comment: bool = False
+    raw: bytes = b""
+
+
+class SSEDecoder:
+    """Incremental event-stream parser: `feed(bytes) -> [SSEEvent]`, then `flush()` at the end."""
+
+    __slots__ = (
+        "_bom_checked",
+        "_buf",
+        "_data",
+        "_event",
+        "_had_comment",
+        "_had_field",
+        "_id",
+        "_pos",
+        "_retry",
+        "_scanned",
+    )
+
+    def __init__(self) -> None:
+        # `_buf` holds the raw bytes of the block being read, from its first byte; `_pos` is where
+        # its next unparsed line starts and `_scanned` how far we already looked for a line end
+        # (so a long line arriving in many small reads is scanned once, not once per read).
+        self._buf = bytearray()
+        self._pos = 0
+        self._scanned = 0
+        self._bom_checked = False
+        self._reset_block()
+
+    def _reset_block(self) -> None:
+        self._data: list[bytes] = []
+        self._event: bytes | None = None
+        self._id: bytes | None = None
+        self._retry: int | None = None
+        self._had_comment = False
+        self._had_field = False
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if not chunk:
+            return []
+        buf = self._buf
+        buf += chunk
+        if not self._bom_checked:
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                return []  # could still become a BOM
+            self._bom_checked = True
+            if buf.startswith(_BOM):
+                self._pos = self._scanned = len(_BOM)
+        events: list[SSEEvent] = []
+        start, pos, n = 0, self._pos, len(buf)
+        scan = max(pos, self._scanned)
+        while True:
+            m = _EOL.search(buf, scan)
+            if m is None:
+                scan = n
+                break
+            eol, end = m.span()
+            if end == n and end - eol == 1 and buf[eol] == _CR:
+                scan = eol  # a `\r` ending the read may be half of `\r\n`: decide next time
+                break
+            if eol == pos:
+                events.append(self._dispatch(bytes(buf[start:end])))
+                start = end
+            else:
+                self._line(buf[pos:eol])
+            pos = scan = end
+        if start:
+            del buf[:start]
+        self._pos, self._scanned = pos - start, scan - start
+        return events
+
+    def flush(self) -> list[SSEEvent]:
+        """End of stream: the unterminated last block (any bytes left count, so `raw` adds up)."""
+        buf = self._buf
+        if not buf:
+            return []
+        pos = self._pos
+        if pos < len(buf):
+            line = buf[pos:]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line:
+                self._line(line)
+        event = self._dispatch(bytes(buf))
+        buf.clear()
+        self._pos = self._scanned = 0
+        return [event]
+
+    def _line(self, line: bytearray) -> None:
+        if line[0] == 0x3A:  # ":" starts a comment
+            self._had_comment = True
+            return
+        self._had_field = True
+        colon = line.find(b":")
+        if colon < 0:
+            name, value = bytes(line), b""
+        else:
+            name = bytes(line[:colon])
+            value = bytes(line[colon + 2 if line[colon + 1 : colon + 2] == b" " else colon + 1 :])
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+        elif name == b"id":
+            if b"\0" not in value:  # the spec ignores ids containing NUL
+                self._id = value
+        elif name == b"retry":
+            if value.isdigit():
+                self._retry = int(value)
+        # other field names are ignored, as the spec says
+
+    def _dispatch(self, raw: bytes) -> SSEEvent:
+        data = self._data
+        event = SSEEvent(
+            event=None if self._event is None else self._event.decode("utf-8", "replace"),
+            data=b"\n".join(data).decode("utf-8", "replace") if data else None,
+            id=None if self._id is None else self._id.decode("utf-8", "replace"),
+            retry=self._retry,
+            comment=self._had_comment and not self._had_field,
+            raw=raw,
+        )
+        self._reset_block()
+        return event
