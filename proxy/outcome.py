@@ -18,6 +18,7 @@ class Outcome(enum.StrEnum):
     UPSTREAM_ERROR = "upstream_error"  # unreachable, reset, malformed, 5xx or 429 from upstream
     REJECTED = "rejected"  # refused by the proxy before any upstream work (4xx, draining 503)
     SHUTDOWN = "shutdown"  # still running when the shutdown grace period ran out
+    INTERNAL_ERROR = "internal_error"  # a bug in hangup (answered 500, logged with traceback)
 
 
 class TimeoutKind(enum.StrEnum):

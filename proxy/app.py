@@ -1,0 +1,95 @@
+"""`create_app`: the only module that knows every other one. Routes, resources, health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy import relay
+from proxy.config import HangupConfig
+from proxy.errors import NotFound, Unauthorized, render_body
+from proxy.metrics import authorized
+from proxy.outcome import Outcome, RequestRecord
+from proxy.state import STATE, ProxyState
+
+
+async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.upstreams.start()
+    yield
+    await state.upstreams.close()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers. Nothing else is checked (a restart fixes nothing else)."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: config loaded, upstream client up, not draining."""
+    state = request.app[STATE]
+    if state.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    if not state.upstreams.ready:
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "ready", "in_flight": len(state.inflight)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not authorized(state.config.metrics, request.headers.get("authorization")):
+        err = Unauthorized("metrics require the bearer token in metrics.bearer_token")
+        return web.Response(status=401, body=render_body(err), content_type="application/json")
+    body, content_type = state.metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
+async def not_found(request: web.Request) -> web.Response:
+    """Anything outside /v1/ (and the health and metrics endpoints): an OpenAI-shaped 404, and a
+    record like every other request gets."""
+    state = request.app[STATE]
+    loop = asyncio.get_running_loop()
+    record = RequestRecord(
+        request_id=request.headers.get("x-request-id", "")[:200] or uuid.uuid4().hex,
+        method=request.method,
+        path=request.path,
+        started_at=loop.time(),
+        wall_started_at=time.time(),
+    )
+    err = NotFound(f"unknown path {request.path}: hangup serves the OpenAI API under /v1/")
+    record.settle(Outcome.REJECTED)
+    record.status, record.error_type, record.error_message = 404, err.error_type, err.message
+    record.ended_at = loop.time()
+    state.finish(record)
+    return web.Response(
+        status=404,
+        body=render_body(err),
+        content_type="application/json",
+        headers={"x-request-id": record.request_id},
+    )
+
+
+def create_app(
+    config: HangupConfig,
+    *,
+    registry: CollectorRegistry | None = None,
+    listen_host: str | None = None,
+) -> web.Application:
+    state = ProxyState(config, registry=registry, listen_host=listen_host)
+    app = web.Application(client_max_size=config.limits.max_request_body_bytes)
+    app[STATE] = state
+    app.cleanup_ctx.append(_upstream_session)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    if config.metrics.enabled:
+        app.router.add_get(config.metrics.path, metrics)
+    app.router.add_route("*", "/v1/{tail:.*}", relay.handle)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    return app

@@ -1,0 +1,89 @@
+"""Which headers cross the proxy, in each direction (RFC 9110 section 7.6.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.config import UpstreamConfig
+from proxy.timeouts import CLIENT_DEADLINE_HEADERS
+
+# Connection-specific headers never forwarded (RFC 9110 7.6.1), plus the non-standard ones
+# that behave the same way in practice.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed by aiohttp for the new connection, or decoded already by aiohttp's server
+# (a compressed request body arrives here decompressed, so its Content-Encoding is stale).
+_REQUEST_RECOMPUTED = frozenset({"host", "content-length", "content-encoding"})
+# Ways clients send provider keys: replaced when the upstream has a server-side key.
+_CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
+_CLIENT_DEADLINES = frozenset(CLIENT_DEADLINE_HEADERS) - {"x-stainless-timeout"}
+
+VIA = "1.1 hangup"
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def upstream_request_headers(
+    incoming: CIMultiDictProxy[str],
+    *,
+    upstream: UpstreamConfig,
+    request_id: str,
+    drop_client_credentials: bool,
+    extra: Iterable[tuple[str, str]] = (),
+    drop: Iterable[str] = (),
+) -> CIMultiDict[str]:
+    """Headers for the upstream request.
+
+    drop_client_credentials: the client's Authorization was a key for *this proxy*; it must
+    never reach the provider.
+    """
+    skip = HOP_BY_HOP | _REQUEST_RECOMPUTED | _CLIENT_DEADLINES | _connection_tokens(incoming)
+    skip |= {d.lower() for d in drop}
+    if upstream.api_key is not None or drop_client_credentials:
+        skip |= _CREDENTIAL_HEADERS
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in skip:
+            out.add(name, value)
+    out["x-request-id"] = request_id
+    out.add("via", VIA)
+    if upstream.api_key is not None:
+        out["authorization"] = "Bearer " + upstream.api_key.get_secret_value()
+    for name, value in upstream.headers.items():
+        out[name] = value
+    for name, value in extra:
+        out[name] = value
+    return out
+
+
+def client_response_headers(
+    upstream_headers: CIMultiDictProxy[str], *, request_id: str, keep_length: bool
+) -> CIMultiDict[str]:
+    skip = HOP_BY_HOP | _connection_tokens(upstream_headers)
+    if not keep_length:
+        skip = skip | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream_headers.items():
+        if name.lower() not in skip:
+            out.add(name, value)
+    out["x-request-id"] = request_id
+    out.add("via", VIA)
+    return out

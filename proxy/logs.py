@@ -1,0 +1,114 @@
+"""JSON-lines logging, with secrets kept out by construction.
+
+Records never carry headers or bodies, so there is nothing secret to log; the redaction filter
+is a second line of defence for messages built from exceptions (an upstream's error text could
+echo a key).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from typing import Any, TextIO
+
+from proxy.outcome import RequestRecord
+
+_SECRET = re.compile(
+    r"(?i)(bearer\s+)[^\s\"',]+|\b(sk-[A-Za-z0-9_\-]{6,})|(api[-_]?key[\"']?\s*[:=]\s*[\"']?)[^\s\"',]+"
+)
+
+
+def redact(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1):
+            return m.group(1) + "[redacted]"
+        if m.group(3):
+            return m.group(3) + "[redacted]"
+        return "[redacted]"
+
+    return _SECRET.sub(sub, text)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(fields)
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return redact(json.dumps(line, default=str, separators=(",", ":")))
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # aiohttp's own access log is replaced by ours (one line per request, with its outcome).
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def access_fields(rec: RequestRecord) -> dict[str, Any]:
+    """The access-log line of one request: what happened, never who (no keys, no bodies)."""
+    fields: dict[str, Any] = {
+        "request_id": rec.request_id,
+        "method": rec.method,
+        "path": rec.path,
+        "route": rec.route,
+        "model": rec.model,
+        "endpoint": rec.endpoint,
+        "stream": rec.stream,
+        "status": rec.status,
+        "upstream_status": rec.upstream_status,
+        "outcome": rec.outcome.value if rec.outcome else None,
+        "duration_ms": _ms(rec.duration_s),
+        "ttft_ms": _ms(rec.ttft_s),
+        "overhead_ms": _ms(rec.overhead_s),
+        "bytes_in": rec.bytes_from_client,
+        "bytes_out": rec.bytes_to_client,
+    }
+    if rec.timeout_kind is not None:
+        fields["timeout_phase"] = rec.timeout_kind.value
+        fields["timeout_key"] = rec.timeout_kind.config_key
+    if rec.cancel_propagation_s is not None:
+        fields["cancel_propagation_ms"] = _ms(rec.cancel_propagation_s)
+    if rec.error_message is not None:
+        fields["error"] = rec.error_message
+    if rec.sdk_retry_count:
+        fields["sdk_retry_count"] = rec.sdk_retry_count
+    u = rec.usage
+    fields["tokens"] = {
+        "prompt": u.prompt_tokens,
+        "completion": u.completion_tokens,
+        "cached": u.cached_tokens,
+        "reasoning": u.reasoning_tokens,
+        "estimated": u.prompt_estimated or u.completion_estimated,
+    }
+    if rec.savings is not None:
+        fields["tokens"]["saved"] = rec.savings.tokens_saved
+        fields["tokens"]["saved_upper"] = rec.savings.tokens_saved_upper
+        fields["tokens"]["wasted"] = rec.savings.tokens_wasted
+    if rec.cost is not None and rec.cost.priced:
+        fields["cost_usd"] = {
+            "used": rec.cost.used_usd,
+            "saved": rec.cost.saved_usd,
+            "wasted": rec.cost.wasted_usd,
+        }
+    if rec.background is not None:
+        fields["background"] = rec.background.value
+    return fields

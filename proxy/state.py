@@ -1,0 +1,107 @@
+"""The proxy's app-owned state: one object, created by `create_app`, reached through an AppKey.
+
+No module globals: two apps in one process (tests, workers) never share anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from proxy.accounting import Accountant
+from proxy.auth import Auth
+from proxy.config import HangupConfig
+from proxy.logs import access_fields
+from proxy.metrics import Metrics
+from proxy.outcome import Outcome, RequestRecord
+from proxy.routing import Router
+from proxy.upstream import Upstreams
+
+if TYPE_CHECKING:
+    from proxy.relay import Exchange
+
+log = logging.getLogger("hangup")
+access_log = logging.getLogger("hangup.access")
+
+RecordListener = Callable[[RequestRecord], None]
+
+
+class ProxyState:
+    def __init__(
+        self,
+        config: HangupConfig,
+        *,
+        registry: CollectorRegistry | None = None,
+        listen_host: str | None = None,
+    ) -> None:
+        self.config = config
+        self.router = Router(config)
+        self.upstreams = Upstreams()
+        self.auth = Auth(config, listen_host=listen_host)
+        self.accountant = Accountant(config)
+        configured_models = set(config.prices) | self.router.exact_models()
+        self.metrics = Metrics(
+            config.metrics,
+            routes=[r.name for r in self.router.routes],
+            configured_models=configured_models,
+            registry=registry,
+        )
+        # The tasks of requests in progress. A task is aiohttp's per-connection handler task,
+        # which outlives its request on keep-alive connections: wait with `wait_idle`, not on
+        # the tasks.
+        self.inflight: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False  # readiness 503, new requests refused
+        self.hard_stopping = False  # grace ran out: in-flight requests are being cancelled
+        # Called with every finished record (tests and the demo subscribe).
+        self.listeners: list[RecordListener] = []
+
+    def request_began(self, task: asyncio.Task[object]) -> None:
+        self.inflight.add(task)
+        self._idle.clear()
+        self.metrics.request_started()
+
+    def request_ended(self, task: asyncio.Task[object]) -> None:
+        self.inflight.discard(task)
+        if not self.inflight:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no request is in progress."""
+        await self._idle.wait()
+
+    def finish(self, record: RequestRecord, exchange: Exchange | None = None) -> None:
+        """The single exit of every request: accounting, metrics, access log, listeners.
+
+        Runs in the relay's `finally`; it must not raise, or a request could end without its
+        record, so each step is guarded on its own.
+        """
+        if record.outcome is None:  # defensive: the relay settles every path
+            record.settle(Outcome.INTERNAL_ERROR)
+        if exchange is not None:
+            try:
+                exchange.final_usage()
+                self.accountant.settle(record, exchange)
+            except Exception:
+                log.exception("accounting failed for request %s", record.request_id)
+        try:
+            self.metrics.request_finished(record)
+        except Exception:
+            log.exception("metrics failed for request %s", record.request_id)
+        if self.config.logging.access_log:
+            level = logging.ERROR if record.outcome is Outcome.INTERNAL_ERROR else logging.INFO
+            access_log.log(level, "request", extra={"fields": access_fields(record)})
+        for listener in self.listeners:
+            try:
+                listener(record)
+            except Exception:
+                log.exception("record listener failed")
+
+
+STATE = web.AppKey("hangup_state", ProxyState)

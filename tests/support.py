@@ -1,0 +1,171 @@
+"""Test helpers: a raw-socket HTTP client that can hang up at an exact moment, a blackhole
+upstream for the connect window, a sink of outcome records, and config builders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from proxy.config import HangupConfig
+from proxy.outcome import RequestRecord
+
+
+def make_config(upstream_url: str, **route: Any) -> HangupConfig:
+    """One upstream "sim" and one catch-all route "default" with the given route options."""
+    data: dict[str, Any] = {
+        "upstreams": {"sim": {"base_url": upstream_url}},
+        "routes": [{"name": "default", "upstream": "sim", **route}],
+    }
+    return HangupConfig.model_validate(data)
+
+
+def config_from(data: dict[str, Any]) -> HangupConfig:
+    return HangupConfig.model_validate(data)
+
+
+class RecordSink:
+    """Collects every finished request record; waits on them with a bound."""
+
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, record: RequestRecord) -> None:
+        self.records.append(record)
+        self._changed.set()
+
+    def by_id(self, request_id: str) -> list[RequestRecord]:
+        return [r for r in self.records if r.request_id == request_id]
+
+    async def wait_for(self, request_id: str, timeout: float = 5.0) -> RequestRecord:
+        return await self.wait(
+            lambda: next(iter(self.by_id(request_id)), None),
+            timeout,
+            f"no record for request {request_id}",
+        )
+
+    async def wait(self, probe: Callable[[], Any], timeout: float, what: str) -> Any:
+        async with asyncio.timeout(timeout):
+            while True:
+                found = probe()
+                if found:
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+        raise AssertionError(what)  # pragma: no cover
+
+
+class RawClient:
+    """An HTTP/1.1 client over a plain socket, so a test controls exactly when it hangs up."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.received = bytearray()
+        self.closed_at: float | None = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    def send_head(
+        self, method: str, path: str, headers: dict[str, str], content_length: int | None
+    ) -> None:
+        lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if content_length is not None:
+            lines.append(f"Content-Length: {content_length}")
+        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+
+    async def post_json(
+        self, path: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
+        raw = json.dumps(body).encode()
+        self.send_head(
+            "POST", path, {"Content-Type": "application/json", **(headers or {})}, len(raw)
+        )
+        self.writer.write(raw)
+        await self.writer.drain()
+
+    async def read_until(self, predicate: Callable[[bytes], bool], timeout: float = 5.0) -> bytes:
+        async with asyncio.timeout(timeout):
+            while not predicate(bytes(self.received)):
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                self.received += data
+        return bytes(self.received)
+
+    async def read_to_eof(self, timeout: float = 10.0) -> bytes:
+        async with asyncio.timeout(timeout):
+            while data := await self.reader.read(65536):
+                self.received += data
+        return bytes(self.received)
+
+    def data_events(self) -> int:
+        return bytes(self.received).count(b"data: ")
+
+    def close(self) -> float:
+        """Hang up (FIN) now; returns the monotonic time of the close."""
+        self.closed_at = time.monotonic()
+        self.writer.close()
+        return self.closed_at
+
+
+class Blackhole:
+    """A loopback port where TCP connects hang: a listener with backlog 0 whose accept queue
+    is already full, so the kernel drops further SYNs (the client sits in SYN_SENT)."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self._fillers: list[socket.socket] = []
+        for _ in range(2):
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", self.port))
+            except BlockingIOError:
+                pass
+            self._fillers.append(s)
+        self.baseline = self.syn_sent()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def syn_sent(self) -> int:
+        """Sockets on this machine in SYN_SENT toward the blackhole."""
+        count = 0
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if int(fields[2].split(":")[1], 16) == self.port and fields[3] == "02":
+                    count += 1
+        return count
+
+    def connecting(self) -> int:
+        return self.syn_sent() - self.baseline
+
+    def close(self) -> None:
+        for s in self._fillers:
+            s.close()
+        self.listener.close()
+
+
+async def wait_until(
+    probe: Callable[[], bool], timeout: float, what: str, interval: float = 0.002
+) -> None:
+    """For kernel state that has no event to wait on (socket states): poll with a bound."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
