@@ -1,0 +1,95 @@
+"""End to end against a real inference server (llama.cpp, tiny model, CPU): hanging up through
+hangup stops generation. The server's own CPU time is the witness."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from proxy.server import ProxyServer
+from tests.real_upstream import LlamaServer, available, idle_after
+from tests.support import RawClient, RecordSink, make_config
+
+pytestmark = [pytest.mark.real_upstream, pytest.mark.slow]
+
+_why_not = available()
+if _why_not is not None:
+    pytestmark.append(pytest.mark.skip(reason=_why_not))
+
+PROMPT = [{"role": "user", "content": "Tell me a very long story."}]
+
+
+@pytest.fixture(scope="module")
+def llama() -> Iterator[LlamaServer]:
+    server = LlamaServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def proxy(llama: LlamaServer) -> AsyncIterator[tuple[ProxyServer, RecordSink]]:
+    server = ProxyServer(make_config(llama.base_url), port=0)
+    sink = RecordSink()
+    server.state.listeners.append(sink)
+    await server.start()
+    try:
+        yield server, sink
+    finally:
+        await server.stop_now()
+
+
+async def _assert_server_idles(llama: LlamaServer, within_s: float) -> float:
+    idle_from, samples = await asyncio.to_thread(idle_after, llama.pid, 2.5)
+    assert idle_from is not None, (
+        f"llama-server still generating 2.5 s after the hang-up: {samples}"
+    )
+    assert idle_from <= within_s, f"idle only {idle_from:.2f}s after the hang-up: {samples}"
+    return idle_from
+
+
+async def test_stream_cut_after_20_chunks_stops_generation(
+    llama: LlamaServer, proxy: tuple[ProxyServer, RecordSink]
+) -> None:
+    server, sink = proxy
+    log_offset = len(llama.log_text())
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": PROMPT, "max_tokens": 2000, "stream": True},
+        {"x-request-id": "real-stream-cut"},
+    )
+    await client.read_until(lambda b: b.count(b"data: ") >= 20, timeout=60)
+    client.close()
+    idle_from = await _assert_server_idles(llama, within_s=1.0)
+    record = await sink.wait_for("real-stream-cut")
+    assert record.outcome is not None and record.outcome.value == "client_cancelled"
+    # llama-server's own log says it cancelled the task (not that it finished 2000 tokens).
+    assert "cancel task" in llama.log_text()[log_offset:]
+    assert llama.stopped_at_tokens(log_offset) is not None
+    print(f"stream: server idle {idle_from:.2f}s after the hang-up")
+
+
+async def test_non_stream_cut_after_1_5s_stops_generation(
+    llama: LlamaServer, proxy: tuple[ProxyServer, RecordSink]
+) -> None:
+    server, sink = proxy
+    log_offset = len(llama.log_text())
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json(
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": PROMPT, "max_tokens": 2000},
+        {"x-request-id": "real-nonstream-cut"},
+    )
+    await asyncio.sleep(1.5)  # the scenario itself: hang up after 1.5 s of generation
+    assert client.received == b"", "the 2000-token answer cannot be ready after 1.5 s"
+    client.close()
+    # llama-server notices a closed non-streaming request at its next 1-s poll.
+    idle_from = await _assert_server_idles(llama, within_s=1.0)
+    record = await sink.wait_for("real-nonstream-cut")
+    assert record.outcome is not None and record.outcome.value == "client_cancelled"
+    assert "cancel task" in llama.log_text()[log_offset:]
+    print(f"non-stream: server idle {idle_from:.2f}s after the hang-up")
