@@ -1,0 +1,270 @@
+"""`Metrics`: the only door between request handling and prometheus_client.
+
+The relay tells it about events (`request_started`, `request_finished(record)`, upstream
+connections opened and closed); everything exported about a finished request is derived from its
+one `RequestRecord`, so metrics, the access log and accounting can never disagree.
+
+Two storage modes, chosen by the environment the process started with:
+
+* single process (default): metrics live in an app-owned `CollectorRegistry`, so two apps in one
+  test run do not collide;
+* several workers (`PROMETHEUS_MULTIPROC_DIR` set before start-up): prometheus_client keeps every
+  value in per-process files in that directory, and `render()` sums all workers' files, so one
+  scrape of any worker returns the whole server. Gauges use the "live" modes, so a worker's
+  in-flight count disappears with it once `worker_exited(pid)` is called for it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from proxy import __version__
+from proxy.config import MetricsConfig
+from proxy.outcome import RequestRecord
+
+from . import schema
+from .labels import NONE, BoundedLabel, endpoint_shaped, model_shaped, status_class
+from .schema import Spec
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def _check_multiprocess_ready(path: str) -> None:
+    # prometheus_client picks its value storage when it is first imported. If the variable was set
+    # later (from Python, after the import), values would stay in this process's memory and the
+    # scrape would silently miss them: refuse instead.
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        raise RuntimeError(
+            f"{MULTIPROC_ENV} was set after prometheus_client was imported; "
+            "set it in the environment before the hangup process starts"
+        )
+    if not os.path.isdir(path):
+        raise RuntimeError(f"{MULTIPROC_ENV}={path!r} is not a directory")
+
+
+class _WithoutCreated:
+    """Drops the `*_created` samples prometheus_client adds to counters and histograms.
+
+    They double the series count, multiprocess mode never emits them (so output would differ by
+    mode), and nothing in hangup's dashboards or alerts reads them.
+    """
+
+    def __init__(self, inner: Collector) -> None:
+        self._inner = inner
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._inner.collect():
+            metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
+            yield metric
+
+
+class Metrics:
+    """Per-app metrics. Construct once in `create_app`; call from the relay only."""
+
+    def __init__(
+        self,
+        config: MetricsConfig,
+        *,
+        routes: Iterable[str],
+        configured_models: Iterable[str],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self._routes = frozenset(routes)
+        # Configured names are trusted; names seen in traffic must earn a slot (see `_model_for`).
+        self._models = BoundedLabel(configured_models, config.max_models, model_shaped)
+        self._endpoints = BoundedLabel((), schema.MAX_ENDPOINTS, endpoint_shaped)
+        path = multiprocess_dir()
+        self.multiprocess = path is not None
+        target: CollectorRegistry | None
+        if path is not None:
+            _check_multiprocess_ready(path)
+            # In multiprocess mode every metric object writes to the shared files whatever
+            # registry it is in; registering ours too would export each value twice.
+            target = None
+            self._exposed = CollectorRegistry()
+            # prometheus_client leaves these two multiprocess helpers unannotated.
+            multiprocess.MultiProcessCollector(self._exposed, path=path)  # type: ignore[no-untyped-call]
+        else:
+            target = registry if registry is not None else CollectorRegistry()
+            self._exposed = target
+        self._collector = _WithoutCreated(self._exposed)
+
+        def counter(spec: Spec) -> Counter:
+            return Counter(spec.name, spec.help, spec.labels, registry=target)
+
+        def histogram(spec: Spec) -> Histogram:
+            return Histogram(
+                spec.name, spec.help, spec.labels, registry=target, buckets=spec.buckets
+            )
+
+        def gauge(spec: Spec) -> Gauge:
+            return Gauge(
+                spec.name, spec.help, spec.labels, registry=target, multiprocess_mode=spec.mode
+            )
+
+        self._requests = counter(schema.REQUESTS)
+        self._responses = counter(schema.RESPONSES)
+        self._timeouts = counter(schema.TIMEOUTS)
+        self._tokens = counter(schema.TOKENS)
+        self._tokens_estimated = counter(schema.TOKENS_ESTIMATED)
+        self._cached = counter(schema.CACHED_TOKENS)
+        self._reasoning = counter(schema.REASONING_TOKENS)
+        self._saved = counter(schema.TOKENS_SAVED)
+        self._saved_upper = counter(schema.TOKENS_SAVED_UPPER)
+        self._wasted = counter(schema.TOKENS_WASTED)
+        self._cost = counter(schema.COST)
+        self._cost_saved = counter(schema.COST_SAVED)
+        self._cost_wasted = counter(schema.COST_WASTED)
+        self._unpriced = counter(schema.UNPRICED)
+        self._sdk_retries = counter(schema.SDK_RETRIES)
+        self._background = counter(schema.BACKGROUND)
+        self._duration = histogram(schema.DURATION)
+        self._ttft = histogram(schema.TTFT)
+        self._overhead = histogram(schema.OVERHEAD)
+        self._cancel_propagation = histogram(schema.CANCEL_PROPAGATION)
+        self._in_flight = gauge(schema.IN_FLIGHT)
+        self._upstream_connections = gauge(schema.UPSTREAM_CONNECTIONS)
+        build_info = gauge(schema.BUILD_INFO)
+        build_info.labels(version=__version__).set(1)
+
+        # Series that alerts divide by or take rate() of exist from the start, at zero: a rule
+        # over a series that appears only with its first increment misses that increment.
+        for route in self._routes:
+            for phase in schema.PHASES:
+                self._timeouts.labels(route, phase)
+            self._sdk_retries.labels(route)
+
+    # --- events -------------------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self._in_flight.inc()
+
+    def request_finished(self, record: RequestRecord) -> None:
+        """Account one finished request. Call exactly once per `request_started`."""
+        self._in_flight.dec()
+        route = record.route if record.route in self._routes else NONE
+        model = self._model_for(record)
+        rm = (route, model)
+        if record.outcome is None:
+            log.error("request %s finished without an outcome", record.request_id)
+            outcome = schema.UNSETTLED
+        else:
+            outcome = record.outcome.value
+        self._requests.labels(route, model, outcome).inc()
+        endpoint = self._endpoints.admit(record.endpoint)
+        self._responses.labels(route, endpoint, status_class(record.status)).inc()
+        if record.timeout_kind is not None:
+            self._timeouts.labels(route, record.timeout_kind.value).inc()
+        if record.sdk_retry_count > 0:
+            self._sdk_retries.labels(route).inc()
+        if record.background is not None:
+            self._background.labels(route, record.background.value).inc()
+
+        usage = record.usage
+        self._add(self._tokens, (*rm, "prompt"), usage.prompt_tokens)
+        self._add(self._tokens, (*rm, "completion"), usage.completion_tokens)
+        if usage.prompt_estimated:
+            self._add(self._tokens_estimated, (*rm, "prompt"), usage.prompt_tokens)
+        if usage.completion_estimated:
+            self._add(self._tokens_estimated, (*rm, "completion"), usage.completion_tokens)
+        self._add(self._cached, rm, usage.cached_tokens)
+        self._add(self._reasoning, rm, usage.reasoning_tokens)
+
+        savings = record.savings
+        if savings is not None:
+            self._add(self._saved, rm, savings.tokens_saved)
+            if savings.tokens_saved_upper is not None:
+                self._add(self._saved_upper, rm, savings.tokens_saved_upper)
+            self._add(self._wasted, rm, savings.tokens_wasted)
+        cost = record.cost
+        if cost is not None and cost.priced:
+            self._add(self._cost, rm, cost.used_usd)
+            self._add(self._cost_saved, rm, cost.saved_usd)
+            self._add(self._cost_wasted, rm, cost.wasted_usd)
+        elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
+            self._unpriced.labels(*rm).inc()
+
+        self._observe(self._duration, (route, outcome), record.duration_s)
+        self._observe(self._ttft, rm, record.ttft_s)
+        self._observe(self._overhead, (route,), record.overhead_s)
+        self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
+
+    def upstream_connection_opened(self) -> None:
+        self._upstream_connections.inc()
+
+    def upstream_connection_closed(self) -> None:
+        self._upstream_connections.dec()
+
+    # --- labels and exposition ---------------------------------------------------------------
+
+    def model_label(self, model: str | None) -> str:
+        """The label `model` is exported under now: itself if known, "none" or "other"."""
+        return self._models.label(model)
+
+    def render(self) -> tuple[bytes, str]:
+        """The scrape body (Prometheus text format 0.0.4) and its Content-Type."""
+        return generate_latest(self._collector), CONTENT_TYPE_PLAIN_0_0_4
+
+    # --- policy -------------------------------------------------------------------------------
+
+    def _model_for(self, record: RequestRecord) -> str:
+        """A seen model takes one of the `max_models` slots only once the upstream has accepted a
+        request for it (status < 400): upstreams reject unknown model names, so a client sending
+        made-up names, or a key pasted into the model field, cannot fill the slots."""
+        status = record.upstream_status
+        if status is not None and status < 400:
+            return self._models.admit(record.model)
+        return self._models.label(record.model)
+
+    @staticmethod
+    def _add(counter: Counter, labels: tuple[str, ...], amount: float | None) -> None:
+        # Zero adds create no series: a model that never had cost saved shows no such line.
+        # A negative amount would be an accounting bug; Counter.inc would raise, mid-`finally`.
+        if amount is not None and amount > 0:
+            counter.labels(*labels).inc(amount)
+
+    @staticmethod
+    def _observe(histogram: Histogram, labels: tuple[str, ...], value: float | None) -> None:
+        if value is not None:
+            histogram.labels(*labels).observe(value)
+
+
+def worker_exited(pid: int) -> None:
+    """Tell multiprocess storage a worker is gone, so its live gauges stop counting.
+
+    The supervisor of `--workers N` calls this when a worker exits. Counters and histograms of the
+    dead worker stay in the sum (they are totals); a no-op in single-process mode.
+    """
+    path = multiprocess_dir()
+    if path is not None:
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
+
+
+def authorized(config: MetricsConfig, authorization_header: str | None) -> bool:
+    """Whether a scrape may read /metrics: always without a configured token, else only with
+    `Authorization: Bearer <token>`, compared in constant time."""
+    token = config.bearer_token
+    if token is None:
+        return True
+    if authorization_header is None:
+        return False
+    scheme, _, credentials = authorization_header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(
+        credentials.strip().encode("utf-8"), token.get_secret_value().encode("utf-8")
+    )
