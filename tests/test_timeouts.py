@@ -1,0 +1,140 @@
+"""The pure deadline logic: which deadline is in force in each phase, and what it says."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import TimeoutsConfig
+from proxy.outcome import TimeoutKind
+from proxy.timeouts import Budget, Deadlines, Phase, client_deadline
+
+POLICY = TimeoutsConfig(connect_s=1, headers_s=5, first_token_s=10, idle_s=3, total_s=100)
+
+
+def deadlines(policy: TimeoutsConfig = POLICY, *, stream: bool = True,
+              client: tuple[float, str] | None = None) -> Deadlines:
+    budget = Budget.for_request(policy, client, honor_client_deadline=True)
+    return Deadlines(budget, started=1000.0, watch_first_token=stream)
+
+
+def test_connect_phase_is_bounded_by_connect_s() -> None:
+    d = deadlines()
+    assert d.next() == (1001.0, TimeoutKind.CONNECT)
+
+
+def test_headers_phase_starts_when_the_request_was_sent() -> None:
+    d = deadlines(stream=False)
+    d.headers_sent(1000.5)
+    assert d.next() == (1005.5, TimeoutKind.HEADERS)
+
+
+def test_first_token_bounds_the_header_wait_of_a_stream() -> None:
+    policy = POLICY.model_copy(update={"headers_s": 60})
+    d = deadlines(policy)
+    d.headers_sent(1000.2)
+    assert d.next() == (1010.0, TimeoutKind.FIRST_TOKEN)  # from the request's start
+
+
+def test_keepalives_do_not_reset_first_token_only_content_does() -> None:
+    d = deadlines()
+    d.headers_sent(1000.1)
+    d.response_started(1000.2, sse=True)
+    assert d.phase is Phase.AWAIT_CONTENT
+    assert d.next() == (1010.0, TimeoutKind.FIRST_TOKEN)
+    # The relay calls content() only for content-bearing events; nothing else moves it.
+    d.content(1004.0)
+    assert d.phase is Phase.STREAMING
+    assert d.next() == (1007.0, TimeoutKind.IDLE)
+    d.content(1006.5)
+    assert d.next() == (1009.5, TimeoutKind.IDLE)
+
+
+def test_plain_body_reads_reset_idle() -> None:
+    d = deadlines(stream=False)
+    d.headers_sent(1000.1)
+    d.response_started(1000.2, sse=False)
+    assert d.next() == (1003.2, TimeoutKind.IDLE)
+    d.content(1002.0)
+    assert d.next() == (1005.0, TimeoutKind.IDLE)
+
+
+def test_total_wins_when_it_is_earliest_and_ties_go_to_the_phase() -> None:
+    policy = TimeoutsConfig(connect_s=5, headers_s=None, first_token_s=None, idle_s=None,
+                            total_s=5)
+    d = deadlines(policy)
+    assert d.next() == (1005.0, TimeoutKind.CONNECT)
+    d.headers_sent(1001.0)
+    assert d.next() == (1005.0, TimeoutKind.TOTAL)
+
+
+def test_everything_off_means_no_deadline() -> None:
+    off = TimeoutsConfig(connect_s=None, headers_s=None, first_token_s=None, idle_s=None,
+                         total_s=None)
+    d = deadlines(off)
+    assert d.next() is None
+    d.response_started(1001.0, sse=True)
+    d.content(1002.0)
+    assert d.next() is None
+
+
+def test_backoff_keeps_only_first_token_and_total() -> None:
+    d = deadlines()
+    d.backing_off()
+    assert d.next() == (1010.0, TimeoutKind.FIRST_TOKEN)
+    d = deadlines(stream=False)
+    d.backing_off()
+    assert d.next() == (1100.0, TimeoutKind.TOTAL)
+
+
+def test_done_has_no_deadline() -> None:
+    d = deadlines()
+    d.done()
+    assert d.next() is None
+
+
+def test_client_deadline_caps_total_but_never_extends_it() -> None:
+    d = deadlines(client=(2.5, "x-stainless-timeout"))
+    d.headers_sent(1000.1)
+    d.response_started(1000.2, sse=True)
+    d.content(1000.3)
+    assert d.next() == (1002.5, TimeoutKind.TOTAL)
+    assert "x-stainless-timeout" in d.describe(TimeoutKind.TOTAL, "chat")
+    longer = Budget.for_request(POLICY, (500.0, "x-hangup-timeout"), honor_client_deadline=True)
+    assert longer.total_s == 100 and longer.total_source is None
+    ignored = Budget.for_request(POLICY, (2.0, "x-hangup-timeout"), honor_client_deadline=False)
+    assert ignored.total_s == 100
+    no_total = POLICY.model_copy(update={"total_s": None})
+    capped = Budget.for_request(no_total, (7.0, "x-hangup-timeout"), honor_client_deadline=True)
+    assert capped.total_s == 7.0
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, None),
+        ({"x-stainless-timeout": "600"}, (600.0, "x-stainless-timeout")),
+        ({"x-hangup-timeout": "1.5", "x-stainless-timeout": "600"}, (1.5, "x-hangup-timeout")),
+        ({"x-hangup-timeout": "30", "x-stainless-timeout": "2"}, (2.0, "x-stainless-timeout")),
+        ({"x-hangup-timeout": "nan"}, None),
+        ({"x-hangup-timeout": "-1"}, None),
+        ({"x-hangup-timeout": "soon"}, None),
+    ],
+)
+def test_client_deadline_headers(headers: dict[str, str],
+                                 expected: tuple[float, str] | None) -> None:
+    assert client_deadline(headers) == expected
+
+
+def test_messages_name_the_config_key_and_route() -> None:
+    d = deadlines()
+    assert d.describe(TimeoutKind.FIRST_TOKEN, "reasoning") == (
+        'timeouts.first_token_s=10 exceeded on route "reasoning" '
+        "(waiting for the first content token)"
+    )
+    assert d.describe(TimeoutKind.IDLE, "r").startswith("timeouts.idle_s=3 exceeded")
+
+
+def test_remaining_budget() -> None:
+    d = deadlines()
+    assert d.remaining(1040.0) == 60.0
+    assert d.remaining(2000.0) == 0.0

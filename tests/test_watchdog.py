@@ -1,0 +1,109 @@
+"""The watchdog cancels the guarded task at the earliest deadline, and only then."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.config import TimeoutsConfig
+from proxy.outcome import TimeoutKind
+from proxy.timeouts import Budget, Deadlines
+from proxy.watchdog import Watchdog
+
+
+def make(loop_now: float, **timeouts: float | None) -> Deadlines:
+    policy = TimeoutsConfig(**{"connect_s": None, "headers_s": None, "first_token_s": None,
+                               "idle_s": None, "total_s": None, **timeouts})
+    budget = Budget.for_request(policy, None, honor_client_deadline=False)
+    return Deadlines(budget, loop_now, watch_first_token=True)
+
+
+async def test_fires_at_the_deadline_and_consume_reports_it() -> None:
+    loop = asyncio.get_running_loop()
+    d = make(loop.time(), connect_s=0.05)
+    task = asyncio.current_task()
+    assert task is not None
+    wd = Watchdog(d, task)
+    start = loop.time()
+    try:
+        with wd:
+            await asyncio.sleep(5)
+        raise AssertionError("not cancelled")
+    except asyncio.CancelledError:
+        assert wd.consume() is TimeoutKind.CONNECT
+    elapsed = loop.time() - start
+    assert 0.05 <= elapsed < 0.5
+    assert task.cancelling() == 0  # withdrawn: the task may go on
+
+
+async def test_moving_a_deadline_later_rearms_lazily() -> None:
+    loop = asyncio.get_running_loop()
+    d = make(loop.time(), idle_s=0.1, total_s=None)
+    d.response_started(loop.time(), sse=True)
+    d.content(loop.time())
+    task = asyncio.current_task()
+    assert task is not None
+    wd = Watchdog(d, task)
+    start = loop.time()
+    try:
+        with wd:
+            for _ in range(4):  # content every 50 ms keeps a 100 ms idle timer from firing
+                await asyncio.sleep(0.05)
+                d.content(loop.time())
+            await asyncio.sleep(5)
+    except asyncio.CancelledError:
+        assert wd.consume() is TimeoutKind.IDLE
+    assert loop.time() - start >= 0.3
+
+
+async def test_another_cancellation_wins_over_a_fired_timeout() -> None:
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+
+    async def guarded() -> TimeoutKind | None:
+        task = asyncio.current_task()
+        assert task is not None
+        wd = Watchdog(make(loop.time(), total_s=0.01), task)
+        try:
+            with wd:
+                started.set()
+                await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return wd.consume()
+        return None
+
+    task = asyncio.create_task(guarded())
+    await started.wait()
+    await asyncio.sleep(0.05)  # let the watchdog fire first
+    # By now guarded() has returned TIMEOUT; a second, external cancel arriving while the
+    # timeout's CancelledError is pending is covered below.
+    assert await task is TimeoutKind.TOTAL
+
+    async def doubly_cancelled() -> tuple[TimeoutKind | None, TimeoutKind | None]:
+        me = asyncio.current_task()
+        assert me is not None
+        d = make(loop.time(), total_s=0.02)
+        due = d.next()
+        assert due is not None
+        wd = Watchdog(d, me)
+        try:
+            with wd:
+                # The client leaves at the very moment the deadline passes: both timers are
+                # due together, so both cancels land before this task resumes.
+                loop.call_at(due[0], me.cancel)
+                await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return wd.fired, wd.consume()
+        return None, None
+
+    fired, consumed = await asyncio.create_task(doubly_cancelled())
+    assert fired is TimeoutKind.TOTAL  # the watchdog did fire...
+    assert consumed is None  # ...but the other cancellation wins: the caller re-raises
+
+
+async def test_stop_disarms() -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    with Watchdog(make(loop.time(), total_s=0.02), task):
+        pass
+    await asyncio.sleep(0.05)  # would have been cancelled here had the timer stayed armed
