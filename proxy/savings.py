@@ -36,7 +36,7 @@ class TypicalLengths:
         self.window, self.min_samples, self.max_keys = window, min_samples, max_keys
         self._lengths: OrderedDict[tuple[str, str | None], deque[int]] = OrderedDict()
 
-    def record(self, route: str, model: str | None, completion_tokens: int) -> None:
+    def observe(self, route: str, model: str | None, completion_tokens: int) -> None:
         """Learn from a request that completed (never from cancelled ones: they are the cut
         lengths we are trying to extend, and would bias the figure down)."""
         if completion_tokens < 0:

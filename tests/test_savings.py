@@ -10,12 +10,12 @@ from proxy.savings import TypicalLengths, estimate_savings
 
 def test_typical_needs_min_samples() -> None:
     lengths = TypicalLengths(window=10, min_samples=3)
-    lengths.record("chat", "m", 50)
-    lengths.record("chat", "m", 10)
+    lengths.observe("chat", "m", 50)
+    lengths.observe("chat", "m", 10)
     assert lengths.typical("chat", "m") is None
-    lengths.record("chat", "m", 30)
+    lengths.observe("chat", "m", 30)
     assert lengths.typical("chat", "m") == 30  # sorted 10, 30, 50
-    lengths.record("chat", "m", 40)
+    lengths.observe("chat", "m", 40)
     assert lengths.typical("chat", "m") == 30  # sorted 10, 30, 40, 50: the lower middle one
     assert lengths.typical("chat", "other-model") is None
     assert lengths.typical("other-route", "m") is None
@@ -24,9 +24,9 @@ def test_typical_needs_min_samples() -> None:
 def test_typical_ignores_outliers_a_mean_would_follow() -> None:
     lengths = TypicalLengths(window=20, min_samples=20)
     for _ in range(18):
-        lengths.record("r", None, 100)
-    lengths.record("r", None, 4096)  # two answers that ran to a large max_tokens
-    lengths.record("r", None, 4096)
+        lengths.observe("r", None, 100)
+    lengths.observe("r", None, 4096)  # two answers that ran to a large max_tokens
+    lengths.observe("r", None, 4096)
     # the mean would be (18 * 100 + 2 * 4096) / 20 = 499.6
     assert lengths.typical("r", None) == 100
 
@@ -34,16 +34,16 @@ def test_typical_ignores_outliers_a_mean_would_follow() -> None:
 def test_window_slides() -> None:
     lengths = TypicalLengths(window=3, min_samples=3)
     for n in (10, 10, 10, 500, 600):
-        lengths.record("r", "m", n)
+        lengths.observe("r", "m", n)
     assert lengths.typical("r", "m") == 500  # the window holds 10, 500, 600
 
 
 def test_keys_are_bounded_least_recently_used_first() -> None:
     lengths = TypicalLengths(window=5, min_samples=1, max_keys=2)
-    lengths.record("r", "a", 1)
-    lengths.record("r", "b", 2)
+    lengths.observe("r", "a", 1)
+    lengths.observe("r", "b", 2)
     assert lengths.typical("r", "a") == 1  # touching "a" makes "b" the oldest
-    lengths.record("r", "c", 3)
+    lengths.observe("r", "c", 3)
     assert len(lengths) == 2
     assert (lengths.typical("r", "a"), lengths.typical("r", "b")) == (1, None)
     assert lengths.typical("r", "c") == 3
@@ -51,7 +51,7 @@ def test_keys_are_bounded_least_recently_used_first() -> None:
 
 def test_negative_lengths_are_ignored_and_bad_settings_refused() -> None:
     lengths = TypicalLengths(window=5, min_samples=1)
-    lengths.record("r", "m", -1)
+    lengths.observe("r", "m", -1)
     assert lengths.typical("r", "m") is None
     with pytest.raises(ValueError, match="min_samples"):
         TypicalLengths(window=5, min_samples=6)
