@@ -24,6 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.background import cancel_background
 from proxy.errors import (
     BadRequest,
     Draining,
@@ -37,7 +38,7 @@ from proxy.errors import (
     render_sse_event,
 )
 from proxy.headers import client_response_headers, upstream_request_headers
-from proxy.outcome import Outcome, RequestRecord
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord
 from proxy.routing import Route
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
@@ -104,6 +105,7 @@ class Exchange:
             wall_started_at=time.time(),
         )
         self.response: web.StreamResponse | None = None
+        self.plan: Plan | None = None
         self.facts: RequestFacts | None = None
         self.route: Route | None = None
         self.tracker: StreamUsageTracker | None = None
@@ -125,6 +127,7 @@ class Exchange:
             if record.client_gone_at is None:
                 record.client_gone_at = self.loop.time()
             record.settle(Outcome.SHUTDOWN if state.hard_stopping else Outcome.CLIENT_CANCELLED)
+            await self._stop_background_work()
             raise
         except Exception as exc:
             # A bug of ours. The client gets a plain 500, never the traceback; the log gets it.
@@ -143,6 +146,7 @@ class Exchange:
         except ProxyError as err:
             self.record.settle(err.outcome)
             return self._error_response(err)
+        self.plan = plan
         return await self._exchange(plan)
 
     async def _admit(self) -> Plan:
@@ -216,6 +220,7 @@ class Exchange:
             if kind is None:
                 raise
             self.record.settle(Outcome.TIMEOUT, timeout_kind=kind)
+            await self._stop_background_work()
             message = plan.deadlines.describe(kind, plan.route.name)
             return await self._fail(
                 GatewayTimeout(message, kind, retry=plan.route.options.sdk_retry)
@@ -224,6 +229,7 @@ class Exchange:
             if self.record.client_gone_at is None:
                 self.record.client_gone_at = self.loop.time()
             self.record.settle(Outcome.CLIENT_CANCELLED)
+            await self._stop_background_work()
             assert self.response is not None
             return self.response
         except ProxyError as err:
@@ -423,6 +429,23 @@ class Exchange:
                             tracker.feed(event)
         except _DRAIN_ENDS:
             pass  # best effort: what was read is counted, the rest stays an estimate
+
+    async def _stop_background_work(self) -> None:
+        """The upstream socket is closed by now; for a Responses `background: true` stream that
+        stops nothing (the provider keeps the job running), so cancel the job itself."""
+        plan, tracker = self.plan, self.tracker
+        if plan is None or not (plan.facts.background and plan.facts.stream):
+            return
+        response_id = tracker.response_id if tracker is not None else None
+        if response_id is None:
+            return  # the job's id never arrived: there is nothing we can name to cancel
+        self.record.background_response_id = response_id
+        if plan.route.options.on_disconnect_background == "keep":
+            self.record.background = BackgroundCancel.KEPT
+            return
+        self.record.background = await cancel_background(
+            self.state.upstreams, plan.route.upstream.base_url, response_id, plan.headers
+        )
 
     async def _client_io(self, write: object) -> None:
         """Await a write to the client; a failed write means the client is gone."""

@@ -97,6 +97,13 @@ class Upstreams:
             trace_request_ctx=hooks,
         )
 
+    async def post_empty(self, url: URL, headers: CIMultiDict[str]) -> tuple[int, bytes]:
+        """A small control call (e.g. a background cancel): status and body."""
+        if self._session is None:
+            raise aiohttp.ClientConnectionError("the upstream client is not running")
+        async with self._session.post(url, headers=headers, allow_redirects=False) as response:
+            return response.status, await response.read()
+
 
 def map_open_error(exc: Exception, upstream: str) -> ProxyError:
     """An exception raised while sending the request or awaiting response headers."""
