@@ -57,17 +57,23 @@ def test_negative_lengths_are_ignored_and_bad_settings_refused() -> None:
         TypicalLengths(window=5, min_samples=6)
 
 
-def test_savings_from_history_clipped_to_max_tokens() -> None:
-    # The worked example of docs/accounting.md: typical 600, max_tokens 500, cut after 120.
+def test_worked_example_of_the_docs() -> None:
+    # docs/accounting.md: typical 300, max_tokens 500, 120 tokens delivered when the client left
+    # and 3 more before the upstream connection closed.
     assert estimate_savings(
-        generated=120, wasted=3, max_tokens=500, typical=600, route_default=256, drained=False
+        generated=123, wasted=3, max_tokens=500, typical=300, route_default=256, drained=False
     ) == Savings(
-        tokens_saved=380,  # min(600, 500) - 120
-        tokens_saved_upper=380,  # 500 - 120
+        tokens_saved=177,  # 300 - 123
+        tokens_saved_upper=377,  # 500 - 123
         tokens_wasted=3,
-        expected_tokens=500,
+        expected_tokens=300,
         basis="history",
     )
+    # with a typical length above the request's own limit, the limit is what is expected
+    clipped = estimate_savings(
+        generated=123, wasted=3, max_tokens=500, typical=600, route_default=256, drained=False
+    )
+    assert (clipped.expected_tokens, clipped.tokens_saved) == (500, 377)
 
 
 def test_savings_from_route_default_without_limit() -> None:
