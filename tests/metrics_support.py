@@ -129,6 +129,9 @@ def coverage_workload() -> list[RequestRecord]:
             outcome=Outcome.UPSTREAM_ERROR, status=502, upstream_status=502, ended_at=1000.1
         ),
         make_record(
+            outcome=Outcome.UPSTREAM_ERROR, status=429, upstream_status=429, ended_at=1000.05
+        ),
+        make_record(
             outcome=Outcome.REJECTED,
             route=None,
             model=None,

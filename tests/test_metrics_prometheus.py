@@ -1,0 +1,148 @@
+"""A real Prometheus scrapes hangup's /metrics, then every PromQL expression the dashboard and the
+alert rules ship with must return data: the dashboard cannot drift from the metric contract.
+
+The scrape target is the metrics facade behind a small aiohttp app, fed with records that cover
+every series (tests/metrics_support.py coverage_workload) and that trip every alert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from pydantic import SecretStr
+
+from proxy.config import MetricsConfig
+from proxy.metrics import Metrics, authorized
+from tests.metrics_support import coverage_workload, new_metrics
+from tests.prometheus_support import (
+    ALERTS,
+    ALERTS_TEST,
+    SCRAPE_EXAMPLE,
+    Binaries,
+    Prometheus,
+    alert_exprs,
+    dashboard_exprs,
+    find_binaries,
+    finite,
+    free_port,
+    scrape_config,
+    substitute,
+    variable_queries,
+)
+
+SCRAPE_TOKEN = "scrape-token-for-the-test"
+
+StartPrometheus = Callable[[dict[str, Any]], Prometheus]
+
+
+@pytest.fixture
+def binaries() -> Binaries:
+    return find_binaries()
+
+
+@pytest.fixture
+def start_prometheus(binaries: Binaries, tmp_path: Path) -> Iterator[StartPrometheus]:
+    started: list[Prometheus] = []
+
+    def start(config: dict[str, Any]) -> Prometheus:
+        workdir = tmp_path / f"prometheus-{len(started)}"
+        workdir.mkdir()
+        server = Prometheus(binaries.prometheus, workdir, config)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def promtool(binaries: Binaries, *args: str) -> None:
+    proc = subprocess.run(
+        [binaries.promtool, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_alert_rules_pass_promtool_check_and_their_unit_tests(binaries: Binaries) -> None:
+    promtool(binaries, "check", "rules", str(ALERTS))
+    promtool(binaries, "test", "rules", str(ALERTS_TEST))
+
+
+def test_scrape_example_is_a_valid_prometheus_config(binaries: Binaries) -> None:
+    promtool(binaries, "check", "config", str(SCRAPE_EXAMPLE))
+
+
+async def _feed(metrics: Metrics) -> None:
+    """Keeps every counter moving, so rate() and histogram_quantile() have something to say."""
+    while True:
+        for record in coverage_workload():
+            metrics.request_started()
+            metrics.request_finished(record)
+        await asyncio.sleep(0.2)
+
+
+@contextlib.asynccontextmanager
+async def fed_target(aiohttp_server: Any) -> AsyncIterator[int]:
+    """A /metrics endpoint (bearer token required) over a continuously fed facade; its port."""
+    metrics = new_metrics()
+    config = MetricsConfig(bearer_token=SecretStr(SCRAPE_TOKEN))
+
+    async def scrape(request: web.Request) -> web.Response:
+        if not authorized(config, request.headers.get("Authorization")):
+            return web.Response(status=401)
+        body, content_type = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    server = await aiohttp_server(app)
+    feeder = asyncio.create_task(_feed(metrics), name="feed-metrics")
+    try:
+        yield server.port
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await feeder
+
+
+async def test_every_dashboard_and_alert_expression_returns_data(
+    aiohttp_server: Any, start_prometheus: StartPrometheus
+) -> None:
+    async with fed_target(aiohttp_server) as port, aiohttp.ClientSession() as session:
+        target = f"127.0.0.1:{port}"
+        # A second target nobody listens on: HangupDown (up == 0) must have something to find.
+        dead = f"127.0.0.1:{free_port()}"
+        prom = start_prometheus(scrape_config([target, dead], bearer_token=SCRAPE_TOKEN))
+        await prom.wait_ready(session)
+        # up == 1 also proves Prometheus' bearer token got through `authorized`.
+        await prom.wait_for(session, f'up{{instance="{target}"}} == 1')
+        await prom.wait_for(session, f'up{{instance="{dead}"}} == 0')
+        # rate() needs two samples in its window.
+        await prom.wait_for(session, "count_over_time(hangup_build_info[1m]) >= 2")
+
+        failures = []
+        for where, expr in dashboard_exprs() + alert_exprs():
+            query = substitute(expr)
+            try:
+                result = await prom.query(session, query)
+            except AssertionError as exc:
+                failures.append(f"{where}: {exc}")
+                continue
+            if not result:
+                failures.append(f"{where}: no data for {query}")
+            elif not finite(result):
+                failures.append(f"{where}: only NaN/Inf for {query}: {result}")
+        for name, selector, label in variable_queries():
+            result = await prom.query(session, substitute(selector))
+            values = {r["metric"].get(label) for r in result}
+            if not {"chat", "gpt-4o-mini"} & values:
+                failures.append(f"variable {name}: {selector} gave {label} values {values}")
+        assert not failures, "\n".join(failures)
