@@ -1,0 +1,341 @@
+"""The OpenAI-compatible endpoints of the simulated provider, one request from body to end.
+
+Each request follows one path: read the body (slowly, for ``slow-body``), pick the behaviour,
+plan the generation, apply the behaviours that act before headers (delay, error, reset), then
+stream or answer, and end in exactly one recorded `End`:
+
+- ``completed``: the answer (or an in-band malformed event) went out as planned;
+- ``error``: an error status or in-band error event was sent (behaviour or bad request);
+- ``reset``: the simulator aborted the connection (``reset`` behaviour);
+- ``peer_closed``: the client went away first (the handler was cancelled, or a write failed);
+- ``stopped``: the simulator was stopped while the request was in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from proxy.sim.background import JobStore
+from proxy.sim.behaviour import Behaviour, BehaviourError, Name, parse_behaviour
+from proxy.sim.body import read_body
+from proxy.sim.engine import Kind, Output, Sink, error_message, generate
+from proxy.sim.errors import ApiError
+from proxy.sim.formats import (
+    ChatStream,
+    StreamFormat,
+    dumps,
+    embeddings_body,
+    model_object,
+    models_body,
+)
+from proxy.sim.recorder import Recorder
+from proxy.sim.records import End, RequestRecord
+from proxy.sim.responses import ResponsesStream
+from proxy.sim.tokens import Endpoint, Plan, embedding_inputs, make_plan, prompt_tokens
+
+_GENERATION: dict[str, Endpoint] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+    "/v1/embeddings": "embeddings",
+}
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+
+
+def socket_sink(resp: web.StreamResponse, rec: RequestRecord) -> Sink:
+    progress = rec.progress
+
+    async def sink(data: bytes, kind: Kind) -> None:
+        await resp.write(data)
+        progress.sent(kind, time.monotonic())
+        rec.capture(data)
+
+    return sink
+
+
+class Api:
+    def __init__(
+        self,
+        recorder: Recorder,
+        jobs: JobStore,
+        *,
+        tokens_per_s: float,
+        default_tokens: int,
+        body_limit: int,
+    ) -> None:
+        self.recorder = recorder
+        self.jobs = jobs
+        self.tokens_per_s = tokens_per_s
+        self.default_tokens = default_tokens
+        self.body_limit = body_limit
+        self.stopping = False
+
+    async def handle(self, request: web.BaseRequest, rec: RequestRecord) -> web.StreamResponse:
+        end: End = "error"
+        try:
+            resp, end = await self._route(request, rec)
+            return resp
+        except asyncio.CancelledError:
+            # handler_cancellation: the peer closed the connection (or stop() cancelled us).
+            end = "stopped" if self.stopping else "peer_closed"
+            raise
+        except ConnectionError:
+            # A write failed: the peer is gone. Nothing more can be sent, so no error log.
+            end = "stopped" if self.stopping else "peer_closed"
+            return web.Response()
+        finally:
+            self.recorder.finish(rec, end)
+
+    async def _route(
+        self, request: web.BaseRequest, rec: RequestRecord
+    ) -> tuple[web.StreamResponse, End]:
+        method, path = request.method, request.path
+        try:
+            endpoint = _GENERATION.get(path)
+            if endpoint is not None and method == "POST":
+                return await self._generate(request, rec, endpoint)
+            parts = path.split("/")  # "", "v1", "responses", id[, "cancel"]
+            if method == "GET" and path == "/v1/models":
+                return await self._json(
+                    request, rec, 200, models_body(tuple(n.value for n in Name))
+                )
+            if method == "GET" and len(parts) == 4 and parts[2] == "models":
+                return await self._json(request, rec, 200, model_object(parts[3]))
+            if len(parts) >= 4 and parts[:3] == ["", "v1", "responses"] and parts[3]:
+                if method == "GET" and len(parts) == 4:
+                    return await self._retrieve(request, rec, parts[3])
+                if method == "POST" and len(parts) == 5 and parts[4] == "cancel":
+                    return await self._cancel(request, rec, parts[3])
+            raise ApiError(404, f"Invalid URL ({method} {path})")
+        except ApiError as err:
+            rec.error = err.message
+            headers = err.headers()
+            resp, _ = await self._json(request, rec, err.status, err.payload(), headers)
+            return resp, "error"
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _json(
+        self,
+        request: web.BaseRequest,
+        rec: RequestRecord,
+        status: int,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[web.StreamResponse, End]:
+        body = payload if isinstance(payload, bytes) else dumps(payload).encode()
+        resp = web.Response(status=status, body=body, content_type="application/json")
+        resp.headers["x-request-id"] = rec.request_id
+        if headers:
+            resp.headers.update(headers)
+        await resp.prepare(request)
+        rec.status = status
+        rec.headers_sent_at = time.monotonic()
+        await resp.write_eof()
+        rec.capture(body)
+        return resp, "completed"
+
+    async def _sse(self, request: web.BaseRequest, rec: RequestRecord) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        resp.headers["x-request-id"] = rec.request_id
+        await resp.prepare(request)
+        rec.status = 200
+        rec.headers_sent_at = time.monotonic()
+        return resp
+
+    def _abort(
+        self, request: web.BaseRequest, rec: RequestRecord
+    ) -> tuple[web.StreamResponse, End]:
+        if rec.connection is not None:
+            rec.connection.server_closing = True
+        transport = request.transport
+        if transport is not None:
+            transport.abort()  # RST, not FIN: the "upstream crashed" case
+        # Never sent: aiohttp's attempt to finish it fails quietly on the aborted transport.
+        return web.Response(), "reset"
+
+    # -- generation ---------------------------------------------------------------------------
+
+    async def _generate(
+        self, request: web.BaseRequest, rec: RequestRecord, endpoint: Endpoint
+    ) -> tuple[web.StreamResponse, End]:
+        spec = request.headers.get("x-sim-behaviour")
+        raw = await read_body(request, rec, spec)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ApiError(400, "We could not parse the JSON body of your request.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        if rec.body_bytes <= self.body_limit:
+            rec.body = body
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "you must provide a model parameter", param="model")
+        rec.model = model
+        try:
+            b = parse_behaviour(spec or model)
+        except BehaviourError as err:
+            raise ApiError(400, f"simulator behaviour: {err}", param="model") from None
+        rec.behaviour = b
+        stream = rec.stream = body.get("stream") is True and endpoint != "embeddings"
+
+        if endpoint == "embeddings":
+            inputs = embedding_inputs(body)
+            if b.name is Name.ERROR:  # nothing is generated, so "after" has nothing to count
+                raise ApiError(b.status, error_message(b.status))
+            early = await self._before_headers(request, rec, b)
+            if early is not None:
+                return early
+            payload = embeddings_body(model, inputs, prompt_tokens("embeddings", body))
+            return await self._json(request, rec, 200, payload)
+        plan = make_plan(
+            endpoint,
+            body,
+            b,
+            default_tokens=self.default_tokens,
+            default_rate=self.tokens_per_s,
+        )
+        early = await self._before_headers(request, rec, b)
+        if early is not None:
+            return early
+        if endpoint == "responses":
+            fmt_r = ResponsesStream(
+                model=model, plan=plan, body=body, background=body.get("background") is True
+            )
+            rec.response_id = fmt_r.id
+            if fmt_r.background:
+                return await self._background(request, rec, fmt_r, plan, b, stream)
+            if stream:
+                return await self._stream(request, rec, fmt_r, plan, b)
+            return await self._complete(request, rec, plan, b, fmt_r)
+        options = body.get("stream_options")
+        options = options if isinstance(options, dict) else {}
+        fmt_c = ChatStream(
+            model=model,
+            plan=plan,
+            include_usage=options.get("include_usage") is True,
+            continuous_usage=options.get("continuous_usage_stats") is True,
+            tool_name=_tool_name(body) if b.name is Name.TOOL_CALL and endpoint == "chat" else None,
+            completions=endpoint == "completions",
+        )
+        if stream:
+            return await self._stream(request, rec, fmt_c, plan, b)
+        return await self._complete(request, rec, plan, b, fmt_c)
+
+    async def _before_headers(
+        self, request: web.BaseRequest, rec: RequestRecord, b: Behaviour
+    ) -> tuple[web.StreamResponse, End] | None:
+        """Behaviours that act before any response byte (error and reset with `after` act
+        later, in the engine)."""
+        if b.name is Name.SLOW_HEADERS:
+            await asyncio.sleep(b.delay)
+        elif b.name is Name.ERROR and b.after is None:
+            raise ApiError(b.status, error_message(b.status))
+        elif b.name is Name.RESET and b.after == 0:
+            return self._abort(request, rec)
+        return None
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        rec: RequestRecord,
+        fmt: StreamFormat,
+        plan: Plan,
+        b: Behaviour,
+    ) -> tuple[web.StreamResponse, End]:
+        resp = await self._sse(request, rec)
+        end = await generate(plan, b, rec.progress, Output(fmt, socket_sink(resp, rec)))
+        if end == "reset":
+            return self._abort(request, rec)
+        await resp.write_eof()
+        return resp, "error" if end == "error" else "completed"
+
+    async def _complete(
+        self,
+        request: web.BaseRequest,
+        rec: RequestRecord,
+        plan: Plan,
+        b: Behaviour,
+        fmt: ChatStream | ResponsesStream,
+    ) -> tuple[web.StreamResponse, End]:
+        end = await generate(plan, b, rec.progress, None)
+        if end == "error":
+            raise ApiError(b.status, error_message(b.status))
+        if end == "reset":
+            return self._abort(request, rec)
+        if end == "malformed":
+            return await self._json(request, rec, 200, b"{not json")
+        fmt.account(plan.reasoning_tokens, plan.content_tokens)
+        if isinstance(fmt, ResponsesStream):
+            payload = fmt.response_object(fmt.final_status)
+        else:
+            payload = fmt.body()
+        result = await self._json(request, rec, 200, payload)
+        p = rec.progress
+        p.content_tokens, p.reasoning_tokens = plan.content_tokens, plan.reasoning_tokens
+        p.first_token_at = rec.headers_sent_at
+        return result
+
+    # -- background (Responses API) -----------------------------------------------------------
+
+    async def _background(
+        self,
+        request: web.BaseRequest,
+        rec: RequestRecord,
+        fmt: ResponsesStream,
+        plan: Plan,
+        b: Behaviour,
+        stream: bool,
+    ) -> tuple[web.StreamResponse, End]:
+        job = self.jobs.start(fmt, plan, b, rec.request_id)
+        if not stream:
+            return await self._json(request, rec, 200, job.response_object())
+        resp = await self._sse(request, rec)
+        # The client leaving cancels this relay only; the job runs on in its own task.
+        await self.jobs.relay(job, socket_sink(resp, rec))
+        await resp.write_eof()
+        return resp, "completed"
+
+    async def _retrieve(
+        self, request: web.BaseRequest, rec: RequestRecord, response_id: str
+    ) -> tuple[web.StreamResponse, End]:
+        job = self.jobs.get(response_id)
+        if job is None:
+            raise ApiError(404, f"Response with id '{response_id}' not found.")
+        rec.response_id = response_id
+        if request.query.get("stream") != "true":
+            return await self._json(request, rec, 200, job.response_object())
+        try:
+            after = int(request.query.get("starting_after", "-1"))
+        except ValueError:
+            raise ApiError(
+                400, "starting_after must be an integer", param="starting_after"
+            ) from None
+        resp = await self._sse(request, rec)
+        await self.jobs.relay(job, socket_sink(resp, rec), starting_after=after)
+        await resp.write_eof()
+        return resp, "completed"
+
+    async def _cancel(
+        self, request: web.BaseRequest, rec: RequestRecord, response_id: str
+    ) -> tuple[web.StreamResponse, End]:
+        rec.response_id = response_id
+        _, job = await self.jobs.cancel(response_id)
+        if job is None:
+            raise ApiError(404, f"Response with id '{response_id}' not found.")
+        return await self._json(request, rec, 200, job.response_object())
+
+
+def _tool_name(body: dict[str, Any]) -> str:
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
+        function = tools[0].get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return str(function["name"])
+    return "lookup"
