@@ -150,20 +150,20 @@ def finite(result: list[dict[str, Any]]) -> bool:
 
 # --- the shipped PromQL ----------------------------------------------------------------------
 
-# Grafana's built-in and our own template variables, replaced by what Grafana would send.
-SUBSTITUTIONS = {
-    "$__rate_interval": "1m",
-    "$__interval": "15s",
-    "$__range": "1h",
-    "${route:regex}": "chat",
-    "${model:regex}": "gpt-4o-mini|llama-3.1-8b",
-    "$route": "chat",
-    "$model": "gpt-4o-mini|llama-3.1-8b",  # a multi-select of two
-}
 
-
-def substitute(expr: str) -> str:
-    for var, replacement in SUBSTITUTIONS.items():
+def substitute(expr: str, *, route: str = "chat", model: str = "gpt-4o-mini|llama-3.1-8b") -> str:
+    """Replace Grafana's built-in and our template variables by what Grafana would send; the
+    default model is a multi-select of two."""
+    values = {
+        "$__rate_interval": "1m",
+        "$__interval": "15s",
+        "$__range": "1h",
+        "${route:regex}": route,
+        "${model:regex}": model,
+        "$route": route,
+        "$model": model,
+    }
+    for var, replacement in values.items():
         expr = expr.replace(var, replacement)
     leftover = re.search(r"\$\{?\w+", expr)
     assert leftover is None, f"unsubstituted variable {leftover.group(0)} in {expr}"

@@ -1,8 +1,12 @@
 """A real Prometheus scrapes hangup's /metrics, then every PromQL expression the dashboard and the
 alert rules ship with must return data: the dashboard cannot drift from the metric contract.
 
-The scrape target is the metrics facade behind a small aiohttp app, fed with records that cover
-every series (tests/metrics_support.py coverage_workload) and that trip every alert.
+Two targets. For the exhaustive check, the metrics facade behind a small aiohttp app, fed with
+records that cover every series and trip every alert (tests/metrics_support.py
+coverage_workload): a real proxy cannot be driven into a shutdown, an internal error or a
+background job within a short test. Then the real proxy in front of the simulated provider after
+the scripted workload of tests/metrics_workload.py: Prometheus must see its exact numbers, and
+every panel whose metrics that workload produces must show data.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pydantic import SecretStr
 
 from proxy.config import MetricsConfig
 from proxy.metrics import Metrics, authorized
+from tests import metrics_workload as w
 from tests.metrics_support import coverage_workload, new_metrics
 from tests.prometheus_support import (
     ALERTS,
@@ -33,6 +38,7 @@ from tests.prometheus_support import (
     find_binaries,
     finite,
     free_port,
+    metric_names,
     scrape_config,
     substitute,
     variable_queries,
@@ -145,4 +151,50 @@ async def test_every_dashboard_and_alert_expression_returns_data(
             values = {r["metric"].get(label) for r in result}
             if not {"chat", "gpt-4o-mini"} & values:
                 failures.append(f"variable {name}: {selector} gave {label} values {values}")
+        assert not failures, "\n".join(failures)
+
+
+# What the scripted workload cannot produce (no drain, no pricing gaps, no estimates, no
+# background jobs, no prompt cache, no reasoning): panels on these may legitimately be empty.
+NOT_IN_SCRIPTED_WORKLOAD = frozenset(
+    {
+        "hangup_cost_wasted_usd_total",
+        "hangup_tokens_wasted_total",
+        "hangup_unpriced_requests_total",
+        "hangup_tokens_estimated_total",
+        "hangup_background_cancels_total",
+        "hangup_cached_tokens_total",
+        "hangup_reasoning_tokens_total",
+    }
+)
+
+
+async def test_prometheus_sees_the_real_proxy_after_a_scripted_workload(
+    start_prometheus: StartPrometheus,
+) -> None:
+    async with w.proxy_and_sim() as (server, sink), aiohttp.ClientSession() as session:
+        target = f"127.0.0.1:{server.port}"
+        prom = start_prometheus(scrape_config([target]))
+        await prom.wait_ready(session)
+        await prom.wait_for(session, f'up{{instance="{target}"}} == 1')
+        # Twice, with a scrape in between: the first run creates the series, the second moves
+        # them, so rate() and increase() have a difference to show.
+        for run in (1, 2):
+            await w.run_workload(server, sink)
+            await prom.wait_for(session, f"sum(hangup_requests_total) == {run * w.REQUESTS}")
+
+        result = await prom.query(session, "sum by (outcome) (hangup_requests_total)")
+        seen = {r["metric"]["outcome"]: float(r["value"][1]) for r in result}
+        assert seen == {outcome: 2.0 * n for outcome, n in w.OUTCOMES.items()}
+        saved = await prom.query(session, "sum(hangup_tokens_saved_total)")
+        assert float(saved[0]["value"][1]) == 2 * w.SAVED
+
+        failures = []
+        for where, expr in dashboard_exprs():
+            if metric_names(expr) & NOT_IN_SCRIPTED_WORKLOAD:
+                continue
+            query = substitute(expr, route=w.ROUTE, model=w.MODEL)
+            result = await prom.query(session, query)
+            if not result or not finite(result):
+                failures.append(f"{where}: no finite data for {query}: {result}")
         assert not failures, "\n".join(failures)
