@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,6 +18,8 @@ from proxy.metrics import authorized
 from proxy.outcome import Outcome, RequestRecord
 from proxy.state import STATE, ProxyState
 
+access_log = logging.getLogger("hangup.access")
+
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
@@ -25,19 +28,32 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await state.upstreams.close()
 
 
+def _probed(request: web.Request, response: web.Response) -> web.Response:
+    """Probes and scrapes are not traffic: no record, no metrics, and an access-log line only
+    with `logging.health_checks: true` (a probe every few seconds would drown the real lines)."""
+    if request.app[STATE].config.logging.health_checks:
+        fields = {"method": request.method, "path": request.path, "status": response.status}
+        access_log.info("probe", extra={"fields": fields})
+    return response
+
+
 async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers. Nothing else is checked (a restart fixes nothing else)."""
-    return web.json_response({"status": "ok"})
+    """Liveness: the process answers. Nothing else is checked: a restart would fix nothing
+    else, and a draining proxy must not be restarted (that would cut what it is finishing)."""
+    return _probed(request, web.json_response({"status": "ok"}))
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: config loaded, upstream client up, not draining."""
+    """Readiness: config loaded (else the process would not run), upstream client up, not
+    draining. 503 from the first instant of a drain, so the load balancer stops sending."""
     state = request.app[STATE]
     if state.draining:
-        return web.json_response({"status": "draining"}, status=503)
-    if not state.upstreams.ready:
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "ready", "in_flight": len(state.inflight)})
+        response = web.json_response({"status": "draining"}, status=503)
+    elif not state.upstreams.ready:
+        response = web.json_response({"status": "starting"}, status=503)
+    else:
+        response = web.json_response({"status": "ready", "in_flight": len(state.inflight)})
+    return _probed(request, response)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -48,7 +64,7 @@ async def metrics(request: web.Request) -> web.Response:
     body, content_type = state.metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
-    return response
+    return _probed(request, response)
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -67,6 +83,7 @@ async def not_found(request: web.Request) -> web.Response:
     record.settle(Outcome.REJECTED)
     record.status, record.error_type, record.error_message = 404, err.error_type, err.message
     record.ended_at = loop.time()
+    state.metrics.request_started()  # finish() counts it out of the in-flight gauge
     state.finish(record)
     return web.Response(
         status=404,

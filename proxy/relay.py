@@ -61,6 +61,7 @@ _JSON_TYPES = ("application/json",)
 # A copy of a non-streamed JSON body is kept for usage accounting, up to this size.
 _USAGE_BODY_CAP = 8 * 1024 * 1024
 _RETRYABLE_STATUS = frozenset({502, 503})
+_MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
 _DRAIN_ENDS: tuple[type[BaseException], ...] = (TimeoutError, *BODY_ERRORS)
 
 
@@ -78,7 +79,8 @@ class Plan:
     headers: CIMultiDict[str]
     body: bytes
     facts: RequestFacts
-    hide_usage: bool  # we injected include_usage; the client did not ask for it
+    # Set when we injected usage the client did not ask for: hides it from the client.
+    usage_filter: UsageChunkFilter | None
     deadlines: Deadlines
 
 
@@ -190,12 +192,13 @@ class Exchange:
             options.timeouts, announced, honor_client_deadline=options.honor_client_deadline
         )
         deadlines = Deadlines(budget, record.started_at, watch_first_token=facts.stream)
-        hide_usage = False
+        usage_filter: UsageChunkFilter | None = None
         if options.include_usage and facts.stream:
-            injected = inject_stream_usage(body, facts, continuous=options.continuous_usage_stats)
+            continuous = options.continuous_usage_stats
+            injected = inject_stream_usage(body, facts, continuous=continuous)
             if injected is not None:
                 body = injected
-                hide_usage = not facts.include_usage_requested
+                usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
         drop = [options.deadline_header] if options.deadline_header else []
         headers = upstream_request_headers(
             request.headers,
@@ -206,7 +209,7 @@ class Exchange:
         )
         # raw_path keeps the client's own percent-encoding and query string.
         url = URL(route.upstream.base_url + request.raw_path[len("/v1") :], encoded=True)
-        return Plan(route, url, headers, body, facts, hide_usage, deadlines)
+        return Plan(route, url, headers, body, facts, usage_filter, deadlines)
 
     async def _exchange(self, plan: Plan) -> web.StreamResponse:
         task = asyncio.current_task()
@@ -270,6 +273,10 @@ class Exchange:
                         retryable = UpstreamFailed(f"upstream answered {upstream.status}")
                     else:
                         return await self._relay_response(plan, upstream, watchdog)
+            except asyncio.CancelledError:
+                if record.upstream_headers_at is None:
+                    hooks.abort()  # the body may still be in flight: reset, don't flush
+                raise
             except OPEN_ERRORS as exc:
                 if self.response is not None:
                     # Headers went to the client already; the body read failed.
@@ -305,7 +312,7 @@ class Exchange:
             sse = upstream.content_type == "text/event-stream"
             plan.deadlines.response_started(now, sse=sse)
             watchdog.rearm()
-            filtering = sse and plan.hide_usage
+            filtering = sse and plan.usage_filter is not None
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
@@ -318,7 +325,7 @@ class Exchange:
             self.response = response
             try:
                 if sse:
-                    await self._pump_sse(plan, upstream, response, watchdog, filtering)
+                    await self._pump_sse(plan, upstream, response, watchdog)
                 else:
                     await self._pump_body(plan, upstream, response)
             except asyncio.CancelledError:
@@ -336,9 +343,13 @@ class Exchange:
         finally:
             self.state.metrics.upstream_connection_closed()
         status = upstream.status
-        record.settle(
-            Outcome.UPSTREAM_ERROR if status >= 500 or status == 429 else Outcome.COMPLETED
-        )
+        failed = status >= 500 or status == 429
+        if self.tracker is not None and self.tracker.error is not None:
+            # A 200 stream that ended in an in-band error event: the upstream failed.
+            failed = True
+            record.error_type = "upstream_error"
+            record.error_message = self.tracker.error[:500]
+        record.settle(Outcome.UPSTREAM_ERROR if failed else Outcome.COMPLETED)
         return response
 
     async def _pump_sse(
@@ -347,12 +358,11 @@ class Exchange:
         upstream: aiohttp.ClientResponse,
         response: web.StreamResponse,
         watchdog: Watchdog,
-        filtering: bool,
     ) -> None:
         record, loop, deadlines = self.record, self.loop, plan.deadlines
         decoder = self.decoder = SSEDecoder()
         tracker = self.tracker = StreamUsageTracker(plan.facts)
-        chunk_filter = UsageChunkFilter() if filtering else None
+        chunk_filter = plan.usage_filter
         content = upstream.content
         while True:
             before = loop.time()
@@ -366,14 +376,22 @@ class Exchange:
                 events = decoder.flush()
             else:
                 events = decoder.feed(chunk)
+                if decoder.buffered > _MAX_SSE_EVENT:
+                    raise UpstreamFailed(
+                        f'upstream "{plan.route.upstream_name}" sent an SSE event over '
+                        f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
+                    )
             out: list[bytes] | None = [] if chunk_filter is not None else None
             for event in events:
                 kind = tracker.feed(event)
                 if kind is EventKind.CONTENT:
                     record.content_chunks += 1
+                    deadlines.content(now)
                     if record.first_token_at is None:
                         record.first_token_at = now
-                    deadlines.content(now)
+                        # The stream enters the idle phase: its deadline may be the first
+                        # one armed (when first_token_s is off).
+                        watchdog.rearm()
                 if out is not None and chunk_filter is not None:
                     out.append(chunk_filter.client_bytes(event, kind))
             data = chunk if out is None else b"".join(out)

@@ -77,6 +77,11 @@ class SSEDecoder:
         self._had_comment = False
         self._had_field = False
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the block being read (a caller caps it against endless blocks)."""
+        return len(self._buf)
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:
             return []

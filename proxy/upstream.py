@@ -8,7 +8,11 @@ closes the socket at once (aiohttp never pools a connection whose body was not r
 from __future__ import annotations
 
 import asyncio
+import io
+import socket
+import struct
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +23,8 @@ from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
 
+_LARGE_BODY = 1024 * 1024
+
 
 @dataclass(slots=True)
 class AttemptHooks:
@@ -27,6 +33,40 @@ class AttemptHooks:
 
     on_headers_sent: Callable[[], None]
     on_connection: Callable[[], None] = field(default=lambda: None)
+    transport: asyncio.Transport | None = None  # of the current attempt, once connected
+
+    def abort(self) -> None:
+        """Close the attempt's socket *now*, with a reset.
+
+        aiohttp closes an abandoned connection with `transport.close()`, which keeps the socket
+        open until unsent request-body bytes are flushed: against an upstream that reads a big
+        prompt slowly that is seconds. SO_LINGER 0 + abort() drops both buffers and sends RST,
+        so the upstream learns at once that nobody is waiting."""
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # already closed: nothing left to reset
+        transport.abort()
+
+
+# The attempt the current task is making: lets the connector hand its transport to the relay.
+_ATTEMPT: ContextVar[AttemptHooks | None] = ContextVar("hangup_attempt", default=None)
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A TCPConnector that tells the current attempt which transport it got."""
+
+    async def connect(self, req: Any, traces: Any, timeout: Any) -> aiohttp.client.Connection:
+        connection = await super().connect(req, traces, timeout)
+        hooks = _ATTEMPT.get()
+        if hooks is not None:
+            hooks.transport = connection.transport  # type: ignore[assignment]
+        return connection
 
 
 async def _headers_sent(
@@ -55,7 +95,7 @@ class Upstreams:
         trace.on_connection_create_end.append(_connection_created)
         self._session = aiohttp.ClientSession(
             # limit=0: the default of 100 would queue the 101st concurrent stream.
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+            connector=_Connector(limit=0, ttl_dns_cache=60),
             # Our own deadlines govern every phase; aiohttp's default total=300 s would cut
             # long streams.
             timeout=aiohttp.ClientTimeout(total=None),
@@ -88,11 +128,17 @@ class Upstreams:
         """An aiohttp request context manager; use with `async with`."""
         if self._session is None:
             raise UpstreamUnreachable("the upstream client is not running")
+        hooks.transport = None
+        _ATTEMPT.set(hooks)
+        data: bytes | io.BytesIO | None = body or None
+        if len(body) > _LARGE_BODY:
+            # Written in chunks rather than in one transport write that holds up the loop.
+            data = io.BytesIO(body)
         return self._session.request(
             method,
             url,
             headers=headers,
-            data=body if body else None,
+            data=data,
             allow_redirects=False,
             trace_request_ctx=hooks,
         )

@@ -169,3 +169,111 @@ async def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+class Tee:
+    """A TCP forwarder between the proxy and an upstream that records, per connection, the
+    exact bytes the upstream sent: the witness for "relayed byte-identical"."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.responses: list[bytearray] = []
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> Tee:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.update((writer, up_writer))
+        received = bytearray()
+        self.responses.append(received)
+
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray | None
+        ) -> None:
+            try:
+                while data := await src.read(65536):
+                    if record is not None:
+                        record += data
+                    dst.write(data)
+                    await dst.drain()
+            except ConnectionError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer, None), pump(up_reader, writer, received))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for writer in self._writers:
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+def http_body(raw: bytes) -> bytes:
+    """The (de-chunked) body of the first HTTP response in `raw`."""
+    import http.client
+    import io
+
+    class _Sock:
+        def makefile(self, mode: str) -> io.BytesIO:
+            return io.BytesIO(raw)
+
+    response = http.client.HTTPResponse(_Sock())  # type: ignore[arg-type]
+    response.begin()
+    return response.read()
+
+
+def socket_inodes_toward(port: int, state: str | None = None) -> set[int]:
+    """Inodes of TCP sockets whose remote port is `port` (optionally in one state: "02" is
+    SYN_SENT, "01" ESTABLISHED). Reading the table is slow when the machine holds many
+    sockets; call it once, then watch the inodes with `held_by_this_process`."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if int(fields[2].rsplit(":", 1)[1], 16) != port:
+                        continue
+                    if state is None or fields[3] == state:
+                        inodes.add(int(fields[9]))
+        except FileNotFoundError:
+            continue
+    return inodes
+
+
+def held_by_this_process(inodes: set[int]) -> set[int]:
+    """Which of these socket inodes this process still has open (cheap: our own fd table)."""
+    held: set[int] = set()
+    fd_dir = "/proc/self/fd"
+    import os
+
+    for fd in os.listdir(fd_dir):
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inode = int(target[8:-1])
+            if inode in inodes:
+                held.add(inode)
+    return held

@@ -1,0 +1,58 @@
+"""Shared fixtures: the simulated provider as upstream, and proxies built by the production
+runner (`ProxyServer`, handler_cancellation=True), each with a sink of outcome records."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from proxy.config import HangupConfig
+from proxy.server import ProxyServer
+from proxy.sim import SimulatedProvider
+from tests.support import RecordSink, make_config
+
+StartProxy = Callable[..., Awaitable[tuple[ProxyServer, RecordSink]]]
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimulatedProvider]:
+    provider = SimulatedProvider(tokens_per_s=200.0, default_tokens=16)
+    await provider.start(host="127.0.0.1", port=0)
+    try:
+        yield provider
+    finally:
+        await provider.stop()
+
+
+@pytest.fixture
+async def start_proxy() -> AsyncIterator[StartProxy]:
+    started: list[ProxyServer] = []
+
+    async def start(config: HangupConfig) -> tuple[ProxyServer, RecordSink]:
+        server = ProxyServer(config, host="127.0.0.1", port=0)
+        sink = RecordSink()
+        server.state.listeners.append(sink)
+        await server.start()
+        started.append(server)
+        return server, sink
+
+    yield start
+    for server in started:
+        await server.stop_now()
+
+
+@pytest.fixture
+async def proxy(sim: SimulatedProvider, start_proxy: StartProxy) -> tuple[ProxyServer, RecordSink]:
+    """The proxy in front of the simulator, default route options."""
+    return await start_proxy(make_config(sim.base_url))
+
+
+def chat(model: str, *, stream: bool, **extra: Any) -> dict[str, Any]:
+    return {
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        **extra,
+    }
