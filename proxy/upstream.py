@@ -61,7 +61,12 @@ _ATTEMPT: ContextVar[AttemptHooks | None] = ContextVar("hangup_attempt", default
 class _Connector(aiohttp.TCPConnector):
     """A TCPConnector that tells the current attempt which transport it got."""
 
-    async def connect(self, req: Any, traces: Any, timeout: Any) -> aiohttp.client.Connection:
+    async def connect(
+        self,
+        req: Any,
+        traces: Any,
+        timeout: Any,  # noqa: ASYNC109 (aiohttp's own signature)
+    ) -> aiohttp.client.Connection:
         connection = await super().connect(req, traces, timeout)
         hooks = _ATTEMPT.get()
         if hooks is not None:

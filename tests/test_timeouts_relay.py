@@ -91,7 +91,7 @@ async def test_headers_timeout(sim: SimulatedProvider, start_proxy: StartProxy) 
 async def test_first_token_timeout_before_headers_is_a_504(
     sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
-    server, sink = await start_proxy(
+    server, _ = await start_proxy(
         make_config(sim.base_url, **timeouts(headers_s=10, first_token_s=0.4))
     )
     status, headers, body, elapsed = await _post(
@@ -160,7 +160,7 @@ async def test_total_timeout(sim: SimulatedProvider, start_proxy: StartProxy) ->
 
 
 async def test_client_deadline_caps_total(sim: SimulatedProvider, start_proxy: StartProxy) -> None:
-    server, sink = await start_proxy(make_config(sim.base_url, **timeouts(total_s=60)))
+    server, _ = await start_proxy(make_config(sim.base_url, **timeouts(total_s=60)))
     status, headers, body, elapsed = await _post(
         server.base_url,
         chat("slow-headers:delay=30", stream=False),
