@@ -66,11 +66,11 @@ class _Connector(aiohttp.TCPConnector):
         req: Any,
         traces: Any,
         timeout: Any,  # noqa: ASYNC109 (aiohttp's own signature)
-    ) -> aiohttp.client.Connection:
+    ) -> aiohttp.connector.Connection:
         connection = await super().connect(req, traces, timeout)
         hooks = _ATTEMPT.get()
         if hooks is not None:
-            hooks.transport = connection.transport  # type: ignore[assignment]
+            hooks.transport = connection.transport
         return connection
 
 
