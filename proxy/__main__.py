@@ -1,6 +1,6 @@
 """The `hangup` command.
 
-hangup [run] [--config PATH] [--host H] [--port P] [--upstream URL]
+hangup [run] [--config PATH] [--host H] [--port P] [--upstream URL] [--workers N]
 hangup check-config [PATH]
 hangup demo [--port P] [--exit]
 hangup simulate [--host H] [--port P] [--tokens-per-s N]
@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +26,13 @@ log = logging.getLogger("hangup")
 
 DEFAULT_CONFIG = "config/hangup.yaml"
 COMMANDS = ("run", "check-config", "demo", "simulate")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _run_parser() -> argparse.ArgumentParser:
@@ -46,8 +53,18 @@ def _run_parser() -> argparse.ArgumentParser:
         help="shortcut: one catch-all route to this OpenAI-compatible base URL, "
         "e.g. http://127.0.0.1:8000/v1",
     )
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the port (default 1); see docs/production.md",
+    )
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--version", action="version", version=f"hangup {__version__}")
+    # Set by the --workers supervisor for its workers only.
+    p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-fd", type=int, help=argparse.SUPPRESS)
     return p
 
 
@@ -70,46 +87,6 @@ def resolve_config(path: str | None, upstream: str | None) -> HangupConfig:
     return base
 
 
-async def _serve(config: HangupConfig, host: str, port: int) -> int:
-    from proxy.server import ProxyServer
-
-    server = ProxyServer(config, host=host, port=port)
-    await server.start()
-    log.info(
-        "hangup %s listening on %s (routes: %s)",
-        __version__,
-        server.base_url,
-        ", ".join(r.name for r in config.routes),
-    )
-    loop = asyncio.get_running_loop()
-    signals_seen = 0
-    stopping: set[asyncio.Task[None]] = set()  # strong references until done
-
-    def on_signal(signum: int) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            log.info(
-                "%s: draining for up to %gs (send again to stop now)",
-                signal.Signals(signum).name,
-                config.shutdown.grace_s,
-            )
-            task = loop.create_task(server.shutdown(), name="hangup-shutdown")
-        else:
-            log.info("%s again: stopping now", signal.Signals(signum).name)
-            task = loop.create_task(server.stop_now(), name="hangup-stop-now")
-        stopping.add(task)
-        task.add_done_callback(stopping.discard)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    await server.wait_stopped()
-    for task in list(stopping):
-        task.cancel()
-    log.info("hangup stopped")
-    return 0
-
-
 def cmd_run(argv: Sequence[str]) -> int:
     args = _run_parser().parse_args(argv)
     try:
@@ -124,7 +101,16 @@ def cmd_run(argv: Sequence[str]) -> int:
     if problem is not None:
         print(f"hangup: config error: {config.source}: {problem}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(config, host, port))
+    if args.workers > 1:
+        from proxy.supervisor import supervise
+
+        return supervise(config, host=host, port=port, workers=args.workers, args=args)
+    sock = None
+    if args.listen_fd is not None:
+        sock = socket.socket(fileno=args.listen_fd)
+    from proxy.server import serve
+
+    return asyncio.run(serve(config, host, port, sock=sock, supervisor_fd=args.supervisor_fd))
 
 
 def cmd_check_config(argv: Sequence[str]) -> int:
