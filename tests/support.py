@@ -178,6 +178,7 @@ class Tee:
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
         self.responses: list[bytearray] = []
+        self.requests: list[bytearray] = []  # what the proxy sent, per connection
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
@@ -194,16 +195,16 @@ class Tee:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers.update((writer, up_writer))
-        received = bytearray()
+        received, sent = bytearray(), bytearray()
         self.responses.append(received)
+        self.requests.append(sent)
 
         async def pump(
             src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray | None
         ) -> None:
             try:
                 while data := await src.read(65536):
-                    if record is not None:
-                        record += data
+                    record += data
                     dst.write(data)
                     await dst.drain()
             except ConnectionError:
@@ -211,7 +212,7 @@ class Tee:
             finally:
                 dst.close()
 
-        await asyncio.gather(pump(reader, up_writer, None), pump(up_reader, writer, received))
+        await asyncio.gather(pump(reader, up_writer, sent), pump(up_reader, writer, received))
 
     async def stop(self) -> None:
         if self._server is not None:

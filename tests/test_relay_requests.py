@@ -1,0 +1,191 @@
+"""What crosses the proxy on the way in: bodies (large, over the limit, non-JSON), ids and
+headers, and the OpenAI-shaped answers to requests the proxy refuses."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+
+import aiohttp
+from aiohttp import web
+
+from proxy.outcome import Outcome
+from proxy.sim import SimulatedProvider
+from tests.conftest import StartProxy, chat
+from tests.support import config_from, make_config
+
+CHAT = "/v1/chat/completions"
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
+async def test_a_prompt_far_above_aiohttp_s_1_mib_default_is_relayed(
+    sim: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    server, sink = await start_proxy(make_config(sim.base_url))
+    body = chat("normal:tokens=3", stream=False)
+    body["messages"] = [{"role": "user", "content": "word " * (4 * 1024 * 1024)}]  # 20 MiB
+    raw = json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{server.base_url}{CHAT}",
+            data=io.BytesIO(raw),
+            headers={"content-type": "application/json", "x-request-id": "big"},
+        ) as response:
+            assert response.status == 200
+    request = await sim.wait_finished("big", timeout=10.0)
+    assert request.body_bytes == len(raw)
+    assert (await sink.wait_for("big")).bytes_from_client == len(raw)
+
+
+async def test_a_body_over_the_limit_is_refused_413_before_any_upstream_work(
+    sim: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    config = config_from(
+        {
+            "upstreams": {"sim": {"base_url": sim.base_url}},
+            "routes": [{"name": "default", "upstream": "sim"}],
+            "limits": {"max_request_body_mb": 1},
+        }
+    )
+    server, sink = await start_proxy(config)
+    raw = b'{"model":"m","prompt":"' + b"x" * (2 * 1024 * 1024) + b'"}'
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{server.base_url}/v1/completions",
+            data=io.BytesIO(raw),
+            headers={"content-type": "application/json", "x-request-id": "too-big"},
+        ) as response:
+            assert response.status == 413
+            error = (await response.json())["error"]
+    assert error["code"] == "request_too_large" and "max_request_body_mb" in error["message"]
+    assert (await sink.wait_for("too-big")).outcome is Outcome.REJECTED
+    assert sim.request("too-big") is None
+
+
+async def test_multipart_uploads_pass_through_byte_identical(start_proxy: StartProxy) -> None:
+    # A transcription endpoint that reads the whole upload and says what it got.
+    received: dict[str, str] = {}
+
+    async def transcribe(request: web.Request) -> web.Response:
+        body = await request.read()
+        received["content-type"] = request.headers["content-type"]
+        return web.json_response(
+            {"text": "ok", "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+        )
+
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.router.add_post("/v1/audio/transcriptions", transcribe)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        server, sink = await start_proxy(make_config(f"http://127.0.0.1:{port}/v1"))
+        audio = bytes(range(256)) * 8192  # 2 MiB of every byte value
+        boundary = "hangup-test-boundary"
+        upload = (
+            (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+                f'whisper-1\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                'filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+            ).encode()
+            + audio
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+        content_type = f"multipart/form-data; boundary={boundary}"
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{server.base_url}/v1/audio/transcriptions",
+                data=io.BytesIO(upload),
+                headers={"content-type": content_type, "x-request-id": "upload"},
+            ) as response:
+                assert response.status == 200
+                answer = await response.json()
+        assert answer["bytes"] == len(upload)
+        assert answer["sha256"] == hashlib.sha256(upload).hexdigest()
+        assert received["content-type"] == content_type
+        record = await sink.wait_for("upload")
+        assert record.outcome is Outcome.COMPLETED and record.endpoint == "other"
+    finally:
+        await runner.cleanup()
+
+
+async def test_request_ids_and_headers(sim: SimulatedProvider, start_proxy: StartProxy) -> None:
+    server, _ = await start_proxy(make_config(sim.base_url))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{server.base_url}{CHAT}",
+            json=chat("normal:tokens=2", stream=False),
+            headers={
+                "x-request-id": "mine-1",
+                "x-custom": "kept",
+                "Connection": "x-hop",
+                "x-hop": "dropped",
+                "Proxy-Authorization": "Basic c2VjcmV0",
+                "TE": "trailers",
+                "x-hangup-timeout": "30",
+            },
+        ) as response:
+            assert response.headers["x-request-id"] == "mine-1"
+            assert "1.1 hangup" in response.headers.getall("via")
+        async with session.post(
+            f"{server.base_url}{CHAT}", json=chat("normal:tokens=2", stream=False)
+        ) as response:
+            generated = response.headers["x-request-id"]
+            assert len(generated) == 32
+    seen = {k.lower(): v for k, v in (await sim.wait_request("mine-1")).headers.items()}
+    assert seen["x-request-id"] == "mine-1" and seen["x-custom"] == "kept"
+    for hop in ("x-hop", "proxy-authorization", "te", "x-hangup-timeout", "keep-alive"):
+        assert hop not in seen, hop
+    assert (await sim.wait_request(generated)).request_id == generated
+
+
+async def test_refusals_are_openai_shaped(sim: SimulatedProvider, start_proxy: StartProxy) -> None:
+    config = config_from(
+        {
+            "upstreams": {"sim": {"base_url": sim.base_url}},
+            "routes": [{"name": "only-gpt", "match": {"model": "gpt-*"}, "upstream": "sim"}],
+        }
+    )
+    server, sink = await start_proxy(config)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]  # nothing listens once this closes
+    dead, _ = await start_proxy(make_config(f"http://127.0.0.1:{dead_port}/v1"))
+    cases = [
+        (server.base_url, CHAT, b"{not json", 400, "invalid_request"),
+        (
+            server.base_url,
+            CHAT,
+            json.dumps(chat("claude", stream=False)).encode(),
+            404,
+            "not_found",
+        ),
+        (server.base_url, "/v2/models", b"{}", 404, "not_found"),
+        (
+            dead.base_url,
+            CHAT,
+            json.dumps(chat("m", stream=False)).encode(),
+            502,
+            "upstream_unreachable",
+        ),
+    ]
+    async with aiohttp.ClientSession() as session:
+        for base, path, raw, status, code in cases:
+            async with session.post(
+                f"{base}{path}", data=raw, headers={"content-type": "application/json"}
+            ) as response:
+                assert response.status == status, (path, status)
+                assert response.content_type == "application/json"
+                error = (await response.json())["error"]
+                assert set(error) == {"message", "type", "param", "code"}
+                assert error["code"] == code
+                assert "Traceback" not in error["message"]
+    outcomes = [r.outcome for r in sink.records]
+    assert outcomes.count(Outcome.REJECTED) == 3
