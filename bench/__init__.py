@@ -1,0 +1,1 @@
+"""hangup's benchmarks: overhead, scale, cancel and soak. See bench/README.md."""
