@@ -446,7 +446,7 @@ def test_summary_for_humans() -> None:
         "tokens used     1,867 (prompt 1,307, completion 560); 60 of them estimated",
         "tokens saved    ~900 (upper bound 3,000); 3 wasted after disconnect",
         "cost            $0.0018 used, ~$0.0015 saved by hanging up, $0.0000 wasted; "
-        "1 requests unpriced",
+        "unpriced requests: 1",
         "cancel -> close p50 ~1.5 ms, p99 ~4.9 ms over 3 disconnects "
         "(estimated from histogram buckets)",
     ]

@@ -71,7 +71,7 @@ def summarize_text(text: str) -> str:
         f"cost            ${total[schema.COST.name]:,.4f} used, "
         f"~${total[schema.COST_SAVED.name]:,.4f} saved by hanging up, "
         f"${total[schema.COST_WASTED.name]:,.4f} wasted; "
-        f"{total[schema.UNPRICED.name]:,.0f} requests unpriced",
+        f"unpriced requests: {total[schema.UNPRICED.name]:,.0f}",
     ]
     p50 = bucket_quantile(0.5, propagation)
     p99 = bucket_quantile(0.99, propagation)
