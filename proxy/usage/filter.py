@@ -1,0 +1,80 @@
+"""Hiding injected usage from clients that did not ask for it."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from proxy.sse import SSEEvent
+from proxy.usage.facts import RequestFacts
+from proxy.usage.stream import EventKind
+
+_USAGE_KEY: Final = b'"usage"'
+# A usage value as OpenAI, vLLM and llama.cpp write it: null, or an object of numbers that may hold
+# `*_details` objects one level down. Strings are never part of it, so braces cannot be quoted.
+_USAGE_VALUE: Final = re.compile(rb"[ \t]*:[ \t]*(?:null|\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})[ \t]*")
+_SPACE: Final = b" \t\r\n"
+
+
+def strip_usage_member(raw: bytes) -> bytes:
+    """`raw` without its last top-level-looking `"usage": ...` member, bytes otherwise unchanged.
+
+    A `"usage"` preceded by `,` or `{` is a member name, never text inside a string: in JSON a
+    quote inside a string is always escaped. The last match is taken because the chunk's own
+    `usage` is serialised after `choices` by every upstream we know.
+    """
+    end = len(raw)
+    while True:
+        i = raw.rfind(_USAGE_KEY, 0, end)
+        if i < 0:
+            return raw
+        end = i
+        before = i - 1
+        while before >= 0 and raw[before] in _SPACE:
+            before -= 1
+        if before < 0 or raw[before] not in b",{":
+            continue
+        m = _USAGE_VALUE.match(raw, i + len(_USAGE_KEY))
+        if m is None:
+            continue
+        stop = m.end()
+        if raw[before] == 0x2C:  # ",": drop from the comma to the end of the value
+            return raw[:before] + raw[stop:]
+        # first member: drop it and the comma after it (or nothing, if it was the only one)
+        if raw[stop : stop + 1] == b",":
+            stop += 1
+        return raw[: before + 1] + raw[stop:]
+
+
+class UsageChunkFilter:
+    """Makes an injected-usage stream look to the client like the stream it asked for.
+
+    Every data event loses its `usage` member (OpenAI's `"usage":null` on each chunk, vLLM's
+    per-chunk objects); with `drop_usage_chunk` the usage-only chunk goes too. Bytes are edited,
+    never re-encoded. `UsageChunkFilter.needed` says which filter, if any, a request needs.
+    """
+
+    __slots__ = ("_drop_usage_chunk",)
+
+    def __init__(self, *, drop_usage_chunk: bool = True) -> None:
+        self._drop_usage_chunk = drop_usage_chunk
+
+    @classmethod
+    def needed(cls, facts: RequestFacts, *, continuous: bool) -> UsageChunkFilter | None:
+        """The filter for a stream whose body `inject_stream_usage(..., continuous)` changed.
+
+        The client asked for no usage: hide it all. It asked for the final usage chunk but not
+        for the per-chunk stats we added: hide only those. It asked for everything: None.
+        """
+        if not facts.include_usage_requested:
+            return cls(drop_usage_chunk=True)
+        if continuous and not facts.continuous_usage_requested:
+            return cls(drop_usage_chunk=False)
+        return None
+
+    def client_bytes(self, event: SSEEvent, kind: EventKind) -> bytes:
+        if kind is EventKind.USAGE_ONLY:
+            return b"" if self._drop_usage_chunk else event.raw
+        if event.data is not None and _USAGE_KEY in event.raw:
+            return strip_usage_member(event.raw)
+        return event.raw

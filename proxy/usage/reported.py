@@ -1,0 +1,45 @@
+"""Usage objects as upstreams report them: chat/completions and Responses shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from proxy.usage.facts import as_int
+
+
+class Reported(NamedTuple):
+    prompt: int | None
+    completion: int | None
+    cached: int | None
+    reasoning: int | None
+
+
+def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int | None:
+    for key in keys:
+        details = usage.get(key)
+        if isinstance(details, Mapping):
+            value = as_int(details.get(field))
+            if value is not None:
+                return value
+    return None
+
+
+def parse_usage(usage: object) -> Reported | None:
+    """Chat/completions (`prompt_tokens`...) and Responses (`input_tokens`...) usage objects."""
+    if not isinstance(usage, Mapping):
+        return None
+    prompt = as_int(usage.get("prompt_tokens"))
+    if prompt is None:
+        prompt = as_int(usage.get("input_tokens"))
+    completion = as_int(usage.get("completion_tokens"))
+    if completion is None:
+        completion = as_int(usage.get("output_tokens"))
+    if prompt is None and completion is None:
+        return None
+    return Reported(
+        prompt,
+        completion,
+        _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens"),
+        _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"),
+    )
