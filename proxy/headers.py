@@ -1,4 +1,10 @@
-"""Which headers cross the proxy, in each direction (RFC 9110 section 7.6.1)."""
+"""Which headers cross the proxy, in each direction (RFC 9110 sections 7.6 and 10.1.1).
+
+Connection-specific fields (and any the Connection field names) stop here; the fields that
+describe the message body are recomputed for the new connection; a `Via` entry is added both
+ways (7.6.3). Nothing is added about the client: no X-Forwarded-For or Forwarded, since a
+provider has no use for a pod's address and it would leak one. Credentials: see `proxy.auth`.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +32,13 @@ HOP_BY_HOP = frozenset(
 )
 # Recomputed by aiohttp for the new connection, or decoded already by aiohttp's server
 # (a compressed request body arrives here decompressed, so its Content-Encoding is stale).
-_REQUEST_RECOMPUTED = frozenset({"host", "content-length", "content-encoding"})
+# Expect: 100-continue was answered by our server when the relay read the body (RFC 9110
+# 10.1.1); forwarded, it would make aiohttp's client wait for a 100 before sending the body
+# we already have, forever against an upstream that does not send one.
+_REQUEST_RECOMPUTED = frozenset({"host", "content-length", "content-encoding", "expect"})
+# Alt-Svc advertises another way to reach the *upstream's* origin (e.g. HTTP/3 on its port
+# 443); passed on, it would point the client at a port of the proxy's host (RFC 7838).
+_RESPONSE_ORIGIN_SPECIFIC = frozenset({"alt-svc"})
 # Ways clients send provider keys: replaced when the upstream has a server-side key.
 _CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
 _CLIENT_DEADLINES = frozenset(CLIENT_DEADLINE_HEADERS) - {"x-stainless-timeout"}
@@ -59,25 +71,29 @@ def upstream_request_headers(
     skip |= {d.lower() for d in drop}
     if upstream.api_key is not None or drop_client_credentials:
         skip |= _CREDENTIAL_HEADERS
+    # Names are lower-cased (as HTTP/2 requires anyway): aiohttp's ClientSession merges header
+    # names case-sensitively and would let our `via` replace a client's `Via`, or one spelling
+    # of a repeated field replace the other.
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        if name.lower() not in skip:
-            out.add(name, value)
+        lower = name.lower()
+        if lower not in skip:
+            out.add(lower, value)
     out["x-request-id"] = request_id
     out.add("via", VIA)
     if upstream.api_key is not None:
         out["authorization"] = "Bearer " + upstream.api_key.get_secret_value()
     for name, value in upstream.headers.items():
-        out[name] = value
+        out[name.lower()] = value
     for name, value in extra:
-        out[name] = value
+        out[name.lower()] = value
     return out
 
 
 def client_response_headers(
     upstream_headers: CIMultiDictProxy[str], *, request_id: str, keep_length: bool
 ) -> CIMultiDict[str]:
-    skip = HOP_BY_HOP | _connection_tokens(upstream_headers)
+    skip = HOP_BY_HOP | _RESPONSE_ORIGIN_SPECIFIC | _connection_tokens(upstream_headers)
     if not keep_length:
         skip = skip | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
