@@ -45,6 +45,11 @@ async def sim() -> AsyncIterator[SimulatedProvider]:
         await provider.stop()
 
 
+def supervisor_dirs(tmp: Path) -> list[Path]:
+    """The supervisor's fresh PROMETHEUS_MULTIPROC_DIRs made under TMPDIR=tmp."""
+    return list(tmp.glob("hangup-metrics-*"))
+
+
 async def scrape(url: str, pids: list[int]) -> tuple[int | None, str]:
     """GET /metrics on a new connection; (the pid of the worker that answered, the body)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
@@ -108,7 +113,7 @@ async def test_two_workers_share_the_port_and_the_metrics(
         pids = sorted({int(line["pid"]) for line in listening[1:]})
         assert len(pids) == 2 and proc.pid not in pids, listening
         await wait_ready(url)
-        metrics_dirs = list(tmp_path.glob("hangup-metrics-*"))
+        metrics_dirs = supervisor_dirs(tmp_path)
         assert len(metrics_dirs) == 1
 
         # Long streams until both workers hold some (the kernel picks the accepting worker).
@@ -216,4 +221,4 @@ async def test_a_worker_config_error_stops_the_supervisor(tmp_path: Path) -> Non
         await proc.close()
     assert "config error" in proc.text
     assert any("giving up" in str(ln.get("msg")) for ln in proc.lines)
-    assert not list(tmp_path.glob("hangup-metrics-*"))
+    assert not supervisor_dirs(tmp_path)
