@@ -156,10 +156,11 @@ class HangupProcess:
         try:
             async with asyncio.timeout(timeout):
                 code = await self.proc.wait()
+                self.exited_at = time.monotonic()
+                # Children (workers) may hold the pipes a little longer.
+                await asyncio.gather(*self._readers)
         except TimeoutError:
             raise AssertionError(f"hangup did not exit within {timeout}s:\n{self.text}") from None
-        self.exited_at = time.monotonic()
-        await asyncio.gather(*self._readers)
         self.returncode = code
         return code
 

@@ -222,3 +222,91 @@ async def test_a_worker_config_error_stops_the_supervisor(tmp_path: Path) -> Non
     assert "config error" in proc.text
     assert any("giving up" in str(ln.get("msg")) for ln in proc.lines)
     assert not supervisor_dirs(tmp_path)
+
+
+async def start_workers(
+    sim: SimulatedProvider, tmp_path: Path, grace_s: float
+) -> tuple[HangupProcess, str, list[int]]:
+    assert sim.base_url is not None
+    config = write_config(
+        tmp_path / "hangup.yaml", sim_config(sim.base_url, shutdown={"grace_s": grace_s})
+    )
+    proc = HangupProcess("--config", str(config), "--workers", "2", env={"TMPDIR": str(tmp_path)})
+    await proc.start()
+    url = await proc.listening_url()
+    listening = await proc.wait_events("listening", 3, timeout=20)
+    await wait_ready(url)
+    return proc, url, [int(line["pid"]) for line in listening[1:]]
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_second_signal_stops_every_worker_at_once(
+    sim: SimulatedProvider, tmp_path: Path
+) -> None:
+    proc, url, _ = await start_workers(sim, tmp_path, grace_s=30.0)
+    streams = [Stream(f"s-{i}", "normal:tokens=500,rate=10") for i in range(6)]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = [asyncio.create_task(s.run(session, url)) for s in streams]
+        try:
+            async with asyncio.timeout(10):
+                for s in streams:
+                    await s.started.wait()
+            proc.signal(signal.SIGTERM)
+            await proc.wait_events("draining", 2, timeout=5)  # both workers
+            second_at = proc.signal(signal.SIGTERM)
+            assert await proc.wait_exit(timeout=5) == 0
+            async with asyncio.timeout(5):
+                await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await proc.close()
+    exit_s = (proc.exited_at or 0) - second_at
+    assert exit_s < 2.0
+    closed = [await sim.recorder.wait_closed(s.request_id, timeout=1) - second_at for s in streams]
+    assert all(0 <= c < 1.0 for c in closed), closed
+    by_id = one_per_request(proc.access_lines())
+    assert {by_id[s.request_id]["outcome"] for s in streams} == {"shutdown"}
+
+
+async def test_workers_drain_when_the_supervisor_is_killed(
+    sim: SimulatedProvider, tmp_path: Path
+) -> None:
+    proc, url, pids = await start_workers(sim, tmp_path, grace_s=1.0)
+    stream = Stream("orphaned", "normal:tokens=500,rate=10")
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(stream.run(session, url))
+        try:
+            async with asyncio.timeout(10):
+                await stream.started.wait()
+            killed_at = proc.signal(signal.SIGKILL)
+            await proc.wait_exit(timeout=5)
+            # No parent to wait on them: watch /proc, with a bound (grace 1 s + 5 s).
+            deadline = killed_at + 1.0 + 5.0
+            while any(alive(pid) for pid in pids):
+                assert time.monotonic() < deadline, "a worker outlived its supervisor"
+                await asyncio.sleep(0.05)
+            gone_s = time.monotonic() - killed_at
+            async with asyncio.timeout(5):
+                await task
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for pid in pids:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            await proc.close()
+    assert stream.error is not None  # cut at the end of the grace
+    await sim.recorder.wait_closed("orphaned", timeout=1)
+    drained = [ln for ln in proc.events("draining") if "supervisor gone" in str(ln.get("msg"))]
+    assert len(drained) == 2
+    print(f"\nsupervisor SIGKILLed: both workers drained and exited in {gone_s:.2f} s (grace 1 s)")
