@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import socket
 import sys
@@ -21,8 +20,6 @@ from proxy import __version__
 from proxy.auth import Auth
 from proxy.config import ConfigError, HangupConfig, config_for_upstream, load_config
 from proxy.logs import configure_logging
-
-log = logging.getLogger("hangup")
 
 DEFAULT_CONFIG = "config/hangup.yaml"
 COMMANDS = ("run", "check-config", "demo", "simulate")

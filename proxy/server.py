@@ -44,7 +44,8 @@ _UNWIND_S = 2.0
 _CLOSE_S = 1.0
 # The most `stop_now` can take; the CLI promises an exit within grace + 5 s.
 STOP_BUDGET_S = _UNWIND_S + _CLOSE_S + 1.0
-# Past grace + this, the process exits regardless (exit code 1): see `serve`.
+# Past grace + this, the process exits regardless (exit code 1): see `serve`. Above
+# STOP_BUDGET_S, so it only fires when a bound inside failed; below the promised 5 s.
 EXIT_DEADLINE_S = 4.8
 
 
