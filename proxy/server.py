@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from proxy import __version__
@@ -65,6 +66,7 @@ class ProxyServer:
         self.port = config.listen.port if port is None else port
         self.app = create_app(config, registry=registry, listen_host=self.host)
         self.app.on_response_prepare.append(_close_while_draining)
+        _quiet_parse_errors()
         self.runner = web.AppRunner(
             self.app,
             handler_cancellation=True,
@@ -152,6 +154,30 @@ class ProxyServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+class _ParseErrorFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (a line over 8190 bytes, a malformed header) as an
+    ERROR with a traceback whose message quotes the start of the offending header value: a
+    client can trigger it at will, and the quoted bytes can be a key (an oversized
+    `Proxy-Authorization: Basic ...` value is logged as is). Keep one warning naming the problem,
+    without the client's bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused a request that could not be parsed: %s (HTTP %d)"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info, record.exc_text = None, None
+            if record.levelno > logging.WARNING:
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+def _quiet_parse_errors() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ParseErrorFilter) for f in logger.filters):
+        logger.addFilter(_ParseErrorFilter())
 
 
 async def _close_while_draining(request: web.Request, response: web.StreamResponse) -> None:

@@ -4,7 +4,8 @@ Keys are planted everywhere a key can be: the upstream's server-side `api_key` (
 environment variable), `auth.keys`, `metrics.bearer_token`, the client's Authorization (right
 and wrong), the client's own provider-key headers, Proxy-Authorization, and a key pasted into
 the model field. Then the real process, at DEBUG level, serves traffic that takes every path
-that logs something: completions streamed and not, 401s, 404, 400, 413, upstream 429 and 500,
+that logs something: completions streamed and not, 401s, 404, 400, 413, heads over aiohttp's
+line limit (its parser logs the offending line), upstream 429 and 500,
 an in-band upstream error, an upstream reset, a client that hangs up, an idle timeout, scrapes
 with and without the token, and a drain on SIGTERM. Every byte the process wrote, and every
 scrape, is then searched for every key.
@@ -96,6 +97,20 @@ async def test_no_key_in_any_log_line_or_scrape(sim: SimulatedProvider, tmp_path
                 assert resp.status == 400
             async with session.get(url + "/v2/nope", headers=ok) as resp:
                 assert resp.status == 404
+            # Heads over aiohttp's 8190-byte line limit: refused by its parser, which logs the
+            # start of the offending line itself.
+            for name, value in (
+                ("Authorization", f"Bearer {PROXY_KEY}"),
+                ("x-api-key", CLIENT_PROVIDER_KEY),
+                ("Proxy-Authorization", f"Basic {PROXY_AUTH}"),
+            ):
+                reader, writer = await asyncio.open_connection(*url[7:].split(":"))
+                writer.write(
+                    f"GET /v1/models HTTP/1.1\r\nHost: h\r\n{name}: {value}{'a' * 9000}"
+                    "\r\n\r\n".encode()
+                )
+                assert (await reader.readline()).startswith(b"HTTP/1.0 400")
+                writer.close()
             try:
                 await call(chat("reset:after=1", stream=True), ok, "reset", 200)
             except aiohttp.ClientPayloadError:
@@ -141,6 +156,11 @@ async def test_no_key_in_any_log_line_or_scrape(sim: SimulatedProvider, tmp_path
     outcomes = {ln["request_id"]: ln["outcome"] for ln in proc.access_lines() if "outcome" in ln}
     assert outcomes["idle"] == "timeout" and outcomes["hangs-up"] == "client_cancelled"
     assert outcomes["at-shutdown"] == "shutdown" and outcomes["wrong"] == "rejected"
+    # The parser's refusals are one warning each, without the client's bytes.
+    refused = [ln for ln in proc.lines if ln.get("logger") == "aiohttp.server"]
+    assert [(ln["level"], ln["msg"]) for ln in refused] == [
+        ("warning", "refused a request that could not be parsed: LineTooLong (HTTP 400)")
+    ] * 3
     # Every request was logged (one line each), probes too (health_checks: true), at DEBUG.
     assert {
         "stream",
