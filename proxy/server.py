@@ -205,7 +205,13 @@ async def serve(
     orchestrator's grace period and be killed with SIGKILL, which would close nothing.
     """
     server = ProxyServer(config, host=host, port=port, sock=sock)
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # port taken, address not local, no permission
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        log.error("cannot listen on %s:%d: %s", host, port, reason)
+        await server.runner.cleanup()
+        return 1
     log.info(
         "hangup %s listening on %s (routes: %s)",
         __version__,

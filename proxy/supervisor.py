@@ -70,7 +70,8 @@ def supervise(
     try:
         socks = bind(host, port, config.listen.backlog, workers)
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        log.error("cannot listen on %s:%d: %s", host, port, reason)
         return 1
     # A fresh directory every start: files left by an earlier run would add its totals in.
     metrics_dir = tempfile.mkdtemp(prefix="hangup-metrics-", dir=os.environ.get(MULTIPROC_ENV))

@@ -1,0 +1,62 @@
+"""The `hangup` command line: what an operator sees when starting it wrong."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy import __version__
+from tests.cli_support import ROOT, sim_config, write_config
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_one_clear_line(workers: str, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "hangup.yaml", sim_config("http://127.0.0.1:9/v1"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = run("--config", str(config), "--port", port, "--workers", workers)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_workers_must_be_a_positive_number(value: str) -> None:
+    done = run("--workers", value)
+    assert done.returncode == 2
+    assert "argument --workers" in done.stderr
+
+
+def test_version() -> None:
+    done = run("--version")
+    assert done.returncode == 0
+    assert done.stdout == f"hangup {__version__}\n"
+
+
+def test_no_config_anywhere_says_what_to_do(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy"],
+        cwd=tmp_path,  # no config/hangup.yaml here
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "pass --config PATH, set HANGUP_CONFIG, or give --upstream URL" in done.stderr
