@@ -165,13 +165,23 @@ class HangupProcess:
         return code
 
     async def close(self) -> None:
-        """Kill (if still running) and reap, whatever happened in the test."""
+        """Stop (if still running) and reap, whatever happened in the test: two SIGTERMs (stop
+        now, upstreams closed), SIGKILL if that did not do it, and SIGKILL for any worker
+        process it started that is still there."""
         if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
+            for signum in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(signum)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(5):
+                        await self.proc.wait()
+                if self.proc.returncode is not None:
+                    break
+        for line in self.lines:
+            pid = line.get("worker_pid") or (line.get("pid") if line.get("event") else None)
+            if isinstance(pid, int) and pid != self.pid and alive(pid) and _is_hangup(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for task in self._readers:
             task.cancel()
         await asyncio.gather(*self._readers, return_exceptions=True)
@@ -192,6 +202,24 @@ async def wait_ready(url: str, timeout: float = 20.0) -> None:
                 last = exc
             await asyncio.sleep(0.05)
     raise AssertionError(f"{url}/readyz not ready within {timeout}s (last: {last!r})")
+
+
+def alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie waiting for its parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _is_hangup(pid: int) -> bool:
+    """Still one of ours (a pid can be reused once its process is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"proxy" in f.read().split(b"\0")
+    except FileNotFoundError:
+        return False
 
 
 def one_per_request(lines: Iterable[Line]) -> dict[str, Line]:

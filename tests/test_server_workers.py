@@ -21,6 +21,7 @@ import pytest
 from proxy.sim import SimulatedProvider
 from tests.cli_support import (
     HangupProcess,
+    alive,
     connections_to,
     one_per_request,
     owner_of,
@@ -239,15 +240,6 @@ async def start_workers(
     return proc, url, [int(line["pid"]) for line in listening[1:]]
 
 
-def alive(pid: int) -> bool:
-    """Running (not gone, not a zombie waiting for a parent to reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def test_second_signal_stops_every_worker_at_once(
     sim: SimulatedProvider, tmp_path: Path
 ) -> None:
@@ -310,3 +302,27 @@ async def test_workers_drain_when_the_supervisor_is_killed(
     drained = [ln for ln in proc.events("draining") if "supervisor gone" in str(ln.get("msg"))]
     assert len(drained) == 2
     print(f"\nsupervisor SIGKILLed: both workers drained and exited in {gone_s:.2f} s (grace 1 s)")
+
+
+async def test_a_crash_loop_is_not_hidden(sim: SimulatedProvider, tmp_path: Path) -> None:
+    """Worker deaths are restarted, up to 5 within 60 s; the 6th makes the supervisor give up:
+    exit 1, so the orchestrator sees the failure."""
+    proc, _, pids = await start_workers(sim, tmp_path, grace_s=1.0)
+    try:
+        victim = pids[0]
+        for death in range(1, 7):
+            os.kill(victim, signal.SIGKILL)
+            if death == 6:
+                break
+            started = await proc.wait_events("worker_started", 2 + death, timeout=10)
+            victim = int(started[-1]["worker_pid"])
+            await proc.wait_line(
+                lambda ln, pid=victim: ln.get("event") == "listening" and ln.get("pid") == pid,
+                20,
+                f"replacement {death} listening",
+            )
+        assert await proc.wait_exit(timeout=10) == 1
+    finally:
+        await proc.close()
+    assert any("more than 5 worker deaths within 60s" in str(ln.get("msg")) for ln in proc.lines)
+    assert not alive(pids[1])
