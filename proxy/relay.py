@@ -18,6 +18,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -38,7 +39,7 @@ from proxy.errors import (
     render_sse_event,
 )
 from proxy.headers import client_response_headers, upstream_request_headers
-from proxy.outcome import BackgroundCancel, Outcome, RequestRecord
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, Usage
 from proxy.routing import Route
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
@@ -61,6 +62,10 @@ _JSON_TYPES = ("application/json",)
 # A copy of a non-streamed JSON body is kept for usage accounting, up to this size.
 _USAGE_BODY_CAP = 8 * 1024 * 1024
 _RETRYABLE_STATUS = frozenset({502, 503})
+# Outcomes after which the upstream may have processed the prompt without our seeing usage.
+_UPSTREAM_HAD_IT = frozenset(
+    {Outcome.COMPLETED, Outcome.CLIENT_CANCELLED, Outcome.TIMEOUT, Outcome.SHUTDOWN}
+)
 _MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
 _DRAIN_ENDS: tuple[type[BaseException], ...] = (TimeoutError, *BODY_ERRORS)
 
@@ -82,6 +87,21 @@ class Plan:
     # Set when we injected usage the client did not ask for: hides it from the client.
     usage_filter: UsageChunkFilter | None
     deadlines: Deadlines
+
+
+def _retrieve(future: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    """Mark a shielded upstream attempt's failure as seen (its caller may have gone)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _stale_keepalive(exc: Exception, fresh_connection: bool) -> bool:
+    """A reused connection that turned out closed before any response byte."""
+    return (
+        not fresh_connection
+        and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
+        and not isinstance(exc, aiohttp.ClientConnectorError)
+    )
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -248,9 +268,17 @@ class Exchange:
             deadlines.headers_sent(loop.time())
             watchdog.rearm()
 
-        hooks = AttemptHooks(on_headers_sent=headers_sent)
+        fresh_connection = False
+
+        def connected() -> None:
+            nonlocal fresh_connection
+            fresh_connection = True
+
+        hooks = AttemptHooks(on_headers_sent=headers_sent, on_connection=connected)
         attempt = 0
+        stale_retried = False
         while True:
+            fresh_connection = False
             deadlines.connecting(loop.time())
             watchdog.rearm()
             if options.deadline_header:
@@ -267,7 +295,8 @@ class Exchange:
                     body=plan.body,
                     hooks=hooks,
                 )
-                async with request_cm as upstream:
+                upstream = await self._open(request_cm, plan, watchdog)
+                async with upstream:
                     record.upstream_wait_s += loop.time() - opened_at
                     if upstream.status in _RETRYABLE_STATUS and attempt < options.max_retries:
                         retryable = UpstreamFailed(f"upstream answered {upstream.status}")
@@ -281,6 +310,16 @@ class Exchange:
                 if self.response is not None:
                     # Headers went to the client already; the body read failed.
                     raise map_body_error(exc, plan.route.upstream_name) from exc
+                if _stale_keepalive(exc, fresh_connection) and not stale_retried:
+                    # The upstream closed a pooled keep-alive connection just as we reused it
+                    # (llama-server closes after every stream while advertising keep-alive). It
+                    # never saw this request: resend at once on a new connection.
+                    stale_retried = True
+                    log.info(
+                        "request %s: pooled upstream connection was closed; resending on a new one",
+                        record.request_id,
+                    )
+                    continue
                 err = map_open_error(exc, plan.route.upstream_name)
                 if not isinstance(err, UpstreamUnreachable) or attempt >= options.max_retries:
                     raise err from exc
@@ -434,19 +473,72 @@ class Exchange:
             await self._client_io(response.write(chunk))
             record.bytes_to_client += len(chunk)
 
+    async def _open(
+        self, request_cm: Any, plan: Plan, watchdog: Watchdog
+    ) -> aiohttp.ClientResponse:
+        """Send the request; return once the upstream's response headers arrive.
+
+        On a `drain` route the wait is shielded from the client's departure: that provider
+        bills the answer anyway, so when the client leaves we wait for it and read it to the
+        end (bounded by drain_max_s) for exact usage. Everywhere else a departure cancels the
+        wait, which closes the upstream socket."""
+        if plan.route.options.on_disconnect != "drain":
+            response: aiohttp.ClientResponse = await request_cm
+            return response
+        opening: asyncio.Future[aiohttp.ClientResponse] = asyncio.ensure_future(request_cm)
+        opening.add_done_callback(_retrieve)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            if watchdog.fired is None and not self.state.hard_stopping:
+                self.record.client_gone_at = self.loop.time()
+                watchdog.stop()
+                await self._drain_unanswered(plan, opening)
+            opening.cancel()
+            raise
+
+    async def _drain_unanswered(
+        self, plan: Plan, opening: asyncio.Future[aiohttp.ClientResponse]
+    ) -> None:
+        """Drain for a client that left before the upstream answered."""
+        self.drained = True
+        try:
+            async with asyncio.timeout(plan.route.options.drain_max_s):
+                upstream = await opening
+                async with upstream:
+                    self.record.upstream_status = upstream.status
+                    self.record.upstream_headers_at = self.loop.time()
+                    if upstream.content_type == "text/event-stream":
+                        self.tracker = StreamUsageTracker(plan.facts)
+                    elif upstream.status < 300 and upstream.content_type in _JSON_TYPES:
+                        self.json_body = bytearray()
+                        self.content_encoding = upstream.headers.get("content-encoding")
+                    await self._read_to_end(upstream)
+        except _DRAIN_ENDS:
+            pass  # best effort: what was read is counted, the rest stays an estimate
+
     async def _drain(self, plan: Plan, upstream: aiohttp.ClientResponse) -> None:
         """`on_disconnect: drain`: the client left, but this provider bills the whole answer
         anyway, so read it to the end (bounded) for exact usage instead of an estimate."""
         self.drained = True
-        tracker, decoder = self.tracker, self.decoder
         try:
             async with asyncio.timeout(plan.route.options.drain_max_s):
-                while chunk := await upstream.content.readany():
-                    if tracker is not None:
-                        for event in decoder.feed(chunk):
-                            tracker.feed(event)
+                await self._read_to_end(upstream)
         except _DRAIN_ENDS:
             pass  # best effort: what was read is counted, the rest stays an estimate
+
+    async def _read_to_end(self, upstream: aiohttp.ClientResponse) -> None:
+        """Read what is left of a response for accounting only (nothing goes to the client)."""
+        tracker, decoder = self.tracker, self.decoder
+        while chunk := await upstream.content.readany():
+            if tracker is not None:
+                for event in decoder.feed(chunk):
+                    tracker.feed(event)
+            elif self.json_body is not None:
+                if len(self.json_body) + len(chunk) <= _USAGE_BODY_CAP:
+                    self.json_body += chunk
+                else:
+                    self.json_body = None
 
     async def _stop_background_work(self) -> None:
         """The upstream socket is closed by now; for a Responses `background: true` stream that
@@ -526,6 +618,9 @@ class Exchange:
     def usage_inputs(self) -> tuple[int, int]:
         """(generated completion tokens, tokens that arrived after the client was gone)."""
         if self.tracker is None:
+            if self.drained:  # a plain body read after the client left: none of it delivered
+                generated = self.record.usage.completion_tokens
+                return generated, generated
             return 0, 0
         generated = self.tracker.generated_tokens
         wasted = 0
@@ -538,7 +633,16 @@ class Exchange:
         facts = self.facts
         if facts is None:
             return
+        record = self.record
         if self.tracker is not None:
-            self.record.usage = self.tracker.usage()
-        elif self.json_body is not None and self.record.outcome is Outcome.COMPLETED:
-            self.record.usage = body_usage(bytes(self.json_body), facts, self.content_encoding)
+            record.usage = self.tracker.usage()
+        elif self.json_body is not None and (record.outcome is Outcome.COMPLETED or self.drained):
+            record.usage = body_usage(bytes(self.json_body), facts, self.content_encoding)
+        elif self.plan is not None and record.outcome in _UPSTREAM_HAD_IT:
+            # The upstream got the prompt (and may have generated), but we never saw its
+            # figures: an estimate, flagged as one, is closer than zero passed off as reported.
+            record.usage = Usage(
+                prompt_tokens=facts.prompt_tokens_estimate,
+                prompt_estimated=True,
+                completion_estimated=facts.endpoint != "embeddings",
+            )

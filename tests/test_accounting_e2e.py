@@ -493,14 +493,9 @@ async def test_a_stream_that_times_out_idle_counts_as_saved_with_nothing_wasted(
     )
 
 
-# --- known gaps (failing until fixed; see the reasons) ------------------------------------------
+# --- once known gaps, now fixed ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay.Exchange.final_usage leaves Usage() (0 tokens, flagged reported) when a request "
-    "without a tracker or a completed JSON body is cut, although the upstream had the prompt",
-)
 async def test_a_non_streamed_request_cut_while_generating_has_an_estimated_prompt(
     sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
@@ -524,11 +519,6 @@ async def test_a_non_streamed_request_cut_while_generating_has_an_estimated_prom
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay drains only after upstream headers: a client leaving a drain route before "
-    "them (every non-streamed request) has its upstream closed and a saving claimed",
-)
 async def test_drain_also_covers_a_client_that_leaves_before_the_upstream_answers(
     sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
@@ -546,3 +536,4 @@ async def test_drain_also_covers_a_client_that_leaves_before_the_upstream_answer
     assert sim_record.end == "completed" and generated == total  # the proxy read on
     assert record.usage.completion_tokens == total and not record.usage.completion_estimated
     assert record.savings is not None and record.savings.tokens_saved == 0
+    assert record.savings.tokens_wasted == total  # none of it reached the client

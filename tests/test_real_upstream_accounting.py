@@ -211,11 +211,6 @@ async def test_a_stream_cut_after_50_chunks_counts_what_the_server_decoded(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="upstream/relay: a POST on a pooled connection that the upstream closed after a "
-    "stream fails with 502 instead of being retried once on a fresh connection",
-)
 async def test_a_request_right_after_a_stream_does_not_fail_on_the_closed_connection(
     proxy: tuple[ProxyServer, RecordSink],
 ) -> None:
