@@ -109,8 +109,9 @@ async def run_demo(port: int, keep_running: bool) -> int:
         _say(f"metrics: {base}/metrics\n")
         async with aiohttp.ClientSession() as session:
             _say("1. A client reads a whole streamed answer (60 tokens/s):")
-            await _stream(session, base, DEMO_MODEL, max_tokens=40, show=True,
-                          request_id="demo-complete")
+            await _stream(
+                session, base, DEMO_MODEL, max_tokens=40, show=True, request_id="demo-complete"
+            )
 
             _say("\n2. Eight clients hang up mid-stream (each asked for up to 2000 tokens):")
             cuts = [3, 5, 8, 10, 12, 15, 20, 25]
@@ -118,25 +119,37 @@ async def run_demo(port: int, keep_running: bool) -> int:
             hung_up_at: dict[str, float] = {}
 
             async def cut(request_id: str, after: int) -> None:
-                await _stream(session, base, DEMO_MODEL, max_tokens=2000, hang_up_after=after,
-                              request_id=request_id)
+                await _stream(
+                    session,
+                    base,
+                    DEMO_MODEL,
+                    max_tokens=2000,
+                    hang_up_after=after,
+                    request_id=request_id,
+                )
                 hung_up_at[request_id] = time.monotonic()
 
             await asyncio.gather(*(cut(i, n) for i, n in zip(ids, cuts, strict=True)))
             for request_id, after in zip(ids, cuts, strict=True):
                 closed = await sim.wait_closed(request_id, timeout=5.0)
                 lag_ms = max(0.0, closed - hung_up_at[request_id]) * 1000
-                _say(f"   hung up after {after:2d} tokens: the simulated provider saw its "
-                     f"connection closed {lag_ms:.1f} ms later")
+                _say(
+                    f"   hung up after {after:2d} tokens: the simulated provider saw its "
+                    f"connection closed {lag_ms:.1f} ms later"
+                )
 
             _say("\n3. An upstream stalls after 20 tokens (idle_s=1.5 on this route):")
-            chunks, error = await _stream(session, base, "stall:after=20", max_tokens=500,
-                                          request_id="demo-stall")
+            chunks, error = await _stream(
+                session, base, "stall:after=20", max_tokens=500, request_id="demo-stall"
+            )
             _say(f"   got {chunks} tokens, then: {error}")
 
             _say("\n4. An upstream sends only keep-alive comments (first_token_s=2):")
             chunks, error = await _stream(
-                session, base, "slow-first-token:delay=60,keepalive=0.2", max_tokens=50,
+                session,
+                base,
+                "slow-first-token:delay=60,keepalive=0.2",
+                max_tokens=50,
                 request_id="demo-keepalive",
             )
             _say(f"   got {chunks} tokens, then: {error}")
@@ -145,17 +158,22 @@ async def run_demo(port: int, keep_running: bool) -> int:
             for i in range(5):
                 async with session.post(
                     f"{base}/v1/chat/completions",
-                    json={"model": DEMO_MODEL, "max_tokens": 30,
-                          "messages": [{"role": "user", "content": f"Question {i}?"}]},
+                    json={
+                        "model": DEMO_MODEL,
+                        "max_tokens": 30,
+                        "messages": [{"role": "user", "content": f"Question {i}?"}],
+                    },
                 ) as response:
                     await response.read()
             _say("   done")
         _say("\n" + summarize(server.state.metrics))
         if keep_running:
-            _say(f"\nThe proxy stays up. Try:\n  curl -sN {base}/v1/chat/completions "
-                 f"-H 'Content-Type: application/json' -d '{{\"model\":\"{DEMO_MODEL}\","
-                 f"\"stream\":true,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
-                 f"\n  curl -s {base}/metrics | grep hangup_\nCtrl-C to stop.")
+            _say(
+                f"\nThe proxy stays up. Try:\n  curl -sN {base}/v1/chat/completions "
+                f'-H \'Content-Type: application/json\' -d \'{{"model":"{DEMO_MODEL}",'
+                f'"stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
+                f"\n  curl -s {base}/metrics | grep hangup_\nCtrl-C to stop."
+            )
             await _wait_for_interrupt()
     finally:
         await server.shutdown(grace_s=1.0)

@@ -11,8 +11,9 @@ from proxy.timeouts import Budget, Deadlines, Phase, client_deadline
 POLICY = TimeoutsConfig(connect_s=1, headers_s=5, first_token_s=10, idle_s=3, total_s=100)
 
 
-def deadlines(policy: TimeoutsConfig = POLICY, *, stream: bool = True,
-              client: tuple[float, str] | None = None) -> Deadlines:
+def deadlines(
+    policy: TimeoutsConfig = POLICY, *, stream: bool = True, client: tuple[float, str] | None = None
+) -> Deadlines:
     budget = Budget.for_request(policy, client, honor_client_deadline=True)
     return Deadlines(budget, started=1000.0, watch_first_token=stream)
 
@@ -59,8 +60,7 @@ def test_plain_body_reads_reset_idle() -> None:
 
 
 def test_total_wins_when_it_is_earliest_and_ties_go_to_the_phase() -> None:
-    policy = TimeoutsConfig(connect_s=5, headers_s=None, first_token_s=None, idle_s=None,
-                            total_s=5)
+    policy = TimeoutsConfig(connect_s=5, headers_s=None, first_token_s=None, idle_s=None, total_s=5)
     d = deadlines(policy)
     assert d.next() == (1005.0, TimeoutKind.CONNECT)
     d.headers_sent(1001.0)
@@ -68,8 +68,9 @@ def test_total_wins_when_it_is_earliest_and_ties_go_to_the_phase() -> None:
 
 
 def test_everything_off_means_no_deadline() -> None:
-    off = TimeoutsConfig(connect_s=None, headers_s=None, first_token_s=None, idle_s=None,
-                         total_s=None)
+    off = TimeoutsConfig(
+        connect_s=None, headers_s=None, first_token_s=None, idle_s=None, total_s=None
+    )
     d = deadlines(off)
     assert d.next() is None
     d.response_started(1001.0, sse=True)
@@ -120,8 +121,9 @@ def test_client_deadline_caps_total_but_never_extends_it() -> None:
         ({"x-hangup-timeout": "soon"}, None),
     ],
 )
-def test_client_deadline_headers(headers: dict[str, str],
-                                 expected: tuple[float, str] | None) -> None:
+def test_client_deadline_headers(
+    headers: dict[str, str], expected: tuple[float, str] | None
+) -> None:
     assert client_deadline(headers) == expected
 
 

@@ -11,8 +11,16 @@ from proxy.watchdog import Watchdog
 
 
 def make(loop_now: float, **timeouts: float | None) -> Deadlines:
-    policy = TimeoutsConfig(**{"connect_s": None, "headers_s": None, "first_token_s": None,
-                               "idle_s": None, "total_s": None, **timeouts})
+    policy = TimeoutsConfig(
+        **{
+            "connect_s": None,
+            "headers_s": None,
+            "first_token_s": None,
+            "idle_s": None,
+            "total_s": None,
+            **timeouts,
+        }
+    )
     budget = Budget.for_request(policy, None, honor_client_deadline=False)
     return Deadlines(budget, loop_now, watch_first_token=True)
 
