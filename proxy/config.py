@@ -110,14 +110,18 @@ class TimeoutsConfig(_Model):
         """Key by key: only the keys the override spelled out (even as null) replace ours."""
         return self.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
 
-    def impossible(self) -> tuple[str, str] | None:
-        """A (key, problem) pair when a phase can never be reached, else None."""
+    def impossible(self, explicit: frozenset[str] | set[str]) -> tuple[str, str] | None:
+        """A (key, problem) pair when a phase someone set explicitly can never be reached.
+
+        Only keys in `explicit` count: a route that lowers total_s to 60 s while inheriting
+        headers_s: 600 is fine (the total caps it); a route that sets first_token_s above its
+        total is a contradiction worth stopping for."""
         total = self.total_s
         if total is None:
             return None
         for key in ("connect_s", "headers_s", "first_token_s"):
             value = getattr(self, key)
-            if value is not None and value > total:
+            if key in explicit and value is not None and value > total:
                 return key, f"{value:g} must not exceed total_s ({total:g})"
         return None
 
@@ -265,14 +269,11 @@ class HangupConfig(_Model):
                     ("routes", i, "upstream"),
                     f"no upstream named {route.upstream!r} (known: {known})",
                 )
-            problem = route.resolved(self.defaults).timeouts.impossible()
+            explicit = route.timeouts.model_fields_set if route.timeouts is not None else set()
+            problem = route.resolved(self.defaults).timeouts.impossible(explicit)
             if problem is not None:
-                key, text = problem
-                where: tuple[str | int, ...] = ("routes", i, "timeouts", key)
-                if route.timeouts is None or key not in route.timeouts.model_fields_set:
-                    where = ("defaults", "timeouts", key)
-                raise _Located(where, text)
-        problem = self.defaults.timeouts.impossible()
+                raise _Located(("routes", i, "timeouts", problem[0]), problem[1])
+        problem = self.defaults.timeouts.impossible(self.defaults.timeouts.model_fields_set)
         if problem is not None:
             raise _Located(("defaults", "timeouts", problem[0]), problem[1])
         if not self.metrics.path.startswith("/") or self.metrics.path.startswith("/v1"):
@@ -390,7 +391,10 @@ def parse_config(
     try:
         config = HangupConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        # A misspelt key shows up twice: as unknown, and as its real name missing. The
+        # unknown one is the operator's actual mistake.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         loc: Path_ = tuple(err["loc"])
         ctx_error = err.get("ctx", {}).get("error")
         if isinstance(ctx_error, _Located):
@@ -432,7 +436,10 @@ def config_for_upstream(base_url: str, *, base: HangupConfig | None = None) -> H
             update={"source": base.source if base else "--upstream"}
         )
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        # A misspelt key shows up twice: as unknown, and as its real name missing. The
+        # unknown one is the operator's actual mistake.
+        err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         raise ConfigError("--upstream", dotted(tuple(err["loc"])), err["msg"]) from exc
 
 

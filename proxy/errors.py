@@ -42,6 +42,9 @@ class Unauthorized(ProxyError):
     error_type = "authentication_error"
     code = "invalid_api_key"
 
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "www-authenticate": "Bearer"}  # RFC 9110 11.6.1
+
 
 class NotFound(ProxyError):
     status = 404

@@ -89,6 +89,10 @@ class Plan:
     deadlines: Deadlines
 
 
+def _too_large(limit_mb: float) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body exceeds {limit_mb:g} MiB (limits.max_request_body_mb)")
+
+
 def _retrieve(future: asyncio.Future[aiohttp.ClientResponse]) -> None:
     """Mark a shielded upstream attempt's failure as seen (its caller may have gone)."""
     if not future.cancelled():
@@ -177,13 +181,17 @@ class Exchange:
         if state.draining:
             raise Draining("hangup is shutting down; retry on another instance")
         proxy_key_used = state.auth.check(request)
+        limit = state.config.limits.max_request_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            # Refuse at once, rather than after reading up to the limit.
+            raise _too_large(state.config.limits.max_request_body_mb)
+        if any(part in (".", "..") for part in request.rel_url.path.split("/")):
+            # An upstream that normalises dot segments would serve a path outside base_url.
+            raise BadRequest("the path must not contain '.' or '..' segments")
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
-            limit = state.config.limits.max_request_body_mb
-            raise PayloadTooLarge(
-                f"request body exceeds {limit:g} MiB (limits.max_request_body_mb)"
-            ) from exc
+            raise _too_large(state.config.limits.max_request_body_mb) from exc
         record.bytes_from_client = len(body)
         parsed: object = None
         if body and request.content_type in _JSON_TYPES:
@@ -227,8 +235,13 @@ class Exchange:
             drop_client_credentials=proxy_key_used,
             drop=drop,
         )
-        # raw_path keeps the client's own percent-encoding and query string.
-        url = URL(route.upstream.base_url + request.raw_path[len("/v1") :], encoded=True)
+        # The path and query only (an absolute-form target's scheme and authority are not
+        # ours to forward), with the client's own percent-encoding.
+        target = request.rel_url
+        tail = target.raw_path[len("/v1") :]
+        if target.raw_query_string:
+            tail += "?" + target.raw_query_string
+        url = URL(route.upstream.base_url + tail, encoded=True)
         return Plan(route, url, headers, body, facts, usage_filter, deadlines)
 
     async def _exchange(self, plan: Plan) -> web.StreamResponse:

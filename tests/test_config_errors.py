@@ -185,25 +185,15 @@ def test_run_refuses_a_bad_config_before_listening(tmp_path: Path) -> None:
         assert "listening" not in done.stdout + done.stderr
 
 
-# Known gaps in proxy/config.py, reported to the lead; these flip to failures once fixed.
+# Once known gaps in proxy/config.py, now fixed.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a route's total_s below the default headers_s (600) is "
-    "rejected, blamed on defaults.timeouts.headers_s, a key not in the file",
-)
 def test_a_route_may_lower_its_total(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "hangup.yaml"
     path.write_text(UPSTREAM + ROUTE + "    timeouts:\n      total_s: 60\n")
     assert main(["check-config", str(path)]) == 0, capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a misspelt required key is reported as the required "
-    "key missing, not as the unknown key it is",
-)
 def test_a_misspelt_section_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "hangup.yaml"
     path.write_text(UPSTREAM.replace("upstreams:", "upstream:") + ROUTE)
