@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from proxy.config import HangupConfig
-from proxy.outcome import Outcome, RequestRecord
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord
 from proxy.pricing import PriceBook
 from proxy.savings import TypicalLengths, estimate_savings
 
@@ -41,7 +41,10 @@ class Accountant:
                 max_tokens=facts.max_tokens,
                 typical=self.typical.typical(route_name, model),
                 route_default=route.options.expected_completion_tokens,
-                drained=exchange.drained,
+                # A background job we did not stop (kept, already finished, cancel failed)
+                # goes on generating at the provider: hanging up saved nothing there.
+                drained=exchange.drained
+                or record.background not in (None, BackgroundCancel.CANCELLED),
             )
         elif (
             record.outcome is Outcome.COMPLETED

@@ -111,4 +111,6 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         }
     if rec.background is not None:
         fields["background"] = rec.background.value
+    if rec.background_response_id is not None:
+        fields["background_response_id"] = rec.background_response_id
     return fields

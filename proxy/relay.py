@@ -256,11 +256,13 @@ class Exchange:
             if kind is None:
                 raise
             self.record.settle(Outcome.TIMEOUT, timeout_kind=kind)
-            await self._stop_background_work()
             message = plan.deadlines.describe(kind, plan.route.name)
-            return await self._fail(
+            # Tell the client first: a background cancel may take up to CANCEL_CALL_S.
+            response = await self._fail(
                 GatewayTimeout(message, kind, retry=plan.route.options.sdk_retry)
             )
+            await self._stop_background_work()
+            return response
         except _ClientGone:
             if self.record.client_gone_at is None:
                 self.record.client_gone_at = self.loop.time()
@@ -566,8 +568,13 @@ class Exchange:
         if plan.route.options.on_disconnect_background == "keep":
             self.record.background = BackgroundCancel.KEPT
             return
+        headers = plan.headers
+        if plan.route.options.deadline_header:
+            # The stream's remaining-budget header is stale by now; the cancel has its own bound.
+            headers = headers.copy()
+            headers.popall(plan.route.options.deadline_header, None)
         self.record.background = await cancel_background(
-            self.state.upstreams, plan.route.upstream.base_url, response_id, plan.headers
+            self.state.upstreams, plan.route.upstream.base_url, response_id, headers
         )
 
     async def _client_io(self, write: object) -> None:

@@ -536,11 +536,6 @@ async def test_non_streamed_background_is_left_alone_and_polling_is_relayed(
     assert await background_counter(server) == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay.Exchange._exchange awaits _stop_background_work() before _fail(): the "
-    "in-band timeout error waits for the cancel call (up to CANCEL_CALL_S)",
-)
 async def test_the_timeout_error_is_not_held_back_by_the_cancel_call(
     trap: CancelTrap, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -566,11 +561,6 @@ async def test_the_timeout_error_is_not_held_back_by_the_cancel_call(
     assert late < 0.1, f"the timeout error reached the client {late * 1000:.0f} ms late"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="accounting.Accountant.settle estimates tokens_saved for every cut-short request, "
-    "also for a background job hangup left running (record.background == kept)",
-)
 async def test_no_tokens_are_counted_saved_for_a_job_left_running(
     sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:

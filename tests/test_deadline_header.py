@@ -219,11 +219,6 @@ async def test_each_retry_carries_a_recomputed_smaller_budget(
     assert values[1] - values[2] >= 2 * backoff * 1000 - 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay.Exchange._stop_background_work passes plan.headers, deadline header "
-    "included, to the background cancel call: it carries the stream's stale budget",
-)
 async def test_a_background_cancel_does_not_carry_the_streams_stale_deadline(
     sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
