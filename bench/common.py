@@ -112,6 +112,41 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _proc_stat() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of its children that have been waited for."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+_START = (time.monotonic(), *_proc_stat(), _own_cpu())
+
+
+def contention() -> dict[str, float]:
+    """How busy the machine was since this benchmark started, in CPUs (2.0 = both cores):
+    everything, ours (this process and its children), and other tenants'."""
+    t0, busy0, _total0, own0 = _START
+    busy1, _total1 = _proc_stat()
+    wall = max(1e-9, time.monotonic() - t0)
+    busy = (busy1 - busy0) / wall
+    ours = (_own_cpu() - own0) / wall
+    return {
+        "wall_s": round(wall, 1),
+        "busy_cpus": round(busy, 2),
+        "ours_cpus": round(ours, 2),
+        "others_cpus": round(max(0.0, busy - ours), 2),
+    }
+
+
 # --- statistics and reporting -----------------------------------------------------------------
 
 
@@ -157,7 +192,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def write_json(name: str, data: dict[str, Any], out: Path | None = None) -> Path:
     path = out or RESULTS / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": name, "finished_at": time.time(), "machine": machine(), **data}
+    busy = contention()
+    print(
+        f"machine: {busy['busy_cpus']:.2f} of {os.cpu_count()} CPUs busy on average during the run,"
+        f" {busy['ours_cpus']:.2f} ours, {busy['others_cpus']:.2f} other tenants'"
+    )
+    payload = {
+        "benchmark": name,
+        "finished_at": time.time(),
+        "machine": machine(),
+        "contention": busy,
+        **data,
+    }
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
 

@@ -52,6 +52,14 @@ class Target:
     name: str
     url: str
     pid: int  # whose CPU time is "the proxy's" (the simulator's for direct)
+    saturating_only: bool = False  # ablations: they measure CPU and throughput
+
+
+# Ablations: hangup with one feature switched off by config, to price that feature.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "hangup-accesslog": {"logging": {"access_log": False}},
+    "hangup-usage": {"defaults": {"include_usage": False}},
+}
 
 
 def run_load(
@@ -125,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", default="chat,stream")
     p.add_argument("--no-uvloop-variant", action="store_true")
     p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also hangup without its access log, and without include_usage injection",
+    )
+    p.add_argument(
         "--short", action="store_true", help="CI: 1 round of 1.5 s per run, no uvloop variant"
     )
     p.add_argument("--out", type=Path)
@@ -151,12 +164,24 @@ def main(argv: list[str] | None = None) -> int:
             )
         targets = [Target("direct", sim.url, sim.pid)]
         targets += [Target(name, c.url, c.pid) for name, c in children]
-        order = [t.name for t in targets]
+        if args.ablations and not args.short:
+            for name, change in ABLATIONS.items():
+                config = procs.workdir / f"{name}.yaml"
+                data = {
+                    "upstreams": {"sim": {"base_url": sim.url + "/v1"}},
+                    "routes": [{"name": "default", "upstream": "sim"}],
+                    **change,
+                }
+                config.write_text(json.dumps(data))
+                child = procs.hangup(sim.url, name=name, config=config)
+                targets.append(Target(name, child.url, child.pid, saturating_only=True))
         timeout = args.warmup + args.duration + 60
         for rnd in range(args.rounds):
             for kind in kinds:
                 for load_name, load in loads.items():
                     for target in targets:
+                        if target.saturating_only and load_name != "saturating":
+                            continue
                         spec = {**load, "duration": args.duration, "warmup": args.warmup}
                         r = run_load(target, sim.pid, kind=kind, load=spec, timeout=timeout)
                         runs.setdefault((kind, load_name, target.name), []).append(r)
@@ -173,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
     for kind in kinds:
         for load_name in loads:
+            order = [t.name for t in targets if (kind, load_name, t.name) in runs]
             s = {t: summarize(runs[(kind, load_name, t)]) for t in order}
             for t in order:
                 row = s[t]

@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # Completed exchanges leave idle keep-alive connections in hangup's pool; they count
         # as open at the simulator until the pool's keep-alive timeout (aiohttp's 15 s) closes
-        # them. The full run waits for that; --short only requires that none of them carries
-        # a request (the simulator has no active request).
+        # them. The full run waits for that (see below); --short only requires that none of
+        # them carries a request (the simulator has no active request).
         idle_started = time.monotonic()
 
         def settled() -> bool:
@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 return bool(http_json(sim.url + "/_sim/stats")["active_requests"] == 0)
             return sim_open_connections(sim.url) == 0
 
-        idle = wait_for(settled, 25)
+        # aiohttp closes idle connections older than 15 s on a sweep that itself runs every
+        # 15 s, so the last one may take up to 30 s.
+        idle = wait_for(settled, 40)
         idle_s = time.monotonic() - idle_started
         m = metrics()
         sim_stats = http_json(sim.url + "/_sim/stats")
