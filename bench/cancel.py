@@ -285,6 +285,9 @@ async def one_sample(
         resolution_ms = (seen - polled) * 1000
         return {"ok": True, "latency_ms": (seen - closed_at) * 1000, "resolution_ms": resolution_ms}
     deadline = closed_at + 5
+    # The simulator timestamps the close itself; asking it at once would make it serve our
+    # query while it should be noticing the close, so give it 20 ms first.
+    await asyncio.sleep(0.02)
     while time.monotonic() < deadline:
         rec = await sim_record()
         assert rec is not None
