@@ -413,19 +413,12 @@ class Exchange:
         response: web.StreamResponse,
         watchdog: Watchdog,
     ) -> None:
-        record, loop, deadlines = self.record, self.loop, plan.deadlines
+        record, deadlines = self.record, plan.deadlines
         decoder = self.decoder = SSEDecoder()
         tracker = self.tracker = StreamUsageTracker(plan.facts)
         chunk_filter = plan.usage_filter
-        content = upstream.content
         while True:
-            before = loop.time()
-            try:
-                chunk = await content.readany()
-            except BODY_ERRORS as exc:
-                raise map_body_error(exc, plan.route.upstream_name) from exc
-            now = loop.time()
-            record.upstream_wait_s += now - before
+            chunk, now = await self._read_upstream(plan, upstream)
             if not chunk:
                 events = decoder.flush()
             else:
@@ -459,7 +452,7 @@ class Exchange:
     async def _pump_body(
         self, plan: Plan, upstream: aiohttp.ClientResponse, response: web.StreamResponse
     ) -> None:
-        record, loop, deadlines = self.record, self.loop, plan.deadlines
+        record, deadlines = self.record, plan.deadlines
         keep_copy = (
             plan.facts.endpoint != "other"
             and upstream.status < 300
@@ -468,15 +461,8 @@ class Exchange:
         if keep_copy:
             self.json_body = bytearray()
             self.content_encoding = upstream.headers.get("content-encoding")
-        content = upstream.content
         while True:
-            before = loop.time()
-            try:
-                chunk = await content.readany()
-            except BODY_ERRORS as exc:
-                raise map_body_error(exc, plan.route.upstream_name) from exc
-            now = loop.time()
-            record.upstream_wait_s += now - before
+            chunk, now = await self._read_upstream(plan, upstream)
             if not chunk:
                 return
             deadlines.content(now)
@@ -487,6 +473,20 @@ class Exchange:
                     self.json_body = None  # too big to account; usage will be estimated
             await self._client_io(response.write(chunk))
             record.bytes_to_client += len(chunk)
+
+    async def _read_upstream(
+        self, plan: Plan, upstream: aiohttp.ClientResponse
+    ) -> tuple[bytes, float]:
+        """The next body chunk (b"" at the end) and when it came; the wait is the upstream's."""
+        loop = self.loop
+        before = loop.time()
+        try:
+            chunk = await upstream.content.readany()
+        except BODY_ERRORS as exc:
+            raise map_body_error(exc, plan.route.upstream_name) from exc
+        now = loop.time()
+        self.record.upstream_wait_s += now - before
+        return chunk, now
 
     async def _open(
         self, request_cm: Any, plan: Plan, watchdog: Watchdog
