@@ -13,90 +13,46 @@ cancels the task, and `Watchdog.consume()` tells its cancellation from the clien
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
+from proxy.admission import JSON_TYPES, Plan, admit
 from proxy.background import cancel_background
+from proxy.drain import USAGE_BODY_CAP, drain, open_upstream
 from proxy.errors import (
-    BadRequest,
-    Draining,
     GatewayTimeout,
-    NotFound,
-    PayloadTooLarge,
     ProxyError,
     UpstreamFailed,
     UpstreamUnreachable,
     render_body,
     render_sse_event,
 )
-from proxy.headers import client_response_headers, upstream_request_headers
-from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, Usage
+from proxy.headers import client_response_headers
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord
 from proxy.routing import Route
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
-from proxy.timeouts import Budget, Deadlines, client_deadline
 from proxy.upstream import BODY_ERRORS, OPEN_ERRORS, AttemptHooks, map_body_error, map_open_error
 from proxy.usage import (
     EventKind,
     RequestFacts,
     StreamUsageTracker,
-    UsageChunkFilter,
-    body_usage,
-    inject_stream_usage,
-    inspect_request,
 )
 from proxy.watchdog import Watchdog
 
 log = logging.getLogger("hangup.relay")
 
-_JSON_TYPES = ("application/json",)
-# A copy of a non-streamed JSON body is kept for usage accounting, up to this size.
-_USAGE_BODY_CAP = 8 * 1024 * 1024
 _RETRYABLE_STATUS = frozenset({502, 503})
-# Outcomes after which the upstream may have processed the prompt without our seeing usage.
-_UPSTREAM_HAD_IT = frozenset(
-    {Outcome.COMPLETED, Outcome.CLIENT_CANCELLED, Outcome.TIMEOUT, Outcome.SHUTDOWN}
-)
 _MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
-_DRAIN_ENDS: tuple[type[BaseException], ...] = (TimeoutError, *BODY_ERRORS)
 
 
 class _ClientGone(Exception):
     """A write to the client failed: its socket is gone (seen without handler cancellation,
     or when the kernel reports the broken pipe before the server does)."""
-
-
-@dataclass(slots=True)
-class Plan:
-    """Everything decided before the first upstream byte is sent."""
-
-    route: Route
-    url: URL
-    headers: CIMultiDict[str]
-    body: bytes
-    facts: RequestFacts
-    # Set when we injected usage the client did not ask for: hides it from the client.
-    usage_filter: UsageChunkFilter | None
-    deadlines: Deadlines
-
-
-def _too_large(limit_mb: float) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body exceeds {limit_mb:g} MiB (limits.max_request_body_mb)")
-
-
-def _retrieve(future: asyncio.Future[aiohttp.ClientResponse]) -> None:
-    """Mark a shielded upstream attempt's failure as seen (its caller may have gone)."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _stale_keepalive(exc: Exception, fresh_connection: bool) -> bool:
@@ -168,81 +124,12 @@ class Exchange:
 
     async def _run(self) -> web.StreamResponse:
         try:
-            plan = await self._admit()
+            plan = await admit(self.state, self.request, self.record)
         except ProxyError as err:
             self.record.settle(err.outcome)
             return self._error_response(err)
-        self.plan = plan
+        self.plan, self.facts, self.route = plan, plan.facts, plan.route
         return await self._exchange(plan)
-
-    async def _admit(self) -> Plan:
-        """Read and check the request; decide route, deadlines, headers and body."""
-        state, request, record = self.state, self.request, self.record
-        if state.draining:
-            raise Draining("hangup is shutting down; retry on another instance")
-        proxy_key_used = state.auth.check(request)
-        limit = state.config.limits.max_request_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            # Refuse at once, rather than after reading up to the limit.
-            raise _too_large(state.config.limits.max_request_body_mb)
-        if any(part in (".", "..") for part in request.rel_url.path.split("/")):
-            # An upstream that normalises dot segments would serve a path outside base_url.
-            raise BadRequest("the path must not contain '.' or '..' segments")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            raise _too_large(state.config.limits.max_request_body_mb) from exc
-        record.bytes_from_client = len(body)
-        parsed: object = None
-        if body and request.content_type in _JSON_TYPES:
-            try:
-                parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-        facts = inspect_request(request.path, parsed if isinstance(parsed, dict) else None)
-        self.facts = facts
-        record.model, record.stream, record.endpoint = facts.model, facts.stream, facts.endpoint
-        route = state.router.match(request.path, facts.model)
-        if route is None:
-            with_model = f" with model {facts.model!r}" if facts.model else ""
-            raise NotFound(f"no route for {request.method} {request.path}{with_model}")
-        self.route = route
-        record.route, record.upstream = route.name, route.upstream_name
-        options = route.options
-        try:
-            record.sdk_retry_count = int(request.headers.get("x-stainless-retry-count", "0"))
-        except ValueError:
-            record.sdk_retry_count = 0
-        announced = client_deadline(request.headers)
-        if announced is not None:
-            record.client_deadline_s = announced[0]
-        budget = Budget.for_request(
-            options.timeouts, announced, honor_client_deadline=options.honor_client_deadline
-        )
-        deadlines = Deadlines(budget, record.started_at, watch_first_token=facts.stream)
-        usage_filter: UsageChunkFilter | None = None
-        if options.include_usage and facts.stream:
-            continuous = options.continuous_usage_stats
-            injected = inject_stream_usage(body, facts, continuous=continuous)
-            if injected is not None:
-                body = injected
-                usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
-        drop = [options.deadline_header] if options.deadline_header else []
-        headers = upstream_request_headers(
-            request.headers,
-            upstream=route.upstream,
-            request_id=record.request_id,
-            drop_client_credentials=proxy_key_used,
-            drop=drop,
-        )
-        # The path and query only (an absolute-form target's scheme and authority are not
-        # ours to forward), with the client's own percent-encoding.
-        target = request.rel_url
-        tail = target.raw_path[len("/v1") :]
-        if target.raw_query_string:
-            tail += "?" + target.raw_query_string
-        url = URL(route.upstream.base_url + tail, encoded=True)
-        return Plan(route, url, headers, body, facts, usage_filter, deadlines)
 
     async def _exchange(self, plan: Plan) -> web.StreamResponse:
         task = asyncio.current_task()
@@ -310,7 +197,7 @@ class Exchange:
                     body=plan.body,
                     hooks=hooks,
                 )
-                upstream = await self._open(request_cm, plan, watchdog)
+                upstream = await open_upstream(self, request_cm, plan, watchdog)
                 async with upstream:
                     record.upstream_wait_s += loop.time() - opened_at
                     if upstream.status in _RETRYABLE_STATUS and attempt < options.max_retries:
@@ -390,7 +277,7 @@ class Exchange:
                     record.client_gone_at = loop.time()
                     if plan.route.options.on_disconnect == "drain":
                         watchdog.stop()
-                        await self._drain(plan, upstream)
+                        await drain(self, plan, upstream)
                 raise
             plan.deadlines.done()
             await self._client_io(response.write_eof())
@@ -456,7 +343,7 @@ class Exchange:
         keep_copy = (
             plan.facts.endpoint != "other"
             and upstream.status < 300
-            and upstream.content_type in _JSON_TYPES
+            and upstream.content_type in JSON_TYPES
         )
         if keep_copy:
             self.json_body = bytearray()
@@ -467,7 +354,7 @@ class Exchange:
                 return
             deadlines.content(now)
             if self.json_body is not None:
-                if len(self.json_body) + len(chunk) <= _USAGE_BODY_CAP:
+                if len(self.json_body) + len(chunk) <= USAGE_BODY_CAP:
                     self.json_body += chunk
                 else:
                     self.json_body = None  # too big to account; usage will be estimated
@@ -487,73 +374,6 @@ class Exchange:
         now = loop.time()
         self.record.upstream_wait_s += now - before
         return chunk, now
-
-    async def _open(
-        self, request_cm: Any, plan: Plan, watchdog: Watchdog
-    ) -> aiohttp.ClientResponse:
-        """Send the request; return once the upstream's response headers arrive.
-
-        On a `drain` route the wait is shielded from the client's departure: that provider
-        bills the answer anyway, so when the client leaves we wait for it and read it to the
-        end (bounded by drain_max_s) for exact usage. Everywhere else a departure cancels the
-        wait, which closes the upstream socket."""
-        if plan.route.options.on_disconnect != "drain":
-            response: aiohttp.ClientResponse = await request_cm
-            return response
-        opening: asyncio.Future[aiohttp.ClientResponse] = asyncio.ensure_future(request_cm)
-        opening.add_done_callback(_retrieve)
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            if watchdog.fired is None and not self.state.hard_stopping:
-                self.record.client_gone_at = self.loop.time()
-                watchdog.stop()
-                await self._drain_unanswered(plan, opening)
-            opening.cancel()
-            raise
-
-    async def _drain_unanswered(
-        self, plan: Plan, opening: asyncio.Future[aiohttp.ClientResponse]
-    ) -> None:
-        """Drain for a client that left before the upstream answered."""
-        self.drained = True
-        try:
-            async with asyncio.timeout(plan.route.options.drain_max_s):
-                upstream = await opening
-                async with upstream:
-                    self.record.upstream_status = upstream.status
-                    self.record.upstream_headers_at = self.loop.time()
-                    if upstream.content_type == "text/event-stream":
-                        self.tracker = StreamUsageTracker(plan.facts)
-                    elif upstream.status < 300 and upstream.content_type in _JSON_TYPES:
-                        self.json_body = bytearray()
-                        self.content_encoding = upstream.headers.get("content-encoding")
-                    await self._read_to_end(upstream)
-        except _DRAIN_ENDS:
-            pass  # best effort: what was read is counted, the rest stays an estimate
-
-    async def _drain(self, plan: Plan, upstream: aiohttp.ClientResponse) -> None:
-        """`on_disconnect: drain`: the client left, but this provider bills the whole answer
-        anyway, so read it to the end (bounded) for exact usage instead of an estimate."""
-        self.drained = True
-        try:
-            async with asyncio.timeout(plan.route.options.drain_max_s):
-                await self._read_to_end(upstream)
-        except _DRAIN_ENDS:
-            pass  # best effort: what was read is counted, the rest stays an estimate
-
-    async def _read_to_end(self, upstream: aiohttp.ClientResponse) -> None:
-        """Read what is left of a response for accounting only (nothing goes to the client)."""
-        tracker, decoder = self.tracker, self.decoder
-        while chunk := await upstream.content.readany():
-            if tracker is not None:
-                for event in decoder.feed(chunk):
-                    tracker.feed(event)
-            elif self.json_body is not None:
-                if len(self.json_body) + len(chunk) <= _USAGE_BODY_CAP:
-                    self.json_body += chunk
-                else:
-                    self.json_body = None
 
     async def _stop_background_work(self) -> None:
         """The upstream socket is closed by now; for a Responses `background: true` stream that
@@ -633,36 +453,3 @@ class Exchange:
             f"internal error in hangup; see its log for request id {self.record.request_id}"
         )
         return self._error_response(err)
-
-    # --- for accounting (read by ProxyState.finish) -----------------------------------------
-    def usage_inputs(self) -> tuple[int, int]:
-        """(generated completion tokens, tokens that arrived after the client was gone)."""
-        if self.tracker is None:
-            if self.drained:  # a plain body read after the client left: none of it delivered
-                generated = self.record.usage.completion_tokens
-                return generated, generated
-            return 0, 0
-        generated = self.tracker.generated_tokens
-        wasted = 0
-        if self.record.client_gone_at is not None:
-            wasted = max(0, generated - self.delivered_tokens)
-        return generated, wasted
-
-    def final_usage(self) -> None:
-        """Fill `record.usage` from what was seen (reported where possible)."""
-        facts = self.facts
-        if facts is None:
-            return
-        record = self.record
-        if self.tracker is not None:
-            record.usage = self.tracker.usage()
-        elif self.json_body is not None and (record.outcome is Outcome.COMPLETED or self.drained):
-            record.usage = body_usage(bytes(self.json_body), facts, self.content_encoding)
-        elif self.plan is not None and record.outcome in _UPSTREAM_HAD_IT:
-            # The upstream got the prompt (and may have generated), but we never saw its
-            # figures: an estimate, flagged as one, is closer than zero passed off as reported.
-            record.usage = Usage(
-                prompt_tokens=facts.prompt_tokens_estimate,
-                prompt_estimated=True,
-                completion_estimated=facts.endpoint != "embeddings",
-            )

@@ -86,7 +86,6 @@ class ProxyState:
             record.settle(Outcome.INTERNAL_ERROR)
         if exchange is not None:
             try:
-                exchange.final_usage()
                 self.accountant.settle(record, exchange)
             except Exception:
                 log.exception("accounting failed for request %s", record.request_id)

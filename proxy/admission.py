@@ -1,0 +1,107 @@
+"""Admission: read and check a request, then decide everything the exchange needs before the
+first upstream byte: route, deadlines, upstream URL, headers and body. Every refusal is a
+`ProxyError` the relay turns into an OpenAI-shaped answer and a `rejected` record."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.errors import BadRequest, Draining, NotFound, PayloadTooLarge
+from proxy.headers import upstream_request_headers
+from proxy.outcome import RequestRecord
+from proxy.routing import Route
+from proxy.state import ProxyState
+from proxy.timeouts import Budget, Deadlines, client_deadline
+from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
+
+JSON_TYPES = ("application/json",)
+
+
+@dataclass(slots=True)
+class Plan:
+    """Everything decided before the first upstream byte is sent."""
+
+    route: Route
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes
+    facts: RequestFacts
+    # Set when we injected usage the client did not ask for: hides it from the client.
+    usage_filter: UsageChunkFilter | None
+    deadlines: Deadlines
+
+
+def too_large(limit_mb: float) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body exceeds {limit_mb:g} MiB (limits.max_request_body_mb)")
+
+
+async def admit(state: ProxyState, request: web.Request, record: RequestRecord) -> Plan:
+    """Read and check the request; decide route, deadlines, headers and body."""
+    if state.draining:
+        raise Draining("hangup is shutting down; retry on another instance")
+    proxy_key_used = state.auth.check(request)
+    limit = state.config.limits.max_request_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        # Refuse at once, rather than after reading up to the limit.
+        raise too_large(state.config.limits.max_request_body_mb)
+    if any(part in (".", "..") for part in request.rel_url.path.split("/")):
+        # An upstream that normalises dot segments would serve a path outside base_url.
+        raise BadRequest("the path must not contain '.' or '..' segments")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise too_large(state.config.limits.max_request_body_mb) from exc
+    record.bytes_from_client = len(body)
+    parsed: object = None
+    if body and request.content_type in JSON_TYPES:
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    facts = inspect_request(request.path, parsed if isinstance(parsed, dict) else None)
+    record.model, record.stream, record.endpoint = facts.model, facts.stream, facts.endpoint
+    route = state.router.match(request.path, facts.model)
+    if route is None:
+        with_model = f" with model {facts.model!r}" if facts.model else ""
+        raise NotFound(f"no route for {request.method} {request.path}{with_model}")
+    record.route, record.upstream = route.name, route.upstream_name
+    options = route.options
+    try:
+        record.sdk_retry_count = int(request.headers.get("x-stainless-retry-count", "0"))
+    except ValueError:
+        record.sdk_retry_count = 0
+    announced = client_deadline(request.headers)
+    if announced is not None:
+        record.client_deadline_s = announced[0]
+    budget = Budget.for_request(
+        options.timeouts, announced, honor_client_deadline=options.honor_client_deadline
+    )
+    deadlines = Deadlines(budget, record.started_at, watch_first_token=facts.stream)
+    usage_filter: UsageChunkFilter | None = None
+    if options.include_usage and facts.stream:
+        continuous = options.continuous_usage_stats
+        injected = inject_stream_usage(body, facts, continuous=continuous)
+        if injected is not None:
+            body = injected
+            usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
+    drop = [options.deadline_header] if options.deadline_header else []
+    headers = upstream_request_headers(
+        request.headers,
+        upstream=route.upstream,
+        request_id=record.request_id,
+        drop_client_credentials=proxy_key_used,
+        drop=drop,
+    )
+    # The path and query only (an absolute-form target's scheme and authority are not
+    # ours to forward), with the client's own percent-encoding.
+    target = request.rel_url
+    tail = target.raw_path[len("/v1") :]
+    if target.raw_query_string:
+        tail += "?" + target.raw_query_string
+    url = URL(route.upstream.base_url + tail, encoded=True)
+    return Plan(route, url, headers, body, facts, usage_filter, deadlines)
