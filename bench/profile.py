@@ -1,0 +1,268 @@
+"""Profile: where hangup's CPU goes per request, two ways.
+
+1. `--spy` (default): py-spy samples the hangup process (the real CLI) while the load generator
+   saturates it with small chat completions or short streams; the samples are grouped into the
+   components of a request (SSE pipeline, access log, metrics, admission, deadlines, usage,
+   aiohttp tracing, socket writes) and printed as shares of hangup's CPU. Needs py-spy
+   (`pip install py-spy`); sampling pauses the process, so absolute CPU is inflated and only
+   the shares mean something.
+2. `--micro`: each component timed alone in this process (`time.process_time`, 3,000 rounds),
+   in µs per request, on the same request and stream shapes the overhead benchmark uses.
+
+`python -m bench.profile [--kind chat|stream] [--seconds 12] [--micro] [--out FILE]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import PY, REPO, Procs, table, write_json
+
+# Component -> substrings of py-spy frames ("function (file:line)") that belong to it.
+COMPONENTS: dict[str, tuple[str, ...]] = {
+    "SSE pipeline (_pump_sse)": ("Exchange._pump_sse",),
+    "  SSE decode": ("SSEDecoder.",),
+    "  usage tracking": ("StreamUsageTracker.feed",),
+    "  usage filter": ("UsageChunkFilter.",),
+    "body relay (_pump_body)": ("Exchange._pump_body",),
+    "access log": ("Logger.log",),
+    "  redact": ("redact (",),
+    "metrics": ("Metrics.request_finished", "Metrics.request_started"),
+    "accounting + usage of bodies": ("Accountant.settle", "Exchange.final_usage"),
+    "admission": ("Exchange._admit", "admission.py"),
+    "deadlines + watchdog": ("Deadlines.", "Watchdog."),
+    "aiohttp tracing signals": ("Signal.send",),
+    "upstream request (aiohttp client)": ("ClientSession._request",),
+    "client response prepare": ("StreamResponse.prepare",),
+    "socket writes (syscalls)": ("_SelectorSocketTransport.write",),
+}
+
+
+def _spy_args(seconds: float, raw: Path) -> list[str]:
+    return ["--duration", str(int(seconds)), "--format", "raw", "--output", str(raw)]
+
+
+def _load_args(seconds: float) -> list[str]:
+    return ["--concurrency", "32", "--duration", str(seconds), "--warmup", "1"]
+
+
+def spy(kind: str, seconds: float, rate: int) -> dict[str, Any]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(exe).exists():
+        raise SystemExit("py-spy is not installed: pip install py-spy")
+    with Procs() as procs:
+        sim = procs.sim(tokens_per_s=0, default_tokens=16)
+        hang = procs.hangup(sim.url + "/v1")
+        raw = procs.workdir / "pyspy.txt"
+        recorder = subprocess.Popen(
+            [exe, "record", "--pid", str(hang.pid), "--rate", str(rate), *_spy_args(seconds, raw)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            time.sleep(0.5)
+            gen = subprocess.run(
+                [
+                    PY,
+                    "-m",
+                    "bench.loadgen",
+                    "--url",
+                    hang.url,
+                    "--kind",
+                    kind,
+                    *_load_args(seconds),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=seconds + 60,
+            )
+            recorder.wait(seconds + 60)
+        finally:
+            if recorder.poll() is None:
+                recorder.kill()
+                recorder.wait(5)
+        load = json.loads(gen.stdout.strip().splitlines()[-1])
+        stacks = raw.read_text().splitlines()
+    total = 0
+    shares: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    for line in stacks:
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        for name, needles in COMPONENTS.items():
+            if any(needle in stack for needle in needles):
+                shares[name] += n
+        leaves[stack.rsplit(";", 1)[-1].rsplit(" (", 1)[0]] += n
+    return {
+        "kind": kind,
+        "samples": total,
+        "load": load,
+        "shares": {k: shares[k] / total for k in COMPONENTS},
+        "top_self": [(f, n / total) for f, n in leaves.most_common(15)],
+    }
+
+
+def _timed(fn: Callable[[], object], rounds: int = 3000) -> float:
+    fn()
+    start = time.process_time()
+    for _ in range(rounds):
+        fn()
+    return (time.process_time() - start) / rounds * 1e6
+
+
+def micro() -> dict[str, float]:
+    """Each component alone, µs per request (16-token answers, as in bench.overhead)."""
+    from prometheus_client import CollectorRegistry
+
+    from proxy.config import HangupConfig
+    from proxy.logs import JsonFormatter, access_fields, redact
+    from proxy.metrics import Metrics
+    from proxy.outcome import Outcome, RequestRecord
+    from proxy.sim.behaviour import parse_behaviour
+    from proxy.sim.formats import ChatStream
+    from proxy.sim.tokens import make_plan
+    from proxy.sse import SSEDecoder
+    from proxy.usage import (
+        StreamUsageTracker,
+        UsageChunkFilter,
+        body_usage,
+        inject_stream_usage,
+        inspect_request,
+    )
+
+    req: dict[str, Any] = {
+        "model": "normal:tokens=16,rate=0",
+        "messages": [{"role": "user", "content": "Say hello in a few words."}],
+        "max_tokens": 16,
+        "stream": True,
+    }
+    raw = json.dumps(req).encode()
+    injected = {**req, "stream_options": {"include_usage": True}}
+    plan = make_plan(
+        "chat", injected, parse_behaviour(req["model"]), default_tokens=16, default_rate=0
+    )
+    fmt = ChatStream(model=req["model"], plan=plan, include_usage=True)
+    chunks = fmt.head() + [fmt.content(i) for i in range(16)] + fmt.tail()
+    facts = inspect_request("/v1/chat/completions", req)
+
+    def admit() -> None:
+        f = inspect_request("/v1/chat/completions", json.loads(raw))
+        inject_stream_usage(raw, f, continuous=False)
+
+    def decode() -> None:
+        d = SSEDecoder()
+        for c in chunks:
+            d.feed(c)
+
+    def decode_track() -> None:
+        d, tracker = SSEDecoder(), StreamUsageTracker(facts)
+        for c in chunks:
+            for ev in d.feed(c):
+                tracker.feed(ev)
+
+    def decode_track_filter() -> None:
+        d, tracker, flt = SSEDecoder(), StreamUsageTracker(facts), UsageChunkFilter()
+        for c in chunks:
+            b"".join(flt.client_bytes(ev, tracker.feed(ev)) for ev in d.feed(c))
+
+    plain = {k: v for k, v in req.items() if k != "stream"}
+    plain_facts = inspect_request("/v1/chat/completions", plain)
+    answer = ChatStream(model=req["model"], plan=plan)
+    answer.account(0, 16)
+    body = json.dumps(answer.body()).encode()
+
+    rec = RequestRecord(
+        request_id="0123456789abcdef0123456789abcdef",
+        method="POST",
+        path="/v1/chat/completions",
+        started_at=1.0,
+        wall_started_at=time.time(),
+    )
+    rec.route, rec.model, rec.endpoint = "default", req["model"], "chat.completions"
+    rec.status = rec.upstream_status = 200
+    rec.settle(Outcome.COMPLETED)
+    rec.ended_at = 1.01
+    logger = logging.getLogger("bench.profile.access")
+    logger.propagate = False
+    sink = open(os.devnull, "w")  # closed in the finally below
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "request", (), None)
+    record.fields = access_fields(rec)
+    line = JsonFormatter().format(record)
+    base_url = "http://127.0.0.1:1/v1"
+    config = HangupConfig.model_validate(
+        {"upstreams": {"s": {"base_url": base_url}}, "routes": [{"name": "d", "upstream": "s"}]}
+    )
+    metrics = Metrics(
+        config.metrics, routes=["d"], configured_models=set(), registry=CollectorRegistry()
+    )
+
+    def finished() -> None:
+        metrics.request_started()
+        metrics.request_finished(rec)
+
+    try:
+        return {
+            "admission: parse + inspect + inject include_usage": _timed(admit),
+            "SSE decode, 16-token stream (20 events)": _timed(decode),
+            "SSE decode + usage tracking": _timed(decode_track),
+            "SSE decode + tracking + usage filter": _timed(decode_track_filter),
+            "usage of a non-streamed answer (body_usage)": _timed(
+                lambda: body_usage(body, plain_facts, None)
+            ),
+            "access log line (whole logging call)": _timed(
+                lambda: logger.info("request", extra={"fields": access_fields(rec)})
+            ),
+            "  of which redact() of the line": _timed(lambda: redact(line)),
+            "metrics: request_started + request_finished": _timed(finished),
+        }
+    finally:
+        logger.removeHandler(handler)
+        sink.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--kind", choices=["chat", "stream"], action="append")
+    p.add_argument("--seconds", type=float, default=12.0)
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    p.add_argument("--micro", action="store_true", help="only the micro-timings")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    result: dict[str, Any] = {"micro_us": micro()}
+    print("components alone (µs per request, this process)")
+    print(table(["component", "µs"], [[k, v] for k, v in result["micro_us"].items()]))
+    if not args.micro:
+        kinds = args.kind or ["chat", "stream"]
+        result["spy"] = [spy(kind, args.seconds, args.rate) for kind in kinds]
+        rows = [[name, *(f"{r['shares'][name]:.1%}" for r in result["spy"])] for name in COMPONENTS]
+        print()
+        print("share of hangup's CPU samples under saturating load (py-spy)")
+        print(table(["component", *kinds], rows))
+        for r in result["spy"]:
+            print(f"\n{r['kind']}: top functions by own time")
+            print(table(["function", "share"], [[f, f"{s:.1%}"] for f, s in r["top_self"]]))
+    path = write_json("profile", result, args.out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
