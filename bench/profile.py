@@ -9,12 +9,18 @@
 2. `--micro`: each component timed alone in this process (`time.process_time`, 3,000 rounds),
    in µs per request, on the same request and stream shapes the overhead benchmark uses.
 
-`python -m bench.profile [--kind chat|stream] [--seconds 12] [--micro] [--out FILE]`
+3. `--memory N`: tracemalloc inside a hangup server (built in this process with the CLI's own
+   config resolution, so tracemalloc can see it) while another process holds N idle
+   `stall:after=1` streams through it; prints the Python heap per stream by file and by
+   allocation site.
+
+`python -m bench.profile [--kind chat|stream] [--seconds 12] [--micro] [--memory N] [--out F]`
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -238,14 +244,108 @@ def micro() -> dict[str, float]:
         sink.close()
 
 
+async def _hold_streams(port: int, n: int) -> None:
+    """The holder process: open n streams, say so, hold them until stdin closes."""
+    from bench.scale import close_all, hold
+
+    held = await hold(port, n, 100, 60)
+    print(f"held {len(held['streams'])} {held['errors']}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    await close_all(held["streams"])
+
+
+async def _memory(sim_url: str, n: int) -> dict[str, Any]:
+    import gc
+    import tracemalloc
+
+    from bench.common import free_port, rss_bytes
+    from proxy.__main__ import resolve_config
+    from proxy.server import ProxyServer
+
+    config = resolve_config(None, sim_url + "/v1")
+    logging.getLogger("hangup.access").disabled = True  # no log handler here; keep quiet
+    port = free_port()
+    server = ProxyServer(config, host="127.0.0.1", port=port)
+    await server.start()
+
+    async def holder(count: int) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            PY, "-m", "bench.profile", "--holder", str(port), str(count),
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 120)
+        print(line.decode().strip(), flush=True)
+        return proc
+
+    async def release(proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(b"\n")
+        await proc.stdin.drain()
+        await asyncio.wait_for(proc.wait(), 60)
+
+    try:
+        await release(await holder(100))  # warm-up: one-time costs are not per stream
+        await asyncio.sleep(0.5)
+        gc.collect()
+        tracemalloc.start(1)
+        before, rss0 = tracemalloc.take_snapshot(), rss_bytes(os.getpid())
+        proc = await holder(n)
+        try:
+            await asyncio.sleep(1)
+            gc.collect()
+            after, rss1 = tracemalloc.take_snapshot(), rss_bytes(os.getpid())
+        finally:
+            await release(proc)
+        tracemalloc.stop()
+    finally:
+        await server.stop_now()
+
+    def where(filename: str) -> str:
+        return filename.split("/site-packages/")[-1].replace(str(REPO) + "/", "")
+
+    files = after.compare_to(before, "filename")
+    return {
+        "streams": n,
+        "heap_bytes_per_stream": sum(s.size_diff for s in files) / n,
+        "rss_bytes_per_stream_with_tracemalloc": (rss1 - rss0) / n,
+        "by_file": [(where(s.traceback[0].filename), s.size_diff / n) for s in files[:15]],
+        "by_line": [
+            (
+                f"{where(s.traceback[0].filename)}:{s.traceback[0].lineno}",
+                s.size_diff / n,
+                s.count_diff / n,
+            )
+            for s in after.compare_to(before, "lineno")[:25]
+        ],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--kind", choices=["chat", "stream"], action="append")
     p.add_argument("--seconds", type=float, default=12.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--micro", action="store_true", help="only the micro-timings")
+    p.add_argument("--memory", type=int, metavar="N", help="heap per idle stream, N streams")
+    p.add_argument("--holder", nargs=2, type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    if args.holder:
+        asyncio.run(_hold_streams(*args.holder))
+        return 0
+    if args.memory:
+        with Procs() as procs:
+            sim = procs.sim(tokens_per_s=0, default_tokens=16)
+            mem = asyncio.run(_memory(sim.url, args.memory))
+        print(f"\nPython heap per idle stream: {mem['heap_bytes_per_stream']:.0f} B")
+        print(table(["file", "B/stream"], [[f, round(b)] for f, b in mem["by_file"]]))
+        print()
+        rows = [[site, round(b), round(c, 1)] for site, b, c in mem["by_line"]]
+        print(table(["allocation site", "B/stream", "objects/stream"], rows))
+        path = write_json("profile-memory", mem, args.out)
+        print(f"\nwrote {path}")
+        return 0
     result: dict[str, Any] = {"micro_us": micro()}
     print("components alone (µs per request, this process)")
     print(table(["component", "µs"], [[k, v] for k, v in result["micro_us"].items()]))
