@@ -126,7 +126,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--duration", type=float, default=6.0, help="measured seconds per run")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop workers")
     p.add_argument("--rate", type=float, default=150.0, help="moderate open-loop req/s")
