@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -311,8 +312,12 @@ class Procs:
     def __enter__(self) -> Procs:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close()
+        if exc_type is None and not os.environ.get("HANGUP_BENCH_KEEP"):
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        else:  # keep the children's logs for a post-mortem
+            print(f"logs of the benchmark's processes: {self.workdir}", file=sys.stderr)
 
     def spawn(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Child:
         log_path = self.workdir / f"{name}.log"
