@@ -120,7 +120,12 @@ class Exchange:
         finally:
             record.ended_at = self.loop.time()
             state.request_ended(task)
-            state.finish(record, self)
+            if record.client_gone_at is not None:
+                # The upstream socket's close is queued for the loop's next step; accounting,
+                # metrics and the log can wait one step so its FIN goes out first.
+                self.loop.call_soon(state.finish, record, self)
+            else:
+                state.finish(record, self)
 
     async def _run(self) -> web.StreamResponse:
         try:

@@ -27,7 +27,9 @@ _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass builds through object.__setattr__, and one is built per event
+# on the hot path. Treat events as read-only all the same.
+@dataclass(slots=True)
 class SSEEvent:
     """One block of an event stream, ended by a blank line (or by the end of the stream).
 
