@@ -3,7 +3,7 @@ runner (`ProxyServer`, handler_cancellation=True), each with a sink of outcome r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -11,6 +11,7 @@ import pytest
 from proxy.config import HangupConfig
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
+from tests.real_upstream import LlamaServer
 from tests.support import RecordSink, make_config
 
 StartProxy = Callable[..., Awaitable[tuple[ProxyServer, RecordSink]]]
@@ -56,3 +57,21 @@ def chat(model: str, *, stream: bool, **extra: Any) -> dict[str, Any]:
         "messages": [{"role": "user", "content": "Tell me a story."}],
         **extra,
     }
+
+
+@pytest.fixture(scope="module")
+def llama() -> Iterator[LlamaServer]:
+    """The real llama.cpp server, one per test module (modules skip when it is unavailable)."""
+    server = LlamaServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def llama_proxy(
+    llama: LlamaServer, start_proxy: StartProxy
+) -> tuple[ProxyServer, RecordSink]:
+    """The production runner in front of the real llama.cpp server."""
+    return await start_proxy(make_config(llama.base_url))

@@ -4,13 +4,12 @@ hangup stops generation. The server's own CPU time is the witness."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from proxy.server import ProxyServer
 from tests.real_upstream import LlamaServer, available, idle_after
-from tests.support import RawClient, RecordSink, make_config
+from tests.support import RawClient, RecordSink
 
 pytestmark = [pytest.mark.real_upstream, pytest.mark.slow]
 
@@ -19,27 +18,6 @@ if _why_not is not None:
     pytestmark.append(pytest.mark.skip(reason=_why_not))
 
 PROMPT = [{"role": "user", "content": "Tell me a very long story."}]
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[LlamaServer]:
-    server = LlamaServer.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def proxy(llama: LlamaServer) -> AsyncIterator[tuple[ProxyServer, RecordSink]]:
-    server = ProxyServer(make_config(llama.base_url), port=0)
-    sink = RecordSink()
-    server.state.listeners.append(sink)
-    await server.start()
-    try:
-        yield server, sink
-    finally:
-        await server.stop_now()
 
 
 async def _assert_server_idles(llama: LlamaServer, within_s: float) -> float:
@@ -52,9 +30,9 @@ async def _assert_server_idles(llama: LlamaServer, within_s: float) -> float:
 
 
 async def test_stream_cut_after_20_chunks_stops_generation(
-    llama: LlamaServer, proxy: tuple[ProxyServer, RecordSink]
+    llama: LlamaServer, llama_proxy: tuple[ProxyServer, RecordSink]
 ) -> None:
-    server, sink = proxy
+    server, sink = llama_proxy
     log_offset = len(llama.log_text())
     client = await RawClient.connect("127.0.0.1", server.port)
     await client.post_json(
@@ -74,9 +52,9 @@ async def test_stream_cut_after_20_chunks_stops_generation(
 
 
 async def test_non_stream_cut_after_1_5s_stops_generation(
-    llama: LlamaServer, proxy: tuple[ProxyServer, RecordSink]
+    llama: LlamaServer, llama_proxy: tuple[ProxyServer, RecordSink]
 ) -> None:
-    server, sink = proxy
+    server, sink = llama_proxy
     log_offset = len(llama.log_text())
     client = await RawClient.connect("127.0.0.1", server.port)
     await client.post_json(

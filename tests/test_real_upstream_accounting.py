@@ -9,7 +9,6 @@ checkable. One server for the module, one slot, requests one at a time.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -28,7 +27,6 @@ from tests.support import (
     RawClient,
     RecordSink,
     held_by_this_process,
-    make_config,
     socket_inodes_toward,
     wait_until,
 )
@@ -42,27 +40,6 @@ if _why_not is not None:
 CHAT = "/v1/chat/completions"
 PROMPT = [{"role": "user", "content": "Tell me a very long story."}]
 CONTENT_MARK = b'"delta":{"content":"'  # llama.cpp's role chunk has "content":null
-
-
-@pytest.fixture(scope="module")
-def llama() -> Iterator[LlamaServer]:
-    server = LlamaServer.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-async def proxy(llama: LlamaServer) -> AsyncIterator[tuple[ProxyServer, RecordSink]]:
-    server = ProxyServer(make_config(llama.base_url), host="127.0.0.1", port=0)
-    sink = RecordSink()
-    server.state.listeners.append(sink)
-    await server.start()
-    try:
-        yield server, sink
-    finally:
-        await server.stop_now()
 
 
 def body(max_tokens: int, *, stream: bool, include_usage: bool = False) -> dict[str, Any]:
@@ -141,12 +118,12 @@ async def complete(
 )
 async def test_completed_requests_count_what_the_server_counted(
     llama: LlamaServer,
-    proxy: tuple[ProxyServer, RecordSink],
+    llama_proxy: tuple[ProxyServer, RecordSink],
     stream: bool,
     include_usage: bool,
 ) -> None:
     request = body(32, stream=stream, include_usage=include_usage)
-    record, server_count = await complete(llama, proxy, request, "real-done")
+    record, server_count = await complete(llama, llama_proxy, request, "real-done")
     assert record.usage.completion_tokens == server_count == 32
     print(
         f"stream={stream} include_usage={include_usage}: proxy {record.usage.completion_tokens},"
@@ -155,9 +132,9 @@ async def test_completed_requests_count_what_the_server_counted(
 
 
 async def test_a_stream_cut_after_50_chunks_counts_what_the_server_decoded(
-    llama: LlamaServer, proxy: tuple[ProxyServer, RecordSink]
+    llama: LlamaServer, llama_proxy: tuple[ProxyServer, RecordSink]
 ) -> None:
-    server, sink = proxy
+    server, sink = llama_proxy
     # History: min_samples completed requests whose median is TYPICAL. The short ones sit below
     # the median and keep the warm-up quick; the median ignores how short they are.
     min_samples = server.state.accountant.typical.min_samples
@@ -168,7 +145,7 @@ async def test_a_stream_cut_after_50_chunks_counts_what_the_server_decoded(
     for i, length in enumerate(lengths):
         kind = i % 3  # stream (usage injected), stream with include_usage, not streamed
         request = body(length, stream=kind < 2, include_usage=kind == 1)
-        record, _ = await complete(llama, proxy, request, f"real-warm-{i}")
+        record, _ = await complete(llama, llama_proxy, request, f"real-warm-{i}")
         assert record.usage.completion_tokens == length
         prompt = record.usage.prompt_tokens
     assert server.state.accountant.typical.typical("default", "tiny") == typical
@@ -212,9 +189,9 @@ async def test_a_stream_cut_after_50_chunks_counts_what_the_server_decoded(
 
 
 async def test_a_request_right_after_a_stream_does_not_fail_on_the_closed_connection(
-    proxy: tuple[ProxyServer, RecordSink],
+    llama_proxy: tuple[ProxyServer, RecordSink],
 ) -> None:
-    server, _ = proxy
+    server, _ = llama_proxy
     url = f"http://127.0.0.1:{server.port}{CHAT}"
     statuses: list[int] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
