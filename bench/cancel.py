@@ -38,7 +38,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import HOST, PY, REPO, Procs, percentile, table, write_json
+from bench.common import HOST, PY, REPO, Procs, percentile, report, table
 
 BIG_BODY_BYTES = 40 * 1024 * 1024  # beyond loopback socket buffers: hangup blocks sending it
 LONG = 100_000  # tokens: a stream that will not end by itself during a sample
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"connect window: sock_diag lookups, resolution <= {poll:.3f} ms (one lookup)")
     for note in notes:
         print(note)
-    path = write_json(
+    return report(
         "cancel",
         {
             "args": vars(args) | {"out": str(args.out) if args.out else None},
@@ -439,11 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             "notes": notes,
         },
         args.out,
+        failures,
     )
-    print(f"\nwrote {path}")
-    for f in failures:
-        print(f"FAIL: {f}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 def _port(url: str) -> int:

@@ -212,6 +212,16 @@ def write_json(name: str, data: dict[str, Any], out: Path | None = None) -> Path
 # --- HTTP helpers (blocking; for setup and verification, never on a measured path) -----------
 
 
+def report(name: str, data: dict[str, Any], out: Path | None, failures: list[str]) -> int:
+    """End a benchmark: write its JSON, say where, list failures; the exit code (1 on any
+    correctness failure, never on a timing)."""
+    path = write_json(name, data, out)
+    print(f"\nwrote {path}")
+    for f in failures:
+        print(f"FAIL: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
 def http_get(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return bytes(resp.read())

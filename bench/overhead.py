@@ -42,8 +42,8 @@ from bench.common import (
     median,
     metric_samples,
     metric_sum,
+    report,
     table,
-    write_json,
 )
 
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         f" moderate = open loop, {args.rate:g} req/s"
     )
     print(table(headers, rows))
-    path = write_json(
+    return report(
         "overhead",
         {
             "args": vars(args) | {"out": str(args.out) if args.out else None},
@@ -261,11 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             "failures": failures,
         },
         args.out,
+        failures,
     )
-    print(f"\nwrote {path}")
-    for f in failures:
-        print(f"FAIL: {f}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -37,11 +37,11 @@ from bench.common import (
     open_fds,
     percentile,
     raise_nofile,
+    report,
     rss_bytes,
     sim_open_connections,
     status_field,
     table,
-    write_json,
 )
 
 FD_RESERVE = 200  # descriptors the proxy needs besides its streams' sockets
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     failures = [f"{o['target']}: {p}" for o in outs for p in o["problems"]]
-    path = write_json(
+    return report(
         "scale",
         {
             "args": vars(args) | {"out": str(args.out) if args.out else None},
@@ -290,11 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             "failures": failures,
         },
         args.out,
+        failures,
     )
-    print(f"\nwrote {path}")
-    for f in failures:
-        print(f"FAIL: {f}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -43,11 +43,11 @@ from bench.common import (
     metric_samples,
     metric_sum,
     open_fds,
+    report,
     rss_bytes,
     sim_open_connections,
     status_field,
     table,
-    write_json,
 )
 
 TIMEOUTS = {"connect_s": 2, "headers_s": 3, "first_token_s": 2, "idle_s": 1, "total_s": 20}
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         ["verdict", "FAIL" if failures else "nothing lost"],
     ]
     print(table(["check", "value"], checks))
-    path = write_json(
+    return report(
         "soak",
         {
             "args": vars(args) | {"out": str(args.out) if args.out else None},
@@ -390,11 +390,8 @@ def main(argv: list[str] | None = None) -> int:
             "mismatched_examples": mismatched[:20],
         },
         args.out,
+        failures,
     )
-    print(f"\nwrote {path}")
-    for f in failures:
-        print(f"FAIL: {f}", file=sys.stderr)
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":
