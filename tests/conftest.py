@@ -18,8 +18,14 @@ StartProxy = Callable[..., Awaitable[tuple[ProxyServer, RecordSink]]]
 
 
 @pytest.fixture
-async def sim() -> AsyncIterator[SimulatedProvider]:
-    provider = SimulatedProvider(tokens_per_s=200.0, default_tokens=16)
+def sim_tokens_per_s() -> float:
+    """The simulator's token rate; a module overrides this fixture to slow its streams down."""
+    return 200.0
+
+
+@pytest.fixture
+async def sim(sim_tokens_per_s: float) -> AsyncIterator[SimulatedProvider]:
+    provider = SimulatedProvider(tokens_per_s=sim_tokens_per_s, default_tokens=16)
     await provider.start(host="127.0.0.1", port=0)
     try:
         yield provider
