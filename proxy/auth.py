@@ -25,25 +25,28 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _open_relay(config: HangupConfig, listen_host: str) -> bool:
+    """An injected provider key, reachable beyond loopback, by anyone: what we refuse."""
+    injects_key = any(u.api_key is not None for u in config.upstreams.values())
+    return (
+        injects_key
+        and not config.auth.keys
+        and not config.auth.allow_unauthenticated
+        and not _is_loopback(listen_host)
+    )
+
+
 class Auth:
     def __init__(self, config: HangupConfig, *, listen_host: str | None = None) -> None:
         self._keys = tuple(k.get_secret_value().encode() for k in config.auth.keys)
         host = config.listen.host if listen_host is None else listen_host
-        injects_key = any(u.api_key is not None for u in config.upstreams.values())
-        self.required = bool(self._keys) or (
-            injects_key and not config.auth.allow_unauthenticated and not _is_loopback(host)
-        )
+        # startup_problem() stops the CLI in this case; an app built another way refuses all.
+        self._refuse_all = _open_relay(config, host)
 
     @staticmethod
     def startup_problem(config: HangupConfig, listen_host: str) -> str | None:
         """Why this config must not start on this listener, or None."""
-        injects_key = any(u.api_key is not None for u in config.upstreams.values())
-        if (
-            injects_key
-            and not config.auth.keys
-            and not config.auth.allow_unauthenticated
-            and not _is_loopback(listen_host)
-        ):
+        if _open_relay(config, listen_host):
             return (
                 f"auth.keys: an upstream injects a server-side api_key and the listener "
                 f"{listen_host} is not loopback-only: set auth.keys (bearer tokens clients must "
@@ -55,7 +58,7 @@ class Auth:
         """Raise Unauthorized if required and missing; True when the client's Authorization
         carried a proxy key (it must then not be forwarded)."""
         if not self._keys:
-            if self.required:  # defensive: startup_problem() refuses this configuration
+            if self._refuse_all:
                 raise Unauthorized("this proxy requires an API key")
             return False
         header = request.headers.get("authorization", "")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -441,9 +440,3 @@ def config_for_upstream(base_url: str, *, base: HangupConfig | None = None) -> H
         # unknown one is the operator's actual mistake.
         err = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         raise ConfigError("--upstream", dotted(tuple(err["loc"])), err["msg"]) from exc
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamRef:
-    name: str
-    config: UpstreamConfig
