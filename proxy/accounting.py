@@ -1,94 +1,259 @@
-"""Puts the pure accounting pieces together for one finished request: usage (already on the
-record), tokens saved and wasted (`savings.py`), and money (`pricing.py`).
+"""Accounting of one finished request, in three steps.
 
-Savings are counted for every request the proxy cut short (client gone, timeout, shutdown);
-typical completion lengths are learned only from requests that completed normally.
+1. `seal(record, exchange)`: the one step at the end of the relay that copies what accounting
+   needs from the exchange onto the record (usage as counted from the stream or found in the
+   body, generated and delivered tokens, drained, terminal event, the request's limits). Cheap
+   and bounded: a non-streamed body's usage is found in its tail, never by parsing it whole.
+2. `Facts.complete(record)` (only when needed, after the request ended, bounded in time): what
+   takes I/O or real CPU: decoding a compressed body in a worker thread, counting the prompt
+   with a tokenizer (`proxy/tokenize`).
+3. `Accountant.settle(record)`: a pure function of the record (plus config and the history of
+   typical lengths): usage, tokens saved and wasted (`savings.py`) under the upstream's billing
+   policy (`billing.py`), and money (`pricing.py`).
+
+Rejected and rate-limited requests (`upstream_rejected`, `rate_limited`) get no tokens and no
+cost: providers do not bill what they refuse. Savings are counted for every request the proxy cut
+short (client gone, timeout, shutdown); typical completion lengths are learned only from
+requests that completed normally.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
-from proxy.config import HangupConfig
+from multidict import CIMultiDict
+
+from proxy.billing import policy_for
+from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
 from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, Usage
 from proxy.pricing import PriceBook
 from proxy.savings import TypicalLengths, estimate_savings
-from proxy.usage import body_usage
+from proxy.tokenize import PromptCounter
+from proxy.usage import RequestFacts, body_usage
+from proxy.usage.body import FULL_PARSE_MAX, decode_body, is_identity
 
 if TYPE_CHECKING:
     from proxy.relay import Exchange
 
+__all__ = ["Accountant", "Facts", "seal"]
+
 # Endpoints whose requests generate completion tokens (savings make sense for them).
-_GENERATING = frozenset({"chat.completions", "completions", "responses"})
-_CUT_SHORT = frozenset({Outcome.CLIENT_CANCELLED, Outcome.TIMEOUT, Outcome.SHUTDOWN})
+_GENERATING: Final = frozenset({"chat.completions", "completions", "responses"})
+_CUT_SHORT: Final = frozenset({Outcome.CLIENT_CANCELLED, Outcome.TIMEOUT, Outcome.SHUTDOWN})
 # Outcomes after which the upstream may have processed the prompt without our seeing usage.
-_UPSTREAM_HAD_IT = _CUT_SHORT | {Outcome.COMPLETED}
+_UPSTREAM_HAD_IT: Final = _CUT_SHORT | {Outcome.COMPLETED, Outcome.UPSTREAM_ERROR}
+# The upstream refused the request: nothing was generated or billed.
+_NOT_BILLED: Final = frozenset({Outcome.UPSTREAM_REJECTED, Outcome.RATE_LIMITED})
+_COUNTED_ENDPOINTS: Final = _GENERATING | {"embeddings"}
 
 
-def usage_inputs(exchange: Exchange) -> tuple[int, int]:
-    """(generated completion tokens, tokens that arrived after the client was gone)."""
-    if exchange.tracker is None:
-        if exchange.drained:  # a plain body read after the client left: none of it delivered
-            generated = exchange.record.usage.completion_tokens
-            return generated, generated
-        return 0, 0
-    generated = exchange.tracker.generated_tokens
-    wasted = 0
-    if exchange.record.client_gone_at is not None:
-        wasted = max(0, generated - exchange.delivered_tokens)
-    return generated, wasted
+@dataclass(slots=True)
+class Facts:
+    """The part of accounting that waits for I/O or a worker thread, run after the request
+    ended (the record waits for it, the client does not)."""
+
+    counter: PromptCounter
+    upstream: UpstreamConfig
+    endpoint: str
+    model: str | None
+    request_body: bytes
+    headers: CIMultiDict[str]
+    compressed_body: bytes | None = None
+    content_encoding: str | None = None
+    prompt_source: str | None = None
+    request_facts: RequestFacts | None = None  # for the compressed body's usage
+
+    async def complete(self, record: RequestRecord) -> None:
+        if self.compressed_body is not None:
+            # zlib releases the GIL: a large gzip body decodes beside the loop, not on it.
+            decoded = await asyncio.to_thread(
+                decode_body, self.compressed_body, self.content_encoding
+            )
+            facts = self.request_facts
+            if decoded is not None and facts is not None:
+                record.seen_usage = body_usage(decoded, facts, None)
+                record.generated_tokens = record.seen_usage.completion_tokens
+            self.compressed_body = None
+        if self.prompt_source is None and _needs_prompt_count(record):
+            self.prompt_source = self.counter.source_for(
+                self.upstream.engine, self.upstream.base_url, self.endpoint, self.model
+            )
+        if self.prompt_source is not None and _needs_prompt_count(record):
+            count = await self.counter.count(
+                self.prompt_source,
+                base_url=self.upstream.base_url,
+                endpoint=self.endpoint,
+                model=self.model,
+                body=self.request_body,
+                headers=self.headers,
+            )
+            if count is not None:
+                record.prompt_tokenized = count
+                record.tokenizer = self.prompt_source
 
 
-def record_usage(exchange: Exchange) -> None:
-    """Fill `record.usage` from what was seen (reported where possible)."""
-    facts = exchange.facts
+def _needs_prompt_count(record: RequestRecord) -> bool:
+    """The upstream saw the prompt but its count was not reported."""
+    if not record.sent_upstream or record.outcome not in _UPSTREAM_HAD_IT:
+        return False
+    if record.outcome is Outcome.UPSTREAM_ERROR and _no_answer(record):
+        return False
+    if record.endpoint not in _COUNTED_ENDPOINTS:
+        return False
+    seen = record.seen_usage
+    return seen is None or seen.prompt_estimated
+
+
+def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> Facts | None:
+    """The relay's one sealing step: put on the record what accounting needs from the exchange.
+
+    Returns the work that must wait for I/O (a compressed body, a prompt to tokenize), or None.
+    """
+    facts, plan = exchange.facts, exchange.plan
     if facts is None:
-        return
-    record = exchange.record
-    if exchange.tracker is not None:
-        record.usage = exchange.tracker.usage()
+        return None
+    record.sent_upstream = plan is not None
+    record.max_tokens = facts.max_tokens
+    record.prompt_estimate = facts.prompt_tokens_estimate
+    record.drained = exchange.drained
+    tracker = exchange.tracker
+    pending_body: bytes | None = None
+    if tracker is not None:
+        record.seen_usage = tracker.usage()
+        record.generated_tokens = tracker.generated_tokens
+        record.delivered_tokens = exchange.delivered_tokens
+        if record.client_gone_at is None:
+            record.delivered_tokens = record.generated_tokens
+        record.stream_terminated = tracker.terminated
     elif exchange.json_body is not None and (
         record.outcome is Outcome.COMPLETED or exchange.drained
     ):
-        record.usage = body_usage(bytes(exchange.json_body), facts, exchange.content_encoding)
-    elif exchange.plan is not None and record.outcome in _UPSTREAM_HAD_IT:
-        # The upstream got the prompt (and may have generated), but we never saw its
-        # figures: an estimate, flagged as one, is closer than zero passed off as reported.
-        record.usage = Usage(
-            prompt_tokens=facts.prompt_tokens_estimate,
-            prompt_estimated=True,
-            completion_estimated=facts.endpoint != "embeddings",
+        body = bytes(exchange.json_body)
+        if is_identity(exchange.content_encoding) or len(body) <= FULL_PARSE_MAX // 4:
+            record.seen_usage = body_usage(body, facts, exchange.content_encoding)
+            record.generated_tokens = record.seen_usage.completion_tokens
+        else:
+            pending_body = body
+        if not exchange.drained:
+            record.delivered_tokens = record.generated_tokens
+    if plan is None:
+        return None
+    pending = Facts(
+        counter=counter,
+        upstream=plan.route.upstream,
+        endpoint=facts.endpoint,
+        model=facts.model,
+        request_body=plan.body,
+        headers=plan.headers,
+        compressed_body=pending_body,
+        content_encoding=exchange.content_encoding,
+        request_facts=facts,
+    )
+    if pending_body is None:
+        if not _needs_prompt_count(record):
+            return None
+        pending.prompt_source = counter.source_for(
+            pending.upstream.engine, pending.upstream.base_url, facts.endpoint, facts.model
         )
+        if pending.prompt_source is None:
+            return None
+    return pending
+
+
+def _no_answer(record: RequestRecord) -> bool:
+    return record.upstream_status is None or record.upstream_status >= 400
+
+
+def record_usage(record: RequestRecord) -> Usage:
+    """The request's usage from the sealed facts: reported where possible, else tokenized, else
+    estimated; nothing for requests the upstream refused or never received."""
+    if record.outcome in _NOT_BILLED or not record.sent_upstream:
+        return Usage()
+    seen = record.seen_usage
+    if seen is not None:
+        usage = Usage(
+            prompt_tokens=seen.prompt_tokens,
+            completion_tokens=seen.completion_tokens,
+            cached_tokens=seen.cached_tokens,
+            reasoning_tokens=seen.reasoning_tokens,
+            prompt_estimated=seen.prompt_estimated,
+            completion_estimated=seen.completion_estimated,
+        )
+    elif (
+        record.outcome in _UPSTREAM_HAD_IT
+        and record.endpoint in _COUNTED_ENDPOINTS
+        # An upstream error before any answer (unreachable, reset, a 5xx): nothing was billed.
+        and not (record.outcome is Outcome.UPSTREAM_ERROR and _no_answer(record))
+    ):
+        # The upstream got the prompt (and may have generated), but we never saw its figures:
+        # an estimate, flagged as one, is closer than zero passed off as reported.
+        usage = Usage(
+            prompt_tokens=record.prompt_estimate,
+            prompt_estimated=True,
+            completion_estimated=record.endpoint != "embeddings",
+        )
+    else:
+        return Usage()
+    if usage.prompt_estimated and record.prompt_tokenized is not None:
+        usage.prompt_tokens = record.prompt_tokenized
+        usage.prompt_estimated = False
+        usage.prompt_tokenized = True
+    return usage
 
 
 class Accountant:
     def __init__(self, config: HangupConfig) -> None:
         self.typical = TypicalLengths()
         self.prices = PriceBook.from_config(config.prices, config.price_file)
+        self.prompts = PromptCounter()
+        self._routes: dict[str, RouteOptions] = {
+            route.name: options for route, options in config.route_options()
+        }
+        self._upstreams = dict(config.upstreams)
+        if any(
+            PromptCounter.uses_offline_tokenizer(u.engine, u.base_url)
+            for u in config.upstreams.values()
+        ):
+            PromptCounter.preload()
 
-    def settle(self, record: RequestRecord, exchange: Exchange) -> None:
-        record_usage(exchange)
-        facts, route = exchange.facts, exchange.route
-        if facts is None or route is None:
-            return  # rejected before the request was understood: nothing to account
-        model = facts.model
-        route_name = route.name
-        if record.outcome in _CUT_SHORT and facts.endpoint in _GENERATING:
-            generated, wasted = usage_inputs(exchange)
+    def seal(self, record: RequestRecord, exchange: Exchange) -> Facts | None:
+        return seal(record, exchange, self.prompts)
+
+    def settle(self, record: RequestRecord) -> None:
+        """Usage, savings and cost of a sealed record; a function of the record alone."""
+        record.usage = record_usage(record)
+        route = self._routes.get(record.route or "")
+        upstream = self._upstreams.get(record.upstream or "")
+        if route is None or upstream is None or not record.sent_upstream:
+            record.cost = self.prices.cost(record.model, record.usage, None)
+            return  # rejected before the request was understood: nothing more to account
+        model, route_name = record.model, record.route or ""
+        if (
+            record.outcome in _CUT_SHORT
+            and record.endpoint in _GENERATING
+            and (record.upstream_status is None or record.upstream_status < 400)
+        ):
+            billing = policy_for(upstream, stream=record.stream)
+            wasted = 0
+            if record.drained or record.client_gone_at is not None:
+                wasted = max(0, record.generated_tokens - record.delivered_tokens)
             record.savings = estimate_savings(
-                generated=generated,
+                generated=record.generated_tokens,
                 wasted=wasted,
-                max_tokens=facts.max_tokens,
+                max_tokens=record.max_tokens,
                 typical=self.typical.typical(route_name, model),
-                route_default=route.options.expected_completion_tokens,
+                route_default=route.expected_completion_tokens,
                 # A background job we did not stop (kept, already finished, cancel failed)
                 # goes on generating at the provider: hanging up saved nothing there.
-                drained=exchange.drained
+                drained=record.drained
                 or record.background not in (None, BackgroundCancel.CANCELLED),
+                billing=billing,
             )
         elif (
             record.outcome is Outcome.COMPLETED
-            and facts.endpoint in _GENERATING
+            and record.endpoint in _GENERATING
             and record.upstream_status is not None
             and record.upstream_status < 300
         ):

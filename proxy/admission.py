@@ -4,6 +4,7 @@ first upstream byte: route, deadlines, upstream URL, headers and body. Every ref
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -52,10 +53,14 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     if any(part in (".", "..") for part in request.rel_url.path.split("/")):
         # An upstream that normalises dot segments would serve a path outside base_url.
         raise BadRequest("the path must not contain '.' or '..' segments")
+    clock = asyncio.get_running_loop().time
+    read_at = clock()
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise too_large(state.config.limits.max_request_body_mb) from exc
+    finally:  # a slow upload is the client's time, not hangup's
+        record.client_wait_s += clock() - read_at
     record.bytes_from_client = len(body)
     parsed: object = None
     if body and request.content_type in JSON_TYPES:

@@ -59,12 +59,32 @@ class LimitsConfig(_Model):
         return int(self.max_request_body_mb * 1024 * 1024)
 
 
+Engine = Literal["generic", "openai", "vllm", "sglang", "llamacpp"]
+# stops: billing stops at the hang-up (only what was generated is billed); full: the whole
+# answer is billed anyway; self_hosted: no per-token bill (savings are compute, not dollars).
+BillingPolicy = Literal["stops", "full", "self_hosted"]
+
+
+class BillingConfig(_Model):
+    """Per upstream, for requests hangup cancels (client gone, timeout, shutdown). None: the
+    default recognised from the upstream's host and engine."""
+
+    stream: BillingPolicy | None = None
+    non_stream: BillingPolicy | None = None
+
+
 class UpstreamConfig(_Model):
     base_url: str
     # Server-side key. Without it, the client's own Authorization header is passed through.
     api_key: SecretStr | None = None
     # Extra headers sent on every request to this upstream (e.g. OpenAI-Organization).
     headers: dict[str, str] = Field(default_factory=dict)
+    # The server software behind base_url: engine aborts (docs/cancellation.md) and exact prompt
+    # counts through its tokenize endpoint (docs/accounting.md).
+    engine: Engine = "generic"
+    # What this upstream bills for a request hangup cancels; omitted keys are recognised from
+    # the host and engine (proxy/billing.py, docs/accounting.md "Billing policy").
+    billing: BillingConfig = Field(default_factory=lambda: BillingConfig())
 
     @field_validator("base_url")
     @classmethod

@@ -112,11 +112,15 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         "cached": u.cached_tokens,
         "reasoning": u.reasoning_tokens,
         "estimated": u.prompt_estimated or u.completion_estimated,
+        # how each count was obtained: reported, tokenized or estimated
+        "prompt_source": u.prompt_source.value,
+        "completion_source": u.completion_source.value,
     }
     if rec.savings is not None:
         fields["tokens"]["saved"] = rec.savings.tokens_saved
         fields["tokens"]["saved_upper"] = rec.savings.tokens_saved_upper
         fields["tokens"]["wasted"] = rec.savings.tokens_wasted
+        fields["billing"] = rec.savings.billing
     if rec.cost is not None and rec.cost.priced:
         fields["cost_usd"] = {
             "used": rec.cost.used_usd,

@@ -12,13 +12,55 @@ from dataclasses import dataclass, field
 
 
 class Outcome(enum.StrEnum):
-    COMPLETED = "completed"  # the upstream's answer (any status < 500, not 429) was relayed whole
+    COMPLETED = "completed"  # the upstream's answer (status < 400) was relayed whole
     CLIENT_CANCELLED = "client_cancelled"  # the downstream client went away first
     TIMEOUT = "timeout"  # one of the route's deadlines fired (see `TimeoutKind`)
-    UPSTREAM_ERROR = "upstream_error"  # unreachable, reset, malformed, 5xx or 429 from upstream
+    # unreachable, reset, malformed, 5xx, an in-band error event, or a stream that ended without
+    # its terminal event (`error_type` "upstream_truncated")
+    UPSTREAM_ERROR = "upstream_error"
+    # The upstream refused the request (a 4xx other than 429: bad key, unknown model, invalid
+    # body). Providers do not bill what they reject: no tokens, no cost.
+    UPSTREAM_REJECTED = "upstream_rejected"
+    # The upstream answered 429. Its own outcome: it calls for backing off or more quota, not for
+    # fixing the request or the upstream, and nothing was generated or billed.
+    RATE_LIMITED = "rate_limited"
     REJECTED = "rejected"  # refused by the proxy before any upstream work (4xx, draining 503)
     SHUTDOWN = "shutdown"  # still running when the shutdown grace period ran out
     INTERNAL_ERROR = "internal_error"  # a bug in hangup (answered 500, logged with traceback)
+
+
+def response_outcome(status: int, *, stream_error: bool, stream_terminated: bool | None) -> Outcome:
+    """The outcome of an upstream answer that was relayed to its end.
+
+    stream_error: the stream carried an in-band error event. stream_terminated: whether a stream
+    ended with its terminal event (`[DONE]`, `response.completed`/`incomplete`/`cancelled`, or a
+    `finish_reason`); None for answers that are not streams. A stream that closed without one
+    was cut by the upstream: a failure, however clean the close looked.
+    """
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if 400 <= status < 500:
+        return Outcome.UPSTREAM_REJECTED
+    if status >= 500 or stream_error or stream_terminated is False:
+        return Outcome.UPSTREAM_ERROR
+    return Outcome.COMPLETED
+
+
+def settle_relayed(
+    record: RequestRecord, status: int, *, stream_error: str | None, stream_terminated: bool | None
+) -> None:
+    """Settle a request whose upstream answer was relayed to its end (see `response_outcome`)."""
+    if stream_error is not None:
+        # A 200 stream that ended in an in-band error event: the upstream failed.
+        record.error_type = "upstream_error"
+        record.error_message = stream_error[:500]
+    outcome = response_outcome(
+        status, stream_error=stream_error is not None, stream_terminated=stream_terminated
+    )
+    if outcome is Outcome.UPSTREAM_ERROR and stream_error is None and stream_terminated is False:
+        record.error_type = "upstream_truncated"
+        record.error_message = "the upstream closed the stream without its terminal event"
+    record.settle(outcome)
 
 
 class TimeoutKind(enum.StrEnum):
@@ -44,9 +86,21 @@ class BackgroundCancel(enum.StrEnum):
     KEPT = "kept"
 
 
+class CountSource(enum.StrEnum):
+    """How a token count was obtained, from the most to the least trustworthy."""
+
+    REPORTED = "reported"  # the upstream's own usage object: what the provider bills
+    TOKENIZED = "tokenized"  # counted by hangup with the model's tokenizer (exact where it applies)
+    ESTIMATED = "estimated"  # a heuristic (characters / 4, one token per chunk)
+
+
 @dataclass(slots=True)
 class Usage:
-    """Token counts of one request; each figure knows whether it was reported or estimated."""
+    """Token counts of one request; each figure knows how it was obtained.
+
+    `*_estimated` says a heuristic made the figure; `prompt_tokenized` says a tokenizer counted
+    the prompt (then `prompt_estimated` is False). Neither: the upstream reported it.
+    """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -54,21 +108,36 @@ class Usage:
     reasoning_tokens: int = 0
     prompt_estimated: bool = False
     completion_estimated: bool = False
+    prompt_tokenized: bool = False
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def prompt_source(self) -> CountSource:
+        if self.prompt_tokenized:
+            return CountSource.TOKENIZED
+        return CountSource.ESTIMATED if self.prompt_estimated else CountSource.REPORTED
+
+    @property
+    def completion_source(self) -> CountSource:
+        return CountSource.ESTIMATED if self.completion_estimated else CountSource.REPORTED
 
 
 @dataclass(slots=True)
 class Savings:
     """What hanging up avoided (see docs/accounting.md for the estimator).
 
-    tokens_saved: completion tokens the upstream did not generate because we hung up (estimate).
+    tokens_saved: completion tokens the upstream did not generate because we hung up (estimate):
+        compute saved. Dollars follow only where the upstream's billing stops at a hang-up
+        (`billing` "stops"); a self-hosted engine saves GPU time, not dollars; an upstream that
+        bills the full answer ("full") generates it anyway, so nothing is saved there.
     tokens_saved_upper: the bound `max_tokens - generated`, when the request set a limit.
     tokens_wasted: completion tokens that still arrived after the client had left.
     expected_tokens: the typical completion length the estimate assumed.
     basis: where `expected_tokens` came from ("history", "route_default").
+    billing: the billing policy that applied ("stops", "full", "self_hosted"; proxy/billing.py).
     """
 
     tokens_saved: int = 0
@@ -76,6 +145,7 @@ class Savings:
     tokens_wasted: int = 0
     expected_tokens: int = 0
     basis: str = "none"
+    billing: str = "stops"
 
 
 @dataclass(slots=True)
@@ -119,12 +189,27 @@ class RequestRecord:
     client_gone_at: float | None = None
     upstream_closed_at: float | None = None
     ended_at: float | None = None
-    upstream_wait_s: float = 0.0  # time spent awaiting the upstream (connect, headers, body reads)
-    client_wait_s: float = 0.0  # time spent awaiting writes to a slow client
+    # Time spent awaiting others, counted also when the wait ends in an error, a deadline, a
+    # hang-up or a shutdown (see `waiting`): overhead is what is left, hangup's own time.
+    upstream_wait_s: float = 0.0  # connect, headers, body reads, drains, control calls
+    client_wait_s: float = 0.0  # reading the request body, writes to a slow client
+    backoff_wait_s: float = 0.0  # sleeping between retry attempts
     # traffic
     bytes_from_client: int = 0
     bytes_to_client: int = 0
     content_chunks: int = 0  # content-bearing SSE events relayed
+    # facts for accounting, put here by the relay's one sealing step (`accounting.seal`), so
+    # that `Accountant.settle` is a function of the record alone
+    sent_upstream: bool = False  # the request was admitted and sent (the upstream saw the prompt)
+    max_tokens: int | None = None  # the request's completion limit, if it set one
+    prompt_estimate: int = 0  # the heuristic prompt count (used when nothing better exists)
+    seen_usage: Usage | None = None  # usage as counted from the answer (stream or body)
+    generated_tokens: int = 0  # completion tokens the upstream produced, as far as seen
+    delivered_tokens: int = 0  # ... of which reached the client before it left
+    drained: bool = False  # read on after the client left (`on_disconnect: drain`)
+    stream_terminated: bool | None = None  # a stream's terminal event came (None: no stream)
+    prompt_tokenized: int | None = None  # the prompt counted by a tokenizer, after the end
+    tokenizer: str | None = None  # which one ("o200k_base", "llamacpp", "vllm", "sglang")
     # accounting
     usage: Usage = field(default_factory=Usage)
     savings: Savings | None = None
@@ -161,8 +246,9 @@ class RequestRecord:
 
     @property
     def overhead_s(self) -> float | None:
-        """Time the proxy itself spent: total minus waiting on the upstream and on the client."""
+        """Time the proxy itself spent: total minus every wait on the upstream, the client and
+        retry backoff, in every outcome."""
         d = self.duration_s
         if d is None:
             return None
-        return max(0.0, d - self.upstream_wait_s - self.client_wait_s)
+        return max(0.0, d - self.upstream_wait_s - self.client_wait_s - self.backoff_wait_s)

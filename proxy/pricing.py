@@ -122,6 +122,10 @@ class PriceBook:
         used += max(0, usage.completion_tokens) * out
         saved = wasted = 0.0
         if savings is not None:
-            saved = savings.tokens_saved * out / _PER_MTOK
-            wasted = savings.tokens_wasted * out / _PER_MTOK
+            # Dollars are saved only where the bill stops at the hang-up; a self-hosted engine
+            # saves compute (tokens_saved), and its tokens in flight cost no invoice either.
+            if savings.billing == "stops":
+                saved = savings.tokens_saved * out / _PER_MTOK
+            if savings.billing != "self_hosted":
+                wasted = savings.tokens_wasted * out / _PER_MTOK
         return Cost(used_usd=used / _PER_MTOK, saved_usd=saved, wasted_usd=wasted)

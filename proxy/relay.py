@@ -32,7 +32,7 @@ from proxy.errors import (
     render_sse_event,
 )
 from proxy.headers import client_response_headers
-from proxy.outcome import BackgroundCancel, Outcome, RequestRecord
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, settle_relayed
 from proxy.routing import Route
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
@@ -202,9 +202,11 @@ class Exchange:
                     body=plan.body,
                     hooks=hooks,
                 )
-                upstream = await open_upstream(self, request_cm, plan, watchdog)
-                async with upstream:
+                try:
+                    upstream = await open_upstream(self, request_cm, plan, watchdog)
+                finally:  # also when the wait ends in an error, a deadline or a hang-up
                     record.upstream_wait_s += loop.time() - opened_at
+                async with upstream:
                     if upstream.status in _RETRYABLE_STATUS and attempt < options.max_retries:
                         retryable = UpstreamFailed(f"upstream answered {upstream.status}")
                     else:
@@ -244,7 +246,11 @@ class Exchange:
                 retryable.message,
                 attempt + 1,
             )
-            await asyncio.sleep(options.retry_backoff_s * 2 ** (attempt - 1))
+            backoff_at = loop.time()
+            try:
+                await asyncio.sleep(options.retry_backoff_s * 2 ** (attempt - 1))
+            finally:
+                record.backoff_wait_s += loop.time() - backoff_at
 
     async def _relay_response(
         self, plan: Plan, upstream: aiohttp.ClientResponse, watchdog: Watchdog
@@ -282,20 +288,23 @@ class Exchange:
                     record.client_gone_at = loop.time()
                     if plan.route.options.on_disconnect == "drain":
                         watchdog.stop()
-                        await drain(self, plan, upstream)
+                        drain_at = loop.time()
+                        try:
+                            await drain(self, plan, upstream)
+                        finally:
+                            record.upstream_wait_s += loop.time() - drain_at
                 raise
             plan.deadlines.done()
             await self._client_io(response.write_eof())
         finally:
             self.state.metrics.upstream_connection_closed()
-        status = upstream.status
-        failed = status >= 500 or status == 429
-        if self.tracker is not None and self.tracker.error is not None:
-            # A 200 stream that ended in an in-band error event: the upstream failed.
-            failed = True
-            record.error_type = "upstream_error"
-            record.error_message = self.tracker.error[:500]
-        record.settle(Outcome.UPSTREAM_ERROR if failed else Outcome.COMPLETED)
+        tracker = self.tracker
+        settle_relayed(
+            record,
+            upstream.status,
+            stream_error=None if tracker is None else tracker.error,
+            stream_terminated=None if tracker is None else tracker.terminated,
+        )
         return response
 
     async def _pump_sse(
@@ -376,8 +385,9 @@ class Exchange:
             chunk = await upstream.content.readany()
         except BODY_ERRORS as exc:
             raise map_body_error(exc, plan.route.upstream_name) from exc
-        now = loop.time()
-        self.record.upstream_wait_s += now - before
+        finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
+            now = loop.time()
+            self.record.upstream_wait_s += now - before
         return chunk, now
 
     async def _stop_background_work(self) -> None:
@@ -398,9 +408,13 @@ class Exchange:
             # The stream's remaining-budget header is stale by now; the cancel has its own bound.
             headers = headers.copy()
             headers.popall(plan.route.options.deadline_header, None)
-        self.record.background = await cancel_background(
-            self.state.upstreams, plan.route.upstream.base_url, response_id, headers
-        )
+        called_at = self.loop.time()
+        try:
+            self.record.background = await cancel_background(
+                self.state.upstreams, plan.route.upstream.base_url, response_id, headers
+            )
+        finally:
+            self.record.upstream_wait_s += self.loop.time() - called_at
 
     async def _client_io(self, write: object) -> None:
         """Await a write to the client; a failed write means the client is gone."""
@@ -435,11 +449,14 @@ class Exchange:
         self.record.error_message = err.message
         if self.record.upstream_headers_at is not None and self.tracker is not None:
             # Mid-stream: one in-band error event (the SDKs raise it as APIError), then end.
+            written_at = self.loop.time()
             try:
                 await response.write(render_sse_event(err))
                 await response.write_eof()
             except ConnectionError:
                 pass  # the client left as well; nothing more to tell it
+            finally:
+                self.record.client_wait_s += self.loop.time() - written_at
             return response
         # Mid-body of a plain response: close the connection so the client sees truncation
         # (finishing the chunked encoding would pass a cut body off as complete).

@@ -71,6 +71,7 @@ def estimate_savings(
     typical: int | None,
     route_default: int,
     drained: bool,
+    billing: str = "stops",
 ) -> Savings:
     """What hanging up avoided, for a request whose client left (or that timed out).
 
@@ -80,6 +81,9 @@ def estimate_savings(
     saved = max(0, expected - generated); the upper bound is max(0, max_tokens - generated).
     When the proxy drained the answer after the client left nothing was saved: the upstream was
     allowed to finish, and everything it produced after the client left is `wasted`, exactly.
+    Nor when the upstream bills the full answer of a cancelled request (`billing` "full"): it
+    generates the rest anyway. `billing` is kept on the result: dollars follow tokens saved only
+    where it is "stops" (see proxy/billing.py).
     """
     generated, wasted = max(0, generated), max(0, wasted)
     expected, basis = (
@@ -87,12 +91,16 @@ def estimate_savings(
     )
     if max_tokens is not None:
         expected = min(expected, max_tokens)
+    nothing_saved = drained or billing == "full"
     upper = None if max_tokens is None else max(0, max_tokens - generated)
-    saved = 0 if drained else max(0, expected - generated)
+    if nothing_saved and upper is not None:
+        upper = 0
+    saved = 0 if nothing_saved else max(0, expected - generated)
     return Savings(
         tokens_saved=saved,
         tokens_saved_upper=upper,
         tokens_wasted=wasted,
         expected_tokens=expected,
         basis=basis,
+        billing=billing,
     )

@@ -147,6 +147,10 @@ class ProxyServer:
                 await asyncio.wait_for(state.wait_idle(), timeout=_UNWIND_S)
             except TimeoutError:
                 log.warning("%d requests did not unwind in %gs", len(state.inflight), _UNWIND_S)
+        try:  # records still counting their prompts (each bounded): publish them before closing
+            await asyncio.wait_for(state.wait_accounted(), timeout=_UNWIND_S)
+        except TimeoutError:
+            pass
         try:
             await self.runner.cleanup()
         finally:

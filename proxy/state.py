@@ -23,6 +23,7 @@ from proxy.routing import Router
 from proxy.upstream import Upstreams
 
 if TYPE_CHECKING:
+    from proxy.accounting import Facts
     from proxy.relay import Exchange
 
 log = logging.getLogger("hangup")
@@ -61,6 +62,8 @@ class ProxyState:
         self.hard_stopping = False  # grace ran out: in-flight requests are being cancelled
         # Called with every finished record (tests and the demo subscribe).
         self.listeners: list[RecordListener] = []
+        # Records waiting for accounting facts that need I/O (see `finish`).
+        self.accounting_tasks: set[asyncio.Task[None]] = set()
 
     def request_began(self, task: asyncio.Task[object]) -> None:
         self.inflight.add(task)
@@ -80,15 +83,43 @@ class ProxyState:
         """The single exit of every request: accounting, metrics, access log, listeners.
 
         Runs in the relay's `finally`; it must not raise, or a request could end without its
-        record, so each step is guarded on its own.
+        record, so each step is guarded on its own. Accounting facts that wait for I/O (a
+        prompt to tokenize, a compressed body to decode) complete in a task of their own,
+        bounded in time; the record is published when they are done.
         """
         if record.outcome is None:  # defensive: the relay settles every path
             record.settle(Outcome.INTERNAL_ERROR)
+        pending = None
         if exchange is not None:
             try:
-                self.accountant.settle(record, exchange)
+                pending = self.accountant.seal(record, exchange)
             except Exception:
                 log.exception("accounting failed for request %s", record.request_id)
+        if pending is None:
+            self._publish(record)
+            return
+        task = asyncio.get_running_loop().create_task(self._publish_after(record, pending))
+        self.accounting_tasks.add(task)
+        task.add_done_callback(self.accounting_tasks.discard)
+
+    async def _publish_after(self, record: RequestRecord, pending: Facts) -> None:
+        try:
+            await pending.complete(record)
+        except Exception:
+            log.exception("accounting facts failed for request %s", record.request_id)
+        finally:  # also when cancelled at shutdown: the record goes out with what is known
+            self._publish(record)
+
+    async def wait_accounted(self) -> None:
+        """Until every finished request's record is published (they are bounded in time)."""
+        while self.accounting_tasks:
+            await asyncio.gather(*self.accounting_tasks, return_exceptions=True)
+
+    def _publish(self, record: RequestRecord) -> None:
+        try:
+            self.accountant.settle(record)
+        except Exception:
+            log.exception("accounting failed for request %s", record.request_id)
         try:
             self.metrics.request_finished(record)
         except Exception:

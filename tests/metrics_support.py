@@ -88,7 +88,8 @@ def total(series: Series, name: str, **labels: str) -> float:
 def coverage_workload() -> list[RequestRecord]:
     """Records that, between them, create every series a dashboard panel or alert rule reads,
     for route "chat" and model PRICED_MODEL, and trip every alert in deploy/prometheus/alerts.yml
-    (slow cancel propagation, many timeouts, upstream errors, a request that was never settled)."""
+    (slow cancel propagation, many timeouts, upstream errors, rejections and rate limits, a
+    request that was never settled)."""
     priced = Cost(used_usd=0.0003, saved_usd=0.0006, wasted_usd=0.00001)
     records = [
         make_record(
@@ -128,8 +129,31 @@ def coverage_workload() -> list[RequestRecord]:
         make_record(
             outcome=Outcome.UPSTREAM_ERROR, status=502, upstream_status=502, ended_at=1000.1
         ),
+        # A stream the upstream cut without its terminal event.
+        make_record(outcome=Outcome.UPSTREAM_ERROR, upstream_status=200, ended_at=1000.3),
+        # The upstream refused (bad key, unknown model, bad request) or rate limited: enough of
+        # each to trip their alerts.
+        *(
+            make_record(
+                outcome=Outcome.UPSTREAM_REJECTED,
+                status=code,
+                upstream_status=code,
+                ended_at=1000.05,
+            )
+            for code in (400, 401, 404)
+        ),
+        *(
+            make_record(
+                outcome=Outcome.RATE_LIMITED, status=429, upstream_status=429, ended_at=1000.05
+            )
+            for _ in range(2)
+        ),
+        # A cut stream whose prompt hangup counted with the model's tokenizer.
         make_record(
-            outcome=Outcome.UPSTREAM_ERROR, status=429, upstream_status=429, ended_at=1000.05
+            outcome=Outcome.CLIENT_CANCELLED,
+            usage=Usage(prompt_tokens=44, completion_tokens=5, prompt_tokenized=True),
+            client_gone_at=1001.0,
+            upstream_closed_at=1001.0005,
         ),
         make_record(
             outcome=Outcome.REJECTED,

@@ -49,7 +49,8 @@ def prompt_tokens() -> int:
 def proxy_config(base_url: str) -> HangupConfig:
     return config_from(
         {
-            "upstreams": {"sim": {"base_url": base_url}},
+            # The simulator plays OpenAI: its streams stop billing at a hang-up.
+            "upstreams": {"sim": {"base_url": base_url, "billing": {"stream": "stops"}}},
             "routes": [
                 {
                     "name": ROUTE,

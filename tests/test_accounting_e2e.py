@@ -58,7 +58,9 @@ ROUTE_DEFAULT = 300  # the route's expected_completion_tokens in these tests
 def config(sim: SimulatedProvider, **route: Any) -> HangupConfig:
     return config_from(
         {
-            "upstreams": {"sim": {"base_url": sim.base_url}},
+            # The simulator plays OpenAI, whose streams stop billing at a hang-up (a loopback
+            # upstream would default to self_hosted: compute saved, no dollars).
+            "upstreams": {"sim": {"base_url": sim.base_url, "billing": {"stream": "stops"}}},
             "routes": [
                 {
                     "name": "default",

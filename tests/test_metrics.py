@@ -398,7 +398,9 @@ def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
                     completion_tokens=5,
                     cached_tokens=1,
                     reasoning_tokens=1,
-                    prompt_estimated=True,
+                    # Every other request's prompt was tokenized: both prompt series fill.
+                    prompt_estimated=i % 2 == 0,
+                    prompt_tokenized=i % 2 == 1,
                     completion_estimated=True,
                 ),
                 savings=Savings(tokens_saved=1, tokens_saved_upper=2, tokens_wasted=1),
@@ -418,8 +420,8 @@ def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
 
 def test_series_bound_for_the_defaults() -> None:
     # docs/metrics.md quotes these numbers.
-    assert series_bound(1, 0, 50) == 4717
-    assert series_bound(3, 5, 50) == 10231
+    assert series_bound(1, 0, 50) == 5105
+    assert series_bound(3, 5, 50) == 11067
 
 
 def test_summary_for_humans() -> None:

@@ -162,6 +162,7 @@ NOT_IN_SCRIPTED_WORKLOAD = frozenset(
         "hangup_tokens_wasted_total",
         "hangup_unpriced_requests_total",
         "hangup_tokens_estimated_total",
+        "hangup_prompt_tokens_tokenized_total",  # a local simulator: no tokenizer applies
         "hangup_background_cancels_total",
         "hangup_cached_tokens_total",
         "hangup_reasoning_tokens_total",

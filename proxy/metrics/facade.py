@@ -121,6 +121,7 @@ class Metrics:
         self._timeouts = counter(schema.TIMEOUTS)
         self._tokens = counter(schema.TOKENS)
         self._tokens_estimated = counter(schema.TOKENS_ESTIMATED)
+        self._tokens_tokenized = counter(schema.TOKENS_TOKENIZED)
         self._cached = counter(schema.CACHED_TOKENS)
         self._reasoning = counter(schema.REASONING_TOKENS)
         self._saved = counter(schema.TOKENS_SAVED)
@@ -181,6 +182,8 @@ class Metrics:
             self._add(self._tokens_estimated, (*rm, "prompt"), usage.prompt_tokens)
         if usage.completion_estimated:
             self._add(self._tokens_estimated, (*rm, "completion"), usage.completion_tokens)
+        if usage.prompt_tokenized:
+            self._add(self._tokens_tokenized, rm, usage.prompt_tokens)
         self._add(self._cached, rm, usage.cached_tokens)
         self._add(self._reasoning, rm, usage.reasoning_tokens)
 

@@ -103,6 +103,14 @@ TOKENS_ESTIMATED = Spec(
     "The part of hangup_tokens_total that was estimated because the upstream reported no usage.",
     (*_RM, "type"),
 )
+TOKENS_TOKENIZED = Spec(
+    "hangup_prompt_tokens_tokenized_total",
+    "counter",
+    "The part of hangup_tokens_total{type=\"prompt\"} that hangup counted with the model's "
+    "tokenizer (the engine's tokenize endpoint or an offline vocabulary) because the upstream "
+    "reported none.",
+    _RM,
+)
 CACHED_TOKENS = Spec(
     "hangup_cached_tokens_total",
     "counter",
@@ -118,7 +126,8 @@ REASONING_TOKENS = Spec(
 TOKENS_SAVED = Spec(
     "hangup_tokens_saved_total",
     "counter",
-    "Completion tokens not generated because hangup closed the upstream (estimate).",
+    "Completion tokens not generated because hangup closed the upstream (estimate; compute "
+    "saved: dollars only where the upstream's billing stops, see hangup_cost_saved_usd_total).",
     _RM,
 )
 TOKENS_SAVED_UPPER = Spec(
@@ -222,6 +231,7 @@ ALL: tuple[Spec, ...] = (
     TIMEOUTS,
     TOKENS,
     TOKENS_ESTIMATED,
+    TOKENS_TOKENIZED,
     CACHED_TOKENS,
     REASONING_TOKENS,
     TOKENS_SAVED,

@@ -58,34 +58,103 @@ def _output_chars(endpoint: Endpoint, obj: Mapping[str, Any]) -> int:
     return t.chars
 
 
+# Where `usage` is looked for: the last bytes of the answer. OpenAI, vLLM, llama.cpp and the
+# Responses API all write it after the (possibly huge) output, within a few hundred bytes of the
+# end (Responses: before `user` and `metadata`); 64 KiB leaves room for long metadata.
+TAIL_BYTES: Final = 64 * 1024
+# Answers up to this size may be parsed whole when the tail holds no usage (about 2 ms); a larger
+# one is never parsed on the event loop (a 6 MB answer took 155 ms, during which nothing moved).
+FULL_PARSE_MAX: Final = 256 * 1024
+_USAGE_KEY: Final = b'"usage"'
+_SPACE: Final = b" \t\r\n"
+_DECODER: Final = json.JSONDecoder()
+
+
+def tail_usage(body: bytes | bytearray, tail: int = TAIL_BYTES) -> Reported | None:
+    """The answer's `usage`, found in its last `tail` bytes without parsing the rest.
+
+    From the end backwards, each `"usage"` that is a member name (preceded by `{` or `,`: inside
+    a JSON string a quote is always escaped, so that cannot be text) and followed by `:` and an
+    object is decoded on its own. The last one wins: the answer's own usage comes after its
+    output. Bounded: at most `tail` bytes are searched, and only the usage object is decoded.
+    """
+    start = max(0, len(body) - tail)
+    window = bytes(body[start:])
+    end = len(window)
+    while True:
+        i = window.rfind(_USAGE_KEY, 0, end)
+        if i < 0:
+            return None
+        end = i
+        before = i - 1
+        while before >= 0 and window[before] in _SPACE:
+            before -= 1
+        if before < 0 or window[before] not in b",{":
+            continue
+        j = i + len(_USAGE_KEY)
+        while j < len(window) and window[j] in _SPACE:
+            j += 1
+        if j >= len(window) or window[j] != 0x3A:  # ":"
+            continue
+        j += 1
+        while j < len(window) and window[j] in _SPACE:
+            j += 1
+        if window[j : j + 1] != b"{":
+            continue
+        try:
+            value, _ = _DECODER.raw_decode(window[j:].decode("utf-8", "replace"))
+        except ValueError:
+            continue
+        reported = parse_usage(value)
+        if reported is not None:
+            return reported
+
+
+def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
+    """The body with gzip or deflate undone (bounded); None if it cannot be decoded here."""
+    return _decode(body, content_encoding)
+
+
+def is_identity(content_encoding: str | None) -> bool:
+    return (content_encoding or "identity").strip().lower() in ("identity", "")
+
+
 def body_usage(body: bytes, facts: RequestFacts, content_encoding: str | None) -> Usage:
     """Usage of a non-streamed JSON answer; estimated (and flagged) where the answer has none.
 
-    Without a reported count, completion tokens are ceil(output characters / 4): there are no
-    chunks to count in a whole answer. Embeddings generate nothing, so 0 completion is exact.
+    The usage object is found in the answer's tail (`tail_usage`); the whole answer is parsed
+    only when it is small and has no usage. Without a reported count, completion tokens are
+    ceil(output characters / 4) (small answers) or ceil(body bytes / 4) (large ones, an
+    overestimate by the JSON around the text): there are no chunks to count in a whole answer.
+    Embeddings generate nothing, so 0 completion is exact. Compressed bodies must be decoded
+    first (`decode_body`, off the event loop for large ones).
     """
     no_completion = facts.endpoint == "embeddings"
     decoded = _decode(body, content_encoding)
+    if decoded is None:
+        return _estimate(facts, completion=None)
+    r = tail_usage(decoded)
     obj: object = None
-    if decoded is not None:
+    if (r is None or r.completion is None) and len(decoded) <= FULL_PARSE_MAX:
         try:
             obj = json.loads(decoded)
         except ValueError:
             obj = None
-    if not isinstance(obj, Mapping):
-        return Usage(
-            prompt_tokens=facts.prompt_tokens_estimate,
-            prompt_estimated=True,
-            completion_estimated=not no_completion,
-        )
-    r = parse_usage(obj.get("usage")) or Reported(None, None, None, None)
+        if isinstance(obj, Mapping) and r is None:
+            r = parse_usage(obj.get("usage"))
+    r = r or Reported(None, None, None, None)
     if r.completion is not None:
         completion, completion_estimated = r.completion, False
     elif no_completion:
         completion, completion_estimated = 0, False
-    else:
+    elif isinstance(obj, Mapping):
         completion = -(-_output_chars(facts.endpoint, obj) // CHARS_PER_TOKEN)
         completion_estimated = True
+    elif len(decoded) > FULL_PARSE_MAX:
+        completion = -(-len(decoded) // CHARS_PER_TOKEN)
+        completion_estimated = True
+    else:
+        return _estimate(facts, completion=None)
     return Usage(
         prompt_tokens=facts.prompt_tokens_estimate if r.prompt is None else r.prompt,
         completion_tokens=completion,
@@ -93,4 +162,14 @@ def body_usage(body: bytes, facts: RequestFacts, content_encoding: str | None) -
         reasoning_tokens=r.reasoning or 0,
         prompt_estimated=r.prompt is None,
         completion_estimated=completion_estimated,
+    )
+
+
+def _estimate(facts: RequestFacts, *, completion: int | None) -> Usage:
+    no_completion = facts.endpoint == "embeddings"
+    return Usage(
+        prompt_tokens=facts.prompt_tokens_estimate,
+        completion_tokens=completion or 0,
+        prompt_estimated=True,
+        completion_estimated=not no_completion,
     )

@@ -242,6 +242,13 @@ class StreamUsageTracker:
         self.chars_by_choice[index] = self.chars_by_choice.get(index, 0) + chars + reasoning
 
     @property
+    def terminated(self) -> bool:
+        """Whether the stream's terminal event came: `[DONE]`, a Responses terminal event, or a
+        `finish_reason` (some servers end with that and no `[DONE]`). Without one, the upstream
+        cut the stream, however cleanly the connection closed."""
+        return self.done or self.finish_reason is not None
+
+    @property
     def reported(self) -> bool:
         """Whether the upstream reported completion tokens (final or continuous usage)."""
         return self._reported is not None and self._reported.completion is not None
