@@ -106,7 +106,7 @@ TOKENS_ESTIMATED = Spec(
 TOKENS_TOKENIZED = Spec(
     "hangup_prompt_tokens_tokenized_total",
     "counter",
-    "The part of hangup_tokens_total{type=\"prompt\"} that hangup counted with the model's "
+    'The part of hangup_tokens_total{type="prompt"} that hangup counted with the model\'s '
     "tokenizer (the engine's tokenize endpoint or an offline vocabulary) because the upstream "
     "reported none.",
     _RM,
