@@ -32,6 +32,9 @@ Behaviours (``after=N`` always counts *content* chunks, never role, reasoning or
   ``retry-after: 1``). With ``after`` on a stream: N chunks, an in-band error event, end.
 - ``reset:after=N``: abort the TCP connection (RST) after N content chunks (0: before any byte).
 - ``malformed:after=N``: after N chunks one ``data: {not json`` event, then carry on normally.
+- ``truncate:after=N``: N content chunks, then the stream ends cleanly (the chunked body is
+  terminated) without a finish chunk, usage or ``[DONE]`` (Responses: no terminal event): an
+  upstream that cut the answer. No effect on non-streamed requests.
 - ``slow-body:rate=B``: read the request body at B bytes/s (default 1000) before answering.
   Here ``rate`` is bytes per second of *request body*, not tokens per second.
 - ``empty-deltas:count=N``: N chunks without content (``delta: {}``) before the first token.
@@ -63,6 +66,7 @@ class Name(enum.StrEnum):
     ERROR = "error"
     RESET = "reset"
     MALFORMED = "malformed"
+    TRUNCATE = "truncate"
     SLOW_BODY = "slow-body"
     EMPTY_DELTAS = "empty-deltas"
     REASONING = "reasoning"
@@ -107,6 +111,7 @@ _KEYS: dict[Name, frozenset[str]] = {
     Name.ERROR: frozenset({"status", "after"}),
     Name.RESET: frozenset({"after"}),
     Name.MALFORMED: frozenset({"after"}),
+    Name.TRUNCATE: frozenset({"after"}),
     Name.SLOW_BODY: frozenset(),
     Name.EMPTY_DELTAS: frozenset({"count"}),
     Name.REASONING: frozenset(),
@@ -173,7 +178,7 @@ def _build(name: Name, p: dict[str, str]) -> Behaviour:
     if name is Name.REASONING:
         reasoning, tokens = (tokens if tokens is not None else 8), None
     after = _int(p, "after") if "after" in p else None
-    if name in (Name.STALL, Name.RESET, Name.MALFORMED) and after is None:
+    if name in (Name.STALL, Name.RESET, Name.MALFORMED, Name.TRUNCATE) and after is None:
         after = 0
     status = _int(p, "status") if "status" in p else 500
     if not 400 <= status <= 599:

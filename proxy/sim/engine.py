@@ -62,7 +62,7 @@ class Progress:
 
 
 Sink = Callable[[bytes, Kind], Awaitable[None]]
-End = Literal["completed", "error", "reset", "malformed"]
+End = Literal["completed", "error", "reset", "malformed", "truncated"]
 
 
 @dataclass(slots=True)
@@ -71,7 +71,7 @@ class Output:
     sink: Sink
 
 
-_INTERRUPTS = frozenset({Name.STALL, Name.ERROR, Name.RESET, Name.MALFORMED})
+_INTERRUPTS = frozenset({Name.STALL, Name.ERROR, Name.RESET, Name.MALFORMED, Name.TRUNCATE})
 # Unpaced generation (rate=0) yields to the loop this often, so one fast stream cannot starve
 # the others.
 _YIELD_EVERY = 64
@@ -131,6 +131,8 @@ async def _interrupt(
 ) -> End:
     if b.name is Name.STALL:
         await _wait_until(float("inf"), 0, out, keepalive, progress)
+    if b.name is Name.TRUNCATE:
+        return "truncated" if out is not None else "completed"
     if b.name is Name.ERROR:
         if out is not None:
             await out.sink(out.fmt.error(b.status, error_message(b.status)), Kind.META)
