@@ -130,12 +130,12 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
     elif exchange.json_body is not None and (
         record.outcome is Outcome.COMPLETED or exchange.drained
     ):
-        body = bytes(exchange.json_body)
+        body = exchange.json_body  # not copied: only its tail is read
         if is_identity(exchange.content_encoding) or len(body) <= FULL_PARSE_MAX // 4:
             record.seen_usage = body_usage(body, facts, exchange.content_encoding)
             record.generated_tokens = record.seen_usage.completion_tokens
         else:
-            pending_body = body
+            pending_body = bytes(body)
         if not exchange.drained:
             record.delivered_tokens = record.generated_tokens
     if plan is None:

@@ -16,7 +16,7 @@ from proxy.usage.stream import delta_chars
 _MAX_DECODED_BODY: Final = 64 * 1024 * 1024
 
 
-def _decode(body: bytes, content_encoding: str | None) -> bytes | None:
+def _decode(body: bytes | bytearray, content_encoding: str | None) -> bytes | bytearray | None:
     encoding = (content_encoding or "identity").strip().lower()
     if encoding in ("identity", ""):
         return body
@@ -110,7 +110,7 @@ def tail_usage(body: bytes | bytearray, tail: int = TAIL_BYTES) -> Reported | No
             return reported
 
 
-def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
+def decode_body(body: bytes, content_encoding: str | None) -> bytes | bytearray | None:
     """The body with gzip or deflate undone (bounded); None if it cannot be decoded here."""
     return _decode(body, content_encoding)
 
@@ -119,7 +119,7 @@ def is_identity(content_encoding: str | None) -> bool:
     return (content_encoding or "identity").strip().lower() in ("identity", "")
 
 
-def body_usage(body: bytes, facts: RequestFacts, content_encoding: str | None) -> Usage:
+def body_usage(body: bytes | bytearray, facts: RequestFacts, content_encoding: str | None) -> Usage:
     """Usage of a non-streamed JSON answer; estimated (and flagged) where the answer has none.
 
     The usage object is found in the answer's tail (`tail_usage`); the whole answer is parsed
