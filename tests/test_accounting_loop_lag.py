@@ -70,10 +70,15 @@ def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
 async def test_accounting_a_6mb_answer_does_not_stall_other_requests(
     sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
+    assert sim.base_url is not None
     server, sink = await start_proxy(make_config(sim.base_url))
     loop = asyncio.get_running_loop()
     published: dict[str, float] = {}
-    server.state.listeners.append(lambda r: published.setdefault(r.request_id, loop.time()))
+
+    def on_record(record: RequestRecord) -> None:
+        published.setdefault(record.request_id, loop.time())
+
+    server.state.listeners.append(on_record)
     url = f"{server.base_url}/v1/embeddings"
     small_body = {"model": "text-embedding-3-small", "input": "hello"}
     big_body = {"model": "text-embedding-3-small", "input": [f"w{i}" for i in range(INPUTS)]}

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.config import HangupConfig
 from proxy.outcome import Outcome, RequestRecord
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
@@ -31,7 +32,8 @@ PRICES = {MODEL: {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}
 OWN_TIME_BOUND_S = 0.1
 
 
-def config(base_url: str, **route: Any) -> Any:
+def config(base_url: str | None, **route: Any) -> HangupConfig:
+    assert base_url is not None, "the simulator is not started"
     return config_from(
         {
             "upstreams": {"sim": {"base_url": base_url, "billing": {"stream": "stops"}}},
