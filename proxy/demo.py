@@ -33,7 +33,9 @@ def demo_config(upstream_url: str, port: int) -> HangupConfig:
     return HangupConfig.model_validate(
         {
             "listen": {"host": "127.0.0.1", "port": port},
-            "upstreams": {"simulator": {"base_url": upstream_url}},
+            # The simulator plays a hosted provider whose billing stops when a stream is
+            # closed (as OpenAI's does): hanging up saves dollars there, not only compute.
+            "upstreams": {"simulator": {"base_url": upstream_url, "billing": {"stream": "stops"}}},
             "routes": [
                 {
                     "name": "chat",
@@ -104,6 +106,7 @@ async def run_demo(port: int, keep_running: bool) -> int:
     server = ProxyServer(demo_config(upstream, port))
     await server.start()
     base = server.base_url
+    cancel_close_s: list[float] = []  # client hang-up -> upstream saw the close, per client
     try:
         _say(f"hangup demo: proxy {base}/v1  ->  simulated provider {upstream}")
         _say(f"metrics: {base}/metrics\n")
@@ -132,10 +135,11 @@ async def run_demo(port: int, keep_running: bool) -> int:
             await asyncio.gather(*(cut(i, n) for i, n in zip(ids, cuts, strict=True)))
             for request_id, after in zip(ids, cuts, strict=True):
                 closed = await sim.wait_closed(request_id, timeout=5.0)
-                lag_ms = max(0.0, closed - hung_up_at[request_id]) * 1000
+                lag = max(0.0, closed - hung_up_at[request_id])
+                cancel_close_s.append(lag)
                 _say(
                     f"   hung up after {after:2d} tokens: the simulated provider saw its "
-                    f"connection closed {lag_ms:.1f} ms later"
+                    f"connection closed {lag * 1000:.1f} ms later"
                 )
 
             _say("\n3. An upstream stalls after 20 tokens (idle_s=1.5 on this route):")
@@ -166,7 +170,15 @@ async def run_demo(port: int, keep_running: bool) -> int:
                 ) as response:
                     await response.read()
             _say("   done")
-        _say("\n" + summarize(server.state.metrics))
+        # The summary's cancel line is computed from the same measurements as the lines above.
+        _say(
+            "\n"
+            + summarize(
+                server.state.metrics,
+                cancel_close_s=cancel_close_s,
+                prices=server.config.prices,
+            )
+        )
         if keep_running:
             _say(
                 f"\nThe proxy stays up. Try:\n  curl -sN {base}/v1/chat/completions "

@@ -124,5 +124,8 @@ async def test_demo_runs_and_summarises() -> None:
     text = out.decode()
     assert "requests        16: completed 6, client_cancelled 8, timeout 2" in text
     assert text.count("saw its connection closed") == 8
+    # The summary is computed from those same eight measurements, and shows its prices.
+    assert "over 8 hang-ups (measured at the upstream, as above)" in text
+    assert "price           demo-model: input $2.50" in text
     assert "timeouts.idle_s=1.5 exceeded" in text and "timeouts.first_token_s=2 exceeded" in text
     assert time.monotonic() - started < 90

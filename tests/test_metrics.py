@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from proxy import __version__
-from proxy.config import MetricsConfig
+from proxy.config import MetricsConfig, PriceConfig
 from proxy.metrics import SERIES_NAMES, Metrics, authorized, schema, series_bound, summarize
 from proxy.metrics.labels import looks_like_secret
 from proxy.metrics.summary import bucket_quantile
@@ -449,8 +449,37 @@ def test_summary_for_humans() -> None:
         "tokens saved    ~900 (upper bound 3,000); 3 wasted after disconnect",
         "cost            $0.0018 used, ~$0.0015 saved by hanging up, $0.0000 wasted; "
         "unpriced requests: 1",
-        "cancel -> close p50 ~1.5 ms, p99 ~4.9 ms over 3 disconnects "
-        "(estimated from histogram buckets)",
+        "cancel -> close p50 <= 2 ms, p99 <= 5 ms over 3 disconnects (histogram bucket bounds)",
+    ]
+
+
+def test_the_summary_never_claims_a_value_below_the_histograms_resolution() -> None:
+    """The demo once said "p50 ~0.05 ms" (interpolated inside the first bucket) while each of
+    its clients had measured 0.4-0.7 ms: a histogram only knows bucket bounds."""
+    m = new_metrics()
+    for _ in range(5):
+        m.request_finished(
+            make_record(
+                outcome=Outcome.CLIENT_CANCELLED,
+                client_gone_at=1001.0,
+                upstream_closed_at=1001.00005,
+            )
+        )
+    line = summarize(m).splitlines()[-1]
+    assert line == (
+        "cancel -> close p50 <= 0.1 ms, p99 <= 0.1 ms over 5 disconnects (histogram bucket bounds)"
+    )
+
+
+def test_the_summary_reports_measured_hang_ups_and_the_prices_behind_the_dollars() -> None:
+    m = new_metrics()
+    measured = [0.0004, 0.0007, 0.0005, 0.0006]
+    prices = {"demo-model": PriceConfig(input_per_mtok=2.5, output_per_mtok=10.0)}
+    lines = summarize(m, cancel_close_s=measured, prices=prices).splitlines()
+    assert lines[-2:] == [
+        "price           demo-model: input $2.50, output $10.00 per million tokens",
+        "cancel -> close p50 0.5 ms, max 0.7 ms over 4 hang-ups (measured at the upstream, "
+        "as above)",
     ]
 
 
