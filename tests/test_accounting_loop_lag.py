@@ -11,9 +11,13 @@ on the loop (what `body_usage` did before it learnt to read the tail) took 155 m
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import statistics
+from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from proxy.outcome import Outcome, RequestRecord
 from proxy.sim import SimulatedProvider
@@ -132,3 +136,39 @@ async def test_accounting_a_6mb_answer_does_not_stall_other_requests(
     assert stall <= LAG_BOUND_S, f"the loop stalled {stall * 1000:.1f} ms while accounting"
     assert held, "no small request was in flight while the answer was accounted"
     assert max(held) <= LAG_BOUND_S, held
+
+
+async def test_a_gzip_answer_is_decoded_off_the_loop_and_its_usage_found(
+    aiohttp_server: Any, start_proxy: StartProxy
+) -> None:
+    """Compressed answers must be decoded before their usage can be read: a large one is
+    decoded in a worker thread (zlib releases the GIL), then only its tail is read."""
+    data = [{"object": "embedding", "index": i, "embedding": [0.123456] * 8} for i in range(INPUTS)]
+    answer = {"object": "list", "data": data, "model": "m", "usage": {"prompt_tokens": 4242}}
+    compressed = gzip.compress(json.dumps(answer).encode())
+
+    async def embeddings(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(
+            body=compressed,
+            headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        )
+
+    app = web.Application()
+    app.router.add_post("/v1/embeddings", embeddings)
+    upstream = await aiohttp_server(app)
+    server, sink = await start_proxy(make_config(f"http://127.0.0.1:{upstream.port}/v1"))
+    async with (
+        aiohttp.ClientSession(auto_decompress=False) as session,
+        session.post(
+            f"{server.base_url}/v1/embeddings",
+            json={"model": "m", "input": "hello"},
+            headers={"x-request-id": "gz"},
+        ) as response,
+    ):
+        assert response.headers["Content-Encoding"] == "gzip"
+        assert await response.read() == compressed  # relayed as it came
+    record = await sink.wait_for("gz", timeout=10.0)
+    assert len(compressed) > 64 * 1024  # large enough to be decoded in the worker thread
+    assert record.usage.prompt_tokens == 4242 and not record.usage.prompt_estimated
+    assert record.usage.completion_tokens == 0 and not record.usage.completion_estimated

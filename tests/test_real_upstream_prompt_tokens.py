@@ -168,3 +168,23 @@ async def test_without_the_engine_key_the_prompt_stays_an_estimate(
     record, _ = await cut_stream(llama, server, sink, messages, "cut-generic")
     assert record.usage.prompt_source == "estimated"
     assert record.usage.prompt_tokens == record.prompt_estimate != prompt
+
+
+async def test_a_non_streamed_request_cut_before_its_answer_gets_the_exact_prompt(
+    llama: LlamaServer, start_proxy: StartProxy
+) -> None:
+    server, sink = await start_proxy(config(llama, "llamacpp"))
+    messages = MESSAGES["system and user"]
+    prompt, _, _ = await server_counts(server, messages, stream=False, request_id="ref-plain")
+    offset = len(llama.log_text())
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json(
+        CHAT, {"model": "tiny", "messages": messages, "max_tokens": 2000}, {"x-request-id": "gone"}
+    )
+    # The server has started on it (its log says so) before the client gives up.
+    await wait_until(lambda: "launch_slot_" in llama.log_text()[offset:], 10.0, "the task")
+    client.close()
+    record = await sink.wait_for("gone", timeout=10.0)
+    assert record.outcome is Outcome.CLIENT_CANCELLED
+    assert record.usage.prompt_tokens == prompt and record.usage.prompt_source == "tokenized"
+    await wait_until(lambda: stop_counts(llama, offset) != [], 10.0, "the cut task's release")

@@ -93,8 +93,12 @@ async def engine_prompt_tokens(
     ) as session:
         if engine == "llamacpp":
             if endpoint == "chat.completions" and isinstance(messages, list):
+                # The template renders tool definitions into the prompt too.
+                template_request: dict[str, Any] = {"messages": messages}
+                if isinstance(body.get("tools"), list):
+                    template_request["tools"] = body["tools"]
                 templated = await _post(
-                    session, root / "apply-template", {"messages": messages}, call_headers
+                    session, root / "apply-template", template_request, call_headers
                 )
                 prompt = templated.get("prompt") if isinstance(templated, Mapping) else None
             else:
