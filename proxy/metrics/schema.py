@@ -196,7 +196,8 @@ TTFT = Spec(
 OVERHEAD = Spec(
     "hangup_overhead_seconds",
     "histogram",
-    "Time the proxy itself spent on a request: duration minus waiting on upstream and client.",
+    "Time the proxy itself spent on a request: duration minus every wait on the upstream, the "
+    "client and retry backoff (also waits cut by an error, a deadline or a hang-up).",
     ("route",),
     OVERHEAD_BUCKETS,
 )
