@@ -98,7 +98,7 @@ def _needs_prompt_count(record: RequestRecord) -> bool:
     """The upstream saw the prompt but its count was not reported."""
     if not record.sent_upstream or record.outcome not in _UPSTREAM_HAD_IT:
         return False
-    if record.outcome is Outcome.UPSTREAM_ERROR and _no_answer(record):
+    if _refused(record) or (record.outcome is Outcome.UPSTREAM_ERROR and _no_answer(record)):
         return False
     if record.endpoint not in _COUNTED_ENDPOINTS:
         return False
@@ -162,6 +162,12 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
     return pending
 
 
+def _refused(record: RequestRecord) -> bool:
+    """The upstream answered with an error status (also when the client left while reading
+    it): nothing was generated or billed."""
+    return record.upstream_status is not None and record.upstream_status >= 400
+
+
 def _no_answer(record: RequestRecord) -> bool:
     return record.upstream_status is None or record.upstream_status >= 400
 
@@ -169,7 +175,7 @@ def _no_answer(record: RequestRecord) -> bool:
 def record_usage(record: RequestRecord) -> Usage:
     """The request's usage from the sealed facts: reported where possible, else tokenized, else
     estimated; nothing for requests the upstream refused or never received."""
-    if record.outcome in _NOT_BILLED or not record.sent_upstream:
+    if record.outcome in _NOT_BILLED or not record.sent_upstream or _refused(record):
         return Usage()
     seen = record.seen_usage
     if seen is not None:

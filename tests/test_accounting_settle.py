@@ -106,3 +106,10 @@ def test_refused_requests_have_no_usage_even_with_an_estimate_on_the_record(
     accountant().settle(record)
     assert record.usage == Usage() and record.savings is None
     assert record.cost is not None and record.cost.used_usd == 0.0
+
+
+def test_a_client_leaving_while_reading_an_error_answer_is_not_billed() -> None:
+    record = cut_stream("hosted", upstream_status=401, seen_usage=None, generated_tokens=0)
+    accountant().settle(record)
+    assert record.outcome is Outcome.CLIENT_CANCELLED
+    assert record.usage == Usage() and record.savings is None
