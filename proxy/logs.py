@@ -121,6 +121,8 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         fields["tokens"]["saved_upper"] = rec.savings.tokens_saved_upper
         fields["tokens"]["wasted"] = rec.savings.tokens_wasted
         fields["billing"] = rec.savings.billing
+    if rec.tokenizer is not None and u.prompt_tokenized:
+        fields["tokens"]["tokenizer"] = rec.tokenizer
     if rec.cost is not None and rec.cost.priced:
         fields["cost_usd"] = {
             "used": rec.cost.used_usd,
