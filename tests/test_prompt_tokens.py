@@ -233,3 +233,57 @@ def test_the_tail_scan_is_bounded() -> None:
     usage = b'{"data":[],"usage":{"prompt_tokens":7},"pad":"' + b"x" * 70_000 + b'"}'
     assert tail_usage(usage) is None  # beyond the last 64 KiB: not searched
     assert tail_usage(usage, tail=len(usage)) is not None
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"not json",
+        b'{"count": "many"}',
+        b'{"tokens": [' + b"1," * 600_000 + b"1]}",  # over the 1 MiB bound: not parsed
+    ],
+    ids=["not-json", "wrong-type", "too-large"],
+)
+async def test_an_odd_engine_answer_leaves_the_estimate(aiohttp_server: Any, answer: bytes) -> None:
+    async def tokenize(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/tokenize", tokenize)
+    server = await aiohttp_server(app)
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    count = await PromptCounter().count(
+        "vllm",
+        base_url=f"http://127.0.0.1:{server.port}/v1",
+        endpoint="chat.completions",
+        model="m",
+        body=body,
+        headers=CIMultiDict(),
+    )
+    assert count is None
+
+
+async def test_an_engine_that_never_answers_is_given_up_on(aiohttp_server: Any) -> None:
+    import asyncio
+
+    from proxy import tokenize
+
+    async def tokenize_slowly(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.json_response({"count": 1})
+
+    app = web.Application()
+    app.router.add_post("/tokenize", tokenize_slowly)
+    server = await aiohttp_server(app)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    count = await PromptCounter().count(
+        "vllm",
+        base_url=f"http://127.0.0.1:{server.port}/v1",
+        endpoint="completions",
+        model="m",
+        body=b'{"model": "m", "prompt": "hi"}',
+        headers=CIMultiDict(),
+    )
+    assert count is None
+    assert loop.time() - started < tokenize.TIMEOUT_S + 1.0

@@ -16,6 +16,7 @@ Called after the request ended, never on its critical path, bounded by the calle
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 __all__ = ["engine_prompt_tokens", "engine_root"]
+
+_MAX_ANSWER_BYTES = 1024 * 1024
 
 # Request headers that describe the original request's body or hop, not a tokenize call.
 _DROP = (
@@ -64,7 +67,14 @@ async def _post(
     async with session.post(url, json=body, headers=headers, allow_redirects=False) as response:
         if response.status != 200:
             return None
-        return await response.json(content_type=None)
+        # A token list is ~7 bytes a token: past this bound (about 150,000 prompt tokens) the
+        # answer is not parsed on the event loop and the estimate stands.
+        raw = bytearray()
+        while chunk := await response.content.readany():
+            raw += chunk
+            if len(raw) > _MAX_ANSWER_BYTES:
+                return None
+        return json.loads(raw)
 
 
 def _plain_prompt(endpoint: str, body: Mapping[str, Any]) -> str | None:
