@@ -10,7 +10,9 @@ not counted as hangup's overhead.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,11 +22,15 @@ from proxy.config import HangupConfig
 from proxy.outcome import Outcome, RequestRecord
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
+from proxy.tokenize import openai as offline
 from tests.conftest import StartProxy
 from tests.metrics_support import Series, parse, value
 from tests.support import RawClient, config_from
 
 CHAT = "/v1/chat/completions"
+COOKBOOK: dict[str, Any] = json.loads(
+    (Path(__file__).parent / "fixtures" / "openai" / "prompt-token-counts.json").read_text()
+)
 MODEL = "gpt-4o-mini"
 PRICES = {MODEL: {"input_per_mtok": 0.15, "output_per_mtok": 0.6}}
 # hangup's own work on one request is a few milliseconds; the waits this file provokes are
@@ -257,3 +263,36 @@ async def test_retry_backoff_is_not_overhead(
     assert record.backoff_wait_s >= 0.6 - 0.01  # 0.2 + 0.4
     assert record.usage.total_tokens == 0  # never reached: nothing billed
     await check_overhead(server, record, access_line(caplog, "refused"))
+
+
+@pytest.mark.skipif(not offline.available(), reason="the tokenizers extra is not installed")
+async def test_a_cut_stream_on_an_openai_upstream_records_the_prompt_openai_reported(
+    sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The simulator stands in for OpenAI (`engine: openai`); the request is the cookbook's, for
+    which OpenAI's API reported prompt_tokens 124 on gpt-4o. The stream is cut before its usage
+    chunk, so hangup counts the prompt itself, offline, after the hang-up."""
+    caplog.set_level("INFO", logger="hangup.access")
+    case = COOKBOOK["cases"][0]
+    assert sim.base_url is not None
+    server, sink = await start_proxy(
+        config_from(
+            {
+                "upstreams": {"openai": {"base_url": sim.base_url, "engine": "openai"}},
+                "routes": [{"name": "default", "upstream": "openai"}],
+            }
+        )
+    )
+    client = await RawClient.connect("127.0.0.1", server.port)
+    body = {"model": "gpt-4o", "stream": True, "max_tokens": 500, **case["request"]}
+    await client.post_json(CHAT, body, {"x-request-id": "oa", "x-sim-behaviour": "stall:after=3"})
+    await client.read_until(lambda b: b.count(b'"content":" ') >= 3)
+    client.close()
+    record = await sink.wait_for("oa", timeout=10.0)
+    assert record.outcome is Outcome.CLIENT_CANCELLED
+    assert record.usage.prompt_tokens == case["reported"]["gpt-4o"] == 124
+    assert record.usage.prompt_source == "tokenized" and record.tokenizer == "o200k_base"
+    line = access_line(caplog, "oa")
+    assert line["tokens"]["prompt"] == 124 and line["tokens"]["prompt_source"] == "tokenized"
+    s = await scrape(server)
+    assert value(s, "hangup_prompt_tokens_tokenized_total", route="default", model="gpt-4o") == 124

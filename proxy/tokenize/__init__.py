@@ -121,6 +121,10 @@ class PromptCounter:
             return None
         if self._slots is None:
             self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        if source not in _ENGINES and source not in openai.loaded():
+            # Loading a vocabulary happens once per process and may take seconds when its
+            # files are not cached: it is not part of any one request's budget.
+            await asyncio.to_thread(openai.load, source)
         try:
             async with asyncio.timeout(TIMEOUT_S), self._slots:
                 parsed = json.loads(body)
@@ -143,9 +147,7 @@ class PromptCounter:
         prompt = openai.prompt_text(endpoint, model, body)
         if prompt is None or sum(len(t) for t in prompt.texts) > MAX_PROMPT_CHARS:
             return None
-        counter = openai.load(encoding) if encoding in openai.loaded() else None
-        if counter is None:
-            counter = await asyncio.to_thread(openai.load, encoding)
+        counter = openai.load(encoding)  # loaded by `count` already: a dictionary lookup
         if counter is None:
             return None
         total = prompt.fixed
