@@ -94,6 +94,10 @@ async def check_overhead(server: ProxyServer, record: RequestRecord, line: dict[
     """Overhead is hangup's own time in the record, the log and the histogram alike."""
     overhead = record.overhead_s
     assert overhead is not None and overhead < OWN_TIME_BOUND_S, (overhead, record)
+    print(
+        f"{record.request_id}: {record.outcome}, duration {record.duration_s or 0:.3f} s, "
+        f"overhead {overhead * 1000:.2f} ms"
+    )
     assert line["overhead_ms"] == pytest.approx(overhead * 1000, abs=0.001)
     s = await scrape(server)
     assert value(s, "hangup_overhead_seconds_count", route="default") == 1
