@@ -5,18 +5,19 @@ first upstream byte: route, deadlines, upstream URL, headers and body. Every ref
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.errors import BadRequest, Draining, NotFound, PayloadTooLarge
+from proxy.errors import Draining, NotFound, PayloadTooLarge
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
+from proxy.request_fields import read_fields, replace_stream_options, with_size_estimate
 from proxy.routing import Route
 from proxy.state import ProxyState
+from proxy.target import check_decoded_path, check_raw_target, upstream_url
 from proxy.timeouts import Budget, Deadlines, client_deadline
 from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
 
@@ -50,9 +51,9 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     if request.content_length is not None and request.content_length > limit:
         # Refuse at once, rather than after reading up to the limit.
         raise too_large(state.config.limits.max_request_body_mb)
-    if any(part in (".", "..") for part in request.rel_url.path.split("/")):
-        # An upstream that normalises dot segments would serve a path outside base_url.
-        raise BadRequest("the path must not contain '.' or '..' segments")
+    # Refused before the body is read; the URL itself is built (and checked) below.
+    check_raw_target(request.rel_url.raw_path)
+    check_decoded_path(request.rel_url.path)
     clock = asyncio.get_running_loop().time
     read_at = clock()
     try:
@@ -62,13 +63,10 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     finally:  # a slow upload is the client's time, not hangup's
         record.client_wait_s += clock() - read_at
     record.bytes_from_client = len(body)
-    parsed: object = None
-    if body and request.content_type in JSON_TYPES:
-        try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from exc
-    facts = inspect_request(request.path, parsed if isinstance(parsed, dict) else None)
+    fields = read_fields(body) if body and request.content_type in JSON_TYPES else None
+    facts = inspect_request(request.path, fields.members if fields is not None else None)
+    if fields is not None:
+        facts = with_size_estimate(facts, fields)
     record.model, record.stream, record.endpoint = facts.model, facts.stream, facts.endpoint
     route = state.router.match(request.path, facts.model)
     if route is None:
@@ -90,7 +88,10 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     usage_filter: UsageChunkFilter | None = None
     if options.include_usage and facts.stream:
         continuous = options.continuous_usage_stats
-        injected = inject_stream_usage(body, facts, continuous=continuous)
+        if fields is not None and facts.has_stream_options:
+            injected = replace_stream_options(body, fields, facts, continuous=continuous)
+        else:
+            injected = inject_stream_usage(body, facts, continuous=continuous)
         if injected is not None:
             body = injected
             usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
@@ -102,11 +103,9 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         drop_client_credentials=proxy_key_used,
         drop=drop,
     )
-    # The path and query only (an absolute-form target's scheme and authority are not
-    # ours to forward), with the client's own percent-encoding.
+    # The path and query only (an absolute-form target's scheme and authority are not ours).
     target = request.rel_url
-    tail = target.raw_path[len("/v1") :]
-    if target.raw_query_string:
-        tail += "?" + target.raw_query_string
-    url = URL(route.upstream.base_url + tail, encoded=True)
+    url = upstream_url(
+        route.upstream.base_url, target.raw_path, target.path, target.raw_query_string
+    )
     return Plan(route, url, headers, body, facts, usage_filter, deadlines)

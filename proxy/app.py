@@ -7,11 +7,13 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import relay
+from proxy import browser, relay
+from proxy.browser import BrowserPolicy
 from proxy.config import HangupConfig
 from proxy.errors import NotFound, Unauthorized, render_body
 from proxy.metrics import authorized
@@ -93,6 +95,12 @@ async def not_found(request: web.Request) -> web.Response:
     )
 
 
+async def _cors_headers(
+    policy: BrowserPolicy, request: web.Request, response: web.StreamResponse
+) -> None:
+    browser.fix_cors_headers(policy, request, response)
+
+
 def create_app(
     config: HangupConfig,
     *,
@@ -100,13 +108,18 @@ def create_app(
     listen_host: str | None = None,
 ) -> web.Application:
     state = ProxyState(config, registry=registry, listen_host=listen_host)
-    app = web.Application(client_max_size=config.limits.max_request_body_bytes)
+    policy = BrowserPolicy(config, config.listen.host if listen_host is None else listen_host)
+    app = web.Application(
+        client_max_size=config.limits.max_request_body_bytes,
+        middlewares=[browser.middleware(policy)],
+    )
+    app.on_response_prepare.append(partial(_cors_headers, policy))
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics.enabled:
         app.router.add_get(config.metrics.path, metrics)
-    app.router.add_route("*", "/v1/{tail:.*}", relay.handle)
-    app.router.add_route("*", "/{tail:.*}", not_found)
+    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", relay.handle)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", not_found)
     return app

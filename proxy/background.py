@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.outcome import BackgroundCancel
+from proxy.target import checked, safe_upstream_id
 from proxy.upstream import OPEN_ERRORS, Upstreams
 
 log = logging.getLogger("hangup.background")
@@ -52,7 +53,11 @@ async def cancel_background(
     call_headers = CIMultiDict(headers)
     for name in _BODY_HEADERS:
         call_headers.popall(name, None)
-    url = cancel_url(base_url, response_id)
+    if not safe_upstream_id(response_id):
+        # The id came from the upstream's stream: it must not steer the call (`../../admin`).
+        log.warning("not cancelling background response: its id is not a plain id")
+        return BackgroundCancel.FAILED
+    url = checked(cancel_url(base_url, response_id), base_url)
     try:
         async with asyncio.timeout(CANCEL_CALL_S):
             for attempt in (1, 2):

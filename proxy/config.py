@@ -48,6 +48,9 @@ class ListenConfig(_Model):
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
     # aiohttp's default of 128 drops connections under bursts; the kernel caps it at somaxconn.
     backlog: PositiveInt = 4096
+    # Host names served besides IP literals, localhost, *.localhost and `host` (DNS rebinding
+    # guard; see docs/security.md). "*.example.com" matches subdomains; "*" accepts any Host.
+    allowed_hosts: list[str] = Field(default_factory=list)
 
 
 class LimitsConfig(_Model):
@@ -248,6 +251,15 @@ class AuthConfig(_Model):
     allow_unauthenticated: bool = False
 
 
+class CorsConfig(_Model):
+    """Browsers: refused unless their page's origin is listed (see docs/security.md)."""
+
+    # Exact origins, e.g. "https://app.example.com", or "*" for any page on the web.
+    allowed_origins: list[str] = Field(default_factory=list)
+    # Pass the upstream's Access-Control-* response headers on (dropped by default).
+    relay_upstream_headers: bool = False
+
+
 class ShutdownConfig(_Model):
     grace_s: Annotated[float, Field(ge=0)] = 30.0
 
@@ -269,6 +281,7 @@ class HangupConfig(_Model):
     price_file: str | None = None
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

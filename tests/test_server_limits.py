@@ -32,7 +32,7 @@ async def exchange(port: int, head: bytes, body: bytes = b"", timeout: float = 3
 
 
 def post_head(
-    target: str = "/v1/chat/completions", extra: str = "", length: int = 0, host: str = "hangup"
+    target: str = "/v1/chat/completions", extra: str = "", length: int = 0, host: str = "localhost"
 ) -> bytes:
     return (
         f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -60,7 +60,7 @@ async def test_body_over_the_limit_is_refused(limited: ProxyServer, sim: Simulat
     assert head.startswith(b"HTTP/1.1 413 ")
     assert b"x-should-retry: false" in head.lower()
     chunked = (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: hangup\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
         + f"{len(big):x}\r\n".encode()
         + big
@@ -80,7 +80,7 @@ async def test_body_over_the_limit_is_refused(limited: ProxyServer, sim: Simulat
     [
         post_head(extra="X-Big: " + "a" * 9_000 + "\r\n"),
         post_head(extra="".join(f"X-H{i}: a\r\n" for i in range(200))),
-        b"GET /v1/" + b"a" * 9_000 + b" HTTP/1.1\r\nHost: hangup\r\n\r\n",
+        b"GET /v1/" + b"a" * 9_000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n",
     ],
     ids=["header-over-8KiB", "200-headers", "target-over-8KiB"],
 )
@@ -165,7 +165,7 @@ async def test_an_absolute_form_target_is_served_as_its_path(
 ) -> None:
     server, _ = proxy
     head = await exchange(
-        server.port, post_head("http://hangup/v1/chat/completions", length=len(CHAT)), CHAT
+        server.port, post_head("http://localhost/v1/chat/completions", length=len(CHAT)), CHAT
     )
     assert head.startswith(b"HTTP/1.1 200 ")
     (seen,) = sim.requests

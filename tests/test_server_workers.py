@@ -50,7 +50,7 @@ async def scrape(url: str, pids: list[int]) -> tuple[int | None, str]:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        writer.write(b"GET /metrics HTTP/1.1\r\nHost: hangup\r\n\r\n")
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(
             int(line.split(b":", 1)[1])

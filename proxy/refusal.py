@@ -1,0 +1,51 @@
+"""A refusal outside the relay (edge checks, unparseable requests): an OpenAI-shaped body, a
+`rejected` record, and so one access line and the metrics, like every other request."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from aiohttp import web
+
+from proxy.errors import ProxyError, render_body
+from proxy.outcome import Outcome, RequestRecord
+from proxy.state import STATE, ProxyState
+
+
+def rejected_record(
+    state: ProxyState, err: ProxyError, *, method: str, path: str, request_id: str | None
+) -> RequestRecord:
+    """Record a refusal (settled, counted, logged) and return its record."""
+    loop = asyncio.get_running_loop()
+    record = RequestRecord(
+        request_id=(request_id or "")[:200] or uuid.uuid4().hex,
+        method=method[:32],
+        path=path,
+        started_at=loop.time(),
+        wall_started_at=time.time(),
+    )
+    record.settle(Outcome.REJECTED)
+    record.status, record.error_type, record.error_message = err.status, err.error_type, err.message
+    record.ended_at = loop.time()
+    state.metrics.request_started()  # finish() counts it out of the in-flight gauge
+    state.finish(record)
+    return record
+
+
+def refuse(request: web.Request, err: ProxyError) -> web.Response:
+    state = request.app[STATE]
+    record = rejected_record(
+        state,
+        err,
+        method=request.method,
+        path=request.path,
+        request_id=request.headers.get("x-request-id"),
+    )
+    return web.Response(
+        status=err.status,
+        body=render_body(err),
+        content_type="application/json",
+        headers={"x-request-id": record.request_id, **err.headers()},
+    )

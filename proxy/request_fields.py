@@ -1,0 +1,174 @@
+"""The few top-level members of a JSON request body that hangup reads, extracted without
+materialising the rest.
+
+`json.loads` of a 60 MiB body builds every string, number, list and dict of it: about 1 GiB of
+Python objects for a body of many small values. hangup needs a handful of scalars (`model`,
+`stream`, `stream_options`, `max_tokens`, `n`, `background`) and, for the prompt estimate, the
+prompt members. msgspec decodes the body into a Struct with only those members as `Raw` spans
+(unknown members are validated and skipped in C, never built), then each span is decoded on its
+own. A prompt member larger than `PROMPT_DECODE_LIMIT` is not decoded: its size in bytes stands
+in for its characters (the estimate is only used when the upstream reports no count).
+
+The whole body is still checked to be JSON: malformed syntax, invalid UTF-8 and lone
+surrogates are refused (400), and nesting deeper than the decoder's recursion limit is refused
+as such rather than crashing the request.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from proxy.errors import BadRequest
+from proxy.usage import RequestFacts
+
+PROMPT_DECODE_LIMIT = 1024 * 1024
+_UTF8_STEP = 1024 * 1024
+_BOM = b"\xef\xbb\xbf"
+
+_SCALARS = (
+    "model",
+    "stream",
+    "stream_options",
+    "max_completion_tokens",
+    "max_tokens",
+    "max_output_tokens",
+    "n",
+    "background",
+)
+_PROMPT = ("messages", "tools", "functions", "prompt", "suffix", "input", "instructions")
+
+
+class _Members(msgspec.Struct):
+    """The members read, as undecoded spans (empty when absent)."""
+
+    model: msgspec.Raw = msgspec.Raw()
+    stream: msgspec.Raw = msgspec.Raw()
+    stream_options: msgspec.Raw = msgspec.Raw()
+    max_completion_tokens: msgspec.Raw = msgspec.Raw()
+    max_tokens: msgspec.Raw = msgspec.Raw()
+    max_output_tokens: msgspec.Raw = msgspec.Raw()
+    n: msgspec.Raw = msgspec.Raw()
+    background: msgspec.Raw = msgspec.Raw()
+    messages: msgspec.Raw = msgspec.Raw()
+    tools: msgspec.Raw = msgspec.Raw()
+    functions: msgspec.Raw = msgspec.Raw()
+    prompt: msgspec.Raw = msgspec.Raw()
+    suffix: msgspec.Raw = msgspec.Raw()
+    input: msgspec.Raw = msgspec.Raw()
+    instructions: msgspec.Raw = msgspec.Raw()
+
+
+_OBJECT_DECODER = msgspec.json.Decoder(_Members)
+_SKIP_DECODER = msgspec.json.Decoder(msgspec.Raw)  # validates, builds nothing
+
+
+@dataclass(slots=True)
+class RequestFields:
+    """What the body says, as far as hangup reads it."""
+
+    # The members read, decoded (prompt members only up to PROMPT_DECODE_LIMIT); None when the
+    # body is JSON but not an object.
+    members: dict[str, Any] | None
+    # Bytes of prompt members too large to decode (their estimate is bytes / 4).
+    undecoded_prompt_bytes: int = 0
+    # The `stream_options` value exactly as sent, for a byte-faithful replacement.
+    raw_stream_options: bytes = field(default=b"")
+
+
+def _check_utf8(body: bytes) -> None:
+    """Strict UTF-8 over the whole body, a megabyte at a time (the decoded text is dropped):
+    msgspec does not look inside the strings of members it skips."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(body)
+    try:
+        for start in range(0, len(view), _UTF8_STEP):
+            decoder.decode(view[start : start + _UTF8_STEP])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        raise BadRequest("request body is not valid UTF-8") from exc
+
+
+def read_fields(body: bytes) -> RequestFields:
+    """The members hangup reads from a JSON body; BadRequest when it is not JSON."""
+    _check_utf8(body)
+    view = memoryview(body)
+    if body.startswith(_BOM):
+        view = view[len(_BOM) :]
+    try:
+        try:
+            raw = _OBJECT_DECODER.decode(view)
+        except msgspec.ValidationError:
+            # Valid JSON so far, but not an object at the top (an array, a string...).
+            _SKIP_DECODER.decode(view)
+            return RequestFields(members=None)
+    except RecursionError as exc:
+        raise BadRequest("request body is nested too deeply") from exc
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    members: dict[str, Any] = {}
+    undecoded = 0
+    for name in _SCALARS + _PROMPT:
+        span: msgspec.Raw = getattr(raw, name)
+        if not len(span):
+            continue
+        if name in _PROMPT and len(span) > PROMPT_DECODE_LIMIT:
+            undecoded += len(span)
+            continue
+        try:
+            members[name] = msgspec.json.decode(span)
+        except (msgspec.DecodeError, RecursionError) as exc:  # e.g. a number out of range
+            raise BadRequest(f"request body member {name!r} cannot be read: {exc}") from exc
+    return RequestFields(
+        members=members,
+        undecoded_prompt_bytes=undecoded,
+        raw_stream_options=bytes(raw.stream_options),
+    )
+
+
+def with_size_estimate(facts: RequestFacts, fields: RequestFields) -> RequestFacts:
+    """Add the prompt members too large to decode to the estimate, as bytes / 4 characters."""
+    if not fields.undecoded_prompt_bytes:
+        return facts
+    from dataclasses import replace
+
+    from proxy.usage.prompt import CHARS_PER_TOKEN
+
+    extra = -(-fields.undecoded_prompt_bytes // CHARS_PER_TOKEN)
+    return replace(facts, prompt_tokens_estimate=facts.prompt_tokens_estimate + extra)
+
+
+_KEY = rb'"stream_options"[ \t\r\n]*:[ \t\r\n]*'
+
+
+def replace_stream_options(
+    body: bytes, fields: RequestFields, facts: RequestFacts, *, continuous: bool
+) -> bytes | None:
+    """Merge include_usage (and continuous_usage_stats) into a `stream_options` the client
+    sent, rewriting only that member's value; None when not needed or when the member cannot
+    be located unambiguously (then usage is estimated rather than the body rebuilt)."""
+    if not facts.stream or facts.endpoint not in ("chat.completions", "completions"):
+        return None
+    add_continuous = continuous and not facts.continuous_usage_requested
+    if facts.include_usage_requested and not add_continuous:
+        return None
+    raw = fields.raw_stream_options
+    if body.count(b'"stream_options"') != 1:
+        return None
+    match = re.search(_KEY + re.escape(raw), body)
+    if match is None:
+        return None
+    options = (fields.members or {}).get("stream_options")
+    merged = dict(options) if isinstance(options, dict) else {}
+    merged["include_usage"] = True
+    if continuous:
+        merged["continuous_usage_stats"] = True
+    # ASCII out: a lone surrogate the client escaped stays escaped.
+    value = json.dumps(merged, separators=(",", ":")).encode()
+    start = match.end() - len(raw)
+    return b"".join((body[:start], value, body[match.end() :]))

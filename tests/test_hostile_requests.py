@@ -1,0 +1,297 @@
+"""Hostile clients, over raw sockets, against the production runner (issue 13).
+
+One test per class of attack. Each asserts the exact status, that nothing reached a host it
+should not (a witness listener records any connection; the configured upstream records every
+request), that the log has no ERROR line, and that the request left exactly one access line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.server import ProxyServer
+from tests.conftest import StartProxy
+from tests.hostile_support import (
+    ScriptedUpstream,
+    SeenRequest,
+    Witness,
+    assert_clean_log,
+    bind_port_ending_in,
+    chat_body,
+    exchange_raw,
+    json_head,
+    request_bytes,
+    sse_head,
+)
+from tests.support import RecordSink, config_from
+
+OK_BODY = b'{"id":"x","object":"chat.completion","choices":[],"usage":null}'
+
+
+async def answer_ok(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+    writer.write(json_head(len(OK_BODY)) + OK_BODY)
+    await writer.drain()
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    server = await ScriptedUpstream(answer_ok).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def witness() -> AsyncIterator[Witness]:
+    server = await Witness().start()
+    yield server
+    await server.stop()
+
+
+async def proxy_with_sink(
+    start_proxy: StartProxy, base_url: str, **extra: object
+) -> tuple[ProxyServer, RecordSink]:
+    data: dict[str, object] = {
+        "upstreams": {"up": {"base_url": base_url, "api_key": "sk-hostile-test-key-0001"}},
+        "routes": [{"name": "default", "upstream": "up"}],
+        **extra,
+    }
+    return await start_proxy(config_from(data))
+
+
+async def proxy_for(start_proxy: StartProxy, base_url: str, **extra: object) -> ProxyServer:
+    server, _ = await proxy_with_sink(start_proxy, base_url, **extra)
+    return server
+
+
+# --- item 1: the key only ever goes to the configured upstream ------------------------------
+
+
+async def test_glued_digits_cannot_change_the_upstream_port(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # `/v%31/x` routes as /v1/x; glued onto `http://127.0.0.1:<P>` its raw tail `31/x` would
+    # make the port P31: the witness listens exactly there.
+    witness = await Witness(bind_port_ending_in((31, 61))).start()
+    try:
+        base_port, digits = divmod(witness.port, 100)
+        target = "/v%31/chat/completions" if digits == 31 else "/%761/chat/completions"
+        server = await proxy_for(start_proxy, f"http://127.0.0.1:{base_port}")
+        response = await exchange_raw(server.port, request_bytes("POST", target, body=chat_body()))
+        assert response.status == 400
+        assert response.error()["code"] == "invalid_request"
+        assert witness.connections == 0
+        assert_clean_log(caplog)
+    finally:
+        await witness.stop()
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/v1/..%5cadmin",
+        "/v1/..%5Cadmin",
+        "/v1/x/..\\admin",
+        "/v1/..;/admin",
+        "/v1/x/..;jsessionid=1/admin",
+        "/v1/%2e%2e/admin",
+        "/v1/x/.%2e/admin",
+        "/v1/models%00.json",
+        "/v1/x%0d%0aHost:%20evil/y",
+    ],
+)
+async def test_paths_that_could_leave_the_base_url_are_refused(
+    target: str,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await proxy_for(start_proxy, upstream.base_url)
+    response = await exchange_raw(server.port, request_bytes("POST", target, body=chat_body()))
+    assert response.status == 400
+    assert upstream.requests == []
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+
+
+async def test_encoded_characters_reach_the_configured_upstream_encoded(
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await proxy_for(start_proxy, upstream.base_url)
+    target = "/v1/files/a%20b%3Fc%23d/content?x=%2F1&y=2"
+    response = await exchange_raw(server.port, request_bytes("GET", target))
+    assert response.status == 200
+    (seen,) = upstream.requests
+    assert seen.target == "/v1/files/a%20b%3Fc%23d/content?x=%2F1&y=2"
+    assert seen.headers["authorization"] == "Bearer sk-hostile-test-key-0001"
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+
+
+async def test_an_unsafe_background_id_from_the_upstream_is_never_put_in_a_url(
+    start_proxy: StartProxy, witness: Witness, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Responses background stream whose id tries to climb to another path; the client leaves,
+    # and the cancel call must not be made with it.
+    created = (
+        b'event: response.created\ndata: {"type":"response.created","response":'
+        b'{"id":"../../admin/keys","status":"queued"}}\n\n'
+    )
+    first_sent = asyncio.Event()
+
+    async def stream_forever(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        if seen.target != "/v1/responses":  # anything else (a cancel): answer at once
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+            return
+        writer.write(sse_head() + created)
+        await writer.drain()
+        first_sent.set()
+        await asyncio.sleep(10)
+
+    upstream = await ScriptedUpstream(stream_forever).start()
+    try:
+        server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
+        body = b'{"model":"m","input":"hi","stream":true,"background":true}'
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request_bytes("POST", "/v1/responses", body=body))
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"response.created")
+        writer.close()
+        await sink.wait(lambda: sink.records, 5.0, "no record")
+        assert [r.target for r in upstream.requests] == ["/v1/responses"]
+        assert witness.connections == 0
+        assert_clean_log(caplog)
+        assert any("not a plain id" in r.getMessage() for r in caplog.records)
+    finally:
+        await upstream.stop()
+
+
+# --- item 4: browsers ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "target"),
+    [
+        ("attacker.example", "/v1/chat/completions"),  # DNS rebinding: the page's own name
+        ("attacker.example:8080", "/v1/chat/completions"),
+        ("127.0.0.1", "http://attacker.example/v1/chat/completions"),  # absolute form
+        ("localhost@attacker.example", "/v1/chat/completions"),
+    ],
+)
+async def test_a_host_this_listener_does_not_serve_is_misdirected(
+    host: str,
+    target: str,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await proxy_for(start_proxy, upstream.base_url)
+    request = request_bytes("POST", target, body=chat_body(), host=host)
+    response = await exchange_raw(server.port, request)
+    assert response.status == 421
+    assert response.error()["code"] == "host_not_allowed"
+    assert upstream.requests == []
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+
+
+async def test_loopback_names_and_configured_hosts_are_served(
+    start_proxy: StartProxy, upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await proxy_for(
+        start_proxy, upstream.base_url, listen={"allowed_hosts": ["hangup.internal", "*.svc"]}
+    )
+    hosts = ["localhost", "LOCALHOST.", "a.localhost:1", "127.0.0.1:9", "[::1]:8080"]
+    hosts += ["hangup.internal", "hangup.ns.svc"]
+    for host in hosts:
+        request = request_bytes("POST", "/v1/chat/completions", body=chat_body(), host=host)
+        assert (await exchange_raw(server.port, request)).status == 200, host
+    assert len(upstream.requests) == len(hosts)
+    assert_clean_log(caplog, access=len(hosts))
+
+
+async def test_cross_site_requests_and_preflights_are_refused_by_default(
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await proxy_for(start_proxy, upstream.base_url)
+    simple = request_bytes(
+        "POST",
+        "/v1/chat/completions",
+        body=chat_body(),
+        content_type="text/plain",  # a "simple" request: no preflight in a browser
+        headers={"Origin": "https://evil.example"},
+    )
+    response = await exchange_raw(server.port, simple)
+    assert response.status == 403
+    assert response.error()["code"] == "origin_not_allowed"
+    preflight = request_bytes(
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={
+            "Origin": "https://evil.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    response = await exchange_raw(server.port, preflight)
+    assert response.status == 403
+    assert not any(n.startswith("access-control-") for n in response.header_names())
+    assert upstream.requests == []
+    assert witness.connections == 0
+    assert_clean_log(caplog, access=2)
+
+
+async def test_an_allowed_origin_gets_our_cors_headers_never_the_upstreams(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def permissive(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        cors = "Access-Control-Allow-Origin: *\r\nAccess-Control-Allow-Credentials: true\r\n"
+        writer.write(json_head(len(OK_BODY), cors) + OK_BODY)
+        await writer.drain()
+
+    upstream = await ScriptedUpstream(permissive).start()
+    try:
+        app = "https://app.example"
+        server = await proxy_for(start_proxy, upstream.base_url, cors={"allowed_origins": [app]})
+        preflight = request_bytes(
+            "OPTIONS",
+            "/v1/chat/completions",
+            headers={"Origin": app, "Access-Control-Request-Method": "POST"},
+        )
+        response = await exchange_raw(server.port, preflight)
+        assert response.status == 204
+        assert response.header("access-control-allow-origin") == app
+        assert upstream.requests == []  # answered here, never forwarded with the key
+        post = request_bytes(
+            "POST", "/v1/chat/completions", body=chat_body(), headers={"Origin": app}
+        )
+        response = await exchange_raw(server.port, post)
+        assert response.status == 200
+        assert response.header("access-control-allow-origin") == app
+        assert response.header("access-control-allow-credentials") is None
+        # Without an Origin (not a browser): no CORS headers at all, the upstream's dropped.
+        plain = await exchange_raw(
+            server.port, request_bytes("POST", "/v1/chat/completions", body=chat_body())
+        )
+        assert plain.status == 200
+        assert not any(n.startswith("access-control-") for n in plain.header_names())
+        assert len(upstream.requests) == 2
+        assert_clean_log(caplog, access=2)
+    finally:
+        await upstream.stop()
