@@ -11,9 +11,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.errors import Draining, NotFound, PayloadTooLarge
+from proxy.errors import BadRequest, Draining, NotFound, PayloadTooLarge
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
+from proxy.refusal import close_after_response
 from proxy.request_fields import read_fields, replace_stream_options, with_size_estimate
 from proxy.routing import Route
 from proxy.state import ProxyState
@@ -60,6 +61,9 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         body = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
         raise too_large(state.config.limits.max_request_body_mb) from exc
+    except web.RequestPayloadError as exc:  # an undecodable Content-Encoding, a bad chunk size
+        close_after_response(request)
+        raise BadRequest("the request body could not be read (invalid encoding)") from exc
     finally:  # a slow upload is the client's time, not hangup's
         record.client_wait_s += clock() - read_at
     record.bytes_from_client = len(body)

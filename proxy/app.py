@@ -18,6 +18,7 @@ from proxy.config import HangupConfig
 from proxy.errors import NotFound, Unauthorized, render_body
 from proxy.metrics import authorized
 from proxy.outcome import Outcome, RequestRecord
+from proxy.refusal import close_if_asked, refuse
 from proxy.state import STATE, ProxyState
 
 access_log = logging.getLogger("hangup.access")
@@ -62,7 +63,7 @@ async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not authorized(state.config.metrics, request.headers.get("authorization")):
         err = Unauthorized("metrics require the bearer token in metrics.bearer_token")
-        return web.Response(status=401, body=render_body(err), content_type="application/json")
+        return refuse(request, err)
     body, content_type = state.metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
@@ -114,6 +115,7 @@ def create_app(
         middlewares=[browser.middleware(policy)],
     )
     app.on_response_prepare.append(partial(_cors_headers, policy))
+    app.on_response_prepare.append(close_if_asked)
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
     app.router.add_get("/healthz", healthz)

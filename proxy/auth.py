@@ -65,7 +65,8 @@ class Auth:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing bearer token: send Authorization: Bearer <hangup key>")
-        presented = token.strip().encode()
+        # surrogateescape: non-UTF-8 bytes (kept by aiohttp as lone surrogates) are a wrong key.
+        presented = token.strip().encode("utf-8", "surrogateescape")
         if not any(hmac.compare_digest(presented, key) for key in self._keys):
             raise Unauthorized("invalid API key for this proxy")
         return True

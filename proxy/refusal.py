@@ -49,3 +49,20 @@ def refuse(request: web.Request, err: ProxyError) -> web.Response:
         content_type="application/json",
         headers={"x-request-id": record.request_id, **err.headers()},
     )
+
+
+_CLOSE_AFTER = web.RequestKey("hangup_close_after_response", bool)
+
+
+def close_after_response(request: web.Request) -> None:
+    """The rest of this request's body cannot be read (it failed to decode): answer, then close
+    the connection. Marking the body ended stops aiohttp from reading on after the handler,
+    which would raise the same decoding error again and log it as unhandled."""
+    request[_CLOSE_AFTER] = True
+    request.content.feed_eof()
+
+
+async def close_if_asked(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: `Connection: close` for a request marked by close_after_response."""
+    if request.get(_CLOSE_AFTER):
+        response.force_close()

@@ -37,6 +37,7 @@ from proxy.routing import Route
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
 from proxy.upstream import BODY_ERRORS, OPEN_ERRORS, AttemptHooks, map_body_error, map_open_error
+from proxy.upstream_checks import check_response_head
 from proxy.usage import (
     EventKind,
     RequestFacts,
@@ -259,6 +260,9 @@ class Exchange:
         now = loop.time()
         record.upstream_headers_at = now
         record.upstream_status = upstream.status
+        check_response_head(
+            upstream.status, upstream.reason, upstream.headers.items(), plan.route.upstream_name
+        )
         self.state.metrics.upstream_connection_opened()
         try:
             sse = upstream.content_type == "text/event-stream"
@@ -273,8 +277,8 @@ class Exchange:
                 ),
             )
             record.status = upstream.status
+            self.response = response  # before prepare: a client gone mid-head still has one
             await self._client_io(response.prepare(self.request))
-            self.response = response
             try:
                 if sse:
                     await self._pump_sse(plan, upstream, response, watchdog)

@@ -295,3 +295,80 @@ async def test_an_allowed_origin_gets_our_cors_headers_never_the_upstreams(
         assert_clean_log(caplog, access=2)
     finally:
         await upstream.stop()
+
+
+# --- item 5: malformed client input gets its own 4xx, never internal_error ---------------------
+
+
+async def test_a_non_utf8_bearer_token_is_a_wrong_key(
+    start_proxy: StartProxy, upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await proxy_for(
+        start_proxy,
+        upstream.base_url,
+        auth={"keys": ["hk-right-key-000001"]},
+        metrics={"bearer_token": "mt-right-token-0001"},
+    )
+    bad = b"Authorization: Bearer \xff\xfe\x80key\r\n"
+    api = request_bytes("POST", "/v1/chat/completions", body=b"").replace(
+        b"\r\n\r\n", b"\r\n" + bad + b"\r\n", 1
+    )
+    response = await exchange_raw(server.port, api)
+    assert response.status == 401
+    assert response.error()["code"] == "invalid_api_key"
+    scrape = request_bytes("GET", "/metrics").replace(b"\r\n\r\n", b"\r\n" + bad + b"\r\n", 1)
+    response = await exchange_raw(server.port, scrape)
+    assert response.status == 401
+    assert response.error()["type"] == "authentication_error"
+    assert upstream.requests == []
+    assert_clean_log(caplog, access=2)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"model":"m","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b"[" * 100_000, "nested too deeply"),
+        (
+            b'{"model":"m","stream":true,"stream_options":{},'
+            b'"messages":[{"role":"user","content":"\\ud800"}]}',
+            "not valid JSON",
+        ),
+        (b'{"model":"m","messages":[{"content":"\xff\xfe"}]}', "not valid UTF-8"),
+        (b'{"model":"m",', "not valid JSON"),
+    ],
+    ids=["deep-object", "deep-array", "lone-surrogate", "not-utf8", "truncated"],
+)
+async def test_malformed_json_bodies_get_a_400(
+    body: bytes,
+    message: str,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server = await proxy_for(start_proxy, upstream.base_url)
+    response = await exchange_raw(
+        server.port, request_bytes("POST", "/v1/chat/completions", body=body)
+    )
+    assert response.status == 400
+    error = response.error()
+    assert error["code"] == "invalid_request"
+    assert message in str(error["message"])
+    assert upstream.requests == []
+    assert_clean_log(caplog)
+
+
+async def test_an_invalid_gzip_body_gets_a_4xx(
+    start_proxy: StartProxy, upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await proxy_for(start_proxy, upstream.base_url)
+    garbage = b"\x1f\x8b\x08\x00not really gzip at all" * 10
+    request = request_bytes(
+        "POST", "/v1/chat/completions", body=garbage, headers={"Content-Encoding": "gzip"}
+    )
+    response = await exchange_raw(server.port, request)
+    # 400 (undecodable) here; a branch that refuses request Content-Encoding answers 415.
+    assert response.status in (400, 415)
+    assert response.error()["type"] == "invalid_request_error"
+    assert upstream.requests == []
+    assert_clean_log(caplog)

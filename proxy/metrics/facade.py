@@ -268,6 +268,9 @@ def authorized(config: MetricsConfig, authorization_header: str | None) -> bool:
     scheme, _, credentials = authorization_header.strip().partition(" ")
     if scheme.lower() != "bearer":
         return False
+    # surrogateescape: aiohttp keeps non-UTF-8 header bytes as lone surrogates; they are a
+    # wrong token, not an error.
     return hmac.compare_digest(
-        credentials.strip().encode("utf-8"), token.get_secret_value().encode("utf-8")
+        credentials.strip().encode("utf-8", "surrogateescape"),
+        token.get_secret_value().encode("utf-8"),
     )

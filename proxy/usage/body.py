@@ -138,7 +138,7 @@ def body_usage(body: bytes | bytearray, facts: RequestFacts, content_encoding: s
     if (r is None or r.completion is None) and len(decoded) <= FULL_PARSE_MAX:
         try:
             obj = json.loads(decoded)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to read
             obj = None
         if isinstance(obj, Mapping) and r is None:
             r = parse_usage(obj.get("usage"))

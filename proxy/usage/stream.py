@@ -7,6 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Final
 
+from proxy.errors import UpstreamFailed
 from proxy.outcome import Usage
 from proxy.sse import SSEEvent
 from proxy.usage.facts import RequestFacts, as_int
@@ -148,6 +149,9 @@ class StreamUsageTracker:
             obj = json.loads(data)
         except ValueError:
             obj = None
+        except RecursionError as exc:
+            # Nothing a client could parse either: end the stream with an error event.
+            raise UpstreamFailed("upstream sent an SSE event nested too deeply to read") from exc
         if name == "error":  # an SSE-level error event, whatever its payload
             self.error = _error_message(obj.get("error", obj) if isinstance(obj, dict) else data)
             return EventKind.ERROR

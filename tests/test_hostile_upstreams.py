@@ -1,0 +1,183 @@
+"""Broken and hostile upstreams, over raw sockets, against the production runner (issue 13).
+
+The upstream is a scripted server that writes exact bytes (malformed heads, endless nesting,
+gzip bombs, an echoed key, framing cut by FIN or RST). Each test asserts the exact status or
+the clean cut the client sees, the record's outcome, no ERROR line and one access line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from proxy.outcome import Outcome
+from proxy.server import ProxyServer
+from tests.conftest import StartProxy
+from tests.hostile_support import (
+    Reply,
+    ScriptedUpstream,
+    SeenRequest,
+    assert_clean_log,
+    chat_body,
+    exchange_raw,
+    json_head,
+    parse_response,
+    request_bytes,
+    send_and_close,
+    sse_head,
+)
+from tests.support import RawClient, RecordSink, config_from
+
+UPSTREAM_KEY = "sk-upstream-secret-7Q2v9X"
+HEADER_SECRET = "org-header-secret-K8p3Zt"
+
+
+@pytest.fixture(autouse=True)
+def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[list[ScriptedUpstream]]:
+    started: list[ScriptedUpstream] = []
+    yield started
+    for server in started:
+        await server.stop()
+
+
+async def proxy_before(
+    reply: Reply,
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    **extra: object,
+) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
+    upstream = await ScriptedUpstream(reply).start()
+    scripted.append(upstream)
+    data: dict[str, object] = {
+        "upstreams": {
+            "up": {
+                "base_url": upstream.base_url,
+                "api_key": UPSTREAM_KEY,
+                "headers": {"OpenAI-Organization": HEADER_SECRET},
+            }
+        },
+        "routes": [{"name": "default", "upstream": "up"}],
+        **extra,
+    }
+    server, sink = await start_proxy(config_from(data))
+    return server, sink, upstream
+
+
+async def only_record(sink: RecordSink) -> Outcome | None:
+    await sink.wait(lambda: sink.records, 5.0, "no record")
+    (record,) = sink.records
+    return record.outcome
+
+
+# --- item 5: what an upstream sends never becomes internal_error --------------------------------
+
+
+async def test_a_control_byte_in_an_upstream_header_is_a_502(
+    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Bad: a\x01b\r\n"
+    reply = send_and_close(head + b"Content-Length: 2\r\n\r\n{}")
+    server, sink, _ = await proxy_before(reply, scripted, start_proxy)
+    response = await exchange_raw(
+        server.port, request_bytes("POST", "/v1/chat/completions", body=chat_body())
+    )
+    assert response.status == 502
+    assert response.error()["code"] == "upstream_failed"
+    assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    assert_clean_log(caplog)
+
+
+async def test_an_sse_event_nested_50k_deep_ends_the_stream_with_an_error_event(
+    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+    client_has_it = asyncio.Event()
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(sse_head() + good)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            await client_has_it.wait()  # the unreadable event comes in a read of its own
+        writer.write(b"data: " + b"[" * 50_000 + b"\n\n")
+        await writer.drain()
+
+    server, sink, _ = await proxy_before(reply, scripted, start_proxy)
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json("/v1/chat/completions", json.loads(chat_body(stream=True)))
+    await client.read_until(lambda got: good in got)
+    client_has_it.set()
+    response = parse_response(await client.read_until(lambda got: got.endswith(b"0\r\n\r\n")))
+    client.close()
+    assert response.status == 200
+    assert good in response.body
+    events = response.body.split(b"\n\n")
+    assert b'"upstream_error"' in events[-2] and b"nested too deeply" in events[-2]
+    assert b"[" * 100 not in response.body  # the unreadable event is not passed on
+    assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    assert_clean_log(caplog)
+
+
+async def test_a_gzip_bomb_in_a_json_answer_is_relayed_without_inflating_it_all(
+    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 1 GiB of zeros inside a JSON string, ~1 MiB compressed.
+    inner = gzip.compress(b'{"choices":[{"message":{"content":"' + b"0" * (256 << 20), 9)
+    bomb = inner * 4  # gzip members concatenate: 1 GiB once inflated
+    reply = send_and_close(json_head(len(bomb), "Content-Encoding: gzip\r\n") + bomb)
+    server, sink, _ = await proxy_before(reply, scripted, start_proxy)
+    started = time.process_time()
+    response = await exchange_raw(
+        server.port, request_bytes("POST", "/v1/chat/completions", body=chat_body())
+    )
+    assert response.status == 200
+    assert response.body == bomb  # byte-faithful, still compressed
+    assert await only_record(sink) is Outcome.COMPLETED
+    assert time.process_time() - started < 5.0  # inflating 1 GiB would take far longer
+    assert_clean_log(caplog)
+
+
+async def test_a_client_gone_while_the_response_head_is_written_is_client_cancelled(
+    scripted: list[ScriptedUpstream], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The client's socket closes exactly while the relay writes the response head: a prepare
+    # hook (run inside StreamResponse.prepare, before the head is written) closes it.
+    upstream = await ScriptedUpstream(send_and_close(json_head(2) + b"{}")).start()
+    scripted.append(upstream)
+    config = config_from(
+        {
+            "upstreams": {"up": {"base_url": upstream.base_url}},
+            "routes": [{"name": "default", "upstream": "up"}],
+        }
+    )
+    server = ProxyServer(config, host="127.0.0.1", port=0)
+    sink = RecordSink()
+    server.state.listeners.append(sink)
+
+    async def client_vanishes(request: web.Request, response: web.StreamResponse) -> None:
+        if request.transport is not None:
+            request.transport.close()
+
+    server.app.on_response_prepare.append(client_vanishes)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request_bytes("POST", "/v1/chat/completions", body=chat_body()))
+        await writer.drain()
+        assert await only_record(sink) is Outcome.CLIENT_CANCELLED
+        assert await reader.read() == b""  # nothing was sent: the head never went out
+        writer.close()
+    finally:
+        await server.stop_now()
+    assert_clean_log(caplog)
