@@ -12,7 +12,7 @@ from functools import partial
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import browser, relay
+from proxy import browser, relay, secrets
 from proxy.browser import BrowserPolicy
 from proxy.config import HangupConfig
 from proxy.errors import NotFound, Unauthorized, render_body
@@ -116,6 +116,7 @@ def create_app(
     )
     app.on_response_prepare.append(partial(_cors_headers, policy))
     app.on_response_prepare.append(close_if_asked)
+    secrets.add_to_app(app, config)
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
     app.router.add_get("/healthz", healthz)

@@ -96,6 +96,9 @@ class UpstreamConfig(_Model):
             url = URL(value)
         except ValueError as exc:
             raise ValueError(f"not a URL: {value!r}") from exc
+        if url.user is not None or url.password is not None:
+            # aiohttp would send them as Basic auth on every request, beside the api_key.
+            raise ValueError("must not carry credentials (user:password@): use api_key or headers")
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"must be an http:// or https:// URL with a host, got {value!r}")
         if url.query_string or url.fragment:
@@ -370,8 +373,13 @@ def _line_for(lines: Mapping[Path_, int], loc: Path_) -> int | None:
     return lines.get(())
 
 
-def _interpolate(value: Any, loc: Path_, env: Mapping[str, str], fail: Any) -> Any:
+def _interpolate(
+    value: Any, loc: Path_, env: Mapping[str, str], fail: Any, templated: dict[Path_, str]
+) -> Any:
+    """`value` with ${VAR} references replaced; `templated` learns which keys had them."""
     if isinstance(value, str):
+        if _ENV_REF.search(value):
+            templated[loc] = value
 
         def sub(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
@@ -385,10 +393,18 @@ def _interpolate(value: Any, loc: Path_, env: Mapping[str, str], fail: Any) -> A
 
         return _ENV_REF.sub(sub, value)
     if isinstance(value, dict):
-        return {k: _interpolate(v, (*loc, str(k)), env, fail) for k, v in value.items()}
+        return {k: _interpolate(v, (*loc, str(k)), env, fail, templated) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, (*loc, i), env, fail) for i, v in enumerate(value)]
+        return [_interpolate(v, (*loc, i), env, fail, templated) for i, v in enumerate(value)]
     return value
+
+
+def _hide_env_value(message: str, value: object, template: str) -> str:
+    """A message about a value that came from the environment names the variable instead:
+    the environment is where secrets live, and error output goes to CI logs."""
+    if isinstance(value, str) and value:
+        message = message.replace(repr(value), template).replace(value, template)
+    return message
 
 
 _MESSAGES = {
@@ -419,7 +435,8 @@ def parse_config(
     def fail(loc: Path_, problem: str) -> None:
         raise ConfigError(source, dotted(loc), problem, _line_for(lines, loc))
 
-    data = _interpolate(raw, (), env, fail)
+    templated: dict[Path_, str] = {}
+    data = _interpolate(raw, (), env, fail, templated)
     try:
         config = HangupConfig.model_validate(data)
     except ValidationError as exc:
@@ -435,7 +452,11 @@ def parse_config(
         if message.startswith("Value error, "):
             message = message.removeprefix("Value error, ")
         message = message.replace("Input should be", "must be")
-        if err["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in err:
+        template = templated.get(loc)
+        if template is not None:
+            message = _hide_env_value(message, err.get("input"), template)
+            message += f" (from {template})"
+        elif err["type"] not in ("missing", "extra_forbidden", "value_error") and "input" in err:
             value = err["input"]
             if isinstance(value, str | int | float | bool) or value is None:
                 message += f" (got {value!r})"

@@ -34,6 +34,7 @@ from proxy.errors import (
 from proxy.headers import client_response_headers
 from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, settle_relayed
 from proxy.routing import Route
+from proxy.secrets import stream_scrubber
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
 from proxy.upstream import BODY_ERRORS, OPEN_ERRORS, AttemptHooks, map_body_error, map_open_error
@@ -97,6 +98,7 @@ class Exchange:
         self.content_encoding: str | None = None
         self.delivered_tokens = 0
         self.drained = False
+        self.scrubber = stream_scrubber(request)  # configured secrets never reach the client
 
     # --- the lifecycle -----------------------------------------------------------------------
     async def run(self) -> web.StreamResponse:
@@ -347,6 +349,7 @@ class Exchange:
                 if out is not None and chunk_filter is not None:
                     out.append(chunk_filter.client_bytes(event, kind))
             data = chunk if out is None else b"".join(out)
+            data = self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
             if data:
                 await self._client_io(response.write(data))
                 record.bytes_to_client += len(data)
@@ -369,6 +372,8 @@ class Exchange:
         while True:
             chunk, now = await self._read_upstream(plan, upstream)
             if not chunk:
+                if held := self.scrubber.flush():
+                    await self._client_io(response.write(held))
                 return
             deadlines.content(now)
             if self.json_body is not None:
@@ -376,7 +381,7 @@ class Exchange:
                     self.json_body += chunk
                 else:
                     self.json_body = None  # too big to account; usage will be estimated
-            await self._client_io(response.write(chunk))
+            await self._client_io(response.write(self.scrubber.feed(chunk)))
             record.bytes_to_client += len(chunk)
 
     async def _read_upstream(

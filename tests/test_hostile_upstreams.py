@@ -35,7 +35,7 @@ from tests.hostile_support import (
 )
 from tests.support import RawClient, RecordSink, config_from
 
-UPSTREAM_KEY = "sk-upstream-secret-7Q2v9X"
+UPSTREAM_KEY = "plainUpstreamKey-7Q2v9X0"  # not sk- shaped: pattern redaction misses it
 HEADER_SECRET = "org-header-secret-K8p3Zt"
 
 
@@ -180,4 +180,85 @@ async def test_a_client_gone_while_the_response_head_is_written_is_client_cancel
         writer.close()
     finally:
         await server.stop_now()
+    assert_clean_log(caplog)
+
+
+# --- item 7: configured secrets never leave the process -----------------------------------------
+
+
+def leaked(data: bytes | str) -> list[str]:
+    text = data.decode("latin-1") if isinstance(data, bytes) else data
+    return [s for s in (UPSTREAM_KEY, HEADER_SECRET, PROXY_KEY) if s in text]
+
+
+PROXY_KEY = "hk-proxy-client-key-55Lm1"
+
+
+async def test_an_upstream_echoing_the_key_in_a_401_is_scrubbed(
+    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def echo(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        body = (
+            f'{{"error":{{"message":"Incorrect API key provided: {seen.headers["authorization"]}'
+            f' (org {seen.headers["openai-organization"]})","type":"invalid_request_error"}}}}'
+        ).encode()
+        head = (
+            "HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f'WWW-Authenticate: Bearer realm="{seen.headers["authorization"]}"\r\n\r\n'
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+
+    server, sink, upstream = await proxy_before(
+        echo, scripted, start_proxy, auth={"keys": [PROXY_KEY]}
+    )
+    request = request_bytes(
+        "POST",
+        "/v1/chat/completions",
+        body=chat_body(),
+        headers={"Authorization": f"Bearer {PROXY_KEY}"},
+    )
+    response = await exchange_raw(server.port, request)
+    assert response.status == 401
+    assert upstream.requests[0].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert leaked(response.raw) == []
+    assert b"*" * len(UPSTREAM_KEY) in response.body  # masked in place, same length
+    assert len(response.body) == int(response.header("content-length") or -1)
+    await sink.wait(lambda: sink.records, 5.0, "no record")
+    assert leaked(caplog.text) == [] and leaked(repr([r.__dict__ for r in caplog.records])) == []
+    assert_clean_log(caplog)
+
+
+async def test_a_key_split_across_stream_chunks_is_scrubbed_in_band_and_in_the_log(
+    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = b'data: {"error":{"message":"key '
+    client_saw_the_start = asyncio.Event()
+
+    async def split(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        cut = len(UPSTREAM_KEY) // 2
+        writer.write(sse_head() + before + UPSTREAM_KEY[:cut].encode())
+        await writer.drain()
+        async with asyncio.timeout(5):
+            await client_saw_the_start.wait()  # the proxy has read (and held) the first half
+        writer.write(UPSTREAM_KEY[cut:].encode() + b' was revoked","type":"server_error"}}\n\n')
+        await writer.drain()
+        writer.close()
+
+    # Without usage injection the relay passes bytes on as they come (no event buffering),
+    # so the client sees the text before the key while the key's first half is held back.
+    server, sink, _ = await proxy_before(
+        split, scripted, start_proxy, defaults={"include_usage": False}
+    )
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json("/v1/chat/completions", json.loads(chat_body(stream=True)))
+    await client.read_until(lambda got: before in got)
+    client_saw_the_start.set()
+    raw = await client.read_until(lambda got: got.endswith(b"0\r\n\r\n"))
+    client.close()
+    assert leaked(raw) == []
+    assert b"key " + b"*" * len(UPSTREAM_KEY) + b" was revoked" in parse_response(raw).body
+    assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    assert leaked(caplog.text) == [] and leaked(repr([r.__dict__ for r in caplog.records])) == []
     assert_clean_log(caplog)
