@@ -20,6 +20,7 @@ from proxy.routing import Route
 from proxy.state import ProxyState
 from proxy.target import check_decoded_path, check_raw_target, upstream_url
 from proxy.timeouts import Budget, Deadlines, client_deadline
+from proxy.upstream_checks import ask_identity
 from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
 
 JSON_TYPES = ("application/json",)
@@ -107,6 +108,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         drop_client_credentials=proxy_key_used,
         drop=drop,
     )
+    ask_identity(headers, facts.stream)
     # The path and query only (an absolute-form target's scheme and authority are not ours).
     target = request.rel_url
     url = upstream_url(

@@ -38,7 +38,7 @@ from proxy.secrets import stream_scrubber
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
 from proxy.upstream import BODY_ERRORS, OPEN_ERRORS, AttemptHooks, map_body_error, map_open_error
-from proxy.upstream_checks import check_response_head
+from proxy.upstream_checks import FramingWatch, check_response_head
 from proxy.usage import (
     EventKind,
     RequestFacts,
@@ -263,8 +263,13 @@ class Exchange:
         record.upstream_headers_at = now
         record.upstream_status = upstream.status
         check_response_head(
-            upstream.status, upstream.reason, upstream.headers.items(), plan.route.upstream_name
+            upstream.status,
+            upstream.reason,
+            upstream.headers.items(),
+            plan.route.upstream_name,
+            event_stream=upstream.content_type == "text/event-stream",
         )
+        self.framing = FramingWatch(upstream)
         self.state.metrics.upstream_connection_opened()
         try:
             sse = upstream.content_type == "text/event-stream"
@@ -328,6 +333,7 @@ class Exchange:
             chunk, now = await self._read_upstream(plan, upstream)
             if not chunk:
                 events = decoder.flush()
+                self.framing.check_end(plan.route.upstream_name, mid_event=bool(events))
             else:
                 events = decoder.feed(chunk)
                 if decoder.buffered > _MAX_SSE_EVENT:
@@ -372,6 +378,7 @@ class Exchange:
         while True:
             chunk, now = await self._read_upstream(plan, upstream)
             if not chunk:
+                self.framing.check_end(plan.route.upstream_name)
                 if held := self.scrubber.flush():
                     await self._client_io(response.write(held))
                 return

@@ -9,8 +9,12 @@ Both are the upstream's fault: 502, and the exchange is recorded as an upstream 
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
 
 from proxy.errors import UpstreamFailed
 
@@ -20,7 +24,12 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 def check_response_head(
-    status: int, reason: str | None, headers: Iterable[tuple[str, str]], upstream: str
+    status: int,
+    reason: str | None,
+    headers: Iterable[tuple[str, str]],
+    upstream: str,
+    *,
+    event_stream: bool = False,
 ) -> None:
     """Raise UpstreamFailed when the head cannot be relayed as it is."""
     if not 200 <= status <= 599:
@@ -30,3 +39,53 @@ def check_response_head(
     for name, value in headers:
         if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
             raise UpstreamFailed(f'upstream "{upstream}" sent a malformed response header')
+        compressed = value.strip().lower() not in ("", "identity")
+        if event_stream and compressed and name.lower() == "content-encoding":
+            # We asked for identity (`ask_identity`): a compressed stream could be neither
+            # parsed for usage and deadlines nor scrubbed of secrets.
+            raise UpstreamFailed(f'upstream "{upstream}" sent a compressed event stream')
+
+
+def ask_identity(headers: Any, stream: bool) -> None:
+    """A stream is parsed as it passes (usage, first-token and idle deadlines, secrets): ask
+    for it uncompressed, whatever the client accepts."""
+    if stream:
+        headers["accept-encoding"] = "identity"
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+class FramingWatch:
+    """A response without Content-Length or chunking ends when the connection does, and
+    aiohttp reports a reset connection there as a normal end. Watch the connection's close:
+    a reset, or a stream that stops in the middle of an event, is a cut, not an answer."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._closed: asyncio.Future[None] | None = None
+        headers = response.headers
+        framed = (
+            "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
+        )
+        connection = response.connection
+        if framed or connection is None or connection.protocol is None:
+            return
+        closed = connection.protocol.closed
+        if closed is not None:
+            closed.add_done_callback(_retrieve)  # a reset must not log "never retrieved"
+            self._closed = closed
+
+    @property
+    def unframed(self) -> bool:
+        return self._closed is not None
+
+    def check_end(self, upstream: str, *, mid_event: bool = False) -> None:
+        """At the end of the body: raise UpstreamFailed if the connection was cut."""
+        closed = self._closed
+        if closed is None:
+            return
+        reset = closed.done() and not closed.cancelled() and closed.exception() is not None
+        if reset or mid_event:
+            raise UpstreamFailed(f'upstream "{upstream}" connection was cut before the end')

@@ -30,6 +30,7 @@ from tests.hostile_support import (
     json_head,
     parse_response,
     request_bytes,
+    reset,
     send_and_close,
     sse_head,
 )
@@ -261,4 +262,75 @@ async def test_a_key_split_across_stream_chunks_is_scrubbed_in_band_and_in_the_l
     assert b"key " + b"*" * len(UPSTREAM_KEY) + b" was revoked" in parse_response(raw).body
     assert await only_record(sink) is Outcome.UPSTREAM_ERROR
     assert leaked(caplog.text) == [] and leaked(repr([r.__dict__ for r in caplog.records])) == []
+    assert_clean_log(caplog)
+
+
+# --- item 8: framing and status ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", ["rst", "fin-mid-event"])
+async def test_an_unframed_stream_cut_by_the_transport_is_not_completed(
+    cut: str,
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No Content-Length, no chunking: the body ends when the connection does.
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+    async def cut_off(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(sse_head() + event * 3)
+        if cut == "rst":
+            await writer.drain()
+            reset(writer)
+        else:
+            writer.write(b'data: {"choices":[{"ind')  # FIN in the middle of an event
+            await writer.drain()
+            writer.close()
+
+    server, sink, _ = await proxy_before(cut_off, scripted, start_proxy)
+    response = await exchange_raw(
+        server.port,
+        request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),
+    )
+    assert response.status == 200
+    assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    assert_clean_log(caplog)
+
+
+@pytest.mark.parametrize("status", [101, 600, 999])
+async def test_a_status_outside_200_to_599_is_a_502(
+    status: int,
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    extra = "Upgrade: websocket\r\nConnection: upgrade\r\n" if status == 101 else ""
+    head = f"HTTP/1.1 {status} Odd\r\n{extra}Content-Length: 2\r\n\r\n{{}}".encode()
+    server, sink, _ = await proxy_before(send_and_close(head), scripted, start_proxy)
+    response = await exchange_raw(
+        server.port, request_bytes("POST", "/v1/chat/completions", body=chat_body())
+    )
+    assert response.status == 502
+    assert response.error()["code"] == "upstream_failed"
+    assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    assert_clean_log(caplog)
+
+
+async def test_streams_ask_for_identity_and_refuse_a_compressed_event_stream(
+    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    event = gzip.compress(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
+    head = sse_head("Content-Encoding: gzip\r\n")
+    server, sink, upstream = await proxy_before(send_and_close(head + event), scripted, start_proxy)
+    request = request_bytes(
+        "POST",
+        "/v1/chat/completions",
+        body=chat_body(stream=True),
+        headers={"Accept-Encoding": "gzip, br"},
+    )
+    response = await exchange_raw(server.port, request)
+    assert upstream.requests[0].headers["accept-encoding"] == "identity"
+    assert response.status == 502
+    assert await only_record(sink) is Outcome.UPSTREAM_ERROR
     assert_clean_log(caplog)
