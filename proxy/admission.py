@@ -24,6 +24,7 @@ from proxy.upstream_checks import ask_identity
 from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
 
 JSON_TYPES = ("application/json",)
+MODEL_LOG_CHARS = 200
 
 
 @dataclass(slots=True)
@@ -73,6 +74,9 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     if fields is not None:
         facts = with_size_estimate(facts, fields)
     record.model, record.stream, record.endpoint = facts.model, facts.stream, facts.endpoint
+    if record.model is not None and len(record.model) > MODEL_LOG_CHARS:
+        # A 1 MiB `model` must not become a 1 MiB log line (metric labels bound it already).
+        record.model = record.model[:MODEL_LOG_CHARS] + "..."
     route = state.router.match(request.path, facts.model)
     if route is None:
         with_model = f" with model {facts.model!r}" if facts.model else ""

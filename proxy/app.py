@@ -12,7 +12,7 @@ from functools import partial
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from proxy import browser, relay, secrets
+from proxy import browser, relay, secrets, unparsed
 from proxy.browser import BrowserPolicy
 from proxy.config import HangupConfig
 from proxy.errors import NotFound, Unauthorized, render_body
@@ -54,8 +54,13 @@ async def readyz(request: web.Request) -> web.Response:
         response = web.json_response({"status": "draining"}, status=503)
     elif not state.upstreams.ready:
         response = web.json_response({"status": "starting"}, status=503)
-    else:
+    elif state.config.metrics.bearer_token is not None and authorized(
+        state.config.metrics, request.headers.get("authorization")
+    ):
+        # The load is for the operator (who holds the scrape token), not for anyone who asks.
         response = web.json_response({"status": "ready", "in_flight": len(state.inflight)})
+    else:
+        response = web.json_response({"status": "ready"})
     return _probed(request, response)
 
 
@@ -65,7 +70,7 @@ async def metrics(request: web.Request) -> web.Response:
         err = Unauthorized("metrics require the bearer token in metrics.bearer_token")
         return refuse(request, err)
     body, content_type = state.metrics.render()
-    response = web.Response(body=body)
+    response = web.Response(body=request.app[secrets.SECRETS].data(body))
     response.headers["Content-Type"] = content_type
     return _probed(request, response)
 
@@ -112,17 +117,19 @@ def create_app(
     policy = BrowserPolicy(config, config.listen.host if listen_host is None else listen_host)
     app = web.Application(
         client_max_size=config.limits.max_request_body_bytes,
-        middlewares=[browser.middleware(policy)],
+        middlewares=[unparsed.target_forms, browser.middleware(policy)],
     )
     app.on_response_prepare.append(partial(_cors_headers, policy))
     app.on_response_prepare.append(close_if_asked)
     secrets.add_to_app(app, config)
+    unparsed.add_to_app(app)
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics.enabled:
         app.router.add_get(config.metrics.path, metrics)
-    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", relay.handle)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", not_found)
+    expect = unparsed.expect_handler
+    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", relay.handle, expect_handler=expect)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", not_found, expect_handler=expect)
     return app

@@ -28,6 +28,10 @@ from proxy.errors import BadRequest
 from proxy.usage import RequestFacts
 
 PROMPT_DECODE_LIMIT = 1024 * 1024
+# No model generates more in one answer; a larger limit (`max_tokens: 10**18`) must not become
+# a "tokens saved" upper bound of 10**18 in accounting. The body is forwarded unchanged.
+MAX_TOKENS_BOUND = 1_000_000
+_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _UTF8_STEP = 1024 * 1024
 _BOM = b"\xef\xbb\xbf"
 
@@ -121,9 +125,12 @@ def read_fields(body: bytes) -> RequestFields:
             undecoded += len(span)
             continue
         try:
-            members[name] = msgspec.json.decode(span)
+            value = msgspec.json.decode(span)
         except (msgspec.DecodeError, RecursionError) as exc:  # e.g. a number out of range
             raise BadRequest(f"request body member {name!r} cannot be read: {exc}") from exc
+        if name in _LIMITS and type(value) is int and value > MAX_TOKENS_BOUND:
+            value = MAX_TOKENS_BOUND
+        members[name] = value
     return RequestFields(
         members=members,
         undecoded_prompt_bytes=undecoded,

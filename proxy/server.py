@@ -35,6 +35,7 @@ from proxy.app import create_app
 from proxy.config import HangupConfig
 from proxy.outcome import RequestRecord
 from proxy.state import STATE, ProxyState
+from proxy.unparsed import use_openai_error_pages
 
 log = logging.getLogger("hangup")
 
@@ -91,6 +92,7 @@ class ProxyServer:
 
     async def start(self) -> None:
         await self.runner.setup()
+        use_openai_error_pages(self.runner)
         site: web.BaseSite
         if self._sock is not None:
             site = web.SockSite(self.runner, self._sock, backlog=self.config.listen.backlog)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -22,6 +24,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
+
+log = logging.getLogger("hangup.upstream")
 
 _LARGE_BODY = 1024 * 1024
 
@@ -159,10 +163,14 @@ class Upstreams:
 def map_open_error(exc: Exception, upstream: str) -> ProxyError:
     """An exception raised while sending the request or awaiting response headers."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamUnreachable(
-            f'cannot connect to upstream "{upstream}" ({exc.host}:{exc.port}): '
-            f"{exc.os_error.strerror or type(exc.os_error).__name__}"
+        # strerror can quote the address ("Connect call failed ('10.0.0.1', 443)"): by errno.
+        errno = exc.os_error.errno
+        reason = os.strerror(errno) if errno else type(exc.os_error).__name__
+        # The address is for the operator's log, not for the client's error body.
+        log.warning(
+            'cannot connect to upstream "%s" (%s:%s): %s', upstream, exc.host, exc.port, reason
         )
+        return UpstreamUnreachable(f'cannot connect to upstream "{upstream}": {reason}')
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return UpstreamFailed(f'upstream "{upstream}" closed the connection without a response')
     if isinstance(exc, aiohttp.ClientResponseError):

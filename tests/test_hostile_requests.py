@@ -8,17 +8,21 @@ request), that the log has no ERROR line, and that the request left exactly one 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
 
+from proxy.outcome import Outcome
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.hostile_support import (
     ScriptedUpstream,
     SeenRequest,
     Witness,
+    access_lines,
     assert_clean_log,
     bind_port_ending_in,
     chat_body,
@@ -372,3 +376,144 @@ async def test_an_invalid_gzip_body_gets_a_4xx(
     assert response.error()["type"] == "invalid_request_error"
     assert upstream.requests == []
     assert_clean_log(caplog)
+
+
+# --- item 9: what no route serves, and what must not be said --------------------------------------
+
+HEAD_ONLY = "Host: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n", 405),
+        (f"OPTIONS * HTTP/1.1\r\n{HEAD_ONLY}".encode(), 400),
+        (b"GET /v1/models\r\n\r\n", 400),  # HTTP/0.9: no version
+        (f"GET /v1/a\rb HTTP/1.1\r\n{HEAD_ONLY}".encode(), 400),  # CR in the path
+        (f"GET /v1/a\nb HTTP/1.1\r\n{HEAD_ONLY}".encode(), 400),  # LF in the path
+        (f"GARBAGE\x00 /v1/models HTTP/1.1\r\n{HEAD_ONLY}".encode(), 400),
+        (f"GET /v1/models HTTP/1.1\r\nX-Big: {'a' * 9000}\r\n{HEAD_ONLY}".encode(), 400),
+        (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nExpect: bogus\r\n"
+            b"Content-Length: 2\r\n\r\n{}",
+            417,
+        ),
+        (f"DELETE /v1x HTTP/1.1\r\n{HEAD_ONLY}".encode(), 404),
+    ],
+    ids=[
+        "connect",
+        "options-star",
+        "http-0.9",
+        "cr",
+        "lf",
+        "bad-method",
+        "long-header",
+        "expect",
+        "unknown-path",
+    ],
+)
+async def test_requests_no_route_serves_get_an_openai_error_and_a_record(
+    raw: bytes,
+    status: int,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
+    response = await exchange_raw(server.port, raw)
+    assert response.status == status
+    assert response.error()["type"] == "invalid_request_error"
+    assert response.header("server") == "hangup"
+    await sink.wait(lambda: sink.records, 5.0, "no record")
+    assert [r.outcome for r in sink.records] == [Outcome.REJECTED]
+    assert upstream.requests == []
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+
+
+async def test_unparseable_requests_are_logged_at_a_bounded_rate(
+    start_proxy: StartProxy, upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
+    sent = 60
+    for _ in range(sent):
+        response = await exchange_raw(server.port, b"GARBAGE\x00 / HTTP/1.1\r\n\r\n")
+        assert response.status == 400
+    # 20 a second: a burst of 60 (well under a second) spans at most two windows.
+    assert 20 <= len(access_lines(caplog)) <= 40
+    assert len(sink.records) == len(access_lines(caplog))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_502_does_not_name_the_upstream_address(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    server = await proxy_for(start_proxy, f"http://127.0.0.1:{port}/v1")
+    response = await exchange_raw(
+        server.port, request_bytes("POST", "/v1/chat/completions", body=chat_body())
+    )
+    assert response.status == 502
+    assert response.error()["code"] == "upstream_unreachable"
+    assert str(port) not in response.body.decode() and "127.0.0.1" not in response.body.decode()
+    assert f"127.0.0.1:{port}" in caplog.text  # the operator's log has it
+    assert_clean_log(caplog)
+
+
+async def test_readyz_shows_load_only_to_the_scrape_token(
+    start_proxy: StartProxy, upstream: ScriptedUpstream
+) -> None:
+    open_server = await proxy_for(start_proxy, upstream.base_url)
+    ready = await exchange_raw(open_server.port, request_bytes("GET", "/readyz"))
+    assert json.loads(ready.body) == {"status": "ready"}
+    server = await proxy_for(
+        start_proxy, upstream.base_url, metrics={"bearer_token": "mt-scrape-token-0001"}
+    )
+    anonymous = await exchange_raw(server.port, request_bytes("GET", "/readyz"))
+    assert json.loads(anonymous.body) == {"status": "ready"}
+    operator = await exchange_raw(
+        server.port,
+        request_bytes("GET", "/readyz", headers={"Authorization": "Bearer mt-scrape-token-0001"}),
+    )
+    assert json.loads(operator.body) == {"status": "ready", "in_flight": 0}
+
+
+async def test_a_huge_model_and_max_tokens_stay_bounded(
+    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    started = asyncio.Event()
+
+    async def stream_then_wait(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+        writer.write(sse_head() + event)
+        await writer.drain()
+        started.set()
+        await asyncio.sleep(10)
+
+    upstream = await ScriptedUpstream(stream_then_wait).start()
+    try:
+        server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
+        model = "m" * (1 << 20)
+        body = chat_body(model, stream=True, max_tokens=10**18)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(request_bytes("POST", "/v1/chat/completions", body=body))
+        async with asyncio.timeout(5):
+            await started.wait()
+            await reader.readuntil(b"data: ")
+        writer.close()  # the client leaves: savings are computed against max_tokens
+        await sink.wait(lambda: sink.records, 5.0, "no record")
+        (record,) = sink.records
+        assert record.outcome is Outcome.CLIENT_CANCELLED
+        assert record.savings is not None and record.savings.tokens_saved_upper is not None
+        assert record.savings.tokens_saved_upper <= 1_000_000
+        (line,) = access_lines(caplog)
+        assert len(line.getMessage()) + len(str(getattr(line, "fields", ""))) < 4096
+        scrape = await exchange_raw(server.port, request_bytes("GET", "/metrics"))
+        assert b"mmmmmmmmmmmmmmmm" not in scrape.body
+        assert_clean_log(caplog)
+    finally:
+        await upstream.stop()
