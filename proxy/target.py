@@ -82,7 +82,7 @@ def upstream_url(base_url: str, raw_path: str, path: str, raw_query: str) -> URL
     tail = URL.build(path=path[len(V1_PREFIX) - 1 :]).raw_path  # re-encoded by yarl
     url = URL.build(
         scheme=base.scheme,
-        host=base.raw_host or "",
+        host=base.host_subcomponent or "",
         port=base.explicit_port,
         path=base.raw_path.rstrip("/") + tail,
         query_string=raw_query,
