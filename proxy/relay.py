@@ -415,7 +415,7 @@ class Exchange:
         response_id = tracker.response_id if tracker is not None else None
         if response_id is None:
             return  # the job's id never arrived: there is nothing we can name to cancel
-        self.record.background_response_id = response_id
+        self.record.background_response_id = response_id[:200]  # upstream text: bounded
         if plan.route.options.on_disconnect_background == "keep":
             self.record.background = BackgroundCancel.KEPT
             return
