@@ -331,3 +331,34 @@ async def test_streams_ask_for_identity_and_refuse_a_compressed_event_stream(
     assert response.status == 502
     assert await only_record(sink) is Outcome.UPSTREAM_ERROR
     assert_clean_log(caplog)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_absurd_usage_counts_from_an_upstream_are_not_counts(
+    stream: bool,
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 10**4000 tokens overflowed float conversion in accounting and metrics (two ERRORs).
+    usage = b'"usage":{"prompt_tokens":1' + b"0" * 4000 + b',"completion_tokens":-7}'
+    if stream:
+        answer = sse_head() + b'data: {"choices":[],' + usage + b"}\n\ndata: [DONE]\n\n"
+    else:
+        body = b'{"choices":[],' + usage + b"}"
+        answer = json_head(len(body)) + body
+    server, sink, _ = await proxy_before(
+        send_and_close(answer),
+        scripted,
+        start_proxy,
+        prices={"m": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}},
+    )
+    response = await exchange_raw(
+        server.port,
+        request_bytes("POST", "/v1/chat/completions", body=chat_body("m", stream=stream)),
+    )
+    assert response.status == 200
+    assert await only_record(sink) is Outcome.COMPLETED
+    usage_record = sink.records[0].usage
+    assert usage_record.prompt_estimated and usage_record.completion_estimated
+    assert_clean_log(caplog)

@@ -7,6 +7,15 @@ from typing import Any, NamedTuple
 
 from proxy.usage.facts import as_int
 
+# An upstream's counts are untrusted input: a negative count or one like 10**4000 (which
+# overflowed float conversion in accounting and metrics) is no count at all.
+MAX_REPORTED_TOKENS = 10**9
+
+
+def _count(value: object) -> int | None:
+    n = as_int(value)
+    return n if n is not None and 0 <= n <= MAX_REPORTED_TOKENS else None
+
 
 class Reported(NamedTuple):
     prompt: int | None
@@ -19,7 +28,7 @@ def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int 
     for key in keys:
         details = usage.get(key)
         if isinstance(details, Mapping):
-            value = as_int(details.get(field))
+            value = _count(details.get(field))
             if value is not None:
                 return value
     return None
@@ -29,12 +38,12 @@ def parse_usage(usage: object) -> Reported | None:
     """Chat/completions (`prompt_tokens`...) and Responses (`input_tokens`...) usage objects."""
     if not isinstance(usage, Mapping):
         return None
-    prompt = as_int(usage.get("prompt_tokens"))
+    prompt = _count(usage.get("prompt_tokens"))
     if prompt is None:
-        prompt = as_int(usage.get("input_tokens"))
-    completion = as_int(usage.get("completion_tokens"))
+        prompt = _count(usage.get("input_tokens"))
+    completion = _count(usage.get("completion_tokens"))
     if completion is None:
-        completion = as_int(usage.get("output_tokens"))
+        completion = _count(usage.get("output_tokens"))
     if prompt is None and completion is None:
         return None
     return Reported(
