@@ -14,9 +14,7 @@ from yarl import URL
 from proxy.errors import BadRequest, Draining, NotFound, PayloadTooLarge
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
-from proxy.refusal import close_after_response
-from proxy.request_fields import read_fields, replace_stream_options, with_size_estimate
-from proxy.routing import Route
+from proxy.routing import Route, Target
 from proxy.state import ProxyState
 from proxy.target import check_decoded_path, check_raw_target, upstream_url
 from proxy.timeouts import Budget, Deadlines, client_deadline
@@ -25,6 +23,21 @@ from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, ins
 
 JSON_TYPES = ("application/json",)
 MODEL_LOG_CHARS = 200
+
+
+@dataclass(slots=True)
+class TargetPlan:
+    """What goes to one target: its URL, headers (its own key) and body (its model)."""
+
+    target: Target
+    url: URL
+    headers: CIMultiDict[str]
+    body: bytes
+    model: str | None  # the model this target is asked for
+
+    @property
+    def upstream_name(self) -> str:
+        return self.target.upstream_name
 
 
 @dataclass(slots=True)
@@ -39,6 +52,8 @@ class Plan:
     # Set when we injected usage the client did not ask for: hides it from the client.
     usage_filter: UsageChunkFilter | None
     deadlines: Deadlines
+    # The primary (the url/headers/body above) and then each fallback, in order.
+    targets: tuple[TargetPlan, ...] = ()
 
 
 def too_large(limit_mb: float) -> PayloadTooLarge:
@@ -105,17 +120,42 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
             body = injected
             usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
     drop = [options.deadline_header] if options.deadline_header else []
-    headers = upstream_request_headers(
-        request.headers,
-        upstream=route.upstream,
-        request_id=record.request_id,
-        drop_client_credentials=proxy_key_used,
-        drop=drop,
+    # The path and query only (an absolute-form target's scheme and authority are not
+    # ours to forward), with the client's own percent-encoding.
+    rel = request.rel_url
+    tail = rel.raw_path[len("/v1") :]
+    if rel.raw_query_string:
+        tail += "?" + rel.raw_query_string
+    targets: list[TargetPlan] = []
+    for target in route.targets:
+        headers = upstream_request_headers(
+            request.headers,
+            upstream=target.upstream,
+            request_id=record.request_id,
+            drop_client_credentials=proxy_key_used,
+            drop=drop,
+        )
+        url = URL(target.upstream.base_url + tail, encoded=True)
+        target_body, model = body, facts.model
+        if target.model is not None and isinstance(parsed, dict):
+            target_body, model = renamed(body, target.model), target.model
+        targets.append(TargetPlan(target, url, headers, target_body, model))
+    primary = targets[0]
+    return Plan(
+        route,
+        primary.url,
+        primary.headers,
+        primary.body,
+        facts,
+        usage_filter,
+        deadlines,
+        tuple(targets),
     )
-    ask_identity(headers, facts.stream)
-    # The path and query only (an absolute-form target's scheme and authority are not ours).
-    target = request.rel_url
-    url = upstream_url(
-        route.upstream.base_url, target.raw_path, target.path, target.raw_query_string
-    )
-    return Plan(route, url, headers, body, facts, usage_filter, deadlines)
+
+
+def renamed(body: bytes, model: str) -> bytes:
+    """The request body with its `model` replaced (a fallback's rename); only the one key
+    changes, everything else (injected usage options included) stays as it was."""
+    obj = json.loads(body)
+    obj["model"] = model
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()

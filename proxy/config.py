@@ -189,15 +189,35 @@ class RouteOptions(_Model):
     on_disconnect_background: OnDisconnectBackground = "cancel"
     # Forward the remaining deadline to the upstream in this header (off when null).
     deadline_header: str | None = None
-    # Retries of requests that got no answer (connect failure, 502/503 before any byte).
+    # Retries on the same target of attempts the upstream refused without starting them
+    # (connect failure, 502/503, 429): see docs/resilience.md.
     max_retries: Annotated[int, Field(ge=0, le=10)] = 0
     retry_backoff_s: Seconds = 0.5
+    # A 429's Retry-After (or retry-after-ms) is honoured on the same target up to this many
+    # seconds; a longer wait moves on to the next target instead.
+    retry_after_max_s: Annotated[float, Field(ge=0)] = 2.0
+    # Circuit breaking per upstream: after this many consecutive failed attempts the upstream
+    # is skipped for circuit_cooldown_s, then one probe request is let through (0: off).
+    circuit_failures: Annotated[int, Field(ge=0)] = 5
+    circuit_cooldown_s: Seconds = 10.0
+
+
+class FallbackConfig(_Model):
+    """One more target for a route, tried in order when the previous one failed before any
+    content reached the client (see docs/resilience.md)."""
+
+    upstream: str
+    # The model to ask this target for; None sends the client's model unchanged.
+    model: str | None = None
+    # This target takes requests the previous one refused with context_length_exceeded.
+    long_context: bool = False
 
 
 class RouteConfig(_Model):
     name: str
     match: MatchConfig = Field(default_factory=MatchConfig)
     upstream: str
+    fallbacks: list[FallbackConfig] = Field(default_factory=list)
     timeouts: TimeoutsConfig | None = None
     honor_client_deadline: bool | None = None
     sdk_retry: bool | None = None
@@ -210,6 +230,9 @@ class RouteConfig(_Model):
     deadline_header: str | None = None
     max_retries: Annotated[int, Field(ge=0, le=10)] | None = None
     retry_backoff_s: Seconds | None = None
+    retry_after_max_s: Annotated[float, Field(ge=0)] | None = None
+    circuit_failures: Annotated[int, Field(ge=0)] | None = None
+    circuit_cooldown_s: Seconds | None = None
 
     @field_validator("name")
     @classmethod
@@ -304,6 +327,13 @@ class HangupConfig(_Model):
                     ("routes", i, "upstream"),
                     f"no upstream named {route.upstream!r} (known: {known})",
                 )
+            for j, fallback in enumerate(route.fallbacks):
+                if fallback.upstream not in self.upstreams:
+                    known = ", ".join(sorted(self.upstreams))
+                    raise _Located(
+                        ("routes", i, "fallbacks", j, "upstream"),
+                        f"no upstream named {fallback.upstream!r} (known: {known})",
+                    )
             explicit = route.timeouts.model_fields_set if route.timeouts is not None else set()
             problem = route.resolved(self.defaults).timeouts.impossible(explicit)
             if problem is not None:

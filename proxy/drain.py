@@ -9,12 +9,10 @@ route may say `drain`: when the client leaves, keep reading the answer (bounded 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from proxy.admission import JSON_TYPES, Plan
-from proxy.upstream import BODY_ERRORS
+from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse
 from proxy.usage import StreamUsageTracker
 from proxy.watchdog import Watchdog
 
@@ -23,18 +21,18 @@ if TYPE_CHECKING:
 
 # A copy of a non-streamed JSON body is kept for usage accounting, up to this size.
 USAGE_BODY_CAP = 8 * 1024 * 1024
-_DRAIN_ENDS: tuple[type[BaseException], ...] = (TimeoutError, *BODY_ERRORS)
+_DRAIN_ENDS: tuple[type[BaseException], ...] = (TimeoutError, AttemptFailed)
 
 
-def _retrieve(future: asyncio.Future[aiohttp.ClientResponse]) -> None:
+def _retrieve(future: asyncio.Future[UpstreamResponse]) -> None:
     """Mark a shielded upstream attempt's failure as seen (its caller may have gone)."""
     if not future.cancelled():
         future.exception()
 
 
 async def open_upstream(
-    exchange: Exchange, request_cm: Any, plan: Plan, watchdog: Watchdog
-) -> aiohttp.ClientResponse:
+    exchange: Exchange, opened: OpenAttempt, plan: Plan, watchdog: Watchdog
+) -> UpstreamResponse:
     """Send the request; return once the upstream's response headers arrive.
 
     On a `drain` route the wait is shielded from the client's departure: that provider
@@ -42,9 +40,8 @@ async def open_upstream(
     end (bounded by drain_max_s) for exact usage. Everywhere else a departure cancels the
     wait, which closes the upstream socket."""
     if plan.route.options.on_disconnect != "drain":
-        response: aiohttp.ClientResponse = await request_cm
-        return response
-    opening: asyncio.Future[aiohttp.ClientResponse] = asyncio.ensure_future(request_cm)
+        return await opened.start()
+    opening: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(opened.start())
     opening.add_done_callback(_retrieve)
     try:
         return await asyncio.shield(opening)
@@ -58,27 +55,26 @@ async def open_upstream(
 
 
 async def _drain_unanswered(
-    exchange: Exchange, plan: Plan, opening: asyncio.Future[aiohttp.ClientResponse]
+    exchange: Exchange, plan: Plan, opening: asyncio.Future[UpstreamResponse]
 ) -> None:
     """Drain for a client that left before the upstream answered."""
     exchange.drained = True
     try:
         async with asyncio.timeout(plan.route.options.drain_max_s):
             upstream = await opening
-            async with upstream:
-                exchange.record.upstream_status = upstream.status
-                exchange.record.upstream_headers_at = exchange.loop.time()
-                if upstream.content_type == "text/event-stream":
-                    exchange.tracker = StreamUsageTracker(plan.facts)
-                elif upstream.status < 300 and upstream.content_type in JSON_TYPES:
-                    exchange.json_body = bytearray()
-                    exchange.content_encoding = upstream.headers.get("content-encoding")
-                await _read_to_end(exchange, upstream)
+            exchange.record.upstream_status = upstream.status
+            exchange.record.upstream_headers_at = exchange.loop.time()
+            if upstream.event_stream:
+                exchange.tracker = StreamUsageTracker(plan.facts)
+            elif upstream.status < 300 and upstream.content_type in JSON_TYPES:
+                exchange.json_body = bytearray()
+                exchange.content_encoding = upstream.content_encoding
+            await _read_to_end(exchange, upstream)
     except _DRAIN_ENDS:
         pass  # best effort: what was read is counted, the rest stays an estimate
 
 
-async def drain(exchange: Exchange, plan: Plan, upstream: aiohttp.ClientResponse) -> None:
+async def drain(exchange: Exchange, plan: Plan, upstream: UpstreamResponse) -> None:
     """`on_disconnect: drain`: the client left, but this provider bills the whole answer
     anyway, so read it to the end (bounded) for exact usage instead of an estimate."""
     exchange.drained = True
@@ -89,10 +85,10 @@ async def drain(exchange: Exchange, plan: Plan, upstream: aiohttp.ClientResponse
         pass  # best effort: what was read is counted, the rest stays an estimate
 
 
-async def _read_to_end(exchange: Exchange, upstream: aiohttp.ClientResponse) -> None:
+async def _read_to_end(exchange: Exchange, upstream: UpstreamResponse) -> None:
     """Read what is left of a response for accounting only (nothing goes to the client)."""
     tracker, decoder = exchange.tracker, exchange.decoder
-    while chunk := await upstream.content.readany():
+    while chunk := await upstream.read():
         if tracker is not None:
             for event in decoder.feed(chunk):
                 tracker.feed(event)

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, TextIO
 
+from proxy.attempts import AttemptResult
 from proxy.outcome import RequestRecord
 
 _SECRET = re.compile(
@@ -105,6 +106,11 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         fields["error"] = rec.error_message
     if rec.sdk_retry_count:
         fields["sdk_retry_count"] = rec.sdk_retry_count
+    if rec.upstream is not None:
+        fields["upstream"] = rec.upstream
+    if len(rec.attempts) > 1 or any(a.result is not AttemptResult.OK for a in rec.attempts):
+        # The attempt chain, e.g. "openai/gpt-4o:server_error[503] > azure/gpt-4o:ok[200]".
+        fields["attempts"] = " > ".join(a.describe() for a in rec.attempts)
     u = rec.usage
     fields["tokens"] = {
         "prompt": u.prompt_tokens,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from proxy.attempts import Attempt
+
 
 class Outcome(enum.StrEnum):
     COMPLETED = "completed"  # the upstream's answer (status < 400) was relayed whole
@@ -216,6 +218,8 @@ class RequestRecord:
     cost: Cost | None = None
     background: BackgroundCancel | None = None
     background_response_id: str | None = None
+    # Every upstream attempt, in the order they began (see proxy/attempts.py).
+    attempts: list[Attempt] = field(default_factory=list)
 
     def settle(self, outcome: Outcome, *, timeout_kind: TimeoutKind | None = None) -> bool:
         """Set the terminal outcome once; later calls are ignored and return False.

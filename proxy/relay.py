@@ -17,28 +17,29 @@ import logging
 import time
 import uuid
 
-import aiohttp
 from aiohttp import web
 
-from proxy.admission import JSON_TYPES, Plan, admit
+from proxy.admission import JSON_TYPES, Plan, TargetPlan, admit
+from proxy.attempts import Attempt, AttemptResult
 from proxy.background import cancel_background
 from proxy.drain import USAGE_BODY_CAP, drain, open_upstream
 from proxy.errors import (
     GatewayTimeout,
     ProxyError,
     UpstreamFailed,
-    UpstreamUnreachable,
     render_body,
     render_sse_event,
 )
 from proxy.headers import client_response_headers
-from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, settle_relayed
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
+from proxy.resilience.circuit import Circuit
+from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
+from proxy.resilience.policy import Decision, Failure, RetryRules, Step, TargetView, next_step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
-from proxy.upstream import BODY_ERRORS, OPEN_ERRORS, AttemptHooks, map_body_error, map_open_error
-from proxy.upstream_checks import FramingWatch, check_response_head
+from proxy.upstream import AttemptFailed, UpstreamResponse
 from proxy.usage import (
     EventKind,
     RequestFacts,
@@ -48,7 +49,8 @@ from proxy.watchdog import Watchdog
 
 log = logging.getLogger("hangup.relay")
 
-_RETRYABLE_STATUS = frozenset({502, 503})
+# Deadlines that belong to one attempt: when one fires, another target may still answer.
+_PER_ATTEMPT = frozenset({TimeoutKind.CONNECT, TimeoutKind.HEADERS, TimeoutKind.FIRST_TOKEN})
 _MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
 
 
@@ -57,13 +59,20 @@ class _ClientGone(Exception):
     or when the kernel reports the broken pipe before the server does)."""
 
 
-def _stale_keepalive(exc: Exception, fresh_connection: bool) -> bool:
-    """A reused connection that turned out closed before any response byte."""
-    return (
-        not fresh_connection
-        and isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError)
-        and not isinstance(exc, aiohttp.ClientConnectorError)
-    )
+class _DeadlineFired(Exception):
+    """A request deadline fired (its cancellation already withdrawn): answer with a timeout."""
+
+    def __init__(self, kind: TimeoutKind) -> None:
+        super().__init__(kind.value)
+        self.kind = kind
+
+
+class _Failed(Exception):
+    """An attempt's answer was a failure and the policy already chose the next step."""
+
+    def __init__(self, failure: Failure, error: ProxyError, decision: Decision) -> None:
+        super().__init__(error.message)
+        self.failure, self.error, self.decision = failure, error, decision
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
@@ -98,7 +107,9 @@ class Exchange:
         self.content_encoding: str | None = None
         self.delivered_tokens = 0
         self.drained = False
-        self.scrubber = stream_scrubber(request)  # configured secrets never reach the client
+        self.target: TargetPlan | None = None  # the attempt's target (the last one tried)
+        self._pending: web.StreamResponse | None = None  # its response, before commit
+        self.content_sent = False  # some content reached the client: no more switching
 
     # --- the lifecycle -----------------------------------------------------------------------
     async def run(self) -> web.StreamResponse:
@@ -145,19 +156,14 @@ class Exchange:
         watchdog = Watchdog(plan.deadlines, task)
         try:
             with watchdog:
-                return await self._relay(plan, watchdog)
+                return await self._attempts(plan, watchdog)
         except asyncio.CancelledError:
             kind = watchdog.consume()
             if kind is None:
                 raise
-            self.record.settle(Outcome.TIMEOUT, timeout_kind=kind)
-            message = plan.deadlines.describe(kind, plan.route.name)
-            # Tell the client first: a background cancel may take up to CANCEL_CALL_S.
-            response = await self._fail(
-                GatewayTimeout(message, kind, retry=plan.route.options.sdk_retry)
-            )
-            await self._stop_background_work()
-            return response
+            return await self._timed_out(plan, kind)
+        except _DeadlineFired as fired:
+            return await self._timed_out(plan, fired.kind)
         except _ClientGone:
             if self.record.client_gone_at is None:
                 self.record.client_gone_at = self.loop.time()
@@ -169,130 +175,284 @@ class Exchange:
             self.record.settle(err.outcome)
             return await self._fail(err)
 
-    # --- talking to the upstream --------------------------------------------------------------
-    async def _relay(self, plan: Plan, watchdog: Watchdog) -> web.StreamResponse:
+    async def _timed_out(self, plan: Plan, kind: TimeoutKind) -> web.StreamResponse:
+        self.record.settle(Outcome.TIMEOUT, timeout_kind=kind)
+        message = plan.deadlines.describe(kind, plan.route.name)
+        # Tell the client first: a background cancel may take up to CANCEL_CALL_S.
+        response = await self._fail(
+            GatewayTimeout(message, kind, retry=plan.route.options.sdk_retry)
+        )
+        await self._stop_background_work()
+        return response
+
+    # --- attempts: which target, and what next when one fails --------------------------------
+    async def _attempts(self, plan: Plan, watchdog: Watchdog) -> web.StreamResponse:
+        """Try the route's targets until one answers, as `proxy.resilience.policy` directs."""
+        record, loop, deadlines, options = (
+            self.record,
+            self.loop,
+            plan.deadlines,
+            plan.route.options,
+        )
+        views = [TargetView(t.upstream_name, t.target.long_context) for t in plan.targets]
+        rules = RetryRules(options.max_retries, options.retry_backoff_s, options.retry_after_max_s)
+        index = self._first_target(plan)
+        retries_here, reason = 0, "primary"
+        while True:
+            target = plan.targets[index]
+            now = loop.time()
+            attempt = Attempt(target.upstream_name, target.model, now, reason)
+            record.attempts.append(attempt)
+            circuit = self._circuit(plan, target.upstream_name)
+            circuit.allows(now)
+            if reason == "fallback":
+                deadlines.next_target(now)
+            else:
+                deadlines.connecting(now)
+            watchdog.rearm()
+            decision: Decision | None = None
+            timeout_kind: TimeoutKind | None = None
+            try:
+                return await self._attempt(plan, index, attempt, watchdog)
+            except _Failed as failed:
+                failure, error, decision = failed.failure, failed.error, failed.decision
+            except AttemptFailed as exc:
+                result = AttemptResult.CUT if self.content_sent else exc.result
+                attempt.end(result, loop.time(), exc.error.message)
+                failure = Failure(result, content_sent=self.content_sent)
+                error = exc.error
+            except asyncio.CancelledError:
+                kind = watchdog.consume()
+                if kind is None:
+                    self._abandon(attempt, "client gone")
+                    raise
+                if kind not in _PER_ATTEMPT or self.content_sent:
+                    self._abandon(attempt, f"{kind.value} deadline")
+                    raise _DeadlineFired(kind) from None
+                attempt.end(AttemptResult.TIMEOUT, loop.time(), f"{kind.value} deadline")
+                failure = Failure(AttemptResult.TIMEOUT)
+                error = GatewayTimeout(
+                    deadlines.describe(kind, plan.route.name), kind, retry=options.sdk_retry
+                )
+                timeout_kind = kind
+            finally:
+                circuit.report(attempt.result or AttemptResult.ABANDONED, loop.time())
+                self.state.resilience_observed(plan.route.name, attempt, circuit)
+            if decision is None:
+                decision = self._decide(plan, views, index, retries_here, failure, rules)
+            if decision.step is Step.GIVE_UP:
+                if timeout_kind is not None:
+                    raise _DeadlineFired(timeout_kind)
+                raise error
+            log.info(
+                "request %s: %s; %s (%s)",
+                record.request_id,
+                attempt.describe(),
+                "retrying" if decision.step is Step.SAME else "failing over",
+                decision.why,
+            )
+            if decision.step is Step.SAME:
+                retries_here, reason = retries_here + 1, "retry"
+            else:
+                index, retries_here, reason = decision.index, 0, "fallback"
+            if decision.delay_s > 0:
+                # Backing off: a client that leaves now cancels this sleep; nothing is open.
+                deadlines.backing_off()
+                watchdog.rearm()
+                await asyncio.sleep(decision.delay_s)
+
+    def _decide(
+        self,
+        plan: Plan,
+        views: list[TargetView],
+        index: int,
+        retries_here: int,
+        failure: Failure,
+        rules: RetryRules,
+    ) -> Decision:
+        now = self.loop.time()
+        return next_step(
+            failure,
+            targets=views,
+            index=index,
+            retries_here=retries_here,
+            rules=rules,
+            remaining_s=plan.deadlines.remaining(now),
+            available=lambda name: self._circuit(plan, name).would_allow(now),
+        )
+
+    def _first_target(self, plan: Plan) -> int:
+        """The primary, unless its circuit is open and a later target's is not."""
+        now = self.loop.time()
+        for i, target in enumerate(plan.targets):
+            if self._circuit(plan, target.upstream_name).would_allow(now):
+                if i > 0:
+                    self.record.attempts.append(
+                        Attempt(
+                            plan.targets[0].upstream_name,
+                            plan.targets[0].model,
+                            now,
+                            "primary",
+                            result=AttemptResult.SKIPPED,
+                            closed_at=now,
+                        )
+                    )
+                return i
+        return 0  # every circuit is open: try the primary rather than fail for certain
+
+    def _circuit(self, plan: Plan, upstream: str) -> Circuit:
+        options = plan.route.options
+        return self.state.circuits.get(
+            upstream, options.circuit_failures, options.circuit_cooldown_s
+        )
+
+    def _can_switch(self, plan: Plan, index: int) -> bool:
+        """Would a failure before content have somewhere else to go?"""
+        now = self.loop.time()
+        return any(
+            self._circuit(plan, t.upstream_name).would_allow(now) for t in plan.targets[index + 1 :]
+        )
+
+    def _abandon(self, attempt: Attempt, why: str) -> None:
+        """THE place where hangup gives up on an attempt that may still be running upstream
+        (client gone, a request deadline, a failover or hedge loser). Its socket is closed by
+        the unwinding `finally` of `_attempt` right after; an engine abort (naming the request
+        to the engine) belongs here."""
+        attempt.end(AttemptResult.ABANDONED, self.loop.time(), why)
+
+    # --- one attempt ------------------------------------------------------------------------
+    async def _attempt(
+        self, plan: Plan, index: int, attempt: Attempt, watchdog: Watchdog
+    ) -> web.StreamResponse:
         deadlines, options, record = plan.deadlines, plan.route.options, self.record
         loop = self.loop
+        target = self.target = plan.targets[index]
+        self.tracker = None
 
         def headers_sent() -> None:
             deadlines.headers_sent(loop.time())
             watchdog.rearm()
 
-        fresh_connection = False
-
-        def connected() -> None:
-            nonlocal fresh_connection
-            fresh_connection = True
-
-        hooks = AttemptHooks(on_headers_sent=headers_sent, on_connection=connected)
-        attempt = 0
-        stale_retried = False
-        while True:
-            fresh_connection = False
-            deadlines.connecting(loop.time())
-            watchdog.rearm()
-            if options.deadline_header:
-                remaining = deadlines.remaining(loop.time())
-                if remaining is not None:
-                    plan.headers[options.deadline_header] = str(int(remaining * 1000))
-            retryable: ProxyError | None = None
-            opened_at = loop.time()
-            try:
-                request_cm = self.state.upstreams.request(
-                    self.request.method,
-                    plan.url,
-                    headers=plan.headers,
-                    body=plan.body,
-                    hooks=hooks,
-                )
-                try:
-                    upstream = await open_upstream(self, request_cm, plan, watchdog)
-                finally:  # also when the wait ends in an error, a deadline or a hang-up
-                    record.upstream_wait_s += loop.time() - opened_at
-                async with upstream:
-                    if upstream.status in _RETRYABLE_STATUS and attempt < options.max_retries:
-                        retryable = UpstreamFailed(f"upstream answered {upstream.status}")
-                    else:
-                        return await self._relay_response(plan, upstream, watchdog)
-            except asyncio.CancelledError:
-                if record.upstream_headers_at is None:
-                    hooks.abort()  # the body may still be in flight: reset, don't flush
-                raise
-            except OPEN_ERRORS as exc:
-                if self.response is not None:
-                    # Headers went to the client already; the body read failed.
-                    raise map_body_error(exc, plan.route.upstream_name) from exc
-                if _stale_keepalive(exc, fresh_connection) and not stale_retried:
-                    # The upstream closed a pooled keep-alive connection just as we reused it
-                    # (llama-server closes after every stream while advertising keep-alive). It
-                    # never saw this request: resend at once on a new connection.
-                    stale_retried = True
-                    log.info(
-                        "request %s: pooled upstream connection was closed; resending on a new one",
-                        record.request_id,
-                    )
-                    continue
-                err = map_open_error(exc, plan.route.upstream_name)
-                if not isinstance(err, UpstreamUnreachable) or attempt >= options.max_retries:
-                    raise err from exc
-                retryable = err
-            finally:
-                # The attempt's socket (or connection attempt) is closed by now.
-                record.upstream_closed_at = loop.time()
-            # Backing off: a client that leaves now cancels this sleep, and nothing is open.
-            attempt += 1
-            deadlines.backing_off()
-            watchdog.rearm()
-            log.info(
-                "retrying request %s after %s (attempt %d)",
-                record.request_id,
-                retryable.message,
-                attempt + 1,
+        headers = target.headers
+        if options.deadline_header:
+            remaining = deadlines.remaining(loop.time())
+            if remaining is not None:
+                headers[options.deadline_header] = str(int(remaining * 1000))
+        opened = self.state.upstreams.attempt(
+            target.upstream_name,
+            self.request.method,
+            target.url,
+            headers=headers,
+            body=target.body,
+            on_headers_sent=headers_sent,
+        )
+        opened_at = loop.time()
+        try:
+            upstream = await open_upstream(self, opened, plan, watchdog)
+            now = loop.time()
+            record.upstream_wait_s += now - opened_at
+            attempt.headers_at, attempt.status, attempt.resent = now, upstream.status, opened.resent
+            prefix = await self._check_status(plan, index, attempt, upstream)
+            return await self._relay_response(
+                plan, upstream, watchdog, attempt, prefix, self._can_switch(plan, index)
             )
-            backoff_at = loop.time()
-            try:
-                await asyncio.sleep(options.retry_backoff_s * 2 ** (attempt - 1))
-            finally:
-                record.backoff_wait_s += loop.time() - backoff_at
+        finally:
+            await opened.close()
+            attempt.closed_at = record.upstream_closed_at = loop.time()
+            if self.tracker is not None:
+                attempt.tokens_generated = self.tracker.generated_tokens
+
+    async def _check_status(
+        self, plan: Plan, index: int, attempt: Attempt, upstream: UpstreamResponse
+    ) -> bytes:
+        """Raise `_Failed` when this answer is a failure the policy moves past; else return
+        the body bytes read to classify it (to be relayed first), usually none."""
+        status = upstream.status
+        result = status_result(status)
+        code: str | None = None
+        prefix = b""
+        if status == 400 and any(t.target.long_context for t in plan.targets[index + 1 :]):
+            prefix = await self._read_error_body(upstream)
+            code = error_code(prefix)
+            if code is not None:
+                result = AttemptResult.CLIENT_ERROR
+        if result is None:
+            return prefix
+        retry_after = retry_after_s(upstream.headers) if status == 429 else None
+        failure = Failure(result, status, retry_after, code)
+        views = [TargetView(t.upstream_name, t.target.long_context) for t in plan.targets]
+        options = plan.route.options
+        rules = RetryRules(options.max_retries, options.retry_backoff_s, options.retry_after_max_s)
+        retries_here = sum(
+            1
+            for a in self.record.attempts
+            if a.upstream == attempt.upstream and a.reason == "retry"
+        )
+        decision = self._decide(plan, views, index, retries_here, failure, rules)
+        if decision.step is Step.GIVE_UP:
+            return prefix  # the upstream's own answer is the client's
+        attempt.end(result, self.loop.time(), f"upstream answered {status}")
+        raise _Failed(failure, UpstreamFailed(f"upstream answered {status}"), decision)
+
+    async def _read_error_body(self, upstream: UpstreamResponse) -> bytes:
+        body = bytearray()
+        while len(body) < ERROR_BODY_CAP:
+            chunk = await upstream.read()
+            if not chunk:
+                break
+            body += chunk
+        return bytes(body)
 
     async def _relay_response(
-        self, plan: Plan, upstream: aiohttp.ClientResponse, watchdog: Watchdog
+        self,
+        plan: Plan,
+        upstream: UpstreamResponse,
+        watchdog: Watchdog,
+        attempt: Attempt,
+        prefix: bytes,
+        can_switch: bool,
     ) -> web.StreamResponse:
         record, loop = self.record, self.loop
         now = loop.time()
         record.upstream_headers_at = now
         record.upstream_status = upstream.status
-        check_response_head(
-            upstream.status,
-            upstream.reason,
-            upstream.headers.items(),
-            plan.route.upstream_name,
-            event_stream=upstream.content_type == "text/event-stream",
-        )
-        self.framing = FramingWatch(upstream)
+        record.upstream = attempt.upstream
         self.state.metrics.upstream_connection_opened()
         try:
-            sse = upstream.content_type == "text/event-stream"
+            sse = upstream.event_stream
             plan.deadlines.response_started(now, sse=sse)
             watchdog.rearm()
+            if self.response is not None and not (sse and upstream.status < 300):
+                # A fallback after headers went out (a stream that failed before content):
+                # only another stream can continue it.
+                raise AttemptFailed(
+                    AttemptResult.SERVER_ERROR
+                    if upstream.status >= 500
+                    else AttemptResult.CLIENT_ERROR,
+                    UpstreamFailed(
+                        f'upstream "{attempt.upstream}" answered {upstream.status} '
+                        "after the stream had begun"
+                    ),
+                )
             filtering = sse and plan.usage_filter is not None
-            response = web.StreamResponse(
+            self._pending = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(
                     upstream.headers, request_id=record.request_id, keep_length=not filtering
                 ),
             )
-            record.status = upstream.status
-            self.response = response  # before prepare: a client gone mid-head still has one
-            await self._client_io(response.prepare(self.request))
+            # A stream that may still switch targets keeps its headers until content comes.
+            holding = sse and can_switch and upstream.status < 300
+            if not holding:
+                await self._commit()
             try:
                 if sse:
-                    await self._pump_sse(plan, upstream, response, watchdog)
+                    await self._pump_sse(plan, upstream, watchdog, attempt, holding)
                 else:
-                    await self._pump_body(plan, upstream, response)
+                    await self._pump_body(plan, upstream, prefix)
             except asyncio.CancelledError:
-                # Client gone (or our deadline): note when, then let `async with` close the
+                # Client gone (or our deadline): note when, then let the attempt close the
                 # upstream. In drain mode, first read on for exact usage.
                 gone = watchdog.fired is None and not self.state.hard_stopping
                 if gone and record.client_gone_at is None:
@@ -306,42 +466,68 @@ class Exchange:
                             record.upstream_wait_s += loop.time() - drain_at
                 raise
             plan.deadlines.done()
+            assert self.response is not None
+            response = self.response
             await self._client_io(response.write_eof())
         finally:
             self.state.metrics.upstream_connection_closed()
-        tracker = self.tracker
-        settle_relayed(
-            record,
-            upstream.status,
-            stream_error=None if tracker is None else tracker.error,
-            stream_terminated=None if tracker is None else tracker.terminated,
+        status = upstream.status
+        failed = status >= 500 or status == 429
+        attempt.delivered = True
+        if self.tracker is not None and self.tracker.error is not None:
+            # A 200 stream that ended in an in-band error event: the upstream failed.
+            failed = True
+            record.error_type = "upstream_error"
+            record.error_message = self.tracker.error[:500]
+        attempt.end(
+            AttemptResult.OK if not failed else (status_result(status) or AttemptResult.CUT),
+            loop.time(),
         )
+        record.settle(Outcome.UPSTREAM_ERROR if failed else Outcome.COMPLETED)
         return response
+
+    async def _commit(self) -> web.StreamResponse:
+        """Send the response headers held for the current attempt (once per request)."""
+        if self.response is None:
+            pending = self._pending
+            assert pending is not None
+            self.record.status = pending.status
+            await self._client_io(pending.prepare(self.request))
+            self.response = pending
+        return self.response
 
     async def _pump_sse(
         self,
         plan: Plan,
-        upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse,
+        upstream: UpstreamResponse,
         watchdog: Watchdog,
+        attempt: Attempt,
+        holding: bool,
     ) -> None:
         record, deadlines = self.record, plan.deadlines
         decoder = self.decoder = SSEDecoder()
         tracker = self.tracker = StreamUsageTracker(plan.facts)
         chunk_filter = plan.usage_filter
+        # Events of this attempt not yet sent: before its first content, while a switch to
+        # another target is still possible, nothing but keep-alive comments goes out.
+        held: list[bytes] | None = [] if holding else None
+        malformed = 0
         while True:
-            chunk, now = await self._read_upstream(plan, upstream)
+            chunk, now = await self._read_upstream(upstream)
             if not chunk:
                 events = decoder.flush()
                 self.framing.check_end(plan.route.upstream_name, mid_event=bool(events))
             else:
                 events = decoder.feed(chunk)
                 if decoder.buffered > _MAX_SSE_EVENT:
-                    raise UpstreamFailed(
-                        f'upstream "{plan.route.upstream_name}" sent an SSE event over '
-                        f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
+                    raise AttemptFailed(
+                        AttemptResult.STREAM_ERROR,
+                        UpstreamFailed(
+                            f'upstream "{attempt.upstream}" sent an SSE event over '
+                            f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
+                        ),
                     )
-            out: list[bytes] | None = [] if chunk_filter is not None else None
+            out: list[bytes] = []
             for event in events:
                 kind = tracker.feed(event)
                 if kind is EventKind.CONTENT:
@@ -349,24 +535,59 @@ class Exchange:
                     deadlines.content(now)
                     if record.first_token_at is None:
                         record.first_token_at = now
+                    if attempt.first_token_at is None:
+                        attempt.first_token_at = now
                         # The stream enters the idle phase: its deadline may be the first
                         # one armed (when first_token_s is off).
                         watchdog.rearm()
-                if out is not None and chunk_filter is not None:
-                    out.append(chunk_filter.client_bytes(event, kind))
-            data = chunk if out is None else b"".join(out)
-            data = self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
+                elif tracker.malformed_events > malformed:
+                    # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
+                    malformed = tracker.malformed_events
+                    continue
+                data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
+                if held is not None:
+                    if kind is EventKind.ERROR:
+                        raise AttemptFailed(
+                            AttemptResult.STREAM_ERROR,
+                            UpstreamFailed(
+                                f'upstream "{attempt.upstream}" failed the stream before any '
+                                f"content: {(tracker.error or '')[:200]}"
+                            ),
+                        )
+                    if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                        out.extend(held)
+                        held = None
+                    elif event.comment:
+                        if self.response is not None:
+                            out.append(data)  # headers are out already: keep-alives pass
+                        continue
+                    else:
+                        held.append(data)
+                        continue
+                out.append(data)
+            if held is not None and not chunk:
+                # The stream ended with no content and no end marker: cut before content.
+                raise AttemptFailed(
+                    AttemptResult.STREAM_ERROR,
+                    UpstreamFailed(
+                        f'upstream "{attempt.upstream}" ended the stream before any content'
+                    ),
+                )
+            data = b"".join(out)
             if data:
+                response = await self._commit()
                 await self._client_io(response.write(data))
                 record.bytes_to_client += len(data)
                 self.delivered_tokens = tracker.generated_tokens
+                if attempt.first_token_at is not None:
+                    self.content_sent = True
             if not chunk:
                 return
 
-    async def _pump_body(
-        self, plan: Plan, upstream: aiohttp.ClientResponse, response: web.StreamResponse
-    ) -> None:
+    async def _pump_body(self, plan: Plan, upstream: UpstreamResponse, prefix: bytes) -> None:
         record, deadlines = self.record, plan.deadlines
+        response = self.response
+        assert response is not None
         keep_copy = (
             plan.facts.endpoint != "other"
             and upstream.status < 300
@@ -374,9 +595,14 @@ class Exchange:
         )
         if keep_copy:
             self.json_body = bytearray()
-            self.content_encoding = upstream.headers.get("content-encoding")
+            self.content_encoding = upstream.content_encoding
+        first = True
         while True:
-            chunk, now = await self._read_upstream(plan, upstream)
+            if first and prefix:
+                chunk, now = prefix, self.loop.time()
+            else:
+                chunk, now = await self._read_upstream(upstream)
+            first = False
             if not chunk:
                 self.framing.check_end(plan.route.upstream_name)
                 if held := self.scrubber.flush():
@@ -390,20 +616,15 @@ class Exchange:
                     self.json_body = None  # too big to account; usage will be estimated
             await self._client_io(response.write(self.scrubber.feed(chunk)))
             record.bytes_to_client += len(chunk)
+            self.content_sent = True
 
-    async def _read_upstream(
-        self, plan: Plan, upstream: aiohttp.ClientResponse
-    ) -> tuple[bytes, float]:
+    async def _read_upstream(self, upstream: UpstreamResponse) -> tuple[bytes, float]:
         """The next body chunk (b"" at the end) and when it came; the wait is the upstream's."""
         loop = self.loop
         before = loop.time()
-        try:
-            chunk = await upstream.content.readany()
-        except BODY_ERRORS as exc:
-            raise map_body_error(exc, plan.route.upstream_name) from exc
-        finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
-            now = loop.time()
-            self.record.upstream_wait_s += now - before
+        chunk = await upstream.read()
+        now = loop.time()
+        self.record.upstream_wait_s += now - before
         return chunk, now
 
     async def _stop_background_work(self) -> None:
@@ -419,18 +640,15 @@ class Exchange:
         if plan.route.options.on_disconnect_background == "keep":
             self.record.background = BackgroundCancel.KEPT
             return
-        headers = plan.headers
+        target = self.target if self.target is not None else plan.targets[0]
+        headers = target.headers
         if plan.route.options.deadline_header:
             # The stream's remaining-budget header is stale by now; the cancel has its own bound.
             headers = headers.copy()
             headers.popall(plan.route.options.deadline_header, None)
-        called_at = self.loop.time()
-        try:
-            self.record.background = await cancel_background(
-                self.state.upstreams, plan.route.upstream.base_url, response_id, headers
-            )
-        finally:
-            self.record.upstream_wait_s += self.loop.time() - called_at
+        self.record.background = await cancel_background(
+            self.state.upstreams, target.target.upstream.base_url, response_id, headers
+        )
 
     async def _client_io(self, write: object) -> None:
         """Await a write to the client; a failed write means the client is gone."""
@@ -463,7 +681,7 @@ class Exchange:
             return self._error_response(err)
         self.record.error_type = err.error_type
         self.record.error_message = err.message
-        if self.record.upstream_headers_at is not None and self.tracker is not None:
+        if response.content_type == "text/event-stream":
             # Mid-stream: one in-band error event (the SDKs raise it as APIError), then end.
             written_at = self.loop.time()
             try:

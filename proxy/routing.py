@@ -10,6 +10,16 @@ from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One place a route's request may go: the primary upstream or a fallback."""
+
+    upstream_name: str
+    upstream: UpstreamConfig
+    model: str | None = None  # rename the request's model for this target (None: as sent)
+    long_context: bool = False  # takes requests refused with context_length_exceeded
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path_prefix: str
@@ -18,6 +28,12 @@ class Route:
     upstream_name: str
     upstream: UpstreamConfig
     options: RouteOptions
+    fallbacks: tuple[Target, ...] = ()
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """The primary first, then the fallbacks in their configured order."""
+        return (Target(self.upstream_name, self.upstream), *self.fallbacks)
 
     def matches(self, path: str, model: str | None) -> bool:
         if not path.startswith(self.path_prefix):
@@ -41,6 +57,10 @@ class Router:
                 upstream_name=route.upstream,
                 upstream=config.upstreams[route.upstream],
                 options=options,
+                fallbacks=tuple(
+                    Target(f.upstream, config.upstreams[f.upstream], f.model, f.long_context)
+                    for f in route.fallbacks
+                ),
             )
             for route, options in config.route_options()
         )

@@ -14,11 +14,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from proxy.accounting import Accountant
+from proxy.attempts import Attempt
 from proxy.auth import Auth
 from proxy.config import HangupConfig
 from proxy.logs import access_fields
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome, RequestRecord
+from proxy.resilience.circuit import Circuit, Circuits
 from proxy.routing import Router
 from proxy.upstream import Upstreams
 
@@ -51,7 +53,9 @@ class ProxyState:
             routes=[r.name for r in self.router.routes],
             configured_models=configured_models,
             registry=registry,
+            upstreams=config.upstreams,
         )
+        self.circuits = Circuits()
         # The tasks of requests in progress. A task is aiohttp's per-connection handler task,
         # which outlives its request on keep-alive connections: wait with `wait_idle`, not on
         # the tasks.
@@ -78,6 +82,11 @@ class ProxyState:
     async def wait_idle(self) -> None:
         """Until no request is in progress."""
         await self._idle.wait()
+
+    def resilience_observed(self, route: str, attempt: Attempt, circuit: Circuit) -> None:
+        """An attempt ended: publish its upstream's circuit state (the attempt itself is counted
+        from the finished record)."""
+        self.metrics.circuit_changed(attempt.upstream, circuit.state)
 
     def finish(self, record: RequestRecord, exchange: Exchange | None = None) -> None:
         """The single exit of every request: accounting, metrics, access log, listeners.

@@ -132,6 +132,12 @@ class Deadlines:
         self.phase = Phase.CONNECT
         self._phase_deadline = self._after(now, self.budget.connect_s)
 
+    def next_target(self, now: float) -> None:
+        """A fallback attempt begins: it gets its own connect, headers and first-token time
+        (the previous target used up its share); only `total` is one budget for them all."""
+        self.connecting(now)
+        self._first_token_at = self._after(now, self.budget.first_token_s)
+
     def backing_off(self) -> None:
         """Waiting before a retry: only first_token (streams) and total run."""
         self.phase = Phase.BACKOFF

@@ -1,8 +1,30 @@
-"""The one seam to upstream servers: owns the aiohttp ClientSession and maps aiohttp's client
-exceptions to our error vocabulary once, here.
+"""The one seam to upstream servers: owns the aiohttp ClientSession and its connection pool,
+maps aiohttp's client exceptions to ours once, here, and decides the one case where a request
+may be sent again on another connection. The relay speaks only this module's types:
+`Upstreams.attempt(...)` -> `OpenAttempt`, whose `start()` gives an `UpstreamResponse` (status,
+headers, is-event-stream, `read()` chunks) and whose `close()` / `abort()` end it.
 
-Closing is structural: leaving the `async with` around a request by cancellation or exception
-closes the socket at once (aiohttp never pools a connection whose body was not read to EOF).
+Closing is structural: cancelling `start()` or `read()` and then `close()` closes the socket at
+once (aiohttp never pools a connection whose body was not read to EOF).
+
+## When a request is sent twice (never, if the upstream may have started it)
+
+An upstream may close an idle keep-alive connection at any moment (llama-server closes after
+every stream while advertising keep-alive; load balancers close after their idle timeout). The
+rule, in two parts:
+
+1. **Before reuse**, a pooled connection is checked without blocking: if its socket is readable
+   (a FIN, a reset or stray bytes are waiting), the upstream closed it while it was idle; it is
+   dropped and another taken. Nothing was sent on it. (urllib3's `is_connection_dropped`, Go's
+   `errServerClosedIdle`.)
+2. **After sending** on a reused connection, a close or reset with no response byte means the
+   request is resent once on a fresh connection only when it came within `RESEND_WINDOW_S` of the
+   request being written: the upstream's close crossed our request on the wire, so it closed
+   without having read it. Any later close (after a silent wait) may follow work the upstream
+   has begun and billed: it is never resent here; it is an attempt failure, which the relay's
+   policy may fail over to another target but never repeats on this one at once.
+
+Fresh connections are never resent: a failure there is the upstream's answer.
 """
 
 from __future__ import annotations
@@ -10,9 +32,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import os
+import select
 import socket
 import struct
+import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -20,27 +43,49 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.attempts import AttemptResult
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
 
 log = logging.getLogger("hangup.upstream")
 
 _LARGE_BODY = 1024 * 1024
+# A close that comes this soon after our request was written crossed it on the wire: the
+# upstream closed the idle connection before reading what we sent (see the module doc). About
+# one LAN round trip plus scheduling slack on a busy loop; the silent waits after which a
+# resend would duplicate work are seconds to minutes, three orders of magnitude longer.
+RESEND_WINDOW_S = 0.05
+
+
+class AttemptFailed(Exception):
+    """An attempt failed at the upstream: `result` says how (for the failover policy), `error`
+    is what the client gets if nothing else is tried."""
+
+    def __init__(self, result: AttemptResult, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.result = result
+        self.error = error
 
 
 @dataclass(slots=True)
-class AttemptHooks:
-    """Passed to aiohttp's tracing as `trace_request_ctx`: tells the relay when the request
-    headers went out (the end of the connect phase, the start of the headers phase)."""
+class _AttemptHooks:
+    """Passed to aiohttp's tracing as `trace_request_ctx` and through a context variable to the
+    connector: what happened on the wire during one send."""
 
     on_headers_sent: Callable[[], None]
-    on_connection: Callable[[], None] = field(default=lambda: None)
-    transport: asyncio.Transport | None = None  # of the current attempt, once connected
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport | None = None  # of the current send, once connected
+    reused: bool = False  # the connection came from the pool
+    sent_at: float | None = None  # when the request headers were written
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.transport, self.reused, self.sent_at = None, False, None
 
     def abort(self) -> None:
-        """Close the attempt's socket *now*, with a reset.
+        """Close the socket *now*, with a reset.
 
         aiohttp closes an abandoned connection with `transport.close()`, which keeps the socket
         open until unsent request-body bytes are flushed: against an upstream that reads a big
@@ -57,13 +102,40 @@ class AttemptHooks:
                 pass  # already closed: nothing left to reset
         transport.abort()
 
+    def may_resend(self, exc: Exception) -> bool:
+        """Part 2 of the resend rule (module doc): a reused connection failed before any
+        response byte, within RESEND_WINDOW_S of our request being written (or before it was)."""
+        if not self.reused or isinstance(exc, aiohttp.ClientConnectorError):
+            return False
+        if not isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+            return False
+        return self.sent_at is None or self.loop.time() - self.sent_at <= RESEND_WINDOW_S
 
-# The attempt the current task is making: lets the connector hand its transport to the relay.
-_ATTEMPT: ContextVar[AttemptHooks | None] = ContextVar("hangup_attempt", default=None)
+
+# The send the current task is making: lets the connector hand its transport to the attempt.
+_HOOKS: ContextVar[_AttemptHooks | None] = ContextVar("hangup_attempt", default=None)
+
+
+def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
+    """Part 1 of the resend rule: an idle pooled socket with anything to read (EOF, a reset,
+    stray bytes) was closed or broken by the upstream while it sat in the pool."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 class _Connector(aiohttp.TCPConnector):
-    """A TCPConnector that tells the current attempt which transport it got."""
+    """A TCPConnector that checks a pooled connection before reuse and tells the current
+    attempt which transport it got and whether it was reused."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._used: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def connect(
         self,
@@ -71,10 +143,21 @@ class _Connector(aiohttp.TCPConnector):
         traces: Any,
         timeout: Any,  # noqa: ASYNC109 (aiohttp's own signature)
     ) -> aiohttp.connector.Connection:
-        connection = await super().connect(req, traces, timeout)
-        hooks = _ATTEMPT.get()
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol, transport = connection.protocol, connection.transport
+            reused = protocol in self._used
+            if reused and transport is not None and _closed_while_idle(transport):
+                log.debug("dropping a pooled upstream connection the upstream closed while idle")
+                connection.close()
+                continue
+            break
+        if protocol is not None:
+            self._used.add(protocol)
+        hooks = _HOOKS.get()
         if hooks is not None:
             hooks.transport = connection.transport
+            hooks.reused = reused
         return connection
 
 
@@ -82,16 +165,123 @@ async def _headers_sent(
     session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
 ) -> None:
     hooks = ctx.trace_request_ctx
-    if isinstance(hooks, AttemptHooks):
+    if isinstance(hooks, _AttemptHooks):
+        hooks.sent_at = hooks.loop.time()
         hooks.on_headers_sent()
 
 
-async def _connection_created(
-    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
-) -> None:
-    hooks = ctx.trace_request_ctx
-    if isinstance(hooks, AttemptHooks):
-        hooks.on_connection()
+class UpstreamResponse:
+    """An upstream's answer once its headers arrived: the relay's only view of it."""
+
+    __slots__ = ("_response", "_upstream", "content_encoding", "content_type", "headers")
+
+    def __init__(self, response: aiohttp.ClientResponse, upstream: str) -> None:
+        self._response = response
+        self._upstream = upstream
+        self.headers: CIMultiDictProxy[str] = response.headers
+        self.content_type = response.content_type
+        self.content_encoding = response.headers.get("content-encoding")
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def reason(self) -> str | None:
+        return self._response.reason
+
+    @property
+    def event_stream(self) -> bool:
+        return self.content_type == "text/event-stream"
+
+    async def read(self) -> bytes:
+        """The next body chunk as it came off the socket; b"" at the end. A broken body raises
+        `AttemptFailed(STREAM_ERROR)` (the relay decides whether that was before content)."""
+        try:
+            return await self._response.content.readany()
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            raise AttemptFailed(
+                AttemptResult.STREAM_ERROR,
+                UpstreamFailed(
+                    f'upstream "{self._upstream}" response was cut off ({type(exc).__name__})'
+                ),
+            ) from exc
+
+
+class OpenAttempt:
+    """One attempt: `await start()` sends the request and waits for the response headers;
+    `await close()` ends it (always call it, in a `finally`). Cancelling `start()` resets the
+    connection at once."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: str,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes,
+        on_headers_sent: Callable[[], None],
+    ) -> None:
+        self._session = session
+        self.upstream = upstream
+        self._method, self._url, self._headers, self._body = method, url, headers, body
+        self._hooks = _AttemptHooks(on_headers_sent, asyncio.get_running_loop())
+        self._response: aiohttp.ClientResponse | None = None
+        self.resent = False
+
+    async def start(self) -> UpstreamResponse:
+        for first in (True, False):
+            try:
+                self._response = await self._send()
+                return UpstreamResponse(self._response, self.upstream)
+            except asyncio.CancelledError:
+                self._hooks.abort()  # the body may still be in flight: reset, don't flush
+                raise
+            except (aiohttp.ClientError, OSError) as exc:
+                if first and self._hooks.may_resend(exc):
+                    self.resent = True
+                    log.info(
+                        'upstream "%s" closed a pooled connection as the request went out; '
+                        "resending on a new connection",
+                        self.upstream,
+                    )
+                    continue
+                raise _map_open_error(exc, self.upstream) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(self) -> aiohttp.ClientResponse:
+        hooks = self._hooks
+        hooks.reset()
+        _HOOKS.set(hooks)
+        body = self._body
+        data: bytes | io.BytesIO | None = body or None
+        if len(body) > _LARGE_BODY:
+            # Written in chunks rather than in one transport write that holds up the loop.
+            data = io.BytesIO(body)
+        response: aiohttp.ClientResponse = await self._session.request(
+            self._method,
+            self._url,
+            headers=self._headers,
+            data=data,
+            allow_redirects=False,
+            trace_request_ctx=hooks,
+        )
+        return response
+
+    def abort(self) -> None:
+        """Reset the connection now (no flush of unsent request bytes)."""
+        self._hooks.abort()
+        if self._response is not None:
+            self._response.close()
+
+    async def close(self) -> None:
+        """Release a finished response to the pool; close an unfinished one at once."""
+        response, self._response = self._response, None
+        if response is None:
+            return
+        response.release()
+        await response.wait_for_close()
 
 
 class Upstreams:
@@ -101,7 +291,6 @@ class Upstreams:
     async def start(self) -> None:
         trace = aiohttp.TraceConfig()
         trace.on_request_headers_sent.append(_headers_sent)
-        trace.on_connection_create_end.append(_connection_created)
         self._session = aiohttp.ClientSession(
             # limit=0: the default of 100 would queue the 101st concurrent stream.
             connector=_Connector(limit=0, ttl_dns_cache=60),
@@ -125,32 +314,23 @@ class Upstreams:
     def ready(self) -> bool:
         return self._session is not None and not self._session.closed
 
-    def request(
+    def attempt(
         self,
+        upstream: str,
         method: str,
         url: URL,
         *,
         headers: CIMultiDict[str],
         body: bytes,
-        hooks: AttemptHooks,
-    ) -> Any:
-        """An aiohttp request context manager; use with `async with`."""
+        on_headers_sent: Callable[[], None],
+    ) -> OpenAttempt:
+        """A new attempt at `upstream` (its name, for messages); nothing is sent until start()."""
         if self._session is None:
-            raise UpstreamUnreachable("the upstream client is not running")
-        hooks.transport = None
-        _ATTEMPT.set(hooks)
-        data: bytes | io.BytesIO | None = body or None
-        if len(body) > _LARGE_BODY:
-            # Written in chunks rather than in one transport write that holds up the loop.
-            data = io.BytesIO(body)
-        return self._session.request(
-            method,
-            url,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            trace_request_ctx=hooks,
-        )
+            raise AttemptFailed(
+                AttemptResult.CONNECT_ERROR,
+                UpstreamUnreachable("the upstream client is not running"),
+            )
+        return OpenAttempt(self._session, upstream, method, url, headers, body, on_headers_sent)
 
     async def post_empty(self, url: URL, headers: CIMultiDict[str]) -> tuple[int, bytes]:
         """A small control call (e.g. a background cancel): status and body."""
@@ -160,34 +340,32 @@ class Upstreams:
             return response.status, await response.read()
 
 
-def map_open_error(exc: Exception, upstream: str) -> ProxyError:
+def _map_open_error(exc: Exception, upstream: str) -> AttemptFailed:
     """An exception raised while sending the request or awaiting response headers."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        # strerror can quote the address ("Connect call failed ('10.0.0.1', 443)"): by errno.
-        errno = exc.os_error.errno
-        reason = os.strerror(errno) if errno else type(exc.os_error).__name__
-        # The address is for the operator's log, not for the client's error body.
-        log.warning(
-            'cannot connect to upstream "%s" (%s:%s): %s', upstream, exc.host, exc.port, reason
+        return AttemptFailed(
+            AttemptResult.CONNECT_ERROR,
+            UpstreamUnreachable(
+                f'cannot connect to upstream "{upstream}" ({exc.host}:{exc.port}): '
+                f"{exc.os_error.strerror or type(exc.os_error).__name__}"
+            ),
         )
         return UpstreamUnreachable(f'cannot connect to upstream "{upstream}": {reason}')
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return UpstreamFailed(f'upstream "{upstream}" closed the connection without a response')
+        return AttemptFailed(
+            AttemptResult.RESET,
+            UpstreamFailed(f'upstream "{upstream}" closed the connection without a response'),
+        )
     if isinstance(exc, aiohttp.ClientResponseError):
-        return UpstreamFailed(f'upstream "{upstream}" sent an invalid HTTP response')
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        return UpstreamFailed(f'upstream "{upstream}" connection failed: {type(exc).__name__}')
-    return UpstreamFailed(f'upstream "{upstream}" request failed: {type(exc).__name__}')
+        return AttemptFailed(
+            AttemptResult.INVALID_RESPONSE,
+            UpstreamFailed(f'upstream "{upstream}" sent an invalid HTTP response'),
+        )
+    return AttemptFailed(
+        AttemptResult.RESET,
+        UpstreamFailed(f'upstream "{upstream}" connection failed: {type(exc).__name__}'),
+    )
 
 
-def map_body_error(exc: Exception, upstream: str) -> ProxyError:
-    """An exception raised while reading the response body."""
-    return UpstreamFailed(f'upstream "{upstream}" response was cut off ({type(exc).__name__})')
-
-
+# For control calls made outside an attempt (background cancels).
 OPEN_ERRORS: tuple[type[Exception], ...] = (aiohttp.ClientError, OSError)
-BODY_ERRORS: tuple[type[Exception], ...] = (
-    aiohttp.ClientError,
-    OSError,
-    asyncio.IncompleteReadError,
-)

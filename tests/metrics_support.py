@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.attempts import Attempt, AttemptResult
 from proxy.config import MetricsConfig
 from proxy.metrics import Metrics
 from proxy.outcome import (
@@ -20,6 +21,7 @@ from proxy.outcome import (
 )
 
 ROUTES = ("chat", "batch")
+UPSTREAMS = ("primary", "fallback")
 PRICED_MODEL = "gpt-4o-mini"
 UNPRICED_MODEL = "llama-3.1-8b"
 CONFIGURED_MODELS = (PRICED_MODEL,)
@@ -100,6 +102,11 @@ def coverage_workload() -> list[RequestRecord]:
             sdk_retry_count=1,
         ),
         make_record(
+            # Its primary failed before content; the fallback answered.
+            attempts=[
+                Attempt("primary", PRICED_MODEL, 1000.0, result=AttemptResult.SERVER_ERROR),
+                Attempt("fallback", PRICED_MODEL, 1000.1, "fallback", result=AttemptResult.OK),
+            ],
             usage=Usage(prompt_tokens=100, completion_tokens=80, reasoning_tokens=30),
             cost=Cost(used_usd=0.0004),
             first_token_at=1001.0,

@@ -100,4 +100,4 @@ def test_docs_describe_every_metric_and_bound() -> None:
     docs = (ROOT / "docs" / "metrics.md").read_text()
     missing = [spec.name for spec in schema.ALL if f"`{spec.name}`" not in docs]
     assert not missing
-    assert f"{schema.series_bound(1, 0, 50):,}" in docs
+    assert f"{schema.series_bound(1, 0, 50, 1):,}" in docs

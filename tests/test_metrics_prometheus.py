@@ -26,7 +26,7 @@ from pydantic import SecretStr
 from proxy.config import MetricsConfig
 from proxy.metrics import Metrics, authorized
 from tests import metrics_workload as w
-from tests.metrics_support import coverage_workload, new_metrics
+from tests.metrics_support import UPSTREAMS, coverage_workload, new_metrics
 from tests.prometheus_support import (
     ALERTS,
     ALERTS_TEST,
@@ -98,7 +98,7 @@ async def _feed(metrics: Metrics) -> None:
 @contextlib.asynccontextmanager
 async def fed_target(aiohttp_server: Any) -> AsyncIterator[int]:
     """A /metrics endpoint (bearer token required) over a continuously fed facade; its port."""
-    metrics = new_metrics()
+    metrics = new_metrics(upstreams=UPSTREAMS)
     config = MetricsConfig(bearer_token=SecretStr(SCRAPE_TOKEN))
 
     async def scrape(request: web.Request) -> web.Response:

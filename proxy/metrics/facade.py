@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.config import MetricsConfig
 from proxy.outcome import RequestRecord
+from proxy.resilience.circuit import CircuitState
 
 from . import schema
 from .labels import NONE, BoundedLabel, endpoint_shaped, model_shaped, status_class
@@ -82,8 +83,10 @@ class Metrics:
         routes: Iterable[str],
         configured_models: Iterable[str],
         registry: CollectorRegistry | None = None,
+        upstreams: Iterable[str] = (),
     ) -> None:
         self._routes = frozenset(routes)
+        self._upstreams = frozenset(upstreams)
         # Configured names are trusted; names seen in traffic must earn a slot (see `_model_for`).
         self._models = BoundedLabel(configured_models, config.max_models, model_shaped)
         self._endpoints = BoundedLabel((), schema.MAX_ENDPOINTS, endpoint_shaped)
@@ -139,6 +142,9 @@ class Metrics:
         self._cancel_propagation = histogram(schema.CANCEL_PROPAGATION)
         self._in_flight = gauge(schema.IN_FLIGHT)
         self._upstream_connections = gauge(schema.UPSTREAM_CONNECTIONS)
+        self._attempts = counter(schema.ATTEMPTS)
+        self._fallbacks = counter(schema.FALLBACKS)
+        self._circuit = gauge(schema.CIRCUIT)
         build_info = gauge(schema.BUILD_INFO)
         build_info.labels(version=__version__).set(1)
 
@@ -148,6 +154,9 @@ class Metrics:
             for phase in schema.PHASES:
                 self._timeouts.labels(route, phase)
             self._sdk_retries.labels(route)
+            self._fallbacks.labels(route)
+        for upstream in self._upstreams:
+            self.circuit_changed(upstream, CircuitState.CLOSED)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -174,6 +183,12 @@ class Metrics:
             self._sdk_retries.labels(route).inc()
         if record.background is not None:
             self._background.labels(route, record.background.value).inc()
+        for attempt in record.attempts:
+            # Configured upstream names only: a closed label set.
+            if attempt.result is not None and attempt.upstream in self._upstreams:
+                self._attempts.labels(attempt.upstream, attempt.result.value).inc()
+            if attempt.reason == "fallback" and route in self._routes:
+                self._fallbacks.labels(route).inc()
 
         usage = record.usage
         self._add(self._tokens, (*rm, "prompt"), usage.prompt_tokens)
@@ -205,6 +220,12 @@ class Metrics:
         self._observe(self._ttft, rm, record.ttft_s)
         self._observe(self._overhead, (route,), record.overhead_s)
         self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
+
+    def circuit_changed(self, upstream: str, state: CircuitState) -> None:
+        if upstream not in self._upstreams:
+            return
+        for value in schema.CIRCUIT_STATES:
+            self._circuit.labels(upstream, value).set(1 if value == state.value else 0)
 
     def upstream_connection_opened(self) -> None:
         self._upstream_connections.inc()

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from proxy.attempts import AttemptResult
 from proxy.outcome import BackgroundCancel, Outcome, TimeoutKind
+from proxy.resilience.circuit import CircuitState
 
 from .labels import STATUS_CLASSES
 
@@ -23,6 +25,8 @@ OUTCOMES: tuple[str, ...] = (*(o.value for o in Outcome), UNSETTLED)
 PHASES: tuple[str, ...] = tuple(k.value for k in TimeoutKind)
 BACKGROUND_RESULTS: tuple[str, ...] = tuple(b.value for b in BackgroundCancel)
 TOKEN_TYPES = ("prompt", "completion")
+ATTEMPT_RESULTS: tuple[str, ...] = tuple(r.value for r in AttemptResult)
+CIRCUIT_STATES: tuple[str, ...] = tuple(c.value for c in CircuitState)
 # Endpoint names are a closed set chosen by proxy/usage.py; this caps what the label can hold even
 # if that set grows, so the series arithmetic in docs/metrics.md stays true.
 MAX_ENDPOINTS = 16
@@ -218,6 +222,25 @@ UPSTREAM_CONNECTIONS = Spec(
     "gauge",
     "Upstream connections open now.",
 )
+ATTEMPTS = Spec(
+    "hangup_upstream_attempts_total",
+    "counter",
+    "Upstream attempts (first tries, retries, fallbacks), by upstream and how each ended.",
+    ("upstream", "attempt_result"),
+)
+FALLBACKS = Spec(
+    "hangup_fallbacks_total",
+    "counter",
+    "Times a request moved on to its route's next target after a failure before content.",
+    ("route",),
+)
+CIRCUIT = Spec(
+    "hangup_circuit_state",
+    "gauge",
+    "1 for the state each upstream's circuit breaker is in now (closed, open, half_open).",
+    ("upstream", "state"),
+    mode="livemax",
+)
 BUILD_INFO = Spec(
     "hangup_build_info",
     "gauge",
@@ -250,13 +273,16 @@ ALL: tuple[Spec, ...] = (
     CANCEL_PROPAGATION,
     IN_FLIGHT,
     UPSTREAM_CONNECTIONS,
+    ATTEMPTS,
+    FALLBACKS,
+    CIRCUIT,
     BUILD_INFO,
 )
 
 SERIES_NAMES: frozenset[str] = frozenset(n for spec in ALL for n in spec.series_names)
 
 
-def series_bound(routes: int, configured_models: int, max_models: int) -> int:
+def series_bound(routes: int, configured_models: int, max_models: int, upstreams: int = 0) -> int:
     """The most series one process can export; docs/metrics.md walks through this sum.
 
     Every record-driven metric can also see route="none" (a request refused before routing), and
@@ -272,6 +298,9 @@ def series_bound(routes: int, configured_models: int, max_models: int) -> int:
         "phase": len(PHASES),
         "type": len(TOKEN_TYPES),
         "result": len(BACKGROUND_RESULTS),
+        "upstream": upstreams,
+        "attempt_result": len(ATTEMPT_RESULTS),
+        "state": len(CIRCUIT_STATES),
         "version": 1,
     }
     total = 0
@@ -279,6 +308,8 @@ def series_bound(routes: int, configured_models: int, max_models: int) -> int:
         children = 1
         for label in spec.labels:
             children *= sizes[label]
+        if spec is FALLBACKS:
+            children = routes  # only configured routes fail over; never route="none"
         per_child = len(spec.buckets) + 3 if spec.kind == "histogram" else 1
         total += children * per_child
     return total

@@ -74,6 +74,8 @@ class Api:
         self.default_tokens = default_tokens
         self.body_limit = body_limit
         self.stopping = False
+        # model -> behaviour spec: faults chosen per model, changed at run time (flapping).
+        self.faults: dict[str, str] = {}
 
     async def handle(self, request: web.BaseRequest, rec: RequestRecord) -> web.StreamResponse:
         end: End = "error"
@@ -178,6 +180,7 @@ class Api:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "you must provide a model parameter", param="model")
         rec.model = model
+        spec = spec or self.faults.get(model)
         try:
             b = parse_behaviour(spec or model)
         except BehaviourError as err:
@@ -236,9 +239,19 @@ class Api:
         if b.name is Name.SLOW_HEADERS:
             await asyncio.sleep(b.delay)
         elif b.name is Name.ERROR and b.after is None:
-            raise ApiError(b.status, error_message(b.status))
+            raise ApiError(
+                b.status, error_message(b.status), code=b.code, retry_after=b.retry_after
+            )
         elif b.name is Name.RESET and b.after == 0:
             return self._abort(request, rec)
+        elif b.name is Name.DROP:
+            await asyncio.sleep(b.delay)
+            if rec.connection is not None:
+                rec.connection.server_closing = True
+            transport = request.transport
+            if transport is not None:
+                transport.close()  # FIN after the request was read: no response at all
+            return web.Response(), "reset"
         return None
 
     async def _stream(

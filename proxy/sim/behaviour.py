@@ -28,8 +28,13 @@ Behaviours (``after=N`` always counts *content* chunks, never role, reasoning or
 - ``stall:after=N[,keepalive=K]``: N content chunks (default 0), then silence (or keep-alives)
   until the peer closes.
 - ``steady:interval=S``: one content chunk every S seconds (same as ``rate=1/S``).
-- ``error:status=C[,after=N]``: an OpenAI-shaped error with HTTP status C (default 500; 429 adds
-  ``retry-after: 1``). With ``after`` on a stream: N chunks, an in-band error event, end.
+- ``error:status=C[,after=N][,code=X][,retry_after=S]``: an OpenAI-shaped error with HTTP status
+  C (default 500). ``code`` sets the error's code (``context_length_exceeded``,
+  ``content_policy_violation``, ...). A 429 carries ``retry-after: S`` (default 1;
+  ``retry_after=none`` sends none). With ``after`` on a stream: N chunks, an in-band error event,
+  end.
+- ``drop:delay=S``: read the request, say nothing for S seconds (default 0), then close the
+  connection (FIN) without any response: an upstream that hangs up on a request it has read.
 - ``reset:after=N``: abort the TCP connection (RST) after N content chunks (0: before any byte).
 - ``malformed:after=N``: after N chunks one ``data: {not json`` event, then carry on normally.
 - ``truncate:after=N``: N content chunks, then the stream ends cleanly (the chunked body is
@@ -71,6 +76,7 @@ class Name(enum.StrEnum):
     EMPTY_DELTAS = "empty-deltas"
     REASONING = "reasoning"
     TOOL_CALL = "tool-call"
+    DROP = "drop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,8 @@ class Behaviour:
     body_rate: float | None = None  # slow-body, bytes/s
     empty_deltas: int = 0
     reasoning_tokens: int = 0
+    code: str | None = None  # error: the error object's code
+    retry_after: float | None = 1.0  # error 429: the retry-after header (None: not sent)
 
     def describe(self) -> dict[str, object]:
         """The name and the parameters that differ from the defaults (for records and logs)."""
@@ -108,7 +116,7 @@ _KEYS: dict[Name, frozenset[str]] = {
     Name.SLOW_FIRST_TOKEN: frozenset({"delay"}),
     Name.STALL: frozenset({"after"}),
     Name.STEADY: frozenset({"interval"}),
-    Name.ERROR: frozenset({"status", "after"}),
+    Name.ERROR: frozenset({"status", "after", "code", "retry_after"}),
     Name.RESET: frozenset({"after"}),
     Name.MALFORMED: frozenset({"after"}),
     Name.TRUNCATE: frozenset({"after"}),
@@ -116,6 +124,7 @@ _KEYS: dict[Name, frozenset[str]] = {
     Name.EMPTY_DELTAS: frozenset({"count"}),
     Name.REASONING: frozenset(),
     Name.TOOL_CALL: frozenset(),
+    Name.DROP: frozenset({"delay"}),
 }
 _NAMES = {n.value: n for n in Name}
 
@@ -200,6 +209,10 @@ def _build(name: Name, p: dict[str, str]) -> Behaviour:
         else (1000.0 if name is Name.SLOW_BODY else None),
         empty_deltas=(_int(p, "count") if "count" in p else 3) if name is Name.EMPTY_DELTAS else 0,
         reasoning_tokens=reasoning,
+        code=p.get("code"),
+        retry_after=None
+        if p.get("retry_after") == "none"
+        else (_num(p, "retry_after") if "retry_after" in p else 1.0),
     )
 
 

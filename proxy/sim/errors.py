@@ -30,8 +30,10 @@ class ApiError(Exception):
         *,
         param: str | None = None,
         code: str | None = None,
+        retry_after: float | None = 1.0,
     ) -> None:
         super().__init__(message)
+        self.retry_after = retry_after
         self.status = status
         self.message = message
         self.param = param
@@ -42,7 +44,9 @@ class ApiError(Exception):
 
     def headers(self) -> dict[str, str]:
         # Like OpenAI: a 429 tells the client when to come back (the SDK honours it).
-        return {"retry-after": "1"} if self.status == 429 else {}
+        if self.status != 429 or self.retry_after is None:
+            return {}
+        return {"retry-after": f"{self.retry_after:g}"}
 
 
 def error_payload(

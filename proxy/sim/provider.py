@@ -13,12 +13,15 @@ Control endpoints (not recorded as requests), for out-of-process users such as b
 - ``GET /_sim/connections[?limit=N]``: connection records (closed, then open);
 - ``GET /_sim/jobs``: background jobs and cancel calls;
 - ``GET /_sim/stats``: counts (open connections, active requests, totals, tokens);
-- ``POST /_sim/reset``: forget the history (in-flight requests stay recorded).
+- ``POST /_sim/reset``: forget the history (in-flight requests stay recorded);
+- ``POST /_sim/faults`` ``{"model": M, "behaviour": SPEC | null}``: requests for model M behave as
+  SPEC (see `behaviour.py`) until cleared; the flapping-upstream switch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +30,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.sim.api import Api
 from proxy.sim.background import BackgroundJob, CancelCall, JobStore
+from proxy.sim.behaviour import parse_behaviour
 from proxy.sim.formats import dumps
 from proxy.sim.recorder import Recorder
 from proxy.sim.records import ClosedBy, ConnectionRecord, RequestRecord
@@ -228,6 +232,15 @@ class SimulatedProvider:
         """The background job once it has ended (completed, incomplete, cancelled, failed)."""
         return await self.jobs_store.wait_done(response_id, timeout)
 
+    def set_fault(self, model: str, behaviour: str | None) -> None:
+        """Requests for `model` behave as `behaviour` (a model-string spec such as
+        "error:status=503") until it is set to None: faults per model, flapping at run time."""
+        if behaviour is None:
+            self.api.faults.pop(model, None)
+        else:
+            parse_behaviour(behaviour)  # refuse a bad spec now, not on the next request
+            self.api.faults[model] = behaviour
+
     # -- control endpoints --------------------------------------------------------------------
 
     async def _control(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -250,6 +263,14 @@ class SimulatedProvider:
             }
         elif method == "GET" and path == "/_sim/stats":
             payload = self.stats()
+        elif method == "POST" and path == "/_sim/faults":
+            try:
+                body = json.loads(await request.read())
+                model, spec = body["model"], body.get("behaviour")
+            except (ValueError, KeyError, TypeError):
+                return _json(400, {"error": 'expected {"model": ..., "behaviour": ... | null}'})
+            self.set_fault(str(model), None if spec is None else str(spec))
+            payload = {"faults": dict(self.api.faults)}
         elif method == "POST" and path == "/_sim/reset":
             self.reset()
             payload = {"reset": True}
