@@ -34,6 +34,17 @@ async def sim(sim_tokens_per_s: float) -> AsyncIterator[SimulatedProvider]:
 
 
 @pytest.fixture
+async def backup() -> AsyncIterator[SimulatedProvider]:
+    """A second simulated provider: the fallback target of the resilience tests."""
+    provider = SimulatedProvider(tokens_per_s=200.0, default_tokens=16)
+    await provider.start(host="127.0.0.1", port=0)
+    try:
+        yield provider
+    finally:
+        await provider.stop()
+
+
+@pytest.fixture
 async def start_proxy() -> AsyncIterator[StartProxy]:
     started: list[ProxyServer] = []
 
