@@ -16,9 +16,13 @@ from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
 from proxy.routing import Route, Target
 from proxy.state import ProxyState
-from proxy.target import check_decoded_path, check_raw_target, upstream_url
-from proxy.timeouts import Budget, Deadlines, client_deadline
-from proxy.upstream_checks import ask_identity
+from proxy.timeouts import (
+    CLIENT_HEADERS_DEADLINE_HEADERS,
+    CLIENT_READ_GAP_HEADERS,
+    Budget,
+    Deadlines,
+    client_deadline,
+)
 from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
 
 JSON_TYPES = ("application/json",)
@@ -105,8 +109,15 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     announced = client_deadline(request.headers)
     if announced is not None:
         record.client_deadline_s = announced[0]
+    client_headers = client_deadline(request.headers, CLIENT_HEADERS_DEADLINE_HEADERS)
+    if client_headers is not None and record.client_deadline_s is None:
+        record.client_deadline_s = client_headers[0]
     budget = Budget.for_request(
-        options.timeouts, announced, honor_client_deadline=options.honor_client_deadline
+        options.timeouts,
+        announced,
+        honor_client_deadline=options.honor_client_deadline,
+        client_headers=client_headers,
+        read_gap=client_deadline(request.headers, CLIENT_READ_GAP_HEADERS),
     )
     deadlines = Deadlines(budget, record.started_at, watch_first_token=facts.stream)
     usage_filter: UsageChunkFilter | None = None

@@ -120,15 +120,16 @@ TIMEOUT_KEYS = ("connect_s", "headers_s", "first_token_s", "idle_s", "total_s")
 class TimeoutsConfig(_Model):
     """Five phases, seconds, `null` = off. See docs/timeouts.md for start points and responses.
 
-    The defaults leave room for reasoning models: a non-streaming answer arrives only after the
-    whole generation (headers_s), and a streamed one may think for minutes before its first
-    visible token (first_token_s). Tighten them per route, not globally.
+    The defaults leave room for reasoning models (a non-streaming answer arrives only after the
+    whole generation, headers_s; a streamed one may think before its first visible token,
+    first_token_s) while a silent upstream costs at most 2 minutes on a stream, 5 without.
+    With fallbacks, headers_s and first_token_s apply per attempt: tighten them per route.
     """
 
     connect_s: Seconds | None = 10.0
-    headers_s: Seconds | None = 600.0
-    first_token_s: Seconds | None = 300.0
-    idle_s: Seconds | None = 120.0
+    headers_s: Seconds | None = 300.0
+    first_token_s: Seconds | None = 120.0
+    idle_s: Seconds | None = 60.0
     total_s: Seconds | None = 3600.0
 
     def merged(self, override: TimeoutsConfig) -> TimeoutsConfig:
@@ -171,7 +172,8 @@ class RouteOptions(_Model):
     """Per-route behaviour. In `routes[]` every key is optional and inherits from `defaults`."""
 
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
-    # Cap the route's total at the client's own deadline (x-stainless-timeout, x-hangup-timeout).
+    # Apply the client's own deadlines: x-hangup-timeout caps total_s; the SDKs'
+    # x-stainless-timeout / x-stainless-read-timeout bound the wait for response headers.
     honor_client_deadline: bool = True
     # Let OpenAI SDKs retry our 504s (they do by default; we send x-should-retry: false).
     sdk_retry: bool = False

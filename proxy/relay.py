@@ -226,7 +226,11 @@ class Exchange:
                 if kind is None:
                     self._abandon(attempt, "client gone")
                     raise
-                if kind not in _PER_ATTEMPT or self.content_sent:
+                if (
+                    kind not in _PER_ATTEMPT
+                    or self.content_sent
+                    or deadlines.client_headers_expired(loop.time())
+                ):
                     self._abandon(attempt, f"{kind.value} deadline")
                     raise _DeadlineFired(kind) from None
                 attempt.end(AttemptResult.TIMEOUT, loop.time(), f"{kind.value} deadline")
@@ -494,6 +498,8 @@ class Exchange:
             self.record.status = pending.status
             await self._client_io(pending.prepare(self.request))
             self.response = pending
+            if self.plan is not None:
+                self.plan.deadlines.client_committed()
         return self.response
 
     async def _pump_sse(
@@ -513,7 +519,18 @@ class Exchange:
         held: list[bytes] | None = [] if holding else None
         malformed = 0
         while True:
-            chunk, now = await self._read_upstream(upstream)
+            commit_at = deadlines.client_commit_at() if held is not None else None
+            if commit_at is not None and self.response is None:
+                try:
+                    async with asyncio.timeout_at(commit_at):
+                        chunk, now = await self._read_upstream(upstream)
+                except TimeoutError:
+                    # The client's SDK gives up without response headers soon: send them now.
+                    # A switch stays invisible (it has seen headers only), so holding goes on.
+                    await self._commit()
+                    continue
+            else:
+                chunk, now = await self._read_upstream(upstream)
             if not chunk:
                 events = decoder.flush()
                 self.framing.check_end(plan.route.upstream_name, mid_event=bool(events))

@@ -26,15 +26,29 @@ from dataclasses import dataclass
 from proxy.config import TimeoutsConfig
 from proxy.outcome import TimeoutKind
 
-# Headers a client may use to tell us its own deadline, in seconds. x-stainless-timeout is sent
-# by the Stainless-generated OpenAI SDKs (Node); x-hangup-timeout is ours, for any client.
-CLIENT_DEADLINE_HEADERS = ("x-hangup-timeout", "x-stainless-timeout")
+# Headers a client may use to tell us its own deadline, in seconds, each meaning what its
+# sender means by it:
+# - x-hangup-timeout (ours, any client): the whole request; caps total_s.
+# - x-stainless-timeout (the Node SDK's `timeout`, whole seconds): its fetch is aborted if the
+#   response headers have not arrived by then; the body is not bounded. So it bounds the wait
+#   for *response headers*, never the stream.
+# - x-stainless-read-timeout (the Python SDK: httpx's read timeout): the longest gap between two
+#   reads, the first read included. It bounds the wait for response headers and caps idle_s.
+CLIENT_DEADLINE_HEADERS = ("x-hangup-timeout",)
+CLIENT_HEADERS_DEADLINE_HEADERS = ("x-stainless-timeout", "x-stainless-read-timeout")
+CLIENT_READ_GAP_HEADERS = ("x-stainless-read-timeout",)
+ALL_CLIENT_DEADLINE_HEADERS = (
+    *CLIENT_DEADLINE_HEADERS,
+    *CLIENT_HEADERS_DEADLINE_HEADERS,
+)
 
 
-def client_deadline(headers: Mapping[str, str]) -> tuple[float, str] | None:
-    """The tightest positive deadline the client announced, with the header it came from."""
+def client_deadline(
+    headers: Mapping[str, str], names: tuple[str, ...] = CLIENT_DEADLINE_HEADERS
+) -> tuple[float, str] | None:
+    """The tightest positive deadline the client announced in `names`, with its header."""
     best: tuple[float, str] | None = None
-    for name in CLIENT_DEADLINE_HEADERS:
+    for name in names:
         value = headers.get(name)
         if value is None:
             continue
@@ -49,9 +63,16 @@ def client_deadline(headers: Mapping[str, str]) -> tuple[float, str] | None:
     return best
 
 
+def client_margin(seconds: float) -> float:
+    """How long before a client's own headers deadline we answer: its 504 (or the held stream's
+    headers) must reach it before it gives up by itself."""
+    return min(0.5, 0.1 * seconds)
+
+
 @dataclass(frozen=True, slots=True)
 class Budget:
-    """The effective timeouts of one request: the route's policy, total capped by the client."""
+    """The effective timeouts of one request: the route's policy, capped by the client's own
+    deadlines (each where its SDK applies it; see CLIENT_*_HEADERS)."""
 
     connect_s: float | None
     headers_s: float | None
@@ -59,6 +80,10 @@ class Budget:
     idle_s: float | None
     total_s: float | None
     total_source: str | None = None  # None: the route; else the client header that capped it
+    # The client gives up unless response headers reach it within this many seconds.
+    client_headers_s: float | None = None
+    client_headers_source: str | None = None
+    idle_source: str | None = None  # the client header that capped idle_s, if one did
 
     @classmethod
     def for_request(
@@ -67,13 +92,28 @@ class Budget:
         client: tuple[float, str] | None,
         *,
         honor_client_deadline: bool,
+        client_headers: tuple[float, str] | None = None,
+        read_gap: tuple[float, str] | None = None,
     ) -> Budget:
         total, source = policy.total_s, None
+        idle, idle_source = policy.idle_s, None
+        if not honor_client_deadline:
+            client = client_headers = read_gap = None
         # A client deadline may only shorten the route's policy, never extend it.
-        if honor_client_deadline and client is not None and (total is None or client[0] < total):
+        if client is not None and (total is None or client[0] < total):
             total, source = client
+        if read_gap is not None and (idle is None or read_gap[0] < idle):
+            idle, idle_source = read_gap
         return cls(
-            policy.connect_s, policy.headers_s, policy.first_token_s, policy.idle_s, total, source
+            policy.connect_s,
+            policy.headers_s,
+            policy.first_token_s,
+            idle,
+            total,
+            source,
+            None if client_headers is None else client_headers[0],
+            None if client_headers is None else client_headers[1],
+            idle_source,
         )
 
     def seconds(self, kind: TimeoutKind) -> float | None:
@@ -100,6 +140,7 @@ class Deadlines:
     chunk costs one float store)."""
 
     __slots__ = (
+        "_client_headers_at",
         "_first_token_at",
         "_phase_deadline",
         "_total_at",
@@ -121,6 +162,10 @@ class Deadlines:
             None if budget.first_token_s is None else started + budget.first_token_s
         )
         self._phase_deadline = self._after(started, budget.connect_s)
+        self._client_headers_at: float | None = None
+        if budget.client_headers_s is not None:
+            d = budget.client_headers_s
+            self._client_headers_at = started + d - client_margin(d)
 
     @staticmethod
     def _after(start: float, seconds: float | None) -> float | None:
@@ -163,6 +208,20 @@ class Deadlines:
     def done(self) -> None:
         self.phase = Phase.DONE
 
+    def client_committed(self) -> None:
+        """Response headers went to the client: its headers deadline is met."""
+        self._client_headers_at = None
+
+    def client_commit_at(self) -> float | None:
+        """When a stream whose headers are held must send them, so that they reach the client
+        before its headers deadline (a little before the 504 would fire)."""
+        at, d = self._client_headers_at, self.budget.client_headers_s
+        return None if at is None or d is None else at - client_margin(d)
+
+    def client_headers_expired(self, now: float) -> bool:
+        """The client's own headers deadline (not a route phase) is what fired."""
+        return self._client_headers_at is not None and now >= self._client_headers_at
+
     # --- query -------------------------------------------------------------------------------
     def next(self) -> tuple[float, TimeoutKind] | None:
         """The earliest deadline in force and its kind; ties go to the phase, not `total`."""
@@ -176,6 +235,9 @@ class Deadlines:
             if when is not None and (best is None or when < best[0]):
                 best = (when, kind)
 
+        # The client's headers deadline is reported as the headers phase: it fires only
+        # before response headers went out.
+        consider(self._client_headers_at, TimeoutKind.HEADERS)
         if phase is Phase.CONNECT:
             consider(self._phase_deadline, TimeoutKind.CONNECT)
         elif phase is Phase.HEADERS:
@@ -188,12 +250,30 @@ class Deadlines:
         return best
 
     def remaining(self, now: float) -> float | None:
-        """Seconds left of the total budget (for deadline propagation upstream)."""
-        return None if self._total_at is None else max(0.0, self._total_at - now)
+        """Seconds left of the budget (for deadline propagation upstream and for the policy):
+        the total, or the client's headers deadline while the response has not begun."""
+        ends = [t for t in (self._total_at, self._client_headers_at) if t is not None]
+        return None if not ends else max(0.0, min(ends) - now)
 
     def describe(self, kind: TimeoutKind, route: str) -> str:
         """The message a client sees; it names the config key that fired."""
         budget = self.budget
+        if (
+            kind is TimeoutKind.HEADERS
+            and budget.client_headers_source is not None
+            and self._client_headers_at is not None
+            and (self._phase_deadline is None or self._client_headers_at <= self._phase_deadline)
+        ):
+            return (
+                f"client deadline of {budget.client_headers_s:g}s "
+                f"({budget.client_headers_source}) for response headers exceeded on "
+                f'route "{route}"'
+            )
+        if kind is TimeoutKind.IDLE and budget.idle_source is not None:
+            return (
+                f"client read timeout of {budget.idle_s:g}s ({budget.idle_source}) exceeded "
+                f'on route "{route}" (it caps timeouts.idle_s)'
+            )
         if kind is TimeoutKind.TOTAL and budget.total_source is not None:
             return (
                 f"client deadline of {budget.total_s:g}s ({budget.total_source}) exceeded on "

@@ -116,7 +116,9 @@ async def test_time_spent_before_the_attempt_is_taken_off(
     ("announced", "budget_s"),
     [
         ({"x-hangup-timeout": "2.5"}, 2.5),
-        ({"x-stainless-timeout": "4"}, 4.0),
+        # The Node SDK gives up without response headers at 4 s; hangup answers 10 % (at most
+        # 0.5 s) before that, so the upstream is told 3.6 s.
+        ({"x-stainless-timeout": "4"}, 3.6),
         ({"x-hangup-timeout": "60"}, 10.0),  # a client may shorten the route's total, not extend
     ],
 )

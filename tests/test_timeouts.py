@@ -6,7 +6,14 @@ import pytest
 
 from proxy.config import TimeoutsConfig
 from proxy.outcome import TimeoutKind
-from proxy.timeouts import Budget, Deadlines, Phase, client_deadline
+from proxy.timeouts import (
+    CLIENT_HEADERS_DEADLINE_HEADERS,
+    CLIENT_READ_GAP_HEADERS,
+    Budget,
+    Deadlines,
+    Phase,
+    client_deadline,
+)
 
 POLICY = TimeoutsConfig(connect_s=1, headers_s=5, first_token_s=10, idle_s=3, total_s=100)
 
@@ -94,12 +101,12 @@ def test_done_has_no_deadline() -> None:
 
 
 def test_client_deadline_caps_total_but_never_extends_it() -> None:
-    d = deadlines(client=(2.5, "x-stainless-timeout"))
+    d = deadlines(client=(2.5, "x-hangup-timeout"))
     d.headers_sent(1000.1)
     d.response_started(1000.2, sse=True)
     d.content(1000.3)
     assert d.next() == (1002.5, TimeoutKind.TOTAL)
-    assert "x-stainless-timeout" in d.describe(TimeoutKind.TOTAL, "chat")
+    assert "x-hangup-timeout" in d.describe(TimeoutKind.TOTAL, "chat")
     longer = Budget.for_request(POLICY, (500.0, "x-hangup-timeout"), honor_client_deadline=True)
     assert longer.total_s == 100 and longer.total_source is None
     ignored = Budget.for_request(POLICY, (2.0, "x-hangup-timeout"), honor_client_deadline=False)
@@ -113,9 +120,10 @@ def test_client_deadline_caps_total_but_never_extends_it() -> None:
     ("headers", "expected"),
     [
         ({}, None),
-        ({"x-stainless-timeout": "600"}, (600.0, "x-stainless-timeout")),
+        # The SDKs' headers do not bound the whole request (see the client-deadline tests).
+        ({"x-stainless-timeout": "600"}, None),
         ({"x-hangup-timeout": "1.5", "x-stainless-timeout": "600"}, (1.5, "x-hangup-timeout")),
-        ({"x-hangup-timeout": "30", "x-stainless-timeout": "2"}, (2.0, "x-stainless-timeout")),
+        ({"x-hangup-timeout": "30", "x-stainless-timeout": "2"}, (30.0, "x-hangup-timeout")),
         ({"x-hangup-timeout": "nan"}, None),
         ({"x-hangup-timeout": "-1"}, None),
         ({"x-hangup-timeout": "soon"}, None),
@@ -140,3 +148,56 @@ def test_remaining_budget() -> None:
     d = deadlines()
     assert d.remaining(1040.0) == 60.0
     assert d.remaining(2000.0) == 0.0
+
+
+def test_sdk_headers_bound_the_wait_for_headers_not_the_stream() -> None:
+    """x-stainless-timeout (Node) and x-stainless-read-timeout (Python) mean what the SDKs
+    mean: response headers must arrive in time; a flowing stream is never cut by them."""
+    headers = {"x-stainless-timeout": "2", "x-stainless-read-timeout": "5"}
+    budget = Budget.for_request(
+        POLICY,
+        client_deadline(headers),
+        honor_client_deadline=True,
+        client_headers=client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS),
+        read_gap=client_deadline(headers, CLIENT_READ_GAP_HEADERS),
+    )
+    assert (budget.total_s, budget.client_headers_s, budget.idle_s) == (100, 2.0, 3)
+    d = Deadlines(budget, started=1000.0, watch_first_token=True)
+    assert d.next() == (1001.0, TimeoutKind.CONNECT)
+    d.headers_sent(1000.1)
+    # Waiting for headers: answered 0.2 s (the margin) before the client would give up itself.
+    assert d.next() == (1001.8, TimeoutKind.HEADERS)
+    assert "x-stainless-timeout" in d.describe(TimeoutKind.HEADERS, "chat")
+    assert d.client_commit_at() == pytest.approx(1001.6)
+    d.response_started(1000.5, sse=True)
+    d.client_committed()  # headers went out: the client's deadline is met
+    d.content(1000.6)
+    assert d.next() == (1003.6, TimeoutKind.IDLE)  # the route's idle, no client cap
+    d.content(1050.0)
+    assert d.next() == (1053.0, TimeoutKind.IDLE)  # still streaming at 50 s: never cut
+
+
+def test_a_python_sdk_read_timeout_caps_idle() -> None:
+    headers = {"x-stainless-read-timeout": "1.5"}
+    budget = Budget.for_request(
+        POLICY,
+        None,
+        honor_client_deadline=True,
+        client_headers=client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS),
+        read_gap=client_deadline(headers, CLIENT_READ_GAP_HEADERS),
+    )
+    assert (budget.idle_s, budget.idle_source, budget.client_headers_s) == (
+        1.5,
+        "x-stainless-read-timeout",
+        1.5,
+    )
+    d = Deadlines(budget, started=1000.0, watch_first_token=True)
+    assert "x-stainless-read-timeout" in d.describe(TimeoutKind.IDLE, "chat")
+    ignored = Budget.for_request(
+        POLICY,
+        None,
+        honor_client_deadline=False,
+        client_headers=(1.0, "x-stainless-timeout"),
+        read_gap=(1.0, "x-stainless-read-timeout"),
+    )
+    assert (ignored.idle_s, ignored.client_headers_s) == (3, None)

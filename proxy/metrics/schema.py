@@ -33,7 +33,7 @@ MAX_ENDPOINTS = 16
 
 # LLM requests last from milliseconds (a rejection) to an hour (the default total_s).
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
-# Reasoning models may think for minutes before the first visible token (first_token_s = 300).
+# Reasoning models may think for minutes before the first visible token.
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 # The proxy's own time per request: sub-millisecond when healthy.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
