@@ -7,6 +7,7 @@ import email.utils
 import pytest
 
 from proxy.attempts import AttemptResult as R
+from proxy.config import ConfigError, parse_config
 from proxy.resilience.circuit import Circuit, CircuitState
 from proxy.resilience.classify import error_code, retry_after_s, status_result
 from proxy.resilience.policy import Failure, RetryRules, Step, TargetView, next_step
@@ -149,3 +150,21 @@ def test_a_4xx_or_an_abandoned_attempt_says_nothing_bad_about_the_upstream() -> 
     for _ in range(10):
         never.report(R.SERVER_ERROR, 0.0)
     assert never.state is CircuitState.CLOSED
+
+
+def test_a_fallback_to_an_unknown_upstream_is_refused_with_its_line() -> None:
+    text = """\
+upstreams:
+  openai: {base_url: "http://127.0.0.1:1/v1"}
+routes:
+  - name: chat
+    upstream: openai
+    fallbacks:
+      - {upstream: openai, model: gpt-4o}
+      - {upstream: azure}
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, source="t.yaml")
+    assert str(err.value).startswith("t.yaml:8: routes[0].fallbacks[1].upstream: no upstream")
+    with pytest.raises(ConfigError, match="unknown key"):
+        parse_config(text.replace("{upstream: azure}", "{upstream: openai, mdl: x}"))
