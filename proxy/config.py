@@ -202,6 +202,10 @@ class RouteOptions(_Model):
     # is skipped for circuit_cooldown_s, then one probe request is let through (0: off).
     circuit_failures: Annotated[int, Field(ge=0)] = 5
     circuit_cooldown_s: Seconds = 10.0
+    # Hedging (streams, opt-in): when the attempt has sent no content token after this many
+    # seconds, start the next target in parallel; the first content token wins, the other is
+    # closed at once. None: off.
+    hedge_after_s: Seconds | None = None
 
 
 class FallbackConfig(_Model):
@@ -235,6 +239,7 @@ class RouteConfig(_Model):
     retry_after_max_s: Annotated[float, Field(ge=0)] | None = None
     circuit_failures: Annotated[int, Field(ge=0)] | None = None
     circuit_cooldown_s: Seconds | None = None
+    hedge_after_s: Seconds | None = None
 
     @field_validator("name")
     @classmethod

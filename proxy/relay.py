@@ -31,6 +31,7 @@ from proxy.errors import (
     render_sse_event,
 )
 from proxy.headers import client_response_headers
+from proxy.hedging import Racer, last_index, race
 from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
 from proxy.resilience.circuit import Circuit
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
@@ -110,6 +111,7 @@ class Exchange:
         self.target: TargetPlan | None = None  # the attempt's target (the last one tried)
         self._pending: web.StreamResponse | None = None  # its response, before commit
         self.content_sent = False  # some content reached the client: no more switching
+        self._raced_to: int | None = None  # the highest target index a failed hedge race used
 
     # --- the lifecycle -----------------------------------------------------------------------
     async def run(self) -> web.StreamResponse:
@@ -213,6 +215,8 @@ class Exchange:
             decision: Decision | None = None
             timeout_kind: TimeoutKind | None = None
             try:
+                if self._hedges(plan, index):
+                    return await self._hedged(plan, index, attempt, watchdog)
                 return await self._attempt(plan, index, attempt, watchdog)
             except _Failed as failed:
                 failure, error, decision = failed.failure, failed.error, failed.decision
@@ -242,6 +246,8 @@ class Exchange:
             finally:
                 circuit.report(attempt.result or AttemptResult.ABANDONED, loop.time())
                 self.state.resilience_observed(plan.route.name, attempt, circuit)
+            if self._raced_to is not None:
+                index, self._raced_to = max(index, self._raced_to), None
             if decision is None:
                 decision = self._decide(plan, views, index, retries_here, failure, rules)
             if decision.step is Step.GIVE_UP:
@@ -316,6 +322,73 @@ class Exchange:
         return any(
             self._circuit(plan, t.upstream_name).would_allow(now) for t in plan.targets[index + 1 :]
         )
+
+    def _next_available(self, plan: Plan, index: int) -> int | None:
+        now = self.loop.time()
+        for j in range(index + 1, len(plan.targets)):
+            if self._circuit(plan, plan.targets[j].upstream_name).would_allow(now):
+                return j
+        return None
+
+    def _hedges(self, plan: Plan, index: int) -> bool:
+        """Race this attempt against the next target (docs/resilience.md, "Hedging")?"""
+        return (
+            plan.route.options.hedge_after_s is not None
+            and plan.facts.stream
+            and self.response is None
+            and self._next_available(plan, index) is not None
+        )
+
+    async def _hedged(
+        self, plan: Plan, index: int, attempt: Attempt, watchdog: Watchdog
+    ) -> web.StreamResponse:
+        """Run `index` and, if it is slow to its first token, the next target in parallel;
+        relay the one whose content comes first."""
+        record, loop, deadlines = self.record, self.loop, plan.deadlines
+        hedge_after = plan.route.options.hedge_after_s
+        assert hedge_after is not None
+
+        def headers_sent() -> None:
+            deadlines.headers_sent(loop.time())
+            watchdog.rearm()
+
+        method = self.request.method
+        racers = [Racer(self.state.upstreams, method, plan, index, attempt, headers_sent)]
+
+        def make_hedge() -> Racer | None:
+            j = self._next_available(plan, index)
+            if j is None:
+                return None
+            target = plan.targets[j]
+            hedge = Attempt(target.upstream_name, target.model, loop.time(), "hedge")
+            record.attempts.append(hedge)
+            self._circuit(plan, target.upstream_name).allows(loop.time())
+            racer = Racer(self.state.upstreams, method, plan, j, hedge, headers_sent)
+            racers.append(racer)
+            return racer
+
+        opened_at = loop.time()
+        try:
+            started = await race(racers[0], hedge_after, make_hedge, self._abandon)
+        finally:
+            self._raced_to = last_index(racers)
+            for racer in racers[1:]:
+                circuit = self._circuit(plan, racer.attempt.upstream)
+                circuit.report(racer.attempt.result or AttemptResult.ABANDONED, loop.time())
+                self.state.resilience_observed(plan.route.name, racer.attempt, circuit)
+        self._raced_to = None
+        self.target = plan.targets[started.index]
+        record.upstream_wait_s += loop.time() - opened_at
+        winner = started.attempt
+        try:
+            return await self._relay_response(
+                plan, started.response, watchdog, winner, b"", can_switch=False
+            )
+        finally:
+            await started.opened.close()
+            winner.closed_at = record.upstream_closed_at = loop.time()
+            if self.tracker is not None:
+                winner.tokens_generated = self.tracker.generated_tokens
 
     def _abandon(self, attempt: Attempt, why: str) -> None:
         """THE place where hangup gives up on an attempt that may still be running upstream
@@ -552,11 +625,11 @@ class Exchange:
                     deadlines.content(now)
                     if record.first_token_at is None:
                         record.first_token_at = now
-                    if attempt.first_token_at is None:
-                        attempt.first_token_at = now
                         # The stream enters the idle phase: its deadline may be the first
                         # one armed (when first_token_s is off).
                         watchdog.rearm()
+                    if attempt.first_token_at is None:
+                        attempt.first_token_at = now
                 elif tracker.malformed_events > malformed:
                     # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
                     malformed = tracker.malformed_events

@@ -144,6 +144,7 @@ class Metrics:
         self._upstream_connections = gauge(schema.UPSTREAM_CONNECTIONS)
         self._attempts = counter(schema.ATTEMPTS)
         self._fallbacks = counter(schema.FALLBACKS)
+        self._hedges = counter(schema.HEDGES)
         self._circuit = gauge(schema.CIRCUIT)
         build_info = gauge(schema.BUILD_INFO)
         build_info.labels(version=__version__).set(1)
@@ -155,6 +156,8 @@ class Metrics:
                 self._timeouts.labels(route, phase)
             self._sdk_retries.labels(route)
             self._fallbacks.labels(route)
+            for event in schema.HEDGE_EVENTS:
+                self._hedges.labels(route, event)
         for upstream in self._upstreams:
             self.circuit_changed(upstream, CircuitState.CLOSED)
 
@@ -187,8 +190,14 @@ class Metrics:
             # Configured upstream names only: a closed label set.
             if attempt.result is not None and attempt.upstream in self._upstreams:
                 self._attempts.labels(attempt.upstream, attempt.result.value).inc()
-            if attempt.reason == "fallback" and route in self._routes:
+            if route not in self._routes:
+                continue
+            if attempt.reason == "fallback":
                 self._fallbacks.labels(route).inc()
+            elif attempt.reason == "hedge":
+                self._hedges.labels(route, "started").inc()
+                if attempt.delivered:
+                    self._hedges.labels(route, "won").inc()
 
         usage = record.usage
         self._add(self._tokens, (*rm, "prompt"), usage.prompt_tokens)

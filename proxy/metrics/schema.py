@@ -26,6 +26,7 @@ PHASES: tuple[str, ...] = tuple(k.value for k in TimeoutKind)
 BACKGROUND_RESULTS: tuple[str, ...] = tuple(b.value for b in BackgroundCancel)
 TOKEN_TYPES = ("prompt", "completion")
 ATTEMPT_RESULTS: tuple[str, ...] = tuple(r.value for r in AttemptResult)
+HEDGE_EVENTS = ("started", "won")
 CIRCUIT_STATES: tuple[str, ...] = tuple(c.value for c in CircuitState)
 # Endpoint names are a closed set chosen by proxy/usage.py; this caps what the label can hold even
 # if that set grows, so the series arithmetic in docs/metrics.md stays true.
@@ -234,6 +235,12 @@ FALLBACKS = Spec(
     "Times a request moved on to its route's next target after a failure before content.",
     ("route",),
 )
+HEDGES = Spec(
+    "hangup_hedges_total",
+    "counter",
+    "Hedged attempts: started (a second target raced a slow first token) and won.",
+    ("route", "event"),
+)
 CIRCUIT = Spec(
     "hangup_circuit_state",
     "gauge",
@@ -275,6 +282,7 @@ ALL: tuple[Spec, ...] = (
     UPSTREAM_CONNECTIONS,
     ATTEMPTS,
     FALLBACKS,
+    HEDGES,
     CIRCUIT,
     BUILD_INFO,
 )
@@ -301,6 +309,7 @@ def series_bound(routes: int, configured_models: int, max_models: int, upstreams
         "upstream": upstreams,
         "attempt_result": len(ATTEMPT_RESULTS),
         "state": len(CIRCUIT_STATES),
+        "event": len(HEDGE_EVENTS),
         "version": 1,
     }
     total = 0
@@ -310,6 +319,8 @@ def series_bound(routes: int, configured_models: int, max_models: int, upstreams
             children *= sizes[label]
         if spec is FALLBACKS:
             children = routes  # only configured routes fail over; never route="none"
+        if spec is HEDGES:
+            children = routes * len(HEDGE_EVENTS)
         per_child = len(spec.buckets) + 3 if spec.kind == "histogram" else 1
         total += children * per_child
     return total

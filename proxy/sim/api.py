@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -76,6 +78,7 @@ class Api:
         self.stopping = False
         # model -> behaviour spec: faults chosen per model, changed at run time (flapping).
         self.faults: dict[str, str] = {}
+        self.rng = random.Random(0)  # the `tail` behaviour's draws: reproducible runs
 
     async def handle(self, request: web.BaseRequest, rec: RequestRecord) -> web.StreamResponse:
         end: End = "error"
@@ -185,6 +188,10 @@ class Api:
             b = parse_behaviour(spec or model)
         except BehaviourError as err:
             raise ApiError(400, f"simulator behaviour: {err}", param="model") from None
+        if b.name is Name.TAIL:
+            # The draw is made here, once per request, from the seeded generator.
+            slow = self.rng.random() < b.p
+            b = replace(b, name=Name.SLOW_FIRST_TOKEN if slow else Name.NORMAL)
         rec.behaviour = b
         stream = rec.stream = body.get("stream") is True and endpoint != "embeddings"
 

@@ -33,6 +33,9 @@ Behaviours (``after=N`` always counts *content* chunks, never role, reasoning or
   ``content_policy_violation``, ...). A 429 carries ``retry-after: S`` (default 1;
   ``retry_after=none`` sends none). With ``after`` on a stream: N chunks, an in-band error event,
   end.
+- ``tail:p=P,delay=S``: a slow tail: with probability P (0..1, drawn from the simulator's
+  seeded generator, so a run is reproducible) the request behaves as
+  ``slow-first-token:delay=S``, otherwise normally.
 - ``drop:delay=S``: read the request, say nothing for S seconds (default 0), then close the
   connection (FIN) without any response: an upstream that hangs up on a request it has read.
 - ``reset:after=N``: abort the TCP connection (RST) after N content chunks (0: before any byte).
@@ -77,6 +80,7 @@ class Name(enum.StrEnum):
     REASONING = "reasoning"
     TOOL_CALL = "tool-call"
     DROP = "drop"
+    TAIL = "tail"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +98,7 @@ class Behaviour:
     reasoning_tokens: int = 0
     code: str | None = None  # error: the error object's code
     retry_after: float | None = 1.0  # error 429: the retry-after header (None: not sent)
+    p: float = 0.0  # tail: probability of the slow first token
 
     def describe(self) -> dict[str, object]:
         """The name and the parameters that differ from the defaults (for records and logs)."""
@@ -125,6 +130,7 @@ _KEYS: dict[Name, frozenset[str]] = {
     Name.REASONING: frozenset(),
     Name.TOOL_CALL: frozenset(),
     Name.DROP: frozenset({"delay"}),
+    Name.TAIL: frozenset({"p", "delay"}),
 }
 _NAMES = {n.value: n for n in Name}
 
@@ -193,7 +199,7 @@ def _build(name: Name, p: dict[str, str]) -> Behaviour:
     if not 400 <= status <= 599:
         raise BehaviourError(f"status must be 400..599, got {status}")
     delay = _num(p, "delay") if "delay" in p else 0.0
-    if name in (Name.SLOW_HEADERS, Name.SLOW_FIRST_TOKEN) and "delay" not in p:
+    if name in (Name.SLOW_HEADERS, Name.SLOW_FIRST_TOKEN, Name.TAIL) and "delay" not in p:
         delay = 1.0
     return Behaviour(
         name=name,
@@ -210,6 +216,7 @@ def _build(name: Name, p: dict[str, str]) -> Behaviour:
         empty_deltas=(_int(p, "count") if "count" in p else 3) if name is Name.EMPTY_DELTAS else 0,
         reasoning_tokens=reasoning,
         code=p.get("code"),
+        p=_probability(p) if "p" in p else 0.0,
         retry_after=None
         if p.get("retry_after") == "none"
         else (_num(p, "retry_after") if "retry_after" in p else 1.0),
@@ -225,6 +232,13 @@ def _num(p: dict[str, str], key: str, *, positive: bool = False) -> float:
         raise BehaviourError(f"{key} must be a finite number >= 0, got {p[key]!r}")
     if positive and value == 0:
         raise BehaviourError(f"{key} must be > 0")
+    return value
+
+
+def _probability(p: dict[str, str]) -> float:
+    value = _num(p, "p")
+    if value > 1:
+        raise BehaviourError(f"p must be a probability in 0..1, got {p['p']!r}")
     return value
 
 

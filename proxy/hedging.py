@@ -1,0 +1,173 @@
+"""Hedging (opt-in per route, streams): when an attempt has produced no content token after
+`hedge_after_s`, the next target is started in parallel; the first content token wins and the
+other attempt is abandoned at once, its socket closed in the same loop step.
+
+Each racer runs in its own task up to its first content event, holding what it read; the
+winner's held bytes are replayed to the relay, which then streams it like any attempt. A loser's
+generated tokens stay on its `Attempt` (`tokens_generated`, `delivered` False): the record's
+hedging waste. The relay owns the request: this module only runs the race it is asked to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from proxy.admission import Plan
+from proxy.attempts import Attempt, AttemptResult
+from proxy.errors import UpstreamFailed
+from proxy.resilience.classify import status_result
+from proxy.sse import SSEDecoder
+from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse, Upstreams
+from proxy.usage import EventKind, StreamUsageTracker
+
+
+class Replay(UpstreamResponse):
+    """An upstream response whose first chunks were already read: they come out first."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self, inner: UpstreamResponse, held: list[bytes]) -> None:
+        super().__init__(inner._response, inner._upstream)
+        self._held = held
+
+    async def read(self) -> bytes:
+        if self._held:
+            return self._held.pop(0)
+        return await super().read()
+
+
+@dataclass(slots=True)
+class Started:
+    """A racer that reached its first content token (or a final answer)."""
+
+    index: int
+    attempt: Attempt
+    opened: OpenAttempt
+    response: UpstreamResponse
+
+
+class Racer:
+    """One target in the race, run as a task up to its first content token."""
+
+    def __init__(
+        self,
+        upstreams: Upstreams,
+        method: str,
+        plan: Plan,
+        index: int,
+        attempt: Attempt,
+        on_headers_sent: Callable[[], None],
+    ) -> None:
+        self.index, self.attempt = index, attempt
+        target = plan.targets[index]
+        self.plan = plan
+        self.opened = upstreams.attempt(
+            target.upstream_name,
+            method,
+            target.url,
+            headers=target.headers,
+            body=target.body,
+            on_headers_sent=on_headers_sent,
+        )
+        self.tracker = StreamUsageTracker(plan.facts)
+
+    async def run(self) -> Started:
+        loop = asyncio.get_running_loop()
+        attempt = self.attempt
+        try:
+            upstream = await self.opened.start()
+            attempt.headers_at, attempt.status = loop.time(), upstream.status
+            result = status_result(upstream.status)
+            if result is not None:
+                raise AttemptFailed(result, UpstreamFailed(f"upstream answered {upstream.status}"))
+            if not upstream.event_stream or upstream.status >= 300:
+                return Started(self.index, attempt, self.opened, upstream)
+            held = await self._until_first_token(upstream)
+            return Started(self.index, attempt, self.opened, Replay(upstream, held))
+        except BaseException as exc:
+            # A failure or a cancellation (lost the race, client gone): close it here, now.
+            if isinstance(exc, AttemptFailed):
+                attempt.end(exc.result, loop.time(), exc.error.message)
+            attempt.tokens_generated = self.tracker.generated_tokens
+            await self.opened.close()
+            attempt.closed_at = loop.time()
+            raise
+
+    async def _until_first_token(self, upstream: UpstreamResponse) -> list[bytes]:
+        loop = asyncio.get_running_loop()
+        decoder, tracker, held = SSEDecoder(), self.tracker, []
+        while True:
+            chunk = await upstream.read()
+            held.append(chunk)
+            for event in decoder.feed(chunk) if chunk else decoder.flush():
+                kind = tracker.feed(event)
+                if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                    if kind is EventKind.CONTENT:
+                        self.attempt.first_token_at = loop.time()
+                    return held
+                if kind is EventKind.ERROR:
+                    raise AttemptFailed(
+                        AttemptResult.STREAM_ERROR,
+                        UpstreamFailed(
+                            f'upstream "{self.attempt.upstream}" failed the stream before any '
+                            "content"
+                        ),
+                    )
+            if not chunk:
+                raise AttemptFailed(
+                    AttemptResult.STREAM_ERROR,
+                    UpstreamFailed(
+                        f'upstream "{self.attempt.upstream}" ended the stream before any content'
+                    ),
+                )
+
+
+async def race(
+    first: Racer,
+    hedge_after_s: float,
+    make_hedge: Callable[[], Racer | None],
+    abandon: Callable[[Attempt, str], None],
+) -> Started:
+    """Run `first`; if it has no content token after `hedge_after_s`, start `make_hedge()` too.
+    Return the first racer to reach its first content token; the other is abandoned and its
+    socket closed before this returns. If every racer fails, the last failure is raised (the
+    relay's policy then decides, from the highest target index tried: `last_index`)."""
+    tasks: dict[asyncio.Task[Started], Racer] = {asyncio.create_task(first.run()): first}
+    winner: asyncio.Task[Started] | None = None
+    failure: BaseException | None = None
+    try:
+        done, pending = await asyncio.wait(tasks, timeout=hedge_after_s)
+        if not done:
+            hedge = make_hedge()
+            if hedge is not None:
+                tasks[asyncio.create_task(hedge.run())] = hedge
+        pending = set(tasks) - done
+        while True:
+            for task in done:
+                exc = task.exception()
+                if exc is None:
+                    winner = task
+                    break
+                failure = exc
+            if winner is not None or not pending:
+                break
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        losers = [t for t in tasks if t is not winner and not t.done()]
+        for task in losers:
+            abandon(tasks[task].attempt, "hedge loser" if winner is not None else "abandoned")
+            task.cancel()
+        if losers:
+            # Each loser closes its own socket as its cancellation unwinds; wait for that (one
+            # loop step). A cancellation of this task while waiting still propagates.
+            await asyncio.gather(*losers, return_exceptions=True)
+    if winner is None:
+        assert failure is not None
+        raise failure
+    return winner.result()
+
+
+def last_index(racers: list[Racer]) -> int:
+    return max(r.index for r in racers)
