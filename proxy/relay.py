@@ -1,13 +1,15 @@
-"""The request lifecycle, in one place: admit, open the upstream, relay, enforce deadlines,
-settle exactly one Outcome, and hand the record to accounting, metrics and the log in a single
-`finally`.
+"""The request lifecycle, in one place: admit, make attempts on the route's targets (retries,
+fallbacks, hedges, as `proxy.resilience` directs through `targets.Chooser`), relay the one that
+answers (`downstream.py`), enforce deadlines, settle exactly one Outcome, and hand the record
+(with every attempt on it) to accounting, metrics and the log in a single `finally`.
 
 Cancellation is structural. The server runs with `handler_cancellation=True`, so a client that
 goes away cancels this handler's task at whatever `await` it is in: reading the request body,
 connecting, waiting for headers, waiting for the next chunk, backing off before a retry. The
-CancelledError unwinds the `async with` around the upstream request, which closes the upstream
-socket at once; we record when, then re-raise. Timeouts reuse the same path: the watchdog
-cancels the task, and `Watchdog.consume()` tells its cancellation from the client's.
+CancelledError unwinds through the attempt's `finally`, which closes the upstream socket at
+once (`_abandon` is the one place an attempt is given up); we record when, then re-raise.
+Timeouts reuse the same path: the watchdog cancels the task, and `Watchdog.consume()` tells its
+cancellation from the client's; a per-attempt deadline may then hand over to the next target.
 """
 
 from __future__ import annotations
@@ -19,30 +21,27 @@ import uuid
 
 from aiohttp import web
 
-from proxy.admission import JSON_TYPES, Plan, TargetPlan, admit
+from proxy.admission import Plan, TargetPlan, admit
 from proxy.attempts import Attempt, AttemptResult
 from proxy.background import cancel_background
-from proxy.drain import USAGE_BODY_CAP, drain, open_upstream
+from proxy.downstream import ClientGone, Downstream
+from proxy.drain import open_upstream
 from proxy.errors import (
     GatewayTimeout,
     ProxyError,
     UpstreamFailed,
-    render_body,
-    render_sse_event,
 )
-from proxy.headers import client_response_headers
 from proxy.hedging import Racer, last_index, race
 from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
-from proxy.resilience.circuit import Circuit
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
-from proxy.resilience.policy import Decision, Failure, RetryRules, Step, TargetView, next_step
+from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
 from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
+from proxy.targets import Chooser
 from proxy.upstream import AttemptFailed, UpstreamResponse
 from proxy.usage import (
-    EventKind,
     RequestFacts,
     StreamUsageTracker,
 )
@@ -52,12 +51,6 @@ log = logging.getLogger("hangup.relay")
 
 # Deadlines that belong to one attempt: when one fires, another target may still answer.
 _PER_ATTEMPT = frozenset({TimeoutKind.CONNECT, TimeoutKind.HEADERS, TimeoutKind.FIRST_TOKEN})
-_MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
-
-
-class _ClientGone(Exception):
-    """A write to the client failed: its socket is gone (seen without handler cancellation,
-    or when the kernel reports the broken pipe before the server does)."""
 
 
 class _DeadlineFired(Exception):
@@ -81,7 +74,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     return await Exchange(request.app[STATE], request).run()
 
 
-class Exchange:
+class Exchange(Downstream):
     """One request, from arrival to its record."""
 
     def __init__(self, state: ProxyState, request: web.Request) -> None:
@@ -112,6 +105,7 @@ class Exchange:
         self._pending: web.StreamResponse | None = None  # its response, before commit
         self.content_sent = False  # some content reached the client: no more switching
         self._raced_to: int | None = None  # the highest target index a failed hedge race used
+        self.chooser: Chooser  # set when the attempts begin
 
     # --- the lifecycle -----------------------------------------------------------------------
     async def run(self) -> web.StreamResponse:
@@ -166,7 +160,7 @@ class Exchange:
             return await self._timed_out(plan, kind)
         except _DeadlineFired as fired:
             return await self._timed_out(plan, fired.kind)
-        except _ClientGone:
+        except ClientGone:
             if self.record.client_gone_at is None:
                 self.record.client_gone_at = self.loop.time()
             self.record.settle(Outcome.CLIENT_CANCELLED)
@@ -196,16 +190,15 @@ class Exchange:
             plan.deadlines,
             plan.route.options,
         )
-        views = [TargetView(t.upstream_name, t.target.long_context) for t in plan.targets]
-        rules = RetryRules(options.max_retries, options.retry_backoff_s, options.retry_after_max_s)
-        index = self._first_target(plan)
+        chooser = self.chooser = Chooser(plan, self.state.circuits, loop)
+        index = self._first_target()
         retries_here, reason = 0, "primary"
         while True:
             target = plan.targets[index]
             now = loop.time()
             attempt = Attempt(target.upstream_name, target.model, now, reason)
             record.attempts.append(attempt)
-            circuit = self._circuit(plan, target.upstream_name)
+            circuit = chooser.circuit(target.upstream_name)
             circuit.allows(now)
             if reason == "fallback":
                 deadlines.next_target(now)
@@ -249,7 +242,7 @@ class Exchange:
             if self._raced_to is not None:
                 index, self._raced_to = max(index, self._raced_to), None
             if decision is None:
-                decision = self._decide(plan, views, index, retries_here, failure, rules)
+                decision = chooser.decide(index, retries_here, failure)
             if decision.step is Step.GIVE_UP:
                 if timeout_kind is not None:
                     raise _DeadlineFired(timeout_kind)
@@ -271,64 +264,21 @@ class Exchange:
                 watchdog.rearm()
                 await asyncio.sleep(decision.delay_s)
 
-    def _decide(
-        self,
-        plan: Plan,
-        views: list[TargetView],
-        index: int,
-        retries_here: int,
-        failure: Failure,
-        rules: RetryRules,
-    ) -> Decision:
-        now = self.loop.time()
-        return next_step(
-            failure,
-            targets=views,
-            index=index,
-            retries_here=retries_here,
-            rules=rules,
-            remaining_s=plan.deadlines.remaining(now),
-            available=lambda name: self._circuit(plan, name).would_allow(now),
-        )
-
-    def _first_target(self, plan: Plan) -> int:
-        """The primary, unless its circuit is open and a later target's is not."""
-        now = self.loop.time()
-        for i, target in enumerate(plan.targets):
-            if self._circuit(plan, target.upstream_name).would_allow(now):
-                if i > 0:
-                    self.record.attempts.append(
-                        Attempt(
-                            plan.targets[0].upstream_name,
-                            plan.targets[0].model,
-                            now,
-                            "primary",
-                            result=AttemptResult.SKIPPED,
-                            closed_at=now,
-                        )
-                    )
-                return i
-        return 0  # every circuit is open: try the primary rather than fail for certain
-
-    def _circuit(self, plan: Plan, upstream: str) -> Circuit:
-        options = plan.route.options
-        return self.state.circuits.get(
-            upstream, options.circuit_failures, options.circuit_cooldown_s
-        )
-
-    def _can_switch(self, plan: Plan, index: int) -> bool:
-        """Would a failure before content have somewhere else to go?"""
-        now = self.loop.time()
-        return any(
-            self._circuit(plan, t.upstream_name).would_allow(now) for t in plan.targets[index + 1 :]
-        )
-
-    def _next_available(self, plan: Plan, index: int) -> int | None:
-        now = self.loop.time()
-        for j in range(index + 1, len(plan.targets)):
-            if self._circuit(plan, plan.targets[j].upstream_name).would_allow(now):
-                return j
-        return None
+    def _first_target(self) -> int:
+        index = self.chooser.first()
+        if index > 0:  # the primary's circuit is open: record that it was skipped
+            now, primary = self.loop.time(), self.chooser.plan.targets[0]
+            self.record.attempts.append(
+                Attempt(
+                    primary.upstream_name,
+                    primary.model,
+                    now,
+                    "primary",
+                    result=AttemptResult.SKIPPED,
+                    closed_at=now,
+                )
+            )
+        return index
 
     def _hedges(self, plan: Plan, index: int) -> bool:
         """Race this attempt against the next target (docs/resilience.md, "Hedging")?"""
@@ -336,7 +286,7 @@ class Exchange:
             plan.route.options.hedge_after_s is not None
             and plan.facts.stream
             and self.response is None
-            and self._next_available(plan, index) is not None
+            and self.chooser.can_switch(index)
         )
 
     async def _hedged(
@@ -356,13 +306,13 @@ class Exchange:
         racers = [Racer(self.state.upstreams, method, plan, index, attempt, headers_sent)]
 
         def make_hedge() -> Racer | None:
-            j = self._next_available(plan, index)
+            j = self.chooser.next_available(index)
             if j is None:
                 return None
             target = plan.targets[j]
             hedge = Attempt(target.upstream_name, target.model, loop.time(), "hedge")
             record.attempts.append(hedge)
-            self._circuit(plan, target.upstream_name).allows(loop.time())
+            self.chooser.circuit(target.upstream_name).allows(loop.time())
             racer = Racer(self.state.upstreams, method, plan, j, hedge, headers_sent)
             racers.append(racer)
             return racer
@@ -373,7 +323,7 @@ class Exchange:
         finally:
             self._raced_to = last_index(racers)
             for racer in racers[1:]:
-                circuit = self._circuit(plan, racer.attempt.upstream)
+                circuit = self.chooser.circuit(racer.attempt.upstream)
                 circuit.report(racer.attempt.result or AttemptResult.ABANDONED, loop.time())
                 self.state.resilience_observed(plan.route.name, racer.attempt, circuit)
         self._raced_to = None
@@ -431,7 +381,7 @@ class Exchange:
             attempt.headers_at, attempt.status, attempt.resent = now, upstream.status, opened.resent
             prefix = await self._check_status(plan, index, attempt, upstream)
             return await self._relay_response(
-                plan, upstream, watchdog, attempt, prefix, self._can_switch(plan, index)
+                plan, upstream, watchdog, attempt, prefix, self.chooser.can_switch(index)
             )
         finally:
             await opened.close()
@@ -457,15 +407,12 @@ class Exchange:
             return prefix
         retry_after = retry_after_s(upstream.headers) if status == 429 else None
         failure = Failure(result, status, retry_after, code)
-        views = [TargetView(t.upstream_name, t.target.long_context) for t in plan.targets]
-        options = plan.route.options
-        rules = RetryRules(options.max_retries, options.retry_backoff_s, options.retry_after_max_s)
         retries_here = sum(
             1
             for a in self.record.attempts
             if a.upstream == attempt.upstream and a.reason == "retry"
         )
-        decision = self._decide(plan, views, index, retries_here, failure, rules)
+        decision = self.chooser.decide(index, retries_here, failure)
         if decision.step is Step.GIVE_UP:
             return prefix  # the upstream's own answer is the client's
         attempt.end(result, self.loop.time(), f"upstream answered {status}")
@@ -479,243 +426,6 @@ class Exchange:
                 break
             body += chunk
         return bytes(body)
-
-    async def _relay_response(
-        self,
-        plan: Plan,
-        upstream: UpstreamResponse,
-        watchdog: Watchdog,
-        attempt: Attempt,
-        prefix: bytes,
-        can_switch: bool,
-    ) -> web.StreamResponse:
-        record, loop = self.record, self.loop
-        now = loop.time()
-        record.upstream_headers_at = now
-        record.upstream_status = upstream.status
-        record.upstream = attempt.upstream
-        self.state.metrics.upstream_connection_opened()
-        try:
-            sse = upstream.event_stream
-            plan.deadlines.response_started(now, sse=sse)
-            watchdog.rearm()
-            if self.response is not None and not (sse and upstream.status < 300):
-                # A fallback after headers went out (a stream that failed before content):
-                # only another stream can continue it.
-                raise AttemptFailed(
-                    AttemptResult.SERVER_ERROR
-                    if upstream.status >= 500
-                    else AttemptResult.CLIENT_ERROR,
-                    UpstreamFailed(
-                        f'upstream "{attempt.upstream}" answered {upstream.status} '
-                        "after the stream had begun"
-                    ),
-                )
-            filtering = sse and plan.usage_filter is not None
-            self._pending = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=client_response_headers(
-                    upstream.headers, request_id=record.request_id, keep_length=not filtering
-                ),
-            )
-            # A stream that may still switch targets keeps its headers until content comes.
-            holding = sse and can_switch and upstream.status < 300
-            if not holding:
-                await self._commit()
-            try:
-                if sse:
-                    await self._pump_sse(plan, upstream, watchdog, attempt, holding)
-                else:
-                    await self._pump_body(plan, upstream, prefix)
-            except asyncio.CancelledError:
-                # Client gone (or our deadline): note when, then let the attempt close the
-                # upstream. In drain mode, first read on for exact usage.
-                gone = watchdog.fired is None and not self.state.hard_stopping
-                if gone and record.client_gone_at is None:
-                    record.client_gone_at = loop.time()
-                    if plan.route.options.on_disconnect == "drain":
-                        watchdog.stop()
-                        drain_at = loop.time()
-                        try:
-                            await drain(self, plan, upstream)
-                        finally:
-                            record.upstream_wait_s += loop.time() - drain_at
-                raise
-            plan.deadlines.done()
-            assert self.response is not None
-            response = self.response
-            await self._client_io(response.write_eof())
-        finally:
-            self.state.metrics.upstream_connection_closed()
-        status = upstream.status
-        failed = status >= 500 or status == 429
-        attempt.delivered = True
-        if self.tracker is not None and self.tracker.error is not None:
-            # A 200 stream that ended in an in-band error event: the upstream failed.
-            failed = True
-            record.error_type = "upstream_error"
-            record.error_message = self.tracker.error[:500]
-        attempt.end(
-            AttemptResult.OK if not failed else (status_result(status) or AttemptResult.CUT),
-            loop.time(),
-        )
-        record.settle(Outcome.UPSTREAM_ERROR if failed else Outcome.COMPLETED)
-        return response
-
-    async def _commit(self) -> web.StreamResponse:
-        """Send the response headers held for the current attempt (once per request)."""
-        if self.response is None:
-            pending = self._pending
-            assert pending is not None
-            self.record.status = pending.status
-            await self._client_io(pending.prepare(self.request))
-            self.response = pending
-            if self.plan is not None:
-                self.plan.deadlines.client_committed()
-        return self.response
-
-    async def _pump_sse(
-        self,
-        plan: Plan,
-        upstream: UpstreamResponse,
-        watchdog: Watchdog,
-        attempt: Attempt,
-        holding: bool,
-    ) -> None:
-        record, deadlines = self.record, plan.deadlines
-        decoder = self.decoder = SSEDecoder()
-        tracker = self.tracker = StreamUsageTracker(plan.facts)
-        chunk_filter = plan.usage_filter
-        # Events of this attempt not yet sent: before its first content, while a switch to
-        # another target is still possible, nothing but keep-alive comments goes out.
-        held: list[bytes] | None = [] if holding else None
-        malformed = 0
-        while True:
-            commit_at = deadlines.client_commit_at() if held is not None else None
-            if commit_at is not None and self.response is None:
-                try:
-                    async with asyncio.timeout_at(commit_at):
-                        chunk, now = await self._read_upstream(upstream)
-                except TimeoutError:
-                    # The client's SDK gives up without response headers soon: send them now.
-                    # A switch stays invisible (it has seen headers only), so holding goes on.
-                    await self._commit()
-                    continue
-            else:
-                chunk, now = await self._read_upstream(upstream)
-            if not chunk:
-                events = decoder.flush()
-                self.framing.check_end(plan.route.upstream_name, mid_event=bool(events))
-            else:
-                events = decoder.feed(chunk)
-                if decoder.buffered > _MAX_SSE_EVENT:
-                    raise AttemptFailed(
-                        AttemptResult.STREAM_ERROR,
-                        UpstreamFailed(
-                            f'upstream "{attempt.upstream}" sent an SSE event over '
-                            f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
-                        ),
-                    )
-            out: list[bytes] = []
-            for event in events:
-                kind = tracker.feed(event)
-                if kind is EventKind.CONTENT:
-                    record.content_chunks += 1
-                    deadlines.content(now)
-                    if record.first_token_at is None:
-                        record.first_token_at = now
-                        # The stream enters the idle phase: its deadline may be the first
-                        # one armed (when first_token_s is off).
-                        watchdog.rearm()
-                    if attempt.first_token_at is None:
-                        attempt.first_token_at = now
-                elif tracker.malformed_events > malformed:
-                    # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
-                    malformed = tracker.malformed_events
-                    continue
-                data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
-                if held is not None:
-                    if kind is EventKind.ERROR:
-                        raise AttemptFailed(
-                            AttemptResult.STREAM_ERROR,
-                            UpstreamFailed(
-                                f'upstream "{attempt.upstream}" failed the stream before any '
-                                f"content: {(tracker.error or '')[:200]}"
-                            ),
-                        )
-                    if kind is EventKind.CONTENT or kind is EventKind.DONE:
-                        out.extend(held)
-                        held = None
-                    elif event.comment:
-                        if self.response is not None:
-                            out.append(data)  # headers are out already: keep-alives pass
-                        continue
-                    else:
-                        held.append(data)
-                        continue
-                out.append(data)
-            if held is not None and not chunk:
-                # The stream ended with no content and no end marker: cut before content.
-                raise AttemptFailed(
-                    AttemptResult.STREAM_ERROR,
-                    UpstreamFailed(
-                        f'upstream "{attempt.upstream}" ended the stream before any content'
-                    ),
-                )
-            data = b"".join(out)
-            if data:
-                response = await self._commit()
-                await self._client_io(response.write(data))
-                record.bytes_to_client += len(data)
-                self.delivered_tokens = tracker.generated_tokens
-                if attempt.first_token_at is not None:
-                    self.content_sent = True
-            if not chunk:
-                return
-
-    async def _pump_body(self, plan: Plan, upstream: UpstreamResponse, prefix: bytes) -> None:
-        record, deadlines = self.record, plan.deadlines
-        response = self.response
-        assert response is not None
-        keep_copy = (
-            plan.facts.endpoint != "other"
-            and upstream.status < 300
-            and upstream.content_type in JSON_TYPES
-        )
-        if keep_copy:
-            self.json_body = bytearray()
-            self.content_encoding = upstream.content_encoding
-        first = True
-        while True:
-            if first and prefix:
-                chunk, now = prefix, self.loop.time()
-            else:
-                chunk, now = await self._read_upstream(upstream)
-            first = False
-            if not chunk:
-                self.framing.check_end(plan.route.upstream_name)
-                if held := self.scrubber.flush():
-                    await self._client_io(response.write(held))
-                return
-            deadlines.content(now)
-            if self.json_body is not None:
-                if len(self.json_body) + len(chunk) <= USAGE_BODY_CAP:
-                    self.json_body += chunk
-                else:
-                    self.json_body = None  # too big to account; usage will be estimated
-            await self._client_io(response.write(self.scrubber.feed(chunk)))
-            record.bytes_to_client += len(chunk)
-            self.content_sent = True
-
-    async def _read_upstream(self, upstream: UpstreamResponse) -> tuple[bytes, float]:
-        """The next body chunk (b"" at the end) and when it came; the wait is the upstream's."""
-        loop = self.loop
-        before = loop.time()
-        chunk = await upstream.read()
-        now = loop.time()
-        self.record.upstream_wait_s += now - before
-        return chunk, now
 
     async def _stop_background_work(self) -> None:
         """The upstream socket is closed by now; for a Responses `background: true` stream that
@@ -739,63 +449,3 @@ class Exchange:
         self.record.background = await cancel_background(
             self.state.upstreams, target.target.upstream.base_url, response_id, headers
         )
-
-    async def _client_io(self, write: object) -> None:
-        """Await a write to the client; a failed write means the client is gone."""
-        before = self.loop.time()
-        try:
-            await write  # type: ignore[misc]
-        except ConnectionError as exc:
-            self.record.client_gone_at = before
-            raise _ClientGone from exc
-        finally:
-            self.record.client_wait_s += self.loop.time() - before
-
-    # --- answering with an error ----------------------------------------------------------------
-    def _error_response(self, err: ProxyError) -> web.Response:
-        self.record.status = err.status
-        self.record.error_type = err.error_type
-        self.record.error_message = err.message
-        headers = {"x-request-id": self.record.request_id, **err.headers()}
-        return web.Response(
-            status=err.status,
-            body=render_body(err),
-            content_type="application/json",
-            headers=headers,
-        )
-
-    async def _fail(self, err: ProxyError) -> web.StreamResponse:
-        """Report an error the right way for what the client has already received."""
-        response = self.response
-        if response is None:
-            return self._error_response(err)
-        self.record.error_type = err.error_type
-        self.record.error_message = err.message
-        if response.content_type == "text/event-stream":
-            # Mid-stream: one in-band error event (the SDKs raise it as APIError), then end.
-            written_at = self.loop.time()
-            try:
-                await response.write(render_sse_event(err))
-                await response.write_eof()
-            except ConnectionError:
-                pass  # the client left as well; nothing more to tell it
-            finally:
-                self.record.client_wait_s += self.loop.time() - written_at
-            return response
-        # Mid-body of a plain response: close the connection so the client sees truncation
-        # (finishing the chunked encoding would pass a cut body off as complete).
-        transport = self.request.transport
-        if transport is not None:
-            transport.close()
-        return response
-
-    def _internal_error_response(self) -> web.StreamResponse:
-        if self.response is not None:
-            transport = self.request.transport
-            if transport is not None:
-                transport.close()
-            return self.response
-        err = ProxyError(
-            f"internal error in hangup; see its log for request id {self.record.request_id}"
-        )
-        return self._error_response(err)

@@ -1,0 +1,347 @@
+"""The client side of one exchange: response headers (sent at once, or held while the request
+may still switch targets), the SSE and body pumps, and the error answers.
+
+`Downstream` is the base of `relay.Exchange`; the lifecycle (attempts, deadlines, the one
+outcome) stays in relay.py. Here is only what goes to the client, and how: an SSE stream is
+relayed event by event (usage the client did not ask for filtered out, malformed events
+dropped); once headers went out, an error can only end the stream in band.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+from aiohttp import web
+
+from proxy.admission import JSON_TYPES, Plan, TargetPlan
+from proxy.attempts import Attempt, AttemptResult
+from proxy.drain import USAGE_BODY_CAP, drain
+from proxy.errors import ProxyError, UpstreamFailed, render_body, render_sse_event
+from proxy.headers import client_response_headers
+from proxy.outcome import Outcome, RequestRecord
+from proxy.resilience.classify import status_result
+from proxy.routing import Route
+from proxy.sse import SSEDecoder
+from proxy.state import ProxyState
+from proxy.upstream import AttemptFailed, UpstreamResponse
+from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
+from proxy.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from proxy.relay import Exchange
+
+_MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
+
+
+class ClientGone(Exception):
+    """A write to the client failed: its socket is gone (seen without handler cancellation,
+    or when the kernel reports the broken pipe before the server does)."""
+
+
+class Downstream:
+    """What an exchange sends to its client. The fields are the exchange's (set in
+    `relay.Exchange.__init__`); accounting reads tracker, json_body and delivered_tokens."""
+
+    state: ProxyState
+    request: web.Request
+    record: RequestRecord
+    loop: asyncio.AbstractEventLoop
+    plan: Plan | None
+    facts: RequestFacts | None
+    route: Route | None
+    target: TargetPlan | None
+    response: web.StreamResponse | None
+    _pending: web.StreamResponse | None
+    tracker: StreamUsageTracker | None
+    decoder: SSEDecoder
+    json_body: bytearray | None
+    content_encoding: str | None
+    delivered_tokens: int
+    drained: bool
+    content_sent: bool
+
+    async def _relay_response(
+        self,
+        plan: Plan,
+        upstream: UpstreamResponse,
+        watchdog: Watchdog,
+        attempt: Attempt,
+        prefix: bytes,
+        can_switch: bool,
+    ) -> web.StreamResponse:
+        record, loop = self.record, self.loop
+        now = loop.time()
+        record.upstream_headers_at = now
+        record.upstream_status = upstream.status
+        record.upstream = attempt.upstream
+        self.state.metrics.upstream_connection_opened()
+        try:
+            sse = upstream.event_stream
+            plan.deadlines.response_started(now, sse=sse)
+            watchdog.rearm()
+            if self.response is not None and not (sse and upstream.status < 300):
+                # A fallback after headers went out (a stream that failed before content):
+                # only another stream can continue it.
+                raise AttemptFailed(
+                    AttemptResult.SERVER_ERROR
+                    if upstream.status >= 500
+                    else AttemptResult.CLIENT_ERROR,
+                    UpstreamFailed(
+                        f'upstream "{attempt.upstream}" answered {upstream.status} '
+                        "after the stream had begun"
+                    ),
+                )
+            filtering = sse and plan.usage_filter is not None
+            self._pending = web.StreamResponse(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=client_response_headers(
+                    upstream.headers, request_id=record.request_id, keep_length=not filtering
+                ),
+            )
+            # A stream that may still switch targets keeps its headers until content comes.
+            holding = sse and can_switch and upstream.status < 300
+            if not holding:
+                await self._commit()
+            try:
+                if sse:
+                    await self._pump_sse(plan, upstream, watchdog, attempt, holding)
+                else:
+                    await self._pump_body(plan, upstream, prefix)
+            except asyncio.CancelledError:
+                # Client gone (or our deadline): note when, then let the attempt close the
+                # upstream. In drain mode, first read on for exact usage.
+                gone = watchdog.fired is None and not self.state.hard_stopping
+                if gone and record.client_gone_at is None:
+                    record.client_gone_at = loop.time()
+                    if plan.route.options.on_disconnect == "drain":
+                        watchdog.stop()
+                        await drain(cast("Exchange", self), plan, upstream)
+                raise
+            plan.deadlines.done()
+            assert self.response is not None
+            response = self.response
+            await self._client_io(response.write_eof())
+        finally:
+            self.state.metrics.upstream_connection_closed()
+        status = upstream.status
+        failed = status >= 500 or status == 429
+        attempt.delivered = True
+        if self.tracker is not None and self.tracker.error is not None:
+            # A 200 stream that ended in an in-band error event: the upstream failed.
+            failed = True
+            record.error_type = "upstream_error"
+            record.error_message = self.tracker.error[:500]
+        attempt.end(
+            AttemptResult.OK if not failed else (status_result(status) or AttemptResult.CUT),
+            loop.time(),
+        )
+        record.settle(Outcome.UPSTREAM_ERROR if failed else Outcome.COMPLETED)
+        return response
+
+    async def _commit(self) -> web.StreamResponse:
+        """Send the response headers held for the current attempt (once per request)."""
+        if self.response is None:
+            pending = self._pending
+            assert pending is not None
+            self.record.status = pending.status
+            await self._client_io(pending.prepare(self.request))
+            self.response = pending
+            if self.plan is not None:
+                self.plan.deadlines.client_committed()
+        return self.response
+
+    async def _pump_sse(
+        self,
+        plan: Plan,
+        upstream: UpstreamResponse,
+        watchdog: Watchdog,
+        attempt: Attempt,
+        holding: bool,
+    ) -> None:
+        record, deadlines = self.record, plan.deadlines
+        decoder = self.decoder = SSEDecoder()
+        tracker = self.tracker = StreamUsageTracker(plan.facts)
+        chunk_filter = plan.usage_filter
+        # Events of this attempt not yet sent: before its first content, while a switch to
+        # another target is still possible, nothing but keep-alive comments goes out.
+        held: list[bytes] | None = [] if holding else None
+        malformed = 0
+        while True:
+            commit_at = deadlines.client_commit_at() if held is not None else None
+            if commit_at is not None and self.response is None:
+                try:
+                    async with asyncio.timeout_at(commit_at):
+                        chunk, now = await self._read_upstream(upstream)
+                except TimeoutError:
+                    # The client's SDK gives up without response headers soon: send them now.
+                    # A switch stays invisible (it has seen headers only), so holding goes on.
+                    await self._commit()
+                    continue
+            else:
+                chunk, now = await self._read_upstream(upstream)
+            if not chunk:
+                events = decoder.flush()
+            else:
+                events = decoder.feed(chunk)
+                if decoder.buffered > _MAX_SSE_EVENT:
+                    raise AttemptFailed(
+                        AttemptResult.STREAM_ERROR,
+                        UpstreamFailed(
+                            f'upstream "{attempt.upstream}" sent an SSE event over '
+                            f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
+                        ),
+                    )
+            out: list[bytes] = []
+            for event in events:
+                kind = tracker.feed(event)
+                if kind is EventKind.CONTENT:
+                    record.content_chunks += 1
+                    deadlines.content(now)
+                    if record.first_token_at is None:
+                        record.first_token_at = now
+                        # The stream enters the idle phase: its deadline may be the first
+                        # one armed (when first_token_s is off).
+                        watchdog.rearm()
+                    if attempt.first_token_at is None:
+                        attempt.first_token_at = now
+                elif tracker.malformed_events > malformed:
+                    # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
+                    malformed = tracker.malformed_events
+                    continue
+                data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
+                if held is not None:
+                    if kind is EventKind.ERROR:
+                        raise AttemptFailed(
+                            AttemptResult.STREAM_ERROR,
+                            UpstreamFailed(
+                                f'upstream "{attempt.upstream}" failed the stream before any '
+                                f"content: {(tracker.error or '')[:200]}"
+                            ),
+                        )
+                    if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                        out.extend(held)
+                        held = None
+                    elif event.comment:
+                        if self.response is not None:
+                            out.append(data)  # headers are out already: keep-alives pass
+                        continue
+                    else:
+                        held.append(data)
+                        continue
+                out.append(data)
+            if held is not None and not chunk:
+                # The stream ended with no content and no end marker: cut before content.
+                raise AttemptFailed(
+                    AttemptResult.STREAM_ERROR,
+                    UpstreamFailed(
+                        f'upstream "{attempt.upstream}" ended the stream before any content'
+                    ),
+                )
+            data = b"".join(out)
+            if data:
+                response = await self._commit()
+                await self._client_io(response.write(data))
+                record.bytes_to_client += len(data)
+                self.delivered_tokens = tracker.generated_tokens
+                if attempt.first_token_at is not None:
+                    self.content_sent = True
+            if not chunk:
+                return
+
+    async def _pump_body(self, plan: Plan, upstream: UpstreamResponse, prefix: bytes) -> None:
+        record, deadlines = self.record, plan.deadlines
+        response = self.response
+        assert response is not None
+        keep_copy = (
+            plan.facts.endpoint != "other"
+            and upstream.status < 300
+            and upstream.content_type in JSON_TYPES
+        )
+        if keep_copy:
+            self.json_body = bytearray()
+            self.content_encoding = upstream.content_encoding
+        first = True
+        while True:
+            if first and prefix:
+                chunk, now = prefix, self.loop.time()
+            else:
+                chunk, now = await self._read_upstream(upstream)
+            first = False
+            if not chunk:
+                return
+            deadlines.content(now)
+            if self.json_body is not None:
+                if len(self.json_body) + len(chunk) <= USAGE_BODY_CAP:
+                    self.json_body += chunk
+                else:
+                    self.json_body = None  # too big to account; usage will be estimated
+            await self._client_io(response.write(chunk))
+            record.bytes_to_client += len(chunk)
+            self.content_sent = True
+
+    async def _read_upstream(self, upstream: UpstreamResponse) -> tuple[bytes, float]:
+        """The next body chunk (b"" at the end) and when it came; the wait is the upstream's."""
+        loop = self.loop
+        before = loop.time()
+        chunk = await upstream.read()
+        now = loop.time()
+        self.record.upstream_wait_s += now - before
+        return chunk, now
+
+    async def _client_io(self, write: object) -> None:
+        """Await a write to the client; a failed write means the client is gone."""
+        before = self.loop.time()
+        try:
+            await write  # type: ignore[misc]
+        except ConnectionError as exc:
+            self.record.client_gone_at = before
+            raise ClientGone from exc
+        finally:
+            self.record.client_wait_s += self.loop.time() - before
+
+    def _error_response(self, err: ProxyError) -> web.Response:
+        self.record.status = err.status
+        self.record.error_type = err.error_type
+        self.record.error_message = err.message
+        headers = {"x-request-id": self.record.request_id, **err.headers()}
+        return web.Response(
+            status=err.status,
+            body=render_body(err),
+            content_type="application/json",
+            headers=headers,
+        )
+
+    async def _fail(self, err: ProxyError) -> web.StreamResponse:
+        """Report an error the right way for what the client has already received."""
+        response = self.response
+        if response is None:
+            return self._error_response(err)
+        self.record.error_type = err.error_type
+        self.record.error_message = err.message
+        if response.content_type == "text/event-stream":
+            # Mid-stream: one in-band error event (the SDKs raise it as APIError), then end.
+            try:
+                await response.write(render_sse_event(err))
+                await response.write_eof()
+            except ConnectionError:
+                pass  # the client left as well; nothing more to tell it
+            return response
+        # Mid-body of a plain response: close the connection so the client sees truncation
+        # (finishing the chunked encoding would pass a cut body off as complete).
+        transport = self.request.transport
+        if transport is not None:
+            transport.close()
+        return response
+
+    def _internal_error_response(self) -> web.StreamResponse:
+        if self.response is not None:
+            transport = self.request.transport
+            if transport is not None:
+                transport.close()
+            return self.response
+        err = ProxyError(
+            f"internal error in hangup; see its log for request id {self.record.request_id}"
+        )
+        return self._error_response(err)
