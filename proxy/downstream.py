@@ -32,6 +32,18 @@ if TYPE_CHECKING:
     from proxy.relay import Exchange
 
 _MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
+# Bytes of events held back before the first content token while a switch is possible; an
+# upstream that sends more than this without content is broken, and memory stays bounded.
+HOLD_CAP = 1024 * 1024
+
+
+def held_too_much(upstream: str) -> AttemptFailed:
+    return AttemptFailed(
+        AttemptResult.STREAM_ERROR,
+        UpstreamFailed(
+            f'upstream "{upstream}" sent over {HOLD_CAP // 1024} KiB of events before any content'
+        ),
+    )
 
 
 class ClientGone(Exception):
@@ -168,6 +180,7 @@ class Downstream:
         # another target is still possible, nothing but keep-alive comments goes out.
         held: list[bytes] | None = [] if holding else None
         malformed = 0
+        held_bytes = 0
         while True:
             commit_at = deadlines.client_commit_at() if held is not None else None
             if commit_at is not None and self.response is None:
@@ -229,6 +242,9 @@ class Downstream:
                         continue
                     else:
                         held.append(data)
+                        held_bytes += len(data)
+                        if held_bytes > HOLD_CAP:
+                            raise held_too_much(attempt.upstream)
                         continue
                 out.append(data)
             if held is not None and not chunk:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
+from proxy.downstream import HOLD_CAP, held_too_much
 from proxy.errors import UpstreamFailed
 from proxy.resilience.classify import status_result
 from proxy.sse import SSEDecoder
@@ -98,9 +99,13 @@ class Racer:
     async def _until_first_token(self, upstream: UpstreamResponse) -> list[bytes]:
         loop = asyncio.get_running_loop()
         decoder, tracker, held = SSEDecoder(), self.tracker, []
+        held_bytes = 0
         while True:
             chunk = await upstream.read()
             held.append(chunk)
+            held_bytes += len(chunk)
+            if held_bytes > HOLD_CAP:
+                raise held_too_much(self.attempt.upstream)
             for event in decoder.feed(chunk) if chunk else decoder.flush():
                 kind = tracker.feed(event)
                 if kind is EventKind.CONTENT or kind is EventKind.DONE:

@@ -296,3 +296,20 @@ async def test_fallback_accounting_keeps_the_losers_tokens_apart(
     assert winner.delivered and winner.model == BACKUP_MODEL
     assert winner.tokens_generated == record.usage.completion_tokens > 0
     assert [a.delivered for a in record.attempts] == [False, True]
+
+
+async def test_an_upstream_that_says_nothing_for_a_megabyte_is_left(
+    sim: SimulatedProvider, backup: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    """Held events are bounded: 10,000 empty deltas (> 1 MiB) before any content is a broken
+    stream, and the fallback answers."""
+    server, sink = await start_proxy(fallback_config(sim, backup))
+    body = chat("empty-deltas:count=10000,rate=0", stream=True)
+    answer = await post(server.base_url, body, "f-mega")
+    assert answer.status == 200 and {e["model"] for e in answer.events()} == {BACKUP_MODEL}
+    record = await sink.wait_for("f-mega")
+    assert results(record.attempts) == [
+        ("primary", AttemptResult.STREAM_ERROR),
+        ("backup", AttemptResult.OK),
+    ]
+    assert "before any content" in (record.attempts[0].error or "")
