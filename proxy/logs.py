@@ -111,6 +111,8 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
     if len(rec.attempts) > 1 or any(a.result is not AttemptResult.OK for a in rec.attempts):
         # The attempt chain, e.g. "openai/gpt-4o:server_error[503] > azure/gpt-4o:ok[200]".
         fields["attempts"] = " > ".join(a.describe() for a in rec.attempts)
+        if rec.attempt_waste_tokens:
+            fields["attempt_waste_tokens"] = rec.attempt_waste_tokens
     u = rec.usage
     fields["tokens"] = {
         "prompt": u.prompt_tokens,

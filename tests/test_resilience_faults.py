@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import time
 
+import aiohttp
+
 from proxy.attempts import Attempt, AttemptResult
+from proxy.logs import access_fields
 from proxy.outcome import Outcome, TimeoutKind
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy, chat
@@ -313,3 +316,40 @@ async def test_an_upstream_that_says_nothing_for_a_megabyte_is_left(
         ("backup", AttemptResult.OK),
     ]
     assert "before any content" in (record.attempts[0].error or "")
+
+
+async def test_the_access_log_shows_the_attempt_chain(
+    sim: SimulatedProvider, backup: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    server, sink = await start_proxy(fallback_config(sim, backup))
+    answer = await post(server.base_url, chat("error:status=503", stream=False), "f-log")
+    assert answer.status == 200
+    fields = access_fields(await sink.wait_for("f-log"))
+    assert fields["attempts"] == (
+        "primary/error:status=503:server_error[503] > backup/backup-model:ok[200]"
+    )
+    assert fields["upstream"] == "backup"
+
+
+async def test_faults_per_model_are_set_over_http_and_bad_ones_refused(
+    sim: SimulatedProvider,
+) -> None:
+    assert sim.base_url is not None
+    control = sim.base_url.removesuffix("/v1") + "/_sim/faults"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(control, json={"model": "m", "behaviour": "error:status=503"}) as r:
+            assert r.status == 200
+        async with session.post(
+            f"{sim.base_url}/chat/completions", json=chat("m", stream=False)
+        ) as r:
+            assert r.status == 503
+        async with session.post(control, json={"model": "m", "behaviour": None}) as r:
+            assert r.status == 200
+        async with session.post(
+            f"{sim.base_url}/chat/completions", json=chat("m", stream=False)
+        ) as r:
+            assert r.status == 200
+        async with session.post(control, json={"model": "m", "behaviour": "error:status=7"}) as r:
+            assert r.status == 400
+        async with session.post(control, data=b"not json") as r:
+            assert r.status == 400

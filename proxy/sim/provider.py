@@ -30,7 +30,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.sim.api import Api
 from proxy.sim.background import BackgroundJob, CancelCall, JobStore
-from proxy.sim.behaviour import parse_behaviour
+from proxy.sim.behaviour import BehaviourError, parse_behaviour
 from proxy.sim.formats import dumps
 from proxy.sim.recorder import Recorder
 from proxy.sim.records import ClosedBy, ConnectionRecord, RequestRecord
@@ -269,7 +269,10 @@ class SimulatedProvider:
                 model, spec = body["model"], body.get("behaviour")
             except (ValueError, KeyError, TypeError):
                 return _json(400, {"error": 'expected {"model": ..., "behaviour": ... | null}'})
-            self.set_fault(str(model), None if spec is None else str(spec))
+            try:
+                self.set_fault(str(model), None if spec is None else str(spec))
+            except BehaviourError as err:
+                return _json(400, {"error": f"simulator behaviour: {err}"})
             payload = {"faults": dict(self.api.faults)}
         elif method == "POST" and path == "/_sim/reset":
             self.reset()
