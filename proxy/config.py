@@ -82,12 +82,9 @@ class UpstreamConfig(_Model):
     api_key: SecretStr | None = None
     # Extra headers sent on every request to this upstream (e.g. OpenAI-Organization).
     headers: dict[str, str] = Field(default_factory=dict)
-    # The server software behind base_url: engine aborts (docs/cancellation.md) and exact prompt
-    # counts through its tokenize endpoint (docs/accounting.md).
-    engine: Engine = "generic"
-    # What this upstream bills for a request hangup cancels; omitted keys are recognised from
-    # the host and engine (proxy/billing.py, docs/accounting.md "Billing policy").
-    billing: BillingConfig = Field(default_factory=lambda: BillingConfig())
+    # How this upstream continues an assistant message (for continue_cut_streams): "prefix"
+    # (DeepSeek, Mistral), "continue_final_message" (vLLM), or "none" (never asked; OpenAI).
+    assistant_prefix: Literal["none", "prefix", "continue_final_message"] = "none"
 
     @field_validator("base_url")
     @classmethod
@@ -206,6 +203,9 @@ class RouteOptions(_Model):
     # seconds, start the next target in parallel; the first content token wins, the other is
     # closed at once. None: off.
     hedge_after_s: Seconds | None = None
+    # Chat streams cut or stalled after content reached the client: ask a target that accepts
+    # an assistant prefix (upstreams.*.assistant_prefix) to continue, and splice it in.
+    continue_cut_streams: bool = False
 
 
 class FallbackConfig(_Model):
@@ -240,6 +240,7 @@ class RouteConfig(_Model):
     circuit_failures: Annotated[int, Field(ge=0)] | None = None
     circuit_cooldown_s: Seconds | None = None
     hedge_after_s: Seconds | None = None
+    continue_cut_streams: bool | None = None
 
     @field_validator("name")
     @classmethod

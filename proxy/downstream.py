@@ -10,6 +10,7 @@ dropped); once headers went out, an error can only end the stream in band.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
@@ -46,6 +47,17 @@ def held_too_much(upstream: str) -> AttemptFailed:
     )
 
 
+def _content_text(data: str | None) -> str:
+    """The text of choice 0 in a chat chunk (for continuing a cut stream)."""
+    try:
+        obj = json.loads(data or "")
+        delta = obj["choices"][0]["delta"]
+        text = delta.get("content")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return ""
+    return text if isinstance(text, str) else ""
+
+
 class ClientGone(Exception):
     """A write to the client failed: its socket is gone (seen without handler cancellation,
     or when the kernel reports the broken pipe before the server does)."""
@@ -72,6 +84,8 @@ class Downstream:
     delivered_tokens: int
     drained: bool
     content_sent: bool
+    delivered_text: list[str]
+    continuing: bool
 
     async def _relay_response(
         self,
@@ -181,6 +195,7 @@ class Downstream:
         held: list[bytes] | None = [] if holding else None
         malformed = 0
         held_bytes = 0
+        collect_text = plan.route.options.continue_cut_streams
         while True:
             commit_at = deadlines.client_commit_at() if held is not None else None
             if commit_at is not None and self.response is None:
@@ -209,6 +224,11 @@ class Downstream:
             out: list[bytes] = []
             for event in events:
                 kind = tracker.feed(event)
+                if self.continuing and attempt.first_token_at is None:
+                    if kind is EventKind.OTHER and not event.comment:
+                        continue  # a continuation's role chunk: the client has one already
+                if kind is EventKind.CONTENT and collect_text:
+                    self.delivered_text.append(_content_text(event.data))
                 if kind is EventKind.CONTENT:
                     record.content_chunks += 1
                     deadlines.content(now)

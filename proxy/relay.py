@@ -34,6 +34,7 @@ from proxy.errors import (
 from proxy.hedging import Racer, last_index, race
 from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
+from proxy.resilience.continuation import continuation_body, continuation_target
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
@@ -51,6 +52,7 @@ log = logging.getLogger("hangup.relay")
 
 # Deadlines that belong to one attempt: when one fires, another target may still answer.
 _PER_ATTEMPT = frozenset({TimeoutKind.CONNECT, TimeoutKind.HEADERS, TimeoutKind.FIRST_TOKEN})
+_MAX_CONTINUATIONS = 2  # per request: a stream that keeps breaking ends in band
 
 
 class _DeadlineFired(Exception):
@@ -106,6 +108,11 @@ class Exchange(Downstream):
         self.content_sent = False  # some content reached the client: no more switching
         self._raced_to: int | None = None  # the highest target index a failed hedge race used
         self.chooser: Chooser  # set when the attempts begin
+        # Continuing a cut stream: the text the client has (choice 0), and the cut itself.
+        self.delivered_text: list[str] = []
+        self.continuing = False
+        self._continuations = 0
+        self._cut: tuple[ProxyError, TimeoutKind | None] | None = None
 
     # --- the lifecycle -----------------------------------------------------------------------
     async def run(self) -> web.StreamResponse:
@@ -193,14 +200,15 @@ class Exchange(Downstream):
         chooser = self.chooser = Chooser(plan, self.state.circuits, loop)
         index = self._first_target()
         retries_here, reason = 0, "primary"
+        override: TargetPlan | None = None  # a continuation's request (its own body)
         while True:
-            target = plan.targets[index]
+            target = override or plan.targets[index]
             now = loop.time()
             attempt = Attempt(target.upstream_name, target.model, now, reason)
             record.attempts.append(attempt)
             circuit = chooser.circuit(target.upstream_name)
             circuit.allows(now)
-            if reason == "fallback":
+            if reason in ("fallback", "continue"):
                 deadlines.next_target(now)
             else:
                 deadlines.connecting(now)
@@ -210,7 +218,7 @@ class Exchange(Downstream):
             try:
                 if self._hedges(plan, index):
                     return await self._hedged(plan, index, attempt, watchdog)
-                return await self._attempt(plan, index, attempt, watchdog)
+                return await self._attempt(plan, index, attempt, watchdog, override)
             except _Failed as failed:
                 failure, error, decision = failed.failure, failed.error, failed.decision
             except AttemptFailed as exc:
@@ -223,7 +231,9 @@ class Exchange(Downstream):
                 if kind is None:
                     self._abandon(attempt, "client gone")
                     raise
-                if (
+                # A stall after content may be resumed elsewhere (continue_cut_streams).
+                resumable = kind is TimeoutKind.IDLE and self._continuation(plan, index) is not None
+                if not resumable and (
                     kind not in _PER_ATTEMPT
                     or self.content_sent
                     or deadlines.client_headers_expired(loop.time())
@@ -231,7 +241,7 @@ class Exchange(Downstream):
                     self._abandon(attempt, f"{kind.value} deadline")
                     raise _DeadlineFired(kind) from None
                 attempt.end(AttemptResult.TIMEOUT, loop.time(), f"{kind.value} deadline")
-                failure = Failure(AttemptResult.TIMEOUT)
+                failure = Failure(AttemptResult.TIMEOUT, content_sent=self.content_sent)
                 error = GatewayTimeout(
                     deadlines.describe(kind, plan.route.name), kind, retry=options.sdk_retry
                 )
@@ -241,6 +251,25 @@ class Exchange(Downstream):
                 self.state.resilience_observed(plan.route.name, attempt, circuit)
             if self._raced_to is not None:
                 index, self._raced_to = max(index, self._raced_to), None
+            if failure.content_sent:
+                if attempt.first_token_at is not None:
+                    attempt.delivered = True  # its content is part of the client's answer
+                if self._cut is None:
+                    self._cut = (error, timeout_kind)  # the error the client gets if all fails
+                resume = self._continuation(plan, index)
+                if resume is not None:
+                    index, override = resume
+                    reason, self.continuing = "continue", True
+                    self._continuations += 1
+                    log.info(
+                        "request %s: %s; continuing the answer on %s",
+                        record.request_id,
+                        attempt.describe(),
+                        override.upstream_name,
+                    )
+                    continue
+                error, timeout_kind = self._cut
+            override = None
             if decision is None:
                 decision = chooser.decide(index, retries_here, failure)
             if decision.step is Step.GIVE_UP:
@@ -263,6 +292,45 @@ class Exchange(Downstream):
                 deadlines.backing_off()
                 watchdog.rearm()
                 await asyncio.sleep(decision.delay_s)
+
+    def _continuation(self, plan: Plan, index: int) -> tuple[int, TargetPlan] | None:
+        """Where and how to continue a chat stream cut after content, if the route asks to
+        (docs/resilience.md, "Continuing a cut stream"); None: end it in band as usual."""
+        facts = plan.facts
+        if (
+            not plan.route.options.continue_cut_streams
+            or facts.endpoint != "chat.completions"
+            or not facts.stream
+            or self._continuations >= _MAX_CONTINUATIONS
+        ):
+            return None
+        targets = plan.targets
+        last = self.record.attempts[-1]
+        if last.reason == "continue" and not last.delivered:
+            index += 1  # that target refused or failed the continuation: never ask it again
+            if index >= len(targets):
+                return None
+        now = self.loop.time()
+        j = continuation_target(
+            [t.target.upstream.assistant_prefix for t in targets],
+            [t.upstream_name for t in targets],
+            index,
+            lambda name: self.chooser.circuit(name).would_allow(now),
+        )
+        if j is None:
+            return None
+        delivered = sum(a.tokens_generated for a in self.record.attempts if a.delivered)
+        delivered += 0 if self.record.attempts[-1].delivered else self.delivered_tokens
+        base = targets[j]
+        body = continuation_body(
+            base.body,
+            "".join(self.delivered_text),
+            base.target.upstream.assistant_prefix,
+            delivered,
+        )
+        if body is None:
+            return None
+        return j, TargetPlan(base.target, base.url, base.headers, body, base.model)
 
     def _first_target(self) -> int:
         index = self.chooser.first()
@@ -349,11 +417,16 @@ class Exchange(Downstream):
 
     # --- one attempt ------------------------------------------------------------------------
     async def _attempt(
-        self, plan: Plan, index: int, attempt: Attempt, watchdog: Watchdog
+        self,
+        plan: Plan,
+        index: int,
+        attempt: Attempt,
+        watchdog: Watchdog,
+        target: TargetPlan | None = None,
     ) -> web.StreamResponse:
         deadlines, options, record = plan.deadlines, plan.route.options, self.record
         loop = self.loop
-        target = self.target = plan.targets[index]
+        target = self.target = target or plan.targets[index]
         self.tracker = None
 
         def headers_sent() -> None:

@@ -119,7 +119,7 @@ async def generate(plan: Plan, b: Behaviour, progress: Progress, out: Output | N
         k += 1
         progress.generated += 1
         if out is not None:
-            await out.sink(out.fmt.content(i), Kind.CONTENT)
+            await out.sink(out.fmt.content(plan.content_offset + i), Kind.CONTENT)
     if out is not None:
         for data in out.fmt.tail():
             await out.sink(data, Kind.META)

@@ -144,10 +144,27 @@ class Plan:
     finish_reason: Literal["stop", "length", "tool_calls"]
     rate: float  # tokens/s; 0 means as fast as possible
     first_token_delay: float  # seconds from the start of generation to the first token
+    # A continuation (an assistant prefix to go on from): the answer resumes at this word.
+    content_offset: int = 0
 
     @property
     def completion_tokens(self) -> int:
         return self.reasoning_tokens + self.content_tokens
+
+
+def continuation_offset(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """Words already written when a chat request asks to continue its last assistant message
+    (DeepSeek/Mistral `"prefix": true` on it, or vLLM's `continue_final_message`); else 0.
+    The simulated answer then resumes where that prefix stopped."""
+    messages = body.get("messages")
+    if endpoint != "chat" or not isinstance(messages, list) or not messages:
+        return 0
+    last = messages[-1]
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return 0
+    if last.get("prefix") is not True and body.get("continue_final_message") is not True:
+        return 0
+    return _content_words(last.get("content"))
 
 
 def max_tokens(endpoint: Endpoint, body: dict[str, Any]) -> int | None:
@@ -176,6 +193,9 @@ def make_plan(
     natural = behaviour.tokens
     if natural is None and cap is None:
         natural = default_tokens
+    offset = continuation_offset(endpoint, body)
+    if natural is not None:
+        natural = max(0, natural - offset)
     reasoning = behaviour.reasoning_tokens if cap is None else min(behaviour.reasoning_tokens, cap)
     room = None if cap is None else cap - reasoning
     if natural is None:
@@ -201,6 +221,7 @@ def make_plan(
         finish_reason=finish,
         rate=rate,
         first_token_delay=first,
+        content_offset=offset,
     )
 
 
