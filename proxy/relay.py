@@ -34,7 +34,6 @@ from proxy.errors import (
 from proxy.hedging import Racer, last_index, race
 from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
-from proxy.resilience.continuation import continuation_body, continuation_target
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
@@ -296,41 +295,14 @@ class Exchange(Downstream):
     def _continuation(self, plan: Plan, index: int) -> tuple[int, TargetPlan] | None:
         """Where and how to continue a chat stream cut after content, if the route asks to
         (docs/resilience.md, "Continuing a cut stream"); None: end it in band as usual."""
-        facts = plan.facts
-        if (
-            not plan.route.options.continue_cut_streams
-            or facts.endpoint != "chat.completions"
-            or not facts.stream
-            or self._continuations >= _MAX_CONTINUATIONS
-        ):
+        if self._continuations >= _MAX_CONTINUATIONS:
             return None
-        targets = plan.targets
-        last = self.record.attempts[-1]
-        if last.reason == "continue" and not last.delivered:
-            index += 1  # that target refused or failed the continuation: never ask it again
-            if index >= len(targets):
-                return None
-        now = self.loop.time()
-        j = continuation_target(
-            [t.target.upstream.assistant_prefix for t in targets],
-            [t.upstream_name for t in targets],
-            index,
-            lambda name: self.chooser.circuit(name).would_allow(now),
+        attempts = self.record.attempts
+        delivered = sum(a.tokens_generated for a in attempts if a.delivered)
+        delivered += 0 if attempts[-1].delivered else self.delivered_tokens
+        return self.chooser.continuation(
+            index, attempts[-1], "".join(self.delivered_text), delivered
         )
-        if j is None:
-            return None
-        delivered = sum(a.tokens_generated for a in self.record.attempts if a.delivered)
-        delivered += 0 if self.record.attempts[-1].delivered else self.delivered_tokens
-        base = targets[j]
-        body = continuation_body(
-            base.body,
-            "".join(self.delivered_text),
-            base.target.upstream.assistant_prefix,
-            delivered,
-        )
-        if body is None:
-            return None
-        return j, TargetPlan(base.target, base.url, base.headers, body, base.model)
 
     def _first_target(self) -> int:
         index = self.chooser.first()

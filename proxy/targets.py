@@ -1,12 +1,15 @@
 """Which target next, for one request: the pure policy (`proxy.resilience`) fed with this
-request's targets, its remaining budget and the upstreams' circuit breakers."""
+request's targets, its remaining budget and the upstreams' circuit breakers; and where to
+continue a cut stream."""
 
 from __future__ import annotations
 
 import asyncio
 
-from proxy.admission import Plan
+from proxy.admission import Plan, TargetPlan
+from proxy.attempts import Attempt
 from proxy.resilience.circuit import Circuit, Circuits
+from proxy.resilience.continuation import continuation_body, continuation_target
 from proxy.resilience.policy import Decision, Failure, RetryRules, TargetView, next_step
 
 
@@ -41,6 +44,40 @@ class Chooser:
     def can_switch(self, index: int) -> bool:
         """Would a failure of target `index` before content have somewhere else to go?"""
         return self.next_available(index) is not None
+
+    def continuation(
+        self, index: int, last: Attempt, delivered_text: str, delivered_tokens: int
+    ) -> tuple[int, TargetPlan] | None:
+        """The target (and its request) to continue a chat stream cut after content: the same
+        target first if it accepts an assistant prefix, else the next available one that does;
+        never one whose continuation just failed. None: end the stream in band as usual."""
+        plan, facts = self.plan, self.plan.facts
+        if (
+            not plan.route.options.continue_cut_streams
+            or facts.endpoint != "chat.completions"
+            or not facts.stream
+        ):
+            return None
+        targets = plan.targets
+        if last.reason == "continue" and not last.delivered:
+            index += 1  # that target refused or failed the continuation: never ask it again
+            if index >= len(targets):
+                return None
+        now = self._loop.time()
+        j = continuation_target(
+            [t.target.upstream.assistant_prefix for t in targets],
+            [t.upstream_name for t in targets],
+            index,
+            lambda name: self.circuit(name).would_allow(now),
+        )
+        if j is None:
+            return None
+        base = targets[j]
+        style = base.target.upstream.assistant_prefix
+        body = continuation_body(base.body, delivered_text, style, delivered_tokens)
+        if body is None:
+            return None
+        return j, TargetPlan(base.target, base.url, base.headers, body, base.model)
 
     def decide(self, index: int, retries_here: int, failure: Failure) -> Decision:
         now = self._loop.time()

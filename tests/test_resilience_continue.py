@@ -10,7 +10,7 @@ from typing import Any
 from proxy.attempts import AttemptResult
 from proxy.config import HangupConfig
 from proxy.outcome import Outcome
-from proxy.resilience.continuation import continuation_body, continuation_target
+from proxy.resilience.continuation import PrefixStyle, continuation_body, continuation_target
 from proxy.sim import SimulatedProvider, completion_text
 from tests.conftest import StartProxy, chat
 from tests.resilience_support import BACKUP_MODEL, post, seen
@@ -126,7 +126,7 @@ def test_continuation_body_shapes_and_refusals() -> None:
     assert continuation_body(b'{"messages":[],"n":2}', " x", "prefix", 1) is None
     assert continuation_body(b'{"messages":[],"tools":[{}]}', " x", "prefix", 1) is None
     assert continuation_body(b"not json", " x", "prefix", 1) is None
-    styles = ["none", "prefix", "continue_final_message"]
+    styles: list[PrefixStyle] = ["none", "prefix", "continue_final_message"]
     names = ["a", "b", "c"]
     assert continuation_target(styles, names, 0, lambda _: True) == 1
     assert continuation_target(styles, names, 1, lambda _: True) == 1  # the same one first
