@@ -73,6 +73,8 @@ class Racer:
             on_headers_sent=on_headers_sent,
         )
         self.tracker = StreamUsageTracker(plan.facts)
+        # Called in the very loop step this racer sees its first content token (set by race).
+        self.on_first_token: Callable[[Racer], None] = lambda racer: None
 
     async def run(self) -> Started:
         loop = asyncio.get_running_loop()
@@ -111,6 +113,7 @@ class Racer:
                 if kind is EventKind.CONTENT or kind is EventKind.DONE:
                     if kind is EventKind.CONTENT:
                         self.attempt.first_token_at = loop.time()
+                    self.on_first_token(self)
                     return held
                 if kind is EventKind.ERROR:
                     raise AttemptFailed(
@@ -139,7 +142,26 @@ async def race(
     Return the first racer to reach its first content token; the other is abandoned and its
     socket closed before this returns. If every racer fails, the last failure is raised (the
     relay's policy then decides, from the highest target index tried: `last_index`)."""
-    tasks: dict[asyncio.Task[Started], Racer] = {asyncio.create_task(first.run()): first}
+    racers: list[Racer] = []
+    won: list[Racer] = []
+
+    def hang_up_on_the_others(winner: Racer) -> None:
+        # The loser is cut in the same loop step the winner's first token is read, before any
+        # task switch, not after the race's own bookkeeping.
+        if won:
+            return
+        won.append(winner)
+        for racer in racers:
+            if racer is not winner:
+                abandon(racer.attempt, "hedge loser")
+                racer.opened.close_now()
+
+    def enter(racer: Racer) -> asyncio.Task[Started]:
+        racer.on_first_token = hang_up_on_the_others
+        racers.append(racer)
+        return asyncio.create_task(racer.run())
+
+    tasks: dict[asyncio.Task[Started], Racer] = {enter(first): first}
     winner: asyncio.Task[Started] | None = None
     failure: BaseException | None = None
     try:
@@ -147,15 +169,16 @@ async def race(
         if not done:
             hedge = make_hedge()
             if hedge is not None:
-                tasks[asyncio.create_task(hedge.run())] = hedge
+                tasks[enter(hedge)] = hedge
         pending = set(tasks) - done
         while True:
             for task in done:
                 exc = task.exception()
-                if exc is None:
+                if exc is None and (not won or tasks[task] is won[0]):
                     winner = task
                     break
-                failure = exc
+                if exc is not None:
+                    failure = exc
             if winner is not None or not pending:
                 break
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -164,10 +187,12 @@ async def race(
         for task in losers:
             abandon(tasks[task].attempt, "hedge loser" if winner is not None else "abandoned")
             task.cancel()
-        if losers:
+        others = [t for t in tasks if t is not winner]
+        if others:
             # Each loser closes its own socket as its cancellation unwinds; wait for that (one
-            # loop step). A cancellation of this task while waiting still propagates.
-            await asyncio.gather(*losers, return_exceptions=True)
+            # loop step) and collect every loser's end (a failure is expected, not an error).
+            # A cancellation of this task while waiting still propagates.
+            await asyncio.gather(*others, return_exceptions=True)
     if winner is None:
         assert failure is not None
         raise failure

@@ -269,6 +269,23 @@ class OpenAttempt:
         )
         return response
 
+    def close_now(self) -> None:
+        """Close at once, from synchronous code: an answer in progress gets its FIN in this
+        very call (asyncio would send it only on a later loop step, after whatever else is
+        ready, such as relaying a hedge winner); an attempt still waiting for headers gets a
+        reset (its request body may still be in flight)."""
+        if self._response is None:
+            self._hooks.abort()
+            return
+        transport = self._hooks.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already gone: nothing to tell the upstream
+        self._response.close()
+
     def abort(self) -> None:
         """Reset the connection now (no flush of unsent request bytes)."""
         self._hooks.abort()

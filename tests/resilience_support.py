@@ -3,7 +3,11 @@ client that returns what it got."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -11,7 +15,7 @@ import aiohttp
 from proxy.config import HangupConfig
 from proxy.sim import SimulatedProvider
 from proxy.sim.records import RequestRecord as SimRequest
-from tests.support import config_from
+from tests.support import config_from, wait_until
 
 CHAT = "/v1/chat/completions"
 BACKUP_MODEL = "backup-model"
@@ -91,3 +95,53 @@ async def post(
 def seen(sim: SimulatedProvider, request_id: str) -> list[SimRequest]:
     """The requests with this id the simulator received (one per attempt it saw)."""
     return [r for r in sim.requests if r.request_id == request_id]
+
+
+class ThreadedSim:
+    """A simulated provider on its own event loop in its own thread.
+
+    In-process simulators share the proxy's event loop, so when the proxy does work right after
+    closing a socket (relaying a hedge winner), the simulator only sees the close once that work
+    is done: the measurement would charge the proxy's relaying to the close. On its own loop the
+    simulator observes the close as a separate process would (CLOCK_MONOTONIC throughout).
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="sim", daemon=True)
+        self.sim = SimulatedProvider(tokens_per_s=200.0, default_tokens=16)
+
+    def __enter__(self) -> ThreadedSim:
+        # Two threads share the GIL; at the default 5 ms switch interval the simulator could
+        # wait that long to run at all. A process of its own would not wait: 0.1 ms is closer.
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(0.0001)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.sim.start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.sim.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        sys.setswitchinterval(self._switch)
+
+    def record(self, request_id: str) -> SimRequest | None:
+        """A snapshot read from another thread: the records are only appended to."""
+        return self.sim.recorder.get(request_id)
+
+    async def wait(
+        self, request_id: str, probe: Callable[[SimRequest], bool], what: str
+    ) -> SimRequest:
+        found: list[SimRequest] = []
+
+        def check() -> bool:
+            rec = self.record(request_id)
+            if rec is not None and probe(rec):
+                found.append(rec)
+                return True
+            return False
+
+        await wait_until(check, 5.0, what)
+        return found[0]
