@@ -122,6 +122,23 @@ def waste(sim_urls: list[str], prefix: str) -> dict[str, int]:
     }
 
 
+def loser_close_lags(sim_urls: list[str], prefix: str) -> list[float]:
+    """For every hedged request: the loser's connection close minus the winner's first token,
+    both as the simulator processes recorded them (CLOCK_MONOTONIC, shared by processes)."""
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for url in sim_urls:
+        for rec in http_json(f"{url}/_sim/requests"):
+            if str(rec["request_id"]).startswith(prefix):
+                by_id.setdefault(str(rec["request_id"]), []).append(rec)
+    lags = []
+    for recs in by_id.values():
+        winners = [r for r in recs if r["end"] == "completed" and r["first_token_at"]]
+        losers = [r for r in recs if r["end"] == "peer_closed" and r["connection_closed_at"]]
+        if len(winners) == 1 and len(losers) == 1:
+            lags.append(losers[0]["connection_closed_at"] - winners[0]["first_token_at"])
+    return lags
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300, help="per variant")
@@ -144,6 +161,7 @@ def main() -> int:
         ttft, failures = asyncio.run(drive(urls, model, args.requests, args.concurrency))
         sims = [primary.url, backup.url]
         costs = {name: waste(sims, f"{name}-") for name in urls}
+        lags = loser_close_lags(sims, "hedged-")
         samples = metric_samples(http_get(urls["hedged"] + "/metrics").decode())
         started = metric_sum(samples, "hangup_hedges_total", event="started")
         won = metric_sum(samples, "hangup_hedges_total", event="won")
@@ -172,6 +190,12 @@ def main() -> int:
     ratio = hedged["ttft_s"]["p99"] / plain["ttft_s"]["p99"] if plain["ttft_s"]["p99"] else None
     result["p99_ratio_hedged_to_plain"] = ratio
     result["hedges"] = {"started": started, "won": won}
+    result["loser_close_after_winner_first_token_s"] = {
+        "n": len(lags),
+        "p50": percentile(lags, 50),
+        "p99": percentile(lags, 99),
+        "max": max(lags) if lags else None,
+    }
     print(
         table(
             [
@@ -190,6 +214,12 @@ def main() -> int:
     )
     print(f"\np99 TTFT hedged / plain: {ratio:.3f}" if ratio else "")
     print(f"hedges started {started:.0f}, won {won:.0f} (of {args.requests} hedged requests)")
+    if lags:
+        print(
+            f"loser closed after the winner's first token (at the simulators, {len(lags)} "
+            f"hedges): p50 {percentile(lags, 50) * 1000:.2f} ms, "
+            f"p99 {percentile(lags, 99) * 1000:.2f} ms, max {max(lags) * 1000:.2f} ms"
+        )
     expected = args.requests
     for name, values in ttft.items():
         if len(values) != expected:
