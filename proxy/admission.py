@@ -5,6 +5,7 @@ first upstream byte: route, deadlines, upstream URL, headers and body. Every ref
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -14,8 +15,11 @@ from yarl import URL
 from proxy.errors import BadRequest, Draining, NotFound, PayloadTooLarge
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
+from proxy.refusal import close_after_response
+from proxy.request_fields import read_fields, replace_stream_options, with_size_estimate
 from proxy.routing import Route, Target
 from proxy.state import ProxyState
+from proxy.target import check_decoded_path, check_raw_target, upstream_url
 from proxy.timeouts import (
     CLIENT_HEADERS_DEADLINE_HEADERS,
     CLIENT_READ_GAP_HEADERS,
@@ -23,6 +27,7 @@ from proxy.timeouts import (
     Deadlines,
     client_deadline,
 )
+from proxy.upstream_checks import ask_identity
 from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
 
 JSON_TYPES = ("application/json",)
@@ -131,12 +136,8 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
             body = injected
             usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
     drop = [options.deadline_header] if options.deadline_header else []
-    # The path and query only (an absolute-form target's scheme and authority are not
-    # ours to forward), with the client's own percent-encoding.
+    # The path and query only (an absolute-form target's scheme and authority are not ours).
     rel = request.rel_url
-    tail = rel.raw_path[len("/v1") :]
-    if rel.raw_query_string:
-        tail += "?" + rel.raw_query_string
     targets: list[TargetPlan] = []
     for target in route.targets:
         headers = upstream_request_headers(
@@ -146,9 +147,10 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
             drop_client_credentials=proxy_key_used,
             drop=drop,
         )
-        url = URL(target.upstream.base_url + tail, encoded=True)
-        target_body, model = body, facts.model
-        if target.model is not None and isinstance(parsed, dict):
+        ask_identity(headers, facts.stream)
+        url = upstream_url(target.upstream.base_url, rel.raw_path, rel.path, rel.raw_query_string)
+        target_body, model = body, record.model  # (bounded for logs)
+        if target.model is not None and fields is not None:
             target_body, model = renamed(body, target.model), target.model
         targets.append(TargetPlan(target, url, headers, target_body, model))
     primary = targets[0]
@@ -167,6 +169,6 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
 def renamed(body: bytes, model: str) -> bytes:
     """The request body with its `model` replaced (a fallback's rename); only the one key
     changes, everything else (injected usage options included) stays as it was."""
-    obj = json.loads(body)
+    obj = json.loads(body)  # valid: read_fields parsed it as an object
     obj["model"] = model
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()

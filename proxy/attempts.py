@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+_MODEL_CHARS = 64  # of a model name in the access log's attempt chain
+
 
 class AttemptResult(enum.StrEnum):
     """How an attempt ended. Only `ok` means its answer went to the client."""
@@ -59,4 +61,5 @@ class Attempt:
         """`upstream/model:result[status]`, one link of the access log's attempt chain."""
         status = f"[{self.status}]" if self.status is not None else ""
         result = self.result.value if self.result is not None else "open"
-        return f"{self.upstream}/{self.model or '-'}:{result}{status}"
+        model = (self.model or "-")[:_MODEL_CHARS]
+        return f"{self.upstream}/{model}:{result}{status}"

@@ -82,6 +82,12 @@ class UpstreamConfig(_Model):
     api_key: SecretStr | None = None
     # Extra headers sent on every request to this upstream (e.g. OpenAI-Organization).
     headers: dict[str, str] = Field(default_factory=dict)
+    # The server software behind base_url: engine aborts (docs/cancellation.md) and exact prompt
+    # counts through its tokenize endpoint (docs/accounting.md).
+    engine: Engine = "generic"
+    # What this upstream bills for a request hangup cancels; omitted keys are recognised from
+    # the host and engine (proxy/billing.py, docs/accounting.md "Billing policy").
+    billing: BillingConfig = Field(default_factory=lambda: BillingConfig())
     # How this upstream continues an assistant message (for continue_cut_streams): "prefix"
     # (DeepSeek, Mistral), "continue_final_message" (vLLM), or "none" (never asked; OpenAI).
     assistant_prefix: Literal["none", "prefix", "continue_final_message"] = "none"

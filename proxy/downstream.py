@@ -20,12 +20,14 @@ from proxy.attempts import Attempt, AttemptResult
 from proxy.drain import USAGE_BODY_CAP, drain
 from proxy.errors import ProxyError, UpstreamFailed, render_body, render_sse_event
 from proxy.headers import client_response_headers
-from proxy.outcome import Outcome, RequestRecord
+from proxy.outcome import Outcome, RequestRecord, settle_relayed
 from proxy.resilience.classify import status_result
 from proxy.routing import Route
+from proxy.secrets import StreamScrubber
 from proxy.sse import SSEDecoder
 from proxy.state import ProxyState
 from proxy.upstream import AttemptFailed, UpstreamResponse
+from proxy.upstream_checks import check_response_head
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
 from proxy.watchdog import Watchdog
 
@@ -84,6 +86,7 @@ class Downstream:
     delivered_tokens: int
     drained: bool
     content_sent: bool
+    scrubber: StreamScrubber
     delivered_text: list[str]
     continuing: bool
 
@@ -101,6 +104,16 @@ class Downstream:
         record.upstream_headers_at = now
         record.upstream_status = upstream.status
         record.upstream = attempt.upstream
+        try:
+            check_response_head(
+                upstream.status,
+                upstream.reason,
+                upstream.headers.items(),
+                attempt.upstream,
+                event_stream=upstream.event_stream,
+            )
+        except UpstreamFailed as err:  # not relayable as it is: the upstream's fault
+            raise AttemptFailed(AttemptResult.INVALID_RESPONSE, err) from err
         self.state.metrics.upstream_connection_opened()
         try:
             sse = upstream.event_stream
@@ -143,7 +156,11 @@ class Downstream:
                     record.client_gone_at = loop.time()
                     if plan.route.options.on_disconnect == "drain":
                         watchdog.stop()
-                        await drain(cast("Exchange", self), plan, upstream)
+                        drain_at = loop.time()
+                        try:
+                            await drain(cast("Exchange", self), plan, upstream)
+                        finally:
+                            record.upstream_wait_s += loop.time() - drain_at
                 raise
             plan.deadlines.done()
             assert self.response is not None
@@ -151,19 +168,17 @@ class Downstream:
             await self._client_io(response.write_eof())
         finally:
             self.state.metrics.upstream_connection_closed()
-        status = upstream.status
-        failed = status >= 500 or status == 429
-        attempt.delivered = True
-        if self.tracker is not None and self.tracker.error is not None:
-            # A 200 stream that ended in an in-band error event: the upstream failed.
-            failed = True
-            record.error_type = "upstream_error"
-            record.error_message = self.tracker.error[:500]
-        attempt.end(
-            AttemptResult.OK if not failed else (status_result(status) or AttemptResult.CUT),
-            loop.time(),
+        tracker = self.tracker
+        settle_relayed(
+            record,
+            upstream.status,
+            stream_error=None if tracker is None else tracker.error,
+            stream_terminated=None if tracker is None else tracker.terminated,
         )
-        record.settle(Outcome.UPSTREAM_ERROR if failed else Outcome.COMPLETED)
+        attempt.delivered = True
+        ok = record.outcome is Outcome.COMPLETED
+        result = status_result(upstream.status) or AttemptResult.CUT
+        attempt.end(AttemptResult.OK if ok else result, loop.time())
         return response
 
     async def _commit(self) -> web.StreamResponse:
@@ -172,8 +187,8 @@ class Downstream:
             pending = self._pending
             assert pending is not None
             self.record.status = pending.status
+            self.response = pending  # before prepare: a client gone mid-head still has one
             await self._client_io(pending.prepare(self.request))
-            self.response = pending
             if self.plan is not None:
                 self.plan.deadlines.client_committed()
         return self.response
@@ -196,6 +211,10 @@ class Downstream:
         malformed = 0
         held_bytes = 0
         collect_text = plan.route.options.continue_cut_streams
+        # Nothing to hold, filter or drop: bytes go on as they come, partial events included
+        # (a slow event is not delayed until its end). Otherwise the stream is relayed event
+        # by event, and malformed events are dropped.
+        raw_mode = chunk_filter is None and held is None and not self.continuing
         while True:
             commit_at = deadlines.client_commit_at() if held is not None else None
             if commit_at is not None and self.response is None:
@@ -211,6 +230,7 @@ class Downstream:
                 chunk, now = await self._read_upstream(upstream)
             if not chunk:
                 events = decoder.flush()
+                upstream.check_end(mid_event=bool(events))
             else:
                 events = decoder.feed(chunk)
                 if decoder.buffered > _MAX_SSE_EVENT:
@@ -275,7 +295,9 @@ class Downstream:
                         f'upstream "{attempt.upstream}" ended the stream before any content'
                     ),
                 )
-            data = b"".join(out)
+            data = chunk if raw_mode else b"".join(out)
+            # Configured secrets never reach the client (a secret split across writes is held).
+            data = self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
             if data:
                 response = await self._commit()
                 await self._client_io(response.write(data))
@@ -306,6 +328,9 @@ class Downstream:
                 chunk, now = await self._read_upstream(upstream)
             first = False
             if not chunk:
+                upstream.check_end()
+                if held := self.scrubber.flush():
+                    await self._client_io(response.write(held))
                 return
             deadlines.content(now)
             if self.json_body is not None:
@@ -313,7 +338,7 @@ class Downstream:
                     self.json_body += chunk
                 else:
                     self.json_body = None  # too big to account; usage will be estimated
-            await self._client_io(response.write(chunk))
+            await self._client_io(response.write(self.scrubber.feed(chunk)))
             record.bytes_to_client += len(chunk)
             self.content_sent = True
 
@@ -321,9 +346,11 @@ class Downstream:
         """The next body chunk (b"" at the end) and when it came; the wait is the upstream's."""
         loop = self.loop
         before = loop.time()
-        chunk = await upstream.read()
-        now = loop.time()
-        self.record.upstream_wait_s += now - before
+        try:
+            chunk = await upstream.read()
+        finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
+            now = loop.time()
+            self.record.upstream_wait_s += now - before
         return chunk, now
 
     async def _client_io(self, write: object) -> None:
@@ -358,11 +385,14 @@ class Downstream:
         self.record.error_message = err.message
         if response.content_type == "text/event-stream":
             # Mid-stream: one in-band error event (the SDKs raise it as APIError), then end.
+            written_at = self.loop.time()
             try:
                 await response.write(render_sse_event(err))
                 await response.write_eof()
             except ConnectionError:
                 pass  # the client left as well; nothing more to tell it
+            finally:
+                self.record.client_wait_s += self.loop.time() - written_at
             return response
         # Mid-body of a plain response: close the connection so the client sees truncation
         # (finishing the chunked encoding would pass a cut body off as complete).

@@ -107,6 +107,7 @@ class Exchange(Downstream):
         self.content_sent = False  # some content reached the client: no more switching
         self._raced_to: int | None = None  # the highest target index a failed hedge race used
         self.chooser: Chooser  # set when the attempts begin
+        self.scrubber = stream_scrubber(request)  # configured secrets never reach the client
         # Continuing a cut stream: the text the client has (choice 0), and the cut itself.
         self.delivered_text: list[str] = []
         self.continuing = False
@@ -290,7 +291,11 @@ class Exchange(Downstream):
                 # Backing off: a client that leaves now cancels this sleep; nothing is open.
                 deadlines.backing_off()
                 watchdog.rearm()
-                await asyncio.sleep(decision.delay_s)
+                backoff_at = loop.time()
+                try:
+                    await asyncio.sleep(decision.delay_s)
+                finally:
+                    record.backoff_wait_s += loop.time() - backoff_at
 
     def _continuation(self, plan: Plan, index: int) -> tuple[int, TargetPlan] | None:
         """Where and how to continue a chat stream cut after content, if the route asks to
@@ -360,7 +365,8 @@ class Exchange(Downstream):
         opened_at = loop.time()
         try:
             started = await race(racers[0], hedge_after, make_hedge, self._abandon)
-        finally:
+        finally:  # also when the race ends in an error, a deadline or a hang-up
+            record.upstream_wait_s += loop.time() - opened_at
             self._raced_to = last_index(racers)
             for racer in racers[1:]:
                 circuit = self.chooser.circuit(racer.attempt.upstream)
@@ -368,7 +374,6 @@ class Exchange(Downstream):
                 self.state.resilience_observed(plan.route.name, racer.attempt, circuit)
         self._raced_to = None
         self.target = plan.targets[started.index]
-        record.upstream_wait_s += loop.time() - opened_at
         winner = started.attempt
         try:
             return await self._relay_response(
@@ -420,9 +425,11 @@ class Exchange(Downstream):
         )
         opened_at = loop.time()
         try:
-            upstream = await open_upstream(self, opened, plan, watchdog)
-            now = loop.time()
-            record.upstream_wait_s += now - opened_at
+            try:
+                upstream = await open_upstream(self, opened, plan, watchdog)
+            finally:  # also when the wait ends in an error, a deadline or a hang-up
+                now = loop.time()
+                record.upstream_wait_s += now - opened_at
             attempt.headers_at, attempt.status, attempt.resent = now, upstream.status, opened.resent
             prefix = await self._check_status(plan, index, attempt, upstream)
             return await self._relay_response(
@@ -491,6 +498,10 @@ class Exchange(Downstream):
             # The stream's remaining-budget header is stale by now; the cancel has its own bound.
             headers = headers.copy()
             headers.popall(plan.route.options.deadline_header, None)
-        self.record.background = await cancel_background(
-            self.state.upstreams, target.target.upstream.base_url, response_id, headers
-        )
+        called_at = self.loop.time()
+        try:
+            self.record.background = await cancel_background(
+                self.state.upstreams, target.target.upstream.base_url, response_id, headers
+            )
+        finally:
+            self.record.upstream_wait_s += self.loop.time() - called_at

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import select
 import socket
 import struct
@@ -48,6 +49,7 @@ from yarl import URL
 
 from proxy.attempts import AttemptResult
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
+from proxy.upstream_checks import FramingWatch
 
 log = logging.getLogger("hangup.upstream")
 
@@ -173,11 +175,19 @@ async def _headers_sent(
 class UpstreamResponse:
     """An upstream's answer once its headers arrived: the relay's only view of it."""
 
-    __slots__ = ("_response", "_upstream", "content_encoding", "content_type", "headers")
+    __slots__ = (
+        "_framing",
+        "_response",
+        "_upstream",
+        "content_encoding",
+        "content_type",
+        "headers",
+    )
 
     def __init__(self, response: aiohttp.ClientResponse, upstream: str) -> None:
         self._response = response
         self._upstream = upstream
+        self._framing = FramingWatch(response)
         self.headers: CIMultiDictProxy[str] = response.headers
         self.content_type = response.content_type
         self.content_encoding = response.headers.get("content-encoding")
@@ -193,6 +203,14 @@ class UpstreamResponse:
     @property
     def event_stream(self) -> bool:
         return self.content_type == "text/event-stream"
+
+    def check_end(self, *, mid_event: bool = False) -> None:
+        """At the end of the body: an unframed answer whose connection was reset, or a stream
+        that stopped mid-event, was cut (`AttemptFailed(STREAM_ERROR)`), not finished."""
+        try:
+            self._framing.check_end(self._upstream, mid_event=mid_event)
+        except UpstreamFailed as err:
+            raise AttemptFailed(AttemptResult.STREAM_ERROR, err) from err
 
     async def read(self) -> bytes:
         """The next body chunk as it came off the socket; b"" at the end. A broken body raises
@@ -360,14 +378,17 @@ class Upstreams:
 def _map_open_error(exc: Exception, upstream: str) -> AttemptFailed:
     """An exception raised while sending the request or awaiting response headers."""
     if isinstance(exc, aiohttp.ClientConnectorError):
+        # strerror can quote the address ("Connect call failed ('10.0.0.1', 443)"): by errno.
+        errno = exc.os_error.errno
+        reason = os.strerror(errno) if errno else type(exc.os_error).__name__
+        # The address is for the operator's log, not for the client's error body.
+        log.warning(
+            'cannot connect to upstream "%s" (%s:%s): %s', upstream, exc.host, exc.port, reason
+        )
         return AttemptFailed(
             AttemptResult.CONNECT_ERROR,
-            UpstreamUnreachable(
-                f'cannot connect to upstream "{upstream}" ({exc.host}:{exc.port}): '
-                f"{exc.os_error.strerror or type(exc.os_error).__name__}"
-            ),
+            UpstreamUnreachable(f'cannot connect to upstream "{upstream}": {reason}'),
         )
-        return UpstreamUnreachable(f'cannot connect to upstream "{upstream}": {reason}')
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return AttemptFailed(
             AttemptResult.RESET,
