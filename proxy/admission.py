@@ -12,7 +12,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.errors import BadRequest, Draining, NotFound, PayloadTooLarge
+from proxy.edge.body import read_body, request_encoding, send_continue, too_large
+from proxy.errors import BadRequest, Draining, NotFound
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
 from proxy.refusal import close_after_response
@@ -65,10 +66,6 @@ class Plan:
     targets: tuple[TargetPlan, ...] = ()
 
 
-def too_large(limit_mb: float) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body exceeds {limit_mb:g} MiB (limits.max_request_body_mb)")
-
-
 async def admit(state: ProxyState, request: web.Request, record: RequestRecord) -> Plan:
     """Read and check the request; decide route, deadlines, headers and body."""
     if state.draining:
@@ -81,18 +78,19 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     # Refused before the body is read; the URL itself is built (and checked) below.
     check_raw_target(request.rel_url.raw_path)
     check_decoded_path(request.rel_url.path)
+    # 415 before a byte of the body is read; the route is known only after, so any route this
+    # path could reach may accept the encoding, and the matched one must (checked below).
+    encoding = request_encoding(request, state.router.encodings_for(request.path))
+    await send_continue(request)
     clock = asyncio.get_running_loop().time
     read_at = clock()
     try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise too_large(state.config.limits.max_request_body_mb) from exc
-    except web.RequestPayloadError as exc:  # an undecodable Content-Encoding, a bad chunk size
+        body, record.bytes_from_client = await read_body(request, state.config.limits, encoding)
+    except web.RequestPayloadError as exc:  # a bad chunk size
         close_after_response(request)
-        raise BadRequest("the request body could not be read (invalid encoding)") from exc
+        raise BadRequest("the request body could not be read (invalid framing)") from exc
     finally:  # a slow upload is the client's time, not hangup's
         record.client_wait_s += clock() - read_at
-    record.bytes_from_client = len(body)
     fields = read_fields(body) if body and request.content_type in JSON_TYPES else None
     facts = inspect_request(request.path, fields.members if fields is not None else None)
     if fields is not None:
@@ -106,6 +104,8 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         with_model = f" with model {facts.model!r}" if facts.model else ""
         raise NotFound(f"no route for {request.method} {request.path}{with_model}")
     record.route, record.upstream = route.name, route.upstream_name
+    if encoding is not None:
+        request_encoding(request, route.options.request_encodings)
     options = route.options
     try:
         record.sdk_retry_count = int(request.headers.get("x-stainless-retry-count", "0"))

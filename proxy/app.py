@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-import uuid
 from collections.abc import AsyncIterator
 from functools import partial
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CollectorRegistry
 
 from proxy import browser, relay, secrets, unparsed
 from proxy.browser import BrowserPolicy
 from proxy.config import HangupConfig
-from proxy.errors import NotFound, Unauthorized, render_body
+from proxy.edge.body import inflate_pool
+from proxy.edge.connections import oversized_head_refusal, probe_only_refusal
+from proxy.errors import NotFound, Unauthorized
 from proxy.metrics import authorized
-from proxy.outcome import Outcome, RequestRecord
 from proxy.refusal import close_if_asked, refuse
 from proxy.state import STATE, ProxyState
 
@@ -78,27 +77,20 @@ async def metrics(request: web.Request) -> web.Response:
 async def not_found(request: web.Request) -> web.Response:
     """Anything outside /v1/ (and the health and metrics endpoints): an OpenAI-shaped 404, and a
     record like every other request gets."""
-    state = request.app[STATE]
-    loop = asyncio.get_running_loop()
-    record = RequestRecord(
-        request_id=request.headers.get("x-request-id", "")[:200] or uuid.uuid4().hex,
-        method=request.method,
-        path=request.path,
-        started_at=loop.time(),
-        wall_started_at=time.time(),
-    )
     err = NotFound(f"unknown path {request.path}: hangup serves the OpenAI API under /v1/")
-    record.settle(Outcome.REJECTED)
-    record.status, record.error_type, record.error_message = 404, err.error_type, err.message
-    record.ended_at = loop.time()
-    state.metrics.request_started()  # finish() counts it out of the in-flight gauge
-    state.finish(record)
-    return web.Response(
-        status=404,
-        body=render_body(err),
-        content_type="application/json",
-        headers={"x-request-id": record.request_id},
-    )
+    return refuse(request, err)
+
+
+@web.middleware
+async def connection_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A connection over connections.max_connections may only ask a probe path; a head over
+    connections.max_head_kb that the connection's byte count could not see gets 431."""
+    refusal = probe_only_refusal(request) or oversized_head_refusal(request)
+    if refusal is not None:
+        response = refuse(request, refusal)
+        response.force_close()
+        return response
+    return await handler(request)
 
 
 async def _cors_headers(
@@ -117,7 +109,7 @@ def create_app(
     policy = BrowserPolicy(config, config.listen.host if listen_host is None else listen_host)
     app = web.Application(
         client_max_size=config.limits.max_request_body_bytes,
-        middlewares=[unparsed.target_forms, browser.middleware(policy)],
+        middlewares=[connection_gate, unparsed.target_forms, browser.middleware(policy)],
     )
     app.on_response_prepare.append(partial(_cors_headers, policy))
     app.on_response_prepare.append(close_if_asked)
@@ -125,11 +117,13 @@ def create_app(
     unparsed.add_to_app(app)
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    if config.metrics.enabled:
-        app.router.add_get(config.metrics.path, metrics)
+    app.cleanup_ctx.append(inflate_pool)
+    # No `100 Continue` before a request is admitted: see unparsed.expect_handler.
     expect = unparsed.expect_handler
+    app.router.add_get("/healthz", healthz, expect_handler=expect)
+    app.router.add_get("/readyz", readyz, expect_handler=expect)
+    if config.metrics.enabled:
+        app.router.add_get(config.metrics.path, metrics, expect_handler=expect)
     app.router.add_route("*", r"/v1/{tail:[\s\S]*}", relay.handle, expect_handler=expect)
     app.router.add_route("*", r"/{tail:[\s\S]*}", not_found, expect_handler=expect)
     return app

@@ -56,6 +56,9 @@ class ListenConfig(_Model):
 class LimitsConfig(_Model):
     # aiohttp's own default is 1 MiB, too small for long prompts and audio uploads.
     max_request_body_mb: Annotated[float, Field(gt=0)] = 64.0
+    # A compressed request body (routes' request_encodings) may inflate to at most this many
+    # times its compressed size (past 1 MiB): JSON compresses ~5-20x, a deflate bomb ~1000x.
+    max_inflate_ratio: Annotated[float, Field(ge=1)] = 100.0
 
     @property
     def max_request_body_bytes(self) -> int:
@@ -74,6 +77,31 @@ class BillingConfig(_Model):
 
     stream: BillingPolicy | None = None
     non_stream: BillingPolicy | None = None
+
+
+class ConnectionsConfig(_Model):
+    """Client connections: deadlines, a cap, and a bound on each request head. Defaults and
+    reasons in docs/security.md ("Connection and body limits")."""
+
+    # Accept (or a kept-alive request's first byte) -> the complete request head.
+    header_timeout_s: Seconds = 10.0
+    # Idle between two requests on one connection (aiohttp's own default is 3,630 s).
+    keepalive_timeout_s: Seconds = 75.0
+    # Longest silence while a request body is arriving.
+    body_timeout_s: Seconds = 30.0
+    # Once a body has been arriving for body_timeout_s, its average rate must stay above this.
+    body_min_rate_bytes_s: Annotated[int, Field(ge=0)] = 1024
+    # Concurrent client connections; past this, requests get an OpenAI-shaped 503.
+    max_connections: PositiveInt = 1024
+    # Extra connections, above max_connections, that may only ask /healthz, /readyz or the
+    # metrics path: probes keep answering while the proxy is full.
+    probe_headroom: Annotated[int, Field(ge=1, le=1024)] = 16
+    # Request line plus all header lines, in KiB; past it, 431.
+    max_head_kb: Annotated[int, Field(ge=1, le=1024)] = 32
+    # After an answer that left request bytes unread: send FIN, discard (never parse or
+    # inflate) what still arrives for this long so the client can read the answer, then close.
+    # 0: close at once (a client still sending may then see a reset instead of the status).
+    linger_s: Annotated[float, Field(ge=0, le=30)] = 1.0
 
 
 class UpstreamConfig(_Model):
@@ -168,6 +196,7 @@ class MatchConfig(_Model):
 
 
 OnDisconnect = Literal["cancel", "drain"]
+RequestEncoding = Literal["gzip", "deflate"]
 OnDisconnectBackground = Literal["cancel", "keep"]
 
 
@@ -175,6 +204,9 @@ class RouteOptions(_Model):
     """Per-route behaviour. In `routes[]` every key is optional and inherits from `defaults`."""
 
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    # Content-Encodings accepted on request bodies (inflated off the event loop, bounded by
+    # limits.max_request_body_mb and limits.max_inflate_ratio). Empty: any encoding gets 415.
+    request_encodings: tuple[RequestEncoding, ...] = ()
     # Apply the client's own deadlines: x-hangup-timeout caps total_s; the SDKs'
     # x-stainless-timeout / x-stainless-read-timeout bound the wait for response headers.
     honor_client_deadline: bool = True
@@ -231,6 +263,7 @@ class RouteConfig(_Model):
     upstream: str
     fallbacks: list[FallbackConfig] = Field(default_factory=list)
     timeouts: TimeoutsConfig | None = None
+    request_encodings: tuple[RequestEncoding, ...] | None = None
     honor_client_deadline: bool | None = None
     sdk_retry: bool | None = None
     include_usage: bool | None = None
@@ -313,6 +346,7 @@ class LoggingConfig(_Model):
 class HangupConfig(_Model):
     listen: ListenConfig = Field(default_factory=ListenConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
     upstreams: Annotated[dict[str, UpstreamConfig], Field(min_length=1)]
     routes: Annotated[list[RouteConfig], Field(min_length=1)]
     defaults: RouteOptions = Field(default_factory=RouteOptions)

@@ -104,6 +104,42 @@ class GatewayTimeout(ProxyError):
         self.should_retry = retry
 
 
+class RequestTimeout(ProxyError):
+    """The client was too slow sending its request (connections.body_timeout_s or
+    body_min_rate_bytes_s). Resending the same body at the same pace would fail the same way."""
+
+    status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+    should_retry = False
+
+
+class UnsupportedEncoding(ProxyError):
+    """A request body in a Content-Encoding the route does not accept (see request_encodings)."""
+
+    status = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+    should_retry = False
+
+
+class HeadTooLarge(ProxyError):
+    status = 431
+    error_type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+    should_retry = False
+
+
+class Overloaded(ProxyError):
+    """Every client connection slot is taken (connections.max_connections). Another replica,
+    or this one a moment later, can serve it."""
+
+    status = 503
+    error_type = "service_unavailable_error"
+    code = "too_many_connections"
+    should_retry = True
+
+
 def render_body(err: ProxyError) -> bytes:
     """The OpenAI error shape the SDKs parse into `APIError.message` / `.type` / `.code`."""
     return json.dumps(

@@ -71,6 +71,15 @@ class Router:
                 return route
         return None
 
+    def encodings_for(self, path: str) -> set[str]:
+        """Request Content-Encodings some route serving `path` accepts (whatever the model)."""
+        return {
+            e
+            for r in self.routes
+            if path.startswith(r.path_prefix)
+            for e in r.options.request_encodings
+        }
+
     def exact_models(self) -> set[str]:
         """Models named literally in route matches (globs without wildcards)."""
         return {

@@ -33,6 +33,14 @@ from prometheus_client import CollectorRegistry
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import HangupConfig
+from proxy.edge.connections import ConnectionGuard, GuardedAppRunner, handler_kwargs
+from proxy.edge.descriptors import (
+    ACCEPT_BATCH,
+    AcceptErrors,
+    fit_to_descriptors,
+    raise_soft_limit,
+    widen_backlog,
+)
 from proxy.outcome import RequestRecord
 from proxy.state import STATE, ProxyState
 from proxy.unparsed import use_openai_error_pages
@@ -68,14 +76,23 @@ class ProxyServer:
         self.app = create_app(config, registry=registry, listen_host=self.host)
         self.app.on_response_prepare.append(_close_while_draining)
         _quiet_parse_errors()
-        self.runner = web.AppRunner(
+        probes = {"/healthz", "/readyz"} | (
+            {config.metrics.path} if config.metrics.enabled else set()
+        )
+        # Deadlines, a connection cap and head bounds per client connection; no inflating on
+        # the loop; no draining after an early answer (proxy/edge/connections.py).
+        self.guard = ConnectionGuard(config.connections, probe_paths=frozenset(probes))
+        self.runner = GuardedAppRunner(
             self.app,
+            guard=self.guard,
             handler_cancellation=True,
             access_log=None,  # ours is written per request by ProxyState.finish
             # We drain in-flight requests ourselves (see shutdown); aiohttp's own wait only
             # has idle keep-alive connections left to close.
             shutdown_timeout=_CLOSE_S,
+            **handler_kwargs(config.connections),
         )
+        self._accept_errors: AcceptErrors | None = None
         self._reuse_port = reuse_port
         self._sock = sock
         self._stopped = asyncio.Event()
@@ -91,20 +108,24 @@ class ProxyServer:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> None:
+        fit_to_descriptors(self.guard)
+        self._accept_errors = AcceptErrors(asyncio.get_running_loop(), self.guard.log)
+        self._accept_errors.install()
         await self.runner.setup()
         use_openai_error_pages(self.runner)
         site: web.BaseSite
         if self._sock is not None:
-            site = web.SockSite(self.runner, self._sock, backlog=self.config.listen.backlog)
+            site = web.SockSite(self.runner, self._sock, backlog=ACCEPT_BATCH)
         else:
             site = web.TCPSite(
                 self.runner,
                 self.host,
                 self.port,
-                backlog=self.config.listen.backlog,
+                backlog=ACCEPT_BATCH,
                 reuse_port=self._reuse_port or None,
             )
         await site.start()
+        widen_backlog(site, self.config.listen.backlog)
         addresses = self.runner.addresses
         if addresses and isinstance(addresses[0], tuple):
             self.port = int(addresses[0][1])
@@ -156,6 +177,8 @@ class ProxyServer:
         try:
             await self.runner.cleanup()
         finally:
+            if self._accept_errors is not None:
+                self._accept_errors.uninstall()
             self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -210,6 +233,7 @@ async def serve(
     hang (a bug, or a blocked thread), a deadline exits with code 1 rather than outlive the
     orchestrator's grace period and be killed with SIGKILL, which would close nothing.
     """
+    raise_soft_limit()
     server = ProxyServer(config, host=host, port=port, sock=sock)
     try:
         await server.start()

@@ -104,13 +104,14 @@ async def target_forms(request: web.Request, handler: Any) -> web.StreamResponse
 
 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
-    """`Expect: 100-continue` is answered as aiohttp does; any other expectation is 417."""
+    """Any expectation but `100-continue` is 417. `100 Continue` itself is not sent here:
+    aiohttp's default sends it before any handler ran, inviting the body of a request about
+    to be refused; the relay sends it once auth and the declared size passed
+    (`proxy.edge.body.send_continue`), and nothing else ever reads a body."""
     expect = request.headers.get("expect", "")
     if request.version != HttpVersion11:
         return None
     if expect.lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the response proper has not started (as aiohttp)
         return None
     # The body may be on its way regardless: answer, then close.
     return _closing(refuse(request, ExpectationFailed("only Expect: 100-continue is supported")))

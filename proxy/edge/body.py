@@ -1,0 +1,153 @@
+"""Reading a request body at the edge: refuse unaccepted encodings before reading a byte,
+send `100 Continue` only once the request has been admitted, and inflate an accepted encoding
+off the event loop, incrementally, within bounds.
+
+aiohttp would inflate a `Content-Encoding` body itself, in its parser, on the event loop, and
+keep inflating what arrives after we answered (3 MiB of deflate cost 10 s of CPU). The runner
+turns that off (`auto_decompress=False`, see proxy/edge/connections.py), so bodies reach us as
+sent on the wire, and this module decides what to do with them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Iterable
+
+from aiohttp import web
+from aiohttp.http import HttpVersion11
+
+from proxy.config import LimitsConfig
+from proxy.edge.inflate import InflateError, InflateLimit, Inflater, parse_encoding
+from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding
+
+# Wire bytes handed to the inflating thread at a time: big enough that the hand-off
+# (~50 us) is noise, small enough that a bomb is stopped within one step of its bound.
+_STEP_BYTES = 64 * 1024
+
+
+# The app-owned pool that inflates request bodies: its own threads, so a burst of compressed
+# bodies cannot starve the default executor (aiohttp resolves upstream host names there).
+INFLATE_POOL = web.AppKey("hangup_inflate_pool", concurrent.futures.ThreadPoolExecutor)
+INFLATE_THREADS = 2
+
+
+async def inflate_pool(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: the pool lives as long as the app."""
+    pool = concurrent.futures.ThreadPoolExecutor(INFLATE_THREADS, "hangup-inflate")
+    app[INFLATE_POOL] = pool
+    yield
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+class BodyTimeout(Exception):
+    """Set on a request's payload by the connection guard when the body arrives too slowly;
+    raised from the handler's read. `key` names the config key that fired."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def request_encoding(request: web.Request, accepted: Iterable[str]) -> str | None:
+    """The body's Content-Encoding (None for identity); 415 unless `accepted` has it."""
+    header = request.headers.get("content-encoding")
+    encoding = parse_encoding(header)
+    if encoding is None:
+        return None
+    allowed = sorted(set(accepted))
+    if encoding not in allowed:
+        hint = f"accepted here: {', '.join(allowed)}" if allowed else "send it uncompressed"
+        raise UnsupportedEncoding(
+            f"request bodies with Content-Encoding {encoding!r} are not accepted ({hint}; "
+            "see request_encodings in the route's config)"
+        )
+    return encoding
+
+
+async def send_continue(request: web.Request) -> None:
+    """`100 Continue`, if the client waits for it (RFC 9110 10.1.1), now that it is admitted."""
+    expect = request.headers.get("expect", "")
+    if request.version == HttpVersion11 and expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+
+
+def too_large(limit_mb: float) -> PayloadTooLarge:
+    return PayloadTooLarge(f"request body exceeds {limit_mb:g} MiB (limits.max_request_body_mb)")
+
+
+def _too_slow(exc: BodyTimeout) -> RequestTimeout:
+    return RequestTimeout(f"the request body arrived too slowly (connections.{exc.key})")
+
+
+async def read_body(
+    request: web.Request, limits: LimitsConfig, encoding: str | None
+) -> tuple[bytes, int]:
+    """The request body, decoded, and its size on the wire."""
+    if encoding is None:
+        body = await read_plain(request, limits.max_request_body_mb)
+        return body, len(body)
+    return await read_inflated(
+        request,
+        encoding,
+        limit_mb=limits.max_request_body_mb,
+        max_ratio=limits.max_inflate_ratio,
+        executor=request.app[INFLATE_POOL],
+    )
+
+
+async def read_plain(request: web.Request, limit_mb: float) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise too_large(limit_mb) from exc
+    except BodyTimeout as exc:
+        raise _too_slow(exc) from exc
+
+
+async def read_inflated(
+    request: web.Request,
+    encoding: str,
+    *,
+    limit_mb: float,
+    max_ratio: float,
+    executor: concurrent.futures.Executor,
+) -> tuple[bytes, int]:
+    """The inflated body and its size on the wire. Inflating runs in `executor`, one bounded
+    step at a time, as the body arrives; the first step past a bound answers 413 and the rest
+    of the body is never read (the connection is closed after the answer)."""
+    limit = int(limit_mb * 1024 * 1024)
+    inflater = Inflater(encoding, max_size=limit, max_ratio=max_ratio)
+    loop = asyncio.get_running_loop()
+    out: list[bytes] = []
+    pending = bytearray()
+    try:
+        while True:
+            chunk = await request.content.read(_STEP_BYTES)
+            if chunk:
+                if inflater.compressed + len(pending) + len(chunk) > limit:
+                    raise too_large(limit_mb)
+                pending += chunk
+                if len(pending) < _STEP_BYTES:
+                    continue
+            if pending:
+                data, pending = bytes(pending), bytearray()
+                out.append(await loop.run_in_executor(executor, inflater.feed, data))
+            if not chunk:
+                inflater.finish()
+                return b"".join(out), inflater.compressed
+    except BodyTimeout as exc:
+        raise _too_slow(exc) from exc
+    except InflateLimit as exc:
+        if exc.what == "ratio":
+            raise PayloadTooLarge(
+                f"the {encoding} request body inflates more than {max_ratio:g} times its "
+                "size (limits.max_inflate_ratio)"
+            ) from exc
+        raise PayloadTooLarge(
+            f"the {encoding} request body inflates past {limit_mb:g} MiB "
+            "(limits.max_request_body_mb)"
+        ) from exc
+    except InflateError as exc:
+        raise BadRequest(f"the request body is not valid {encoding} data: {exc}") from exc

@@ -1,0 +1,492 @@
+"""Client connections, bounded: a deadline for every phase a client controls, a cap on how
+many it may hold open, and a bound on the bytes of each request head.
+
+aiohttp has no header or body deadline, keeps idle connections for 3,630 s and accepts heads
+of ~1 MiB; a client that trickles bytes holds a socket (and its memory) as long as it likes.
+`GuardedRequestHandler` watches each connection through the phases only the client can stall:
+
+    waiting  (between requests: aiohttp's keep-alive timer, connections.keepalive_timeout_s;
+              a new connection gets header_timeout_s from accept for its first request)
+    head     (first byte -> complete head: header_timeout_s; more than max_head_kb: 431)
+    body     (silence over body_timeout_s, or an average under body_min_rate_bytes_s once
+              the body has been arriving for body_timeout_s: the handler's read raises, 408)
+    busy     (request read, response in progress: the route's own timeouts apply)
+
+It relies on aiohttp internals (`RequestHandler` attributes, `AppRunner._make_server`); the
+tests in tests/test_hostile_connections.py fail if an aiohttp upgrade moves them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.config import ConnectionsConfig
+from proxy.edge.body import BodyTimeout
+from proxy.edge.ratelog import RateLimitedLog
+from proxy.errors import HeadTooLarge, Overloaded, ProxyError, RequestTimeout, render_body
+
+log = logging.getLogger("hangup.connections")
+
+_REASONS = {
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    503: "Service Unavailable",
+}
+# After a slow body's read was failed, the handler answers 408 and the connection closes; if
+# nothing reads the body, close it ourselves this much later.
+_BODY_BACKSTOP_S = 1.0
+
+
+class Tier(enum.Enum):
+    NORMAL = "normal"
+    PROBES_ONLY = "probes_only"  # over max_connections, within probe_headroom
+    REFUSED = "refused"  # past the headroom too: 503 at once, nothing read
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting"
+    HEAD = "head"
+    BODY = "body"
+    BUSY = "busy"
+
+
+class ConnectionGuard:
+    """Shared by every connection of one server: the count, the limits, the log.
+
+    Over the cap, a new connection first takes the slot of the longest-idle keep-alive
+    connection (nothing in flight, no byte of a next request: nginx reclaims these the same
+    way when it runs out of connections); failing that it is admitted for probes only, within
+    `probe_headroom`; past that, it takes the place of the oldest probes-only connection that
+    has not sent its request yet; failing that, it gets a 503 at once. A probe sends its
+    request as soon as it connects, so a crowd of silent or slow sockets cannot keep one out.
+    """
+
+    def __init__(self, config: ConnectionsConfig, *, probe_paths: frozenset[str]) -> None:
+        self.config = config
+        self.probe_paths = probe_paths
+        self.max_connections = config.max_connections  # lowered by `fit_to_descriptors`
+        self.open = 0
+        self.log = RateLimitedLog(log)
+        # Reclaimable connections, oldest first (dicts keep insertion order).
+        self.idle: dict[GuardedRequestHandler, None] = {}
+        self.probation: dict[GuardedRequestHandler, None] = {}
+
+    @property
+    def max_head_bytes(self) -> int:
+        return self.config.max_head_kb * 1024
+
+    def admit(self) -> Tier:
+        self.open += 1
+        if self.open > self.max_connections:
+            self._reclaim(self.idle, "idle keep-alive")
+        if self.open <= self.max_connections:
+            return Tier.NORMAL
+        ceiling = self.max_connections + self.config.probe_headroom
+        if self.open > ceiling:
+            self._reclaim(self.probation, "silent probes-only")
+        return Tier.PROBES_ONLY if self.open <= ceiling else Tier.REFUSED
+
+    def _reclaim(self, pool: dict[GuardedRequestHandler, None], what: str) -> None:
+        if not pool:
+            return
+        victim = next(iter(pool))
+        victim.evict()
+        self.closed(
+            "connection_reclaimed",
+            "closed the oldest %s connection to make room for a new one "
+            "(connections.max_connections: %d)",
+            what,
+            self.max_connections,
+        )
+
+    def released(self, handler: GuardedRequestHandler) -> None:
+        self.open -= 1
+        self.idle.pop(handler, None)
+        self.probation.pop(handler, None)
+
+    def closed(self, kind: str, message: str, *args: object) -> None:
+        self.log.warning(kind, message, *args)
+
+
+def canned_response(err: ProxyError) -> bytes:
+    """A complete HTTP/1.1 error response for a connection that has no request object (yet):
+    OpenAI-shaped body, `Connection: close`."""
+    body = render_body(err)
+    head = [f"HTTP/1.1 {err.status} {_REASONS.get(err.status, 'Error')}"]
+    head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    head += [f"{k}: {v}" for k, v in err.headers().items()]
+    head.append("Connection: close")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _over_capacity(guard: ConnectionGuard) -> Overloaded:
+    return Overloaded(
+        f"hangup holds its maximum of {guard.max_connections} client connections "
+        "(connections.max_connections); retry shortly"
+    )
+
+
+class GuardedRequestHandler(RequestHandler):
+    def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self.guard = guard
+        self.tier = Tier.NORMAL
+        self.phase = Phase.WAITING
+        self._counted = False
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._head_tail = b""  # the last 3 bytes seen in the head, to find a split CRLFCRLF
+        self._payload: Any = None
+        self._body_started_at = 0.0
+        self._body_seen_at = 0.0
+        self._lingering: asyncio.Transport | None = None
+        self._parsing_stopped = False
+
+    # --- connection lifetime ------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        guard = self.guard
+        self.tier = guard.admit()
+        self._counted = True
+        super().connection_made(transport)
+        if self.tier is Tier.REFUSED:
+            guard.closed(
+                "connection_refused_over_capacity",
+                "refused a client connection: %d open, over connections.max_connections (%d) "
+                "and its probe_headroom (%d)",
+                guard.open,
+                guard.max_connections,
+                guard.config.probe_headroom,
+            )
+            self._refuse(_over_capacity(guard))
+            return
+        self._set_phase(Phase.WAITING)
+        # The first request's head is due header_timeout_s after accept (nginx's rule too).
+        self._arm(self.guard.config.header_timeout_s, self._head_expired)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        self._release()
+        super().connection_lost(exc)
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp API)
+        if self._lingering is not None:  # the server is stopping: no more grace for it
+            self._disarm()
+            self._lingering.close()
+        await super().shutdown(timeout)
+
+    def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.guard.released(self)
+
+    def evict(self) -> None:
+        """Give this connection's slot to a new one: it is closed, and counted out now."""
+        self._release()
+        self._disarm()
+        self.force_close()
+
+    def _set_phase(self, phase: Phase) -> None:
+        """Track the phase, and whether the guard may reclaim this connection."""
+        self.phase = phase
+        guard = self.guard
+        if not self._counted:
+            return
+        if self.tier is Tier.NORMAL:
+            if phase is Phase.WAITING and not self._messages:
+                guard.idle[self] = None
+            else:
+                guard.idle.pop(self, None)
+        elif self.tier is Tier.PROBES_ONLY:
+            if phase in (Phase.WAITING, Phase.HEAD):
+                guard.probation[self] = None
+            else:
+                guard.probation.pop(self, None)
+
+    def _refuse(self, err: ProxyError) -> None:
+        """Answer without a request object, then close (what else arrives is not parsed)."""
+        self._disarm()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(canned_response(err))
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an answer that left request bytes unread, without reading them.
+
+        Closing a socket with unread data makes the kernel answer with a reset, and a client
+        still sending its body then sees "connection reset" instead of our status. So: FIN
+        after the answer, then discard (never parse, never inflate) whatever arrives for
+        connections.linger_s, then close: nginx's lingering close, bounded by time. Only a
+        connection within the cap lingers: one over it gives its descriptor back at once."""
+        transport = self.transport
+        linger_s = self.guard.config.linger_s
+        if (
+            transport is None
+            or transport.is_closing()
+            or not linger_s
+            or self.tier is not Tier.NORMAL
+        ):
+            self.force_close()
+            return
+        self._lingering = transport
+        self.transport = None  # aiohttp no longer writes to it or closes it; we do
+        self.force_close()  # the handler loop ends; the transport is ours until the timer
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        self._arm(linger_s, transport.close)
+
+    # --- timers -------------------------------------------------------------------------------
+    def _arm(self, delay: float, callback: Any) -> None:
+        self._disarm()
+        self._deadline = self._loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_expired(self) -> None:
+        self._deadline = None
+        if self.phase not in (Phase.WAITING, Phase.HEAD) or self._request_in_progress:
+            return
+        if self._messages:  # a complete request is queued: not ours to time out
+            return
+        timeout = self.guard.config.header_timeout_s
+        if self.phase is Phase.HEAD:
+            self.guard.closed(
+                "header_timeout",
+                "closed a connection whose request head took over %gs "
+                "(connections.header_timeout_s)",
+                timeout,
+            )
+            self._refuse(
+                RequestTimeout(
+                    f"the request head took over {timeout:g}s (connections.header_timeout_s)"
+                )
+            )
+        else:  # nothing sent since accept: close quietly, like an idle keep-alive connection
+            self.guard.closed(
+                "header_timeout_idle",
+                "closed a connection that sent nothing for %gs (connections.header_timeout_s)",
+                timeout,
+            )
+            self.force_close()
+
+    def _body_check(self) -> None:
+        self._deadline = None
+        payload = self._payload
+        if self.phase is not Phase.BODY or payload is None or payload.is_eof():
+            return
+        config = self.guard.config
+        now = self._loop.time()
+        silent = now - self._body_seen_at
+        elapsed = now - self._body_started_at
+        key: str | None = None
+        if silent >= config.body_timeout_s:
+            key = "body_timeout_s"
+        elif (
+            config.body_min_rate_bytes_s
+            and elapsed >= config.body_timeout_s
+            and payload.total_bytes < config.body_min_rate_bytes_s * elapsed
+        ):
+            key = "body_min_rate_bytes_s"
+        if key is None:
+            # Next look: when the silence would reach the limit, or in a second for the rate.
+            delay = config.body_timeout_s - silent
+            if config.body_min_rate_bytes_s:
+                delay = min(delay, max(config.body_timeout_s - elapsed, 1.0))
+            self._arm(max(delay, 0.01), self._body_check)
+            return
+        self.guard.closed(
+            "body_timeout",
+            "failed a request whose body arrived too slowly (connections.%s)",
+            key,
+        )
+        self._set_phase(Phase.BUSY)
+        payload.set_exception(BodyTimeout(key))
+        self._arm(_BODY_BACKSTOP_S, self.force_close)
+
+    # --- bytes in -----------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        if self._lingering is not None or self._parsing_stopped:
+            return  # the rest of a refused request: discarded unread
+        if self._force_close or self._close or not data:
+            super().data_received(data)
+            return
+        if self.phase is Phase.WAITING:
+            self._set_phase(Phase.HEAD)
+            self._head_bytes, self._head_tail = 0, b""
+            if self._deadline is None:  # a kept-alive connection: the head is due from now
+                self._arm(self.guard.config.header_timeout_s, self._head_expired)
+            if self._keepalive_handle is not None:  # ours from here: the head deadline
+                self._keepalive_handle.cancel()
+                self._keepalive_handle = None
+        if self.phase is Phase.HEAD and not self._head_fits(data):
+            limit_kb = self.guard.config.max_head_kb
+            self.guard.closed(
+                "head_too_large",
+                "refused a request head over %d KiB (connections.max_head_kb)",
+                limit_kb,
+            )
+            self._refuse(
+                HeadTooLarge(
+                    f"the request line and headers exceed {limit_kb} KiB (connections.max_head_kb)"
+                )
+            )
+            return
+        if self.phase is Phase.BODY:
+            self._body_seen_at = self._loop.time()
+        parsed_before = self._request_count
+        queued_before = len(self._messages)
+        super().data_received(data)
+        if self._request_count > parsed_before:
+            self._check_parsed_heads(queued_before)
+        if self.phase is Phase.HEAD and self._request_count > parsed_before:
+            self._head_done(queued_before)
+        elif self.phase is Phase.BODY and self._payload is not None and self._payload.is_eof():
+            self._set_phase(Phase.BUSY)
+            self._disarm()
+
+    def _head_fits(self, data: bytes) -> bool:
+        """Whether the head, as far as it has arrived, is within max_head_kb."""
+        window = self._head_tail + data
+        end = window.find(b"\r\n\r\n")
+        size = self._head_bytes + (len(data) if end < 0 else end + 4 - len(self._head_tail))
+        if size > self.guard.max_head_bytes:
+            return False
+        self._head_bytes += len(data)
+        self._head_tail = window[-3:]
+        return True
+
+    def _check_parsed_heads(self, queued_before: int) -> None:
+        """Heads the byte count of the head phase could not see (pipelined behind a request in
+        progress): one over max_head_kb stops the parsing of this connection; the request
+        itself gets its 431 from `oversized_head_refusal` when its turn comes."""
+        limit = self.guard.max_head_bytes
+        for message, _ in list(self._messages)[queued_before:]:
+            if not isinstance(message, RawRequestMessage):
+                continue  # a parse error: aiohttp answers it with 400
+            if head_size(message.path, message.raw_headers) > limit:
+                # Parse nothing more: the requests queued so far are answered in turn, this
+                # one with 431 (whose answer closes the connection), nothing after it.
+                self._parsing_stopped = True
+                return
+
+    def _head_done(self, queued_before: int) -> None:
+        self._disarm()
+        new = list(self._messages)[queued_before:]
+        if self.tier is Tier.PROBES_ONLY:
+            # One request per connection over the cap: the slot goes back at once.
+            self.close()
+        if not new:  # already taken by the handler (cannot happen within data_received)
+            self._set_phase(Phase.BUSY)
+            return
+        payload = new[0][1]
+        if payload.is_eof():
+            self._set_phase(Phase.BUSY)
+            return
+        self._set_phase(Phase.BODY)
+        self._payload = payload
+        now = self._loop.time()
+        self._body_started_at = self._body_seen_at = now
+        self._arm(self.guard.config.body_timeout_s, self._body_check)
+
+    # --- response out -------------------------------------------------------------------------
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        unread = not request.content.at_eof()
+        if unread:
+            # The handler answered without reading the whole body (an early 401, 413, 415,
+            # 408...): close after this answer, whether the rest is still on the wire or
+            # already buffered, rather than read it (aiohttp's lingering close, which we turn
+            # off, parses and reads it for 10 s) or parse it as the next request.
+            resp.force_close()
+        result = await super().finish_response(request, resp, start_time)
+        if unread and not result[1]:
+            self._linger()
+        # Back to waiting: aiohttp's keep-alive timer (keepalive_timeout_s) takes over.
+        self._disarm()
+        self._payload = None
+        if not self._close and not self._force_close:
+            self._set_phase(Phase.WAITING)
+        return result
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server, making `GuardedRequestHandler`s."""
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+
+    def __call__(self) -> RequestHandler:
+        # aiohttp keeps the RequestHandler settings it was given in `_kwargs`.
+        return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """`web.AppRunner` whose server makes guarded connections."""
+
+    def __init__(self, app: web.Application, *, guard: ConnectionGuard, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.guard = guard
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return GuardedServer(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            guard=self.guard,
+            **self._kwargs,
+        )
+
+
+def handler_kwargs(config: ConnectionsConfig) -> dict[str, Any]:
+    """The aiohttp `RequestHandler` settings the guard relies on."""
+    return {
+        "keepalive_timeout": config.keepalive_timeout_s,
+        # After an early answer (401, 413, 415, 408...) close instead of reading the rest of
+        # the body for up to 10 s (aiohttp's lingering close).
+        "lingering_time": 0,
+        # Never inflate on the event loop: bodies arrive as sent; proxy/edge/body.py decides.
+        "auto_decompress": False,
+    }
+
+
+def head_size(path: str, raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
+    """Bytes of a parsed request head, near enough to the wire's: line plus header lines."""
+    return len(path) + 16 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
+
+
+def oversized_head_refusal(request: web.Request) -> HeadTooLarge | None:
+    """431 for a request whose head passed the byte count unseen (see _check_parsed_heads)."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler):
+        return None
+    limit_kb = protocol.guard.config.max_head_kb
+    if head_size(request.raw_path, request.raw_headers) <= limit_kb * 1024:
+        return None
+    return HeadTooLarge(
+        f"the request line and headers exceed {limit_kb} KiB (connections.max_head_kb)"
+    )
+
+
+def probe_only_refusal(request: web.Request) -> Overloaded | None:
+    """For a request on a connection over the cap: 503 unless it asks a probe path."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler) or protocol.tier is not Tier.PROBES_ONLY:
+        return None
+    if request.method in ("GET", "HEAD") and request.path in protocol.guard.probe_paths:
+        return None
+    return _over_capacity(protocol.guard)
