@@ -43,7 +43,6 @@ from proxy.edge.descriptors import (
 )
 from proxy.outcome import RequestRecord
 from proxy.state import STATE, ProxyState
-from proxy.unparsed import use_openai_error_pages
 
 log = logging.getLogger("hangup")
 
@@ -112,7 +111,6 @@ class ProxyServer:
         self._accept_errors = AcceptErrors(asyncio.get_running_loop(), self.guard.log)
         self._accept_errors.install()
         await self.runner.setup()
-        use_openai_error_pages(self.runner)
         site: web.BaseSite
         if self._sock is not None:
             site = web.SockSite(self.runner, self._sock, backlog=ACCEPT_BATCH)

@@ -4,9 +4,10 @@ unknown `Expect`, aiohttp's own 404/405. Each gets an OpenAI-shaped body, a `rej
 
 aiohttp answers parser errors itself, in `RequestHandler.handle_error`, with a plain-text body
 that quotes the offending bytes and an ERROR-level log line; nothing in the app sees them. The
-runner's server is given a handler class whose `handle_error` answers like the rest of hangup
-(`use_openai_error_pages`). A client can send garbage at will, so their access lines are rate
-limited (`PARSE_ERROR_LINES_PER_S`, then one summary line).
+runner's connection handler (`proxy.edge.connections.GuardedRequestHandler`) builds on
+`OpenAIErrorHandler`, whose `handle_error` answers like the rest of hangup. A client can send
+garbage at will, so their access lines are rate limited (`PARSE_ERROR_LINES_PER_S`, then one
+summary line).
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ async def _server_header(request: web.Request, response: web.StreamResponse) -> 
 # --- outside the app: parser errors -----------------------------------------------------------
 
 
-class _OpenAIErrorHandler(RequestHandler):
+class OpenAIErrorHandler(RequestHandler):
     __slots__ = ()
 
     def handle_error(
@@ -180,15 +181,3 @@ def _app_of(handler: RequestHandler) -> web.Application | None:
     manager = handler._manager
     app = getattr(manager.request_handler, "__self__", None) if manager is not None else None
     return app if isinstance(app, web.Application) else None
-
-
-class _OpenAIErrorServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _OpenAIErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
-def use_openai_error_pages(runner: web.AppRunner) -> None:
-    """After `runner.setup()`: parser errors answer like every other refusal."""
-    server = runner.server
-    if server is not None and type(server) is web.Server:
-        server.__class__ = _OpenAIErrorServer

@@ -31,6 +31,7 @@ from proxy.config import ConnectionsConfig
 from proxy.edge.body import BodyTimeout
 from proxy.edge.ratelog import RateLimitedLog
 from proxy.errors import HeadTooLarge, Overloaded, ProxyError, RequestTimeout, render_body
+from proxy.unparsed import OpenAIErrorHandler
 
 log = logging.getLogger("hangup.connections")
 
@@ -133,7 +134,10 @@ def _over_capacity(guard: ConnectionGuard) -> Overloaded:
     )
 
 
-class GuardedRequestHandler(RequestHandler):
+class GuardedRequestHandler(OpenAIErrorHandler):
+    """A connection: its phases, deadlines and bounds (module docstring); parser errors are
+    answered the OpenAI way by `OpenAIErrorHandler`."""
+
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.guard = guard
