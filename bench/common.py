@@ -385,6 +385,7 @@ class Procs:
         name: str = "hangup",
         config: Path | None = None,
         uvloop: bool = False,
+        loop: str = "default",
     ) -> Child:
         """The real CLI, as users run it; its JSON log (access log included) goes to a file."""
         port = free_port()
@@ -393,7 +394,11 @@ class Procs:
             args += ["--config", str(config)]
         else:
             args += ["--upstream", upstream]
-        entry = [PY, "-m", "bench.run_uvloop"] if uvloop else [PY, "-m", "proxy"]
+        if uvloop:
+            loop = "uvloop"
+        if loop != "default":
+            args += ["--loop", loop]
+        entry = [PY, "-m", "proxy"]
         # cwd is the repo: --upstream keeps every other setting of config/hangup.yaml, the
         # shipped defaults (access log, metrics and accounting on).
         child = self.spawn(name, [*entry, *args])
