@@ -25,6 +25,7 @@ __all__ = ["SSEDecoder", "SSEEvent"]
 _EOL = re.compile(rb"\r\n|\r|\n")
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
+_CR_BYTE = b"\r"
 
 
 # Not frozen: a frozen dataclass builds through object.__setattr__, and one is built per event
@@ -87,6 +88,25 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:
             return []
+        if self._buf or not self._bom_checked or _CR_BYTE in chunk:
+            return self._feed(chunk)
+        # Fast path: no block in progress, and the read starts with whole `data: ...\n\n` blocks
+        # (what every upstream sends per token). Each becomes an event straight from `chunk`;
+        # the first block of any other shape, and whatever follows it, take the general path.
+        events: list[SSEEvent] = []
+        pos, n = 0, len(chunk)
+        while pos < n and chunk.startswith(b"data: ", pos):
+            eol = chunk.find(b"\n", pos + 6)
+            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
+                break
+            data = chunk[pos + 6 : eol].decode("utf-8", "replace")
+            events.append(SSEEvent(data=data, raw=chunk[pos : eol + 2]))
+            pos = eol + 2
+        if pos < n:
+            events += self._feed(chunk[pos:] if pos else chunk)
+        return events
+
+    def _feed(self, chunk: bytes) -> list[SSEEvent]:
         buf = self._buf
         buf += chunk
         if not self._bom_checked:
