@@ -54,6 +54,8 @@ from bench.common import (
 )
 
 PATH = "/v1/chat/completions"
+# A paced stream holds its connection ~20 ms doing little: more connections keep the proxies busy.
+PACED_CONNECTIONS = 4
 # name: (SSE events, ms between events); 0 events: a non-streamed completion
 WORKLOADS: dict[str, tuple[int, float]] = {
     "chat": (0, 0),
@@ -181,7 +183,7 @@ def measure(
     return result
 
 
-def start_targets(procs: Procs, upstream: str) -> list[Target]:
+def start_targets(procs: Procs, upstream: str, compare: Path | None = None) -> list[Target]:
     targets: list[Target] = []
     relay = procs.baseline(upstream, name="relay")
     targets.append(Target("relay", relay.url, relay.pid, "asyncio", None))
@@ -195,6 +197,11 @@ def start_targets(procs: Procs, upstream: str) -> list[Target]:
         targets.append(
             Target(name, child.url, child.pid, loop, "relay" if loop == "asyncio" else "relay+uv")
         )
+    if compare is not None:
+        # The same CLI from another source tree, on asyncio's loop (the only loop older
+        # versions know), compared with the asyncio relay.
+        child = procs.hangup(upstream + "/v1", name="hangup-compare", source=compare)
+        targets.append(Target("compare", child.url, child.pid, "asyncio", "relay"))
     return targets
 
 
@@ -237,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=50)
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--targets", help="comma-separated subset of the targets (direct is cheap)")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="also run the hangup CLI from DIR (e.g. `git archive OLD | tar -x -C DIR`)",
+    )
     p.add_argument("--short", action="store_true", help="CI: 1 round of 1 s, 1 s warm-up")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -253,7 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     hangup_totals: dict[str, tuple[float, float, float]] = {}
     with Procs() as procs:
         up = fake_upstream.start(procs)
-        targets = [Target("direct", up.url, up.pid, "-", None), *start_targets(procs, up.url)]
+        targets = [
+            Target("direct", up.url, up.pid, "-", None),
+            *start_targets(procs, up.url, args.compare),
+        ]
         if args.targets:
             wanted = set(args.targets.split(","))
             targets = [t for t in targets if t.name in wanted]
@@ -267,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                         target,
                         scripts[workload],
                         ours,
-                        connections=args.connections,
+                        connections=args.connections * PACED_CONNECTIONS
+                        if WORKLOADS[workload][1]
+                        else args.connections,
                         duration=args.duration,
                         warmup=args.warmup,
                     )
@@ -343,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"wrk: medians of {args.rounds} interleaved round(s) of {args.duration:g} s,"
-        f" {args.connections} connections; CPU of the target process over the measured window;"
+        f" {args.connections} connections ({args.connections * PACED_CONNECTIONS} for stream20);"
+        " CPU of the target process over the measured window;"
         " ratios against the relay on the same event loop"
     )
     print(

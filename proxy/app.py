@@ -16,6 +16,7 @@ from proxy import browser, relay, secrets, unparsed
 from proxy.browser import BrowserPolicy
 from proxy.config import HangupConfig
 from proxy.errors import NotFound, Unauthorized, render_body
+from proxy.looplag import LoopLagProbe
 from proxy.metrics import authorized
 from proxy.outcome import Outcome, RequestRecord
 from proxy.refusal import close_if_asked, refuse
@@ -29,6 +30,13 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     await state.upstreams.start()
     yield
     await state.upstreams.close()
+
+
+async def _loop_lag_probe(app: web.Application) -> AsyncIterator[None]:
+    probe = LoopLagProbe(app[STATE].metrics.loop_lag)
+    probe.start()
+    yield
+    probe.stop()
 
 
 def _probed(request: web.Request, response: web.Response) -> web.Response:
@@ -125,6 +133,7 @@ def create_app(
     unparsed.add_to_app(app)
     app[STATE] = state
     app.cleanup_ctx.append(_upstream_session)
+    app.cleanup_ctx.append(_loop_lag_probe)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if config.metrics.enabled:

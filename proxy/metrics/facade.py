@@ -141,6 +141,7 @@ class Metrics:
         self._ttft = histogram(schema.TTFT)
         self._overhead = histogram(schema.OVERHEAD)
         self._cancel_propagation = histogram(schema.CANCEL_PROPAGATION)
+        self._loop_lag = histogram(schema.LOOP_LAG)
         self._in_flight = gauge(schema.IN_FLIGHT)
         self._upstream_connections = gauge(schema.UPSTREAM_CONNECTIONS)
         build_info = gauge(schema.BUILD_INFO)
@@ -210,6 +211,10 @@ class Metrics:
         self._observe(self._ttft, rm, record.ttft_s)
         self._observe(self._overhead, (route,), record.overhead_s)
         self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
+
+    def loop_lag(self, seconds: float) -> None:
+        """One sample of the event loop's lag (proxy/looplag.py)."""
+        self._loop_lag.observe(seconds)
 
     def upstream_connection_opened(self) -> None:
         self._upstream_connections.inc()

@@ -1,0 +1,69 @@
+"""The event-loop lag probe (proxy/looplag.py) and its histogram on /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from proxy.looplag import LoopLagProbe
+from tests.conftest import StartProxy
+from tests.support import make_config
+
+
+def _block(seconds: float) -> None:
+    time.sleep(seconds)  # a callback that holds the loop, on purpose
+
+
+async def test_probe_sees_a_callback_that_held_the_loop() -> None:
+    samples: list[float] = []
+    seen, warm = asyncio.Event(), asyncio.Event()
+
+    def observe(lag: float) -> None:
+        samples.append(lag)
+        if len(samples) >= 3:
+            warm.set()
+        if lag >= 0.03:
+            seen.set()
+
+    probe = LoopLagProbe(observe, interval=0.005)
+    probe.start()
+    try:
+        async with asyncio.timeout(5):
+            await warm.wait()  # a few healthy ticks first
+            asyncio.get_running_loop().call_soon(_block, 0.05)
+            await seen.wait()
+    finally:
+        probe.stop()
+    assert 0.03 <= max(samples) < 1.0
+    count = len(samples)
+    await asyncio.sleep(0.03)
+    assert len(samples) == count  # stopped means stopped
+
+
+def _lag_buckets(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("hangup_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+async def test_metrics_export_the_lag_of_a_blocked_loop(start_proxy: StartProxy) -> None:
+    server, _ = await start_proxy(make_config("http://127.0.0.1:9/v1"))
+    async with aiohttp.ClientSession() as session:
+
+        async def slow_samples() -> float:
+            async with session.get(f"{server.base_url}/metrics") as resp:
+                buckets = _lag_buckets(await resp.text())
+            return buckets["+Inf"] - buckets["0.025"]
+
+        before = await slow_samples()
+        async with asyncio.timeout(5):
+            while True:
+                _block(0.06)  # this test shares the proxy's loop: hold it for 60 ms
+                await asyncio.sleep(0.06)
+                if await slow_samples() > before:
+                    break
