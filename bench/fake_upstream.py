@@ -9,9 +9,11 @@ chunks, finish chunk, usage chunk and `[DONE]`, every chunk with `"usage":null` 
 when `include_usage` was asked for (hangup asks). The proxies forward the header; the path and
 body stay those of a chat request, so hangup's accounting sees an ordinary stream.
 
-`x-bench-gap-ms: G` writes the events G ms apart, each in its own chunk, so that every event is
-one read at the proxy, as with a real model generating tokens; without it the events go out in
-one write. Request bodies are read (Content-Length only, as every client here sends) and ignored.
+`x-bench-content-bytes: B` makes the completion's content, or each content chunk's, B bytes
+long (large answers, huge events). `x-bench-gap-ms: G` writes the events G ms apart, each in its
+own chunk, so that every event is one read at the proxy, as with a real model generating
+tokens; without it the events go out in one write. Request bodies are read (Content-Length
+only, as every client here sends) and ignored.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ MODEL = "gpt-4o-mini-2024-07-18"
 MAX_HEAD = 64 * 1024
 
 
-def chat_body() -> bytes:
+def chat_body(content_bytes: int = 0) -> bytes:
     answer = {
         "id": "chatcmpl-CQ4m2bW7n1sVx0K9qTzR3yLhP8dEa",
         "object": "chat.completion",
@@ -39,7 +41,9 @@ def chat_body() -> bytes:
                 "index": 0,
                 "message": {
                     "role": "assistant",
-                    "content": "Hello! How can I help you today? I am a small fixed answer.",
+                    "content": "x" * content_bytes
+                    if content_bytes
+                    else "Hello! How can I help you today? I am a small fixed answer.",
                     "refusal": None,
                 },
                 "logprobs": None,
@@ -71,11 +75,13 @@ def _chunk(choices: list[object], usage: object) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def stream_events(events: int) -> list[bytes]:
+def stream_events(events: int, content_bytes: int = 0) -> list[bytes]:
     """`events` SSE events: role, events - 4 content chunks, finish, usage, [DONE]."""
     if events < 5:
         raise ValueError("a stream has at least 5 events")
     words = ["Hello", "!", " How", " can", " I", " help", " you", " today", "?"]
+    if content_bytes:
+        words = ["x" * content_bytes]
     content = events - 4
     out = [_chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}], None)]
     for i in range(content):
@@ -92,22 +98,25 @@ def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-_CHAT = chat_body()
-_CHAT_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(_CHAT)
-    + _CHAT
-)
+def _chat_response(content_bytes: int = 0) -> bytes:
+    body = chat_body(content_bytes)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+_CHAT_RESPONSE = _chat_response()
 _SSE_HEAD = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 )
 _END = b"0\r\n\r\n"
-_streams: dict[int, list[bytes]] = {}
+_streams: dict[tuple[int, int], list[bytes]] = {}
 
 
-def _stream(events: int) -> list[bytes]:
-    s = _streams.get(events)
+def _stream(events: int, content_bytes: int) -> list[bytes]:
+    s = _streams.get((events, content_bytes))
     if s is None:
-        s = _streams[events] = [_chunked(e) for e in stream_events(events)]
+        s = [_chunked(e) for e in stream_events(events, content_bytes)]
+        _streams[(events, content_bytes)] = s
     return s
 
 
@@ -118,7 +127,7 @@ class FakeUpstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.body_left = 0
-        self.pending: tuple[int, float] | None = None
+        self.pending: tuple[int, float, int] | None = None
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -147,7 +156,7 @@ class FakeUpstream(asyncio.Protocol):
                 return
             head = bytes(self.buf[:end]).lower()
             del self.buf[: end + 4]
-            events, gap, length = 0, 0.0, 0
+            events, gap, length, size = 0, 0.0, 0, 0
             for line in head.split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 if name == b"content-length":
@@ -156,22 +165,24 @@ class FakeUpstream(asyncio.Protocol):
                     events = int(value)
                 elif name == b"x-bench-gap-ms":
                     gap = float(value) / 1000
+                elif name == b"x-bench-content-bytes":
+                    size = int(value)
             if head.startswith(b"get /healthz"):
                 self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 continue
-            self.pending = (events, gap)
+            self.pending = (events, gap, size)
             self.body_left = length
             if not length:
                 self._answer()
 
     def _answer(self) -> None:
         assert self.transport is not None and self.pending is not None
-        events, gap = self.pending
+        events, gap, size = self.pending
         self.pending = None
         if not events:
-            self.transport.write(_CHAT_RESPONSE)
+            self.transport.write(_chat_response(size) if size else _CHAT_RESPONSE)
             return
-        chunks = _stream(events)
+        chunks = _stream(events, size)
         if gap <= 0:
             self.transport.write(_SSE_HEAD + b"".join(chunks) + _END)
             return
