@@ -62,7 +62,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--loop",
         choices=LOOPS,
-        help="event loop: uvloop, asyncio, or auto (uvloop when installed; the default)",
+        help="event loop: asyncio (default), uvloop (pip install 'hangup[uvloop]'), or auto "
+        "(uvloop when installed)",
     )
     p.add_argument("--version", action="version", version=f"hangup {__version__}")
     # Set by the --workers supervisor for its workers only.
