@@ -90,13 +90,29 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:
             return []
-        if self._buf or not self._bom_checked or _CR_BYTE in chunk:
+        if not self._bom_checked or _CR_BYTE in chunk:
             return self._feed(chunk)
-        # Fast path: no block in progress, and the read starts with whole `data: ...\n\n` blocks
-        # (what every upstream sends per token). Each becomes an event straight from `chunk`;
-        # the first block of any other shape, and whatever follows it, take the general path.
         events: list[SSEEvent] = []
         pos, n = 0, len(chunk)
+        buf = self._buf
+        if buf:
+            # A block in progress (a read ended inside it): the general parser finishes it, up
+            # to the first blank line, and the rest of the read goes the fast way again.
+            if self._scanned != len(buf):
+                return self._feed(chunk)  # a CR at the end of the last read is undecided
+            if buf.endswith(b"\n") and chunk.startswith(b"\n"):
+                pos = 1
+            else:
+                pos = chunk.find(b"\n\n") + 2
+                if pos == 1:  # none: the block goes on
+                    return self._feed(chunk)
+            events = self._feed(chunk[:pos])
+            if self._buf or pos == n:
+                return events + (self._feed(chunk[pos:]) if pos < n else [])
+        # Fast path: no block in progress, and the read goes on with whole `data: ...\n\n`
+        # blocks (what every upstream sends per token). Each becomes an event straight from
+        # `chunk`; the first block of any other shape, and whatever follows it, take the
+        # general path.
         while pos < n and chunk.startswith(b"data: ", pos):
             eol = chunk.find(b"\n", pos + 6)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:

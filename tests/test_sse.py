@@ -262,3 +262,9 @@ def test_whole_data_blocks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -
     events = decoder.feed(b"data: x\n\n: ping\n\ndata: y\n\n")
     assert [e.data for e in events] == ["x", None, "y"]
     assert general == [b": ping\n\ndata: y\n\n"]
+    # A read that ends inside a block: the next read's rest goes the fast way again.
+    general.clear()
+    assert decoder.feed(b"data: sp") == []
+    events = decoder.feed(b'lit\n\ndata: {"b":2}\n\ndata: [DONE]\n\n')
+    assert [e.data for e in events] == ["split", '{"b":2}', "[DONE]"]
+    assert general == [b"data: sp", b"lit\n\n"]

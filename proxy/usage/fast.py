@@ -22,7 +22,9 @@ import msgspec
 
 __all__ = ["content_sizes"]
 
-_ABSENT: Final = msgspec.Raw(b"")  # a field the event did not have
+# A field typed `None` may be absent or null; any other value fails the typed decode, and the
+# event goes to the full parse: that is how usage, errors, Responses types and tool calls leave
+# the fast path without being looked at here.
 
 
 class _Delta(msgspec.Struct):
@@ -30,32 +32,27 @@ class _Delta(msgspec.Struct):
     refusal: str | None = None
     reasoning_content: str | None = None
     reasoning: str | None = None
-    tool_calls: msgspec.Raw = _ABSENT
-    function_call: msgspec.Raw = _ABSENT
+    tool_calls: None = None
+    function_call: None = None
 
 
 class _Choice(msgspec.Struct):
     index: int | None = None
     delta: _Delta | None = None
     text: str | None = None  # legacy completions
-    finish_reason: msgspec.Raw = _ABSENT
+    finish_reason: str | None = None
 
 
 class _Chunk(msgspec.Struct):
     choices: list[_Choice] | None = None
-    usage: msgspec.Raw = _ABSENT
-    error: msgspec.Raw = _ABSENT
-    type: msgspec.Raw = _ABSENT
+    usage: None = None
+    error: None = None
+    type: None = None
 
 
 _decode: Final = msgspec.json.Decoder(_Chunk).decode
-_NULL: Final = b"null"
 
 Sizes = list[tuple[int, int, int]]
-
-
-def _absent_or_null(raw: msgspec.Raw) -> bool:
-    return raw is _ABSENT or bytes(raw) == _NULL
 
 
 def content_sizes(data: str) -> Sizes | None:
@@ -65,23 +62,17 @@ def content_sizes(data: str) -> Sizes | None:
         chunk = _decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None  # not strict JSON, or a field of another type: the full parse decides
-    if not (_absent_or_null(chunk.usage) and _absent_or_null(chunk.error)):
-        return None
-    if chunk.type is not _ABSENT:
-        return None
     sizes: Sizes = []
     choices = chunk.choices
     if not choices:
         return sizes
     for choice in choices:
-        if not _absent_or_null(choice.finish_reason):
-            return None
+        if choice.finish_reason is not None:
+            return None  # a finish: parsed in full
         delta = choice.delta
         chars = reasoning = 0
         found = False
         if delta is not None:
-            if delta.tool_calls is not _ABSENT or delta.function_call is not _ABSENT:
-                return None
             for text in (delta.content, delta.refusal):
                 if text:
                     chars += len(text)
