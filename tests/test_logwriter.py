@@ -6,12 +6,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxy.logs import JsonFormatter
+from proxy.logs import _SECRET, JsonFormatter, redact
 from proxy.logwriter import BackgroundHandler
 
 
@@ -129,3 +132,34 @@ def test_flush_returns_when_the_lines_are_out(
     flusher.join(10)  # by the marker, long before the 60 s bound
     assert not flusher.is_alive()
     assert lines(stream)[0]["msg"] == "slow"
+
+
+# with the two letters IGNORECASE matches beyond ASCII: long s and the Kelvin sign
+_ODD = ["\u017fk-", "s\u212a-", "\u212aey"]
+_PIECES = [*"aBkK -_:='\"sS", "bearer ", "Bearer", "sk-", "SK-", "api_key", "KEY", *_ODD]
+_TEXT = st.lists(st.sampled_from(_PIECES), max_size=20).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_TEXT)
+def test_redact_shortcut_changes_nothing(text: str) -> None:
+    """redact() skips the regex when no alternative can match: same answer as the regex."""
+    assert redact(text) == _full_redact(text)
+
+
+def _full_redact(text: str) -> str:
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1):
+            return m.group(1) + "[redacted]"
+        if m.group(3):
+            return m.group(3) + "[redacted]"
+        return "[redacted]"
+
+    return _SECRET.sub(sub, text)
+
+
+def test_redact_still_redacts() -> None:
+    assert redact("Authorization: Bearer abc123") == "Authorization: Bearer [redacted]"
+    assert redact("key sk-abcdefgh1234") == "key [redacted]"
+    assert redact("/v1/chat/completions") == "/v1/chat/completions"
+    assert redact("\u017fk-abcdefgh1") == "[redacted]"  # long s: the regex matches, so must we
