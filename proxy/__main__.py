@@ -112,8 +112,10 @@ def cmd_run(argv: Sequence[str]) -> int:
     sock = None
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
+    from proxy.looplag import freeze_startup_heap
     from proxy.server import serve
 
+    freeze_startup_heap()
     try:
         factory = loop_factory(args.loop or "asyncio")
     except ImportError:
