@@ -329,13 +329,20 @@ class Procs:
         else:  # keep the children's logs for a post-mortem
             print(f"logs of the benchmark's processes: {self.workdir}", file=sys.stderr)
 
-    def spawn(self, name: str, argv: Sequence[str], *, env: dict[str, str] | None = None) -> Child:
+    def spawn(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Child:
         log_path = self.workdir / f"{name}.log"
         log = open(log_path, "wb")
         try:
             proc = subprocess.Popen(
                 list(argv),
-                cwd=REPO,
+                cwd=cwd or REPO,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -385,6 +392,8 @@ class Procs:
         name: str = "hangup",
         config: Path | None = None,
         uvloop: bool = False,
+        loop: str = "default",
+        source: Path | None = None,
     ) -> Child:
         """The real CLI, as users run it; its JSON log (access log included) goes to a file."""
         port = free_port()
@@ -393,10 +402,16 @@ class Procs:
             args += ["--config", str(config)]
         else:
             args += ["--upstream", upstream]
-        entry = [PY, "-m", "bench.run_uvloop"] if uvloop else [PY, "-m", "proxy"]
+        if uvloop:
+            loop = "uvloop"
+        if loop != "default":
+            args += ["--loop", loop]
+        entry = [PY, "-m", "proxy"]
         # cwd is the repo: --upstream keeps every other setting of config/hangup.yaml, the
         # shipped defaults (access log, metrics and accounting on).
-        child = self.spawn(name, [*entry, *args])
+        # `source`: another checkout of hangup (e.g. `git archive` of an older commit), run from
+        # its own directory so that its `proxy` package and config are the ones imported.
+        child = self.spawn(name, [*entry, *args], cwd=source)
         child.url = f"http://{HOST}:{port}"
         wait_http(child.url + "/healthz", child.proc)
         return child

@@ -6,7 +6,7 @@ Targets, all in front of one simulated provider (`python -m proxy.sim`, its own 
 - baseline:  the minimal aiohttp relay (bench/baseline_relay.py), the floor for this stack;
 - hangup:    the real CLI (`python -m proxy --upstream ... --port ...`), access log to a file,
              metrics and accounting on, asyncio's loop (what the CLI runs today);
-- hangup+uvloop: the same CLI on uvloop (bench/run_uvloop.py), the `hangup[fast]` extra.
+- hangup+uvloop: the same CLI with `--loop uvloop`.
 
 Workloads: small non-streaming chat completions and short streams (16 tokens), each under
 saturating closed-loop load (`--concurrency`) and under moderate open-loop load (`--rate`).

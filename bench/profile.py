@@ -55,52 +55,50 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _spy_args(seconds: float, raw: Path) -> list[str]:
-    return ["--duration", str(int(seconds)), "--format", "raw", "--output", str(raw)]
+def spy(kind: str, seconds: float, rate: int, loop: str = "default") -> dict[str, Any]:
+    """py-spy on the hangup CLI while wrk (50 connections) saturates it with one workload of
+    bench.wrk (`chat`, `stream20`, ...) from bench.fake_upstream."""
+    from bench import fake_upstream, wrk
 
-
-def _load_args(seconds: float) -> list[str]:
-    return ["--concurrency", "32", "--duration", str(seconds), "--warmup", "1"]
-
-
-def spy(kind: str, seconds: float, rate: int) -> dict[str, Any]:
     exe = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(exe).exists():
         raise SystemExit("py-spy is not installed: pip install py-spy")
+    wrk_exe = wrk.wrk_binary()
+    if wrk_exe is None:
+        raise SystemExit("wrk is not installed: apt-get install wrk")
     with Procs() as procs:
-        sim = procs.sim(tokens_per_s=0, default_tokens=16)
-        hang = procs.hangup(sim.url + "/v1")
+        up = fake_upstream.start(procs)
+        hang = procs.hangup(up.url + "/v1", loop=loop)
+        target = wrk.Target("hangup", hang.url, hang.pid, loop, None)
+        script = wrk.lua_script(procs.workdir, kind)
+        wrk.run_wrk(wrk_exe, target, script, connections=50, duration=1)  # warm up
         raw = procs.workdir / "pyspy.txt"
         recorder = subprocess.Popen(
-            [exe, "record", "--pid", str(hang.pid), "--rate", str(rate), *_spy_args(seconds, raw)],
+            [
+                exe,
+                "record",
+                "--pid",
+                str(hang.pid),
+                "--rate",
+                str(rate),
+                "--duration",
+                str(int(seconds)),
+                "--format",
+                "raw",
+                "--output",
+                str(raw),
+            ],
             cwd=REPO,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         try:
-            time.sleep(0.5)
-            gen = subprocess.run(
-                [
-                    PY,
-                    "-m",
-                    "bench.loadgen",
-                    "--url",
-                    hang.url,
-                    "--kind",
-                    kind,
-                    *_load_args(seconds),
-                ],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-                timeout=seconds + 60,
-            )
+            load = wrk.run_wrk(wrk_exe, target, script, connections=50, duration=seconds + 1)
             recorder.wait(seconds + 60)
         finally:
             if recorder.poll() is None:
                 recorder.kill()
                 recorder.wait(5)
-        load = json.loads(gen.stdout.strip().splitlines()[-1])
         stacks = raw.read_text().splitlines()
     total = 0
     shares: Counter[str] = Counter()
@@ -323,7 +321,8 @@ async def _memory(sim_url: str, n: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--kind", choices=["chat", "stream"], action="append")
+    p.add_argument("--kind", choices=["chat", "stream20", "burst20", "burst200"], action="append")
+    p.add_argument("--loop", choices=["default", "asyncio", "uvloop"], default="default")
     p.add_argument("--seconds", type=float, default=12.0)
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--micro", action="store_true", help="only the micro-timings")
@@ -350,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     print("components alone (µs per request, this process)")
     print(table(["component", "µs"], [[k, v] for k, v in result["micro_us"].items()]))
     if not args.micro:
-        kinds = args.kind or ["chat", "stream"]
-        result["spy"] = [spy(kind, args.seconds, args.rate) for kind in kinds]
+        kinds = args.kind or ["chat", "stream20"]
+        result["spy"] = [spy(kind, args.seconds, args.rate, args.loop) for kind in kinds]
         rows = [[name, *(f"{r['shares'][name]:.1%}" for r in result["spy"])] for name in COMPONENTS]
         print()
         print("share of hangup's CPU samples under saturating load (py-spy)")

@@ -13,7 +13,7 @@ import asyncio
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from proxy import __version__
@@ -22,6 +22,7 @@ from proxy.config import ConfigError, HangupConfig, config_for_upstream, load_co
 from proxy.logs import configure_logging
 
 DEFAULT_CONFIG = "config/hangup.yaml"
+LOOPS = ("auto", "uvloop", "asyncio")
 COMMANDS = ("run", "check-config", "demo", "simulate")
 
 
@@ -58,6 +59,12 @@ def _run_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the port (default 1); see docs/production.md",
     )
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--loop",
+        choices=LOOPS,
+        help="event loop: asyncio (default), uvloop (pip install 'hangup[uvloop]'), or auto "
+        "(uvloop when installed)",
+    )
     p.add_argument("--version", action="version", version=f"hangup {__version__}")
     # Set by the --workers supervisor for its workers only.
     p.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
@@ -105,9 +112,31 @@ def cmd_run(argv: Sequence[str]) -> int:
     sock = None
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
+    from proxy.looplag import freeze_startup_heap
     from proxy.server import serve
 
-    return asyncio.run(serve(config, host, port, sock=sock, supervisor_fd=args.supervisor_fd))
+    freeze_startup_heap()
+    try:
+        factory = loop_factory(args.loop or "asyncio")
+    except ImportError:
+        print("hangup: --loop uvloop, but uvloop is not installed", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(config, host, port, sock=sock, supervisor_fd=args.supervisor_fd))
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop to run on: None is asyncio's own. "auto" takes uvloop when installed;
+    "uvloop" insists on it (ImportError otherwise)."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise
+        return None
+    return uvloop.new_event_loop
 
 
 def cmd_check_config(argv: Sequence[str]) -> int:

@@ -45,9 +45,18 @@ _CLIENT_DEADLINES = frozenset(CLIENT_DEADLINE_HEADERS) - {"x-stainless-timeout"}
 
 VIA = "1.1 hangup"
 
+# The skip sets, built once rather than per request (a request adds only its Connection tokens
+# and drops, usually none).
+_REQUEST_SKIP = HOP_BY_HOP | _REQUEST_RECOMPUTED | _CLIENT_DEADLINES
+_REQUEST_SKIP_CREDENTIALS = _REQUEST_SKIP | _CREDENTIAL_HEADERS
+_RESPONSE_SKIP = HOP_BY_HOP | _RESPONSE_ORIGIN_SPECIFIC
+_RESPONSE_SKIP_LENGTH = _RESPONSE_SKIP | {"content-length"}
+
 
 def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
     tokens: set[str] = set()
+    if "connection" not in headers:
+        return tokens
     for value in headers.getall("connection", ()):
         tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
     return tokens
@@ -67,10 +76,12 @@ def upstream_request_headers(
     drop_client_credentials: the client's Authorization was a key for *this proxy*; it must
     never reach the provider.
     """
-    skip = HOP_BY_HOP | _REQUEST_RECOMPUTED | _CLIENT_DEADLINES | _connection_tokens(incoming)
-    skip |= {d.lower() for d in drop}
-    if upstream.api_key is not None or drop_client_credentials:
-        skip |= _CREDENTIAL_HEADERS
+    credentials = upstream.api_key is not None or drop_client_credentials
+    skip = _REQUEST_SKIP_CREDENTIALS if credentials else _REQUEST_SKIP
+    more = _connection_tokens(incoming)
+    more.update(d.lower() for d in drop)
+    if more:
+        skip = skip | more
     # Names are lower-cased (as HTTP/2 requires anyway): aiohttp's ClientSession merges header
     # names case-sensitively and would let our `via` replace a client's `Via`, or one spelling
     # of a repeated field replace the other.
@@ -93,9 +104,10 @@ def upstream_request_headers(
 def client_response_headers(
     upstream_headers: CIMultiDictProxy[str], *, request_id: str, keep_length: bool
 ) -> CIMultiDict[str]:
-    skip = HOP_BY_HOP | _RESPONSE_ORIGIN_SPECIFIC | _connection_tokens(upstream_headers)
-    if not keep_length:
-        skip = skip | {"content-length"}
+    skip = _RESPONSE_SKIP if keep_length else _RESPONSE_SKIP_LENGTH
+    tokens = _connection_tokens(upstream_headers)
+    if tokens:
+        skip = skip | tokens
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers.items():
         if name.lower() not in skip:

@@ -120,6 +120,8 @@ def _worker_args(args: argparse.Namespace, host: str) -> list[str]:
         out += ["--upstream", args.upstream]
     if args.log_level:
         out += ["--log-level", args.log_level]
+    if args.loop:
+        out += ["--loop", args.loop]
     return out
 
 

@@ -242,3 +242,29 @@ def test_long_line_in_small_reads() -> None:
     line = b"data: " + b"x" * 100_000 + b"\n\n"
     events = decode(*(line[i : i + 7] for i in range(0, len(line), 7)))
     assert [len(e.data or "") for e in events] == [100_000]
+
+
+def test_whole_data_blocks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads of whole `data: ...` blocks never reach the general line parser (it is the slow
+    part); the first block of another shape and everything after it do."""
+    decoder = SSEDecoder()
+    decoder.feed(b"data: warm\n\n")  # the first read settles the BOM question
+    general: list[bytes] = []
+    real = SSEDecoder._feed
+
+    def spy(self: SSEDecoder, chunk: bytes) -> list[SSEEvent]:
+        general.append(chunk)
+        return real(self, chunk)
+
+    monkeypatch.setattr(SSEDecoder, "_feed", spy)
+    events = decoder.feed(b'data: {"a":1}\n\ndata: [DONE]\n\n')
+    assert [e.data for e in events] == ['{"a":1}', "[DONE]"] and general == []
+    events = decoder.feed(b"data: x\n\n: ping\n\ndata: y\n\n")
+    assert [e.data for e in events] == ["x", None, "y"]
+    assert general == [b": ping\n\ndata: y\n\n"]
+    # A read that ends inside a block: the next read's rest goes the fast way again.
+    general.clear()
+    assert decoder.feed(b"data: sp") == []
+    events = decoder.feed(b'lit\n\ndata: {"b":2}\n\ndata: [DONE]\n\n')
+    assert [e.data for e in events] == ["split", '{"b":2}', "[DONE]"]
+    assert general == [b"data: sp", b"lit\n\n"]

@@ -20,6 +20,7 @@ import hmac
 import logging
 import os
 from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -36,6 +37,8 @@ from .labels import NONE, BoundedLabel, endpoint_shaped, model_shaped, status_cl
 from .schema import Spec
 
 log = logging.getLogger(__name__)
+
+_Labelled = TypeVar("_Labelled", Counter, Histogram)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -105,6 +108,7 @@ class Metrics:
             target = registry if registry is not None else CollectorRegistry()
             self._exposed = target
         self._collector = _WithoutCreated(self._exposed)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
         def counter(spec: Spec) -> Counter:
             return Counter(spec.name, spec.help, spec.labels, registry=target)
@@ -140,6 +144,7 @@ class Metrics:
         self._ttft = histogram(schema.TTFT)
         self._overhead = histogram(schema.OVERHEAD)
         self._cancel_propagation = histogram(schema.CANCEL_PROPAGATION)
+        self._loop_lag = histogram(schema.LOOP_LAG)
         self._in_flight = gauge(schema.IN_FLIGHT)
         self._upstream_connections = gauge(schema.UPSTREAM_CONNECTIONS)
         self._attempts = counter(schema.ATTEMPTS)
@@ -177,15 +182,16 @@ class Metrics:
             outcome = schema.UNSETTLED
         else:
             outcome = record.outcome.value
-        self._requests.labels(route, model, outcome).inc()
+        child = self._child
+        child(self._requests, (route, model, outcome)).inc()
         endpoint = self._endpoints.admit(record.endpoint)
-        self._responses.labels(route, endpoint, status_class(record.status)).inc()
+        child(self._responses, (route, endpoint, status_class(record.status))).inc()
         if record.timeout_kind is not None:
-            self._timeouts.labels(route, record.timeout_kind.value).inc()
+            child(self._timeouts, (route, record.timeout_kind.value)).inc()
         if record.sdk_retry_count > 0:
-            self._sdk_retries.labels(route).inc()
+            child(self._sdk_retries, (route,)).inc()
         if record.background is not None:
-            self._background.labels(route, record.background.value).inc()
+            child(self._background, (route, record.background.value)).inc()
         for attempt in record.attempts:
             # Configured upstream names only: a closed label set.
             if attempt.result is not None and attempt.upstream in self._upstreams:
@@ -223,7 +229,7 @@ class Metrics:
             self._add(self._cost_saved, rm, cost.saved_usd)
             self._add(self._cost_wasted, rm, cost.wasted_usd)
         elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
-            self._unpriced.labels(*rm).inc()
+            child(self._unpriced, rm).inc()
 
         self._observe(self._duration, (route, outcome), record.duration_s)
         self._observe(self._ttft, rm, record.ttft_s)
@@ -235,6 +241,10 @@ class Metrics:
             return
         for value in schema.CIRCUIT_STATES:
             self._circuit.labels(upstream, value).set(1 if value == state.value else 0)
+
+    def loop_lag(self, seconds: float) -> None:
+        """One sample of the event loop's lag (proxy/looplag.py)."""
+        self._loop_lag.observe(seconds)
 
     def upstream_connection_opened(self) -> None:
         self._upstream_connections.inc()
@@ -263,17 +273,25 @@ class Metrics:
             return self._models.admit(record.model)
         return self._models.label(record.model)
 
-    @staticmethod
-    def _add(counter: Counter, labels: tuple[str, ...], amount: float | None) -> None:
+    def _child(self, metric: _Labelled, labels: tuple[str, ...]) -> _Labelled:
+        """`metric.labels(*labels)`, from a cache: prometheus_client validates the labels and
+        takes a lock on every `labels()` call (~2-3 us, a dozen times per request). The cache
+        holds one entry per exported series, so it is bounded as the label values are."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def _add(self, counter: Counter, labels: tuple[str, ...], amount: float | None) -> None:
         # Zero adds create no series: a model that never had cost saved shows no such line.
         # A negative amount would be an accounting bug; Counter.inc would raise, mid-`finally`.
         if amount is not None and amount > 0:
-            counter.labels(*labels).inc(amount)
+            self._child(counter, labels).inc(amount)
 
-    @staticmethod
-    def _observe(histogram: Histogram, labels: tuple[str, ...], value: float | None) -> None:
+    def _observe(self, histogram: Histogram, labels: tuple[str, ...], value: float | None) -> None:
         if value is not None:
-            histogram.labels(*labels).observe(value)
+            self._child(histogram, labels).observe(value)
 
 
 def worker_exited(pid: int) -> None:

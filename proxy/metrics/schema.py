@@ -55,6 +55,8 @@ CANCEL_PROPAGATION_BUCKETS = (
     0.5,
     1.0,
 )
+# How late the event loop runs a timer. The relay's own callbacks are to stay under 10 ms.
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +215,13 @@ CANCEL_PROPAGATION = Spec(
     ("route",),
     CANCEL_PROPAGATION_BUCKETS,
 )
+LOOP_LAG = Spec(
+    "hangup_event_loop_lag_seconds",
+    "histogram",
+    "How late the event loop ran a timer (sampled every 50 ms): the time some callback held it.",
+    (),
+    LOOP_LAG_BUCKETS,
+)
 IN_FLIGHT = Spec(
     "hangup_requests_in_flight",
     "gauge",
@@ -278,6 +287,7 @@ ALL: tuple[Spec, ...] = (
     TTFT,
     OVERHEAD,
     CANCEL_PROPAGATION,
+    LOOP_LAG,
     IN_FLIGHT,
     UPSTREAM_CONNECTIONS,
     ATTEMPTS,

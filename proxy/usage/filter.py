@@ -14,6 +14,9 @@ _USAGE_KEY: Final = b'"usage"'
 # `*_details` objects one level down. Strings are never part of it, so braces cannot be quoted.
 _USAGE_VALUE: Final = re.compile(rb"[ \t]*:[ \t]*(?:null|\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})[ \t]*")
 _SPACE: Final = b" \t\r\n"
+# How OpenAI-compatible servers end a chunk when include_usage is on: the member last, null.
+_NULL_USAGE_END: Final = b',"usage":null}\n\n'
+_CLOSED_END: Final = b"}\n\n"
 
 
 def strip_usage_member(raw: bytes) -> bytes:
@@ -75,6 +78,11 @@ class UsageChunkFilter:
     def client_bytes(self, event: SSEEvent, kind: EventKind) -> bytes:
         if kind is EventKind.USAGE_ONLY:
             return b"" if self._drop_usage_chunk else event.raw
-        if event.data is not None and _USAGE_KEY in event.raw:
-            return strip_usage_member(event.raw)
-        return event.raw
+        raw = event.raw
+        if event.data is None:
+            return raw
+        if raw.endswith(_NULL_USAGE_END):  # what strip_usage_member would do, without a search
+            return raw[: -len(_NULL_USAGE_END)] + _CLOSED_END
+        if _USAGE_KEY in raw:
+            return strip_usage_member(raw)
+        return raw

@@ -1,0 +1,422 @@
+"""Saturating CPU cost, measured with a C load generator (Debian's `wrk`).
+
+An aiohttp load generator saturates before the proxy does on this machine and hides the proxy's
+cost; wrk does not. Targets, interleaved in every round, all in front of one fake upstream
+(bench/fake_upstream.py: a raw asyncio protocol answering from memory):
+
+- direct:     wrk to the fake upstream (for scale);
+- relay:      the bare aiohttp relay (bench/baseline_relay.py) on asyncio's loop;
+- relay+uv:   the same relay on uvloop;
+- hangup:     the real CLI with its shipped defaults (accounting, include_usage injection,
+              metrics, JSON access log to a file) on its default event loop;
+- hangup+asyncio / hangup+uv: the CLI with the other loop, when the CLI has a choice.
+
+Workloads: a small non-streamed chat completion (`chat`); a 20-event stream whose events come
+1 ms apart, so each is its own read at the proxy as with a generating model (`stream20`); the
+same 20 events, and 200, sent in one write (`burst20`, `burst200`).
+For each run: wrk warms up (`--warmup` s), then a measured run of `--duration` s; the proxy's
+CPU time comes from /proc/PID/stat just before and after the measured run. Reported:
+
+- CPU µs per request, as a ratio to the relay on the same event loop in the same round;
+- CPU per event: (stream20 - chat) / 20, the definition of issue 17 (an event per read), and
+  (burst200 - burst20) / 180, the cost of an event that shares its read with others;
+- contention: how many CPUs other processes used during the measured windows.
+
+`python -m bench.wrk [--rounds 3] [--duration 5] [--connections 50] [--short] [--out FILE]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import fake_upstream
+from bench.common import (
+    CLK_TCK,
+    Procs,
+    cpu_seconds,
+    have_uvloop,
+    http_get,
+    median,
+    metric_samples,
+    metric_sum,
+    report,
+    table,
+)
+
+PATH = "/v1/chat/completions"
+# A paced stream holds its connection ~20 ms doing little: more connections keep the proxies busy.
+PACED_CONNECTIONS = 4
+# name: (SSE events, ms between events); 0 events: a non-streamed completion
+WORKLOADS: dict[str, tuple[int, float]] = {
+    "chat": (0, 0),
+    "stream20": (20, 1.0),  # paced: events arrive one by one, as a model generates them
+    "burst20": (20, 0),  # the same 20 events in one write
+    "burst200": (200, 0),
+}
+
+LUA = """\
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+{extra}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    '{{"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,"write":%d,' ..
+    '"status":%d,"timeout":%d,"p50_us":%d,"p99_us":%d}}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def wrk_binary() -> str | None:
+    return shutil.which("wrk")
+
+
+def lua_script(workdir: Path, workload: str) -> Path:
+    events, gap = WORKLOADS[workload]
+    body: dict[str, Any] = {
+        "model": fake_upstream.MODEL,
+        "messages": [{"role": "user", "content": "Say hello in a few words."}],
+        "max_tokens": 16,
+    }
+    extra = ""
+    if events:
+        body["stream"] = True
+        extra = f'wrk.headers["x-bench-events"] = "{events}"'
+        if gap:
+            extra += f'\nwrk.headers["x-bench-gap-ms"] = "{gap:g}"'
+    path = workdir / f"{workload}.lua"
+    path.write_text(LUA.format(body=json.dumps(body, separators=(",", ":")), extra=extra))
+    return path
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str
+    pid: int
+    loop: str  # "asyncio" or "uvloop"; "-" for direct
+    relay: str | None  # the relay this target is compared with
+
+
+def _machine_busy() -> float:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / CLK_TCK
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_wrk(
+    wrk: str, target: Target, script: Path, *, connections: int, duration: float
+) -> dict[str, Any]:
+    argv = [
+        wrk,
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        target.url + PATH,
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed (rc={proc.returncode}): {proc.stdout}{proc.stderr}")
+    out: dict[str, Any] = json.loads(lines[-1])
+    return out
+
+
+def measure(
+    wrk: str,
+    target: Target,
+    script: Path,
+    ours: list[int],
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+) -> dict[str, Any]:
+    """One warm-up and one measured wrk run; CPU of the target and of the machine around it."""
+    if warmup > 0:
+        run_wrk(wrk, target, script, connections=connections, duration=warmup)
+    own = {pid: cpu_seconds(pid) for pid in ours}
+    kids0, self0, busy0, t0 = _children_cpu(), _self_cpu(), _machine_busy(), time.monotonic()
+    result = run_wrk(wrk, target, script, connections=connections, duration=duration)
+    wall = time.monotonic() - t0
+    busy = _machine_busy() - busy0
+    ours_cpu = sum(cpu_seconds(pid) - c for pid, c in own.items())
+    ours_cpu += (_children_cpu() - kids0) + (_self_cpu() - self0)  # wrk itself, and us
+    proxy_cpu = cpu_seconds(target.pid) - own[target.pid]
+    ok = max(1, int(result["requests"]) - int(result["status"]))
+    result.update(
+        wall_s=wall,
+        rps=ok / (int(result["duration_us"]) / 1e6),
+        proxy_cpu_s=proxy_cpu,
+        cpu_us_per_req=proxy_cpu / ok * 1e6,
+        proxy_cpus=proxy_cpu / wall,
+        others_cpus=max(0.0, busy - ours_cpu) / wall,
+        busy_cpus=busy / wall,
+    )
+    return result
+
+
+def start_targets(procs: Procs, upstream: str, compare: Path | None = None) -> list[Target]:
+    targets: list[Target] = []
+    relay = procs.baseline(upstream, name="relay")
+    targets.append(Target("relay", relay.url, relay.pid, "asyncio", None))
+    uv = have_uvloop()
+    if uv:
+        relay_uv = procs.baseline(upstream, name="relay-uv", uvloop=True)
+        targets.append(Target("relay+uv", relay_uv.url, relay_uv.pid, "uvloop", None))
+    for loop in ("asyncio", "uvloop") if uv else ("asyncio",):
+        child = procs.hangup(upstream + "/v1", name=f"hangup-{loop}", loop=loop)
+        name = "hangup" if loop == "asyncio" else "hangup+uv"
+        targets.append(
+            Target(name, child.url, child.pid, loop, "relay" if loop == "asyncio" else "relay+uv")
+        )
+    if compare is not None:
+        # The same CLI from another source tree, on asyncio's loop (the only loop older
+        # versions know), compared with the asyncio relay.
+        child = procs.hangup(upstream + "/v1", name="hangup-compare", source=compare)
+        targets.append(Target("compare", child.url, child.pid, "asyncio", "relay"))
+    return targets
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(key: str) -> float:
+        return median([float(r[key]) for r in runs])
+
+    return {
+        "rounds": len(runs),
+        "rps": med("rps"),
+        "cpu_us_per_req": med("cpu_us_per_req"),
+        "cpu_us_per_req_rounds": [round(r["cpu_us_per_req"], 1) for r in runs],
+        "p50_ms": med("p50_us") / 1000,
+        "p99_ms": med("p99_us") / 1000,
+        "others_cpus": med("others_cpus"),
+        "requests": sum(int(r["requests"]) for r in runs),
+        "errors": {k: sum(int(r[k]) for r in runs) for k in ("connect", "read", "write", "status")},
+    }
+
+
+def derive(s: dict[str, dict[str, dict[str, Any]]], names: list[str]) -> dict[str, Any]:
+    """Per-event CPU and the ratios to the relay on the same loop."""
+    out: dict[str, Any] = {}
+    for name in names:
+        cpu = {w: s[w][name]["cpu_us_per_req"] for w in s if name in s[w]}
+        row: dict[str, Any] = {f"{w}_us": v for w, v in cpu.items()}
+        if "chat" in cpu and "stream20" in cpu:
+            row["event_us"] = (cpu["stream20"] - cpu["chat"]) / 20
+        if "burst20" in cpu and "burst200" in cpu:
+            row["event_slope_us"] = (cpu["burst200"] - cpu["burst20"]) / 180
+        out[name] = row
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--connections", type=int, default=50)
+    p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--targets", help="comma-separated subset of the targets (direct is cheap)")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="DIR",
+        help="also run the hangup CLI from DIR (e.g. `git archive OLD | tar -x -C DIR`)",
+    )
+    p.add_argument("--short", action="store_true", help="CI: 1 round of 1 s, 1 s warm-up")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.short:
+        args.rounds, args.duration, args.warmup = 1, 1.0, 1.0
+    wrk = wrk_binary()
+    if wrk is None:
+        print("bench.wrk needs Debian's wrk (apt-get install wrk)", file=sys.stderr)
+        return 2
+    workloads = [w for w in args.workloads.split(",") if w]
+    started = time.monotonic()
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    failures: list[str] = []
+    hangup_totals: dict[str, tuple[float, float, float]] = {}
+    with Procs() as procs:
+        up = fake_upstream.start(procs)
+        targets = [
+            Target("direct", up.url, up.pid, "-", None),
+            *start_targets(procs, up.url, args.compare),
+        ]
+        if args.targets:
+            wanted = set(args.targets.split(","))
+            targets = [t for t in targets if t.name in wanted]
+        ours = sorted({up.pid, *(c.pid for c in procs.children)})
+        scripts = {w: lua_script(procs.workdir, w) for w in workloads}
+        for rnd in range(args.rounds):
+            for workload in workloads:
+                for target in targets:
+                    r = measure(
+                        wrk,
+                        target,
+                        scripts[workload],
+                        ours,
+                        connections=args.connections * PACED_CONNECTIONS
+                        if WORKLOADS[workload][1]
+                        else args.connections,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                    )
+                    runs.setdefault((workload, target.name), []).append(r)
+                    print(
+                        f"round {rnd + 1} {workload:9} {target.name:10} {r['rps']:7.0f} req/s"
+                        f"  cpu {r['cpu_us_per_req']:6.0f} us/req ({r['proxy_cpus']:.2f} CPU)"
+                        f"  p50 {r['p50_us'] / 1000:6.2f} ms  others {r['others_cpus']:.2f} CPU",
+                        flush=True,
+                    )
+        for child in procs.children:
+            if child.name.startswith("hangup"):
+                samples = metric_samples(http_get(child.url + "/metrics").decode())
+                hangup_totals[child.name] = (
+                    metric_sum(samples, "hangup_requests_total"),
+                    metric_sum(samples, "hangup_requests_total", outcome="completed"),
+                    metric_sum(samples, "hangup_requests_total", outcome="client_cancelled"),
+                )
+    names = [t.name for t in targets]
+    s = {w: {n: summarize(runs[(w, n)]) for n in names if (w, n) in runs} for w in workloads}
+    for w, by_target in s.items():
+        for n, row in by_target.items():
+            errors = {k: v for k, v in row["errors"].items() if v}
+            if errors:
+                failures.append(f"{w}/{n}: wrk errors {errors}")
+    # wrk cuts the requests in flight when its time is up: hangup rightly counts those as
+    # client_cancelled. Anything else is a failure.
+    for name, (total, completed, cancelled) in hangup_totals.items():
+        if total != completed + cancelled:
+            failures.append(
+                f"{name}: {total - completed - cancelled:g} requests neither completed"
+                " nor cancelled by wrk's stop"
+            )
+        if completed == 0:
+            failures.append(f"{name}: no request completed")
+    per = derive(s, names)
+    relay_of = {t.name: t.relay for t in targets}
+    rows = []
+    for w, by_target in s.items():
+        for n, row in by_target.items():
+            base = relay_of.get(n)
+            ratio = None
+            if base is not None and base in by_target:
+                ratio = row["cpu_us_per_req"] / by_target[base]["cpu_us_per_req"]
+                row["cpu_vs_relay"] = ratio
+            rows.append(
+                [
+                    w,
+                    n,
+                    round(row["rps"]),
+                    round(row["cpu_us_per_req"]),
+                    "-" if ratio is None else f"{ratio:.2f}x",
+                    row["p50_ms"],
+                    row["p99_ms"],
+                    row["others_cpus"],
+                ]
+            )
+    event_rows = []
+    for n in names:
+        if n == "direct":
+            continue
+        row = per[n]
+        base = relay_of.get(n)
+        cells: list[object] = [n]
+        for key in ("event_us", "event_slope_us"):
+            value = row.get(key)
+            ratio = None
+            if value is not None and base is not None and per[base].get(key):
+                ratio = value / per[base][key]
+                row[key.replace("_us", "_vs_relay")] = ratio
+            cells += [value, "-" if ratio is None else f"{ratio:.2f}x"]
+        event_rows.append(cells)
+    print()
+    print(
+        f"wrk: medians of {args.rounds} interleaved round(s) of {args.duration:g} s,"
+        f" {args.connections} connections ({args.connections * PACED_CONNECTIONS} for stream20);"
+        " CPU of the target process over the measured window;"
+        " ratios against the relay on the same event loop"
+    )
+    print(
+        table(
+            [
+                "workload",
+                "target",
+                "req/s",
+                "CPU us/req",
+                "vs relay",
+                "p50 ms",
+                "p99 ms",
+                "others' CPUs",
+            ],
+            rows,
+        )
+    )
+    print()
+    print(
+        table(
+            [
+                "target",
+                "us/event (stream20-chat)/20",
+                "vs relay",
+                "us/event burst 20->200",
+                "vs relay",
+            ],
+            event_rows,
+        )
+    )
+    others = [float(r["others_cpus"]) for rs in runs.values() for r in rs]
+    return report(
+        "wrk",
+        {
+            "args": vars(args) | {"out": str(args.out) if args.out else None},
+            "elapsed_s": time.monotonic() - started,
+            "wrk": subprocess.run([wrk, "-v"], capture_output=True, text=True).stdout.split("\n")[
+                0
+            ],
+            "pid_cpus": os.cpu_count(),
+            "others_cpus_in_windows": {
+                "median": median(others),
+                "max": max(others) if others else None,
+            },
+            "results": s,
+            "per_target": per,
+            "hangup_requests": {k: list(v) for k, v in hangup_totals.items()},
+            "runs": {"/".join(k): v for k, v in runs.items()},
+            "failures": failures,
+        },
+        args.out,
+        failures,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Log lines formatted and written by a thread of their own, off the event loop.
+
+`BackgroundHandler` takes each `LogRecord` from the logging call (a queue put, ~1 µs, on the
+loop) and a writer thread formats it with the wrapped handler's formatter and writes it, in
+batches: one `write` and one flush for all lines that arrived in the last few milliseconds, not
+one each. Every line of the process goes through the same queue, so lines keep their order.
+
+Bounded: at most `max_pending` records wait; past that, records are dropped (never the loop
+blocked on a slow disk or pipe) and the writer says how many, in a line of its own, as soon as it
+can. `flush()` waits until everything queued so far is written; `close()` (run by
+`logging.shutdown()` at exit) writes everything left, then stops the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Final, TextIO
+
+__all__ = ["BackgroundHandler"]
+
+_BATCH_WAIT_S: Final = 0.005  # after a wake-up, let a few more records arrive: fewer writes
+_STOP: Final = object()
+
+
+class _Marker:
+    """Queued by `flush()`: set when the writer reaches it, i.e. everything before is out."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+class BackgroundHandler(logging.Handler):
+    flush_timeout_s = 5.0
+
+    def __init__(self, target: logging.StreamHandler[TextIO], *, max_pending: int = 10_000) -> None:
+        super().__init__()
+        self.target = target
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hangup-log-writer", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._queue.qsize() >= self.max_pending:
+            self.dropped += 1  # read and reset by the writer thread only when it reports
+            return
+        if record.args:
+            # Freeze the message now: its arguments may change after this call returns.
+            record.msg, record.args = record.getMessage(), None
+        self._queue.put(record)
+
+    def flush(self) -> None:
+        """Until every record queued before this call is written (at most `flush_timeout_s`)."""
+        if self._closed or not self._thread.is_alive():
+            return
+        marker = _Marker()
+        self._queue.put(marker)
+        marker.done.wait(self.flush_timeout_s)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(_STOP)
+            self._thread.join(5.0)
+            self.target.close()
+        super().close()
+
+    # --- the writer thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        q = self._queue
+        reported = 0
+        while True:
+            items = [q.get()]
+            time.sleep(_BATCH_WAIT_S)
+            while True:
+                try:
+                    items.append(q.get_nowait())
+                except queue.Empty:
+                    break
+            lines: list[str] = []
+            markers: list[_Marker] = []
+            stop = False
+            dropped = self.dropped
+            if dropped != reported:
+                lines.append(self._dropped_line(dropped - reported))
+                reported = dropped
+            for item in items:
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Marker):
+                    markers.append(item)
+                elif isinstance(item, logging.LogRecord):
+                    try:
+                        lines.append(self.target.format(item))
+                    except Exception:  # noqa: BLE001  # logging's own contract: report, go on
+                        self.target.handleError(item)
+            self._write(lines)
+            for marker in markers:
+                marker.done.set()
+            if stop:
+                return
+
+    def _dropped_line(self, count: int) -> str:
+        record = logging.LogRecord(
+            "hangup.logs",
+            logging.WARNING,
+            __file__,
+            0,
+            f"log queue full: {count} log lines dropped",
+            None,
+            None,
+        )
+        return self.target.format(record)
+
+    def _write(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        stream = self.target.stream
+        try:
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # stderr gone (its reader exited, or closed): nowhere to tell it

@@ -1,0 +1,88 @@
+"""The fast path of stream classification: ordinary content chunks without a full JSON parse.
+
+Almost every event of a chat stream is a role or content chunk: one choice, a delta with some
+text, no finish reason, no usage, no error. `content_sizes` reads just those fields with a typed
+msgspec decoder (~1 µs an event, against ~5-9 µs for `json.loads` building every dict and
+string of the chunk) and answers what `StreamUsageTracker._chunk` would conclude from the full
+parse: the (choice index, output chars, reasoning chars) of each choice that carried output.
+
+It answers None whenever the event may mean more, and the caller then parses it in full: an
+event with usage, an error, a `type` (Responses), tool or function calls, a finish reason, or
+any field of an unexpected type (the typed decoder refuses it), or data that is not strict JSON.
+So the fast path never has to be right about anything but plain text deltas;
+tests/test_usage_fast.py checks that it agrees with the full parse on every event of the
+recorded fixtures and on generated ones.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+__all__ = ["content_sizes"]
+
+# A field typed `None` may be absent or null; any other value fails the typed decode, and the
+# event goes to the full parse: that is how usage, errors, Responses types and tool calls leave
+# the fast path without being looked at here.
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: None = None
+    function_call: None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int | None = None
+    delta: _Delta | None = None
+    text: str | None = None  # legacy completions
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: None = None
+    error: None = None
+    type: None = None
+
+
+_decode: Final = msgspec.json.Decoder(_Chunk).decode
+
+Sizes = list[tuple[int, int, int]]
+
+
+def content_sizes(data: str) -> Sizes | None:
+    """(index, chars, reasoning chars) per choice that carried output (empty: none did), or
+    None when the event needs the full parse."""
+    try:
+        chunk = _decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None  # not strict JSON, or a field of another type: the full parse decides
+    sizes: Sizes = []
+    choices = chunk.choices
+    if not choices:
+        return sizes
+    for choice in choices:
+        if choice.finish_reason is not None:
+            return None  # a finish: parsed in full
+        delta = choice.delta
+        chars = reasoning = 0
+        found = False
+        if delta is not None:
+            for text in (delta.content, delta.refusal):
+                if text:
+                    chars += len(text)
+                    found = True
+            for text in (delta.reasoning_content, delta.reasoning):
+                if text:
+                    reasoning += len(text)
+                    found = True
+        elif choice.text:
+            chars, found = len(choice.text), True
+        if found:
+            sizes.append((choice.index or 0, chars, reasoning))
+    return sizes

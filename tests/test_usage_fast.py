@@ -1,0 +1,240 @@
+"""The stream classification fast path (proxy/usage/fast.py) agrees with the full parse.
+
+A tracker with the fast path and one without (`fast=False`: `json.loads` of every event) are
+fed the same events; after every event their answers and everything they counted must be equal.
+Events: every event of every recorded fixture (tests/fixtures and $HANGUP_SHARED/fixtures) and
+generated ones (chunk-shaped objects with fields of every type, odd spacing, escapes, duplicate
+keys, broken JSON). A separate test shows the fast path really takes the ordinary chunks, so
+the agreement tests are not vacuous.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.sse import SSEDecoder, SSEEvent
+from proxy.usage import (
+    EventKind,
+    StreamUsageTracker,
+    UsageChunkFilter,
+    inspect_request,
+    strip_usage_member,
+)
+from proxy.usage.fast import content_sizes
+
+HERE = Path(__file__).parent / "fixtures"
+SHARED = Path(os.environ.get("HANGUP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+FIXTURE_FILES = sorted(HERE.rglob("*.sse")) + sorted((SHARED / "fixtures").rglob("*.sse"))
+PATHS = {"responses": "/v1/responses", "completions-": "/v1/completions"}
+
+
+def _path_for(fixture: Path) -> str:
+    for needle, path in PATHS.items():
+        if needle in fixture.name:
+            return path
+    return "/v1/chat/completions"
+
+
+def _events(data: bytes) -> list[SSEEvent]:
+    decoder = SSEDecoder()
+    return decoder.feed(data) + decoder.flush()
+
+
+def _state(tracker: StreamUsageTracker) -> tuple[Any, ...]:
+    return (
+        tracker.content_chunks,
+        dict(tracker.chunks_by_choice),
+        dict(tracker.chars_by_choice),
+        tracker.malformed_events,
+        tracker.response_id,
+        tracker.finish_reason,
+        tracker.error,
+        tracker.done,
+        tracker.reported,
+        tracker.generated_tokens,
+        tracker.usage(),
+    )
+
+
+def _agree(events: list[SSEEvent], path: str = "/v1/chat/completions") -> None:
+    facts = inspect_request(path, {"model": "m", "stream": True})
+    fast, full = StreamUsageTracker(facts), StreamUsageTracker(facts, fast=False)
+    for n, event in enumerate(events):
+        got, want = fast.feed(event), full.feed(event)
+        assert got is want, f"event {n} {event.data!r}: fast {got}, full parse {want}"
+        assert _state(fast) == _state(full), f"after event {n} {event.data!r}"
+
+
+def test_the_fixtures_are_found() -> None:
+    names = {f.name for f in FIXTURE_FILES}
+    assert "chat-stream-include-usage.sse" in names and len(FIXTURE_FILES) >= 8
+
+
+@pytest.mark.parametrize("fixture", FIXTURE_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_fast_path_agrees_on_every_recorded_event(fixture: Path) -> None:
+    _agree(_events(fixture.read_bytes()), _path_for(fixture))
+
+
+def test_fast_path_takes_the_ordinary_chunks() -> None:
+    """Role and content chunks go the fast way; finish, usage, tool calls and [DONE] do not."""
+    events = _events((HERE / "openai" / "chat-stream-include-usage.sse").read_bytes())
+    fast = [e.data is not None and content_sizes(e.data) is not None for e in events]
+    # role chunk + content chunks are fast; the finish chunk, the usage chunk and [DONE] are not
+    assert fast == [True] * (len(events) - 3) + [False] * 3
+    tools = _events((HERE / "openai" / "chat-stream-tool-call-include-usage.sse").read_bytes())
+    assert not any(
+        e.data is not None and '"tool_calls"' in e.data and content_sizes(e.data) is not None
+        for e in tools
+    )
+
+
+# --- generated events -----------------------------------------------------------------------
+
+_text = st.text(
+    st.characters(codec="utf-8", exclude_categories=["Cs"]) | st.sampled_from('"\\\n\x01é😀'),
+    max_size=12,
+)
+_scalar = st.none() | st.booleans() | st.integers(-5, 2**70) | st.floats() | _text
+_json = st.recursive(
+    _scalar,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=6,
+)
+
+
+_str_or_odd = st.one_of(_text, st.none(), st.integers(0, 3), st.just(""), _json)
+_delta = st.fixed_dictionaries(
+    {},
+    optional={
+        "role": st.sampled_from(["assistant", None, 3]),
+        "content": _str_or_odd,
+        "refusal": _str_or_odd,
+        "reasoning_content": _str_or_odd,
+        "reasoning": _str_or_odd,
+        "tool_calls": st.one_of(st.none(), st.just([]), _json),
+        "function_call": st.one_of(st.none(), _json),
+    },
+)
+_choice = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": st.one_of(
+            st.integers(-2, 3), st.none(), st.booleans(), st.just("0"), st.just(1.0)
+        ),
+        "delta": st.one_of(_delta, st.none(), _text),
+        "text": _str_or_odd,
+        "finish_reason": st.one_of(st.none(), st.sampled_from(["stop", "length"]), st.just(1)),
+        "logprobs": st.none(),
+    },
+)
+_chunk = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _text,
+        "object": st.just("chat.completion.chunk"),
+        "choices": st.one_of(st.lists(st.one_of(_choice, _scalar), max_size=3), st.none(), _json),
+        "usage": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {"prompt_tokens": st.integers(0, 50), "completion_tokens": st.integers(0, 50)}
+            ),
+            _json,
+        ),
+        "error": st.one_of(st.none(), _text, st.fixed_dictionaries({"message": _text})),
+        "type": st.one_of(st.none(), st.sampled_from(["response.output_text.delta", "error"])),
+        "extra": _json,
+    },
+)
+
+
+@st.composite
+def _serialised(draw: st.DrawFn) -> str:
+    """A chunk as an upstream might write it: compact or spaced, escaped or not, sometimes
+    with a duplicated key or cut short."""
+    obj = draw(_chunk)
+    text = json.dumps(
+        obj,
+        ensure_ascii=draw(st.booleans()),
+        separators=draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " : ")])),
+    )
+    how = draw(st.sampled_from(["plain", "plain", "plain", "duplicate", "cut", "garbage"]))
+    if how == "duplicate" and obj:
+        key = draw(st.sampled_from(sorted(obj)))
+        value = json.dumps(draw(_choice_or_json))
+        text = text[:-1] + (", " if obj else "") + json.dumps(key) + ": " + value + "}"
+    elif how == "cut" and len(text) > 1:
+        text = text[: draw(st.integers(1, len(text) - 1))]
+    elif how == "garbage":
+        text = text + draw(st.sampled_from([" ", "x", "}", "\n", " NaN"]))
+    return text
+
+
+_choice_or_json = st.one_of(st.lists(_choice, max_size=2), _json)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_serialised(), min_size=1, max_size=6))
+def test_fast_path_agrees_on_generated_events(datas: list[str]) -> None:
+    _agree([SSEEvent(data=d, raw=b"data: " + d.encode() + b"\n\n") for d in datas])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            list(
+                {
+                    e.data: e
+                    for f in FIXTURE_FILES
+                    for e in _events(f.read_bytes())
+                    if e.data is not None and e.event is None
+                }.values()
+            )
+        ),
+        max_size=8,
+    )
+)
+def test_fast_path_agrees_on_recorded_events_in_any_order(events: list[SSEEvent]) -> None:
+    _agree(events)
+
+
+def test_kinds_are_those_of_the_full_parse_on_a_plain_content_chunk() -> None:
+    data = '{"choices":[{"index":1,"delta":{"content":"h\\u00e9\\n"},"finish_reason":null}]}'
+    assert content_sizes(data) == [(1, 3, 0)]
+    tracker = StreamUsageTracker(inspect_request("/v1/chat/completions", {"stream": True}))
+    assert tracker.feed(SSEEvent(data=data)) is EventKind.CONTENT
+    assert tracker.chars_by_choice == {1: 3}
+
+
+# --- the usage filter's shortcut -------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            [b'"usage":null', b',"usage":null}', b'"usage"', b",", b"{", b"}", b" ", b"x", b":"]
+        ),
+        max_size=8,
+    ).map(b"".join),
+    st.sampled_from([b"\n\n", b"\r\n\r\n", b"\n", b""]),
+)
+def test_filter_shortcut_is_strip_usage_member(body: bytes, end: bytes) -> None:
+    raw = b"data: " + body + end
+    event = SSEEvent(data=body.decode(), raw=raw)
+    assert UsageChunkFilter().client_bytes(event, EventKind.OTHER) == strip_usage_member(raw)
+
+
+def test_filter_shortcut_strips_the_usual_null_usage() -> None:
+    raw = b'data: {"choices":[],"usage":null}\n\n'
+    got = UsageChunkFilter().client_bytes(SSEEvent(data="-", raw=raw), EventKind.CONTENT)
+    assert got == b'data: {"choices":[]}\n\n'
+    comment = SSEEvent(comment=True, raw=b': ,"usage":null}\n\n')
+    assert UsageChunkFilter().client_bytes(comment, EventKind.OTHER) == comment.raw
