@@ -29,6 +29,7 @@ async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.upstreams.start()
     yield
+    await state.aborts.close()  # bounded: calls still in flight are cancelled
     await state.upstreams.close()
 
 

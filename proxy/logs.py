@@ -168,4 +168,10 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         fields["background"] = rec.background.value
     if rec.background_response_id is not None:
         fields["background_response_id"] = rec.background_response_id
+    if rec.engine_request_id is not None:
+        fields["engine_request_id"] = rec.engine_request_id
+    if rec.engine_abort is not None:
+        fields["engine_abort"] = rec.engine_abort.value
+        if rec.engine_abort_s is not None:
+            fields["engine_abort_ms"] = _ms(rec.engine_abort_s)
     return fields

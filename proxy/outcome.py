@@ -96,6 +96,15 @@ class CountSource(enum.StrEnum):
     ESTIMATED = "estimated"  # a heuristic (characters / 4, one token per chunk)
 
 
+class EngineAbort(enum.StrEnum):
+    """What came of telling an engine to stop a request whose client left (proxy/engines)."""
+
+    SENT = "sent"  # on the wire, no answer before hangup had to stop waiting (shutdown)
+    ACKNOWLEDGED = "acknowledged"  # the engine answered 2xx
+    FAILED = "failed"  # another answer, two transport errors, or no answer within the bound
+    UNSUPPORTED = "unsupported"  # the upstream has no such endpoint (404/405): not called again
+
+
 @dataclass(slots=True)
 class Usage:
     """Token counts of one request; each figure knows how it was obtained.
@@ -220,6 +229,11 @@ class RequestRecord:
     background_response_id: str | None = None
     # Every upstream attempt, in the order they began (see proxy/attempts.py).
     attempts: list[Attempt] = field(default_factory=list)
+    # The id hangup gave the request at the engine (`engine: sglang | vllm`), and what came of
+    # the abort sent for it: result, and seconds from the decision to abort to the answer.
+    engine_request_id: str | None = None
+    engine_abort: EngineAbort | None = None
+    engine_abort_s: float | None = None
 
     def settle(self, outcome: Outcome, *, timeout_kind: TimeoutKind | None = None) -> bool:
         """Set the terminal outcome once; later calls are ignored and return False.

@@ -23,16 +23,16 @@ from aiohttp import web
 
 from proxy.admission import Plan, TargetPlan, admit
 from proxy.attempts import Attempt, AttemptResult
-from proxy.background import cancel_background
 from proxy.downstream import ClientGone, Downstream
 from proxy.drain import open_upstream
+from proxy.engines import Named
 from proxy.errors import (
     GatewayTimeout,
     ProxyError,
     UpstreamFailed,
 )
 from proxy.hedging import Racer, last_index, race
-from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
+from proxy.outcome import Outcome, RequestRecord, TimeoutKind
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
@@ -113,6 +113,9 @@ class Exchange(Downstream):
         self.continuing = False
         self._continuations = 0
         self._cut: tuple[ProxyError, TimeoutKind | None] | None = None
+        # Each attempt as sent (its target, and the name its engine runs it under), by
+        # id(attempt), until it ends: what `_abandon` tells the engine to stop.
+        self._sent: dict[int, tuple[TargetPlan, Named]] = {}
 
     # --- the lifecycle -----------------------------------------------------------------------
     async def run(self) -> web.StreamResponse:
@@ -389,8 +392,11 @@ class Exchange(Downstream):
         """THE place where hangup gives up on an attempt that may still be running upstream
         (client gone, a request deadline, a failover or hedge loser). Its socket is closed by
         the unwinding `finally` of `_attempt` right after; an engine abort (naming the request
-        to the engine) belongs here."""
+        to the engine) belongs here: proxy.engines sends it, off the request's path."""
         attempt.end(AttemptResult.ABANDONED, self.loop.time(), why)
+        sent = self._sent.pop(id(attempt), None)
+        if sent is not None and self.plan is not None:
+            self.state.aborts.abandon(self.record, self.plan, *sent)
 
     # --- one attempt ------------------------------------------------------------------------
     async def _attempt(
@@ -415,12 +421,14 @@ class Exchange(Downstream):
             remaining = deadlines.remaining(loop.time())
             if remaining is not None:
                 headers[options.deadline_header] = str(int(remaining * 1000))
+        named = self.state.aborts.name_attempt(plan, target, record)
+        self._sent[id(attempt)] = (target, named)
         opened = self.state.upstreams.attempt(
             target.upstream_name,
             self.request.method,
             target.url,
-            headers=headers,
-            body=target.body,
+            headers=named.headers,
+            body=named.body,
             on_headers_sent=headers_sent,
         )
         opened_at = loop.time()
@@ -480,28 +488,19 @@ class Exchange(Downstream):
         return bytes(body)
 
     async def _stop_background_work(self) -> None:
-        """The upstream socket is closed by now; for a Responses `background: true` stream that
-        stops nothing (the provider keeps the job running), so cancel the job itself."""
+        """The request is over and its upstream socket closed by now. Where that does not stop
+        the work, proxy.engines does, off this request's path: a Responses `background: true`
+        job is cancelled; an attempt not given up through `_abandon` (the client's socket
+        failed on a write) is aborted at its engine."""
         plan, tracker = self.plan, self.tracker
-        if plan is None or not (plan.facts.background and plan.facts.stream):
+        if plan is None:
             return
-        response_id = tracker.response_id if tracker is not None else None
-        if response_id is None:
-            return  # the job's id never arrived: there is nothing we can name to cancel
-        self.record.background_response_id = response_id[:200]  # upstream text: bounded
-        if plan.route.options.on_disconnect_background == "keep":
-            self.record.background = BackgroundCancel.KEPT
+        if plan.facts.background and plan.facts.stream:
+            target = self.target if self.target is not None else plan.targets[0]
+            response_id = tracker.response_id if tracker is not None else None
+            self.state.aborts.cancel_background(self.record, plan, target, response_id)
             return
-        target = self.target if self.target is not None else plan.targets[0]
-        headers = target.headers
-        if plan.route.options.deadline_header:
-            # The stream's remaining-budget header is stale by now; the cancel has its own bound.
-            headers = headers.copy()
-            headers.popall(plan.route.options.deadline_header, None)
-        called_at = self.loop.time()
-        try:
-            self.record.background = await cancel_background(
-                self.state.upstreams, target.target.upstream.base_url, response_id, headers
-            )
-        finally:
-            self.record.upstream_wait_s += self.loop.time() - called_at
+        if self.record.attempts:
+            sent = self._sent.pop(id(self.record.attempts[-1]), None)
+            if sent is not None:
+                self.state.aborts.abandon(self.record, plan, *sent)

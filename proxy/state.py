@@ -17,6 +17,7 @@ from proxy.accounting import Accountant
 from proxy.attempts import Attempt
 from proxy.auth import Auth
 from proxy.config import HangupConfig
+from proxy.engines import EngineAborts, engine_for
 from proxy.logs import access_fields
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome, RequestRecord
@@ -54,8 +55,13 @@ class ProxyState:
             configured_models=configured_models,
             registry=registry,
             upstreams=config.upstreams,
+            abort_upstreams=[
+                name for name, u in config.upstreams.items() if engine_for(u.engine).aborts
+            ],
         )
         self.circuits = Circuits()
+        # Engine aborts and background cancels in flight (off the requests' path).
+        self.aborts = EngineAborts(self.upstreams, self.metrics)
         # The tasks of requests in progress. A task is aiohttp's per-connection handler task,
         # which outlives its request on keep-alive connections: wait with `wait_idle`, not on
         # the tasks.
@@ -94,8 +100,12 @@ class ProxyState:
         Runs in the relay's `finally`; it must not raise, or a request could end without its
         record, so each step is guarded on its own. Accounting facts that wait for I/O (a
         prompt to tokenize, a compressed body to decode) complete in a task of their own,
-        bounded in time; the record is published when they are done.
+        bounded in time; the record is published when they are done. When an abort for the
+        request is still in flight (proxy.engines), this runs again once it settles, so the
+        record carries it.
         """
+        if self.aborts.hold(record, lambda: self.finish(record, exchange)):
+            return
         if record.outcome is None:  # defensive: the relay settles every path
             record.settle(Outcome.INTERNAL_ERROR)
         pending = None

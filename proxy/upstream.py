@@ -374,6 +374,17 @@ class Upstreams:
         async with self._session.post(url, headers=headers, allow_redirects=False) as response:
             return response.status, await response.read()
 
+    async def post_control(
+        self, url: URL, headers: CIMultiDict[str], body: bytes
+    ) -> tuple[int, bytes]:
+        """A small control call with a body (an engine abort): status and body."""
+        if self._session is None:
+            raise aiohttp.ClientConnectionError("the upstream client is not running")
+        async with self._session.post(
+            url, headers=headers, data=body, allow_redirects=False
+        ) as response:
+            return response.status, await response.read()
+
 
 def _map_open_error(exc: Exception, upstream: str) -> AttemptFailed:
     """An exception raised while sending the request or awaiting response headers."""

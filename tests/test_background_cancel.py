@@ -24,7 +24,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-import proxy.background
+import proxy.engines.background
 from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider, key_fingerprint
@@ -448,7 +448,7 @@ async def test_a_hanging_cancel_is_bounded_and_blocks_no_one(
     here to 1 s, read at call time), records `failed`, and requests in flight meanwhile run as
     fast as without it."""
     bound = 1.0
-    monkeypatch.setattr(proxy.background, "CANCEL_CALL_S", bound)
+    monkeypatch.setattr(proxy.engines.background, "CANCEL_CALL_S", bound)
     server, sink = await start_proxy(trap_config(trap, sim))
 
     async def others(tag: str) -> list[float]:
@@ -542,7 +542,7 @@ async def test_the_timeout_error_is_not_held_back_by_the_cancel_call(
     """When total_s fires on a background stream, the client should get its in-band timeout
     error at the deadline, whatever the provider does with the cancel call that follows."""
     bound = 1.0
-    monkeypatch.setattr(proxy.background, "CANCEL_CALL_S", bound)
+    monkeypatch.setattr(proxy.engines.background, "CANCEL_CALL_S", bound)
     timeouts = {"total_s": 0.3, "connect_s": None, "headers_s": None, "first_token_s": None}
     config = config_from(
         {

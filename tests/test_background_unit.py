@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.background import cancel_url, classify
+from proxy.engines.background import cancel_url, classify
 from proxy.outcome import BackgroundCancel
 
 

@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from proxy import __version__
 from proxy.config import MetricsConfig
-from proxy.outcome import RequestRecord
+from proxy.outcome import EngineAbort, RequestRecord
 from proxy.resilience.circuit import CircuitState
 
 from . import schema
@@ -87,9 +87,12 @@ class Metrics:
         configured_models: Iterable[str],
         registry: CollectorRegistry | None = None,
         upstreams: Iterable[str] = (),
+        abort_upstreams: Iterable[str] = (),
     ) -> None:
         self._routes = frozenset(routes)
         self._upstreams = frozenset(upstreams)
+        # Upstreams whose engine has an abort call: the engine-abort metrics' `upstream` values.
+        self._abort_upstreams = frozenset(abort_upstreams)
         # Configured names are trusted; names seen in traffic must earn a slot (see `_model_for`).
         self._models = BoundedLabel(configured_models, config.max_models, model_shaped)
         self._endpoints = BoundedLabel((), schema.MAX_ENDPOINTS, endpoint_shaped)
@@ -140,6 +143,9 @@ class Metrics:
         self._unpriced = counter(schema.UNPRICED)
         self._sdk_retries = counter(schema.SDK_RETRIES)
         self._background = counter(schema.BACKGROUND)
+        self._engine_aborts_sent = counter(schema.ENGINE_ABORTS_SENT)
+        self._engine_aborts = counter(schema.ENGINE_ABORTS)
+        self._engine_abort_seconds = histogram(schema.ENGINE_ABORT_SECONDS)
         self._duration = histogram(schema.DURATION)
         self._ttft = histogram(schema.TTFT)
         self._overhead = histogram(schema.OVERHEAD)
@@ -165,6 +171,10 @@ class Metrics:
                 self._hedges.labels(route, event)
         for upstream in self._upstreams:
             self.circuit_changed(upstream, CircuitState.CLOSED)
+        for upstream in self._abort_upstreams:
+            self._engine_aborts_sent.labels(upstream)
+            for result in schema.ENGINE_ABORT_RESULTS:
+                self._engine_aborts.labels(upstream, result)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -245,6 +255,19 @@ class Metrics:
     def loop_lag(self, seconds: float) -> None:
         """One sample of the event loop's lag (proxy/looplag.py)."""
         self._loop_lag.observe(seconds)
+
+    def engine_abort_sent(self, upstream: str) -> None:
+        if upstream in self._abort_upstreams:
+            self._engine_aborts_sent.labels(upstream).inc()
+
+    def engine_abort_settled(
+        self, upstream: str, result: EngineAbort | None, seconds: float | None
+    ) -> None:
+        """One abort settled (called once per abort, off the request's path)."""
+        if upstream not in self._abort_upstreams or result is None:
+            return
+        self._engine_aborts.labels(upstream, result.value).inc()
+        self._observe(self._engine_abort_seconds, (upstream,), seconds)
 
     def upstream_connection_opened(self) -> None:
         self._upstream_connections.inc()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.attempts import AttemptResult
-from proxy.outcome import BackgroundCancel, Outcome, TimeoutKind
+from proxy.outcome import BackgroundCancel, EngineAbort, Outcome, TimeoutKind
 from proxy.resilience.circuit import CircuitState
 
 from .labels import STATUS_CLASSES
@@ -24,6 +24,7 @@ UNSETTLED = "unsettled"
 OUTCOMES: tuple[str, ...] = (*(o.value for o in Outcome), UNSETTLED)
 PHASES: tuple[str, ...] = tuple(k.value for k in TimeoutKind)
 BACKGROUND_RESULTS: tuple[str, ...] = tuple(b.value for b in BackgroundCancel)
+ENGINE_ABORT_RESULTS: tuple[str, ...] = tuple(a.value for a in EngineAbort)
 TOKEN_TYPES = ("prompt", "completion")
 ATTEMPT_RESULTS: tuple[str, ...] = tuple(r.value for r in AttemptResult)
 HEDGE_EVENTS = ("started", "won")
@@ -57,6 +58,10 @@ CANCEL_PROPAGATION_BUCKETS = (
 )
 # How late the event loop runs a timer. The relay's own callbacks are to stay under 10 ms.
 LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+# Hang-up (socket closed) -> the engine's answer to the abort call: milliseconds on a LAN, the
+# 2 s bound (ENGINE_ABORT_S) at worst; the issue's target is 50 ms.
+ENGINE_ABORT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +191,26 @@ BACKGROUND = Spec(
     "Background (Responses API) jobs whose client went away, by what hangup did about them.",
     ("route", "result"),
 )
+ENGINE_ABORTS_SENT = Spec(
+    "hangup_engine_aborts_sent_total",
+    "counter",
+    "Abort calls sent to an engine (upstreams.*.engine sglang or vllm) for abandoned requests.",
+    ("upstream",),
+)
+ENGINE_ABORTS = Spec(
+    "hangup_engine_aborts_total",
+    "counter",
+    "Engine aborts by result: acknowledged, failed, unsupported (no endpoint), sent (no answer "
+    "before shutdown).",
+    ("upstream", "result"),
+)
+ENGINE_ABORT_SECONDS = Spec(
+    "hangup_engine_abort_seconds",
+    "histogram",
+    "Time from deciding to abort (after the upstream socket closed) to the engine's answer.",
+    ("upstream",),
+    ENGINE_ABORT_BUCKETS,
+)
 DURATION = Spec(
     "hangup_request_duration_seconds",
     "histogram",
@@ -265,6 +290,8 @@ BUILD_INFO = Spec(
     mode="livemax",
 )
 
+_ENGINE_ABORT_SPECS = (ENGINE_ABORTS_SENT, ENGINE_ABORTS, ENGINE_ABORT_SECONDS)
+
 ALL: tuple[Spec, ...] = (
     REQUESTS,
     RESPONSES,
@@ -283,6 +310,9 @@ ALL: tuple[Spec, ...] = (
     UNPRICED,
     SDK_RETRIES,
     BACKGROUND,
+    ENGINE_ABORTS_SENT,
+    ENGINE_ABORTS,
+    ENGINE_ABORT_SECONDS,
     DURATION,
     TTFT,
     OVERHEAD,
@@ -300,9 +330,17 @@ ALL: tuple[Spec, ...] = (
 SERIES_NAMES: frozenset[str] = frozenset(n for spec in ALL for n in spec.series_names)
 
 
-def series_bound(routes: int, configured_models: int, max_models: int, upstreams: int = 0) -> int:
+def series_bound(
+    routes: int,
+    configured_models: int,
+    max_models: int,
+    upstreams: int = 0,
+    abort_upstreams: int = 0,
+) -> int:
     """The most series one process can export; docs/metrics.md walks through this sum.
 
+    `abort_upstreams`: upstreams whose engine has an abort call (sglang, vllm); only they
+    appear in the `upstream` label.
     Every record-driven metric can also see route="none" (a request refused before routing), and
     the model label holds the configured models, `max_models` admitted ones, "other" and "none".
     A histogram child is len(buckets) + 1 (+Inf) bucket series, plus _sum and _count.
@@ -326,7 +364,12 @@ def series_bound(routes: int, configured_models: int, max_models: int, upstreams
     for spec in ALL:
         children = 1
         for label in spec.labels:
-            children *= sizes[label]
+            if spec is ENGINE_ABORTS and label == "result":
+                children *= len(ENGINE_ABORT_RESULTS)
+            elif spec in _ENGINE_ABORT_SPECS and label == "upstream":
+                children *= abort_upstreams  # only upstreams whose engine has an abort call
+            else:
+                children *= sizes[label]
         if spec is FALLBACKS:
             children = routes  # only configured routes fail over; never route="none"
         if spec is HEDGES:

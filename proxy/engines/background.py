@@ -1,10 +1,12 @@
-"""Cancelling provider-side background work when nobody listens any more.
+"""The Responses API background cancel: one case of the engine abort (`proxy.engines.aborts`).
 
 A Responses API request with `background: true` is queued by the provider and runs to the end
 even if its stream's socket closes: closing the connection stops nothing. So when the client
 of such a stream leaves (or its deadline fires), and the route says `on_disconnect_background:
 cancel`, hangup calls `POST {base_url}/responses/{id}/cancel` with the request's own
-credentials: bounded in time, retried once on a transport error, result recorded.
+credentials: bounded in time, retried once on a transport error, result recorded. Unlike an
+engine abort, a 404 here names the response (unknown or expired), not a missing endpoint, so it
+is a `failed` cancel and never turns the call off.
 """
 
 from __future__ import annotations
