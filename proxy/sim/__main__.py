@@ -27,6 +27,22 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--capture-bytes", type=int, default=0, help="response bytes kept per request record"
     )
+    parser.add_argument(
+        "--engine",
+        choices=("openai", "sglang", "vllm"),
+        default="openai",
+        help="name requests and serve that engine's abort endpoint",
+    )
+    parser.add_argument(
+        "--ignore-close",
+        action="store_true",
+        help="keep generating after the client closes (only an abort call stops a request)",
+    )
+    parser.add_argument(
+        "--vllm-abort-endpoint",
+        action="store_true",
+        help="with --engine vllm: serve /abort_requests (as vLLM's --tokens-only or dev mode)",
+    )
     parser.add_argument("--uvloop", action="store_true", help="use uvloop (pip install uvloop)")
     return parser.parse_args(argv)
 
@@ -37,6 +53,9 @@ async def _serve(args: argparse.Namespace) -> None:
         default_tokens=args.default_tokens,
         max_records=args.max_records,
         capture_bytes=args.capture_bytes,
+        engine=args.engine,
+        ignore_close=args.ignore_close,
+        vllm_abort_endpoint=args.vllm_abort_endpoint,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,10 +18,11 @@ import json
 import random
 import time
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
+from proxy.sim.aborts import AbortCall, EngineAborts
 from proxy.sim.background import JobStore
 from proxy.sim.behaviour import Behaviour, BehaviourError, Name, parse_behaviour
 from proxy.sim.body import read_body
@@ -36,7 +37,7 @@ from proxy.sim.formats import (
     models_body,
 )
 from proxy.sim.recorder import Recorder
-from proxy.sim.records import End, RequestRecord
+from proxy.sim.records import End, RequestRecord, bearer_token, key_fingerprint
 from proxy.sim.responses import ResponsesStream
 from proxy.sim.tokens import Endpoint, Plan, embedding_inputs, make_plan, prompt_tokens
 
@@ -46,14 +47,27 @@ _GENERATION: dict[str, Endpoint] = {
     "/v1/responses": "responses",
     "/v1/embeddings": "embeddings",
 }
+EngineEnd = Literal["completed", "error", "reset", "malformed", "aborted"]
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
-def socket_sink(resp: web.StreamResponse, rec: RequestRecord) -> Sink:
+def socket_sink(resp: web.StreamResponse, rec: RequestRecord, *, forgiving: bool = False) -> Sink:
+    """Writes to the client. `forgiving`: once a write fails (the peer left), drop the rest
+    quietly, so generation goes on as in an engine that never notices a close."""
     progress = rec.progress
+    gone = False
 
     async def sink(data: bytes, kind: Kind) -> None:
-        await resp.write(data)
+        nonlocal gone
+        if gone:
+            return
+        try:
+            await resp.write(data)
+        except ConnectionError:
+            if not forgiving:
+                raise
+            gone = True
+            return
         progress.sent(kind, time.monotonic())
         rec.capture(data)
 
@@ -69,9 +83,16 @@ class Api:
         tokens_per_s: float,
         default_tokens: int,
         body_limit: int,
+        engine_aborts: EngineAborts,
+        ignore_close: bool = False,
+        vllm_abort_endpoint: bool = False,
     ) -> None:
         self.recorder = recorder
         self.jobs = jobs
+        self.engine_aborts = engine_aborts
+        # Keep generating after the peer closes, as an engine behind a buffering proxy does.
+        self.ignore_close = ignore_close
+        self.vllm_abort_endpoint = vllm_abort_endpoint
         self.tokens_per_s = tokens_per_s
         self.default_tokens = default_tokens
         self.body_limit = body_limit
@@ -105,6 +126,12 @@ class Api:
             if endpoint is not None and method == "POST":
                 return await self._generate(request, rec, endpoint)
             parts = path.split("/")  # "", "v1", "responses", id[, "cancel"]
+            engine = self.engine_aborts.engine
+            if method == "POST" and (
+                (engine == "sglang" and path == "/abort_request")
+                or (engine == "vllm" and self.vllm_abort_endpoint and path == "/abort_requests")
+            ):
+                return await self._abort_call(request, rec)
             if method == "GET" and path == "/v1/models":
                 return await self._json(
                     request, rec, 200, models_body(tuple(n.value for n in Name))
@@ -194,6 +221,8 @@ class Api:
             b = replace(b, name=Name.SLOW_FIRST_TOKEN if slow else Name.NORMAL)
         rec.behaviour = b
         stream = rec.stream = body.get("stream") is True and endpoint != "embeddings"
+        if endpoint in ("chat", "completions"):
+            rec.engine_id = self.engine_aborts.engine_id(endpoint, body, rec.headers)
 
         if endpoint == "embeddings":
             inputs = embedding_inputs(body)
@@ -270,10 +299,17 @@ class Api:
         b: Behaviour,
     ) -> tuple[web.StreamResponse, End]:
         resp = await self._sse(request, rec)
-        end = await generate(plan, b, rec.progress, Output(fmt, socket_sink(resp, rec)))
+        sink = socket_sink(resp, rec, forgiving=self.ignore_close)
+        end = await self._generation(rec, plan, b, Output(fmt, sink))
         if end == "reset":
             return self._abort(request, rec)
-        await resp.write_eof()
+        if end == "aborted" and isinstance(fmt, ChatStream):
+            for data in fmt.aborted():
+                await sink(data, Kind.META)
+        if rec.peer_closed_at is None:
+            await resp.write_eof()
+        if end == "aborted":
+            return resp, "aborted"
         return resp, "error" if end == "error" else "completed"
 
     async def _complete(
@@ -284,7 +320,22 @@ class Api:
         b: Behaviour,
         fmt: ChatStream | ResponsesStream,
     ) -> tuple[web.StreamResponse, End]:
-        end = await generate(plan, b, rec.progress, None)
+        end = await self._generation(rec, plan, b, None)
+        if end == "aborted":
+            generated = rec.progress.generated
+            content = max(0, generated - plan.reasoning_tokens)
+            fmt.account(min(generated, plan.reasoning_tokens), content)
+            p = rec.progress
+            p.content_tokens, p.reasoning_tokens = content, min(generated, plan.reasoning_tokens)
+            payload = (
+                fmt.body() if isinstance(fmt, ChatStream) else fmt.response_object("cancelled")
+            )
+            if isinstance(fmt, ChatStream):
+                payload["choices"][0]["finish_reason"] = "abort"
+            if rec.peer_closed_at is not None:
+                return web.Response(), "aborted"
+            resp, _ = await self._json(request, rec, 200, payload)
+            return resp, "aborted"
         if end == "error":
             raise ApiError(b.status, error_message(b.status))
         if end == "reset":
@@ -301,6 +352,71 @@ class Api:
         p.content_tokens, p.reasoning_tokens = plan.content_tokens, plan.reasoning_tokens
         p.first_token_at = rec.headers_sent_at
         return result
+
+    async def _generation(
+        self, rec: RequestRecord, plan: Plan, b: Behaviour, out: Output | None
+    ) -> EngineEnd:
+        """Run `generate` as the engine would: stoppable by an abort call naming the request,
+        and, with `ignore_close`, not stopped by the peer closing the connection."""
+        if rec.engine_id is None and not self.ignore_close:
+            return await generate(plan, b, rec.progress, out)
+        generation = asyncio.ensure_future(generate(plan, b, rec.progress, out))
+        self.engine_aborts.register(rec, generation)
+        try:
+            while True:
+                try:
+                    return await asyncio.shield(generation)
+                except asyncio.CancelledError:
+                    if generation.cancelled() and rec.aborted_at is not None:
+                        return "aborted"
+                    if not self.ignore_close or self.stopping:
+                        generation.cancel()
+                        raise
+                    # The peer left (aiohttp cancelled this handler); an engine behind a
+                    # buffering proxy never hears of it: keep generating.
+                    task = asyncio.current_task()
+                    if task is not None:
+                        task.uncancel()
+        finally:
+            self.engine_aborts.unregister(rec)
+
+    async def _abort_call(
+        self, request: web.BaseRequest, rec: RequestRecord
+    ) -> tuple[web.StreamResponse, End]:
+        """SGLang's `/abort_request` or vLLM's `/abort_requests` (see proxy.sim.aborts)."""
+        auth = request.headers.get("authorization")
+        fingerprint = key_fingerprint(bearer_token(auth)) if auth else None
+        fault = self.engine_aborts.next_fault()
+        call = AbortCall(time.monotonic(), request.path, [], False, fingerprint, fault)
+        self.engine_aborts.arrived(call)
+        raw = await request.read()
+        if fault == "reset":
+            return self._abort(request, rec)
+        if fault == "hang":
+            await asyncio.get_running_loop().create_future()  # until the caller gives up
+        if fault is not None:
+            raise ApiError(int(fault), f"simulated abort endpoint fault {fault}")
+        try:
+            body = json.loads(raw) if raw else {}
+        except ValueError:
+            raise ApiError(400, "We could not parse the JSON body of your request.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The request body must be a JSON object.")
+        rec.body = body
+        if self.engine_aborts.engine == "sglang":
+            rid = body.get("rid")
+            rid = rid if isinstance(rid, str) else ""
+            call.abort_all = body.get("abort_all") is True
+            call.ids = [rid]
+            # SGLang matches by prefix; an empty rid with abort_all false stops nothing.
+            self.engine_aborts.abort(
+                call, lambda eid: call.abort_all or (rid and eid.startswith(rid))
+            )
+            return await self._json(request, rec, 200, b"")
+        ids = body.get("request_ids")
+        call.ids = [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
+        self.engine_aborts.abort(call, lambda eid: eid in call.ids)
+        return await self._json(request, rec, 200, {"cancelled_request_ids": call.stopped})
 
     # -- background (Responses API) -----------------------------------------------------------
 

@@ -166,6 +166,10 @@ class ChatStream(Counting):
     def malformed(self) -> bytes:
         return b"data: {not json\n\n"
 
+    def aborted(self) -> list[bytes]:
+        """How a stream ends when an abort call stopped it: finish_reason "abort", [DONE]."""
+        return [self._chunk(self._choice('""' if self.completions else "{}", '"abort"')), DONE]
+
     def body(self) -> dict[str, Any]:
         """The non-streaming answer for the current counters."""
         text = completion_text(self.content_n)

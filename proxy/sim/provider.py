@@ -12,6 +12,7 @@ Control endpoints (not recorded as requests), for out-of-process users such as b
 - ``GET /_sim/requests/{request_id}``: one record (404 if unknown);
 - ``GET /_sim/connections[?limit=N]``: connection records (closed, then open);
 - ``GET /_sim/jobs``: background jobs and cancel calls;
+- ``GET /_sim/aborts``: engine abort calls (``engine="sglang"`` or ``"vllm"``);
 - ``GET /_sim/stats``: counts (open connections, active requests, totals, tokens);
 - ``POST /_sim/reset``: forget the history (in-flight requests stay recorded);
 - ``POST /_sim/faults`` ``{"model": M, "behaviour": SPEC | null}``: requests for model M behave as
@@ -28,6 +29,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from proxy.sim.aborts import AbortCall, AbortFault, EngineAborts, SimEngine
 from proxy.sim.api import Api
 from proxy.sim.background import BackgroundJob, CancelCall, JobStore
 from proxy.sim.behaviour import BehaviourError, parse_behaviour
@@ -89,23 +91,34 @@ class SimulatedProvider:
         body_limit: int = 65_536,
         capture_bytes: int = 65_536,
         max_jobs: int = 1_000,
+        engine: SimEngine = "openai",
+        ignore_close: bool = False,
+        vllm_abort_endpoint: bool = False,
     ) -> None:
         """tokens_per_s: default generation rate (0: as fast as possible); default_tokens:
         answer length when the request sets no maximum; max_records: request and connection
         records kept; body_limit: larger request bodies are not kept in records;
         capture_bytes: response bytes kept per request for `wait_sent_bytes` (0: none);
-        max_jobs: finished background jobs kept."""
+        max_jobs: finished background jobs kept; engine: "sglang" or "vllm" name requests and
+        serve that engine's abort endpoint (proxy.sim.aborts); ignore_close: keep generating
+        after the peer closes the connection, as an engine behind a buffering proxy does (only
+        an abort call stops it); vllm_abort_endpoint: serve vLLM's `/abort_requests` (plain
+        `vllm serve` has none)."""
         waiters = Waiters()
         self.recorder = Recorder(
             max_records=max_records, capture_bytes=capture_bytes, waiters=waiters
         )
         self.jobs_store = JobStore(waiters, max_jobs=max_jobs)
+        self.engine_aborts = EngineAborts(engine, waiters)
         self.api = Api(
             self.recorder,
             self.jobs_store,
             tokens_per_s=tokens_per_s,
             default_tokens=default_tokens,
             body_limit=body_limit,
+            engine_aborts=self.engine_aborts,
+            ignore_close=ignore_close,
+            vllm_abort_endpoint=vllm_abort_endpoint,
         )
         self.base_url: str | None = None
         self._runner: web.ServerRunner | None = None
@@ -198,6 +211,23 @@ class SimulatedProvider:
     def cancel_calls(self) -> list[CancelCall]:
         return list(self.jobs_store.cancel_calls)
 
+    @property
+    def abort_calls(self) -> list[AbortCall]:
+        return list(self.engine_aborts.calls)
+
+    @property
+    def abort_fault(self) -> AbortFault | None:
+        return self.engine_aborts.fault
+
+    @abort_fault.setter
+    def abort_fault(self, fault: AbortFault | None) -> None:
+        """Make the abort endpoint misbehave (see proxy.sim.aborts)."""
+        self.engine_aborts.fault = fault
+
+    def by_engine_id(self, engine_id: str) -> RequestRecord | None:
+        """The generation request the engine runs under `engine_id` (rid, chatcmpl-...)."""
+        return next((r for r in self.recorder.requests if r.engine_id == engine_id), None)
+
     def request(self, request_id: str) -> RequestRecord | None:
         return self.recorder.get(request_id)
 
@@ -207,6 +237,7 @@ class SimulatedProvider:
     def reset(self) -> None:
         self.recorder.reset()
         self.jobs_store.cancel_calls.clear()
+        self.engine_aborts.calls.clear()
 
     async def wait_request(self, request_id: str, timeout: float = 5.0) -> RequestRecord:  # noqa: ASYNC109
         """The record of `request_id` once the simulator has seen its headers."""
@@ -227,6 +258,10 @@ class SimulatedProvider:
     async def wait_cancel_call(self, response_id: str, timeout: float = 5.0) -> CancelCall:  # noqa: ASYNC109
         """The first cancel call received for background response `response_id`."""
         return await self.jobs_store.wait_cancel_call(response_id, timeout)
+
+    async def wait_abort_call(self, count: int = 1, timeout: float = 5.0) -> AbortCall:  # noqa: ASYNC109
+        """The `count`-th engine abort call, once it has arrived."""
+        return await self.engine_aborts.wait_call(count, timeout)
 
     async def wait_job_done(self, response_id: str, timeout: float = 5.0) -> BackgroundJob:  # noqa: ASYNC109
         """The background job once it has ended (completed, incomplete, cancelled, failed)."""
@@ -261,6 +296,8 @@ class SimulatedProvider:
                 "jobs": [j.to_dict() for j in self.jobs_store.jobs.values()],
                 "cancel_calls": [c.to_dict() for c in self.jobs_store.cancel_calls],
             }
+        elif method == "GET" and path == "/_sim/aborts":
+            payload = [c.to_dict() for c in self.engine_aborts.calls]
         elif method == "GET" and path == "/_sim/stats":
             payload = self.stats()
         elif method == "POST" and path == "/_sim/faults":

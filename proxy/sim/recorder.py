@@ -67,6 +67,7 @@ class Recorder:
         req = conn.current
         if req is not None and req.end is None and conn.closed_by == "peer":
             req.peer_closed_at = now
+            req.generated_at_peer_close = req.progress.generated
         self.closed_connections.append(conn)
         self.waiters.notify(("conn", conn.id))
 
@@ -128,6 +129,8 @@ class Recorder:
         rec.finished_at = time.monotonic()
         if end == "peer_closed" and rec.peer_closed_at is None:
             rec.peer_closed_at = rec.finished_at  # seen by the handler, not the connection hook
+        if rec.peer_closed_at is not None and rec.generated_at_peer_close is None:
+            rec.generated_at_peer_close = rec.progress.generated
         self._active.discard(rec)
         p = rec.progress
         self._totals["content_tokens_sent"] += p.content_tokens

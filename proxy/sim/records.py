@@ -14,7 +14,7 @@ from proxy.sim.behaviour import Behaviour
 from proxy.sim.engine import Progress
 
 ClosedBy = Literal["peer", "server"]
-End = Literal["completed", "peer_closed", "reset", "error", "stopped"]
+End = Literal["completed", "peer_closed", "reset", "error", "stopped", "aborted"]
 
 # Never kept in a record: replaced by a fingerprint marker.
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
@@ -77,6 +77,12 @@ class RequestRecord:
     error: str | None = None  # message of an error answer
     response_id: str | None = None  # Responses API id, background jobs included
     progress: Progress = field(default_factory=Progress)
+    # Engine modes (proxy.sim.aborts): the id the engine runs the request under, when an abort
+    # call stopped it, and tokens generated when the abort arrived and when the peer closed.
+    engine_id: str | None = None
+    aborted_at: float | None = None
+    generated_at_abort: int | None = None
+    generated_at_peer_close: int | None = None
     # The response body bytes as written (SSE events, JSON), up to capture_limit bytes.
     sent: bytearray | None = None
     sent_truncated: bool = False
@@ -111,6 +117,13 @@ class RequestRecord:
     @property
     def tokens_generated(self) -> int:
         return self.progress.generated
+
+    @property
+    def tokens_after_peer_close(self) -> int | None:
+        """Tokens generated after the peer closed the connection (None: it did not)."""
+        if self.generated_at_peer_close is None:
+            return None
+        return self.progress.generated - self.generated_at_peer_close
 
     @property
     def first_token_at(self) -> float | None:
@@ -150,6 +163,10 @@ class RequestRecord:
             "content_tokens_sent": p.content_tokens,
             "reasoning_tokens_sent": p.reasoning_tokens,
             "tokens_generated": p.generated,
+            "engine_id": self.engine_id,
+            "aborted_at": self.aborted_at,
+            "tokens_generated_at_abort": self.generated_at_abort,
+            "tokens_generated_after_peer_close": self.tokens_after_peer_close,
             "connection_id": conn.id if conn else None,
             "connection_closed_at": conn.closed_at if conn else None,
             "connection_closed_by": conn.closed_by if conn else None,
