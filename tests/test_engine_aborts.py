@@ -10,7 +10,6 @@ The end-to-end test through a buffering nginx is tests/test_nginx_intermediary.p
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +24,7 @@ from proxy.outcome import EngineAbort, Outcome, RequestRecord, TimeoutKind
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider, key_fingerprint
 from tests.conftest import StartProxy
-from tests.support import RawClient, RecordSink, config_from
+from tests.support import RawClient, RecordSink, Tee, config_from
 
 CHAT = "/v1/chat/completions"
 UPSTREAM_KEY = "sk-upstream-engine-key"
@@ -162,30 +161,46 @@ async def test_without_the_engine_setting_generation_runs_on(
 async def test_non_streamed_hang_up_and_byte_faithful_naming(
     sglang: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
-    server, sink = await start_proxy(config(sglang, "sglang"))
-    raw = (
-        b'{ "model" : "'
-        + LONG.encode()
-        + b'",\n "messages":[{"role":"user","content":"h\\u00e9"}] }'
-    )
-    client = await RawClient.connect("127.0.0.1", server.port)
-    client.send_head(
-        "POST", CHAT, {"Content-Type": "application/json", "x-request-id": "ns-1"}, len(raw)
-    )
-    client.writer.write(raw)
-    engine_rec = await sglang.wait_request("ns-1")
-    while engine_rec.progress.generated < 5:
-        await asyncio.wait_for(asyncio.sleep(0.005), 1.0)
-    closed_at = client.close()
-    call = await sglang.wait_abort_call(timeout=1.0)
-    assert call.at - closed_at < ABORT_BOUND_S
-    assert engine_rec.engine_id is not None and call.stopped == [engine_rec.engine_id]
-    # Every byte the client sent, then the rid as the last member.
-    expected = raw[:-2] + f',"rid":"{engine_rec.engine_id}"'.encode() + raw[-2:]
-    assert json.loads(expected) == engine_rec.body
-    assert engine_rec.body_bytes == len(expected)
-    record = await sink.wait_for("ns-1")
-    assert record.engine_abort is EngineAbort.ACKNOWLEDGED
+    """A non-streamed request (SGLang polls those only every few seconds): the abort stops
+    it. The body reaches the engine as the client wrote it, the rid appended as the last member
+    (read on the wire by a Tee between hangup and the engine)."""
+    assert sglang.base_url is not None
+    port = int(sglang.base_url.rsplit(":", 1)[1].split("/")[0])
+    tee = await Tee("127.0.0.1", port).start()
+    try:
+        server, sink = await start_proxy(
+            config_from(
+                {
+                    "upstreams": {"eng": {"base_url": tee.url, "engine": "sglang"}},
+                    "routes": [{"name": "default", "upstream": "eng"}],
+                }
+            )
+        )
+        raw = (
+            b'{ "model" : "' + LONG.encode() + b'",\n "messages":[{"role":"user",'
+            b'"content":"h\\u00e9 {}"}], "n": 1 }\n'
+        )
+        client = await RawClient.connect("127.0.0.1", server.port)
+        client.send_head(
+            "POST", CHAT, {"Content-Type": "application/json", "x-request-id": "ns-1"}, len(raw)
+        )
+        client.writer.write(raw)
+        engine_rec = await sglang.wait_request("ns-1")
+        while engine_rec.progress.generated < 5:
+            await asyncio.wait_for(asyncio.sleep(0.005), 1.0)
+        closed_at = client.close()
+        call = await sglang.wait_abort_call(timeout=1.0)
+        assert call.at - closed_at < ABORT_BOUND_S
+        assert engine_rec.engine_id is not None and call.stopped == [engine_rec.engine_id]
+        expected = raw[:-2] + f',"rid":"{engine_rec.engine_id}"'.encode() + raw[-2:]
+        sent = bytes(tee.requests[0])
+        assert sent.endswith(b"\r\n\r\n" + expected), sent[-300:]
+        assert engine_rec.body_bytes == len(expected)
+        record = await sink.wait_for("ns-1")
+        assert record.engine_abort is EngineAbort.ACKNOWLEDGED
+        assert (await sglang.wait_finished("ns-1")).end == "aborted"
+    finally:
+        await tee.stop()
 
 
 async def test_a_deadline_that_fires_aborts_after_answering_the_client(
