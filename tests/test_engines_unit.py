@@ -95,9 +95,10 @@ def test_vllm_names_by_its_own_request_id_header() -> None:
     assert sent != "client" and len(sent) == 32 and named.engine_id == f"chatcmpl-{sent}"
     assert headers["x-request-id"] == "client"  # the plan's headers are not changed
     assert named.body is body and named.headers["authorization"] == "k"
+    # Legacy completions run as cmpl-<id>-<i>, one per prompt: not named, left to the close.
     prompt = b'{"model":"m","prompt":"p"}'
     completions = vllm.name_attempt(facts(prompt, "/v1/completions"), prompt, headers)
-    assert completions.engine_id is not None and completions.engine_id.startswith("cmpl-")
+    assert completions.engine_id is None and completions.headers is headers
 
 
 @pytest.mark.parametrize("name", ["generic", "openai", "llamacpp"])

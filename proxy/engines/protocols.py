@@ -8,10 +8,11 @@ Checked against the engines' own source; versions and commits are in docs/cancel
   Not named (so never aborted): a body with its own `rid` (kept as the client sent it), and
   `n > 1`, whose samples SGLang runs as `<rid>_<i>` while its tokenizer manager only forwards
   an abort whose rid it runs exactly.
-- `vllm`: the `X-Request-Id` header; the engine runs `chatcmpl-<id>` (chat) or `cmpl-<id>`
-  (completions). Abort with `POST /abort_requests {"request_ids": [...]}`, which plain `vllm
-  serve` does not have (only `--tokens-only` or `VLLM_SERVER_DEV_MODE=1`): its 404 turns the
-  abort off for that upstream. vLLM stops on a closed socket itself.
+- `vllm`: the `X-Request-Id` header; the engine runs a chat completion as `chatcmpl-<id>`.
+  Abort with `POST /abort_requests {"request_ids": [...]}`, which plain `vllm serve` does not
+  have (only `--tokens-only` or `VLLM_SERVER_DEV_MODE=1`): its 404 turns the abort off for that
+  upstream. vLLM stops on a closed socket itself. Legacy completions are not named: vLLM runs
+  each of their prompts as `cmpl-<id>-<i>`, one id per prompt of a batch.
 - `generic`, `openai`, `llamacpp`: nothing to name; a closed socket is the signal. (llama.cpp's
   server has no per-request cancel endpoint and stops on close; OpenAI has no abort for
   ordinary requests.) The Responses API background cancel applies to every kind.
@@ -124,15 +125,14 @@ class VLLM:
     aborts: bool = True
 
     def name_attempt(self, facts: RequestFacts, body: bytes, headers: CIMultiDict[str]) -> Named:
-        if facts.endpoint not in _NAMED_ENDPOINTS:
+        if facts.endpoint != "chat.completions":
             return Named(body, headers)
         request_id = fresh_id()
         named_headers = headers.copy()
         # Ours, not the client's: the engine id must be unique for an abort to name only this
         # request. hangup's access log keeps both.
         named_headers["x-request-id"] = request_id
-        prefix = "chatcmpl-" if facts.endpoint == "chat.completions" else "cmpl-"
-        return Named(body, named_headers, prefix + request_id)
+        return Named(body, named_headers, "chatcmpl-" + request_id)
 
     def abort_call(self, base_url: str, engine_id: str) -> AbortCall:
         payload = json.dumps({"request_ids": [engine_id]}).encode()

@@ -7,8 +7,9 @@ The simulator can pretend to be an engine that names requests and stops them by 
   ``POST /abort_request {"rid": R}`` stops every running request whose rid starts with R
   (SGLang matches by prefix; an empty rid stops nothing), ``{"abort_all": true}`` stops them
   all, and the answer is 200 with an empty body whether or not anything matched.
-- ``vllm``: a request's id is ``chatcmpl-<X-Request-Id>`` (chat) or ``cmpl-<X-Request-Id>``
-  (completions). ``POST /abort_requests {"request_ids": [...]}`` exists only when
+- ``vllm``: a request's id is ``chatcmpl-<X-Request-Id>`` (chat) or ``cmpl-<X-Request-Id>-0``
+  (completions: vLLM runs prompt i of a batch as ``-<i>``; the simulator takes one prompt).
+  ``POST /abort_requests {"request_ids": [...]}`` exists only when
   ``vllm_abort_endpoint=True`` (vLLM serves it with ``--tokens-only`` or in dev mode; plain
   ``vllm serve`` answers 404); it stops exact ids and answers 200 with
   ``{"cancelled_request_ids": [...]}``.
@@ -75,7 +76,7 @@ class EngineAborts:
             return rid if isinstance(rid, str) and rid else uuid.uuid4().hex
         if self.engine == "vllm":
             base = headers.get("x-request-id") or uuid.uuid4().hex
-            return ("chatcmpl-" if endpoint == "chat" else "cmpl-") + base
+            return f"chatcmpl-{base}" if endpoint == "chat" else f"cmpl-{base}-0"
         return None
 
     def register(self, rec: RequestRecord, generation: asyncio.Future[Any]) -> None:
