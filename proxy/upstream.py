@@ -377,13 +377,14 @@ class Upstreams:
     async def post_control(
         self, url: URL, headers: CIMultiDict[str], body: bytes
     ) -> tuple[int, bytes]:
-        """A small control call with a body (an engine abort): status and body."""
+        """A small control call with a body (an engine abort): status and the first 64 KiB of
+        the answer (nobody needs more; an upstream that sends more cannot make us buffer it)."""
         if self._session is None:
             raise aiohttp.ClientConnectionError("the upstream client is not running")
         async with self._session.post(
             url, headers=headers, data=body, allow_redirects=False
         ) as response:
-            return response.status, await response.read()
+            return response.status, await response.content.read(65536)
 
 
 def _map_open_error(exc: Exception, upstream: str) -> AttemptFailed:

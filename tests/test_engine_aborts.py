@@ -59,11 +59,15 @@ async def sglang() -> AsyncIterator[SimulatedProvider]:
 
 
 async def hang_up_mid_stream(
-    server: ProxyServer, sim: SimulatedProvider, request_id: str, body: dict[str, Any]
+    server: ProxyServer,
+    sim: SimulatedProvider,
+    request_id: str,
+    body: dict[str, Any],
+    headers: dict[str, str] | None = None,
 ) -> float:
     """A stream through hangup, some content read, then the client's FIN; returns its time."""
     client = await RawClient.connect("127.0.0.1", server.port)
-    await client.post_json(CHAT, body, {"x-request-id": request_id})
+    await client.post_json(CHAT, body, {"x-request-id": request_id, **(headers or {})})
     await client.read_until(lambda b: b.count(b'"content":"') >= 3)
     return client.close()
 
@@ -106,7 +110,8 @@ async def test_hang_up_sends_one_abort_for_the_right_rid_and_the_engine_stops(
 ) -> None:
     caplog.set_level(logging.INFO, logger="hangup.access")
     server, sink = await start_proxy(config(sglang, "sglang"))
-    closed_at = await hang_up_mid_stream(server, sglang, "sg-1", chat())
+    client_headers = {"Authorization": "Bearer sk-client", "x-client-note": "not for aborts"}
+    closed_at = await hang_up_mid_stream(server, sglang, "sg-1", chat(), client_headers)
 
     call = await sglang.wait_abort_call(timeout=1.0)
     lag = call.at - closed_at
@@ -120,6 +125,8 @@ async def test_hang_up_sends_one_abort_for_the_right_rid_and_the_engine_stops(
     (abort_req,) = [r for r in sglang.requests if r.path == "/abort_request"]
     assert abort_req.auth_fingerprint == key_fingerprint(UPSTREAM_KEY)
     assert abort_req.body == {"rid": engine_rec.engine_id}
+    assert "x-client-note" in engine_rec.headers and "x-client-note" not in abort_req.headers
+    assert abort_req.headers["content-type"] == "application/json"
     # The engine stopped at the abort: no token after it.
     done = await sglang.wait_finished("sg-1")
     assert done.end == "aborted" and done.progress.generated == done.generated_at_abort
