@@ -47,7 +47,7 @@ _GENERATION: dict[str, Endpoint] = {
     "/v1/responses": "responses",
     "/v1/embeddings": "embeddings",
 }
-EngineEnd = Literal["completed", "error", "reset", "malformed", "aborted"]
+EngineEnd = Literal["completed", "error", "reset", "malformed", "truncated", "aborted"]
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
