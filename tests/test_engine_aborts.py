@@ -293,10 +293,11 @@ async def test_no_abort_endpoint_turns_it_off_with_one_warning(
 async def test_other_requests_are_not_slowed_while_aborts_hang(
     sglang: SimulatedProvider, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ten aborts stuck on an endpoint that never answers; meanwhile eight streams through the
-    same proxy take as long as before. (They would not if an abort held the loop or a shared
-    resource; each stream lasts ~0.1 s.)"""
-    monkeypatch.setattr(proxy.engines.aborts, "ENGINE_ABORT_S", 1.5)
+    """Ten aborts stuck on an endpoint that never answers (their bound raised to a minute, so
+    they are still in flight however slow the machine); meanwhile eight streams through the
+    same proxy take about as long as before. Were the aborts holding the loop, or a connection
+    pool the streams need, the streams would wait on them for the minute."""
+    monkeypatch.setattr(proxy.engines.aborts, "ENGINE_ABORT_S", 60.0)
     sglang.abort_fault = "hang"
     server, sink = await start_proxy(config(sglang, "sglang"))
 
@@ -318,13 +319,15 @@ async def test_other_requests_are_not_slowed_while_aborts_hang(
     baseline = await others("before")
     for i in range(10):
         await hang_up_mid_stream(server, sglang, f"hang-{i}", chat())
-    await sglang.wait_abort_call(10, timeout=2.0)
+    await sglang.wait_abort_call(10, timeout=5.0)
     during = await others("during")
     assert server.state.aborts.in_flight == 10  # still hanging while the others ran
     assert all(sink.by_id(f"hang-{i}") == [] for i in range(10))
-    assert max(during) < max(baseline) + 0.1, (baseline, during)
-    record = await sink.wait_for("hang-9", timeout=3.0)
-    assert record.engine_abort is EngineAbort.FAILED
+    assert max(during) < max(baseline) + 0.5, (baseline, during)
+    await server.state.aborts.close(0)  # what shutdown does past its wait
+    for i in range(10):
+        record = await sink.wait_for(f"hang-{i}", timeout=1.0)
+        assert record.engine_abort is EngineAbort.SENT
 
 
 async def test_shutdown_is_not_held_beyond_the_bound_by_a_hanging_abort(
