@@ -156,4 +156,4 @@ def test_engine_abort_series_are_bounded_by_the_configured_upstreams() -> None:
 
     assert count([]) == 0
     assert count(["a", "b"]) == 2 * 19
-    assert series_bound(1, 0, 50, 2) - series_bound(1, 0, 50) == 2 * 19
+    assert series_bound(1, 0, 50, abort_upstreams=2) - series_bound(1, 0, 50) == 2 * 19
