@@ -33,6 +33,7 @@ CHAT = {"route": "chat", "model": PRICED_MODEL}
 def test_completed_stream_counts_tokens_cost_and_latencies() -> None:
     m = new_metrics()
     m.request_started()
+    m.request_ended()
     m.request_finished(
         make_record(
             usage=Usage(
@@ -237,13 +238,16 @@ def test_sdk_retries_background_cancels_and_connection_gauge() -> None:
     assert value(s, "hangup_build_info", version=__version__) == 1
 
 
-def test_in_flight_gauge_follows_start_and_finish() -> None:
+def test_in_flight_gauge_follows_start_and_end_not_the_record() -> None:
     m = new_metrics()
     for _ in range(3):
         m.request_started()
     assert value(rendered(m), "hangup_requests_in_flight") == 3
+    m.request_ended()
+    m.request_ended()
+    assert value(rendered(m), "hangup_requests_in_flight") == 1
+    # A record sealed later (its prompt was being counted) does not move the gauge.
     m.request_finished(make_record())
-    m.request_finished(make_record(outcome=Outcome.CLIENT_CANCELLED))
     assert value(rendered(m), "hangup_requests_in_flight") == 1
 
 

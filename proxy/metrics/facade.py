@@ -181,9 +181,13 @@ class Metrics:
     def request_started(self) -> None:
         self._in_flight.inc()
 
-    def request_finished(self, record: RequestRecord) -> None:
-        """Account one finished request. Call exactly once per `request_started`."""
+    def request_ended(self) -> None:
+        """The request's handler is done (its response ended). Call exactly once per
+        `request_started`, at once: its record may wait for accounting (a prompt to count)."""
         self._in_flight.dec()
+
+    def request_finished(self, record: RequestRecord) -> None:
+        """Account one finished request from its sealed record (after accounting)."""
         route = record.route if record.route in self._routes else NONE
         model = self._model_for(record)
         rm = (route, model)
