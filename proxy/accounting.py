@@ -338,11 +338,13 @@ class Accountant:
         bills = [a.bill for a in record.attempts if a.bill is not None]
         priced = [b.used_usd for b in bills if b.used_usd is not None]
         cut = self.prices.cost(answering.model or record.model, Usage(), record.savings)
-        if not priced and not cut.priced:
+        # Hedge losers closed early: dollars saved where their billing stops (proxy/bills.py).
+        losers = [b.saved_usd for b in bills if b.saved_usd is not None]
+        if not priced and not cut.priced and not losers:
             return Cost()
         return Cost(
             used_usd=sum(priced) if priced else 0.0,
-            saved_usd=cut.saved_usd if cut.priced else 0.0,
+            saved_usd=(cut.saved_usd or 0.0) + sum(losers),
             wasted_usd=cut.wasted_usd if cut.priced else 0.0,
         )
 

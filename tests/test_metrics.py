@@ -10,11 +10,12 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from proxy import __version__
+from proxy.bills import WASTE_REASONS
 from proxy.config import MetricsConfig, PriceConfig
 from proxy.metrics import SERIES_NAMES, Metrics, authorized, schema, series_bound, summarize
 from proxy.metrics.labels import looks_like_secret
 from proxy.metrics.summary import bucket_quantile
-from proxy.outcome import BackgroundCancel, Cost, Outcome, Savings, TimeoutKind, Usage
+from proxy.outcome import BackgroundCancel, Cost, Outcome, Savings, TimeoutKind, Usage, Waste
 from tests.metrics_support import (
     CONFIGURED_MODELS,
     PRICED_MODEL,
@@ -409,6 +410,7 @@ def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
                 ),
                 savings=Savings(tokens_saved=1, tokens_saved_upper=2, tokens_wasted=1),
                 cost=Cost(1.0, 1.0, 1.0) if i % 2 else None,
+                waste={r: Waste(1, 1, 1, 1.0) for r in WASTE_REASONS},
                 first_token_at=1000.5,
                 client_gone_at=1001.0,
                 upstream_closed_at=1001.001,
@@ -424,8 +426,8 @@ def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
 
 def test_series_bound_for_the_defaults() -> None:
     # docs/metrics.md quotes these numbers.
-    assert series_bound(1, 0, 50, 1) == 5137
-    assert series_bound(3, 5, 50, 2) == 11120
+    assert series_bound(1, 0, 50, 1) == 5143
+    assert series_bound(3, 5, 50, 2) == 11138
 
 
 def test_summary_for_humans() -> None:
