@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.attempts import AttemptResult
-from proxy.bills import WASTE_REASONS
+from proxy.bills import WASTE_REASONS as WASTE_REASONS
 from proxy.outcome import BackgroundCancel, EngineAbort, Outcome, TimeoutKind
 from proxy.resilience.circuit import CircuitState
 
