@@ -114,8 +114,9 @@ def attempt_usage(record: RequestRecord, index: int) -> Usage:
 
 
 def sum_usage(parts: list[Usage]) -> Usage:
-    """The request's usage: the sum of its attempts'. A figure is flagged estimated if any part
-    of it was, tokenized if none was estimated and some part was tokenized."""
+    """The request's usage: the sum of its attempts'. A figure is flagged estimated if a part of
+    it that holds tokens was (or every part was), tokenized if none was estimated and some part
+    was tokenized. A hedge loser's estimated 0 beside a reported answer leaves it reported."""
     total = Usage()
     for u in parts:
         total.prompt_tokens += u.prompt_tokens
@@ -124,7 +125,9 @@ def sum_usage(parts: list[Usage]) -> Usage:
         total.reasoning_tokens += u.reasoning_tokens
     total.prompt_estimated = any(u.prompt_estimated and u.prompt_tokens > 0 for u in parts)
     total.prompt_tokenized = not total.prompt_estimated and any(u.prompt_tokenized for u in parts)
-    total.completion_estimated = any(u.completion_estimated for u in parts)
+    total.completion_estimated = any(
+        u.completion_estimated and u.completion_tokens > 0 for u in parts
+    ) or (not parts or all(u.completion_estimated for u in parts))
     return total
 
 
