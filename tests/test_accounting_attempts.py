@@ -178,6 +178,7 @@ async def test_a_hedge_losers_prompt_is_billed_as_hedge_waste(
         "reported",
     )
     assert winner_sim.completion_tokens_sent == 16 and loser_sim.completion_tokens_sent == 0
+    assert (loser_prompt, reported_prompt(winner_sim)) == (11, 10)  # docs/accounting.md
     # The request's usage is both attempts; the waste is the loser, at the primary's price.
     total_prompt = loser_prompt + reported_prompt(winner_sim)
     assert pair(record.usage) == (total_prompt, "estimated", 16, "reported")
@@ -325,6 +326,7 @@ async def test_a_continued_stream_bills_the_cut_attempt_and_the_continuation(
     assert (cut_generated, cont_generated) == (5, 11)
     cut_prompt = documented_estimate(MESSAGE)  # cut before its usage chunk
     cont_prompt = reported_prompt(cont_sim)  # the original plus the assistant prefix
+    assert (cut_prompt, cont_prompt) == (11, 18)  # docs/accounting.md
     cut_bill, cont_bill = (a.bill for a in record.attempts)
     assert cut_bill is not None and cont_bill is not None
     assert pair(cut_bill.usage) == (cut_prompt, "estimated", cut_generated, "estimated")
