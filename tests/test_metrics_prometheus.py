@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from proxy.config import MetricsConfig
 from proxy.metrics import Metrics, authorized
+from proxy.outcome import EngineAbort
 from tests import metrics_workload as w
 from tests.metrics_support import UPSTREAMS, coverage_workload, new_metrics
 from tests.prometheus_support import (
@@ -94,13 +95,16 @@ async def _feed(metrics: Metrics) -> None:
             metrics.request_ended()
             metrics.request_finished(record)
         metrics.loop_lag(0.002)  # what the app's LoopLagProbe reports (proxy/looplag.py)
+        # One engine abort per round, as proxy/engines reports them.
+        metrics.engine_abort_sent(UPSTREAMS[0])
+        metrics.engine_abort_settled(UPSTREAMS[0], EngineAbort.ACKNOWLEDGED, 0.003)
         await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
 async def fed_target(aiohttp_server: Any) -> AsyncIterator[int]:
     """A /metrics endpoint (bearer token required) over a continuously fed facade; its port."""
-    metrics = new_metrics(upstreams=UPSTREAMS)
+    metrics = new_metrics(upstreams=UPSTREAMS, abort_upstreams=UPSTREAMS[:1])
     config = MetricsConfig(bearer_token=SecretStr(SCRAPE_TOKEN))
 
     async def scrape(request: web.Request) -> web.Response:
@@ -168,6 +172,11 @@ NOT_IN_SCRIPTED_WORKLOAD = frozenset(
         "hangup_background_cancels_total",
         "hangup_cached_tokens_total",
         "hangup_reasoning_tokens_total",
+        # Its upstream is `engine: generic` (nothing to abort); the fed facade above and
+        # tests/test_engine_aborts.py cover these.
+        "hangup_engine_aborts_sent_total",
+        "hangup_engine_aborts_total",
+        "hangup_engine_abort_seconds_bucket",
     }
 )
 
