@@ -206,11 +206,13 @@ def saturate_labels(state: Any) -> int:
     for route, model, outcome in itertools.product(routes, models, list(Outcome)):
         rec = record(route=route, model=model, outcome=outcome, timeout_kind=TimeoutKind.IDLE)
         metrics.request_started()
+        metrics.request_ended()
         metrics.request_finished(rec)
     for route, path, status in itertools.product(routes, endpoints, (200, 404, 503, None)):
         rec = record(route=route, path=path, endpoint=path, status=status,
                      outcome=Outcome.COMPLETED)  # fmt: skip
         metrics.request_started()
+        metrics.request_ended()
         metrics.request_finished(rec)
     configured = set(state.config.prices) | state.router.exact_models()
     return series_bound(len(state.router.routes), len(configured), state.config.metrics.max_models)

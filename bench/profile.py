@@ -44,7 +44,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "body relay (_pump_body)": ("Exchange._pump_body",),
     "access log": ("Logger.log",),
     "  redact": ("redact (",),
-    "metrics": ("Metrics.request_finished", "Metrics.request_started"),
+    "metrics": ("Metrics.request_finished", "Metrics.request_started", "Metrics.request_ended"),
     "accounting + usage of bodies": ("Accountant.settle", "Exchange.final_usage"),
     "admission": ("Exchange._admit", "admission.py"),
     "deadlines + watchdog": ("Deadlines.", "Watchdog."),
@@ -220,6 +220,7 @@ def micro() -> dict[str, float]:
 
     def finished() -> None:
         metrics.request_started()
+        metrics.request_ended()
         metrics.request_finished(rec)
 
     try:
@@ -235,7 +236,7 @@ def micro() -> dict[str, float]:
                 lambda: logger.info("request", extra={"fields": access_fields(rec)})
             ),
             "  of which redact() of the line": _timed(lambda: redact(line)),
-            "metrics: request_started + request_finished": _timed(finished),
+            "metrics: request_started + request_ended + request_finished": _timed(finished),
         }
     finally:
         logger.removeHandler(handler)

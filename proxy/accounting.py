@@ -20,24 +20,29 @@ requests that completed normally.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
+from proxy.attempts import Attempt
 from proxy.billing import policy_for
+from proxy.bills import answering_index, bill_attempts, is_billed, sum_usage
 from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
-from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, Usage
+from proxy.outcome import BackgroundCancel, Cost, Outcome, RequestRecord, Usage
 from proxy.pricing import PriceBook
 from proxy.savings import TypicalLengths, estimate_savings
 from proxy.tokenize import PromptCounter
-from proxy.usage import RequestFacts, body_usage
+from proxy.usage import RequestFacts, StreamUsageTracker, body_usage
 from proxy.usage.body import FULL_PARSE_MAX, decode_body, is_identity
 
 if TYPE_CHECKING:
     from proxy.relay import Exchange
 
-__all__ = ["Accountant", "Facts", "seal"]
+__all__ = ["Accountant", "Facts", "attempt_closed", "seal"]
+
+_PER_MTOK: Final = 1_000_000
 
 # Endpoints whose requests generate completion tokens (savings make sense for them).
 _GENERATING: Final = frozenset({"chat.completions", "completions", "responses"})
@@ -75,6 +80,7 @@ class Facts:
             if decoded is not None and facts is not None:
                 record.seen_usage = body_usage(decoded, facts, None)
                 record.generated_tokens = record.seen_usage.completion_tokens
+                _answer_usage(record)
             self.compressed_body = None
         if self.prompt_source is None and _needs_prompt_count(record):
             self.prompt_source = self.counter.source_for(
@@ -103,7 +109,35 @@ def _needs_prompt_count(record: RequestRecord) -> bool:
     if record.endpoint not in _COUNTED_ENDPOINTS:
         return False
     seen = record.seen_usage
-    return seen is None or seen.prompt_estimated
+    if seen is None or seen.prompt_estimated:
+        return True
+    # An attempt on the primary target whose prompt was not reported (a hedge loser, a failed
+    # first try): the count is for its target (proxy/bills.py applies it there).
+    primary = record.attempts[0] if record.attempts else None
+    return any(
+        (a.upstream, a.model) == (primary.upstream, primary.model)
+        and a.reason != "continue"
+        and is_billed(a)
+        and (a.usage is None or a.usage.prompt_estimated)
+        for a in record.attempts
+        if primary is not None
+    )
+
+
+def attempt_closed(attempt: Attempt, tracker: StreamUsageTracker | None) -> None:
+    """An attempt's stream is closed: keep what it generated and reported on the attempt (the
+    relay calls this where it closes an attempt), so the record prices every attempt."""
+    if tracker is not None:
+        attempt.tokens_generated = tracker.generated_tokens
+        attempt.usage = tracker.usage()
+
+
+def _answer_usage(record: RequestRecord) -> None:
+    """A non-streamed answer's usage (found in its body) belongs to its attempt, the last."""
+    if record.attempts and record.seen_usage is not None and not record.stream:
+        answer = record.attempts[-1]
+        answer.usage = record.seen_usage
+        answer.tokens_generated = record.generated_tokens
 
 
 def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> Facts | None:
@@ -138,6 +172,7 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
             pending_body = bytes(body)
         if not exchange.drained:
             record.delivered_tokens = record.generated_tokens
+        _answer_usage(record)
     if plan is None:
         return None
     pending = Facts(
@@ -228,25 +263,50 @@ class Accountant:
         return seal(record, exchange, self.prompts)
 
     def settle(self, record: RequestRecord) -> None:
-        """Usage, savings and cost of a sealed record; a function of the record alone."""
-        record.usage = record_usage(record)
+        """Usage, savings, waste and cost of a sealed record; a function of the record alone.
+
+        Every attempt the provider bills is priced on its own (proxy/bills.py); the request's
+        usage and cost are their sums. Savings of a request cut short are the answering
+        attempt's, priced at its model and under its upstream's billing policy."""
         route = self._routes.get(record.route or "")
-        upstream = self._upstreams.get(record.upstream or "")
-        if route is None or upstream is None or not record.sent_upstream:
-            record.cost = self.prices.cost(record.model, record.usage, None)
-            return  # rejected before the request was understood: nothing more to account
+        answer = answering_index(record)
+        answering = record.attempts[answer] if answer is not None else None
         model, route_name = record.model, record.route or ""
+        if answering is None:  # a record without attempts: its own usage
+            record.usage = record_usage(record)
+        else:
+            bill_attempts(
+                record,
+                policy=self._policy(record.stream),
+                price=lambda a, usage: self.prices.cost(a.model or model, usage).used_usd,
+                output_price=lambda a: self._output_price(a.model or model),
+                expected_tokens=self._expected(route_name, model, route, record.max_tokens),
+            )
+            bills = [a.bill.usage for a in record.attempts if a.bill is not None]
+            record.usage = sum_usage(bills)
+        upstream = self._upstreams.get(
+            answering.upstream if answering is not None else record.upstream or ""
+        )
+        if route is None or upstream is None or not record.sent_upstream:
+            record.cost = self._cost(record, answering)
+            return  # rejected before the request was understood: nothing more to account
         if (
             record.outcome in _CUT_SHORT
             and record.endpoint in _GENERATING
             and (record.upstream_status is None or record.upstream_status < 400)
         ):
             billing = policy_for(upstream, stream=record.stream)
+            # The answer so far: a continuation's, plus what the attempts it continues sent.
+            generated = record.generated_tokens + sum(
+                a.tokens_generated
+                for a in record.attempts[: answer if answer is not None else 0]
+                if a.delivered
+            )
             wasted = 0
             if record.drained or record.client_gone_at is not None:
                 wasted = max(0, record.generated_tokens - record.delivered_tokens)
             record.savings = estimate_savings(
-                generated=record.generated_tokens,
+                generated=generated,
                 wasted=wasted,
                 max_tokens=record.max_tokens,
                 typical=self.typical.typical(route_name, model),
@@ -262,6 +322,50 @@ class Accountant:
             and record.endpoint in _GENERATING
             and record.upstream_status is not None
             and record.upstream_status < 300
+            and not any(a.reason == "continue" for a in record.attempts)
         ):
-            self.typical.observe(route_name, model, record.usage.completion_tokens)
-        record.cost = self.prices.cost(model, record.usage, record.savings)
+            # The answer's own length (not a hedge loser's); a continued answer's is the sum
+            # of parts cut short, not a natural length.
+            bill = answering.bill if answering is not None else None
+            usage = bill.usage if bill is not None else record.usage
+            self.typical.observe(route_name, model, usage.completion_tokens)
+        record.cost = self._cost(record, answering)
+
+    def _cost(self, record: RequestRecord, answering: Attempt | None) -> Cost:
+        """USD used (every billed attempt), saved and wasted (the answering attempt's cut)."""
+        if answering is None:
+            return self.prices.cost(record.model, record.usage, record.savings)
+        bills = [a.bill for a in record.attempts if a.bill is not None]
+        priced = [b.used_usd for b in bills if b.used_usd is not None]
+        cut = self.prices.cost(answering.model or record.model, Usage(), record.savings)
+        # Hedge losers closed early: dollars saved where their billing stops (proxy/bills.py).
+        losers = [b.saved_usd for b in bills if b.saved_usd is not None]
+        if not priced and not cut.priced and not losers:
+            return Cost()
+        return Cost(
+            used_usd=sum(priced) if priced else 0.0,
+            saved_usd=(cut.saved_usd or 0.0) + sum(losers),
+            wasted_usd=cut.wasted_usd if cut.priced else 0.0,
+        )
+
+    def _expected(
+        self, route_name: str, model: str | None, route: RouteOptions | None, limit: int | None
+    ) -> int:
+        typical = self.typical.typical(route_name, model)
+        expected = (
+            typical
+            if typical is not None
+            else (route.expected_completion_tokens if route is not None else 0)
+        )
+        return expected if limit is None else min(expected, limit)
+
+    def _policy(self, stream: bool) -> Callable[[Attempt], str]:
+        def policy(attempt: Attempt) -> str:
+            upstream = self._upstreams.get(attempt.upstream)
+            return "full" if upstream is None else policy_for(upstream, stream=stream)
+
+        return policy
+
+    def _output_price(self, model: str | None) -> float | None:
+        price = self.prices.price(model)
+        return None if price is None else price.output_per_mtok / _PER_MTOK

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.outcome import AttemptBill, Usage
 
 _MODEL_CHARS = 64  # of a model name in the access log's attempt chain
 
@@ -47,6 +51,10 @@ class Attempt:
     tokens_generated: int = 0  # completion tokens seen from this attempt
     delivered: bool = False  # its content reached the client (at most one attempt)
     resent: bool = False  # the seam resent it once on a fresh connection (stale pooled one)
+    # Usage counted from this attempt's own answer (its stream, or the body), when it had one.
+    usage: Usage | None = None
+    # What this attempt costs, set by `Accountant.settle` (proxy/bills.py).
+    bill: AttemptBill | None = None
 
     def end(self, result: AttemptResult, now: float, error: str | None = None) -> None:
         """Close the books on this attempt once; the first verdict stands."""

@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from proxy.accounting import attempt_closed
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.downstream import HOLD_CAP, held_too_much
@@ -93,7 +94,7 @@ class Racer:
             # A failure or a cancellation (lost the race, client gone): close it here, now.
             if isinstance(exc, AttemptFailed):
                 attempt.end(exc.result, loop.time(), exc.error.message)
-            attempt.tokens_generated = self.tracker.generated_tokens
+            attempt_closed(attempt, self.tracker)
             await self.opened.close()
             attempt.closed_at = loop.time()
             raise

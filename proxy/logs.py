@@ -164,6 +164,19 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
             "saved": rec.cost.saved_usd,
             "wasted": rec.cost.wasted_usd,
         }
+    if rec.waste:
+        # Attempts whose output never reached the client (proxy/bills.py), by reason.
+        fields["waste"] = {
+            reason: {
+                "attempts": w.attempts,
+                "prompt_tokens": w.prompt_tokens,
+                "completion_tokens": w.completion_tokens,
+                "usd": w.usd,
+                "tokens_saved": w.tokens_saved,
+                "saved_usd": w.saved_usd,
+            }
+            for reason, w in rec.waste.items()
+        }
     if rec.background is not None:
         fields["background"] = rec.background.value
     if rec.background_response_id is not None:

@@ -173,6 +173,46 @@ class Cost:
 
 
 @dataclass(slots=True)
+class AttemptBill:
+    """What one attempt costs (proxy/bills.py): what the provider bills for it, under its own
+    upstream's billing policy, at the price of the model sent to it.
+
+    usage: the attempt's billed tokens: its prompt (reported, tokenized or estimated) and the
+        completion tokens it generated. Under `billing` "full" a cut attempt may be billed for
+        its whole answer: `usage` is then the part hangup saw, a lower bound.
+    waste: why its output never reached the client ("hedge": lost a hedge race; "failover":
+        failed before content and another target was tried), or None.
+    tokens_saved: completion tokens a hedge loser did not generate because hangup closed it
+        (compute; estimated like any saving); 0 under billing "full".
+    saved_usd: those tokens at the output price, only where billing stops ("stops").
+    """
+
+    usage: Usage
+    billing: str
+    used_usd: float | None = None
+    waste: str | None = None
+    tokens_saved: int = 0
+    saved_usd: float | None = None
+
+
+@dataclass(slots=True)
+class Waste:
+    """Tokens and dollars spent on attempts whose output the client never received, for one
+    reason ("hedge", "failover"); see `AttemptBill`."""
+
+    attempts: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usd: float | None = None  # None: no wasted attempt had a price
+    tokens_saved: int = 0  # hedge losers: tokens not generated (compute)
+    saved_usd: float | None = None  # ... as dollars, where their billing stops
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
 class RequestRecord:
     """Everything known about one request when it ends. Times are `loop.time()` seconds."""
 
@@ -225,6 +265,9 @@ class RequestRecord:
     usage: Usage = field(default_factory=Usage)
     savings: Savings | None = None
     cost: Cost | None = None
+    # Attempt waste by reason ("hedge", "failover"): what attempts whose output never reached
+    # the client cost (proxy/bills.py). Empty when every billed attempt was delivered.
+    waste: dict[str, Waste] = field(default_factory=dict)
     background: BackgroundCancel | None = None
     background_response_id: str | None = None
     # Every upstream attempt, in the order they began (see proxy/attempts.py).

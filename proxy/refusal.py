@@ -29,7 +29,6 @@ def rejected_record(
     record.settle(Outcome.REJECTED)
     record.status, record.error_type, record.error_message = err.status, err.error_type, err.message
     record.ended_at = loop.time()
-    state.metrics.request_started()  # finish() counts it out of the in-flight gauge
     state.finish(record)
     return record
 

@@ -21,6 +21,7 @@ import uuid
 
 from aiohttp import web
 
+from proxy.accounting import attempt_closed
 from proxy.admission import Plan, TargetPlan, admit
 from proxy.attempts import Attempt, AttemptResult
 from proxy.downstream import ClientGone, Downstream
@@ -385,8 +386,7 @@ class Exchange(Downstream):
         finally:
             await started.opened.close()
             winner.closed_at = record.upstream_closed_at = loop.time()
-            if self.tracker is not None:
-                winner.tokens_generated = self.tracker.generated_tokens
+            attempt_closed(winner, self.tracker)
 
     def _abandon(self, attempt: Attempt, why: str) -> None:
         """THE place where hangup gives up on an attempt that may still be running upstream
@@ -446,8 +446,7 @@ class Exchange(Downstream):
         finally:
             await opened.close()
             attempt.closed_at = record.upstream_closed_at = loop.time()
-            if self.tracker is not None:
-                attempt.tokens_generated = self.tracker.generated_tokens
+            attempt_closed(attempt, self.tracker)
 
     async def _check_status(
         self, plan: Plan, index: int, attempt: Attempt, upstream: UpstreamResponse

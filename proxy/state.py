@@ -82,6 +82,7 @@ class ProxyState:
 
     def request_ended(self, task: asyncio.Task[object]) -> None:
         self.inflight.discard(task)
+        self.metrics.request_ended()
         if not self.inflight:
             self._idle.set()
 

@@ -18,6 +18,7 @@ from proxy.outcome import (
     Savings,
     TimeoutKind,
     Usage,
+    Waste,
 )
 
 ROUTES = ("chat", "batch")
@@ -111,6 +112,28 @@ def coverage_workload() -> list[RequestRecord]:
             cost=Cost(used_usd=0.0004),
             first_token_at=1001.0,
             upstream_wait_s=1.998,
+        ),
+        # A hedge race: the primary lost (its prompt was billed), the hedge answered; and a
+        # primary that timed out before content, then the fallback answered.
+        make_record(
+            attempts=[
+                Attempt(
+                    "primary",
+                    PRICED_MODEL,
+                    1000.0,
+                    result=AttemptResult.ABANDONED,
+                    error="hedge loser",
+                ),
+                Attempt("fallback", PRICED_MODEL, 1000.2, "hedge", result=AttemptResult.OK),
+            ],
+            usage=Usage(prompt_tokens=200, completion_tokens=40, prompt_estimated=True),
+            waste={
+                "hedge": Waste(attempts=1, prompt_tokens=100, usd=0.00002, tokens_saved=200),
+                "failover": Waste(attempts=1, prompt_tokens=100, completion_tokens=3, usd=0.00003),
+            },
+            cost=Cost(used_usd=0.0001, saved_usd=0.0016, wasted_usd=0.0),
+            first_token_at=1000.6,
+            upstream_wait_s=0.5,
         ),
         # Client went away mid-stream: tokens and money saved; one fast, one slow propagation.
         make_record(

@@ -10,11 +10,12 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from proxy import __version__
+from proxy.bills import WASTE_REASONS
 from proxy.config import MetricsConfig, PriceConfig
 from proxy.metrics import SERIES_NAMES, Metrics, authorized, schema, series_bound, summarize
 from proxy.metrics.labels import looks_like_secret
 from proxy.metrics.summary import bucket_quantile
-from proxy.outcome import BackgroundCancel, Cost, Outcome, Savings, TimeoutKind, Usage
+from proxy.outcome import BackgroundCancel, Cost, Outcome, Savings, TimeoutKind, Usage, Waste
 from tests.metrics_support import (
     CONFIGURED_MODELS,
     PRICED_MODEL,
@@ -33,6 +34,7 @@ CHAT = {"route": "chat", "model": PRICED_MODEL}
 def test_completed_stream_counts_tokens_cost_and_latencies() -> None:
     m = new_metrics()
     m.request_started()
+    m.request_ended()
     m.request_finished(
         make_record(
             usage=Usage(
@@ -237,13 +239,16 @@ def test_sdk_retries_background_cancels_and_connection_gauge() -> None:
     assert value(s, "hangup_build_info", version=__version__) == 1
 
 
-def test_in_flight_gauge_follows_start_and_finish() -> None:
+def test_in_flight_gauge_follows_start_and_end_not_the_record() -> None:
     m = new_metrics()
     for _ in range(3):
         m.request_started()
     assert value(rendered(m), "hangup_requests_in_flight") == 3
+    m.request_ended()
+    m.request_ended()
+    assert value(rendered(m), "hangup_requests_in_flight") == 1
+    # A record sealed later (its prompt was being counted) does not move the gauge.
     m.request_finished(make_record())
-    m.request_finished(make_record(outcome=Outcome.CLIENT_CANCELLED))
     assert value(rendered(m), "hangup_requests_in_flight") == 1
 
 
@@ -405,6 +410,7 @@ def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
                 ),
                 savings=Savings(tokens_saved=1, tokens_saved_upper=2, tokens_wasted=1),
                 cost=Cost(1.0, 1.0, 1.0) if i % 2 else None,
+                waste={r: Waste(1, 1, 1, 1.0) for r in WASTE_REASONS},
                 first_token_at=1000.5,
                 client_gone_at=1001.0,
                 upstream_closed_at=1001.001,
@@ -420,8 +426,8 @@ def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
 
 def test_series_bound_for_the_defaults() -> None:
     # docs/metrics.md quotes these numbers.
-    assert series_bound(1, 0, 50, 1) == 5137
-    assert series_bound(3, 5, 50, 2) == 11120
+    assert series_bound(1, 0, 50, 1) == 5143
+    assert series_bound(3, 5, 50, 2) == 11138
 
 
 def test_summary_for_humans() -> None:

@@ -25,8 +25,10 @@ m = new_metrics()
 for _ in range(n + 1):
     m.request_started()
 for _ in range(n):
+    m.request_ended()
     m.request_finished(make_record(usage=Usage(prompt_tokens=10, completion_tokens=5),
                                    cost=Cost(used_usd=0.001), first_token_at=1000.5))
+m.request_ended()
 m.request_finished(make_record(outcome=Outcome.CLIENT_CANCELLED, client_gone_at=1001.0,
                                upstream_closed_at=1001.002))
 m.request_started()  # still in flight when the worker exits

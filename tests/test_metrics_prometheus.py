@@ -92,6 +92,7 @@ async def _feed(metrics: Metrics) -> None:
     while True:
         for record in coverage_workload():
             metrics.request_started()
+            metrics.request_ended()
             metrics.request_finished(record)
         metrics.loop_lag(0.002)  # what the app's LoopLagProbe reports (proxy/looplag.py)
         # One engine abort per round, as proxy/engines reports them.

@@ -156,6 +156,8 @@ class Metrics:
         self._attempts = counter(schema.ATTEMPTS)
         self._fallbacks = counter(schema.FALLBACKS)
         self._hedges = counter(schema.HEDGES)
+        self._waste_tokens = counter(schema.ATTEMPT_WASTE_TOKENS)
+        self._waste_cost = counter(schema.ATTEMPT_WASTE_COST)
         self._circuit = gauge(schema.CIRCUIT)
         build_info = gauge(schema.BUILD_INFO)
         build_info.labels(version=__version__).set(1)
@@ -169,6 +171,10 @@ class Metrics:
             self._fallbacks.labels(route)
             for event in schema.HEDGE_EVENTS:
                 self._hedges.labels(route, event)
+            for reason in schema.WASTE_REASONS:
+                self._waste_cost.labels(route, reason)
+                for kind in schema.TOKEN_TYPES:
+                    self._waste_tokens.labels(route, reason, kind)
         for upstream in self._upstreams:
             self.circuit_changed(upstream, CircuitState.CLOSED)
         for upstream in self._abort_upstreams:
@@ -181,9 +187,13 @@ class Metrics:
     def request_started(self) -> None:
         self._in_flight.inc()
 
-    def request_finished(self, record: RequestRecord) -> None:
-        """Account one finished request. Call exactly once per `request_started`."""
+    def request_ended(self) -> None:
+        """The request's handler is done (its response ended). Call exactly once per
+        `request_started`, at once: its record may wait for accounting (a prompt to count)."""
         self._in_flight.dec()
+
+    def request_finished(self, record: RequestRecord) -> None:
+        """Account one finished request from its sealed record (after accounting)."""
         route = record.route if record.route in self._routes else NONE
         model = self._model_for(record)
         rm = (route, model)
@@ -218,12 +228,25 @@ class Metrics:
         usage = record.usage
         self._add(self._tokens, (*rm, "prompt"), usage.prompt_tokens)
         self._add(self._tokens, (*rm, "completion"), usage.completion_tokens)
-        if usage.prompt_estimated:
-            self._add(self._tokens_estimated, (*rm, "prompt"), usage.prompt_tokens)
-        if usage.completion_estimated:
-            self._add(self._tokens_estimated, (*rm, "completion"), usage.completion_tokens)
-        if usage.prompt_tokenized:
-            self._add(self._tokens_tokenized, rm, usage.prompt_tokens)
+        # Each attempt's counts say how they were obtained: the estimated and tokenized parts
+        # are summed over attempts (a reported answer beside an estimated hedge loser).
+        parts = [a.bill.usage for a in record.attempts if a.bill is not None] or [usage]
+        for part in parts:
+            if part.prompt_estimated:
+                self._add(self._tokens_estimated, (*rm, "prompt"), part.prompt_tokens)
+            if part.completion_estimated:
+                self._add(self._tokens_estimated, (*rm, "completion"), part.completion_tokens)
+            if part.prompt_tokenized:
+                self._add(self._tokens_tokenized, rm, part.prompt_tokens)
+        if route in self._routes:
+            for reason, waste in record.waste.items():
+                self._add(self._waste_tokens, (route, reason, "prompt"), waste.prompt_tokens)
+                self._add(
+                    self._waste_tokens, (route, reason, "completion"), waste.completion_tokens
+                )
+                self._add(self._waste_cost, (route, reason), waste.usd)
+                # A hedge loser closed early saved what it did not generate (proxy/bills.py).
+                self._add(self._saved, rm, waste.tokens_saved)
         self._add(self._cached, rm, usage.cached_tokens)
         self._add(self._reasoning, rm, usage.reasoning_tokens)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from proxy.attempts import AttemptResult
+from proxy.bills import WASTE_REASONS as WASTE_REASONS
 from proxy.outcome import BackgroundCancel, EngineAbort, Outcome, TimeoutKind
 from proxy.resilience.circuit import CircuitState
 
@@ -275,6 +276,20 @@ HEDGES = Spec(
     "Hedged attempts: started (a second target raced a slow first token) and won.",
     ("route", "event"),
 )
+ATTEMPT_WASTE_TOKENS = Spec(
+    "hangup_attempt_waste_tokens_total",
+    "counter",
+    "Tokens billed for attempts whose output never reached the client, by reason (hedge: lost "
+    "a hedge race; failover: failed before content, another target was tried) and type.",
+    ("route", "reason", "type"),
+)
+ATTEMPT_WASTE_COST = Spec(
+    "hangup_attempt_waste_cost_usd_total",
+    "counter",
+    "USD billed for attempts whose output never reached the client, by reason, at each "
+    "attempt's own model price.",
+    ("route", "reason"),
+)
 CIRCUIT = Spec(
     "hangup_circuit_state",
     "gauge",
@@ -323,6 +338,8 @@ ALL: tuple[Spec, ...] = (
     ATTEMPTS,
     FALLBACKS,
     HEDGES,
+    ATTEMPT_WASTE_TOKENS,
+    ATTEMPT_WASTE_COST,
     CIRCUIT,
     BUILD_INFO,
 )
@@ -358,6 +375,7 @@ def series_bound(
         "attempt_result": len(ATTEMPT_RESULTS),
         "state": len(CIRCUIT_STATES),
         "event": len(HEDGE_EVENTS),
+        "reason": len(WASTE_REASONS),
         "version": 1,
     }
     total = 0
@@ -374,6 +392,9 @@ def series_bound(
             children = routes  # only configured routes fail over; never route="none"
         if spec is HEDGES:
             children = routes * len(HEDGE_EVENTS)
+        if spec in (ATTEMPT_WASTE_TOKENS, ATTEMPT_WASTE_COST):
+            # Only configured routes make attempts; prompt and completion for tokens.
+            children = routes * len(WASTE_REASONS) * (2 if spec is ATTEMPT_WASTE_TOKENS else 1)
         per_child = len(spec.buckets) + 3 if spec.kind == "histogram" else 1
         total += children * per_child
     return total
