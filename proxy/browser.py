@@ -60,7 +60,9 @@ def host_name(authority: str) -> str | None:
     else:
         host, _, port = value.partition(":")
         rest = ":" + port if port else ""
-    if rest and not re.fullmatch(r":[0-9]{1,5}", rest):
+    if rest and not re.fullmatch(r":[0-9]{0,5}", rest):
+        return None
+    if rest[1:] and int(rest[1:]) > 65535:
         return None
     host = host.rstrip(".")
     if not host or not re.fullmatch(r"[a-z0-9._:%-]+", host):
@@ -103,8 +105,13 @@ class BrowserPolicy:
         values = request.headers.getall("host", [])
         if len(values) > 1:
             raise MisdirectedRequest("more than one Host header")
-        if request.url.is_absolute() and request.raw_path[:1] != "/":
-            values = [*values, request.host]  # an absolute-form target names its own host
+        self._check_host_values(values)
+        # Only now may `request.url` be built: aiohttp builds it from the Host value with
+        # yarl, which raises (a 500 and an ERROR traceback) on `localhost:99999`.
+        if request.raw_path[:1] != "/" and request.url.is_absolute():
+            self._check_host_values([request.host])  # an absolute-form target names its own host
+
+    def _check_host_values(self, values: list[str]) -> None:
         for value in values:
             host = host_name(value)
             if host is None or not self.host_allowed(host):

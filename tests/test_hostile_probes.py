@@ -1,0 +1,354 @@
+"""Variants of issue 13's hostile classes that the first suite did not try (held-out style).
+
+tests/test_hostile_requests.py, test_hostile_connections.py and test_hostile_upstreams.py hold
+one test per class; these vary each attack (other encodings of a path, other spellings of a
+Host, request smuggling, duplicated and mistyped body members, upstreams that break framing or
+echo the key in other places). Every probe speaks raw HTTP to the production runner and checks
+the exact status, an OpenAI-shaped error, that nothing reached a host it should not (a witness
+listener), no ERROR line, one access line, and no configured secret in what left the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from urllib.parse import unquote
+
+import pytest
+
+from proxy.server import ProxyServer
+from tests.conftest import StartProxy
+from tests.hostile_support import (
+    Response,
+    ScriptedUpstream,
+    SeenRequest,
+    Witness,
+    assert_clean_log,
+    chat_body,
+    exchange_raw,
+    json_head,
+    request_bytes,
+)
+from tests.support import RecordSink, config_from
+
+KEY = "probeUpstreamKey-not-sk-0001"  # not sk- shaped: only exact-value scrubbing catches it
+OK_BODY = b'{"id":"x","object":"chat.completion","choices":[],"usage":null}'
+SSE_CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
+
+
+async def answer_ok(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+    writer.write(json_head(len(OK_BODY)) + OK_BODY)
+    await writer.drain()
+
+
+@pytest.fixture(autouse=True)
+def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # secrets stay out of every level
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[ScriptedUpstream]:
+    server = await ScriptedUpstream(answer_ok).start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def witness() -> AsyncIterator[Witness]:
+    server = await Witness().start()
+    yield server
+    await server.stop()
+
+
+async def proxy_for(
+    start_proxy: StartProxy, base_url: str, **extra: object
+) -> tuple[ProxyServer, RecordSink]:
+    data: dict[str, object] = {
+        "upstreams": {"up": {"base_url": base_url, "api_key": KEY}},
+        "routes": [{"name": "default", "upstream": "up"}],
+        **extra,
+    }
+    return await start_proxy(config_from(data))
+
+
+def assert_openai_error(response: Response) -> None:
+    error = response.error()
+    assert {"message", "type", "code"} <= set(error), error
+
+
+# --- item 1: where a target can send the key ------------------------------------------------
+
+TARGETS = [
+    ("/v1/x/..%2f..%2fadmin", 400),  # %2F stays encoded in aiohttp's path: one segment `..%2F..`
+    ("/v1/%2e%2e%2fadmin", 400),
+    ("/v1/.%2E/admin", 400),
+    ("/v1/x/%2e%2e%3bx/admin", 400),
+    ("/v1/x/..%09/admin", 400),
+    ("/v1/%252e%252e/admin", 200),  # forwarded as sent: the upstream decodes once, to `%2e%2e`
+    ("/v1/x/..%252fadmin", 200),
+    ("/v1/%c0%ae%c0%ae/admin", 200),  # overlong UTF-8 is no `.`
+    ("/v1/x/..%ef%bc%8f../admin", 200),  # a fullwidth solidus is no `/`
+    ("//v1/chat/completions", 404),
+    ("//evil.example/v1/chat/completions", 404),
+    ("/v1//evil.example/x", 200),
+    ("/v1/@evil.example/x", 200),
+    ("/v1/%40evil.example/x", 200),
+    ("/v1/chat/completions@evil.example", 200),
+    ("/v1/x?@evil.example", 200),
+    ("/v1/x:evil@/y", 200),
+    ("/v1/chat/completions#frag", 200),
+]
+
+
+@pytest.mark.parametrize(("target", "status"), TARGETS)
+async def test_a_target_never_leaves_the_configured_upstream(
+    target: str,
+    status: int,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, _ = await proxy_for(start_proxy, upstream.base_url)
+    response = await exchange_raw(server.port, request_bytes("POST", target, body=chat_body()))
+    assert response.status == status
+    if status != 200:
+        assert_openai_error(response)
+        assert upstream.requests == []
+    else:
+        (seen,) = upstream.requests
+        assert seen.target.startswith("/v1/")
+        segments = unquote(seen.target.partition("?")[0]).replace("\\", "/").split("/")
+        assert "." not in segments and ".." not in segments, seen.target
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+
+
+# --- item 4: Host values --------------------------------------------------------------------
+
+HOSTS = [
+    ("[::1]", 200),
+    ("[::1]:80", 200),
+    ("[0:0:0:0:0:0:0:1]", 200),
+    ("[::ffff:127.0.0.1]", 200),
+    ("LOCALHOST:8080", 200),
+    ("127.0.0.1.", 200),
+    ("localhost:", 200),  # an empty port is allowed (RFC 3986)
+    ("a_b.localhost", 200),
+    ("EVIL.example", 421),
+    ("evil.example.", 421),
+    ("localhost.evil.example", 421),
+    ("127.0.0.1.nip.io", 421),
+    ("127.1", 421),  # not an IP literal to a browser's page: a name
+    ("", 421),
+    ("[::1", 421),
+    ("localhost, evil.example", 421),
+    ("localhost/evil", 421),
+    ("evil.example@localhost", 421),
+    # These made aiohttp's `request.url` raise (yarl): a 500 and an ERROR traceback.
+    ("localhost:99999", 421),
+    ("localhost:80:80", 421),
+    ("[::1]evil", 421),
+    ("[::1]:", 200),
+]
+
+
+@pytest.mark.parametrize(("host", "status"), HOSTS)
+async def test_host_values_get_an_exact_answer(
+    host: str,
+    status: int,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, _ = await proxy_for(start_proxy, upstream.base_url)
+    request = request_bytes("POST", "/v1/chat/completions", body=chat_body(), host=host)
+    response = await exchange_raw(server.port, request)
+    assert response.status == status
+    if status != 200:
+        assert_openai_error(response)
+        assert upstream.requests == []
+    assert_clean_log(caplog)
+
+
+# --- items 2, 4, 9: request heads: smuggling, Origin, encodings ------------------------------
+
+POST = "POST /v1/chat/completions HTTP/1.1"
+HOST = "Host: localhost"
+CLOSE = "Connection: close"
+LENGTH = "Content-Length: {n}"
+HEADS: list[tuple[str, list[str], tuple[int, ...], bool | None]] = [
+    # (name, head lines, allowed statuses, upstream reached: None when either is fine)
+    ("http10-without-host", ["POST /v1/chat/completions HTTP/1.0", LENGTH], (200,), True),
+    ("http11-without-host", [POST, CLOSE, LENGTH], (400,), False),
+    ("two-hosts", [POST, HOST, "Host: evil.example", CLOSE, LENGTH], (400, 421), False),
+    ("origin-null", [POST, HOST, "Origin: null", CLOSE, LENGTH], (403,), False),
+    ("origin-empty", [POST, HOST, "Origin: ", CLOSE, LENGTH], (403,), False),
+    (
+        "origin-other-loopback-port",
+        [POST, HOST, "Origin: http://127.0.0.1:3000", CLOSE, LENGTH],
+        (403,),
+        False,
+    ),
+    (
+        "two-origins",
+        [POST, HOST, "Origin: https://a.example", "Origin: https://b.example", CLOSE, LENGTH],
+        (403,),
+        False,
+    ),
+    (
+        "preflight-null",
+        [
+            "OPTIONS /v1/chat/completions HTTP/1.1",
+            HOST,
+            "Origin: null",
+            "Access-Control-Request-Method: POST",
+            CLOSE,
+            LENGTH,
+        ],
+        (403,),
+        False,
+    ),
+    (
+        "preflight-private-network",
+        [
+            "OPTIONS /v1/models HTTP/1.1",
+            HOST,
+            "Origin: https://evil.example",
+            "Access-Control-Request-Method: GET",
+            "Access-Control-Request-Private-Network: true",
+            CLOSE,
+            LENGTH,
+        ],
+        (403,),
+        False,
+    ),
+    (
+        "options-with-origin-no-acrm",
+        [
+            "OPTIONS /v1/chat/completions HTTP/1.1",
+            HOST,
+            "Origin: https://evil.example",
+            CLOSE,
+            LENGTH,
+        ],
+        (403,),
+        False,
+    ),
+    ("cl-and-te", [POST, HOST, LENGTH, "Transfer-Encoding: chunked", CLOSE], (400,), False),
+    ("two-content-lengths", [POST, HOST, LENGTH, "Content-Length: 5", CLOSE], (400,), False),
+    ("cl-with-sign", [POST, HOST, "Content-Length: +{n}", CLOSE], (400,), False),
+    ("cl-huge", [POST, HOST, "Content-Length: 99999999999999999999999", CLOSE], (400,), False),
+    ("te-gzip", [POST, HOST, "Transfer-Encoding: gzip", CLOSE], (400,), False),
+    ("te-chunked-gzip", [POST, HOST, "Transfer-Encoding: chunked, gzip", CLOSE], (400,), False),
+    ("te-space-before-colon", [POST, HOST, "Transfer-Encoding : chunked", CLOSE], (400,), False),
+    ("obs-fold", [POST, HOST, "X-A: a", " b", CLOSE, LENGTH], (400,), False),
+    ("nul-in-header", [POST, HOST, "X-A: a\x00b", CLOSE, LENGTH], (400,), False),
+    ("ce-upper-case", [POST, HOST, "Content-Encoding: GZIP", CLOSE, LENGTH], (415,), False),
+    ("ce-chain", [POST, HOST, "Content-Encoding: identity, gzip", CLOSE, LENGTH], (415,), False),
+    (
+        "absolute-form-userinfo",
+        ["POST http://localhost@evil.example/v1/chat/completions HTTP/1.1", HOST, CLOSE, LENGTH],
+        (421,),
+        False,
+    ),
+    (
+        "absolute-form-bad-port",
+        ["POST http://localhost:99999/v1/chat/completions HTTP/1.1", HOST, CLOSE, LENGTH],
+        (400, 421),
+        False,
+    ),
+    ("authority-form", ["POST localhost:80 HTTP/1.1", HOST, CLOSE, LENGTH], (400,), False),
+    (
+        "lower-case-method",
+        ["post /v1/chat/completions HTTP/1.1", HOST, CLOSE, LENGTH],
+        (400,),
+        False,
+    ),
+    ("http2-preface", ["PRI * HTTP/2.0", "", "SM"], (400,), False),
+    ("http-1.2", ["POST /v1/chat/completions HTTP/1.2", HOST, CLOSE, LENGTH], (400,), False),
+]
+
+
+@pytest.mark.parametrize(("name", "lines", "statuses", "reached"), HEADS, ids=[h[0] for h in HEADS])
+async def test_request_heads_get_an_exact_answer(
+    name: str,
+    lines: list[str],
+    statuses: tuple[int, ...],
+    reached: bool | None,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, _ = await proxy_for(start_proxy, upstream.base_url)
+    body = chat_body()
+    head = "\r\n".join(line.format(n=len(body)) for line in lines) + "\r\n\r\n"
+    chunked = any("Transfer-Encoding" in line for line in lines)
+    framed = f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n" if chunked else body
+    response = await exchange_raw(server.port, head.encode("latin-1") + framed)
+    assert response.status in statuses
+    if response.status >= 400:
+        assert_openai_error(response)
+    if reached is not None:
+        assert bool(upstream.requests) == reached
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+
+
+# --- items 5, 6, 9: body members ------------------------------------------------------------
+
+BODIES = [
+    # (name, body, status, the model hangup records: the one the upstream's json reads)
+    ("duplicate-model", b'{"model":"a","model":"b","messages":[]}', 200, "b"),
+    ("escaped-duplicate-model", b'{"model":"a","mod\\u0065l":"b","messages":[]}', 200, "b"),
+    ("bom", b'\xef\xbb\xbf{"model":"a","messages":[]}', 200, "a"),
+    ("two-boms", b'\xef\xbb\xbf\xef\xbb\xbf{"model":"a","messages":[]}', 400, None),
+    ("stream-as-string", b'{"model":"a","stream":"true","messages":[]}', 200, "a"),
+    ("max-tokens-float", b'{"model":"a","max_tokens":1e18,"messages":[]}', 200, "a"),
+    ("max-tokens-overflow", b'{"model":"a","max_tokens":1e400,"messages":[]}', 400, None),
+    ("n-huge-integer", b'{"model":"a","n":' + b"9" * 5000 + b',"messages":[]}', 400, None),
+    (
+        "stream-options-twice",
+        b'{"model":"a","stream":true,"stream_options":{},"stream_options":[1],"messages":[]}',
+        200,
+        "a",
+    ),
+    ("top-level-array", b'[{"model":"a"}]', 200, None),
+    ("top-level-null", b"null", 200, None),
+    ("only-whitespace", b"   ", 400, None),
+    ("trailing-object", b'{"model":"a"}{"model":"b"}', 400, None),
+    ("nan", b'{"model":"a","temperature":NaN}', 400, None),
+    ("utf-16", '{"model":"a"}'.encode("utf-16"), 400, None),
+]
+
+
+@pytest.mark.parametrize(("name", "body", "status", "model"), BODIES, ids=[b[0] for b in BODIES])
+async def test_body_members_are_read_as_the_upstream_reads_them(
+    name: str,
+    body: bytes,
+    status: int,
+    model: str | None,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, sink = await proxy_for(start_proxy, upstream.base_url)
+    response = await exchange_raw(
+        server.port, request_bytes("POST", "/v1/chat/completions", body=body)
+    )
+    assert response.status == status
+    await sink.wait(lambda: sink.records, 5.0, "no record")
+    (record,) = sink.records
+    if status == 200:
+        (seen,) = upstream.requests
+        assert seen.body == body  # forwarded byte for byte
+        if model is not None:
+            assert json.loads(body.removeprefix(b"\xef\xbb\xbf"))["model"] == model
+        assert record.model == model
+    else:
+        assert_openai_error(response)
+        assert upstream.requests == []
+    assert_clean_log(caplog)
