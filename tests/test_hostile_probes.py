@@ -248,6 +248,13 @@ HEADS: list[tuple[str, list[str], tuple[int, ...], bool | None]] = [
     ("nul-in-header", [POST, HOST, "X-A: a\x00b", CLOSE, LENGTH], (400,), False),
     ("ce-upper-case", [POST, HOST, "Content-Encoding: GZIP", CLOSE, LENGTH], (415,), False),
     ("ce-chain", [POST, HOST, "Content-Encoding: identity, gzip", CLOSE, LENGTH], (415,), False),
+    # Two lines are one list (RFC 9110 5.3): reading only the first let `deflate` through.
+    (
+        "ce-two-lines",
+        [POST, HOST, "Content-Encoding: identity", "Content-Encoding: deflate", CLOSE, LENGTH],
+        (415,),
+        False,
+    ),
     (
         "absolute-form-userinfo",
         ["POST http://localhost@evil.example/v1/chat/completions HTTP/1.1", HOST, CLOSE, LENGTH],

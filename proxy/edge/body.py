@@ -51,7 +51,9 @@ class BodyTimeout(Exception):
 
 def request_encoding(request: web.Request, accepted: Iterable[str]) -> str | None:
     """The body's Content-Encoding (None for identity); 415 unless `accepted` has it."""
-    header = request.headers.get("content-encoding")
+    # Two Content-Encoding lines mean their values joined (RFC 9110 5.3): reading only the
+    # first let `identity` + `deflate` through as identity.
+    header = ", ".join(request.headers.getall("content-encoding", ())) or None
     encoding = parse_encoding(header)
     if encoding is None:
         return None
