@@ -103,14 +103,18 @@ class StreamScrubber:
 
 
 def scrub_headers(secrets: Secrets, headers: Any) -> None:
-    """Mask secrets in a mutable multidict of response headers, in place."""
+    """Mask secrets in a mutable multidict of response headers, in place: values, and names
+    (an upstream can echo the key as a field name; `*` is a valid name character)."""
     if not secrets:
         return
-    for name, value in list(headers.items()):
-        clean = secrets.text(value)
-        if clean != value:
-            headers.popall(name, None)
-            headers.add(name, clean)
+    items = list(headers.items())
+    cleaned = [(secrets.text(name), secrets.text(value)) for name, value in items]
+    if cleaned != items:
+        # Rebuilt in order: popping one name would also drop its other, clean, lines (a
+        # second Set-Cookie).
+        headers.clear()
+        for name, value in cleaned:
+            headers.add(name, value)
 
 
 class LogScrubber(logging.Filter):

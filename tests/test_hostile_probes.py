@@ -25,11 +25,13 @@ from tests.hostile_support import (
     ScriptedUpstream,
     SeenRequest,
     Witness,
+    access_lines,
     assert_clean_log,
     chat_body,
     exchange_raw,
     json_head,
     request_bytes,
+    sse_head,
 )
 from tests.support import RecordSink, config_from
 
@@ -359,3 +361,144 @@ async def test_body_members_are_read_as_the_upstream_reads_them(
         assert_openai_error(response)
         assert upstream.requests == []
     assert_clean_log(caplog)
+
+
+# --- items 5, 7, 8: upstreams that break framing or echo the key ------------------------------
+
+_K = KEY.encode()
+_JSON = b"Content-Type: application/json\r\n"
+UPSTREAM_REPLIES: dict[str, tuple[bytes, bool, int]] = {
+    # name: (bytes the upstream sends, streamed request, status the client gets)
+    "key-in-a-header-name": (
+        b"HTTP/1.1 200 OK\r\nX-" + _K + b": 1\r\n" + json_head(len(OK_BODY))[17:] + OK_BODY,
+        False,
+        200,
+    ),
+    "key-in-one-of-two-set-cookies": (
+        b"HTTP/1.1 200 OK\r\nSet-Cookie: a="
+        + _K
+        + b"\r\nSet-Cookie: b=kept\r\n"
+        + json_head(len(OK_BODY))[17:]
+        + OK_BODY,
+        False,
+        200,
+    ),
+    "key-in-location-of-a-302": (
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{witness}/?k="
+        + _K
+        + b"\r\nContent-Length: 0\r\n\r\n",
+        False,
+        302,
+    ),
+    "key-in-an-sse-error-event": (
+        sse_head() + SSE_CONTENT + b'event: error\ndata: {"error":{"message":"' + _K + b'"}}\n\n',
+        True,
+        200,
+    ),
+    "100-then-200": (
+        b"HTTP/1.1 100 Continue\r\n\r\n" + json_head(len(OK_BODY)) + OK_BODY,
+        False,
+        200,
+    ),
+    "103-then-200": (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n" + json_head(len(OK_BODY)) + OK_BODY,
+        False,
+        200,
+    ),
+    "garbage-status-code": (b"HTTP/1.1 abc OK\r\nContent-Length: 0\r\n\r\n", False, 502),
+    "garbage-status-line": (b"\x00\x01garbage\r\n\r\n", False, 502),
+    "http-0.9-answer": (OK_BODY, False, 502),
+    "200-kib-header": (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n", False, 502),
+    "5000-headers": (
+        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: a\r\n" % i for i in range(5000)) + b"\r\n",
+        False,
+        502,
+    ),
+    "invalid-chunk-size-json": (
+        b"HTTP/1.1 200 OK\r\n" + _JSON + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",
+        False,
+        502,
+    ),
+    "content-length-and-chunked": (
+        b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n" % len(OK_BODY)
+        + OK_BODY
+        + b"\r\n0\r\n\r\n",
+        False,
+        502,
+    ),
+    "two-content-lengths": (
+        b"HTTP/1.1 200 OK\r\n"
+        + _JSON
+        + b"Content-Length: %d\r\nContent-Length: 3\r\n\r\n" % len(OK_BODY)
+        + OK_BODY,
+        False,
+        502,
+    ),
+    "204-with-a-body": (
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n0123456789",
+        False,
+        502,
+    ),
+    "compressed-sse-in-a-second-line": (
+        sse_head("Content-Encoding: identity\r\nContent-Encoding: gzip\r\n") + SSE_CONTENT,
+        True,
+        502,
+    ),
+    "8-mib-sse-line-without-newline": (
+        sse_head() + SSE_CONTENT + b"data: " + b"x" * (8 << 20),
+        True,
+        200,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(UPSTREAM_REPLIES))
+async def test_upstream_replies_get_an_exact_answer_and_stall_nothing(
+    name: str, start_proxy: StartProxy, witness: Witness, caplog: pytest.LogCaptureFixture
+) -> None:
+    payload, stream, status = UPSTREAM_REPLIES[name]
+    payload = payload.replace(b"{witness}", str(witness.port).encode())
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+
+    upstream = await ScriptedUpstream(reply).start()
+    try:
+        server, sink = await proxy_for(start_proxy, upstream.base_url)
+        loop = asyncio.get_running_loop()
+        request = request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=stream))
+        answer = asyncio.create_task(exchange_raw(server.port, request, timeout=10))
+        slowest = 0.0
+        while not answer.done():  # nothing else stalls: /healthz keeps answering meanwhile
+            started = loop.time()
+            health = await exchange_raw(server.port, request_bytes("GET", "/healthz"))
+            assert health.status == 200
+            slowest = max(slowest, loop.time() - started)
+        response = await answer
+        assert response.status == status
+        if status >= 400:
+            assert_openai_error(response)
+        if name == "key-in-one-of-two-set-cookies":
+            assert response.header("set-cookie") is not None
+            assert ("Set-Cookie", "b=kept") in response.headers
+        await sink.wait(lambda: sink.records, 5.0, "no record")
+        assert _K not in response.raw
+        assert KEY not in caplog.text
+        assert slowest < 1.0
+        assert witness.connections == 0
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []
+        assert len(sink.records) == 1
+        relayed = [
+            line
+            for line in access_lines(caplog)
+            if getattr(line, "fields", {}).get("path") == "/v1/chat/completions"
+        ]
+        assert len(relayed) == 1
+    finally:
+        await upstream.stop()
