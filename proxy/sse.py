@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 __all__ = ["SSEDecoder", "SSEEvent"]
 
+_RETRY_DIGITS = 10
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
 _CR_BYTE = b"\r"
@@ -203,7 +204,9 @@ class SSEDecoder:
             if b"\0" not in value:  # the spec ignores ids containing NUL
                 self._id = value
         elif name == b"retry":
-            if value.isdigit():
+            # int() refuses strings over 4,300 digits (ValueError): an upstream's `retry: 9...9`
+            # was an internal_error. No reconnection delay needs more than 10 digits.
+            if value.isdigit() and len(value) <= _RETRY_DIGITS:
                 self._retry = int(value)
         # other field names are ignored, as the spec says
 

@@ -447,6 +447,12 @@ UPSTREAM_REPLIES: dict[str, tuple[bytes, bool, int]] = {
         True,
         502,
     ),
+    # int() refuses over 4,300 digits: this was an internal_error and an ERROR traceback.
+    "sse-retry-of-5000-digits": (
+        sse_head() + b"retry: " + b"9" * 5000 + b"\n" + SSE_CONTENT + b"data: [DONE]\n\n",
+        True,
+        200,
+    ),
     "8-mib-sse-line-without-newline": (
         sse_head() + SSE_CONTENT + b"data: " + b"x" * (8 << 20),
         True,
