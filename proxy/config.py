@@ -104,6 +104,11 @@ class ConnectionsConfig(_Model):
     linger_s: Annotated[float, Field(ge=0, le=30)] = 1.0
 
 
+_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")
+_HEADER_VALUE = re.compile(r"(?:[\x21-\x7e](?:[ \t\x21-\x7e]*[\x21-\x7e])?)?")
+
+
 class UpstreamConfig(_Model):
     base_url: str
     # Server-side key. Without it, the client's own Authorization header is passed through.
@@ -142,6 +147,26 @@ class UpstreamConfig(_Model):
         # `api_key: ${OPENAI_API_KEY:-}` with the variable unset means "no server-side key".
         if value is not None and not value.get_secret_value():
             return None
+        # A key read from a file often ends in a newline: aiohttp then refuses the header on
+        # every request (an internal_error each). Refused here, without echoing the value.
+        if value is not None and not _KEY_CHARS.fullmatch(value.get_secret_value()):
+            raise ValueError(
+                "must be printable ASCII without spaces (a trailing newline from a file?)"
+            )
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _sendable_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, field_value in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if not _HEADER_VALUE.fullmatch(field_value):
+                # The value may be a secret: name the header, never the value.
+                raise ValueError(
+                    f"header {name!r}: its value must be printable ASCII (no control "
+                    "characters, no trailing newline)"
+                )
         return value
 
 

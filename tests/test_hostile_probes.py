@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 import pytest
 
+from proxy.config import ConfigError, parse_config
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.hostile_support import (
@@ -508,3 +509,44 @@ async def test_upstream_replies_get_an_exact_answer_and_stall_nothing(
         assert len(relayed) == 1
     finally:
         await upstream.stop()
+
+
+# --- items 5, 7, 9: configured values that would fail every request ---------------------------
+
+_UPSTREAM_DOC = """\
+upstreams:
+  up:
+    base_url: http://127.0.0.1:9/v1
+    {field}
+routes: [{{name: default, upstream: up}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "secret"),
+    [
+        ('api_key: "${V}"', "sk-from-a-file-0001\n", "sk-from-a-file-0001"),
+        ('api_key: "${V}"', " sk-leading-space-0001", "sk-leading-space-0001"),
+        ('api_key: "sk-literal-in-the-file-0001\\n"', "", "sk-literal-in-the-file-0001"),
+        ('headers: {OpenAI-Organization: "${V}"}', "org-from-a-file-0001\r\n", "org-from-a-file"),
+        ('headers: {X-Org: "${V}"}', "org-0001\r\nX-Injected: 1", "org-0001"),
+        ('headers: {"X Org": "${V}"}', "org-value-0001", "org-value-0001"),
+    ],
+    ids=[
+        "key-newline",
+        "key-space",
+        "literal-key-newline",
+        "header-newline",
+        "header-crlf",
+        "name",
+    ],
+)
+def test_an_unsendable_key_or_header_is_a_config_error_without_its_value(
+    field: str, value: str, secret: str
+) -> None:
+    # Before: the config loaded, and every request was a 500 internal_error with an ERROR line
+    # (aiohttp refuses the header when it sends it).
+    with pytest.raises(ConfigError) as raised:
+        parse_config(_UPSTREAM_DOC.format(field=field), env={"V": value})
+    assert "upstreams.up." in str(raised.value)
+    assert secret not in str(raised.value)
