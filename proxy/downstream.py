@@ -24,7 +24,7 @@ from proxy.outcome import Outcome, RequestRecord, settle_relayed
 from proxy.resilience.classify import status_result
 from proxy.routing import Route
 from proxy.secrets import StreamScrubber
-from proxy.sse import SSEDecoder
+from proxy.sse import SSEDecoder, ends_block
 from proxy.state import ProxyState
 from proxy.upstream import AttemptFailed, UpstreamResponse
 from proxy.upstream_checks import check_response_head
@@ -230,7 +230,7 @@ class Downstream:
                 chunk, now = await self._read_upstream(upstream)
             if not chunk:
                 events = decoder.flush()
-                upstream.check_end(mid_event=bool(events))
+                upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
             else:
                 events = decoder.feed(chunk)
                 if decoder.buffered > _MAX_SSE_EVENT:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["SSEDecoder", "SSEEvent"]
+__all__ = ["SSEDecoder", "SSEEvent", "ends_block"]
 
 _RETRY_DIGITS = 10
 _BOM = b"\xef\xbb\xbf"
@@ -43,6 +43,22 @@ class SSEEvent:
     retry: int | None = None
     comment: bool = False
     raw: bytes = b""
+
+
+def ends_block(raw: bytes) -> bool:
+    """Whether a block that `flush` returned had been ended by its blank line after all.
+
+    A block whose last line ends in a bare `\\r` (CR-only line endings, valid SSE) is held until
+    the next byte shows it was not half of a `\\r\\n`; at the end of the stream `flush` returns
+    it, complete. Line ends alone (a stray `\\r` after the last block) cut nothing either; a
+    block cut before its blank line is the one case that returns False."""
+    if not raw.strip(b"\r\n"):
+        return True  # only line ends: nothing was cut
+    for line_end in (b"\r\n", b"\n", b"\r"):
+        if raw.endswith(line_end):
+            # The blank line's own end; before it, the end of the block's last line.
+            return raw[: -len(line_end)].endswith((b"\n", b"\r"))
+    return False
 
 
 def _joined(data: list[bytes | bytearray]) -> bytes | bytearray:

@@ -295,6 +295,32 @@ async def test_an_unframed_stream_cut_by_the_transport_is_not_completed(
     assert_clean_log(caplog)
 
 
+async def test_a_stream_with_cr_only_line_endings_is_completed(
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Valid SSE (WHATWG: a line ends in CRLF, LF or CR): the last block is held until EOF shows
+    # its final CR was not half of a CRLF; it is whole, so the stream was not cut.
+    event = b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\r\r'
+    done = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\r\rdata: [DONE]\r\r'
+
+    async def cr_only(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(sse_head() + event * 3 + done)
+        await writer.drain()
+        writer.close()
+
+    server, sink, _ = await proxy_before(cr_only, scripted, start_proxy)
+    response = await exchange_raw(
+        server.port,
+        request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),
+    )
+    assert response.status == 200
+    assert response.body.endswith(b"data: [DONE]\r\r")
+    assert await only_record(sink) is Outcome.COMPLETED
+    assert_clean_log(caplog)
+
+
 @pytest.mark.parametrize("status", [101, 600, 999])
 async def test_a_status_outside_200_to_599_is_a_502(
     status: int,

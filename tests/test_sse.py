@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import SSEDecoder, SSEEvent
+from proxy.sse import SSEDecoder, SSEEvent, ends_block
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures").rglob("*.sse"))
 BOM = b"\xef\xbb\xbf"
@@ -268,3 +268,24 @@ def test_whole_data_blocks_take_the_fast_path(monkeypatch: pytest.MonkeyPatch) -
     events = decoder.feed(b'lit\n\ndata: {"b":2}\n\ndata: [DONE]\n\n')
     assert [e.data for e in events] == ["split", '{"b":2}', "[DONE]"]
     assert general == [b"data: sp", b"lit\n\n"]
+
+
+@pytest.mark.parametrize(
+    ("stream", "complete"),
+    [
+        (b"data: x\r\r", True),  # CR-only line endings: the block is whole
+        (b"data: x\n\r", True),
+        (b"data: x\r\n\r", True),
+        (b"data: x\n\n\r", True),  # a stray CR after a whole block
+        (b"data: x", False),  # cut before the line ended
+        (b"data: x\r", False),  # the line ended, the blank line never came
+        (b"data: x\n", False),
+        (b"data: x\r\n", False),
+    ],
+)
+def test_ends_block_tells_a_whole_last_block_from_a_cut_one(stream: bytes, complete: bool) -> None:
+    decoder = SSEDecoder()
+    events = decoder.feed(stream) + decoder.flush()
+    flushed = [e for e in events if e.raw]
+    assert all(ends_block(e.raw) for e in flushed[:-1])
+    assert ends_block(flushed[-1].raw) is complete
