@@ -92,6 +92,14 @@ class _StreamState:
         self.raw_mode = self.chunk_filter is None and not holding and not continuing
 
 
+class _OneWriteResponse(web.StreamResponse):
+    """Headers held until the first body write, as aiohttp's own `web.Response` does, so a
+    complete answer's headers, body and end leave in one send. (Were aiohttp to drop this
+    switch, the headers would simply go at once again.)"""
+
+    _send_headers_immediately = False
+
+
 class ClientGone(Exception):
     """A write to the client failed: its socket is gone (seen without handler cancellation,
     or when the kernel reports the broken pipe before the server does)."""
@@ -189,7 +197,12 @@ class Downstream:
                     ),
                 )
             filtering = sse and plan.usage_filter is not None
-            self._pending = web.StreamResponse(
+            # A non-streamed answer already complete goes out in one write: headers, body
+            # and end (otherwise the headers go at once, and the body as it comes).
+            response_type = (
+                _OneWriteResponse if not sse and upstream.body_complete() else web.StreamResponse
+            )
+            self._pending = response_type(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(
@@ -408,6 +421,15 @@ class Downstream:
                     self.json_body += chunk
                 else:
                     self.json_body = None  # too big to account; usage will be estimated
+            if upstream.at_end():
+                # The last chunk: it and the end go in one write (with the headers, if they
+                # are still buffered), not in two or three.
+                upstream.check_end()
+                data = self.scrubber.feed(chunk) + self.scrubber.flush()
+                await self._client_io(response.write_eof(data))
+                record.bytes_to_client += len(chunk)
+                self.content_sent = True
+                return
             await self._client_io(response.write(self.scrubber.feed(chunk)))
             record.bytes_to_client += len(chunk)
             self.content_sent = True

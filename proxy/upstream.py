@@ -204,6 +204,15 @@ class UpstreamResponse:
     def event_stream(self) -> bool:
         return self.content_type == "text/event-stream"
 
+    def body_complete(self) -> bool:
+        """The whole body is here (framed, its end already parsed): reading it will not wait.
+        Unframed answers end with their connection's close, which is checked at that end."""
+        return not self._framing.unframed and self._response.content.is_eof()
+
+    def at_end(self) -> bool:
+        """Everything was read: the next `read()` returns b"" without waiting."""
+        return self._response.content.at_eof()
+
     def check_end(self, *, mid_event: bool = False) -> None:
         """At the end of the body: an unframed answer whose connection was reset, or a stream
         that stopped mid-event, was cut (`AttemptFailed(STREAM_ERROR)`), not finished."""
