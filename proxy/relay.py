@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 
 from aiohttp import web
 
@@ -85,9 +85,10 @@ class Exchange(Downstream):
         self.state = state
         self.request = request
         self.loop = asyncio.get_running_loop()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, like uuid4().hex but a quarter of its cost.
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         if len(request_id) > 200:  # it is echoed and logged: keep it bounded
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()
         self.record = RequestRecord(
             request_id=request_id,
             method=request.method,
