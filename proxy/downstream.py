@@ -302,8 +302,18 @@ class Downstream:
             data = self._sse_step(stream, upstream, chunk, now)
             chunk = None
             if data:
-                response = await self._commit()
-                await self._client_io(response.write(data))
+                response = self.response
+                if response is None:
+                    response = await self._commit()
+                # What _client_io does, inline: this runs once per read of every stream.
+                written_at = loop.time()
+                try:
+                    await response.write(data)
+                except ConnectionError as exc:
+                    record.client_gone_at = written_at
+                    raise ClientGone from exc
+                finally:
+                    record.client_wait_s += loop.time() - written_at
                 record.bytes_to_client += len(data)
                 self.delivered_tokens = tracker.generated_tokens
                 if attempt.first_token_at is not None:
@@ -334,6 +344,7 @@ class Downstream:
                 )
         out: list[bytes] = []
         held = stream.held
+        content = False  # deadlines and first token: once per read (its events share `now`)
         for event in events:
             kind = tracker.feed(event)
             if self.continuing and attempt.first_token_at is None:
@@ -343,14 +354,16 @@ class Downstream:
                 self.delivered_text.append(_content_text(event.data))
             if kind is EventKind.CONTENT:
                 record.content_chunks += 1
-                stream.deadlines.content(now)
-                if record.first_token_at is None:
-                    record.first_token_at = now
-                    # The stream enters the idle phase: its deadline may be the first
-                    # one armed (when first_token_s is off).
-                    stream.watchdog.rearm()
-                if attempt.first_token_at is None:
-                    attempt.first_token_at = now
+                if not content:
+                    content = True
+                    stream.deadlines.content(now)
+                    if record.first_token_at is None:
+                        record.first_token_at = now
+                        # The stream enters the idle phase: its deadline may be the first
+                        # one armed (when first_token_s is off).
+                        stream.watchdog.rearm()
+                    if attempt.first_token_at is None:
+                        attempt.first_token_at = now
             elif tracker.malformed_events > stream.malformed:
                 # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
                 stream.malformed = tracker.malformed_events
