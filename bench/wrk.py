@@ -296,8 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"  p50 {r['p50_us'] / 1000:6.2f} ms  others {r['others_cpus']:.2f} CPU",
                         flush=True,
                     )
+        measured = {t.url for t in targets}  # `--targets` leaves the others idle: not failures
         for child in procs.children:
-            if child.name.startswith("hangup"):
+            if child.name.startswith("hangup") and child.url in measured:
                 samples = metric_samples(http_get(child.url + "/metrics").decode())
                 hangup_totals[child.name] = (
                     metric_sum(samples, "hangup_requests_total"),

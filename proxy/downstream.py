@@ -60,6 +60,46 @@ def _content_text(data: str | None) -> str:
     return text if isinstance(text, str) else ""
 
 
+class _StreamState:
+    """What one attempt's SSE relay carries from one upstream read to the next."""
+
+    __slots__ = (
+        "attempt",
+        "chunk_filter",
+        "collect_text",
+        "deadlines",
+        "held",
+        "held_bytes",
+        "malformed",
+        "raw_mode",
+        "watchdog",
+    )
+
+    def __init__(
+        self, plan: Plan, watchdog: Watchdog, attempt: Attempt, holding: bool, continuing: bool
+    ) -> None:
+        self.attempt, self.watchdog, self.deadlines = attempt, watchdog, plan.deadlines
+        self.chunk_filter = plan.usage_filter
+        # Events of this attempt not yet sent: before its first content, while a switch to
+        # another target is still possible, nothing but keep-alive comments goes out.
+        self.held: list[bytes] | None = [] if holding else None
+        self.held_bytes = 0
+        self.malformed = 0
+        self.collect_text = plan.route.options.continue_cut_streams
+        # Nothing to hold, filter or drop: bytes go on as they come, partial events included
+        # (a slow event is not delayed until its end). Otherwise the stream is relayed event
+        # by event, and malformed events are dropped.
+        self.raw_mode = self.chunk_filter is None and not holding and not continuing
+
+
+class _OneWriteResponse(web.StreamResponse):
+    """Headers held until the first body write, as aiohttp's own `web.Response` does, so a
+    complete answer's headers, body and end leave in one send. (Were aiohttp to drop this
+    switch, the headers would simply go at once again.)"""
+
+    _send_headers_immediately = False
+
+
 class ClientGone(Exception):
     """A write to the client failed: its socket is gone (seen without handler cancellation,
     or when the kernel reports the broken pipe before the server does)."""
@@ -67,7 +107,32 @@ class ClientGone(Exception):
 
 class Downstream:
     """What an exchange sends to its client. The fields are the exchange's (set in
-    `relay.Exchange.__init__`); accounting reads tracker, json_body and delivered_tokens."""
+    `relay.Exchange.__init__`, slots declared there); accounting reads tracker, json_body and
+    delivered_tokens."""
+
+    # One per held stream: slots keep it small (no per-instance dict).
+    __slots__ = (
+        "_pending",
+        "content_encoding",
+        "content_sent",
+        "continuing",
+        "decoder",
+        "delivered_text",
+        "delivered_tokens",
+        "drained",
+        "facts",
+        "json_body",
+        "loop",
+        "plan",
+        "record",
+        "request",
+        "response",
+        "route",
+        "scrubber",
+        "state",
+        "target",
+        "tracker",
+    )
 
     state: ProxyState
     request: web.Request
@@ -80,7 +145,7 @@ class Downstream:
     response: web.StreamResponse | None
     _pending: web.StreamResponse | None
     tracker: StreamUsageTracker | None
-    decoder: SSEDecoder
+    decoder: SSEDecoder | None  # of the stream being relayed (or drained)
     json_body: bytearray | None
     content_encoding: str | None
     delivered_tokens: int
@@ -132,7 +197,12 @@ class Downstream:
                     ),
                 )
             filtering = sse and plan.usage_filter is not None
-            self._pending = web.StreamResponse(
+            # A non-streamed answer already complete goes out in one write: headers, body
+            # and end (otherwise the headers go at once, and the body as it comes).
+            response_type = (
+                _OneWriteResponse if not sse and upstream.body_complete() else web.StreamResponse
+            )
+            self._pending = response_type(
                 status=upstream.status,
                 reason=upstream.reason,
                 headers=client_response_headers(
@@ -201,112 +271,138 @@ class Downstream:
         attempt: Attempt,
         holding: bool,
     ) -> None:
-        record, deadlines = self.record, plan.deadlines
-        decoder = self.decoder = SSEDecoder()
+        record, deadlines, loop = self.record, plan.deadlines, self.loop
+        self.decoder = SSEDecoder()
         tracker = self.tracker = StreamUsageTracker(plan.facts)
-        chunk_filter = plan.usage_filter
-        # Events of this attempt not yet sent: before its first content, while a switch to
-        # another target is still possible, nothing but keep-alive comments goes out.
-        held: list[bytes] | None = [] if holding else None
-        malformed = 0
-        held_bytes = 0
-        collect_text = plan.route.options.continue_cut_streams
-        # Nothing to hold, filter or drop: bytes go on as they come, partial events included
-        # (a slow event is not delayed until its end). Otherwise the stream is relayed event
-        # by event, and malformed events are dropped.
-        raw_mode = chunk_filter is None and held is None and not self.continuing
+        stream = _StreamState(plan, watchdog, attempt, holding, self.continuing)
+        # An idle stream waits in the read below. What this frame holds across that wait is
+        # the per-stream state only: each read's bytes and events live in `_sse_step`'s frame
+        # and are gone before the next read begins (~1 KB of heap per idle stream, measured).
+        chunk: bytes | None
         while True:
-            commit_at = deadlines.client_commit_at() if held is not None else None
-            if commit_at is not None and self.response is None:
-                try:
+            commit_at = deadlines.client_commit_at() if stream.held is not None else None
+            before = loop.time()
+            try:
+                if commit_at is not None and self.response is None:
                     async with asyncio.timeout_at(commit_at):
-                        chunk, now = await self._read_upstream(upstream)
-                except TimeoutError:
-                    # The client's SDK gives up without response headers soon: send them now.
-                    # A switch stays invisible (it has seen headers only), so holding goes on.
-                    await self._commit()
-                    continue
-            else:
-                chunk, now = await self._read_upstream(upstream)
-            if not chunk:
-                events = decoder.flush()
-                upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
-            else:
-                events = decoder.feed(chunk)
-                if decoder.buffered > _MAX_SSE_EVENT:
-                    raise AttemptFailed(
-                        AttemptResult.STREAM_ERROR,
-                        UpstreamFailed(
-                            f'upstream "{attempt.upstream}" sent an SSE event over '
-                            f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
-                        ),
-                    )
-            out: list[bytes] = []
-            for event in events:
-                kind = tracker.feed(event)
-                if self.continuing and attempt.first_token_at is None:
-                    if kind is EventKind.OTHER and not event.comment:
-                        continue  # a continuation's role chunk: the client has one already
-                if kind is EventKind.CONTENT and collect_text:
-                    self.delivered_text.append(_content_text(event.data))
-                if kind is EventKind.CONTENT:
-                    record.content_chunks += 1
-                    deadlines.content(now)
-                    if record.first_token_at is None:
-                        record.first_token_at = now
-                        # The stream enters the idle phase: its deadline may be the first
-                        # one armed (when first_token_s is off).
-                        watchdog.rearm()
-                    if attempt.first_token_at is None:
-                        attempt.first_token_at = now
-                elif tracker.malformed_events > malformed:
-                    # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
-                    malformed = tracker.malformed_events
-                    continue
-                data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
-                if held is not None:
-                    if kind is EventKind.ERROR:
-                        raise AttemptFailed(
-                            AttemptResult.STREAM_ERROR,
-                            UpstreamFailed(
-                                f'upstream "{attempt.upstream}" failed the stream before any '
-                                f"content: {(tracker.error or '')[:200]}"
-                            ),
-                        )
-                    if kind is EventKind.CONTENT or kind is EventKind.DONE:
-                        out.extend(held)
-                        held = None
-                    elif event.comment:
-                        if self.response is not None:
-                            out.append(data)  # headers are out already: keep-alives pass
-                        continue
-                    else:
-                        held.append(data)
-                        held_bytes += len(data)
-                        if held_bytes > HOLD_CAP:
-                            raise held_too_much(attempt.upstream)
-                        continue
-                out.append(data)
-            if held is not None and not chunk:
-                # The stream ended with no content and no end marker: cut before content.
-                raise AttemptFailed(
-                    AttemptResult.STREAM_ERROR,
-                    UpstreamFailed(
-                        f'upstream "{attempt.upstream}" ended the stream before any content'
-                    ),
-                )
-            data = chunk if raw_mode else b"".join(out)
-            # Configured secrets never reach the client (a secret split across writes is held).
-            data = self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
+                        chunk = await upstream.read()
+                else:
+                    chunk = await upstream.read()
+            except TimeoutError:
+                chunk = None
+            finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
+                now = loop.time()
+                record.upstream_wait_s += now - before
+            if chunk is None:
+                # The client's SDK gives up without response headers soon: send them now.
+                # A switch stays invisible (it has seen headers only), so holding goes on.
+                await self._commit()
+                continue
+            end = not chunk
+            data = self._sse_step(stream, upstream, chunk, now)
+            chunk = None
             if data:
-                response = await self._commit()
-                await self._client_io(response.write(data))
+                response = self.response
+                if response is None:
+                    response = await self._commit()
+                # What _client_io does, inline: this runs once per read of every stream.
+                written_at = loop.time()
+                try:
+                    await response.write(data)
+                except ConnectionError as exc:
+                    record.client_gone_at = written_at
+                    raise ClientGone from exc
+                finally:
+                    record.client_wait_s += loop.time() - written_at
                 record.bytes_to_client += len(data)
                 self.delivered_tokens = tracker.generated_tokens
                 if attempt.first_token_at is not None:
                     self.content_sent = True
-            if not chunk:
+                data = b""
+            if end:
                 return
+
+    def _sse_step(
+        self, stream: _StreamState, upstream: UpstreamResponse, chunk: bytes, now: float
+    ) -> bytes:
+        """One upstream read of a stream (b"": its end): the bytes for the client, if any."""
+        record, attempt, decoder = self.record, stream.attempt, self.decoder
+        tracker, chunk_filter = self.tracker, stream.chunk_filter
+        assert tracker is not None and decoder is not None
+        if not chunk:
+            events = decoder.flush()
+            upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
+        else:
+            events = decoder.feed(chunk)
+            if decoder.buffered > _MAX_SSE_EVENT:
+                raise AttemptFailed(
+                    AttemptResult.STREAM_ERROR,
+                    UpstreamFailed(
+                        f'upstream "{attempt.upstream}" sent an SSE event over '
+                        f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
+                    ),
+                )
+        out: list[bytes] = []
+        held = stream.held
+        content = False  # deadlines and first token: once per read (its events share `now`)
+        for event in events:
+            kind = tracker.feed(event)
+            if self.continuing and attempt.first_token_at is None:
+                if kind is EventKind.OTHER and not event.comment:
+                    continue  # a continuation's role chunk: the client has one already
+            if kind is EventKind.CONTENT and stream.collect_text:
+                self.delivered_text.append(_content_text(event.data))
+            if kind is EventKind.CONTENT:
+                record.content_chunks += 1
+                if not content:
+                    content = True
+                    stream.deadlines.content(now)
+                    if record.first_token_at is None:
+                        record.first_token_at = now
+                        # The stream enters the idle phase: its deadline may be the first
+                        # one armed (when first_token_s is off).
+                        stream.watchdog.rearm()
+                    if attempt.first_token_at is None:
+                        attempt.first_token_at = now
+            elif tracker.malformed_events > stream.malformed:
+                # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
+                stream.malformed = tracker.malformed_events
+                continue
+            data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
+            if held is not None:
+                if kind is EventKind.ERROR:
+                    raise AttemptFailed(
+                        AttemptResult.STREAM_ERROR,
+                        UpstreamFailed(
+                            f'upstream "{attempt.upstream}" failed the stream before any '
+                            f"content: {(tracker.error or '')[:200]}"
+                        ),
+                    )
+                if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                    out.extend(held)
+                    held = stream.held = None
+                elif event.comment:
+                    if self.response is not None:
+                        out.append(data)  # headers are out already: keep-alives pass
+                    continue
+                else:
+                    held.append(data)
+                    stream.held_bytes += len(data)
+                    if stream.held_bytes > HOLD_CAP:
+                        raise held_too_much(attempt.upstream)
+                    continue
+            out.append(data)
+        if held is not None and not chunk:
+            # The stream ended with no content and no end marker: cut before content.
+            raise AttemptFailed(
+                AttemptResult.STREAM_ERROR,
+                UpstreamFailed(
+                    f'upstream "{attempt.upstream}" ended the stream before any content'
+                ),
+            )
+        data = chunk if stream.raw_mode else b"".join(out)
+        # Configured secrets never reach the client (a secret split across writes is held).
+        return self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
 
     async def _pump_body(self, plan: Plan, upstream: UpstreamResponse, prefix: bytes) -> None:
         record, deadlines = self.record, plan.deadlines
@@ -338,6 +434,15 @@ class Downstream:
                     self.json_body += chunk
                 else:
                     self.json_body = None  # too big to account; usage will be estimated
+            if upstream.at_end():
+                # The last chunk: it and the end go in one write (with the headers, if they
+                # are still buffered), not in two or three.
+                upstream.check_end()
+                data = self.scrubber.feed(chunk) + self.scrubber.flush()
+                await self._client_io(response.write_eof(data))
+                record.bytes_to_client += len(chunk)
+                self.content_sent = True
+                return
             await self._client_io(response.write(self.scrubber.feed(chunk)))
             record.bytes_to_client += len(chunk)
             self.content_sent = True

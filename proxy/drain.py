@@ -12,6 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from proxy.admission import JSON_TYPES, Plan
+from proxy.sse import SSEDecoder
 from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse
 from proxy.usage import StreamUsageTracker
 from proxy.watchdog import Watchdog
@@ -66,6 +67,7 @@ async def _drain_unanswered(
             exchange.record.upstream_headers_at = exchange.loop.time()
             if upstream.event_stream:
                 exchange.tracker = StreamUsageTracker(plan.facts)
+                exchange.decoder = SSEDecoder()
             elif upstream.status < 300 and upstream.content_type in JSON_TYPES:
                 exchange.json_body = bytearray()
                 exchange.content_encoding = upstream.content_encoding
@@ -90,6 +92,7 @@ async def _read_to_end(exchange: Exchange, upstream: UpstreamResponse) -> None:
     tracker, decoder = exchange.tracker, exchange.decoder
     while chunk := await upstream.read():
         if tracker is not None:
+            assert decoder is not None  # made with the tracker
             for event in decoder.feed(chunk):
                 tracker.feed(event)
         elif exchange.json_body is not None:

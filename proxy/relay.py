@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 
 from aiohttp import web
 
@@ -38,7 +38,6 @@ from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s,
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
-from proxy.sse import SSEDecoder
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser
 from proxy.upstream import AttemptFailed, UpstreamResponse
@@ -79,13 +78,17 @@ async def handle(request: web.Request) -> web.StreamResponse:
 class Exchange(Downstream):
     """One request, from arrival to its record."""
 
+    # Slots (one Exchange per held stream, no per-instance dict); the rest are Downstream's.
+    __slots__ = ("_continuations", "_cut", "_raced_to", "_sent", "chooser")
+
     def __init__(self, state: ProxyState, request: web.Request) -> None:
         self.state = state
         self.request = request
         self.loop = asyncio.get_running_loop()
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        # 128 random bits as 32 hex digits, like uuid4().hex but a quarter of its cost.
+        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         if len(request_id) > 200:  # it is echoed and logged: keep it bounded
-            request_id = uuid.uuid4().hex
+            request_id = os.urandom(16).hex()
         self.record = RequestRecord(
             request_id=request_id,
             method=request.method,
@@ -98,7 +101,7 @@ class Exchange(Downstream):
         self.facts: RequestFacts | None = None
         self.route: Route | None = None
         self.tracker: StreamUsageTracker | None = None
-        self.decoder = SSEDecoder()
+        self.decoder = None  # a stream's, made when one is relayed
         self.json_body: bytearray | None = None
         self.content_encoding: str | None = None
         self.delivered_tokens = 0
@@ -125,7 +128,15 @@ class Exchange(Downstream):
         assert task is not None
         state.request_began(task)
         try:
-            return await self._run()
+            # Admission, then the exchange; inline rather than a coroutine of its own (every
+            # nested coroutine frame stays alive for as long as a stream is held).
+            try:
+                plan = await admit(state, self.request, record)
+            except ProxyError as err:
+                record.settle(err.outcome)
+                return self._error_response(err)
+            self.plan, self.facts, self.route = plan, plan.facts, plan.route
+            return await self._exchange(plan)
         except asyncio.CancelledError:
             if record.client_gone_at is None:
                 record.client_gone_at = self.loop.time()
@@ -147,15 +158,6 @@ class Exchange(Downstream):
                 self.loop.call_soon(state.finish, record, self)
             else:
                 state.finish(record, self)
-
-    async def _run(self) -> web.StreamResponse:
-        try:
-            plan = await admit(self.state, self.request, self.record)
-        except ProxyError as err:
-            self.record.settle(err.outcome)
-            return self._error_response(err)
-        self.plan, self.facts, self.route = plan, plan.facts, plan.route
-        return await self._exchange(plan)
 
     async def _exchange(self, plan: Plan) -> web.StreamResponse:
         task = asyncio.current_task()

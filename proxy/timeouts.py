@@ -225,29 +225,33 @@ class Deadlines:
     # --- query -------------------------------------------------------------------------------
     def next(self) -> tuple[float, TimeoutKind] | None:
         """The earliest deadline in force and its kind; ties go to the phase, not `total`."""
+        # Called on every watchdog re-arm (several times a request): no closure, no tuples
+        # but the answer. A candidate replaces the best so far only when strictly earlier.
         phase = self.phase
         if phase is Phase.DONE:
             return None
-        best: tuple[float, TimeoutKind] | None = None
-
-        def consider(when: float | None, kind: TimeoutKind) -> None:
-            nonlocal best
-            if when is not None and (best is None or when < best[0]):
-                best = (when, kind)
-
         # The client's headers deadline is reported as the headers phase: it fires only
         # before response headers went out.
-        consider(self._client_headers_at, TimeoutKind.HEADERS)
-        if phase is Phase.CONNECT:
-            consider(self._phase_deadline, TimeoutKind.CONNECT)
-        elif phase is Phase.HEADERS:
-            consider(self._phase_deadline, TimeoutKind.HEADERS)
+        when, kind = self._client_headers_at, TimeoutKind.HEADERS
+        if phase is Phase.CONNECT or phase is Phase.HEADERS:
+            at = self._phase_deadline
+            if at is not None and (when is None or at < when):
+                when = at
+                kind = TimeoutKind.CONNECT if phase is Phase.CONNECT else TimeoutKind.HEADERS
         if self.watch_first_token and phase in _BEFORE_CONTENT:
-            consider(self._first_token_at, TimeoutKind.FIRST_TOKEN)
-        if phase in (Phase.STREAMING, Phase.BODY) and self.budget.idle_s is not None:
-            consider(self.last_progress + self.budget.idle_s, TimeoutKind.IDLE)
-        consider(self._total_at, TimeoutKind.TOTAL)
-        return best
+            at = self._first_token_at
+            if at is not None and (when is None or at < when):
+                when, kind = at, TimeoutKind.FIRST_TOKEN
+        if phase is Phase.STREAMING or phase is Phase.BODY:
+            idle = self.budget.idle_s
+            if idle is not None:
+                at = self.last_progress + idle
+                if when is None or at < when:
+                    when, kind = at, TimeoutKind.IDLE
+        at = self._total_at
+        if at is not None and (when is None or at < when):
+            when, kind = at, TimeoutKind.TOTAL
+        return None if when is None else (when, kind)
 
     def remaining(self, now: float) -> float | None:
         """Seconds left of the budget (for deadline propagation upstream and for the policy):
