@@ -4,6 +4,7 @@ hangup [run] [--config PATH] [--host H] [--port P] [--upstream URL] [--workers N
 hangup check-config [PATH]
 hangup demo [--port P] [--exit]
 hangup simulate [--host H] [--port P] [--tokens-per-s N]
+hangup stats [URL] [--token T] [--watch N]
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from proxy.logs import configure_logging
 
 DEFAULT_CONFIG = "config/hangup.yaml"
 LOOPS = ("auto", "uvloop", "asyncio")
-COMMANDS = ("run", "check-config", "demo", "simulate")
+COMMANDS = ("run", "check-config", "demo", "simulate", "stats")
 
 
 def _positive_int(text: str) -> int:
@@ -37,7 +38,8 @@ def _run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="hangup",
         description="Reverse proxy for OpenAI-compatible APIs that hangs up on the upstream "
-        "the moment the client does. Other commands: hangup check-config | demo | simulate.",
+        "the moment the client does. "
+        "Other commands: hangup check-config | demo | simulate | stats.",
     )
     p.add_argument(
         "--config",
@@ -98,10 +100,10 @@ def cmd_run(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"hangup: config error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level or config.logging.level)
+    configure_logging(args.log_level or config.logging.level, fmt=config.logging.format)
     host = args.host or config.listen.host
     port = config.listen.port if args.port is None else args.port
-    problem = Auth.startup_problem(config, host)
+    problem = Auth.startup_problem(config, host) or _tracing_problem(config)
     if problem is not None:
         print(f"hangup: config error: {config.source}: {problem}", file=sys.stderr)
         return 2
@@ -150,13 +152,20 @@ def cmd_check_config(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"hangup: config error: {exc}", file=sys.stderr)
         return 2
-    problem = Auth.startup_problem(config, config.listen.host)
+    problem = Auth.startup_problem(config, config.listen.host) or _tracing_problem(config)
     if problem is not None:
         print(f"hangup: config error: {config.source}: {problem}", file=sys.stderr)
         return 2
     routes = ", ".join(r.name for r in config.routes)
-    print(f"{args.path}: OK ({len(config.upstreams)} upstreams, routes: {routes})")
+    n = len(config.upstreams)
+    print(f"{args.path}: OK ({n} upstream{'' if n == 1 else 's'}, routes: {routes})")
     return 0
+
+
+def _tracing_problem(config: HangupConfig) -> str | None:
+    from proxy.tracing import startup_problem
+
+    return startup_problem(config)
 
 
 def cmd_demo(argv: Sequence[str]) -> int:
@@ -171,6 +180,12 @@ def cmd_simulate(argv: Sequence[str]) -> int:
     return sim_main(argv)
 
 
+def cmd_stats(argv: Sequence[str]) -> int:
+    from proxy.stats import main as stats_main
+
+    return stats_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args and args[0] in COMMANDS else "run"
@@ -181,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check-config": cmd_check_config,
         "demo": cmd_demo,
         "simulate": cmd_simulate,
+        "stats": cmd_stats,
     }[command]
     return handler(args)
 

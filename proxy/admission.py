@@ -68,9 +68,11 @@ class Plan:
 
 async def admit(state: ProxyState, request: web.Request, record: RequestRecord) -> Plan:
     """Read and check the request; decide route, deadlines, headers and body."""
+    state.arrived(record, request)
     if state.draining:
         raise Draining("hangup is shutting down; retry on another instance")
-    proxy_key_used = state.auth.check(request)
+    caller = state.auth.identify(request)
+    record.client = caller.name
     limit = state.config.limits.max_request_body_bytes
     if request.content_length is not None and request.content_length > limit:
         # Refuse at once, rather than after reading up to the limit.
@@ -144,7 +146,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
             request.headers,
             upstream=target.upstream,
             request_id=record.request_id,
-            drop_client_credentials=proxy_key_used,
+            drop_client_credentials=caller.used_proxy_key,
             drop=drop,
         )
         ask_identity(headers, facts.stream)

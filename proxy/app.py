@@ -25,6 +25,10 @@ from proxy.state import STATE, ProxyState
 access_log = logging.getLogger("hangup.access")
 
 
+# At shutdown, queued spans get this long to reach the collector (part of the stop budget).
+TRACE_FLUSH_S = 0.5
+
+
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     await state.upstreams.start()
@@ -38,6 +42,12 @@ async def _loop_lag_probe(app: web.Application) -> AsyncIterator[None]:
     probe.start()
     yield
     probe.stop()
+
+
+async def _tracing(app: web.Application) -> AsyncIterator[None]:
+    yield
+    # The flush blocks on the exporter's thread: wait for it off the loop, bounded.
+    await asyncio.to_thread(app[STATE].tracing.close, TRACE_FLUSH_S)
 
 
 def _probed(request: web.Request, response: web.Response) -> web.Response:
@@ -130,6 +140,7 @@ def create_app(
     secrets.add_to_app(app, config)
     unparsed.add_to_app(app)
     app[STATE] = state
+    app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(inflate_pool)
     app.cleanup_ctx.append(_loop_lag_probe)

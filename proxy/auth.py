@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -36,9 +37,26 @@ def _open_relay(config: HangupConfig, listen_host: str) -> bool:
     )
 
 
+# The client name of every request when the proxy asks for no key.
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request: the client name (never the key) and whether the client's
+    Authorization carried a key for this proxy (it must then not be forwarded)."""
+
+    name: str
+    used_proxy_key: bool
+
+
 class Auth:
     def __init__(self, config: HangupConfig, *, listen_host: str | None = None) -> None:
-        self._keys = tuple(k.get_secret_value().encode() for k in config.auth.keys)
+        self._keys = tuple(
+            (entry.key.get_secret_value().encode(), Caller(entry.name, used_proxy_key=True))
+            for entry in config.auth.keys
+        )
+        self._anonymous = Caller(ANONYMOUS, used_proxy_key=False)
         host = config.listen.host if listen_host is None else listen_host
         # startup_problem() stops the CLI in this case; an app built another way refuses all.
         self._refuse_all = _open_relay(config, host)
@@ -54,19 +72,30 @@ class Auth:
             )
         return None
 
-    def check(self, request: web.Request) -> bool:
-        """Raise Unauthorized if required and missing; True when the client's Authorization
-        carried a proxy key (it must then not be forwarded)."""
+    def client_names(self) -> tuple[str, ...]:
+        """Every name `identify` can return: the configured clients, or "anonymous"."""
+        if not self._keys:
+            return (ANONYMOUS,)
+        return tuple(caller.name for _, caller in self._keys)
+
+    def identify(self, request: web.Request) -> Caller:
+        """The caller, by the proxy key it presented; Unauthorized if one is required and
+        missing or unknown."""
         if not self._keys:
             if self._refuse_all:
                 raise Unauthorized("this proxy requires an API key")
-            return False
+            return self._anonymous
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             raise Unauthorized("missing bearer token: send Authorization: Bearer <hangup key>")
         # surrogateescape: non-UTF-8 bytes (kept by aiohttp as lone surrogates) are a wrong key.
         presented = token.strip().encode("utf-8", "surrogateescape")
-        if not any(hmac.compare_digest(presented, key) for key in self._keys):
+        found: Caller | None = None
+        for key, caller in self._keys:
+            # Every key is compared (no early exit), so timing does not tell which one matched.
+            if hmac.compare_digest(presented, key) and found is None:
+                found = caller
+        if found is None:
             raise Unauthorized("invalid API key for this proxy")
-        return True
+        return found

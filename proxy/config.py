@@ -28,6 +28,9 @@ from yarl import URL
 
 Seconds = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+# Names that become metric label values (routes, clients): short and printable.
+_LABEL_SAFE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_LABEL_SAFE_PROBLEM = "must be 1-64 characters of letters, digits, '_', '.', ':' or '-'"
 
 
 class ConfigError(Exception):
@@ -310,8 +313,8 @@ class RouteConfig(_Model):
     @classmethod
     def _label_safe(cls, value: str) -> str:
         # Route names become metric label values: keep them short and printable.
-        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
-            raise ValueError("must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
+        if not _LABEL_SAFE.fullmatch(value):
+            raise ValueError(_LABEL_SAFE_PROBLEM)
         return value
 
     def resolved(self, defaults: RouteOptions) -> RouteOptions:
@@ -343,10 +346,56 @@ class MetricsConfig(_Model):
     max_models: Annotated[int, Field(ge=1, le=1000)] = 50
 
 
+class ClientKey(_Model):
+    """A named client: the name (never the key) appears in logs, metrics and traces."""
+
+    name: str
+    key: SecretStr
+
+    @field_validator("name")
+    @classmethod
+    def _label_safe(cls, value: str) -> str:
+        # Client names become metric label values: short and printable, like route names.
+        if not _LABEL_SAFE.fullmatch(value):
+            raise ValueError(_LABEL_SAFE_PROBLEM)
+        return value
+
+
+def unnamed_client(index: int) -> str:
+    """The name a bare-string entry of `auth.keys` is known by: its position in the list."""
+    return f"key-{index}"
+
+
 class AuthConfig(_Model):
-    keys: list[SecretStr] = Field(default_factory=list)
+    # Bearer tokens clients must present: bare strings, or {name: team-search, key: ${KEY}}.
+    # A bare string is the client named by its position, "key-0", "key-1", ...
+    keys: list[ClientKey] = Field(default_factory=list)
     # Needed to run an open relay that injects a server-side key on a non-loopback listener.
     allow_unauthenticated: bool = False
+
+    @field_validator("keys", mode="before")
+    @classmethod
+    def _name_bare_keys(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        return [
+            {"name": unnamed_client(i), "key": entry} if isinstance(entry, str) else entry
+            for i, entry in enumerate(value)
+        ]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthConfig:
+        seen: set[str] = set()
+        for i, entry in enumerate(self.keys):
+            if entry.name in seen:
+                raise _Located(
+                    ("auth", "keys", i, "name"), f"two auth.keys entries are named {entry.name!r}"
+                )
+            seen.add(entry.name)
+        return self
+
+    def client_names(self) -> list[str]:
+        return [entry.name for entry in self.keys]
 
 
 class CorsConfig(_Model):
@@ -366,6 +415,24 @@ class LoggingConfig(_Model):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     access_log: bool = True
     health_checks: bool = False  # log /healthz, /readyz and /metrics hits as traffic
+    # json: one JSON object a line (for collectors). text: one readable line (for terminals).
+    format: Literal["json", "text"] = "json"
+
+
+class TracingConfig(_Model):
+    """OpenTelemetry traces (needs `pip install 'hangup[otel]'`); see docs/observability.md.
+
+    The standard OTEL_* environment variables configure the exporter, sampler and resource; the
+    keys here only fill in what the environment leaves unset."""
+
+    # auto: on when OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.
+    enabled: bool | Literal["auto"] = "auto"
+    # The OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces.
+    endpoint: str | None = None
+    service_name: str = "hangup"
+    # Finished spans waiting for export; past this, new spans are dropped (counted in the log),
+    # so a collector that is down never grows memory.
+    max_queue_spans: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
 
 
 class HangupConfig(_Model):
@@ -383,6 +450,7 @@ class HangupConfig(_Model):
     cors: CorsConfig = Field(default_factory=CorsConfig)
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     # Where the config came from, for messages (not a YAML key).
     source: str = Field(default="<config>", exclude=True)
@@ -582,7 +650,9 @@ def config_for_upstream(base_url: str, *, base: HangupConfig | None = None) -> H
     data: dict[str, Any] = {} if base is None else base.model_dump(exclude={"upstreams", "routes"})
     if base is not None:
         # model_dump turns secrets into "**********": carry the real values over.
-        data["auth"]["keys"] = [k.get_secret_value() for k in base.auth.keys]
+        data["auth"]["keys"] = [
+            {"name": k.name, "key": k.key.get_secret_value()} for k in base.auth.keys
+        ]
         if base.metrics.bearer_token is not None:
             data["metrics"]["bearer_token"] = base.metrics.bearer_token.get_secret_value()
     data["upstreams"] = {"default": {"base_url": base_url}}

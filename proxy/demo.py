@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +51,10 @@ def demo_config(upstream_url: str, port: int) -> HangupConfig:
             "logging": {"access_log": False},
         }
     )
+
+
+class CannotListen(Exception):
+    """The demo's proxy port could not be bound (its cause is the OSError)."""
 
 
 def _say(text: str) -> None:
@@ -104,7 +109,12 @@ async def run_demo(port: int, keep_running: bool) -> int:
     sim = SimulatedProvider(tokens_per_s=60.0, default_tokens=64)
     upstream = await sim.start(host="127.0.0.1", port=0)
     server = ProxyServer(demo_config(upstream, port))
-    await server.start()
+    try:
+        await server.start()
+    except OSError as exc:  # the port is taken, or the address is not ours to bind
+        await server.runner.cleanup()
+        await sim.stop()
+        raise CannotListen(exc) from exc
     base = server.base_url
     cancel_close_s: list[float] = []  # client hang-up -> upstream saw the close, per client
     try:
@@ -209,4 +219,15 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument("--exit", action="store_true", help="exit after the summary")
     args = p.parse_args(argv)
     configure_logging("WARNING", stream=sys.stderr)
-    return asyncio.run(run_demo(args.port, keep_running=not args.exit))
+    try:
+        return asyncio.run(run_demo(args.port, keep_running=not args.exit))
+    except CannotListen as failure:
+        exc = failure.__cause__
+        assert isinstance(exc, OSError)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(
+            f"hangup demo: cannot listen on 127.0.0.1:{args.port}: {reason} "
+            "(pick another with --port, or --port 0 for any free one)",
+            file=sys.stderr,
+        )
+        return 1

@@ -1,4 +1,5 @@
-"""JSON-lines logging, with secrets kept out by construction.
+"""Logging: JSON lines (the default, for collectors) or one readable line per event (for
+terminals, `logging.format: text`), with secrets kept out by construction.
 
 Records never carry headers or bodies, so there is nothing secret to log; the redaction filter
 is a second line of defence for messages built from exceptions (an upstream's error text could
@@ -50,7 +51,23 @@ def redact(text: str) -> str:
     return _SECRET.sub(sub, text)
 
 
-_FREE_TEXT_FIELDS = ("error", "path", "request_id", "model")
+_FREE_TEXT_FIELDS = ("error", "path", "request_id", "model", "user_agent")
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    return _second(int(record.created)) + f".{int(record.msecs):03d}Z"
+
+
+def _redacted_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    # Access lines are built from record fields that never hold headers or bodies; only these
+    # few carry text a client or an upstream chose, so only they are redacted (redacting the
+    # whole line cost ~30 us a request).
+    out = dict(fields)
+    for key in _FREE_TEXT_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = redact(value)
+    return out
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,21 +78,14 @@ def _second(epoch: int) -> str:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": _second(int(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            # Access lines are built from record fields that never hold headers or bodies; only
-            # these few carry text a client or an upstream chose, so only they are redacted
-            # (redacting the whole line cost ~30 us a request).
-            line.update(fields)
-            for key in _FREE_TEXT_FIELDS:
-                value = line.get(key)
-                if isinstance(value, str):
-                    line[key] = redact(value)
+            line.update(_redacted_fields(fields))
             if record.exc_info:
                 line["exc"] = redact(self.formatException(record.exc_info))
             line["msg"] = redact(line["msg"])
@@ -85,10 +95,69 @@ class JsonFormatter(logging.Formatter):
         return redact(_dumps(line))
 
 
-def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """JSON lines to `stream` (stderr), formatted and written off the event loop."""
+def _access_text(f: dict[str, Any]) -> str:
+    """`POST /v1/chat/completions 200 completed 812.3ms client=... route=... tokens=12+40 ...`"""
+    parts = [
+        str(f.get("method")),
+        str(f.get("path")),
+        str(f.get("status") if f.get("status") is not None else "-"),
+        str(f.get("outcome")),
+    ]
+    if f.get("duration_ms") is not None:
+        parts.append(f"{f['duration_ms']:.1f}ms")
+    for key in ("client", "route", "model", "timeout_phase"):
+        if f.get(key) is not None:
+            parts.append(f"{key}={f[key]}")
+    tokens = f.get("tokens")
+    if isinstance(tokens, dict):
+        estimated = "~" if tokens.get("estimated") else ""
+        parts.append(f"tokens={estimated}{tokens.get('prompt')}+{tokens.get('completion')}")
+        if tokens.get("saved"):
+            parts.append(f"saved=~{tokens['saved']}")
+    cost = f.get("cost_usd")
+    if isinstance(cost, dict) and cost.get("used") is not None:
+        parts.append(f"cost=${cost['used']:.6f}")
+    if f.get("cancel_propagation_ms") is not None:
+        parts.append(f"cancel->close={f['cancel_propagation_ms']:.2f}ms")
+    if f.get("upstream_attempts", 1) > 1:
+        parts.append(f"attempts={f['upstream_attempts']}")
+    for key in ("client_address", "request_id", "trace_id"):
+        if f.get(key) is not None:
+            parts.append(f"{key}={f[key]}")
+    if f.get("user_agent") is not None:
+        parts.append(f'ua="{f["user_agent"]}"')
+    if f.get("error") is not None:
+        parts.append(f"error={_dumps(f['error'])}")
+    return " ".join(parts)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per event for a person at a terminal; the same redaction as the JSON lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        head = f"{_timestamp(record)} {record.levelname:<7}"
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict) and record.name == "hangup.access" and "outcome" in fields:
+            text = f"{head} {_access_text(_redacted_fields(fields))}"
+        else:
+            text = f"{head} {record.name}: {record.getMessage()}"
+            if isinstance(fields, dict):
+                extra = " ".join(
+                    f"{k}={v}" for k, v in _redacted_fields(fields).items() if k != "msg"
+                )
+                text += f" ({extra})" if extra else ""
+        # One event, one line: a newline in any message (an upstream's error text) is escaped.
+        text = text.replace("\r", "\\r").replace("\n", "\\n")
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return redact(text)
+
+
+def configure_logging(level: str = "INFO", stream: TextIO | None = None, fmt: str = "json") -> None:
+    """JSON lines (or, with fmt="text", readable lines) to `stream` (stderr), formatted and
+    written off the event loop."""
     target: logging.StreamHandler[TextIO] = logging.StreamHandler(stream or sys.stderr)
-    target.setFormatter(JsonFormatter())
+    target.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     root = logging.getLogger()
     for old in root.handlers:
         if isinstance(old, BackgroundHandler):
@@ -106,11 +175,15 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def access_fields(rec: RequestRecord) -> dict[str, Any]:
-    """The access-log line of one request: what happened, never who (no keys, no bodies)."""
+    """The access-log line of one request: what happened and who asked (the client's name,
+    address and user agent, never its key), never headers or bodies."""
     fields: dict[str, Any] = {
         "request_id": rec.request_id,
         "method": rec.method,
         "path": rec.path,
+        "client": rec.client,
+        "client_address": rec.client_address,
+        "user_agent": rec.user_agent,
         "route": rec.route,
         "model": rec.model,
         "endpoint": rec.endpoint,
@@ -123,7 +196,10 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         "overhead_ms": _ms(rec.overhead_s),
         "bytes_in": rec.bytes_from_client,
         "bytes_out": rec.bytes_to_client,
+        "upstream_attempts": rec.upstream_attempts,
     }
+    if rec.trace is not None:
+        fields["trace_id"] = f"{rec.trace.trace_id:032x}"
     if rec.timeout_kind is not None:
         fields["timeout_phase"] = rec.timeout_kind.value
         fields["timeout_key"] = rec.timeout_kind.config_key

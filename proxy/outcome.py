@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.tracing.context import TraceIds
 
 from proxy.attempts import Attempt
 
@@ -224,7 +228,7 @@ class RequestRecord:
     route: str | None = None
     model: str | None = None  # the model the client asked for, verbatim (not a metric label)
     upstream: str | None = None
-    endpoint: str = "other"  # closed set: see proxy/usage.py ENDPOINTS
+    endpoint: str = "other"  # closed set: see proxy/usage/facts.py ENDPOINTS
     stream: bool = False
     status: int | None = None  # the status the client got (None: no response was sent)
     upstream_status: int | None = None
@@ -234,6 +238,15 @@ class RequestRecord:
     error_message: str | None = None
     sdk_retry_count: int = 0
     client_deadline_s: float | None = None
+    # who sent it (never a key): the auth.keys name, "anonymous" without auth, None if the
+    # request was refused before it was identified
+    client: str | None = None
+    client_address: str | None = None
+    user_agent: str | None = None  # bounded and sanitised (see proxy/callers.py)
+    upstream_attempts: int = 0  # upstream requests sent for it (retries included)
+    finish_reason: str | None = None  # the last one the upstream sent (streams)
+    response_model: str | None = None  # the model the upstream says answered (streams)
+    trace: TraceIds | None = None  # set when tracing is on (proxy/tracing)
     # timings
     upstream_headers_at: float | None = None
     first_token_at: float | None = None

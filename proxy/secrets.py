@@ -33,7 +33,7 @@ def configured_secrets(config: HangupConfig) -> list[str]:
         if upstream.api_key is not None:
             values.append(upstream.api_key.get_secret_value())
         values.extend(upstream.headers.values())
-    values.extend(k.get_secret_value() for k in config.auth.keys)
+    values.extend(k.key.get_secret_value() for k in config.auth.keys)
     if config.metrics.bearer_token is not None:
         values.append(config.metrics.bearer_token.get_secret_value())
     return sorted({v for v in values if len(v) >= MIN_SECRET_LEN}, key=len, reverse=True)

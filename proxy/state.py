@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
 from proxy.accounting import Accountant
 from proxy.attempts import Attempt
 from proxy.auth import Auth
+from proxy.callers import note_caller
 from proxy.config import HangupConfig
 from proxy.engines import EngineAborts, engine_for
 from proxy.logs import access_fields
@@ -23,6 +25,7 @@ from proxy.metrics import Metrics
 from proxy.outcome import Outcome, RequestRecord
 from proxy.resilience.circuit import Circuit, Circuits
 from proxy.routing import Router
+from proxy.tracing import make_tracing
 from proxy.upstream import Upstreams
 
 if TYPE_CHECKING:
@@ -53,6 +56,7 @@ class ProxyState:
             config.metrics,
             routes=[r.name for r in self.router.routes],
             configured_models=configured_models,
+            clients=self.auth.client_names(),
             registry=registry,
             upstreams=config.upstreams,
             abort_upstreams=[
@@ -62,6 +66,7 @@ class ProxyState:
         self.circuits = Circuits()
         # Engine aborts and background cancels in flight (off the requests' path).
         self.aborts = EngineAborts(self.upstreams, self.metrics)
+        self.tracing = make_tracing(config)
         # The tasks of requests in progress. A task is aiohttp's per-connection handler task,
         # which outlives its request on keep-alive connections: wait with `wait_idle`, not on
         # the tasks.
@@ -95,6 +100,16 @@ class ProxyState:
         from the finished record)."""
         self.metrics.circuit_changed(attempt.upstream, circuit.state)
 
+    def arrived(self, record: RequestRecord, request: web.Request) -> None:
+        """A request came in: note who sent it and which trace it continues."""
+        note_caller(record, request)
+        self.tracing.arrived(record, request.headers)
+
+    def attempt_starting(self, record: RequestRecord, headers: CIMultiDict[str]) -> None:
+        """An upstream request is about to be sent with these headers (once per attempt)."""
+        record.upstream_attempts += 1
+        self.tracing.attempt(record, headers, asyncio.get_running_loop().time())
+
     def finish(self, record: RequestRecord, exchange: Exchange | None = None) -> None:
         """The single exit of every request: accounting, metrics, access log, listeners.
 
@@ -111,6 +126,10 @@ class ProxyState:
             record.settle(Outcome.INTERNAL_ERROR)
         pending = None
         if exchange is not None:
+            tracker = exchange.tracker
+            if tracker is not None:
+                record.finish_reason = tracker.finish_reason
+                record.response_model = tracker.response_model
             try:
                 pending = self.accountant.seal(record, exchange)
             except Exception:
@@ -147,6 +166,10 @@ class ProxyState:
         if self.config.logging.access_log:
             level = logging.ERROR if record.outcome is Outcome.INTERNAL_ERROR else logging.INFO
             access_log.log(level, "request", extra={"fields": access_fields(record)})
+        try:
+            self.tracing.finished(record)
+        except Exception:
+            log.exception("tracing failed for request %s", record.request_id)
         for listener in self.listeners:
             try:
                 listener(record)

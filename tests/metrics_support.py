@@ -79,7 +79,18 @@ def rendered(metrics: Metrics) -> Series:
 
 
 def value(series: Series, name: str, **labels: str) -> float | None:
-    return series.get((name, frozenset(labels.items())))
+    """The sample with exactly these labels; without a `client`, the sum over all clients (None
+    when there is no such series)."""
+    exact = series.get((name, frozenset(labels.items())))
+    if exact is not None or "client" in labels:
+        return exact
+    want = set(labels.items())
+    found = [
+        v
+        for (n, ls), v in series.items()
+        if n == name and want <= ls and {k for k, _ in ls} == {*labels, "client"}
+    ]
+    return sum(found) if found else None
 
 
 def total(series: Series, name: str, **labels: str) -> float:

@@ -356,7 +356,7 @@ def test_an_app_owned_registry_holds_the_metrics() -> None:
     registry = CollectorRegistry()
     m = new_metrics(registry=registry)
     m.request_finished(make_record())
-    labels = {**CHAT, "outcome": "completed"}
+    labels = {**CHAT, "outcome": "completed", "client": "none"}
     assert registry.get_sample_value("hangup_requests_total", labels) == 1
     with pytest.raises(ValueError, match="Duplicated timeseries"):
         new_metrics(registry=registry)
@@ -380,21 +380,23 @@ def test_setting_the_multiprocess_variable_too_late_is_refused(tmp_path, monkeyp
 
 def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
     max_models = 3
-    m = new_metrics(max_models=max_models)
+    m = new_metrics(max_models=max_models, clients=("anonymous",))
     routes = [*ROUTES, None]
     models = [*CONFIGURED_MODELS, *(f"seen-{i}" for i in range(max_models + 1)), None]
     outcomes = [*Outcome, None]
+    clients = ["anonymous", "not-configured", None]
     # The first loop admitted "chat.completions"; 15 more fill the slots, the last is "other".
     endpoints = ["chat.completions", *(f"ep{i}" for i in range(schema.MAX_ENDPOINTS))]
     statuses = [200, 301, 404, 503, None]
     cycle = itertools.count()
-    for route, model, outcome in itertools.product(routes, models, outcomes):
+    for route, model, outcome, client in itertools.product(routes, models, outcomes, clients):
         i = next(cycle)
         m.request_finished(
             make_record(
                 route=route,
                 model=model,
                 outcome=outcome,
+                client=client,
                 timeout_kind=list(TimeoutKind)[i % len(TimeoutKind)],
                 background=list(BackgroundCancel)[i % len(BackgroundCancel)],
                 sdk_retry_count=1,
@@ -426,8 +428,9 @@ def test_saturating_every_label_reaches_exactly_the_documented_bound() -> None:
 
 def test_series_bound_for_the_defaults() -> None:
     # docs/metrics.md quotes these numbers.
-    assert series_bound(1, 0, 50, 1) == 5143
-    assert series_bound(3, 5, 50, 2) == 11138
+    assert series_bound(1, 0, 50, 1) == 6703
+    assert series_bound(3, 5, 50, 2) == 14558
+    assert series_bound(1, 0, 50, 1, clients=2) - series_bound(1, 0, 50, 1) == 1560
 
 
 def test_summary_for_humans() -> None:

@@ -85,6 +85,7 @@ class Metrics:
         *,
         routes: Iterable[str],
         configured_models: Iterable[str],
+        clients: Iterable[str] = (),
         registry: CollectorRegistry | None = None,
         upstreams: Iterable[str] = (),
         abort_upstreams: Iterable[str] = (),
@@ -93,6 +94,8 @@ class Metrics:
         self._upstreams = frozenset(upstreams)
         # Upstreams whose engine has an abort call: the engine-abort metrics' `upstream` values.
         self._abort_upstreams = frozenset(abort_upstreams)
+        # Closed set: the configured client names (never keys), or "anonymous" without auth.
+        self._clients = frozenset(clients)
         # Configured names are trusted; names seen in traffic must earn a slot (see `_model_for`).
         self._models = BoundedLabel(configured_models, config.max_models, model_shaped)
         self._endpoints = BoundedLabel((), schema.MAX_ENDPOINTS, endpoint_shaped)
@@ -197,13 +200,15 @@ class Metrics:
         route = record.route if record.route in self._routes else NONE
         model = self._model_for(record)
         rm = (route, model)
+        client = record.client if record.client in self._clients else NONE
+        rmc = (*rm, client)
         if record.outcome is None:
             log.error("request %s finished without an outcome", record.request_id)
             outcome = schema.UNSETTLED
         else:
             outcome = record.outcome.value
         child = self._child
-        child(self._requests, (route, model, outcome)).inc()
+        child(self._requests, (route, model, outcome, client)).inc()
         endpoint = self._endpoints.admit(record.endpoint)
         child(self._responses, (route, endpoint, status_class(record.status))).inc()
         if record.timeout_kind is not None:
@@ -226,8 +231,8 @@ class Metrics:
                     self._hedges.labels(route, "won").inc()
 
         usage = record.usage
-        self._add(self._tokens, (*rm, "prompt"), usage.prompt_tokens)
-        self._add(self._tokens, (*rm, "completion"), usage.completion_tokens)
+        self._add(self._tokens, (*rm, "prompt", client), usage.prompt_tokens)
+        self._add(self._tokens, (*rm, "completion", client), usage.completion_tokens)
         # Each attempt's counts say how they were obtained: the estimated and tokenized parts
         # are summed over attempts (a reported answer beside an estimated hedge loser).
         parts = [a.bill.usage for a in record.attempts if a.bill is not None] or [usage]
@@ -246,20 +251,20 @@ class Metrics:
                 )
                 self._add(self._waste_cost, (route, reason), waste.usd)
                 # A hedge loser closed early saved what it did not generate (proxy/bills.py).
-                self._add(self._saved, rm, waste.tokens_saved)
+                self._add(self._saved, rmc, waste.tokens_saved)
         self._add(self._cached, rm, usage.cached_tokens)
         self._add(self._reasoning, rm, usage.reasoning_tokens)
 
         savings = record.savings
         if savings is not None:
-            self._add(self._saved, rm, savings.tokens_saved)
+            self._add(self._saved, rmc, savings.tokens_saved)
             if savings.tokens_saved_upper is not None:
                 self._add(self._saved_upper, rm, savings.tokens_saved_upper)
             self._add(self._wasted, rm, savings.tokens_wasted)
         cost = record.cost
         if cost is not None and cost.priced:
-            self._add(self._cost, rm, cost.used_usd)
-            self._add(self._cost_saved, rm, cost.saved_usd)
+            self._add(self._cost, rmc, cost.used_usd)
+            self._add(self._cost_saved, rmc, cost.saved_usd)
             self._add(self._cost_wasted, rm, cost.wasted_usd)
         elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
             child(self._unpriced, rm).inc()

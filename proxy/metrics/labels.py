@@ -17,7 +17,7 @@ NONE = "none"
 # Model ids in the wild: "gpt-4o-mini", "meta-llama/Llama-3.1-8B-Instruct", "llama3:8b-q4_K_M",
 # "ft:gpt-4o-mini:org:name:9abcDEF1", "claude-3-5-sonnet@20240620". No spaces, no quotes.
 _MODEL_SHAPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=-]{0,127}")
-# Our own endpoint names (proxy/usage.py ENDPOINTS): "chat.completions", "embeddings", "other".
+# Our own endpoint names (proxy/usage/facts.py ENDPOINTS): "chat.completions", "embeddings", ...
 _ENDPOINT_SHAPE = re.compile(r"[a-z][a-z0-9_.]{0,31}")
 
 # Prefixes of API keys and tokens people paste into the wrong field.

@@ -30,8 +30,8 @@ TOKEN_TYPES = ("prompt", "completion")
 ATTEMPT_RESULTS: tuple[str, ...] = tuple(r.value for r in AttemptResult)
 HEDGE_EVENTS = ("started", "won")
 CIRCUIT_STATES: tuple[str, ...] = tuple(c.value for c in CircuitState)
-# Endpoint names are a closed set chosen by proxy/usage.py; this caps what the label can hold even
-# if that set grows, so the series arithmetic in docs/metrics.md stays true.
+# Endpoint names are a closed set chosen by proxy/usage/facts.py; this caps what the label can
+# hold even if that set grows, so the series arithmetic in docs/metrics.md stays true.
 MAX_ENDPOINTS = 16
 
 # LLM requests last from milliseconds (a rejection) to an hour (the default total_s).
@@ -84,12 +84,14 @@ class Spec:
 
 
 _RM = ("route", "model")
+# Spend and savings per caller: the `auth.keys` names (or "anonymous"), plus "none".
+_RMC = (*_RM, "client")
 
 REQUESTS = Spec(
     "hangup_requests_total",
     "counter",
-    "Requests finished, by the one terminal outcome each request ends in.",
-    ("route", "model", "outcome"),
+    "Requests finished, by the one terminal outcome each request ends in, and client.",
+    ("route", "model", "outcome", "client"),
 )
 RESPONSES = Spec(
     "hangup_responses_total",
@@ -107,8 +109,8 @@ TIMEOUTS = Spec(
 TOKENS = Spec(
     "hangup_tokens_total",
     "counter",
-    "Tokens used (reported by the upstream or estimated), by type prompt|completion.",
-    (*_RM, "type"),
+    "Tokens used (reported by the upstream or estimated), by type prompt|completion, and client.",
+    (*_RM, "type", "client"),
 )
 TOKENS_ESTIMATED = Spec(
     "hangup_tokens_estimated_total",
@@ -141,7 +143,7 @@ TOKENS_SAVED = Spec(
     "counter",
     "Completion tokens not generated because hangup closed the upstream (estimate; compute "
     "saved: dollars only where the upstream's billing stops, see hangup_cost_saved_usd_total).",
-    _RM,
+    _RMC,
 )
 TOKENS_SAVED_UPPER = Spec(
     "hangup_tokens_saved_upper_bound_total",
@@ -160,13 +162,13 @@ COST = Spec(
     "hangup_cost_usd_total",
     "counter",
     "Money spent, in USD, at configured prices.",
-    _RM,
+    _RMC,
 )
 COST_SAVED = Spec(
     "hangup_cost_saved_usd_total",
     "counter",
     "Money not spent because hangup closed the upstream, in USD (estimate).",
-    _RM,
+    _RMC,
 )
 COST_WASTED = Spec(
     "hangup_cost_wasted_usd_total",
@@ -353,6 +355,7 @@ def series_bound(
     max_models: int,
     upstreams: int = 0,
     abort_upstreams: int = 0,
+    clients: int = 1,
 ) -> int:
     """The most series one process can export; docs/metrics.md walks through this sum.
 
@@ -360,6 +363,8 @@ def series_bound(
     appear in the `upstream` label.
     Every record-driven metric can also see route="none" (a request refused before routing), and
     the model label holds the configured models, `max_models` admitted ones, "other" and "none".
+    `clients` is the number of `auth.keys` entries (1, "anonymous", without keys); the client
+    label adds "none" (refused before the caller was known).
     A histogram child is len(buckets) + 1 (+Inf) bucket series, plus _sum and _count.
     """
     sizes = {
@@ -377,6 +382,7 @@ def series_bound(
         "event": len(HEDGE_EVENTS),
         "reason": len(WASTE_REASONS),
         "version": 1,
+        "client": clients + 1,
     }
     total = 0
     for spec in ALL:

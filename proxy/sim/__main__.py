@@ -1,4 +1,5 @@
-"""Run the simulated provider on its own: ``python -m proxy.sim --port 9000 --tokens-per-s 50``.
+"""Run the simulated provider on its own: ``hangup simulate --port 9000 --tokens-per-s 50``
+(or ``python -m proxy.sim ...``).
 
 Stops on SIGINT or SIGTERM, cancelling in-flight streams and background jobs.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -16,7 +18,7 @@ from proxy.sim.provider import SimulatedProvider
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m proxy.sim",
+        prog="hangup simulate",
         description="OpenAI-compatible simulated provider (behaviour chosen by model name).",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -47,6 +49,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class _CannotListen(Exception):
+    pass
+
+
 async def _serve(args: argparse.Namespace) -> None:
     sim = SimulatedProvider(
         tokens_per_s=args.tokens_per_s,
@@ -61,7 +67,10 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    url = await sim.start(args.host, args.port)
+    try:
+        url = await sim.start(args.host, args.port)
+    except OSError as exc:  # the port is taken, or the address is not ours to bind
+        raise _CannotListen(exc) from exc
     # One line on stdout so a parent process (benchmarks, `hangup demo`) can read the URL.
     print(f"simulated provider listening on {url}", flush=True)
     try:
@@ -72,12 +81,23 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    if args.uvloop:
-        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    try:
+        if args.uvloop:
+            import uvloop  # type: ignore[import-not-found,unused-ignore]
 
-        uvloop.run(_serve(args))
-    else:
-        asyncio.run(_serve(args))
+            uvloop.run(_serve(args))
+        else:
+            asyncio.run(_serve(args))
+    except _CannotListen as failure:
+        exc = failure.__cause__
+        assert isinstance(exc, OSError)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        print(
+            f"hangup simulate: cannot listen on {args.host}:{args.port}: {reason} "
+            "(pick another with --port, or --port 0 for any free one)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -114,6 +114,7 @@ class StreamUsageTracker:
         "finish_reason",
         "malformed_events",
         "response_id",
+        "response_model",
     )
 
     def __init__(self, facts: RequestFacts, *, fast: bool = True) -> None:
@@ -125,6 +126,7 @@ class StreamUsageTracker:
         self.malformed_events = 0  # data that is not a JSON object (counted as OTHER)
         self.response_id: str | None = None  # Responses API, from response.created
         self.finish_reason: str | None = None  # the last one seen (chat/completions)
+        self.response_model: str | None = None  # the first chunk's "model" (for traces)
         self.error: str | None = None  # message of an in-band error event
         self.done = False
         self._estimated = 0
@@ -184,6 +186,10 @@ class StreamUsageTracker:
             self.error = _error_message(error)
             return EventKind.ERROR
         result = EventKind.OTHER
+        if self.response_model is None:
+            model = obj.get("model")
+            if isinstance(model, str):
+                self.response_model = model[:256]
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:

@@ -1,0 +1,216 @@
+"""The OpenTelemetry side of tracing: sampler, resource and OTLP/HTTP exporter from the standard
+OTEL_* environment variables, and finished spans built from a finished record.
+
+The spans are built directly as `ReadableSpan`s with the ids chosen when the request arrived
+(`proxy.tracing.context`) and the record's own timestamps, then handed to a
+`BatchSpanProcessor`. That processor's queue is a bounded deque drained by its own thread: a
+request never waits for an export, and with the collector down the queue stays at its bound
+(`tracing.max_queue_spans`, or OTEL_BSP_MAX_QUEUE_SIZE) and newer spans push out older ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+from multidict import CIMultiDict
+from opentelemetry.context import Context
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+    TraceState,
+    get_current_span,
+    set_span_in_context,
+)
+from yarl import URL
+
+from proxy import __version__
+from proxy.config import HangupConfig
+from proxy.outcome import RequestRecord
+from proxy.tracing import ENDPOINT_VARS, Tracing, TracingUnavailable
+from proxy.tracing.attributes import (
+    attempt_attributes,
+    error_type,
+    server_attributes,
+    span_name,
+)
+from proxy.tracing.context import (
+    SAMPLED,
+    Parent,
+    TraceIds,
+    new_span_id,
+    new_trace_id,
+    parse_traceparent,
+)
+
+_DEFAULT_BATCH = 512  # the SDK's OTEL_BSP_MAX_EXPORT_BATCH_SIZE default
+
+
+def _flags(sampled: bool) -> TraceFlags:
+    return TraceFlags(SAMPLED if sampled else 0)
+
+
+def _parent_context(parent: Parent | None) -> Context:
+    if parent is None:
+        return Context()
+    state = TraceState.from_header([parent.tracestate]) if parent.tracestate else None
+    span = NonRecordingSpan(
+        SpanContext(
+            parent.trace_id,
+            parent.span_id,
+            is_remote=True,
+            trace_flags=_flags(parent.sampled),
+            trace_state=state,
+        )
+    )
+    return set_span_in_context(span)
+
+
+def check_exporter(env: Mapping[str, str]) -> None:
+    exporter = env.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() or "otlp"
+    if exporter != "otlp":
+        raise TracingUnavailable(f"OTEL_TRACES_EXPORTER={exporter}: hangup exports OTLP only")
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+        or "http/protobuf"
+    ).strip()
+    if protocol != "http/protobuf":
+        raise TracingUnavailable(
+            f"OTLP protocol {protocol!r}: hangup exports OTLP over HTTP (http/protobuf, port "
+            "4318 on a collector); set OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf"
+        )
+
+
+class OtelTracing(Tracing):
+    enabled = True
+
+    def __init__(self, config: HangupConfig, env: Mapping[str, str]) -> None:
+        check_exporter(env)
+        tracing = config.tracing
+        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win; the config only fills the gap.
+        resource = Resource.create()
+        if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({SERVICE_NAME: tracing.service_name}))
+        self._resource = resource
+        # The provider reads OTEL_TRACES_SAMPLER(_ARG); only its sampler is used.
+        self._sampler = TracerProvider(resource=resource, shutdown_on_exit=False).sampler
+        endpoint = None if any(env.get(v) for v in ENDPOINT_VARS) else tracing.endpoint
+        queue = None if env.get("OTEL_BSP_MAX_QUEUE_SIZE") else tracing.max_queue_spans
+        batch = None
+        if queue is not None and not env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
+            batch = min(_DEFAULT_BATCH, queue)
+        self._processor = BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue, max_export_batch_size=batch
+        )
+        self._scope = InstrumentationScope("hangup", __version__)
+        self._servers: dict[str, tuple[str | None, int | None]] = {}
+        for name, upstream in config.upstreams.items():
+            url = URL(upstream.base_url)
+            self._servers[name] = (url.host, url.port)
+
+    def arrived(self, record: RequestRecord, headers: Mapping[str, str]) -> None:
+        parent = parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
+        trace_id = parent.trace_id if parent is not None else new_trace_id()
+        decision = self._sampler.should_sample(
+            _parent_context(parent), trace_id, "hangup", SpanKind.SERVER
+        ).decision
+        sampled = decision is Decision.RECORD_AND_SAMPLE
+        record.trace = TraceIds(trace_id, new_span_id(), parent, sampled)
+
+    def attempt(self, record: RequestRecord, headers: CIMultiDict[str], now: float) -> None:
+        trace = record.trace
+        if trace is not None:
+            headers["traceparent"] = trace.begin_attempt(now, record.upstream_closed_at)
+
+    def finished(self, record: RequestRecord) -> None:
+        trace = record.trace
+        if trace is None or not trace.sampled:
+            return
+        for span in self.spans(record, trace):
+            self._processor.on_end(span)
+
+    def spans(self, record: RequestRecord, trace: TraceIds) -> list[ReadableSpan]:
+        """The request's SERVER span and one CLIENT span per upstream attempt."""
+
+        def ns(t: float) -> int:
+            return int((record.wall_started_at + (t - record.started_at)) * 1e9)
+
+        ended_at = record.ended_at if record.ended_at is not None else record.started_at
+        flags = _flags(trace.sampled)
+        parent = trace.parent
+        client_span = _parent_context(parent)
+        state = None
+        remote: SpanContext | None = None
+        if parent is not None:
+            remote = get_current_span(client_span).get_span_context()
+            state = remote.trace_state
+        server = SpanContext(trace.trace_id, trace.span_id, False, flags, state)
+        error = error_type(record)
+        status = Status(StatusCode.ERROR, error) if error is not None else Status(StatusCode.UNSET)
+        events = []
+        if record.client_gone_at is not None:
+            events.append(Event("hangup.client_gone", timestamp=ns(record.client_gone_at)))
+        spans = [
+            ReadableSpan(
+                span_name(record),
+                context=server,
+                parent=remote,
+                resource=self._resource,
+                attributes=server_attributes(record),
+                events=events,
+                kind=SpanKind.SERVER,
+                status=status,
+                start_time=ns(record.started_at),
+                end_time=ns(ended_at),
+                instrumentation_scope=self._scope,
+            )
+        ]
+        host, port = self._servers.get(record.upstream or "", (None, None))
+        last = len(trace.attempts) - 1
+        for index, attempt in enumerate(trace.attempts):
+            end = attempt.ended_at
+            if end is None:
+                end = record.upstream_closed_at if index == last else attempt.started_at
+            attributes = attempt_attributes(
+                record, index, last=index == last, server_address=host, port=port
+            )
+            attempt_error = attributes.get("error.type")
+            spans.append(
+                ReadableSpan(
+                    span_name(record),
+                    context=SpanContext(trace.trace_id, attempt.span_id, False, flags, state),
+                    parent=server,
+                    resource=self._resource,
+                    attributes=attributes,
+                    kind=SpanKind.CLIENT,
+                    status=(
+                        Status(StatusCode.ERROR, str(attempt_error))
+                        if attempt_error is not None
+                        else Status(StatusCode.UNSET)
+                    ),
+                    start_time=ns(attempt.started_at),
+                    end_time=ns(end if end is not None else ended_at),
+                    instrumentation_scope=self._scope,
+                )
+            )
+        return spans
+
+    def close(self, timeout_s: float) -> None:
+        # BatchSpanProcessor.shutdown() waits up to 30 s for a last export (longer than any
+        # shutdown budget when the collector is down): bound it; the thread is a daemon.
+        closer = threading.Thread(
+            target=self._processor.shutdown, name="hangup-trace-flush", daemon=True
+        )
+        closer.start()
+        closer.join(timeout_s)
