@@ -88,7 +88,12 @@ class Auth:
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise Unauthorized("missing bearer token: send Authorization: Bearer <hangup key>")
+            # Worded so the log's secret redaction (which blanks the word after "Bearer ")
+            # leaves it readable.
+            raise Unauthorized(
+                "missing API key: this proxy wants one of its auth.keys in the Authorization "
+                "header (scheme Bearer)"
+            )
         # surrogateescape: non-UTF-8 bytes (kept by aiohttp as lone surrogates) are a wrong key.
         presented = token.strip().encode("utf-8", "surrogateescape")
         found: Caller | None = None
