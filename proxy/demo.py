@@ -26,6 +26,8 @@ from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
 
 DEMO_MODEL = "demo-model"
+STALL_MODEL = "stall:after=20"
+KEEPALIVE_MODEL = "slow-first-token:delay=60,keepalive=0.2"
 # Demo prices, USD per million tokens (the order of magnitude of a mid-size hosted model).
 DEMO_PRICES = {"input_per_mtok": 2.5, "cached_input_per_mtok": 1.25, "output_per_mtok": 10.0}
 
@@ -47,7 +49,8 @@ def demo_config(upstream_url: str, port: int) -> HangupConfig:
                     "expected_completion_tokens": 400,
                 }
             ],
-            "prices": {DEMO_MODEL: DEMO_PRICES, "stall:after=20": DEMO_PRICES},
+            # Every model the demo sends is priced, so its summary has no "unpriced" request.
+            "prices": {model: DEMO_PRICES for model in (DEMO_MODEL, STALL_MODEL, KEEPALIVE_MODEL)},
             "logging": {"access_log": False},
         }
     )
@@ -154,7 +157,7 @@ async def run_demo(port: int, keep_running: bool) -> int:
 
             _say("\n3. An upstream stalls after 20 tokens (idle_s=1.5 on this route):")
             chunks, error = await _stream(
-                session, base, "stall:after=20", max_tokens=500, request_id="demo-stall"
+                session, base, STALL_MODEL, max_tokens=500, request_id="demo-stall"
             )
             _say(f"   got {chunks} tokens, then: {error}")
 
@@ -162,7 +165,7 @@ async def run_demo(port: int, keep_running: bool) -> int:
             chunks, error = await _stream(
                 session,
                 base,
-                "slow-first-token:delay=60,keepalive=0.2",
+                KEEPALIVE_MODEL,
                 max_tokens=50,
                 request_id="demo-keepalive",
             )

@@ -128,4 +128,6 @@ async def test_demo_runs_and_summarises() -> None:
     assert "over 8 hang-ups (measured at the upstream, as above)" in text
     assert "price           demo-model: input $2.50" in text
     assert "timeouts.idle_s=1.5 exceeded" in text and "timeouts.first_token_s=2 exceeded" in text
+    # Every model the demo uses is priced: a newcomer should not meet an "unpriced" request.
+    assert "unpriced requests: 0" in text
     assert time.monotonic() - started < 90

@@ -60,3 +60,40 @@ def test_no_config_anywhere_says_what_to_do(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "pass --config PATH, set HANGUP_CONFIG, or give --upstream URL" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "simulate"])
+def test_demo_and_simulate_say_one_line_when_their_port_is_taken(command: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        done = run(command, "--port", port, *(["--exit"] if command == "demo" else []))
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"hangup {command}: cannot listen on 127.0.0.1:{port}: Address already in use "
+        "(pick another with --port, or --port 0 for any free one)"
+    ]
+
+
+def test_simulate_help_names_the_command_a_user_typed() -> None:
+    done = run("simulate", "--help")
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: hangup simulate")
+    assert "python -m proxy.sim" not in done.stdout
+
+
+def test_tracing_that_cannot_run_is_a_config_error_before_start(tmp_path: Path) -> None:
+    data = sim_config("http://127.0.0.1:9/v1", tracing={"enabled": True})
+    config = write_config(tmp_path / "hangup.yaml", data)
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "--config", str(config)],
+        cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "OTLP protocol 'grpc': hangup exports OTLP over HTTP" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -147,7 +147,7 @@ def test_environment_defaults_and_values_are_used(
     assert ":8: shutdown.grace_s: must be a valid number" in capsys.readouterr().err
     monkeypatch.setenv("HANGUP_TEST_GRACE", "12")
     assert main(["check-config", str(path)]) == 0
-    assert capsys.readouterr().out == f"{path}: OK (1 upstreams, routes: default)\n"
+    assert capsys.readouterr().out == f"{path}: OK (1 upstream, routes: default)\n"
 
 
 def test_check_config_reads_hangup_config_by_default(
