@@ -430,9 +430,9 @@ class TracingConfig(_Model):
     # The OTLP/HTTP traces URL, e.g. http://otel-collector:4318/v1/traces.
     endpoint: str | None = None
     service_name: str = "hangup"
-    # Finished spans waiting for export; past this, new spans are dropped (counted in the log),
-    # so a collector that is down never grows memory.
-    max_queue_spans: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
+    # Finished requests waiting for export (each becomes 1 + attempts spans); past this the
+    # oldest are dropped (a warning in the log), so a collector that is down never grows memory.
+    max_queued_requests: Annotated[int, Field(ge=1, le=1_000_000)] = 2048
 
 
 class HangupConfig(_Model):

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
-from proxy.tracing.otel import OtelTracing
+from proxy.tracing.otel import OtelTracing, PendingTrace
 from tests.conftest import StartProxy, chat
 from tests.otlp_receiver import CLIENT, SERVER, STATUS_ERROR, OtlpReceiver
 from tests.support import Blackhole, RawClient, RecordSink, config_from
@@ -264,9 +264,14 @@ def _closed_port() -> str:
     return f"http://127.0.0.1:{port}/v1/traces"
 
 
-def _live_spans() -> int:
+def _live_traces() -> tuple[int, int]:
+    """(requests waiting for export, spans built) alive in this process now."""
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, ReadableSpan))
+    objects = gc.get_objects()
+    return (
+        sum(1 for o in objects if isinstance(o, PendingTrace)),
+        sum(1 for o in objects if isinstance(o, ReadableSpan)),
+    )
 
 
 @pytest.mark.parametrize("collector", ["closed-port", "blackhole"])
@@ -284,10 +289,10 @@ async def test_a_dead_collector_neither_blocks_requests_nor_grows_memory(
     blackhole = Blackhole() if collector == "blackhole" else None
     endpoint = _closed_port() if blackhole is None else f"{blackhole.url}/traces"
     data = traced_config(sim.base_url, endpoint)
-    data["tracing"]["max_queue_spans"] = QUEUE
+    data["tracing"]["max_queued_requests"] = QUEUE
     server, sink = await start_proxy(config_from(data))
     assert isinstance(server.state.tracing, OtelTracing)
-    before = _live_spans()
+    pending_before, spans_before = _live_traces()
     body = json.dumps(chat("gpt-4o-mini:rate=0", stream=False)).encode()
     try:
         async with asyncio.timeout(25), aiohttp.ClientSession() as session:
@@ -303,8 +308,11 @@ async def test_a_dead_collector_neither_blocks_requests_nor_grows_memory(
         if blackhole is not None:
             # The exporter was stuck connecting the whole time.
             assert blackhole.syn_sent() > blackhole.baseline
-        # 600 spans were made; at most a full queue and one batch in export are alive.
-        assert _live_spans() - before <= QUEUE + BATCH
+        # 300 requests finished; at most a full queue and one batch in export are alive, and
+        # the spans of at most that one batch.
+        pending, spans = _live_traces()
+        assert pending - pending_before <= QUEUE + BATCH
+        assert spans - spans_before <= 2 * BATCH
     finally:
         if blackhole is not None:
             blackhole.close()

@@ -1,24 +1,26 @@
 """The OpenTelemetry side of tracing: sampler, resource and OTLP/HTTP exporter from the standard
 OTEL_* environment variables, and finished spans built from a finished record.
 
-The spans are built directly as `ReadableSpan`s with the ids chosen when the request arrived
-(`proxy.tracing.context`) and the record's own timestamps, then handed to a
-`BatchSpanProcessor`. That processor's queue is a bounded deque drained by its own thread: a
-request never waits for an export, and with the collector down the queue stays at its bound
-(`tracing.max_queue_spans`, or OTEL_BSP_MAX_QUEUE_SIZE) and newer spans push out older ones.
+The event loop only queues the finished record (a few microseconds): a `BatchSpanProcessor`
+holds it in its bounded deque, and its own thread builds the spans (`ReadableSpan`s with the
+ids chosen when the request arrived, see `proxy.tracing.context`, and the record's own
+timestamps) just before encoding and sending them. A request never waits for an export, and
+with the collector down the queue stays at its bound (`tracing.max_queued_requests`, or
+OTEL_BSP_MAX_QUEUE_SIZE, counted in requests) and newer requests push out older ones.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from multidict import CIMultiDict
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
@@ -54,6 +56,40 @@ from proxy.tracing.context import (
 )
 
 _DEFAULT_BATCH = 512  # the SDK's OTEL_BSP_MAX_EXPORT_BATCH_SIZE default
+_SAMPLED_FLAGS = TraceFlags(SAMPLED)
+
+
+class _SampledMarker:
+    __slots__ = ()
+    trace_flags = _SAMPLED_FLAGS
+
+
+class PendingTrace:
+    """A finished, sampled request waiting in the export queue; its spans are built on the
+    exporter's thread. (The processor only reads `.context.trace_flags.sampled`.)"""
+
+    __slots__ = ("record", "trace")
+    context = _SampledMarker()
+
+    def __init__(self, record: RequestRecord, trace: TraceIds) -> None:
+        self.record, self.trace = record, trace
+
+
+class _Expanding(SpanExporter):
+    """Builds each pending request's spans, then hands them all to the OTLP exporter."""
+
+    def __init__(self, inner: SpanExporter, tracing: OtelTracing) -> None:
+        self._inner, self._tracing = inner, tracing
+
+    def export(self, spans: Sequence[Any]) -> SpanExportResult:
+        built = [s for p in spans for s in self._tracing.spans(p.record, p.trace)]
+        return self._inner.export(built)
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
 
 
 def _flags(sampled: bool) -> TraceFlags:
@@ -106,12 +142,14 @@ class OtelTracing(Tracing):
         # The provider reads OTEL_TRACES_SAMPLER(_ARG); only its sampler is used.
         self._sampler = TracerProvider(resource=resource, shutdown_on_exit=False).sampler
         endpoint = None if any(env.get(v) for v in ENDPOINT_VARS) else tracing.endpoint
-        queue = None if env.get("OTEL_BSP_MAX_QUEUE_SIZE") else tracing.max_queue_spans
+        queue = None if env.get("OTEL_BSP_MAX_QUEUE_SIZE") else tracing.max_queued_requests
         batch = None
         if queue is not None and not env.get("OTEL_BSP_MAX_EXPORT_BATCH_SIZE"):
             batch = min(_DEFAULT_BATCH, queue)
         self._processor = BatchSpanProcessor(
-            OTLPSpanExporter(endpoint=endpoint), max_queue_size=queue, max_export_batch_size=batch
+            _Expanding(OTLPSpanExporter(endpoint=endpoint), self),
+            max_queue_size=queue,
+            max_export_batch_size=batch,
         )
         self._scope = InstrumentationScope("hangup", __version__)
         self._servers: dict[str, tuple[str | None, int | None]] = {}
@@ -137,8 +175,8 @@ class OtelTracing(Tracing):
         trace = record.trace
         if trace is None or not trace.sampled:
             return
-        for span in self.spans(record, trace):
-            self._processor.on_end(span)
+        # The record is complete and nothing writes to it any more: the export thread may read.
+        self._processor.on_end(PendingTrace(record, trace))  # type: ignore[arg-type]
 
     def spans(self, record: RequestRecord, trace: TraceIds) -> list[ReadableSpan]:
         """The request's SERVER span and one CLIENT span per upstream attempt."""
