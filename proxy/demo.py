@@ -197,7 +197,8 @@ async def run_demo(port: int, keep_running: bool) -> int:
                 f"\nThe proxy stays up. Try:\n  curl -sN {base}/v1/chat/completions "
                 f'-H \'Content-Type: application/json\' -d \'{{"model":"{DEMO_MODEL}",'
                 f'"stream":true,"messages":[{{"role":"user","content":"hi"}}]}}\''
-                f"\n  curl -s {base}/metrics | grep hangup_\nCtrl-C to stop."
+                f"\n  curl -s {base}/metrics | grep hangup_"
+                f"\n  hangup stats {base} --watch 2\nCtrl-C to stop."
             )
             await _wait_for_interrupt()
     finally:

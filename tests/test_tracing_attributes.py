@@ -1,0 +1,174 @@
+"""The pure parts of tracing: W3C traceparent parsing (hostile input included) and the span
+attributes of a record, checked against the OpenTelemetry semantic-convention names the
+installed `opentelemetry-semantic-conventions` package defines, and against the docs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
+
+from proxy.outcome import Cost, Outcome, RequestRecord, Savings, TimeoutKind, Usage
+from proxy.tracing.attributes import TEXT_MAX, attempt_attributes, server_attributes, span_name
+from proxy.tracing.context import (
+    TRACESTATE_MAX,
+    TraceIds,
+    format_traceparent,
+    parse_traceparent,
+)
+from tests.cli_support import ROOT
+
+VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_a_valid_traceparent_names_its_parent() -> None:
+    parent = parse_traceparent(VALID, "vendor=abc")
+    assert parent is not None
+    assert parent.trace_id == 0x4BF92F3577B34DA6A3CE929D0E0E4736
+    assert parent.span_id == 0x00F067AA0BA902B7
+    assert parent.sampled and parent.tracestate == "vendor=abc"
+    assert format_traceparent(parent.trace_id, parent.span_id, True) == VALID
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        "",
+        VALID.upper(),  # the spec's hex is lower case
+        "ff" + VALID[2:],  # version ff is invalid
+        "00-00000000000000000000000000000000-00f067aa0ba902b7-01",  # zero trace id
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",  # zero span id
+        VALID + "-extra",  # version 00 has exactly four fields
+        VALID[:-1],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+        "x" * 10_000,
+        VALID + " " * 600,
+    ],
+)
+def test_a_malformed_traceparent_starts_a_new_trace(value: str | None) -> None:
+    assert parse_traceparent(value) is None
+
+
+def test_a_future_version_keeps_its_first_four_fields() -> None:
+    parent = parse_traceparent("01" + VALID[2:] + "-what-comes-later")
+    assert parent is not None and parent.span_id == 0x00F067AA0BA902B7
+
+
+def test_an_oversized_tracestate_is_not_passed_on() -> None:
+    parent = parse_traceparent(VALID, "k=" + "v" * TRACESTATE_MAX)
+    assert parent is not None and parent.tracestate is None
+
+
+def test_each_attempt_gets_its_own_span_and_closes_the_previous() -> None:
+    trace = TraceIds(trace_id=7, span_id=8, parent=None, sampled=False)
+    first = trace.begin_attempt(10.0, previous_closed_at=None)
+    second = trace.begin_attempt(11.0, previous_closed_at=10.5)
+    assert first != second
+    assert [a.started_at for a in trace.attempts] == [10.0, 11.0]
+    assert trace.attempts[0].ended_at == 10.5 and trace.attempts[1].ended_at is None
+    assert second == format_traceparent(7, trace.attempts[1].span_id, False)
+
+
+def full_record(**overrides: object) -> RequestRecord:
+    record = RequestRecord(
+        request_id="r1",
+        method="POST",
+        path="/v1/chat/completions",
+        started_at=100.0,
+        wall_started_at=1_700_000_000.0,
+        route="default",
+        model="gpt-4o-mini",
+        upstream="sim",
+        endpoint="chat.completions",
+        stream=True,
+        status=200,
+        upstream_status=200,
+        client="team-a",
+        client_address="127.0.0.1",
+        user_agent="OpenAI/Python 1.99.0",
+        upstream_attempts=2,
+        finish_reason="length",
+        response_model="gpt-4o-mini-2024-07-18",
+        first_token_at=100.2,
+        client_gone_at=100.5,
+        upstream_closed_at=100.501,
+        ended_at=100.6,
+        usage=Usage(prompt_tokens=10, completion_tokens=5, cached_tokens=2, reasoning_tokens=1),
+        savings=Savings(tokens_saved=100, tokens_saved_upper=200, tokens_wasted=1),
+        cost=Cost(0.1, 0.2, 0.01),
+    )
+    record.settle(Outcome.TIMEOUT, timeout_kind=TimeoutKind.IDLE)
+    for key, value in overrides.items():
+        setattr(record, key, value)
+    return record
+
+
+def every_key() -> set[str]:
+    record = full_record()
+    keys = set(server_attributes(record))
+    for last in (False, True):
+        keys |= set(attempt_attributes(record, 0, last=last, server_address="h", port=1))
+    return keys
+
+
+def test_every_gen_ai_attribute_is_a_semantic_convention_name() -> None:
+    known = {
+        value
+        for name, value in vars(gen_ai_attributes).items()
+        if name.startswith("GEN_AI_") and isinstance(value, str)
+    }
+    ours = {k for k in every_key() if k.startswith("gen_ai.")}
+    assert ours >= {
+        "gen_ai.operation.name",
+        "gen_ai.provider.name",
+        "gen_ai.request.model",
+        "gen_ai.response.model",
+        "gen_ai.response.finish_reasons",
+        "gen_ai.usage.input_tokens",
+        "gen_ai.usage.output_tokens",
+    }
+    assert ours <= known, ours - known
+
+
+def test_every_attribute_is_documented() -> None:
+    docs = (ROOT / "docs" / "observability.md").read_text()
+    missing = sorted(k for k in every_key() if f"`{k}`" not in docs)
+    assert not missing
+
+
+def test_timeout_attributes() -> None:
+    a = server_attributes(full_record())
+    assert a["error.type"] == "timeout" and a["hangup.timeout_phase"] == "idle"
+    assert a["hangup.timeout_key"] == "timeouts.idle_s"
+    assert a["hangup.cancel_propagation_ms"] == pytest.approx(1.0)
+    assert a["gen_ai.response.finish_reasons"] == ("length",)
+
+
+def test_completed_and_refused_requests_carry_no_error_type() -> None:
+    completed = full_record(outcome=Outcome.COMPLETED, timeout_kind=None)
+    assert "error.type" not in server_attributes(completed)
+    refused = full_record(outcome=Outcome.REJECTED, timeout_kind=None, status=401)
+    assert "error.type" not in server_attributes(refused)
+
+
+def test_client_text_is_bounded() -> None:
+    huge = "m" * 100_000
+    record = full_record(model=huge, path="/v1/" + huge, response_model=huge)
+    a = server_attributes(record)
+    for key in ("gen_ai.request.model", "gen_ai.response.model", "url.path"):
+        value = a[key]
+        assert isinstance(value, str) and len(value) == TEXT_MAX
+    assert len(span_name(record)) <= TEXT_MAX + len("chat ")
+
+
+def test_a_non_genai_path_is_named_by_its_method() -> None:
+    record = full_record(endpoint="other", path="/v1/models", method="GET")
+    assert span_name(record) == "GET"
+    assert not any(k.startswith("gen_ai.") for k in server_attributes(record))
+
+
+def test_attribute_names_are_dotted_lowercase() -> None:
+    for key in every_key():
+        assert re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", key), key
