@@ -6,6 +6,7 @@ text format are checked here too, as an operator reads them."""
 from __future__ import annotations
 
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,19 @@ async def test_stats_reads_a_running_proxy(sim: SimulatedProvider, tmp_path: Pat
         code, out = await run_stats(url, env={"HANGUP_METRICS_TOKEN": ""})
         assert code == 1
         assert "needs metrics.bearer_token (401" in out and "Traceback" not in out
+
+        # --watch prints again and again until Ctrl-C, which ends it quietly with 0.
+        watch = HangupProcess("stats", url, "--token", METRICS_TOKEN, "--watch", "0.2")
+        try:
+            await watch.start()
+            await watch.wait_line(
+                lambda _: watch.text.count("hangup at ") >= 3, 20, "three refreshes"
+            )
+            watch.signal(signal.SIGINT)
+            assert await watch.wait_exit(timeout=10) == 0
+        finally:
+            await watch.close()
+        assert watch.text.count("requests        5:") >= 3 and "Traceback" not in watch.text
     finally:
         await proc.close()
     code, out = await run_stats(url)
