@@ -244,8 +244,8 @@ class RequestRecord:
     client_address: str | None = None
     user_agent: str | None = None  # bounded and sanitised (see proxy/callers.py)
     upstream_attempts: int = 0  # upstream requests sent for it (retries included)
-    finish_reason: str | None = None  # the last one the upstream sent (streams)
-    response_model: str | None = None  # the model the upstream says answered (streams)
+    finish_reason: str | None = None  # the last one the upstream sent (for traces)
+    response_model: str | None = None  # the model the upstream says answered (for traces)
     trace: TraceIds | None = None  # set when tracing is on (proxy/tracing)
     # timings
     upstream_headers_at: float | None = None

@@ -26,6 +26,7 @@ from proxy.outcome import Outcome, RequestRecord
 from proxy.resilience.circuit import Circuit, Circuits
 from proxy.routing import Router
 from proxy.tracing import make_tracing
+from proxy.tracing.response import note_response_body
 from proxy.upstream import Upstreams
 
 if TYPE_CHECKING:
@@ -130,6 +131,8 @@ class ProxyState:
             if tracker is not None:
                 record.finish_reason = tracker.finish_reason
                 record.response_model = tracker.response_model
+            elif exchange.json_body is not None and record.trace and record.trace.sampled:
+                note_response_body(record, bytes(exchange.json_body), exchange.content_encoding)
             try:
                 pending = self.accountant.seal(record, exchange)
             except Exception:

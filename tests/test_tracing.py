@@ -243,7 +243,10 @@ async def test_an_unsampled_parent_exports_nothing_but_is_passed_on(
             ) as response:
                 await response.read()
     # The sampled request was sent second: once its spans are in, the first one's would be.
-    await receiver.wait_request("trace-sampled", spans=2)
+    span, _ = await receiver.wait_request("trace-sampled", spans=2)
+    # A whole (non-streamed) answer names its model and finish reason too.
+    assert span.attributes["gen_ai.response.model"] == "gpt-4o-mini"
+    assert span.attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert receiver.for_request("trace-unsampled") == []
     (sent,) = upstream_parents(sim, "trace-unsampled")
     assert sent.startswith(f"00-{TRACE_ID:032x}-") and sent.endswith("-00")
