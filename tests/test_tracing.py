@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator
@@ -284,6 +285,7 @@ async def test_a_dead_collector_neither_blocks_requests_nor_grows_memory(
     start_proxy: StartProxy,
     otel_env: None,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # An export to a blackhole hangs for the whole export timeout: 30 s. If any request waited on
     # an export, the requests below could not all finish inside that bound.
@@ -316,6 +318,12 @@ async def test_a_dead_collector_neither_blocks_requests_nor_grows_memory(
         pending, spans = _live_traces()
         assert pending - pending_before <= QUEUE + BATCH
         assert spans - spans_before <= 2 * BATCH
+        # The outage is a warning (ERROR lines are for hangup's bugs), and not one a second.
+        exporter = [r for r in caplog.records if r.name.startswith("opentelemetry.exporter")]
+        assert all(r.levelno == logging.WARNING for r in exporter), exporter
+        assert len(exporter) <= 1, [r.getMessage() for r in exporter]
+        if blackhole is None:  # refused at once: the outage is reported, once
+            assert len(exporter) == 1 and "trace export: " in exporter[0].getMessage()
     finally:
         if blackhole is not None:
             blackhole.close()

@@ -11,7 +11,9 @@ OTEL_BSP_MAX_QUEUE_SIZE, counted in requests) and newer requests push out older 
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -128,11 +130,52 @@ def check_exporter(env: Mapping[str, str]) -> None:
         )
 
 
+# The OTLP exporter's logger: it logs every failed export as an ERROR and every retry as a
+# WARNING, i.e. about once a second for as long as the collector is down.
+EXPORTER_LOGGER = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+TROUBLE_EVERY_S = 30.0
+
+
+class CollectorTrouble(logging.Filter):
+    """A collector that is down is the operator's warning, not an error (ERROR lines are for
+    hangup's own bugs), and one line per `TROUBLE_EVERY_S` says it: the rest are counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next_at = 0.0
+        self._suppressed = 0
+        self._lock = threading.Lock()  # the exporter logs from its own thread
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next_at:
+                self._suppressed += 1
+                return False
+            self._next_at = now + TROUBLE_EVERY_S
+            suppressed, self._suppressed = self._suppressed, 0
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.msg = f"trace export: {record.getMessage()}"
+        if suppressed:
+            record.msg += f" ({suppressed} similar lines in the last {TROUBLE_EVERY_S:g} s)"
+        record.args = None
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _quiet_exporter_logs() -> None:
+    logger = logging.getLogger(EXPORTER_LOGGER)
+    if not any(isinstance(f, CollectorTrouble) for f in logger.filters):
+        logger.addFilter(CollectorTrouble())
+
+
 class OtelTracing(Tracing):
     enabled = True
 
     def __init__(self, config: HangupConfig, env: Mapping[str, str]) -> None:
         check_exporter(env)
+        _quiet_exporter_logs()
         tracing = config.tracing
         # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win; the config only fills the gap.
         resource = Resource.create()
