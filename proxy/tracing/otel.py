@@ -146,6 +146,11 @@ class CollectorTrouble(logging.Filter):
         self._suppressed = 0
         self._lock = threading.Lock()  # the exporter logs from its own thread
 
+    def reset(self) -> None:
+        """Let the next line through (the filter is per process; tests start afresh)."""
+        with self._lock:
+            self._next_at, self._suppressed = 0.0, 0
+
     def filter(self, record: logging.LogRecord) -> bool:
         with self._lock:
             now = time.monotonic()
