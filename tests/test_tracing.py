@@ -330,3 +330,25 @@ async def test_a_dead_collector_neither_blocks_requests_nor_grows_memory(
     finally:
         if blackhole is not None:
             blackhole.close()
+
+
+async def test_with_tracing_off_the_clients_traceparent_passes_through_unchanged(
+    sim: SimulatedProvider, start_proxy: StartProxy, otel_env: None
+) -> None:
+    data = traced_config(sim.base_url, "http://127.0.0.1:9/v1/traces")
+    data["tracing"] = {"enabled": False}
+    server, sink = await start_proxy(config_from(data))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{server.base_url}/v1/chat/completions",
+            json=chat("gpt-4o-mini", stream=False),
+            headers={**headers("trace-off"), "tracestate": "vendor=1"},
+        ) as response,
+    ):
+        await response.read()
+    record = await sink.wait_for("trace-off")
+    assert record.trace is None
+    (upstream,) = [r for r in sim.requests if r.request_id == "trace-off"]
+    assert upstream.headers["traceparent"] == traceparent()
+    assert upstream.headers["tracestate"] == "vendor=1"

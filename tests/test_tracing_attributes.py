@@ -9,7 +9,9 @@ import re
 import pytest
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
 
+from proxy.config import TracingConfig
 from proxy.outcome import Cost, Outcome, RequestRecord, Savings, TimeoutKind, Usage
+from proxy.tracing import wanted
 from proxy.tracing.attributes import TEXT_MAX, attempt_attributes, server_attributes, span_name
 from proxy.tracing.context import (
     TRACESTATE_MAX,
@@ -172,3 +174,31 @@ def test_a_non_genai_path_is_named_by_its_method() -> None:
 def test_attribute_names_are_dotted_lowercase() -> None:
     for key in every_key():
         assert re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", key), key
+
+
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}
+
+
+@pytest.mark.parametrize(
+    ("enabled", "env", "on"),
+    [
+        ("auto", {}, False),
+        ("auto", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, True),
+        ("auto", {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, True),
+        (
+            "auto",
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "true"},
+            False,
+        ),
+        (
+            "auto",
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_TRACES_EXPORTER": "none"},
+            False,
+        ),
+        (True, {}, True),
+        (True, {"OTEL_SDK_DISABLED": "TRUE"}, False),
+        (False, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, False),
+    ],
+)
+def test_when_tracing_is_on(enabled: bool | str, env: dict[str, str], on: bool) -> None:
+    assert wanted(TracingConfig.model_validate({"enabled": enabled}), env) is on
