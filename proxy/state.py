@@ -104,12 +104,22 @@ class ProxyState:
     def arrived(self, record: RequestRecord, request: web.Request) -> None:
         """A request came in: note who sent it and which trace it continues."""
         note_caller(record, request)
-        self.tracing.arrived(record, request.headers)
+        try:
+            self.tracing.arrived(record, request.headers)
+        except Exception:  # tracing never fails a request: it goes on untraced
+            log.exception("tracing failed for request %s", record.request_id)
+            record.trace = None
 
     def attempt_starting(self, record: RequestRecord, headers: CIMultiDict[str]) -> None:
         """An upstream request is about to be sent with these headers (once per attempt)."""
         record.upstream_attempts += 1
-        self.tracing.attempt(record, headers, asyncio.get_running_loop().time())
+        if record.trace is None:
+            return
+        try:
+            self.tracing.attempt(record, headers, asyncio.get_running_loop().time())
+        except Exception:  # tracing never fails a request: it goes on untraced
+            log.exception("tracing failed for request %s", record.request_id)
+            record.trace = None
 
     def finish(self, record: RequestRecord, exchange: Exchange | None = None) -> None:
         """The single exit of every request: accounting, metrics, access log, listeners.

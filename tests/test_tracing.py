@@ -352,3 +352,32 @@ async def test_with_tracing_off_the_clients_traceparent_passes_through_unchanged
     (upstream,) = [r for r in sim.requests if r.request_id == "trace-off"]
     assert upstream.headers["traceparent"] == traceparent()
     assert upstream.headers["tracestate"] == "vendor=1"
+
+
+async def test_a_tracing_failure_never_fails_the_request(
+    sim: SimulatedProvider,
+    start_proxy: StartProxy,
+    receiver: OtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, sink = await traced_proxy(start_proxy, sim, receiver)
+    tracing = server.state.tracing
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("a bug in tracing")
+
+    for hook in ("arrived", "attempt", "finished"):
+        monkeypatch.setattr(tracing, hook, broken)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{server.base_url}/v1/chat/completions",
+                json=chat("gpt-4o-mini", stream=True),
+                headers=headers(f"broken-{hook}"),
+            ) as response,
+        ):
+            assert response.status == 200
+            assert (await response.read()).endswith(b"data: [DONE]\n\n")
+        record = await sink.wait_for(f"broken-{hook}")
+        assert record.outcome is not None and record.outcome.value == "completed"
+        monkeypatch.undo()
