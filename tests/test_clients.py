@@ -52,13 +52,17 @@ def sim_tokens_per_s() -> float:
 
 def clients_config(upstream: str | None, **top: Any) -> dict[str, Any]:
     assert upstream is not None
-    return sim_config(
+    data = sim_config(
         upstream,
         auth={"keys": [{"name": "team-a", "key": KEY_A}, KEY_BARE]},
         metrics={"bearer_token": METRICS_TOKEN},
         prices={MODEL: PRICE},
         **top,
     )
+    # Billed like a hosted provider whose bill stops at a hang-up, so hanging up saves dollars
+    # (a loopback upstream is otherwise self-hosted: tokens saved, no dollars).
+    data["upstreams"]["sim"]["billing"] = {"stream": "stops"}
+    return data
 
 
 def chat_body(stream: bool, **extra: Any) -> dict[str, Any]:

@@ -155,6 +155,19 @@ def test_completed_and_refused_requests_carry_no_error_type() -> None:
     assert "error.type" not in server_attributes(refused)
 
 
+def test_an_upstream_refusal_is_the_attempts_error_not_the_servers() -> None:
+    record = full_record(
+        outcome=Outcome.UPSTREAM_REJECTED, timeout_kind=None, status=404, upstream_status=404
+    )
+    assert "error.type" not in server_attributes(record)
+    attempt = attempt_attributes(record, 0, last=True, server_address="h", port=1)
+    assert attempt["error.type"] == "404"
+    limited = full_record(
+        outcome=Outcome.RATE_LIMITED, timeout_kind=None, status=429, upstream_status=429
+    )
+    assert server_attributes(limited)["error.type"] == "rate_limited"
+
+
 def test_client_text_is_bounded() -> None:
     huge = "m" * 100_000
     record = full_record(model=huge, path="/v1/" + huge, response_model=huge)

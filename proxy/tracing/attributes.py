@@ -30,10 +30,13 @@ OPERATIONS: Final[Mapping[str, str]] = {
 # Model names and paths are client text: bounded, like every other attribute from a request.
 TEXT_MAX: Final = 256
 # Outcomes that end a request in error, and the error.type each is reported as.
+# (upstream_rejected, a 4xx from the upstream, is the client's error: on the SERVER span no
+# error.type, as for our own refusals; the attempt's CLIENT span has the status as error.type.)
 _ERROR_TYPES: Final[Mapping[Outcome, str]] = {
     Outcome.CLIENT_CANCELLED: "client_cancelled",
     Outcome.TIMEOUT: "timeout",
     Outcome.UPSTREAM_ERROR: "upstream_error",
+    Outcome.RATE_LIMITED: "rate_limited",
     Outcome.SHUTDOWN: "shutdown",
     Outcome.INTERNAL_ERROR: "internal_error",
 }
@@ -124,6 +127,7 @@ def server_attributes(record: RequestRecord) -> Attributes:
     if usage.prompt_estimated or usage.completion_estimated:
         out["hangup.usage_estimated"] = True
     if record.savings is not None:
+        out["hangup.billing"] = record.savings.billing
         out["hangup.tokens_saved"] = record.savings.tokens_saved
         out["hangup.tokens_wasted"] = record.savings.tokens_wasted
         if record.savings.tokens_saved_upper is not None:
@@ -173,6 +177,9 @@ def attempt_attributes(
         out["gen_ai.usage.input_tokens"] = record.usage.prompt_tokens
         out["gen_ai.usage.output_tokens"] = record.usage.completion_tokens
     error = error_type(record)
+    if error is None and record.upstream_status is not None and record.upstream_status >= 400:
+        # A client span's error is the status it got (the HTTP conventions' error.type).
+        error = str(record.upstream_status)
     if error is not None:
         out["error.type"] = error
     return out
