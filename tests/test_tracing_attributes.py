@@ -178,6 +178,14 @@ def test_client_text_is_bounded() -> None:
     assert len(span_name(record)) <= TEXT_MAX + len("chat ")
 
 
+def test_a_key_in_client_text_is_redacted_as_in_the_log() -> None:
+    key = "sk-proj-abcdefghijklmnop0123456789"
+    record = full_record(model=key, request_id=f"id {key}", user_agent=f"agent {key}")
+    a = server_attributes(record)
+    assert key not in repr(a) and key not in span_name(record)
+    assert a["hangup.request_id"] == "id [redacted]"
+
+
 def test_a_non_genai_path_is_named_by_its_method() -> None:
     record = full_record(endpoint="other", path="/v1/models", method="GET")
     assert span_name(record) == "GET"

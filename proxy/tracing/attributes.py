@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from proxy.logs import redact
 from proxy.outcome import Outcome, RequestRecord
 
 AttributeValue = str | bool | int | float | tuple[str, ...]
@@ -43,7 +44,9 @@ _ERROR_TYPES: Final[Mapping[Outcome, str]] = {
 
 
 def _text(value: str) -> str:
-    return value if len(value) <= TEXT_MAX else value[:TEXT_MAX]
+    """Client or upstream text as an attribute: bounded, and through the same secret redaction
+    as the log (a key pasted into a model name or a request id must not reach a trace store)."""
+    return redact(value if len(value) <= TEXT_MAX else value[:TEXT_MAX])
 
 
 def operation(record: RequestRecord) -> str | None:
@@ -97,14 +100,14 @@ def server_attributes(record: RequestRecord) -> Attributes:
     out: Attributes = {
         "http.request.method": record.method,
         "url.path": _text(record.path),
-        "hangup.request_id": record.request_id,
+        "hangup.request_id": _text(record.request_id),
     }
     if record.status is not None:
         out["http.response.status_code"] = record.status
     if record.client_address is not None:
         out["client.address"] = record.client_address
     if record.user_agent is not None:
-        out["user_agent.original"] = record.user_agent
+        out["user_agent.original"] = _text(record.user_agent)
     if record.client is not None:
         out["hangup.client"] = record.client
     if record.route is not None:
