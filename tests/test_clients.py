@@ -13,9 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.logs import access_fields
 from proxy.sim import SimulatedProvider
+from proxy.tracing.context import TraceIds
 from tests import test_metrics_prometheus as prometheus_tests
 from tests.cli_support import (
+    ROOT,
     HangupProcess,
     Line,
     one_per_request,
@@ -28,6 +31,7 @@ from tests.metrics_support import parse, total
 from tests.prometheus_support import dashboard_exprs, scrape_config, substitute
 from tests.support import RawClient
 from tests.test_metrics_prometheus import StartPrometheus
+from tests.test_tracing_attributes import full_record
 
 # Not sk-shaped: the log redaction would hide sk- keys and so mask a leak.
 # The real-Prometheus fixtures of the metrics contract tests, used here as they are.
@@ -389,3 +393,13 @@ async def test_dashboard_client_panels_show_each_clients_spend_in_prometheus(
     assert saved.get("team-a", 0) > 0 and saved.get("key-1", 0) == 0
     for secret in SECRETS:
         assert secret not in text
+
+
+def test_every_access_log_field_is_documented() -> None:
+    record = full_record(sdk_retry_count=1, background_response_id="resp_1")
+    record.trace = TraceIds(trace_id=1, span_id=2, parent=None, sampled=True)
+    fields = access_fields(record)
+    docs = (ROOT / "docs" / "observability.md").read_text()
+    names = set(fields) | set(fields["tokens"])
+    missing = sorted(name for name in names if f"`{name}`" not in docs)
+    assert not missing
