@@ -248,7 +248,8 @@ async def test_stats_reads_a_running_proxy(sim: SimulatedProvider, tmp_path: Pat
             assert await watch.wait_exit(timeout=10) == 0
         finally:
             await watch.close()
-        assert watch.text.count("requests        5:") >= 3 and "Traceback" not in watch.text
+        # (6 requests by now: the refused token-less scrape above is a rejected request too)
+        assert watch.text.count("\nrequests        6:") >= 3 and "Traceback" not in watch.text
     finally:
         await proc.close()
     code, out = await run_stats(url)

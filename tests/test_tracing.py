@@ -381,3 +381,27 @@ async def test_a_tracing_failure_never_fails_the_request(
         record = await sink.wait_for(f"broken-{hook}")
         assert record.outcome is not None and record.outcome.value == "completed"
         monkeypatch.undo()
+
+
+async def test_a_configured_secret_never_reaches_a_span(
+    sim: SimulatedProvider, start_proxy: StartProxy, receiver: OtlpReceiver
+) -> None:
+    """A configured secret that no pattern recognises, sent back in the model field (as an
+    upstream echoing it, or a client pasting it, would), is masked by exact value."""
+    secret = "org-7f3a9c2e51d84b60"
+    data = traced_config(sim.base_url, receiver.url)
+    data["upstreams"]["sim"]["headers"] = {"openai-organization": secret}
+    server, _ = await start_proxy(config_from(data))
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            f"{server.base_url}/v1/chat/completions",
+            json=chat(secret, stream=True),
+            headers=headers("trace-secret"),
+        ) as response,
+    ):
+        await response.read()
+    span, _ = await receiver.wait_request("trace-secret", spans=2)
+    assert span.attributes["gen_ai.request.model"] == "*" * len(secret)
+    assert span.span.name == "chat " + "*" * len(secret)
+    assert not any(secret.encode() in body for body in receiver.bodies)

@@ -41,8 +41,10 @@ from yarl import URL
 from proxy import __version__
 from proxy.config import HangupConfig
 from proxy.outcome import RequestRecord
+from proxy.secrets import Secrets, configured_secrets
 from proxy.tracing import ENDPOINT_VARS, Tracing, TracingUnavailable
 from proxy.tracing.attributes import (
+    Attributes,
     attempt_attributes,
     error_type,
     server_attributes,
@@ -204,6 +206,9 @@ class OtelTracing(Tracing):
         for name, upstream in config.upstreams.items():
             url = URL(upstream.base_url)
             self._servers[name] = (url.host, url.port)
+        # Exact-value scrubbing of every configured secret, as for responses and log lines
+        # (proxy/secrets.py): an upstream echoing its injected key into "model" stays out.
+        self._secrets = Secrets(configured_secrets(config))
 
     def arrived(self, record: RequestRecord, headers: Mapping[str, str]) -> None:
         parent = parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
@@ -226,8 +231,22 @@ class OtelTracing(Tracing):
         # The record is complete and nothing writes to it any more: the export thread may read.
         self._processor.on_end(PendingTrace(record, trace))  # type: ignore[arg-type]
 
+    def _scrubbed(self, attributes: Attributes) -> Attributes:
+        secrets = self._secrets
+        if not secrets:
+            return attributes
+        out: Attributes = {}
+        for key, value in attributes.items():
+            if isinstance(value, str):
+                value = secrets.text(value)
+            elif isinstance(value, tuple):
+                value = tuple(secrets.text(v) for v in value)
+            out[key] = value
+        return out
+
     def spans(self, record: RequestRecord, trace: TraceIds) -> list[ReadableSpan]:
         """The request's SERVER span and one CLIENT span per upstream attempt."""
+        name = self._secrets.text(span_name(record)) if self._secrets else span_name(record)
 
         def ns(t: float) -> int:
             return int((record.wall_started_at + (t - record.started_at)) * 1e9)
@@ -249,11 +268,11 @@ class OtelTracing(Tracing):
             events.append(Event("hangup.client_gone", timestamp=ns(record.client_gone_at)))
         spans = [
             ReadableSpan(
-                span_name(record),
+                name,
                 context=server,
                 parent=remote,
                 resource=self._resource,
-                attributes=server_attributes(record),
+                attributes=self._scrubbed(server_attributes(record)),
                 events=events,
                 kind=SpanKind.SERVER,
                 status=status,
@@ -274,11 +293,11 @@ class OtelTracing(Tracing):
             attempt_error = attributes.get("error.type")
             spans.append(
                 ReadableSpan(
-                    span_name(record),
+                    name,
                     context=SpanContext(trace.trace_id, attempt.span_id, False, flags, state),
                     parent=server,
                     resource=self._resource,
-                    attributes=attributes,
+                    attributes=self._scrubbed(attributes),
                     kind=SpanKind.CLIENT,
                     status=(
                         Status(StatusCode.ERROR, str(attempt_error))
