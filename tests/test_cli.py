@@ -97,3 +97,24 @@ def test_tracing_that_cannot_run_is_a_config_error_before_start(tmp_path: Path) 
     assert done.returncode == 2
     assert "OTLP protocol 'grpc': hangup exports OTLP over HTTP" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_tracing_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None:
+    """As on an install without hangup[otel]: the opentelemetry package cannot be imported."""
+    config = write_config(
+        tmp_path / "hangup.yaml", sim_config("http://127.0.0.1:9/v1", tracing={"enabled": True})
+    )
+    code = (
+        "import sys; sys.modules['opentelemetry'] = None; "
+        "from proxy.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "check-config", str(config)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "OpenTelemetry is not installed" in done.stderr
+    assert "pip install 'hangup[otel]'" in done.stderr and "Traceback" not in done.stderr
