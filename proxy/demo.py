@@ -52,6 +52,9 @@ def demo_config(upstream_url: str, port: int) -> HangupConfig:
             # Every model the demo sends is priced, so its summary has no "unpriced" request.
             "prices": {model: DEMO_PRICES for model in (DEMO_MODEL, STALL_MODEL, KEEPALIVE_MODEL)},
             "logging": {"access_log": False},
+            # Not traced, whatever OTEL_* variables the user's shell has: the demo is about
+            # hanging up, and must run without the otel extra.
+            "tracing": {"enabled": False},
         }
     )
 

@@ -118,3 +118,12 @@ def test_tracing_without_the_extra_says_how_to_install_it(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "OpenTelemetry is not installed" in done.stderr
     assert "pip install 'hangup[otel]'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_demo_is_never_traced_whatever_the_shell_sets() -> None:
+    """A newcomer's OTEL_EXPORTER_OTLP_ENDPOINT must not make `hangup demo` need the extra."""
+    from proxy.demo import demo_config
+    from proxy.tracing import wanted
+
+    config = demo_config("http://127.0.0.1:9/v1", 0)
+    assert not wanted(config.tracing, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})
