@@ -26,6 +26,11 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 _MAX_BODY = 64 * 1024 * 1024
 
 
+# No HTTP(S)_PROXY from the environment: the proxy's /metrics is read directly (a corporate
+# proxy would not reach 127.0.0.1, and must not be handed the metrics token).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 class StatsError(Exception):
     """Why the metrics could not be read, as one line for the user."""
 
@@ -46,7 +51,7 @@ def fetch(url: str, token: str | None, timeout_s: float = 5.0) -> str:
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with _OPENER.open(request, timeout=timeout_s) as response:
             body: bytes = response.read(_MAX_BODY)
     except urllib.error.HTTPError as exc:
         if exc.code == 401:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -192,8 +193,13 @@ def stats_counts(output: str) -> dict[str, float]:
 
 
 async def run_stats(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """`hangup stats ARGS` in a subprocess: its exit code and everything it printed."""
-    proc = HangupProcess("stats", *args, env=env)
+    """`hangup stats ARGS` in a subprocess: its exit code and everything it printed. An HTTP
+    proxy in the environment that nothing listens on: stats must read /metrics directly."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    proxy_env = {"http_proxy": dead, "HTTP_PROXY": dead, "no_proxy": "", "NO_PROXY": ""}
+    proc = HangupProcess("stats", *args, env={**proxy_env, **(env or {})})
     try:
         await proc.start()
         code = await proc.wait_exit(timeout=20)
