@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,6 +23,9 @@ from proxy.metrics import schema, summarize_text
 
 TOKEN_ENV = "HANGUP_METRICS_TOKEN"
 DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_CONFIG = "config/hangup.yaml"  # as for `hangup run`
+# A proxy listening on every address is read on loopback.
+_WILDCARD = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 # A scrape of a healthy proxy is a few hundred KiB at most (see docs/metrics.md on series).
 _MAX_BODY = 64 * 1024 * 1024
 
@@ -106,6 +110,27 @@ def render(url: str, text: str) -> str:
     return "\n".join(out)
 
 
+def from_config(path: str | None) -> tuple[str, str | None] | None:
+    """(metrics URL, scrape token) of the proxy a config file describes, when there is one:
+    `--config`, else $HANGUP_CONFIG, else config/hangup.yaml if present. None without a file."""
+    from proxy.config import ConfigError, load_config
+
+    chosen = path or os.environ.get("HANGUP_CONFIG") or DEFAULT_CONFIG
+    if path is None and not os.environ.get("HANGUP_CONFIG") and not Path(chosen).exists():
+        return None
+    try:
+        config = load_config(chosen)
+    except ConfigError as exc:
+        raise StatsError(f"config error: {exc}") from exc
+    host = _WILDCARD.get(config.listen.host, config.listen.host)
+    shown = f"[{host}]" if ":" in host else host
+    token = config.metrics.bearer_token
+    return (
+        f"http://{shown}:{config.listen.port}{config.metrics.path}",
+        token.get_secret_value() if token is not None else None,
+    )
+
+
 def main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(
         prog="hangup stats",
@@ -115,12 +140,18 @@ def main(argv: Sequence[str]) -> int:
     p.add_argument(
         "url",
         nargs="?",
-        default=DEFAULT_URL,
-        help=f"the proxy's base URL or its metrics URL (default {DEFAULT_URL})",
+        help="the proxy's base URL or its metrics URL (default: the listen address and "
+        f"metrics.path of the config file, else {DEFAULT_URL})",
+    )
+    p.add_argument(
+        "--config",
+        help=f"read the URL and metrics.bearer_token from this config (default: $HANGUP_CONFIG, "
+        f"else {DEFAULT_CONFIG} if present)",
     )
     p.add_argument(
         "--token",
-        help=f"metrics.bearer_token, if the proxy sets one (default: ${TOKEN_ENV})",
+        help=f"metrics.bearer_token, if the proxy sets one (default: ${TOKEN_ENV}, else the "
+        "config's)",
     )
     p.add_argument(
         "--watch",
@@ -131,8 +162,20 @@ def main(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     if args.watch is not None and args.watch <= 0:
         p.error("--watch must be a positive number of seconds")
-    url = metrics_url(args.url)
+    configured: tuple[str, str | None] | None = None
+    if args.url is None or args.config is not None:
+        try:
+            configured = from_config(args.config)
+        except StatsError as exc:
+            print(f"hangup stats: {exc}", file=sys.stderr)
+            return 2
+    if args.url is not None:
+        url = metrics_url(args.url)
+    else:
+        url = configured[0] if configured is not None else metrics_url(DEFAULT_URL)
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if token is None and configured is not None:
+        token = configured[1]
     clear = args.watch is not None and sys.stdout.isatty()
     try:
         while True:

@@ -236,6 +236,16 @@ async def test_stats_reads_a_running_proxy(sim: SimulatedProvider, tmp_path: Pat
         assert f"${a_used:,.4f} used" in team_a
         assert "cancel -> close p50" in out
 
+        # Without a URL or token: both from the config file (its listen address and
+        # metrics.bearer_token), here a copy of the running proxy's with its real port.
+        port = int(url.rsplit(":", 1)[1])
+        running = clients_config(sim.base_url, listen={"host": "0.0.0.0", "port": port})
+        copy = write_config(tmp_path / "running.yaml", running)
+        code, out = await run_stats("--config", str(copy))
+        assert code == 0, out
+        assert f"hangup at http://127.0.0.1:{port}/metrics" in out
+        assert stats_counts(out)["total"] == 5
+
         # The token from the environment works too; without one, a single clear line.
         code, out = await run_stats(url, env={"HANGUP_METRICS_TOKEN": METRICS_TOKEN})
         assert code == 0 and stats_counts(out)["total"] == 5
