@@ -354,7 +354,7 @@ class Exchange(Downstream):
             watchdog.rearm()
 
         method = self.request.method
-        self.state.attempt_starting(record, plan.targets[index].headers)
+        self.state.attempt_starting(record, plan.targets[index].headers, attempt)
         racers = [Racer(self.state.upstreams, method, plan, index, attempt, headers_sent)]
 
         def make_hedge() -> Racer | None:
@@ -365,7 +365,7 @@ class Exchange(Downstream):
             hedge = Attempt(target.upstream_name, target.model, loop.time(), "hedge")
             record.attempts.append(hedge)
             self.chooser.circuit(target.upstream_name).allows(loop.time())
-            self.state.attempt_starting(record, target.headers)
+            self.state.attempt_starting(record, target.headers, hedge)
             racer = Racer(self.state.upstreams, method, plan, j, hedge, headers_sent)
             racers.append(racer)
             return racer
@@ -425,7 +425,7 @@ class Exchange(Downstream):
             remaining = deadlines.remaining(loop.time())
             if remaining is not None:
                 headers[options.deadline_header] = str(int(remaining * 1000))
-        self.state.attempt_starting(record, headers)
+        self.state.attempt_starting(record, headers, attempt)
         named = self.state.aborts.name_attempt(plan, target, record)
         self._sent[id(attempt)] = (target, named)
         opened = self.state.upstreams.attempt(

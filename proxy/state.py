@@ -110,13 +110,15 @@ class ProxyState:
             log.exception("tracing failed for request %s", record.request_id)
             record.trace = None
 
-    def attempt_starting(self, record: RequestRecord, headers: CIMultiDict[str]) -> None:
-        """An upstream request is about to be sent with these headers (once per attempt)."""
+    def attempt_starting(
+        self, record: RequestRecord, headers: CIMultiDict[str], attempt: Attempt
+    ) -> None:
+        """`attempt` is about to send its upstream request with these headers."""
         record.upstream_attempts += 1
         if record.trace is None:
             return
         try:
-            self.tracing.attempt(record, headers, asyncio.get_running_loop().time())
+            self.tracing.attempt(record, headers, attempt)
         except Exception:  # tracing never fails a request: it goes on untraced
             log.exception("tracing failed for request %s", record.request_id)
             record.trace = None

@@ -202,8 +202,17 @@ async def test_retried_request_has_one_client_span_per_attempt(
     first, second = attempts
     assert {first.parent_span_id, second.parent_span_id} == {span.span_id}
     assert first.span_id != second.span_id
-    assert first.attributes["hangup.retried"] is True
+    assert first.attributes["hangup.attempt.reason"] == "primary"
+    assert first.attributes["hangup.attempt.result"] == "server_error"
+    assert first.attributes["error.type"] == "server_error"
+    assert first.attributes["http.response.status_code"] == 503
+    assert second.attributes["hangup.attempt.reason"] == "retry"
     assert second.attributes["http.response.status_code"] == 503
+    assert second.attributes["error.type"] in ("503", "server_error")
+    # Each span has its attempt's own times.
+    assert [s.span.start_time_unix_nano for s in attempts] == sorted(
+        s.span.start_time_unix_nano for s in attempts
+    )
     assert first.span.end_time_unix_nano <= second.span.start_time_unix_nano
     # Each attempt told the upstream its own span id.
     assert upstream_parents(sim, "trace-retry") == [
@@ -405,3 +414,69 @@ async def test_a_configured_secret_never_reaches_a_span(
     assert span.attributes["gen_ai.request.model"] == "*" * len(secret)
     assert span.span.name == "chat " + "*" * len(secret)
     assert not any(secret.encode() in body for body in receiver.bodies)
+
+
+async def test_a_fallback_and_a_hedge_each_get_their_own_client_span(
+    sim: SimulatedProvider, start_proxy: StartProxy, receiver: OtlpReceiver
+) -> None:
+    """Resilience's attempts: a primary that cannot be reached falls back to the simulator; a
+    slow primary is hedged by a fast target running in parallel. Every attempt is a CLIENT
+    span with its own target, reason, result and times, and every upstream request carried its
+    own attempt's span as parent."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    data = traced_config(sim.base_url, receiver.url)
+    data["upstreams"] = {
+        "down": {"base_url": down},
+        "slow": {"base_url": sim.base_url},
+        "sim": {"base_url": sim.base_url},
+    }
+    data["routes"] = [
+        {
+            "name": "fallback",
+            "match": {"model": "fb-*"},
+            "upstream": "down",
+            "fallbacks": [{"upstream": "sim", "model": "gpt-4o-mini"}],
+        },
+        {
+            "name": "hedged",
+            "upstream": "slow",
+            "hedge_after_s": 0.2,
+            "fallbacks": [{"upstream": "sim", "model": "gpt-4o-mini"}],
+        },
+    ]
+    server, _ = await start_proxy(config_from(data))
+    async with aiohttp.ClientSession() as session:
+        for request_id, model in (
+            ("trace-fallback", "fb-model"),
+            ("trace-hedge", "slow-first-token:delay=2"),
+        ):
+            async with session.post(
+                f"{server.base_url}/v1/chat/completions",
+                json=chat(model, stream=True),
+                headers=headers(request_id),
+            ) as response:
+                assert response.status == 200
+                await response.read()
+
+    span, (first, second) = await receiver.wait_request("trace-fallback", spans=3)
+    assert first.attributes["hangup.upstream"] == "down"
+    assert first.attributes["hangup.attempt.result"] == "connect_error"
+    assert first.attributes["error.type"] == "connect_error"
+    assert first.attributes["server.port"] == int(down.rsplit(":", 1)[1].split("/")[0])
+    assert second.attributes["hangup.upstream"] == "sim"
+    assert second.attributes["hangup.attempt.reason"] == "fallback"
+    assert second.attributes["gen_ai.request.model"] == "gpt-4o-mini"
+    assert "error.type" not in second.attributes and "error.type" not in span.attributes
+    assert upstream_parents(sim, "trace-fallback") == [traceparent(TRACE_ID, second.span_id)]
+
+    span, (primary, hedge) = await receiver.wait_request("trace-hedge", spans=3)
+    assert primary.attributes["hangup.upstream"] == "slow"
+    assert hedge.attributes["hangup.attempt.reason"] == "hedge"
+    assert hedge.attributes["hangup.attempt.result"] == "ok"
+    assert primary.attributes["error.type"] == "abandoned"  # the loser, closed by hangup
+    # They ran in parallel: the hedge began before the primary ended.
+    assert hedge.span.start_time_unix_nano < primary.span.end_time_unix_nano
+    sent = sorted(upstream_parents(sim, "trace-hedge"))
+    assert sent == sorted(traceparent(TRACE_ID, s.span_id) for s in (primary, hedge))

@@ -9,6 +9,7 @@ import re
 import pytest
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes
 
+from proxy.attempts import Attempt, AttemptResult
 from proxy.config import TracingConfig
 from proxy.outcome import Cost, Outcome, RequestRecord, Savings, TimeoutKind, Usage
 from proxy.tracing import wanted
@@ -63,13 +64,13 @@ def test_an_oversized_tracestate_is_not_passed_on() -> None:
     assert parent is not None and parent.tracestate is None
 
 
-def test_each_attempt_gets_its_own_span_and_closes_the_previous() -> None:
+def test_each_attempt_gets_its_own_span_id() -> None:
     trace = TraceIds(trace_id=7, span_id=8, parent=None, sampled=False)
-    first = trace.begin_attempt(10.0, previous_closed_at=None)
-    second = trace.begin_attempt(11.0, previous_closed_at=10.5)
+    first_attempt, second_attempt = attempts()
+    first = trace.begin_attempt(first_attempt)
+    second = trace.begin_attempt(second_attempt)
     assert first != second
-    assert [a.started_at for a in trace.attempts] == [10.0, 11.0]
-    assert trace.attempts[0].ended_at == 10.5 and trace.attempts[1].ended_at is None
+    assert [a.attempt for a in trace.attempts] == [first_attempt, second_attempt]
     assert second == format_traceparent(7, trace.attempts[1].span_id, False)
 
 
@@ -107,12 +108,37 @@ def full_record(**overrides: object) -> RequestRecord:
     return record
 
 
+def attempts() -> tuple[Attempt, Attempt]:
+    """A retried 503, then the delivered answer."""
+    failed = Attempt("sim", "gpt-4o-mini", 100.0, "primary", status=503, tokens_generated=0)
+    failed.end(AttemptResult.SERVER_ERROR, 100.1, "upstream answered 503")
+    delivered = Attempt("sim", "gpt-4o-mini", 100.15, "retry", status=200, delivered=True)
+    delivered.tokens_generated = 5
+    delivered.end(AttemptResult.OK, 100.6)
+    return failed, delivered
+
+
 def every_key() -> set[str]:
     record = full_record()
+    record.attempts = list(attempts())
     keys = set(server_attributes(record))
-    for last in (False, True):
-        keys |= set(attempt_attributes(record, 0, last=last, server_address="h", port=1))
+    for i, attempt in enumerate(record.attempts):
+        keys |= set(attempt_attributes(record, i, attempt, server_address="h", port=1))
     return keys
+
+
+def test_each_attempt_span_describes_its_own_attempt() -> None:
+    record = full_record(outcome=Outcome.COMPLETED, timeout_kind=None)
+    failed, delivered = record.attempts = list(attempts())
+    first = attempt_attributes(record, 0, failed, server_address="h", port=1)
+    assert first["hangup.attempt.reason"] == "primary"
+    assert first["hangup.attempt.result"] == "server_error"
+    assert first["error.type"] == "server_error" and first["http.response.status_code"] == 503
+    assert "gen_ai.usage.input_tokens" not in first  # the client's answer is not its
+    second = attempt_attributes(record, 1, delivered, server_address="h", port=1)
+    assert second["hangup.attempt.reason"] == "retry" and "error.type" not in second
+    assert second["gen_ai.usage.output_tokens"] == record.usage.completion_tokens
+    assert second["gen_ai.response.finish_reasons"] == ("length",)
 
 
 def test_every_gen_ai_attribute_is_a_semantic_convention_name() -> None:
@@ -160,7 +186,9 @@ def test_an_upstream_refusal_is_the_attempts_error_not_the_servers() -> None:
         outcome=Outcome.UPSTREAM_REJECTED, timeout_kind=None, status=404, upstream_status=404
     )
     assert "error.type" not in server_attributes(record)
-    attempt = attempt_attributes(record, 0, last=True, server_address="h", port=1)
+    answered = Attempt("sim", "gpt-4o-mini", 100.0, status=404, delivered=True)
+    answered.end(AttemptResult.OK, 100.1)
+    attempt = attempt_attributes(record, 0, answered, server_address="h", port=1)
     assert attempt["error.type"] == "404"
     limited = full_record(
         outcome=Outcome.RATE_LIMITED, timeout_kind=None, status=429, upstream_status=429

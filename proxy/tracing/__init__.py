@@ -4,8 +4,9 @@ Three calls, each a no-op when tracing is off (the default without OTEL_* settin
 
 * `arrived(record, headers)`: read the client's `traceparent`, choose the trace and the request's
   span id, decide sampling;
-* `attempt(record, headers)`: before each upstream request, a new attempt span id written into
-  the upstream's `traceparent` (the one thing that cannot wait for the record to finish);
+* `attempt(record, headers, attempt)`: before each upstream request (retry, fallback, hedge),
+  a new span id for that `Attempt`, written into the upstream's `traceparent` (the one thing that
+  cannot wait for the record to finish);
 * `finished(record)`: build the SERVER span and one CLIENT span per attempt from the record's own
   timestamps and hand them to a bounded batch exporter running on its own thread.
 
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 
 from multidict import CIMultiDict
 
+from proxy.attempts import Attempt
 from proxy.config import HangupConfig, TracingConfig
 from proxy.outcome import RequestRecord
 
@@ -38,7 +40,7 @@ class Tracing:
     def arrived(self, record: RequestRecord, headers: Mapping[str, str]) -> None:
         pass
 
-    def attempt(self, record: RequestRecord, headers: CIMultiDict[str], now: float) -> None:
+    def attempt(self, record: RequestRecord, headers: CIMultiDict[str], attempt: Attempt) -> None:
         pass
 
     def finished(self, record: RequestRecord) -> None:

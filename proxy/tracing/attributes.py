@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
+from proxy.attempts import Attempt, AttemptResult
 from proxy.logs import redact
 from proxy.outcome import Outcome, RequestRecord
 
@@ -148,41 +149,63 @@ def server_attributes(record: RequestRecord) -> Attributes:
     return out
 
 
+def attempt_error_type(record: RequestRecord, attempt: Attempt) -> str | None:
+    """An attempt's error.type: its result when that was not `ok` (an attempt hangup gave up on
+    says why the request ended: client gone, a deadline), else a 4xx/5xx status it relayed, else
+    for the answer the client got, whatever ended the request."""
+    result = attempt.result
+    if result is AttemptResult.ABANDONED:
+        return error_type(record) or "abandoned"
+    if result is not None and result is not AttemptResult.OK:
+        return str(result.value)
+    if attempt.status is not None and attempt.status >= 400:
+        return str(attempt.status)
+    if attempt.delivered or result is None:
+        return error_type(record)
+    return None
+
+
 def attempt_attributes(
-    record: RequestRecord, index: int, *, last: bool, server_address: str | None, port: int | None
+    record: RequestRecord,
+    index: int,
+    attempt: Attempt,
+    *,
+    server_address: str | None,
+    port: int | None,
 ) -> Attributes:
-    """The CLIENT span of upstream attempt `index` (0-based). Only the last attempt's answer
-    is on the record; an earlier one was retried, which means it failed."""
-    out: Attributes = {"http.request.method": record.method, "hangup.attempt": index}
-    if record.upstream is not None:
-        out["hangup.upstream"] = record.upstream
+    """The CLIENT span of upstream attempt `index` (0-based, in the order they were sent)."""
+    out: Attributes = {
+        "http.request.method": record.method,
+        "hangup.attempt": index,
+        "hangup.attempt.reason": attempt.reason,
+        "hangup.upstream": attempt.upstream,
+    }
+    if attempt.result is not None:
+        out["hangup.attempt.result"] = attempt.result.value
     if server_address is not None:
         out["server.address"] = server_address
     if port is not None:
         out["server.port"] = port
+    if attempt.status is not None:
+        out["http.response.status_code"] = attempt.status
     op = operation(record)
     if op is not None:
         out["gen_ai.operation.name"] = op
         out["gen_ai.provider.name"] = PROVIDER
-        if record.model:
-            out["gen_ai.request.model"] = _text(record.model)
-    if not last:
-        out["error.type"] = "upstream_error"
-        out["hangup.retried"] = True
-        return out
-    if record.upstream_status is not None:
-        out["http.response.status_code"] = record.upstream_status
-    if op is not None:
-        if record.response_model:
-            out["gen_ai.response.model"] = _text(record.response_model)
-        if record.finish_reason:
-            out["gen_ai.response.finish_reasons"] = (_text(record.finish_reason),)
-        out["gen_ai.usage.input_tokens"] = record.usage.prompt_tokens
-        out["gen_ai.usage.output_tokens"] = record.usage.completion_tokens
-    error = error_type(record)
-    if error is None and record.upstream_status is not None and record.upstream_status >= 400:
-        # A client span's error is the status it got (the HTTP conventions' error.type).
-        error = str(record.upstream_status)
+        model = attempt.model or record.model
+        if model:
+            out["gen_ai.request.model"] = _text(model)
+        if attempt.tokens_generated:
+            out["gen_ai.usage.output_tokens"] = attempt.tokens_generated
+        if attempt.delivered or len(record.attempts) <= 1:
+            # The answer the client got: the record's usage and response details are its own.
+            if record.response_model:
+                out["gen_ai.response.model"] = _text(record.response_model)
+            if record.finish_reason:
+                out["gen_ai.response.finish_reasons"] = (_text(record.finish_reason),)
+            out["gen_ai.usage.input_tokens"] = record.usage.prompt_tokens
+            out["gen_ai.usage.output_tokens"] = record.usage.completion_tokens
+    error = attempt_error_type(record, attempt)
     if error is not None:
         out["error.type"] = error
     return out

@@ -11,6 +11,10 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from proxy.attempts import Attempt
 
 # version "00": exactly four fields. A higher version may append fields after a "-"; its first
 # four keep this shape (the spec's forward-compatibility rule). Version "ff" is invalid.
@@ -73,12 +77,12 @@ def new_span_id() -> int:
 
 @dataclass(slots=True)
 class AttemptSpan:
-    """The CLIENT span of one upstream attempt: its id, sent upstream, and when it ran
-    (`loop.time()` seconds, like the record's other times)."""
+    """The CLIENT span of one upstream attempt: its id (sent upstream in `traceparent`) and the
+    record's `Attempt` it belongs to (timings, status and result are read from it at the end,
+    so retries, fallbacks and parallel hedges are all described by their own attempt)."""
 
     span_id: int
-    started_at: float
-    ended_at: float | None = None
+    attempt: Attempt
 
 
 @dataclass(slots=True)
@@ -92,10 +96,8 @@ class TraceIds:
     sampled: bool
     attempts: list[AttemptSpan] = field(default_factory=list)
 
-    def begin_attempt(self, now: float, previous_closed_at: float | None) -> str:
-        """A new attempt span starting `now`; the `traceparent` the upstream must get."""
-        if self.attempts and self.attempts[-1].ended_at is None:
-            self.attempts[-1].ended_at = previous_closed_at
-        attempt = AttemptSpan(new_span_id(), now)
-        self.attempts.append(attempt)
-        return format_traceparent(self.trace_id, attempt.span_id, self.sampled)
+    def begin_attempt(self, attempt: Attempt) -> str:
+        """A new span for `attempt`; the `traceparent` its upstream request must carry."""
+        span = AttemptSpan(new_span_id(), attempt)
+        self.attempts.append(span)
+        return format_traceparent(self.trace_id, span.span_id, self.sampled)

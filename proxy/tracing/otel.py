@@ -39,6 +39,7 @@ from opentelemetry.trace import (
 from yarl import URL
 
 from proxy import __version__
+from proxy.attempts import Attempt
 from proxy.config import HangupConfig
 from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, configured_secrets
@@ -219,10 +220,10 @@ class OtelTracing(Tracing):
         sampled = decision is Decision.RECORD_AND_SAMPLE
         record.trace = TraceIds(trace_id, new_span_id(), parent, sampled)
 
-    def attempt(self, record: RequestRecord, headers: CIMultiDict[str], now: float) -> None:
+    def attempt(self, record: RequestRecord, headers: CIMultiDict[str], attempt: Attempt) -> None:
         trace = record.trace
         if trace is not None:
-            headers["traceparent"] = trace.begin_attempt(now, record.upstream_closed_at)
+            headers["traceparent"] = trace.begin_attempt(attempt)
 
     def finished(self, record: RequestRecord) -> None:
         trace = record.trace
@@ -281,20 +282,18 @@ class OtelTracing(Tracing):
                 instrumentation_scope=self._scope,
             )
         ]
-        host, port = self._servers.get(record.upstream or "", (None, None))
-        last = len(trace.attempts) - 1
-        for index, attempt in enumerate(trace.attempts):
-            end = attempt.ended_at
-            if end is None:
-                end = record.upstream_closed_at if index == last else attempt.started_at
-            attributes = attempt_attributes(
-                record, index, last=index == last, server_address=host, port=port
-            )
+        for index, span in enumerate(trace.attempts):
+            attempt = span.attempt
+            host, port = self._servers.get(attempt.upstream, (None, None))
+            attributes = attempt_attributes(record, index, attempt, server_address=host, port=port)
             attempt_error = attributes.get("error.type")
+            end = attempt.closed_at
+            if end is None:
+                end = record.upstream_closed_at if record.upstream_closed_at else ended_at
             spans.append(
                 ReadableSpan(
                     name,
-                    context=SpanContext(trace.trace_id, attempt.span_id, False, flags, state),
+                    context=SpanContext(trace.trace_id, span.span_id, False, flags, state),
                     parent=server,
                     resource=self._resource,
                     attributes=self._scrubbed(attributes),
@@ -305,7 +304,7 @@ class OtelTracing(Tracing):
                         else Status(StatusCode.UNSET)
                     ),
                     start_time=ns(attempt.started_at),
-                    end_time=ns(end if end is not None else ended_at),
+                    end_time=ns(max(end, attempt.started_at)),
                     instrumentation_scope=self._scope,
                 )
             )
