@@ -24,6 +24,7 @@ from typing import Any
 from multidict import CIMultiDict
 
 from bench.common import PY, contention, free_port, http_get, machine, report, table, wait_http
+from proxy.attempts import Attempt, AttemptResult
 from proxy.config import HangupConfig
 from proxy.outcome import Cost, Outcome, RequestRecord, Usage
 from proxy.tracing import Tracing, make_tracing
@@ -83,6 +84,10 @@ def _record(i: int) -> RequestRecord:
         usage=Usage(prompt_tokens=20, completion_tokens=16),
         cost=Cost(0.0001, 0.0, 0.0),
     )
+    attempt = Attempt("sim", "gpt-4o-mini", 1000.01, status=200, delivered=True)
+    attempt.tokens_generated = 16
+    attempt.end(AttemptResult.OK, 1000.9)
+    record.attempts.append(attempt)
     record.settle(Outcome.COMPLETED)
     return record
 
@@ -112,7 +117,7 @@ def _run(variant: str, n: int, endpoint: str) -> dict[str, Any]:
     for record in records:
         before = time.thread_time()
         tracing.arrived(record, headers)
-        tracing.attempt(record, CIMultiDict(), 1000.01)
+        tracing.attempt(record, CIMultiDict(), record.attempts[0])
         tracing.finished(record)
         loop_cpu += time.thread_time() - before
     tracing.close(timeout_s=120.0)  # exports everything still queued, then stops the thread
