@@ -119,8 +119,8 @@ def _access_text(f: dict[str, Any]) -> str:
         parts.append(f"cost=${cost['used']:.6f}")
     if f.get("cancel_propagation_ms") is not None:
         parts.append(f"cancel->close={f['cancel_propagation_ms']:.2f}ms")
-    if f.get("upstream_attempts", 1) > 1:
-        parts.append(f"attempts={f['upstream_attempts']}")
+    if f.get("attempts") is not None:  # the chain, when there was more than one or one failed
+        parts.append(f"attempts={f['attempts']}")
     for key in ("client_address", "request_id", "trace_id"):
         if f.get(key) is not None:
             parts.append(f"{key}={f[key]}")
