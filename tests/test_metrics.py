@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -372,7 +373,9 @@ def test_render_is_prometheus_text_without_created_samples() -> None:
     assert not any(n.endswith("_created") for n in names)
 
 
-def test_setting_the_multiprocess_variable_too_late_is_refused(tmp_path, monkeypatch) -> None:
+def test_setting_the_multiprocess_variable_too_late_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="before the hangup process starts"):
         new_metrics()

@@ -8,6 +8,7 @@ import time
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.outcome import Outcome
 from proxy.server import ProxyServer
@@ -16,7 +17,7 @@ from tests.support import RecordSink
 
 CLOSE_BOUND_S = 0.050
 LONG = "normal:tokens=100000,rate=200"
-MESSAGES = [{"role": "user", "content": "Tell me a story."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
 
 
 def _clients(server: ProxyServer) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
@@ -176,7 +177,7 @@ async def test_cancelling_the_task(
         result = await client.chat.completions.create(
             model=LONG, messages=MESSAGES, stream=stream, extra_headers={"x-request-id": request_id}
         )
-        if stream:
+        if isinstance(result, openai.AsyncStream):
             received = 0
             async for _ in result:
                 received += 1
