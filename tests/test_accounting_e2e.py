@@ -293,7 +293,7 @@ async def test_a_stream_cut_after_n_chunks_saves_the_route_default_less_what_was
     print(
         f"{path}: client saw {seen}, sim sent {sent_at_close} at the close and "
         f"{sim_record.content_tokens_sent} in all; proxy counted {generated}, "
-        f"saved {saved}, upper {MAX_TOKENS - generated}, wasted {record.savings.tokens_wasted}"
+        f"saved {saved}, upper {MAX_TOKENS - generated}, wasted {savings.tokens_wasted}"
     )
 
 
