@@ -261,6 +261,76 @@ class Tee:
             await self._server.wait_closed()
 
 
+class LateFin:
+    """A TCP forwarder that makes the keep-alive race happen every time: when the upstream
+    closes a connection, the close is held back from the proxy until the proxy sends its next
+    request on it; that request is then dropped and the connection closed, before any answer.
+
+    That is what a proxy sees when it reuses a pooled connection whose FIN is still in flight:
+    the write succeeds, then the connection ends. `raced` counts the requests it happened to."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.raced = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> LateFin:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.update((writer, up_writer))
+        upstream_closed = asyncio.Event()
+
+        async def to_upstream() -> None:
+            try:
+                while data := await reader.read(65536):
+                    if upstream_closed.is_set():
+                        self.raced += 1  # a request on a connection the upstream closed
+                        break
+                    up_writer.write(data)
+                    await up_writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+                up_writer.close()
+
+        async def from_upstream() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            upstream_closed.set()  # ...and the proxy is not told
+
+        await asyncio.gather(to_upstream(), from_upstream())
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for writer in self._writers:
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
 def http_body(raw: bytes) -> bytes:
     """The (de-chunked) body of the first HTTP response in `raw`."""
     import http.client

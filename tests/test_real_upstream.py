@@ -8,14 +8,10 @@ import asyncio
 import pytest
 
 from proxy.server import ProxyServer
-from tests.real_upstream import LlamaServer, available, idle_after
+from tests.real_upstream import LlamaServer, idle_after
 from tests.support import RawClient, RecordSink
 
 pytestmark = [pytest.mark.real_upstream, pytest.mark.slow]
-
-_why_not = available()
-if _why_not is not None:
-    pytestmark.append(pytest.mark.skip(reason=_why_not))
 
 PROMPT = [{"role": "user", "content": "Tell me a very long story."}]
 
