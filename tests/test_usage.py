@@ -127,6 +127,8 @@ def test_inspect_request_treats_wrong_types_as_absent() -> None:
 
 
 def test_prompt_estimate_chat() -> None:
+    # The documented rule (docs/accounting.md, "Prompt tokens"), case by case; whether the rule
+    # is any good is test_prompt_estimate_is_near_what_openai_reported's question.
     body = {
         "messages": [
             {"role": "system", "content": "You are terse."},  # 14 characters
@@ -154,6 +156,100 @@ def test_prompt_estimate_chat() -> None:
     }
     chars = 2 + len("typefunctionfunctionnameget_weatherparameters")
     assert inspect_request(CHAT, tools).prompt_tokens_estimate == -(-chars // 4) + 4 + 3
+
+
+# Requests with the prompt_tokens the OpenAI API reported for them: the OpenAI cookbook's
+# "How to count tokens with tiktoken" (sections 6 and 7, recorded outputs of the notebook).
+COOKBOOK_PROMPTS: list[tuple[dict[str, Any], dict[str, int]]] = [
+    (
+        {
+            "messages": [
+                {
+                    "role": "system",
+                    "content": "You are a helpful, pattern-following assistant that translates "
+                    "corporate jargon into plain English.",
+                },
+                {
+                    "role": "system",
+                    "name": "example_user",
+                    "content": "New synergies will help drive top-line growth.",
+                },
+                {
+                    "role": "system",
+                    "name": "example_assistant",
+                    "content": "Things working well together will increase revenue.",
+                },
+                {
+                    "role": "system",
+                    "name": "example_user",
+                    "content": "Let's circle back when we have more bandwidth to touch base on "
+                    "opportunities for increased leverage.",
+                },
+                {
+                    "role": "system",
+                    "name": "example_assistant",
+                    "content": "Let's talk later when we're less busy about how to do better.",
+                },
+                {
+                    "role": "user",
+                    "content": "This late pivot means we don't have time to boil the ocean for "
+                    "the client deliverable.",
+                },
+            ]
+        },
+        {"gpt-3.5-turbo": 129, "gpt-4": 129, "gpt-4o": 124, "gpt-4o-mini": 124},
+    ),
+    (
+        {
+            "messages": [
+                {
+                    "role": "system",
+                    "content": "You are a helpful assistant that can answer to questions about "
+                    "the weather.",
+                },
+                {"role": "user", "content": "What's the weather like in San Francisco?"},
+            ],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "get_current_weather",
+                        "description": "Get the current weather in a given location",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {
+                                "location": {
+                                    "type": "string",
+                                    "description": "The city and state, e.g. San Francisco, CA",
+                                },
+                                "unit": {
+                                    "type": "string",
+                                    "description": "The unit of temperature to return",
+                                    "enum": ["celsius", "fahrenheit"],
+                                },
+                            },
+                            "required": ["location"],
+                        },
+                    },
+                }
+            ],
+        },
+        {"gpt-3.5-turbo": 105, "gpt-4": 105, "gpt-4o": 101, "gpt-4o-mini": 101},
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "reported"), COOKBOOK_PROMPTS, ids=["names", "tools"])
+def test_prompt_estimate_is_near_what_openai_reported(
+    body: dict[str, Any], reported: dict[str, int]
+) -> None:
+    """Not the formula again: the estimate against the provider's own counts. On these two it
+    overshoots by 9-23 % (153 for 124-129, 114 for 101-105); the band below is that, rounded
+    out. It fails a rule that drops the message text or the tools, or counts 3 or 5 characters
+    per token instead of 4 (checked by making each of those changes)."""
+    estimate = inspect_request(CHAT, body).prompt_tokens_estimate
+    for model, count in reported.items():
+        assert 0.9 * count <= estimate <= 1.3 * count, (model, estimate, count)
 
 
 def test_prompt_estimate_other_endpoints() -> None:
