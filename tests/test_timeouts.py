@@ -132,7 +132,9 @@ def test_client_deadline_caps_total_but_never_extends_it() -> None:
         ({"x-hangup-timeout": "30", "x-stainless-timeout": "2"}, (30.0, "x-hangup-timeout")),
         ({"x-hangup-timeout": "nan"}, None),
         ({"x-hangup-timeout": "-1"}, None),
+        ({"x-hangup-timeout": "0"}, None),  # no time at all is no deadline, not an instant 504
         ({"x-hangup-timeout": "soon"}, None),
+        ({"x-hangup-timeout": "0.5"}, (0.5, "x-hangup-timeout")),  # sub-second deadlines count
     ],
 )
 def test_client_deadline_headers(
@@ -154,6 +156,7 @@ def test_remaining_budget() -> None:
     d = deadlines()
     assert d.remaining(1040.0) == 60.0
     assert d.remaining(2000.0) == 0.0
+    assert deadlines(POLICY.model_copy(update={"total_s": None})).remaining(1040.0) is None
 
 
 def test_sdk_headers_bound_the_wait_for_headers_not_the_stream() -> None:
@@ -207,3 +210,55 @@ def test_a_python_sdk_read_timeout_caps_idle() -> None:
         read_gap=(1.0, "x-stainless-read-timeout"),
     )
     assert (ignored.idle_s, ignored.client_headers_s) == (3, None)
+
+
+def test_a_client_deadline_equal_to_total_s_leaves_the_route_as_the_source() -> None:
+    """Only a strictly tighter client deadline takes over (and is then named in the message)."""
+    tie = Budget.for_request(POLICY, (100.0, "x-hangup-timeout"), honor_client_deadline=True)
+    assert (tie.total_s, tie.total_source) == (100, None)
+    d = Deadlines(tie, started=1000.0, watch_first_token=True)
+    assert d.describe(TimeoutKind.TOTAL, "r").startswith("timeouts.total_s=100 exceeded")
+
+
+def test_only_total_is_blamed_on_the_client_deadline() -> None:
+    d = deadlines(client=(2.5, "x-stainless-timeout"))
+    assert "x-stainless-timeout" in d.describe(TimeoutKind.TOTAL, "r")
+    for kind in (TimeoutKind.CONNECT, TimeoutKind.HEADERS, TimeoutKind.IDLE):
+        message = d.describe(kind, "r")
+        assert message.startswith(f"{kind.config_key}=") and "x-stainless" not in message
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # A bad first header does not hide a good second one.
+        ({"x-stainless-timeout": "soon", "x-stainless-read-timeout": "9"}, 9.0),
+        ({"x-stainless-timeout": "inf", "x-stainless-read-timeout": "9"}, 9.0),
+        ({"x-stainless-timeout": "0", "x-stainless-read-timeout": "9"}, 9.0),
+    ],
+)
+def test_every_named_header_is_considered(headers: dict[str, str], expected: float) -> None:
+    assert client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS) == (
+        expected,
+        "x-stainless-read-timeout",
+    )
+
+
+def test_a_tie_names_the_first_header_in_order() -> None:
+    headers = {"x-stainless-timeout": "5", "x-stainless-read-timeout": "5"}
+    assert client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS) == (
+        5.0,
+        "x-stainless-timeout",
+    )
+
+
+def test_a_retry_attempt_restarts_the_connect_deadline_from_now() -> None:
+    d = deadlines(stream=False)
+    d.headers_sent(1000.1)
+    d.backing_off()
+    assert d.next() == (1100.0, TimeoutKind.TOTAL)  # backing off: only total runs
+    d.connecting(1030.0)
+    assert d.phase is Phase.CONNECT
+    assert d.next() == (1031.0, TimeoutKind.CONNECT)  # connect_s=1 from the new attempt
+    d.headers_sent(1030.5)
+    assert d.next() == (1035.5, TimeoutKind.HEADERS)

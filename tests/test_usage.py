@@ -779,3 +779,59 @@ def test_body_usage_never_raises(body: bytes, encoding: str | None) -> None:
     usage = body_usage(body, facts, encoding)
     assert (usage.prompt_tokens, usage.completion_tokens) == (8, 0)
     assert usage.prompt_estimated and usage.completion_estimated
+
+
+# --- found by mutation testing (scripts/mutation): behaviour no test pinned --------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "limit"),
+    [
+        ({"max_tokens": 7}, 7),
+        ({"max_completion_tokens": 9, "max_tokens": 7}, 9),  # the newer name wins
+        ({"max_output_tokens": 5}, 5),
+        ({"max_tokens": 1}, 1),
+        ({"max_tokens": 0}, None),  # no room at all is no limit to estimate savings from
+    ],
+)
+def test_the_request_limit_is_read_from_each_of_its_names(
+    body: dict[str, Any], limit: int | None
+) -> None:
+    assert inspect_request(CHAT, {"model": "m", **body}).max_tokens == limit
+
+
+def test_reported_usage_with_only_completion_tokens_is_kept() -> None:
+    from proxy.usage.reported import Reported, parse_usage
+
+    assert parse_usage({"completion_tokens": 5}) == Reported(None, 5, None, None)
+    assert parse_usage({"prompt_tokens": 3}) == Reported(3, None, None, None)
+    assert parse_usage({"total_tokens": 8}) is None
+
+
+def test_chat_reasoning_tokens_come_from_completion_tokens_details() -> None:
+    from proxy.usage.reported import parse_usage
+
+    usage = {
+        "prompt_tokens": 3,
+        "completion_tokens": 40,
+        "completion_tokens_details": {"reasoning_tokens": 32},
+    }
+    reported = parse_usage(usage)
+    assert reported is not None and reported.reasoning == 32
+
+
+def test_a_delta_with_content_and_reasoning_counts_both_and_is_not_all_reasoning() -> None:
+    tracker = StreamUsageTracker(stream_facts())
+    tracker.feed(chunk({"content": "a", "reasoning_content": "r" * 20}))  # 21 characters
+    usage = tracker.usage()
+    assert usage.completion_tokens == chunk_tokens(21) == 4
+    assert usage.reasoning_tokens == 0  # not a reasoning-only chunk
+
+
+def test_an_sse_error_event_ends_the_stream_as_an_error_whatever_its_payload() -> None:
+    tracker = StreamUsageTracker(stream_facts())
+    assert tracker.feed(chunk({"content": "hi"})) is CONTENT
+    raw = b"event: error\ndata: upstream overloaded\n\n"
+    [event] = SSEDecoder().feed(raw)
+    assert tracker.feed(event) is EventKind.ERROR
+    assert tracker.error == "upstream overloaded"
