@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import TimeoutsConfig
-from proxy.outcome import Outcome, RequestRecord, TimeoutKind
+from proxy.outcome import Outcome, RequestRecord, TimeoutKind, response_outcome, settle_relayed
 
 
 def record(
@@ -87,3 +87,39 @@ def test_each_timeout_kind_names_a_real_config_key() -> None:
     for kind in TimeoutKind:
         section, key = kind.config_key.split(".")
         assert section == "timeouts" and key in keys, kind
+
+
+@pytest.mark.parametrize(
+    ("status", "stream_error", "terminated", "outcome"),
+    [
+        (200, False, True, Outcome.COMPLETED),
+        (200, False, None, Outcome.COMPLETED),  # not a stream: nothing to terminate
+        (399, False, None, Outcome.COMPLETED),
+        (200, False, False, Outcome.UPSTREAM_ERROR),  # a stream cut without its terminal event
+        (200, True, True, Outcome.UPSTREAM_ERROR),  # an in-band error event
+        (400, False, None, Outcome.UPSTREAM_REJECTED),
+        (499, False, None, Outcome.UPSTREAM_REJECTED),
+        (429, False, None, Outcome.RATE_LIMITED),
+        (500, False, None, Outcome.UPSTREAM_ERROR),
+        (503, False, True, Outcome.UPSTREAM_ERROR),
+    ],
+)
+def test_a_relayed_answer_settles_by_status_and_how_its_stream_ended(
+    status: int, stream_error: bool, terminated: bool | None, outcome: Outcome
+) -> None:
+    assert response_outcome(status, stream_error=stream_error, stream_terminated=terminated) is (
+        outcome
+    )
+
+
+def test_settle_relayed_says_why_a_200_failed() -> None:
+    cut = record()
+    settle_relayed(cut, 200, stream_error=None, stream_terminated=False)
+    assert (cut.outcome, cut.error_type) == (Outcome.UPSTREAM_ERROR, "upstream_truncated")
+    errored = record()
+    settle_relayed(errored, 200, stream_error="overloaded " * 100, stream_terminated=True)
+    assert (errored.outcome, errored.error_type) == (Outcome.UPSTREAM_ERROR, "upstream_error")
+    assert errored.error_message is not None and len(errored.error_message) == 500  # bounded
+    fine = record()
+    settle_relayed(fine, 200, stream_error=None, stream_terminated=True)
+    assert (fine.outcome, fine.error_type, fine.error_message) == (Outcome.COMPLETED, None, None)
