@@ -835,3 +835,55 @@ def test_an_sse_error_event_ends_the_stream_as_an_error_whatever_its_payload() -
     [event] = SSEDecoder().feed(raw)
     assert tracker.feed(event) is EventKind.ERROR
     assert tracker.error == "upstream overloaded"
+
+
+TEXT = "forty characters of prompt text, exactly"  # len 40: 10 tokens at 4 per token
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    ("path", "without", "with_text"),
+    [
+        (CHAT, {"messages": [USER]}, {"messages": [{**USER, "name": TEXT}]}),
+        (
+            CHAT,
+            {"messages": [USER]},
+            {"messages": [{**USER, "tool_calls": [{"function": {"arguments": TEXT}}]}]},
+        ),
+        (CHAT, {"messages": [USER]}, {"messages": [USER], "tools": [{"description": TEXT}]}),
+        (CHAT, {"messages": [USER]}, {"messages": [USER], "functions": [{"description": TEXT}]}),
+        (CHAT, {"messages": [USER]}, {"messages": [5, USER, {**USER, "content": TEXT}]}),
+        ("/v1/completions", {"prompt": "hi"}, {"prompt": "hi", "suffix": TEXT}),
+        ("/v1/responses", {"input": "hi"}, {"input": "hi", "instructions": TEXT}),
+        ("/v1/responses", {"input": "hi"}, {"input": "hi", "tools": [{"description": TEXT}]}),
+        (
+            "/v1/responses",
+            {"input": [{"type": "function_call", "name": "f"}]},
+            {"input": [{"type": "function_call", "name": "f", "arguments": TEXT}]},
+        ),
+        (
+            "/v1/responses",
+            {"input": [{"type": "reasoning", "summary": []}]},
+            {"input": [{"type": "reasoning", "summary": [{"text": TEXT}]}]},
+        ),
+        (
+            "/v1/responses",
+            {"input": [5, {"role": "user", "content": "hi"}]},
+            {"input": [5, {"role": "user", "content": "hi"}, {"role": "user", "content": TEXT}]},
+        ),
+    ],
+)
+def test_every_documented_part_of_a_prompt_counts(
+    path: str, without: dict[str, Any], with_text: dict[str, Any]
+) -> None:
+    """docs/accounting.md lists what the estimate counts; 40 more characters in any of those
+    places must raise it by at least the 10 tokens they are worth."""
+    before = inspect_request(path, without).prompt_tokens_estimate
+    after = inspect_request(path, with_text).prompt_tokens_estimate
+    assert after - before >= 10, (before, after)
+
+
+def test_each_responses_input_item_costs_its_overhead() -> None:
+    one = inspect_request("/v1/responses", {"input": [{"role": "user"}]})
+    three = inspect_request("/v1/responses", {"input": [{"role": "user"}] * 3})
+    assert three.prompt_tokens_estimate > one.prompt_tokens_estimate > 0
