@@ -887,3 +887,29 @@ def test_each_responses_input_item_costs_its_overhead() -> None:
     one = inspect_request("/v1/responses", {"input": [{"role": "user"}]})
     three = inspect_request("/v1/responses", {"input": [{"role": "user"}] * 3})
     assert three.prompt_tokens_estimate > one.prompt_tokens_estimate > 0
+
+
+def _responses_delta(kind: str, delta: str) -> SSEEvent:
+    data = json.dumps({"type": kind, "output_index": 0, "delta": delta})
+    return SSEEvent(event=kind, data=data, raw=f"event: {kind}\ndata: {data}\n\n".encode())
+
+
+def test_an_audio_delta_is_one_chunk_whatever_its_base64_length() -> None:
+    tracker = StreamUsageTracker(stream_facts("/v1/responses"))
+    assert tracker.feed(_responses_delta("response.audio.delta", "QUJD" * 100)) is CONTENT
+    assert tracker.feed(_responses_delta("response.output_text.delta", "x" * 52)) is CONTENT
+    assert tracker.usage().completion_tokens == 1 + chunk_tokens(52)
+
+
+def test_a_long_tool_call_fragment_counts_its_characters() -> None:
+    tracker = StreamUsageTracker(stream_facts())
+    call = {"index": 0, "function": {"name": "get_weather", "arguments": "x" * 41}}
+    tracker.feed(chunk({"tool_calls": [call]}))
+    assert tracker.usage().completion_tokens == chunk_tokens(len("get_weather") + 41)
+
+
+def test_a_usage_string_value_is_not_taken_for_the_usage_member() -> None:
+    raw = b'{"id":"x","model":"usage","choices":[]}'
+    assert strip_usage_member(raw) == raw
+    with_usage = b'{"model":"usage","choices":[],"usage":{"completion_tokens":3}}'
+    assert strip_usage_member(with_usage) == b'{"model":"usage","choices":[]}'
