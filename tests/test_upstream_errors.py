@@ -1,6 +1,7 @@
-"""The mapping of aiohttp's client exceptions to the proxy's errors (`map_open_error`,
-`map_body_error`), fed with the exceptions real sockets raise: a refused connect, a server
-that hangs up without answering, one that answers garbage, one that cuts its body short."""
+"""The upstream seam's error mapping: what an attempt raises (`AttemptFailed`: a result for the
+failover policy, an error for the client) when real loopback sockets misbehave: a refused
+connect, a server that hangs up without answering, one that answers garbage, one that cuts its
+body short; and that other exceptions are named by type only."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from multidict import CIMultiDict
+from yarl import URL
 
-from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
+from proxy.attempts import AttemptResult
+from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.outcome import Outcome
-from proxy.upstream import BODY_ERRORS, OPEN_ERRORS, map_body_error, map_open_error
+from proxy.upstream import AttemptFailed, OpenAttempt, Upstreams, _map_open_error
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -34,14 +38,30 @@ async def _serve(reply: Reply) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-async def _open_error(url: str) -> Exception:
-    async with aiohttp.ClientSession() as session:
-        try:
-            async with session.get(url) as response:
-                await response.read()
-        except OPEN_ERRORS as exc:
-            return exc
-    raise AssertionError("the request did not fail")
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    seam = Upstreams()
+    await seam.start()
+    try:
+        yield seam
+    finally:
+        await seam.close()
+
+
+def _attempt(upstreams: Upstreams, url: str) -> OpenAttempt:
+    return upstreams.attempt(
+        "primary", "GET", URL(url), headers=CIMultiDict(), body=b"", on_headers_sent=lambda: None
+    )
+
+
+async def _open_failure(upstreams: Upstreams, url: str) -> AttemptFailed:
+    attempt = _attempt(upstreams, url)
+    try:
+        with pytest.raises(AttemptFailed) as caught:
+            await attempt.start()
+    finally:
+        await attempt.close()
+    return caught.value
 
 
 def _dead_port() -> int:
@@ -51,13 +71,13 @@ def _dead_port() -> int:
 
 
 async def test_a_refused_connect_is_unreachable_and_its_address_goes_to_the_log_only(
-    caplog: pytest.LogCaptureFixture,
+    upstreams: Upstreams, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = _dead_port()
-    exc = await _open_error(f"http://127.0.0.1:{port}/v1/x")
-    assert isinstance(exc, aiohttp.ClientConnectorError)
     with caplog.at_level(logging.WARNING, logger="hangup.upstream"):
-        err = map_open_error(exc, "primary")
+        failed = await _open_failure(upstreams, f"http://127.0.0.1:{port}/v1/x")
+    err = failed.error
+    assert failed.result is AttemptResult.CONNECT_ERROR  # never reached: safe to try elsewhere
     assert isinstance(err, UpstreamUnreachable)
     assert (err.status, err.code, err.outcome) == (
         502,
@@ -100,31 +120,38 @@ async def cut_body() -> AsyncIterator[str]:
         yield url
 
 
-async def test_a_close_without_a_response_is_upstream_failed(silent_close: str) -> None:
-    exc = await _open_error(silent_close)
-    assert isinstance(exc, aiohttp.ServerDisconnectedError)
-    err = map_open_error(exc, "primary")
-    assert isinstance(err, UpstreamFailed) and err.code == "upstream_failed"
-    assert err.message == 'upstream "primary" closed the connection without a response'
+async def test_a_close_without_a_response_is_a_reset(
+    upstreams: Upstreams, silent_close: str
+) -> None:
+    failed = await _open_failure(upstreams, silent_close)
+    assert failed.result is AttemptResult.RESET
+    assert isinstance(failed.error, UpstreamFailed) and failed.error.code == "upstream_failed"
+    assert failed.error.message == 'upstream "primary" closed the connection without a response'
 
 
-async def test_an_invalid_response_is_upstream_failed(garbage: str) -> None:
-    exc = await _open_error(garbage)
-    assert isinstance(exc, aiohttp.ClientResponseError)
-    err = map_open_error(exc, "primary")
-    assert isinstance(err, UpstreamFailed)
-    assert err.message == 'upstream "primary" sent an invalid HTTP response'
+async def test_an_invalid_response_is_an_invalid_response(
+    upstreams: Upstreams, garbage: str
+) -> None:
+    failed = await _open_failure(upstreams, garbage)
+    assert failed.result is AttemptResult.INVALID_RESPONSE
+    assert isinstance(failed.error, UpstreamFailed)
+    assert failed.error.message == 'upstream "primary" sent an invalid HTTP response'
 
 
-async def test_a_body_cut_short_maps_through_map_body_error(cut_body: str) -> None:
-    async with aiohttp.ClientSession() as session, session.get(cut_body) as response:
+async def test_a_body_cut_short_is_a_stream_error(upstreams: Upstreams, cut_body: str) -> None:
+    attempt = _attempt(upstreams, cut_body)
+    try:
+        response = await attempt.start()
         assert response.status == 200  # the headers were fine: the body read fails
-        with pytest.raises(BODY_ERRORS) as caught:
-            await response.read()
-    err = map_body_error(caught.value, "primary")
+        with pytest.raises(AttemptFailed) as caught:
+            while await response.read():
+                pass
+    finally:
+        attempt.abort()
+    assert caught.value.result is AttemptResult.STREAM_ERROR
+    err = caught.value.error
     assert isinstance(err, UpstreamFailed) and err.status == 502
     assert err.message.startswith('upstream "primary" response was cut off (')
-    assert type(caught.value).__name__ in err.message
 
 
 @pytest.mark.parametrize(
@@ -132,11 +159,11 @@ async def test_a_body_cut_short_maps_through_map_body_error(cut_body: str) -> No
     [
         (aiohttp.ClientPayloadError("x"), "connection failed: ClientPayloadError"),
         (ConnectionResetError(104, "reset"), "connection failed: ConnectionResetError"),
-        (ValueError("sk-secret-in-text"), "request failed: ValueError"),
+        (aiohttp.ClientOSError(5, "sk-secret-in-text"), "connection failed: ClientOSError"),
     ],
 )
 def test_other_failures_name_only_the_exception_type(exc: Exception, message: str) -> None:
-    err = map_open_error(exc, "primary")
-    assert isinstance(err, ProxyError)
-    assert err.message == f'upstream "primary" {message}'
-    assert "sk-secret" not in err.message  # an exception's text never reaches the client
+    failed = _map_open_error(exc, "primary")
+    assert failed.result is AttemptResult.RESET
+    assert failed.error.message == f'upstream "primary" {message}'
+    assert "sk-secret" not in failed.error.message  # an exception's text never reaches a client
