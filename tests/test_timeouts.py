@@ -262,3 +262,31 @@ def test_a_retry_attempt_restarts_the_connect_deadline_from_now() -> None:
     assert d.next() == (1031.0, TimeoutKind.CONNECT)  # connect_s=1 from the new attempt
     d.headers_sent(1030.5)
     assert d.next() == (1035.5, TimeoutKind.HEADERS)
+
+
+def test_a_fallback_target_gets_its_own_connect_and_first_token_time_but_not_total() -> None:
+    d = deadlines()
+    d.headers_sent(1000.1)
+    d.next_target(1006.0)  # the first target failed at 6 s: the next one starts afresh
+    assert d.next() == (1007.0, TimeoutKind.CONNECT)
+    d.headers_sent(1006.2)
+    assert d.next() == (1011.2, TimeoutKind.HEADERS)
+    d.response_started(1006.5, sse=True)
+    assert d.next() == (1016.0, TimeoutKind.FIRST_TOKEN)  # 10 s from the new target's start
+    d.content(1099.0)
+    assert d.next() == (1100.0, TimeoutKind.TOTAL)  # total is one budget for all targets
+
+
+def test_the_clients_headers_deadline_is_known_to_have_fired() -> None:
+    headers = {"x-stainless-timeout": "2"}
+    budget = Budget.for_request(
+        POLICY,
+        None,
+        honor_client_deadline=True,
+        client_headers=client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS),
+    )
+    d = Deadlines(budget, started=1000.0, watch_first_token=True)
+    # Answered 0.2 s (the margin) before the client's own 2 s run out.
+    assert not d.client_headers_expired(1001.7)
+    assert d.client_headers_expired(1001.8)
+    assert not deadlines().client_headers_expired(5000.0)  # no client deadline: never
