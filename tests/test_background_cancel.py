@@ -446,7 +446,7 @@ async def test_failing_cancel_is_reported_and_retried_at_most_once(
     assert all(t.authorization == f"Bearer {UPSTREAM_KEY}" for t in tries)
     # Nothing keeps trying once the record is written: no task is still inside the cancel
     # call (a further attempt could only come from one).
-    assert tasks_inside(proxy.background.cancel_background) == []
+    assert tasks_inside(proxy.engines.background.cancel_background) == []
     assert len(trap.attempts_for(response_id)) == attempts
     only_record(sink, f"trap-{model}")
     assert access_line(caplog, f"trap-{model}")["background"] == result.value

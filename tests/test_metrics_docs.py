@@ -76,17 +76,19 @@ def test_the_documented_formula_is_series_bound() -> None:
     formula = _quoted(r"Total: `([^`]+)`")[1]
     expr = formula.replace("·", "*").replace("R'", "Rp")
     outcomes = len(schema.OUTCOMES)
-    cases = [(1, 0, 50, 1), (3, 5, 50, 2), (7, 2, 1, 3), (1, 0, 1000, 0)]
-    for routes, configured, max_models, upstreams in cases:
+    cases = [(1, 0, 50, 1, 0), (3, 5, 50, 2, 1), (7, 2, 1, 3, 3), (1, 0, 1000, 0, 0)]
+    for routes, configured, max_models, upstreams, aborting in cases:
         names = {
             "Rp": routes + 1,
             "R": routes,
             "M": configured + max_models + 2,
             "O": outcomes,
             "U": upstreams,
+            "A": aborting,
         }
         documented = eval(expr, {"__builtins__": {}}, names)  # the repo's own docs
-        assert documented == series_bound(routes, configured, max_models, upstreams), formula
+        bound = series_bound(routes, configured, max_models, upstreams, aborting)
+        assert documented == bound, formula
 
 
 def test_the_quoted_ceilings_are_series_bound_for_the_shipped_config() -> None:
