@@ -12,6 +12,7 @@ from proxy.config import HangupConfig
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
 from tests.real_upstream import LlamaServer
+from tests.real_upstream import require as require_real_upstream
 from tests.support import RecordSink, make_config
 
 StartProxy = Callable[..., Awaitable[tuple[ProxyServer, RecordSink]]]
@@ -78,7 +79,9 @@ def chat(model: str, *, stream: bool, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[LlamaServer]:
-    """The real llama.cpp server, one per test module (modules skip when it is unavailable)."""
+    """The real llama.cpp server, one per test module (its tests skip when it is not built here,
+    and fail on CI)."""
+    require_real_upstream()
     server = LlamaServer.start()
     try:
         yield server

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("HANGUP_SHARED", ROOT.parent / "shared"))
 START = SHARED / "real_upstream" / "start.sh"
@@ -29,6 +31,17 @@ def available() -> str | None:
     if not (CACHE / "llama.cpp" / "build" / "bin" / "llama-server").exists():
         return f"llama-server not built in {CACHE}: run scripts/real-upstream-build"
     return None
+
+
+def require() -> None:
+    """Skip the calling test when the real upstream cannot run here; on CI (CI=true), where
+    scripts/test builds it, fail instead: a skip there would hide a broken build step."""
+    why_not = available()
+    if why_not is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{why_not} (CI runs scripts/test, which builds it: a broken step)")
+    pytest.skip(why_not)
 
 
 def free_port() -> int:

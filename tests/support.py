@@ -8,14 +8,18 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.config import HangupConfig
 from proxy.outcome import RequestRecord
 
+T = TypeVar("T")
 
-def make_config(upstream_url: str, **route: Any) -> HangupConfig:
-    """One upstream "sim" and one catch-all route "default" with the given route options."""
+
+def make_config(upstream_url: str | None, **route: Any) -> HangupConfig:
+    """One upstream "sim" and one catch-all route "default" with the given route options.
+    Takes `str | None` because a simulator's `base_url` is None until it has started."""
+    assert upstream_url is not None, "upstream not started: no base_url yet"
     data: dict[str, Any] = {
         "upstreams": {"sim": {"base_url": upstream_url}},
         "routes": [{"name": "default", "upstream": "sim", **route}],
@@ -45,18 +49,25 @@ class RecordSink:
         return await self.wait(
             lambda: next(iter(self.by_id(request_id)), None),
             timeout,
-            f"no record for request {request_id}",
+            f"a record for request {request_id}",
         )
 
-    async def wait(self, probe: Callable[[], Any], timeout: float, what: str) -> Any:
-        async with asyncio.timeout(timeout):
-            while True:
-                found = probe()
-                if found:
-                    return found
-                self._changed.clear()
-                await self._changed.wait()
-        raise AssertionError(what)  # pragma: no cover
+    async def wait(self, probe: Callable[[], T | None], timeout: float, what: str) -> T:
+        """The first truthy value of `probe`, re-checked each time a record arrives; an
+        AssertionError naming `what` if none within `timeout` s."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    found = probe()
+                    if found:
+                        return found
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            seen = [(r.request_id, str(r.outcome)) for r in self.records[-5:]]
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {what}; last records: {seen}"
+            ) from None
 
 
 class RawClient:
@@ -91,20 +102,42 @@ class RawClient:
         self.writer.write(raw)
         await self.writer.drain()
 
-    async def read_until(self, predicate: Callable[[bytes], bool], timeout: float = 5.0) -> bytes:
-        async with asyncio.timeout(timeout):
-            while not predicate(bytes(self.received)):
-                data = await self.reader.read(65536)
-                if not data:
-                    break
-                self.received += data
+    async def read_until(
+        self, predicate: Callable[[bytes], bool], timeout: float = 5.0, what: str = ""
+    ) -> bytes:
+        """Read until `predicate(received)` holds. An AssertionError, showing the tail of what
+        did arrive, if the peer closes first or `timeout` s pass."""
+        awaited = what or "the awaited bytes"
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(bytes(self.received)):
+                    data = await self.reader.read(65536)
+                    if not data:
+                        raise AssertionError(
+                            f"connection closed before {awaited}; got {self._tail()}"
+                        )
+                    self.received += data
+        except TimeoutError:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for {awaited}; got {self._tail()}"
+            ) from None
         return bytes(self.received)
 
     async def read_to_eof(self, timeout: float = 10.0) -> bytes:
-        async with asyncio.timeout(timeout):
-            while data := await self.reader.read(65536):
-                self.received += data
+        try:
+            async with asyncio.timeout(timeout):
+                while data := await self.reader.read(65536):
+                    self.received += data
+        except TimeoutError:
+            raise AssertionError(
+                f"timed out after {timeout}s waiting for the peer to close; got {self._tail()}"
+            ) from None
         return bytes(self.received)
+
+    def _tail(self, n: int = 400) -> str:
+        """The last `n` bytes received, for failure messages."""
+        got = bytes(self.received)
+        return f"{len(got)} bytes ending {got[-n:]!r}"
 
     def data_events(self) -> int:
         return bytes(self.received).count(b"data: ")
@@ -200,7 +233,7 @@ class Tee:
         self.requests.append(sent)
 
         async def pump(
-            src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray | None
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray
         ) -> None:
             try:
                 while data := await src.read(65536):
@@ -213,6 +246,76 @@ class Tee:
                 dst.close()
 
         await asyncio.gather(pump(reader, up_writer, sent), pump(up_reader, writer, received))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for writer in self._writers:
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class LateFin:
+    """A TCP forwarder that makes the keep-alive race happen every time: when the upstream
+    closes a connection, the close is held back from the proxy until the proxy sends its next
+    request on it; that request is then dropped and the connection closed, before any answer.
+
+    That is what a proxy sees when it reuses a pooled connection whose FIN is still in flight:
+    the write succeeds, then the connection ends. `raced` counts the requests it happened to."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.raced = 0
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def start(self) -> LateFin:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self._writers.update((writer, up_writer))
+        upstream_closed = asyncio.Event()
+
+        async def to_upstream() -> None:
+            try:
+                while data := await reader.read(65536):
+                    if upstream_closed.is_set():
+                        self.raced += 1  # a request on a connection the upstream closed
+                        break
+                    up_writer.write(data)
+                    await up_writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+                up_writer.close()
+
+        async def from_upstream() -> None:
+            try:
+                while data := await up_reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            upstream_closed.set()  # ...and the proxy is not told
+
+        await asyncio.gather(to_upstream(), from_upstream())
 
     async def stop(self) -> None:
         if self._server is not None:

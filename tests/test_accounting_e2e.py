@@ -281,21 +281,40 @@ async def test_a_stream_cut_after_n_chunks_saves_the_route_default_less_what_was
     assert record.usage.completion_estimated
     assert seen <= generated <= sim_record.content_tokens_sent <= sim_generated
     saved = ROUTE_DEFAULT - generated
-    assert record.savings is not None
-    assert record.savings.tokens_wasted <= generated - seen
-    assert record.savings == Savings(
-        tokens_saved=saved,
-        tokens_saved_upper=MAX_TOKENS - generated,
-        tokens_wasted=record.savings.tokens_wasted,
-        expected_tokens=ROUTE_DEFAULT,
-        basis="route_default",
-    )
+    savings = record.savings
+    assert savings is not None
+    assert (savings.basis, savings.expected_tokens) == ("route_default", ROUTE_DEFAULT)
+    assert (savings.tokens_saved, savings.tokens_saved_upper) == (saved, MAX_TOKENS - generated)
+    # Wasted: read by the proxy after the client left. How many arrived before the proxy saw
+    # the close depends on timing, so here only its bounds; the next test pins it exactly.
+    assert 0 <= savings.tokens_wasted <= generated - seen
     assert record.cost is not None
     assert record.cost.saved_usd == pytest.approx(saved * OUTPUT / 1e6, rel=1e-12)
     print(
         f"{path}: client saw {seen}, sim sent {sent_at_close} at the close and "
         f"{sim_record.content_tokens_sent} in all; proxy counted {generated}, "
-        f"saved {saved}, upper {MAX_TOKENS - generated}, wasted {record.savings.tokens_wasted}"
+        f"saved {saved}, upper {MAX_TOKENS - generated}, wasted {savings.tokens_wasted}"
+    )
+
+
+async def test_a_stream_cut_while_the_upstream_is_silent_wastes_nothing(
+    sim: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    """The upstream stalls after 10 tokens; the client reads all 10 and leaves. Every token
+    generated was delivered: exactly 10 generated, 0 wasted, the route default less 10 saved."""
+    server, sink = await start_proxy(config(sim))
+    body = request_body(CHAT, PRICED, stream=True, max_tokens=MAX_TOKENS)
+    seen, sent = await cut_after(server, sim, CHAT, body, "cut-stalled", 10, "stall:after=10")
+    assert seen == sent == 10
+    record, sim_generated = await finished(sim, sink, "cut-stalled")
+    assert record.outcome is Outcome.CLIENT_CANCELLED and sim_generated == 10
+    assert record.usage.completion_tokens == 10 and record.usage.completion_estimated
+    assert record.savings == Savings(
+        tokens_saved=ROUTE_DEFAULT - 10,
+        tokens_saved_upper=MAX_TOKENS - 10,
+        tokens_wasted=0,
+        expected_tokens=ROUTE_DEFAULT,
+        basis="route_default",
     )
 
 
@@ -315,29 +334,30 @@ async def test_saved_follows_the_learned_median_once_the_route_has_history(
         assert record.outcome is Outcome.COMPLETED
         assert record.usage.completion_tokens == lengths[i]
 
-    async def cut(request_id: str, model: str, max_tokens: int) -> Savings:
+    async def cut(request_id: str, model: str, max_tokens: int, expected: int) -> Savings:
+        """Cut after 5 chunks; `expected` is what this test knows the estimate must be."""
         body = request_body(CHAT, model, stream=True, max_tokens=max_tokens)
-        await cut_after(server, sim, CHAT, body, request_id, 5, "normal:rate=100")
+        await cut_after(server, sim, CHAT, body, request_id, 5, "stall:after=5")
         record, _ = await finished(sim, sink, request_id)
         assert record.outcome is Outcome.CLIENT_CANCELLED and record.savings is not None
-        generated = record.usage.completion_tokens
-        assert record.savings.tokens_saved == max(0, record.savings.expected_tokens - generated)
-        assert record.savings.tokens_saved_upper == max_tokens - generated
+        assert record.usage.completion_tokens == 5  # the upstream stalled after 5
+        assert record.savings.tokens_saved == expected - 5
+        assert record.savings.tokens_saved_upper == max_tokens - 5
         return record.savings
 
     for i in range(min_samples - 1):
         await complete(i)
-    before = await cut("cut-before", PRICED, MAX_TOKENS)
+    before = await cut("cut-before", PRICED, MAX_TOKENS, expected=ROUTE_DEFAULT)
     assert (before.basis, before.expected_tokens) == ("route_default", ROUTE_DEFAULT)
     await complete(min_samples - 1)
-    after = await cut("cut-after", PRICED, MAX_TOKENS)
+    after = await cut("cut-after", PRICED, MAX_TOKENS, expected=median)
     assert (after.basis, after.expected_tokens) == ("history", median)
     # The request's own limit caps the expectation...
-    capped = await cut("cut-capped", PRICED, 20)
+    capped = await cut("cut-capped", PRICED, 20, expected=20)
     assert (capped.basis, capped.expected_tokens) == ("history", 20)
     # ... and history belongs to its (route, model): another model still has none. Cut requests
     # were not learned from: the median is unchanged.
-    other = await cut("cut-other-model", "gpt-4o", MAX_TOKENS)
+    other = await cut("cut-other-model", "gpt-4o", MAX_TOKENS, expected=ROUTE_DEFAULT)
     assert (other.basis, other.expected_tokens) == ("route_default", ROUTE_DEFAULT)
     assert server.state.accountant.typical.typical("default", PRICED) == median
     print(f"median of {min_samples} completed lengths {median}: saved {after.tokens_saved}")
@@ -483,7 +503,8 @@ async def test_a_stream_that_times_out_idle_counts_as_saved_with_nothing_wasted(
     body = request_body(CHAT, PRICED, stream=True, max_tokens=MAX_TOKENS)
     relayed = await post(proxy_url(server), CHAT, body, "idle", "stall:after=7,rate=0")
     record, generated = await finished(sim, sink, "idle")
-    assert b'"type":"timeout_error"' in relayed or b"idle_s" in relayed  # in-band error event
+    error = data_objects(relayed)[-1]["error"]  # the in-band error event ends the stream
+    assert (error["type"], error["code"]) == ("timeout_error", "idle_timeout")
     assert record.outcome is Outcome.TIMEOUT and generated == 7
     assert record.usage.completion_tokens == 7 and record.usage.completion_estimated
     assert record.savings == Savings(
@@ -513,12 +534,34 @@ async def test_a_non_streamed_request_cut_while_generating_has_an_estimated_prom
     estimate = inspect_request(CHAT, body).prompt_tokens_estimate
     assert estimate > 0
     # The upstream read the prompt and was generating: its figures are unknown, not zero.
-    assert record.usage == Usage(
-        prompt_tokens=estimate, prompt_estimated=True, completion_estimated=True
-    )
-    assert record.cost is not None and record.cost.used_usd == pytest.approx(
-        estimate * INPUT / 1e6, rel=1e-12
-    )
+    assert record.usage.prompt_tokens == estimate
+    assert record.usage.prompt_estimated and record.usage.completion_estimated
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="issue 18: a non-streamed request cut while generating records completion_tokens=0 "
+    "(and costs only the prompt) although the upstream had generated tokens",
+)
+async def test_a_non_streamed_request_cut_while_generating_counts_what_was_generated(
+    sim: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    server, sink = await start_proxy(config(sim))
+    body = request_body(CHAT, PRICED, stream=False, max_tokens=MAX_TOKENS)
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json(CHAT, body, {"x-request-id": "ns-cut2", "x-sim-behaviour": "normal"})
+    sim_record = await sim.wait_request("ns-cut2")
+    await wait_until(lambda: sim_record.tokens_generated >= 5, 5.0, "5 tokens generated")
+    generated_at_close = sim_record.tokens_generated
+    client.close()
+    record, _ = await finished(sim, sink, "ns-cut2")
+    assert record.outcome is Outcome.CLIENT_CANCELLED
+    # The truth: at least what the upstream had generated when the client left was produced
+    # (and, for a non-streamed answer, billed). An estimate below it understates the spend.
+    assert record.usage.completion_tokens >= generated_at_close
+    assert record.cost is not None and record.cost.used_usd is not None
+    assert record.cost.used_usd >= generated_at_close * OUTPUT / 1e6
 
 
 async def test_drain_also_covers_a_client_that_leaves_before_the_upstream_answers(

@@ -245,5 +245,6 @@ async def test_a_background_cancel_does_not_carry_the_streams_stale_deadline(
     (cancel,) = [r for r in sim.requests if r.path.endswith("/cancel")]
     assert int(stream.headers[HEADER]) <= 400
     stale = cancel.headers.get(HEADER)
-    # Either no deadline at all, or the cancel call's own (CANCEL_CALL_S = 5 s).
-    assert stale is None or 4_900 <= int(stale) <= 5_000, stale
+    # None at all: the cancel call is bounded by hangup itself (CANCEL_CALL_S), and the stream's
+    # header is dropped from the headers it reuses.
+    assert stale is None, stale

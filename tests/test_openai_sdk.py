@@ -8,6 +8,7 @@ import time
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from proxy.outcome import Outcome
 from proxy.server import ProxyServer
@@ -16,7 +17,7 @@ from tests.support import RecordSink
 
 CLOSE_BOUND_S = 0.050
 LONG = "normal:tokens=100000,rate=200"
-MESSAGES = [{"role": "user", "content": "Tell me a story."}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me a story."}]
 
 
 def _clients(server: ProxyServer) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
@@ -28,8 +29,11 @@ def _clients(server: ProxyServer) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
 
 
 async def _closed_within(sim: SimulatedProvider, request_id: str, left_at: float) -> float:
+    """`left_at`: taken just before the SDK call that lets go (close(), leaving the `with`), so
+    the lag includes that call and cannot come out negative."""
     closed = await sim.wait_closed(request_id, timeout=2.0)
     lag = closed - left_at
+    assert lag >= 0, f"upstream closed {-lag * 1000:.1f} ms before the SDK let go"
     assert lag < CLOSE_BOUND_S, f"upstream closed {lag * 1000:.1f} ms after the SDK let go"
     return lag
 
@@ -101,8 +105,9 @@ async def test_async_stream_close(
         got += 1
         if got == 3:
             break
+    left = time.monotonic()
     await stream.close()
-    await _closed_within(sim, "sdk-close", time.monotonic())
+    await _closed_within(sim, "sdk-close", left)
     assert (await sink.wait_for("sdk-close")).outcome is Outcome.CLIENT_CANCELLED
     await client.close()
 
@@ -117,8 +122,8 @@ async def test_async_with_block_exit(
     )
     async with stream:
         async for _ in stream:
-            break
-    left = time.monotonic()
+            left = time.monotonic()
+            break  # and out of the `with`: that exit is what closes
     await _closed_within(sim, "sdk-with", left)
     assert (await sink.wait_for("sdk-with")).outcome is Outcome.CLIENT_CANCELLED
     await client.close()
@@ -141,8 +146,8 @@ async def test_sync_stream_close_and_with_exit(
         for i, _ in enumerate(stream):
             if i == 2:
                 break
-        stream.close()
         closed = time.monotonic()
+        stream.close()
         with client.chat.completions.create(
             model=LONG,
             messages=MESSAGES,
@@ -150,8 +155,8 @@ async def test_sync_stream_close_and_with_exit(
             extra_headers={"x-request-id": "sdk-s-with"},
         ) as stream2:
             for _ in stream2:
-                break
-        left = time.monotonic()
+                left = time.monotonic()
+                break  # and out of the `with`: that exit is what closes
         client.close()
         return closed, left
 
@@ -176,7 +181,7 @@ async def test_cancelling_the_task(
         result = await client.chat.completions.create(
             model=LONG, messages=MESSAGES, stream=stream, extra_headers={"x-request-id": request_id}
         )
-        if stream:
+        if isinstance(result, openai.AsyncStream):
             received = 0
             async for _ in result:
                 received += 1
@@ -188,8 +193,8 @@ async def test_cancelling_the_task(
     if stream:
         async with asyncio.timeout(2.0):
             await flowing.wait()
-    task.cancel()
     cancelled_at = time.monotonic()
+    task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await _closed_within(sim, request_id, cancelled_at)

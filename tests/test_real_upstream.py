@@ -8,14 +8,10 @@ import asyncio
 import pytest
 
 from proxy.server import ProxyServer
-from tests.real_upstream import LlamaServer, available, idle_after
+from tests.real_upstream import LlamaServer, idle_after
 from tests.support import RawClient, RecordSink
 
 pytestmark = [pytest.mark.real_upstream, pytest.mark.slow]
-
-_why_not = available()
-if _why_not is not None:
-    pytestmark.append(pytest.mark.skip(reason=_why_not))
 
 PROMPT = [{"role": "user", "content": "Tell me a very long story."}]
 
@@ -63,7 +59,9 @@ async def test_non_stream_cut_after_1_5s_stops_generation(
         {"x-request-id": "real-nonstream-cut"},
     )
     await asyncio.sleep(1.5)  # the scenario itself: hang up after 1.5 s of generation
-    assert client.received == b"", "the 2000-token answer cannot be ready after 1.5 s"
+    # Still generating: the proxy has no record of it yet. (The client reads nothing, so its
+    # buffer could not tell; an answer complete this early would show as a record here.)
+    assert not sink.by_id("real-nonstream-cut"), "the 2000-token answer was ready after 1.5 s"
     client.close()
     # llama-server notices a closed non-streaming request at its next 1-s poll.
     idle_from = await _assert_server_idles(llama, within_s=1.0)

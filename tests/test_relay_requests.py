@@ -6,12 +6,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import socket
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.outcome import Outcome
+from proxy.routing import Router
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy, chat
 from tests.support import config_from, make_config
@@ -129,6 +132,7 @@ async def test_request_ids_and_headers(sim: SimulatedProvider, start_proxy: Star
                 "x-hop": "dropped",
                 "Proxy-Authorization": "Basic c2VjcmV0",
                 "TE": "trailers",
+                "Keep-Alive": "timeout=5",
                 "x-hangup-timeout": "30",
             },
         ) as response:
@@ -186,6 +190,40 @@ async def test_refusals_are_openai_shaped(sim: SimulatedProvider, start_proxy: S
                 error = (await response.json())["error"]
                 assert set(error) == {"message", "type", "param", "code"}
                 assert error["code"] == code
-                assert "Traceback" not in error["message"]
     outcomes = [r.outcome for r in sink.records]
     assert outcomes.count(Outcome.REJECTED) == 3
+
+
+async def test_a_bug_of_ours_is_a_plain_500_and_a_logged_traceback(
+    sim: SimulatedProvider,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception the proxy did not expect: the client gets an OpenAI-shaped 500 naming the
+    request id, never the exception or its traceback; the log gets the traceback at ERROR."""
+    server, sink = await start_proxy(make_config(sim.base_url))
+
+    def broken_match(self: Router, path: str, model: str | None) -> None:
+        raise RuntimeError("boom: sk-planted-in-the-exception")
+
+    monkeypatch.setattr(Router, "match", broken_match)
+    with caplog.at_level(logging.ERROR):
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"{server.base_url}{CHAT}",
+                json=chat("normal:tokens=2", stream=False),
+                headers={"x-request-id": "our-bug"},
+            ) as response:
+                assert response.status == 500
+                raw = await response.text()
+        record = await sink.wait_for("our-bug")
+    error = json.loads(raw)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "server_error" and "our-bug" in error["message"]
+    for leak in ("Traceback", "boom", "sk-planted", "RuntimeError"):
+        assert leak not in raw, leak
+    assert record.outcome is Outcome.INTERNAL_ERROR
+    logged = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
+    assert len(logged) == 1 and "our-bug" in logged[0].getMessage()
+    assert sim.request("our-bug") is None  # it failed before anything was sent upstream

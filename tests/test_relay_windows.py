@@ -158,10 +158,13 @@ async def test_while_the_client_is_still_uploading(
     await client.writer.drain()
     closed_at = client.close()
     record = await sink.wait_for("w-upload")
-    assert record.outcome is Outcome.CLIENT_CANCELLED
+    assert record.outcome is Outcome.CLIENT_CANCELLED  # not a 400 for the truncated body
+    assert record.status is None  # nobody left to answer
     assert record.ended_at is not None
-    assert not [r for r in sim.requests if r.request_id == "w-upload"]  # never sent upstream
     assert time.monotonic() - closed_at < 1.0
+    # Nothing reached the upstream. True by construction today (admission reads the whole body
+    # before a request is built): this guards a future streamed upload, it proves no window.
+    assert not [r for r in sim.requests if r.request_id == "w-upload"]
 
 
 async def test_while_connecting(start_proxy: StartProxy) -> None:
@@ -189,20 +192,29 @@ async def test_while_connecting(start_proxy: StartProxy) -> None:
 
 
 async def test_during_a_retry_backoff(sim: SimulatedProvider, start_proxy: StartProxy) -> None:
-    server, sink = await start_proxy(make_config(sim.base_url, max_retries=3, retry_backoff_s=30))
+    """A client that leaves during the backoff before a retry: no retry is ever sent.
+
+    The retry would be sent by a timer, so "never" needs a witness that the moment has passed:
+    a control request with the same backoff, started after the hang-up, whose retry is due
+    after the abandoned one's would have been. Once the control's retry has been answered, the
+    abandoned request's retry, had it been sent, would have reached the simulator too."""
+    server, sink = await start_proxy(make_config(sim.base_url, max_retries=1, retry_backoff_s=0.3))
+    body = chat("error:status=503", stream=True)
     client = await RawClient.connect("127.0.0.1", server.port)
-    await client.post_json(
-        CHAT, chat("error:status=503", stream=True), {"x-request-id": "w-backoff"}
-    )
-    # Attempt 1 is answered 503 (its connection may go back to the keep-alive pool: nothing
-    # is in flight upstream during the backoff).
+    await client.post_json(CHAT, body, {"x-request-id": "w-backoff"})
     first = await sim.wait_finished("w-backoff", timeout=2.0)
-    assert first.status == 503
+    assert first.status == 503  # attempt 1 answered: the proxy is now backing off
     closed_at = client.close()
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{server.base_url}{CHAT}", json=body, headers={"x-request-id": "w-control"}
+        ) as response:
+            assert response.status == 503  # after its own retry
+    assert len([r for r in sim.requests if r.request_id == "w-control"]) == 2  # it did retry
+    assert len([r for r in sim.requests if r.request_id == "w-backoff"]) == 1  # no retry sent
     record = await sink.wait_for("w-backoff", timeout=2.0)
     assert record.outcome is Outcome.CLIENT_CANCELLED
     assert record.ended_at is not None
-    assert len([r for r in sim.requests if r.request_id == "w-backoff"]) == 1  # no retry sent
     assert time.monotonic() - closed_at < 1.0
 
 

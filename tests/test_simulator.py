@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pytest_aiohttp import AiohttpServer
 
 from proxy.sim import SimulatedProvider, build_app, completion_text, key_fingerprint
 
@@ -668,7 +669,7 @@ async def test_stop_ends_streams_and_jobs(http: aiohttp.ClientSession) -> None:
     raw.close()
 
 
-async def test_build_app_under_a_test_server(aiohttp_server) -> None:
+async def test_build_app_under_a_test_server(aiohttp_server: AiohttpServer) -> None:
     sim = SimulatedProvider(tokens_per_s=0)
     server = await aiohttp_server(build_app(sim))
     async with aiohttp.ClientSession() as http:

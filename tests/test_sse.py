@@ -236,6 +236,11 @@ def test_invalid_utf8_is_replaced_not_raised() -> None:
     [event] = decode(b"data: \xff\xfe\n\n")
     assert event.data == "\ufffd\ufffd"
     assert event.raw == b"data: \xff\xfe\n\n"
+    # In every decoded field: an upstream's bad bytes in an event name or id must not raise.
+    raw = b"event: a\xffb\nid: \xfe1\ndata: x\n\n"
+    [event] = decode(raw)
+    assert (event.event, event.id, event.data) == ("a\ufffdb", "\ufffd1", "x")
+    assert event.raw == raw
 
 
 def test_long_line_in_small_reads() -> None:

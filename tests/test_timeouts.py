@@ -25,6 +25,12 @@ def deadlines(
     return Deadlines(budget, started=1000.0, watch_first_token=stream)
 
 
+def phase_of(d: Deadlines) -> Phase:
+    """Read through a call: after `assert d.phase is X`, mypy would narrow the attribute to X
+    and call a later check against another phase unreachable."""
+    return d.phase
+
+
 def test_connect_phase_is_bounded_by_connect_s() -> None:
     d = deadlines()
     assert d.next() == (1001.0, TimeoutKind.CONNECT)
@@ -51,7 +57,7 @@ def test_keepalives_do_not_reset_first_token_only_content_does() -> None:
     assert d.next() == (1010.0, TimeoutKind.FIRST_TOKEN)
     # The relay calls content() only for content-bearing events; nothing else moves it.
     d.content(1004.0)
-    assert d.phase is Phase.STREAMING
+    assert phase_of(d) is Phase.STREAMING
     assert d.next() == (1007.0, TimeoutKind.IDLE)
     d.content(1006.5)
     assert d.next() == (1009.5, TimeoutKind.IDLE)
@@ -126,7 +132,9 @@ def test_client_deadline_caps_total_but_never_extends_it() -> None:
         ({"x-hangup-timeout": "30", "x-stainless-timeout": "2"}, (30.0, "x-hangup-timeout")),
         ({"x-hangup-timeout": "nan"}, None),
         ({"x-hangup-timeout": "-1"}, None),
+        ({"x-hangup-timeout": "0"}, None),  # no time at all is no deadline, not an instant 504
         ({"x-hangup-timeout": "soon"}, None),
+        ({"x-hangup-timeout": "0.5"}, (0.5, "x-hangup-timeout")),  # sub-second deadlines count
     ],
 )
 def test_client_deadline_headers(
@@ -148,6 +156,7 @@ def test_remaining_budget() -> None:
     d = deadlines()
     assert d.remaining(1040.0) == 60.0
     assert d.remaining(2000.0) == 0.0
+    assert deadlines(POLICY.model_copy(update={"total_s": None})).remaining(1040.0) is None
 
 
 def test_sdk_headers_bound_the_wait_for_headers_not_the_stream() -> None:
@@ -201,3 +210,83 @@ def test_a_python_sdk_read_timeout_caps_idle() -> None:
         read_gap=(1.0, "x-stainless-read-timeout"),
     )
     assert (ignored.idle_s, ignored.client_headers_s) == (3, None)
+
+
+def test_a_client_deadline_equal_to_total_s_leaves_the_route_as_the_source() -> None:
+    """Only a strictly tighter client deadline takes over (and is then named in the message)."""
+    tie = Budget.for_request(POLICY, (100.0, "x-hangup-timeout"), honor_client_deadline=True)
+    assert (tie.total_s, tie.total_source) == (100, None)
+    d = Deadlines(tie, started=1000.0, watch_first_token=True)
+    assert d.describe(TimeoutKind.TOTAL, "r").startswith("timeouts.total_s=100 exceeded")
+
+
+def test_only_total_is_blamed_on_the_client_deadline() -> None:
+    d = deadlines(client=(2.5, "x-stainless-timeout"))
+    assert "x-stainless-timeout" in d.describe(TimeoutKind.TOTAL, "r")
+    for kind in (TimeoutKind.CONNECT, TimeoutKind.HEADERS, TimeoutKind.IDLE):
+        message = d.describe(kind, "r")
+        assert message.startswith(f"{kind.config_key}=") and "x-stainless" not in message
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        # A bad first header does not hide a good second one.
+        ({"x-stainless-timeout": "soon", "x-stainless-read-timeout": "9"}, 9.0),
+        ({"x-stainless-timeout": "inf", "x-stainless-read-timeout": "9"}, 9.0),
+        ({"x-stainless-timeout": "0", "x-stainless-read-timeout": "9"}, 9.0),
+    ],
+)
+def test_every_named_header_is_considered(headers: dict[str, str], expected: float) -> None:
+    assert client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS) == (
+        expected,
+        "x-stainless-read-timeout",
+    )
+
+
+def test_a_tie_names_the_first_header_in_order() -> None:
+    headers = {"x-stainless-timeout": "5", "x-stainless-read-timeout": "5"}
+    assert client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS) == (
+        5.0,
+        "x-stainless-timeout",
+    )
+
+
+def test_a_retry_attempt_restarts_the_connect_deadline_from_now() -> None:
+    d = deadlines(stream=False)
+    d.headers_sent(1000.1)
+    d.backing_off()
+    assert d.next() == (1100.0, TimeoutKind.TOTAL)  # backing off: only total runs
+    d.connecting(1030.0)
+    assert d.phase is Phase.CONNECT
+    assert d.next() == (1031.0, TimeoutKind.CONNECT)  # connect_s=1 from the new attempt
+    d.headers_sent(1030.5)
+    assert d.next() == (1035.5, TimeoutKind.HEADERS)
+
+
+def test_a_fallback_target_gets_its_own_connect_and_first_token_time_but_not_total() -> None:
+    d = deadlines()
+    d.headers_sent(1000.1)
+    d.next_target(1006.0)  # the first target failed at 6 s: the next one starts afresh
+    assert d.next() == (1007.0, TimeoutKind.CONNECT)
+    d.headers_sent(1006.2)
+    assert d.next() == (1011.2, TimeoutKind.HEADERS)
+    d.response_started(1006.5, sse=True)
+    assert d.next() == (1016.0, TimeoutKind.FIRST_TOKEN)  # 10 s from the new target's start
+    d.content(1099.0)
+    assert d.next() == (1100.0, TimeoutKind.TOTAL)  # total is one budget for all targets
+
+
+def test_the_clients_headers_deadline_is_known_to_have_fired() -> None:
+    headers = {"x-stainless-timeout": "2"}
+    budget = Budget.for_request(
+        POLICY,
+        None,
+        honor_client_deadline=True,
+        client_headers=client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS),
+    )
+    d = Deadlines(budget, started=1000.0, watch_first_token=True)
+    # Answered 0.2 s (the margin) before the client's own 2 s run out.
+    assert not d.client_headers_expired(1001.7)
+    assert d.client_headers_expired(1001.8)
+    assert not deadlines().client_headers_expired(5000.0)  # no client deadline: never

@@ -44,6 +44,8 @@ async def test_fires_at_the_deadline_and_consume_reports_it() -> None:
 
 
 async def test_moving_a_deadline_later_rearms_lazily() -> None:
+    """Content every 50 ms keeps a 100 ms idle timer from firing; once content stops, the
+    timer (which woke early each time and re-armed itself) fires 100 ms after the last one."""
     loop = asyncio.get_running_loop()
     d = make(loop.time(), idle_s=0.1, total_s=None)
     d.response_started(loop.time(), sse=True)
@@ -51,16 +53,21 @@ async def test_moving_a_deadline_later_rearms_lazily() -> None:
     task = asyncio.current_task()
     assert task is not None
     wd = Watchdog(d, task)
-    start = loop.time()
-    try:
-        with wd:
-            for _ in range(4):  # content every 50 ms keeps a 100 ms idle timer from firing
-                await asyncio.sleep(0.05)
-                d.content(loop.time())
-            await asyncio.sleep(5)
-    except asyncio.CancelledError:
-        assert wd.consume() is TimeoutKind.IDLE
-    assert loop.time() - start >= 0.3
+    last_content = loop.time()
+    async with asyncio.timeout(5):  # bounds a watchdog that never fires
+        try:
+            with wd:
+                for _ in range(4):
+                    await asyncio.sleep(0.05)
+                    last_content = loop.time()
+                    d.content(last_content)
+                await loop.create_future()  # only a cancellation ends this
+        except asyncio.CancelledError:
+            fired_at = loop.time()
+            assert wd.consume() is TimeoutKind.IDLE, "the watchdog never fired"
+    # Not early (a timer armed for the first deadline would fire at 0.1 s, mid-loop)...
+    assert fired_at >= last_content + 0.1
+    assert task.cancelling() == 0
 
 
 async def test_another_cancellation_wins_over_a_fired_timeout() -> None:
@@ -109,9 +116,19 @@ async def test_another_cancellation_wins_over_a_fired_timeout() -> None:
 
 
 async def test_stop_disarms() -> None:
+    """Leaving the `with` cancels the timer: nothing fires at the deadline it was armed for."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
-    with Watchdog(make(loop.time(), total_s=0.02), task):
+    d = make(loop.time(), total_s=0.02)
+    due = d.next()
+    assert due is not None
+    with Watchdog(d, task) as wd:
         pass
-    await asyncio.sleep(0.05)  # would have been cancelled here had the timer stayed armed
+    # The loop runs due timers in time order: had the watchdog's timer stayed armed for `due`,
+    # it would cancel this task before the later one below wakes it.
+    past_due = loop.create_future()
+    loop.call_at(due[0] + 0.001, past_due.set_result, None)
+    await past_due
+    assert wd.fired is None
+    assert task.cancelling() == 0
