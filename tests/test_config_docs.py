@@ -32,12 +32,15 @@ README = ROOT / "README.md"
 # routes[] keys of their own; every other RouteConfig key is a RouteOptions key, documented
 # once under `defaults` ("Any key of `defaults` may be set here too").
 ROUTE_OWN_KEYS = {"name", "match", "upstream", "fallbacks"}
+# The models `undocumented` reached through the shipped file's values.
+WALKED: set[type[BaseModel]] = set()
 
 
 def undocumented(model: type[BaseModel], raw: Any, parsed: BaseModel, where: str) -> list[str]:
     """Problems with one YAML mapping against its model: keys missing, defaults that differ."""
     if not isinstance(raw, dict):
         return [f"{where}: expected a mapping in {SHIPPED.name}, got {raw!r}"]
+    WALKED.add(model)
     problems: list[str] = []
     for name, field in model.model_fields.items():
         if field.exclude:
@@ -87,7 +90,7 @@ def commented_examples(text: str) -> list[dict[str, Any]]:
     for line in text.splitlines():
         if not line.lstrip().startswith("#"):
             continue
-        for flow in re.findall(r"\{[^{}]*\}", line):
+        for flow in re.findall(r"\{(?:[^{}]|\{[^{}]*\})*\}", line):  # ${VAR} inside is fine
             try:
                 example = yaml.safe_load(flow)
             except yaml.YAMLError:
@@ -98,26 +101,53 @@ def commented_examples(text: str) -> list[dict[str, Any]]:
 
 
 def test_keys_inside_empty_collections_have_a_full_example() -> None:
-    # routes[].fallbacks and prices are empty by default: the walk above never reaches their
-    # keys, so the file must show a valid commented example that spells out every one of them.
-    examples = commented_examples(SHIPPED.read_text(encoding="utf-8"))
-    for model in (FallbackConfig, PriceConfig):
+    # Models held only in collections that are empty by default (routes[].fallbacks, prices,
+    # auth.keys' named entries) are never reached by the walk over the file's values: the file
+    # must show a valid commented example that spells out every one of their keys.
+    text = SHIPPED.read_text(encoding="utf-8")
+    WALKED.clear()
+    undocumented(HangupConfig, yaml.safe_load(text), parse_config(text, env={}), "")
+    examples = commented_examples(text)
+    unwalked = reachable_models() - WALKED
+    expected: set[type[BaseModel]] = {FallbackConfig, PriceConfig}
+    assert expected <= unwalked
+    for model in sorted(unwalked, key=lambda m: m.__name__):
         full = [e for e in examples if set(e) == set(model.model_fields)]
         assert full, f"no commented example in {SHIPPED.name} with every {model.__name__} key"
         for example in full:
             model.model_validate(example)
 
 
+def nested_models(model: type[BaseModel]) -> set[type[BaseModel]]:
+    """The config models `model`'s keys hold, directly or in a list or dict."""
+    found: set[type[BaseModel]] = set()
+    for field in model.model_fields.values():
+        for class_name in re.findall(r"\b([A-Z][A-Za-z]+)\b", str(field.annotation)):
+            candidate = getattr(config_module, class_name, None)
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                found.add(candidate)
+    return found
+
+
+def reachable_models() -> set[type[BaseModel]]:
+    seen: set[type[BaseModel]] = set()
+    todo: list[type[BaseModel]] = [HangupConfig]
+    while todo:
+        model = todo.pop()
+        if model not in seen:
+            seen.add(model)
+            todo += nested_models(model)
+    return seen
+
+
 def key_names(model: type[BaseModel]) -> set[str]:
     """Every key name in `model` and the models below it."""
     names: set[str] = set()
     for name, field in model.model_fields.items():
-        if field.exclude:
-            continue
-        names.add(name)
-        nested = re.findall(r"\b([A-Z][A-Za-z]*Config|RouteOptions)\b", str(field.annotation))
-        for class_name in nested:
-            names |= key_names(getattr(config_module, class_name))
+        if not field.exclude:
+            names.add(name)
+    for nested in nested_models(model):
+        names |= key_names(nested)
     return names
 
 
