@@ -78,7 +78,12 @@ async def test_a_60_mib_body_peaks_within_3x_its_size(
         assert growth < PEAK_OVER_BODY * BODY_MIB, f"peak grew {growth:.0f} MiB"
         (seen,) = upstream.requests[1:]
         assert seen.body == body  # relayed as sent
-        (line,) = [a for a in proc.access_lines() if a.get("bytes_in") == len(body)]
+        # The access line is written by the log writer thread: wait for it, bounded.
+        line = await proc.wait_line(
+            lambda a: a.get("logger") == "hangup.access" and a.get("bytes_in") == len(body),
+            10.0,
+            "the 60 MiB request's access line",
+        )
         # The prompt estimate still covers the undecoded messages (bytes / 4).
         assert line["tokens"]["prompt"] >= len(body) // 4 - 16
     finally:
