@@ -68,7 +68,10 @@ async def test_metrics_export_the_lag_of_a_blocked_loop(start_proxy: StartProxy)
         before = await slow_samples()
         async with asyncio.timeout(5):
             while True:
-                _block(0.06)  # this test shares the proxy's loop: hold it for 60 ms
+                # This test shares the proxy's loop: hold it for 200 ms. The probe's timer is due
+                # at most 50 ms after its last tick, so the lag it sees is at least 150 ms, over
+                # the 25 ms bucket whatever the phase (a 60 ms hold could show as 10 ms).
+                _block(0.2)
                 await asyncio.sleep(0.06)
                 if await slow_samples() > before:
                     break

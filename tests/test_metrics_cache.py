@@ -36,5 +36,6 @@ def test_labels_are_looked_up_once_per_series(monkeypatch: pytest.MonkeyPatch) -
     assert len(calls) > first  # a new series is looked up (once)
     text = metrics.render()[0].decode()
     assert (
-        'hangup_requests_total{model="gpt-4o-mini",outcome="completed",route="chat"} 51.0' in text
+        'hangup_requests_total{client="none",model="gpt-4o-mini",outcome="completed",route="chat"}'
+        " 51.0" in text
     )

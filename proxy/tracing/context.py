@@ -61,16 +61,21 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{SAMPLED if sampled else 0:02x}"
 
 
+# Our own generator (seeded from os.urandom): ids never draw on, or disturb, the global
+# `random` state that other code in the process (and Hypothesis in the tests) relies on.
+_IDS = random.Random()
+
+
 def new_trace_id() -> int:
     while True:
-        value = random.getrandbits(128)
+        value = _IDS.getrandbits(128)
         if value:
             return value
 
 
 def new_span_id() -> int:
     while True:
-        value = random.getrandbits(64)
+        value = _IDS.getrandbits(64)
         if value:
             return value
 
