@@ -25,7 +25,6 @@ CUT_AFTER_CONTENT = {name for name in CASES if "mid-way" in name}
 NOT_YET = {
     "body cut mid-JSON (FIN)",
     "body cut mid-JSON (stall)",
-    "429 with Retry-After (s)",
 }
 
 
