@@ -239,8 +239,10 @@ class Exchange(Downstream):
                     raise
                 # A stall after content may be resumed elsewhere (continue_cut_streams).
                 resumable = kind is TimeoutKind.IDLE and self._continuation(plan, index) is not None
+                # A plain answer whose held body stalled: nothing reached the client yet.
+                held_body = kind is TimeoutKind.IDLE and self.response is None
                 if not resumable and (
-                    kind not in _PER_ATTEMPT
+                    (kind not in _PER_ATTEMPT and not held_body)
                     or self.content_sent
                     or deadlines.client_headers_expired(loop.time())
                 ):

@@ -23,8 +23,6 @@ CASES = {case.name: case for case in cases(TIMING)}
 CUT_AFTER_CONTENT = {name for name in CASES if "mid-way" in name}
 # Faults hangup does not yet handle as the suite wants (each removed by the commit fixing it).
 NOT_YET = {
-    "body cut mid-JSON (FIN)",
-    "body cut mid-JSON (stall)",
 }
 
 
