@@ -21,9 +21,6 @@ from tests.conftest import StartProxy
 TIMING = Timing(headers_s=1, first_token_s=1, idle_s=1, late_s=3, hang_bound_s=8)
 CASES = {case.name: case for case in cases(TIMING)}
 CUT_AFTER_CONTENT = {name for name in CASES if "mid-way" in name}
-# Faults hangup does not yet handle as the suite wants (each removed by the commit fixing it).
-NOT_YET = {
-}
 
 
 async def _run(case: Case, start_proxy: StartProxy, **route: object) -> list[tuple[str, str]]:
@@ -42,12 +39,7 @@ async def _run(case: Case, start_proxy: StartProxy, **route: object) -> list[tup
 
 @pytest.mark.parametrize(
     "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="not yet"))
-        if n in NOT_YET
-        else n
-        for n in CASES
-    ],
+    list(CASES),
 )
 async def test_fault(name: str, start_proxy: StartProxy) -> None:
     case = CASES[name]
@@ -64,7 +56,6 @@ async def test_cut_stream_continued(name: str, start_proxy: StartProxy) -> None:
     assert [score for score, _ in got] == ["stream: pass"], got
 
 
-@pytest.mark.xfail(strict=True, reason="not yet")
 async def test_broken_chunk_framing_ends_the_stream_at_once(start_proxy: StartProxy) -> None:
     """A broken chunk-size line after content: aiohttp's C parser closes the connection but
     never fails the body, so without hangup's watch the client would wait for idle_s (30 s
