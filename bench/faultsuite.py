@@ -58,7 +58,7 @@ async def one(
         path = write_config(tmp / f"{abs(hash(case.name))}.yaml", data)
         proc = await HangupProcess("--config", str(path)).start()
         try:
-            url = await proc.listening_url()
+            url = await proc.listening_url(timeout=90)  # slow on a loaded machine
             return await run_case(case, f"{url}/v1", primary, backup, t)
         finally:
             await proc.close()
@@ -88,7 +88,10 @@ async def main(argv: list[str]) -> int:
 
         async def gated(case: Case) -> list[Result]:
             async with gate:
-                return await one(case, t, args.defaults, args.inproc, extra, Path(tmp))
+                try:
+                    return await one(case, t, args.defaults, args.inproc, extra, Path(tmp))
+                except AssertionError as exc:  # hangup did not start: the harness's problem
+                    return [Result(case.name, "-", "error", str(exc)[:120], 0.0)]
 
         done = await asyncio.gather(*(gated(c) for c in chosen))
     results = [r for rs in done for r in rs]
@@ -100,6 +103,8 @@ async def main(argv: list[str]) -> int:
     for r in results:
         print(f"{r.score:8} {r.case:42} {r.mode:7} {r.seconds:6.2f}s  {r.detail}")
     print(" / ".join(f"{counts[s]} {s}" for s in SCORES), f"({len(results)} runs)")
+    if counts["error"]:
+        print(f"{counts['error']} cases could not run (hangup did not start)")
     return 1 if counts["fail"] else 0
 
 

@@ -13,8 +13,17 @@ from __future__ import annotations
 
 import pytest
 
-from bench.fault_cases import Case, Timing, cases, hangup_config, run_case
-from bench.fault_upstream import FaultUpstream
+from bench.fault_cases import (
+    BACKUP_MODEL,
+    PRIMARY_MODEL,
+    Case,
+    Timing,
+    cases,
+    hangup_config,
+    run_case,
+    sdk_call,
+)
+from bench.fault_upstream import WORDS, FaultUpstream
 from proxy.config import HangupConfig
 from tests.conftest import StartProxy
 
@@ -74,3 +83,39 @@ async def test_broken_chunk_framing_ends_the_stream_at_once(start_proxy: StartPr
         await backup.stop()
     [result] = results
     assert result.score == "safe" and "cut off" in result.detail, result
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_fallback_answer_is_priced_as_the_model_that_answered(
+    stream: bool, start_proxy: StartProxy
+) -> None:
+    """The primary (gpt-4o) answers 503, the fallback renamed to backup-model answers: the
+    client's usage and the record's cost are the fallback's, at the fallback model's price,
+    and the failed attempt costs nothing."""
+    case = CASES["fallback accounting (usage)"]
+    primary, backup = FaultUpstream("primary"), FaultUpstream("backup")
+    await primary.start()
+    await backup.start()
+    prices = {
+        PRIMARY_MODEL: {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0},
+        BACKUP_MODEL: {"input_per_mtok": 1.0, "output_per_mtok": 2.0},
+    }
+    try:
+        data = {**hangup_config(primary, backup, TIMING), "prices": prices}
+        server, sink = await start_proxy(HangupConfig.model_validate(data))
+        rid = f"priced-{stream}"
+        primary.behaviours[rid], backup.behaviours[rid] = case.primary, case.backup
+        got = await sdk_call(f"{server.base_url}/v1", rid, stream, case.extra, 8)
+        record = await sink.wait_for(rid)
+    finally:
+        await primary.stop()
+        await backup.stop()
+    assert got.error is None and got.model == BACKUP_MODEL, got
+    assert got.usage is not None and got.usage["completion_tokens"] == WORDS
+    assert [(a.upstream, a.model) for a in record.attempts] == [
+        ("primary", PRIMARY_MODEL),
+        ("backup", BACKUP_MODEL),
+    ]
+    assert record.usage.prompt_tokens == 7 and record.usage.completion_tokens == WORDS
+    assert record.cost is not None
+    assert record.cost.used_usd == pytest.approx((7 * 1.0 + WORDS * 2.0) / 1e6)
