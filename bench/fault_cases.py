@@ -29,6 +29,7 @@ from bench.fault_upstream import (
     Conn,
     FaultUpstream,
     answer_words,
+    completion,
     full_text,
     gzipped,
     healthy,
@@ -408,6 +409,34 @@ def flapping(period_s: float) -> Behaviour:
     return behave
 
 
+async def error_event_before_content(conn: Conn, nth: int) -> None:
+    if not conn.seen.stream:
+        await conn.error(503, "overloaded", None)
+        return
+    await conn.stream_head()
+    model = str(conn.body.get("model"))
+    await conn.event(conn.chunk_obj(model, {"role": "assistant", "content": ""}))
+    await conn.event({"error": {"message": "overloaded", "type": "server_error"}})
+    await conn.end_chunks()
+
+
+async def gzip_answer(conn: Conn, nth: int) -> None:
+    if conn.seen.stream:
+        await conn.healthy_stream()
+        return
+    todo, model = conn.words()
+    data = gzipped(json.dumps(completion(model, "".join(todo))).encode())
+    await conn.head(
+        200,
+        {
+            "content-type": "application/json",
+            "content-encoding": "gzip",
+            "content-length": str(len(data)),
+        },
+    )
+    await conn.send(data)
+
+
 def http_date(seconds_from_now: float) -> str:
     return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
 
@@ -508,6 +537,16 @@ def cases(t: Timing) -> list[Case]:
             modes=("stream",),
         ),
         Case("n=2 after failover", always(503), n2_stream, extra={"n": 2}),
+        Case("in-band error before content", error_event_before_content),
+        Case("429 Retry-After 1 every time", always(429, **{"retry-after": "1"}), primary_max=2),
+        Case("both silent", silent, silent, expect="status:504"),
+        Case(
+            "silent primary, fallback stalls after content",
+            silent,
+            cut_after(3, "stall"),
+            modes=("stream",),
+        ),
+        Case("gzip answer from the fallback", always(503), gzip_answer),
     ]
 
 

@@ -249,6 +249,7 @@ class Exchange(Downstream):
                     self._abandon(attempt, f"{kind.value} deadline")
                     raise _DeadlineFired(kind) from None
                 attempt.end(AttemptResult.TIMEOUT, loop.time(), f"{kind.value} deadline")
+                watchdog.resume()  # the next attempt (or the answer) is watched again
                 failure = Failure(AttemptResult.TIMEOUT, content_sent=self.content_sent)
                 error = GatewayTimeout(
                     deadlines.describe(kind, plan.route.name), kind, retry=options.sdk_retry
