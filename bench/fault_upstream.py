@@ -104,7 +104,7 @@ class Conn:
             return False
         return True
 
-    async def until_closed(self, limit: float = 60.0) -> None:
+    async def until_closed(self, limit: float = 900.0) -> None:
         """Stay silent until the client (hangup) closes the connection."""
         with contextlib.suppress(Exception):
             async with asyncio.timeout(limit):
