@@ -38,6 +38,10 @@ _MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one 
 # Bytes of events held back before the first content token while a switch is possible; an
 # upstream that sends more than this without content is broken, and memory stays bounded.
 HOLD_CAP = 1024 * 1024
+# A JSON answer is held whole up to this while a switch is possible, so a body cut mid-way
+# goes to the next target instead of reaching the client truncated; a longer one is relayed
+# from there on as it comes (a cut then closes the client connection, as without).
+BODY_HOLD_CAP = 8 * 1024 * 1024
 
 
 def held_too_much(upstream: str) -> AttemptFailed:
@@ -210,14 +214,18 @@ class Downstream:
                 ),
             )
             # A stream that may still switch targets keeps its headers until content comes.
-            holding = sse and can_switch and upstream.status < 300
+            holding = (
+                can_switch
+                and upstream.status < 300
+                and (sse or upstream.content_type in JSON_TYPES)
+            )
             if not holding:
                 await self._commit()
             try:
                 if sse:
                     await self._pump_sse(plan, upstream, watchdog, attempt, holding)
                 else:
-                    await self._pump_body(plan, upstream, prefix)
+                    await self._pump_body(plan, upstream, prefix, holding)
             except asyncio.CancelledError:
                 # Client gone (or our deadline): note when, then let the attempt close the
                 # upstream. In drain mode, first read on for exact usage.
@@ -404,17 +412,22 @@ class Downstream:
         # Configured secrets never reach the client (a secret split across writes is held).
         return self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
 
-    async def _pump_body(self, plan: Plan, upstream: UpstreamResponse, prefix: bytes) -> None:
+    async def _pump_body(
+        self, plan: Plan, upstream: UpstreamResponse, prefix: bytes, holding: bool
+    ) -> None:
         record, deadlines = self.record, plan.deadlines
-        response = self.response
-        assert response is not None
+        # While holding, the body is kept until it is whole (or BODY_HOLD_CAP): a cut before
+        # then raises with nothing sent, and the next target answers instead.
+        held: list[bytes] | None = [] if holding else None
+        held_bytes = 0
         keep_copy = (
             plan.facts.endpoint != "other"
             and upstream.status < 300
             and upstream.content_type in JSON_TYPES
         )
+        # A failed earlier attempt's partial copy is not this answer's.
+        self.json_body = bytearray() if keep_copy else None
         if keep_copy:
-            self.json_body = bytearray()
             self.content_encoding = upstream.content_encoding
         first = True
         while True:
@@ -425,8 +438,12 @@ class Downstream:
             first = False
             if not chunk:
                 upstream.check_end()
-                if held := self.scrubber.flush():
-                    await self._client_io(response.write(held))
+                response = self.response or await self._commit()
+                data = self.scrubber.feed(b"".join(held)) if held else b""
+                if held:
+                    record.bytes_to_client += held_bytes
+                if data := data + self.scrubber.flush():
+                    await self._client_io(response.write(data))
                 return
             deadlines.content(now)
             if self.json_body is not None:
@@ -434,6 +451,13 @@ class Downstream:
                     self.json_body += chunk
                 else:
                     self.json_body = None  # too big to account; usage will be estimated
+            if held is not None:
+                held.append(chunk)
+                held_bytes += len(chunk)
+                if held_bytes <= BODY_HOLD_CAP and not upstream.at_end():
+                    continue
+                chunk, held = b"".join(held), None
+            response = self.response or await self._commit()
             if upstream.at_end():
                 # The last chunk: it and the end go in one write (with the headers, if they
                 # are still buffered), not in two or three.

@@ -239,14 +239,17 @@ class Exchange(Downstream):
                     raise
                 # A stall after content may be resumed elsewhere (continue_cut_streams).
                 resumable = kind is TimeoutKind.IDLE and self._continuation(plan, index) is not None
+                # A plain answer whose held body stalled: nothing reached the client yet.
+                held_body = kind is TimeoutKind.IDLE and self.response is None
                 if not resumable and (
-                    kind not in _PER_ATTEMPT
+                    (kind not in _PER_ATTEMPT and not held_body)
                     or self.content_sent
                     or deadlines.client_headers_expired(loop.time())
                 ):
                     self._abandon(attempt, f"{kind.value} deadline")
                     raise _DeadlineFired(kind) from None
                 attempt.end(AttemptResult.TIMEOUT, loop.time(), f"{kind.value} deadline")
+                watchdog.resume()  # the next attempt (or the answer) is watched again
                 failure = Failure(AttemptResult.TIMEOUT, content_sent=self.content_sent)
                 error = GatewayTimeout(
                     deadlines.describe(kind, plan.route.name), kind, retry=options.sdk_retry

@@ -87,6 +87,6 @@ class Chooser:
             index=index,
             retries_here=retries_here,
             rules=self._rules,
-            remaining_s=self.plan.deadlines.remaining(now),
+            remaining_s=self.plan.deadlines.retry_window(now),
             available=lambda name: self.circuit(name).would_allow(now),
         )

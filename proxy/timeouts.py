@@ -259,6 +259,16 @@ class Deadlines:
         ends = [t for t in (self._total_at, self._client_headers_at) if t is not None]
         return None if not ends else max(0.0, min(ends) - now)
 
+    def retry_window(self, now: float) -> float | None:
+        """Seconds a wait before retrying the same target may take: `remaining`, and for a
+        stream also this target's first-token deadline (it keeps running through the wait; a
+        retry that could not answer before it would only turn the fallback into a 504)."""
+        left = self.remaining(now)
+        if self.watch_first_token and self._first_token_at is not None:
+            mine = max(0.0, self._first_token_at - now)
+            left = mine if left is None else min(left, mine)
+        return left
+
     def describe(self, kind: TimeoutKind, route: str) -> str:
         """The message a client sees; it names the config key that fired."""
         budget = self.budget

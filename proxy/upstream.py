@@ -175,6 +175,7 @@ class UpstreamResponse:
     """An upstream's answer once its headers arrived: the relay's only view of it."""
 
     __slots__ = (
+        "_closed",
         "_framing",
         "_response",
         "_upstream",
@@ -190,6 +191,29 @@ class UpstreamResponse:
         self.headers: CIMultiDictProxy[str] = response.headers
         self.content_type = response.content_type
         self.content_encoding = response.headers.get("content-encoding")
+        # aiohttp's C parser, on a broken chunk-size line mid-body, closes the connection but
+        # never ends or fails the body: a read would wait for the next deadline. Watch the
+        # close and fail a body that has not ended (detach() when done with the response).
+        self._closed: asyncio.Future[None] | None = None
+        connection = response.connection
+        if connection is not None and connection.protocol is not None:
+            closed = connection.protocol.closed
+            if closed is not None:
+                closed.add_done_callback(self._connection_closed)
+                self._closed = closed
+
+    def _connection_closed(self, closed: asyncio.Future[None]) -> None:
+        if not closed.cancelled():
+            closed.exception()  # retrieved: a reset must not log "never retrieved"
+        content = self._response.content
+        if not content.is_eof() and content.exception() is None:
+            content.set_exception(aiohttp.ClientPayloadError("connection closed mid-body"))
+
+    def detach(self) -> None:
+        """Stop watching the connection (it may go back to the pool and serve others)."""
+        if self._closed is not None:
+            self._closed.remove_done_callback(self._connection_closed)
+            self._closed = None
 
     @property
     def status(self) -> int:
@@ -254,13 +278,15 @@ class OpenAttempt:
         self._method, self._url, self._headers, self._body = method, url, headers, body
         self._hooks = _AttemptHooks(on_headers_sent, asyncio.get_running_loop())
         self._response: aiohttp.ClientResponse | None = None
+        self._answer: UpstreamResponse | None = None
         self.resent = False
 
     async def start(self) -> UpstreamResponse:
         for first in (True, False):
             try:
                 self._response = await self._send()
-                return UpstreamResponse(self._response, self.upstream)
+                self._answer = UpstreamResponse(self._response, self.upstream)
+                return self._answer
             except asyncio.CancelledError:
                 self._hooks.abort()  # the body may still be in flight: reset, don't flush
                 raise
@@ -319,6 +345,9 @@ class OpenAttempt:
     async def close(self) -> None:
         """Release a finished response to the pool; close an unfinished one at once."""
         response, self._response = self._response, None
+        if self._answer is not None:
+            self._answer.detach()
+            self._answer = None
         if response is None:
             return
         response.release()

@@ -73,6 +73,12 @@ class Watchdog:
         self.fired = kind
         self._task.cancel(msg=f"hangup: {kind.value} timeout")
 
+    def resume(self) -> None:
+        """A fired per-attempt deadline was handled (the next attempt has its own): watch
+        again. Until then `rearm()` does nothing, so the next attempt would have no deadline."""
+        self.fired = None
+        self.stop()
+
     def consume(self) -> TimeoutKind | None:
         """In an `except CancelledError`: the timeout kind if the cancellation was only ours
         (it is then withdrawn and the caller may go on to answer), else None (re-raise)."""

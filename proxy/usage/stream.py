@@ -137,6 +137,9 @@ class StreamUsageTracker:
     def feed(self, event: SSEEvent) -> EventKind:
         data = event.data
         if data is None:
+            if event.event is not None or event.id is not None or event.retry is not None:
+                # Fields but no data: the OpenAI SDKs still dispatch it and parse "" as JSON.
+                self.malformed_events += 1
             return EventKind.OTHER
         if data == "[DONE]":
             self.done = True
