@@ -290,3 +290,27 @@ def test_the_clients_headers_deadline_is_known_to_have_fired() -> None:
     assert not d.client_headers_expired(1001.7)
     assert d.client_headers_expired(1001.8)
     assert not deadlines().client_headers_expired(5000.0)  # no client deadline: never
+
+
+def test_a_retry_wait_fits_the_budget_and_a_streams_first_token_deadline() -> None:
+    # POLICY: first_token 10 s, total 100 s, from 1000.0.
+    stream = deadlines(stream=True)
+    # A stream's first-token deadline keeps running through the wait: 10 - 3 = 7 s left.
+    assert stream.retry_window(1003.0) == pytest.approx(7.0)
+    assert stream.retry_window(1012.0) == 0.0  # past it: no wait fits
+    plain = deadlines(stream=False)
+    assert plain.retry_window(1003.0) == pytest.approx(97.0)  # only the total applies
+    stream.next_target(1020.0)  # a fallback gets its own first-token time
+    assert stream.retry_window(1021.0) == pytest.approx(9.0)
+    no_limits = Deadlines(
+        Budget.for_request(
+            TimeoutsConfig(
+                connect_s=None, headers_s=None, first_token_s=None, idle_s=None, total_s=None
+            ),
+            None,
+            honor_client_deadline=True,
+        ),
+        started=1000.0,
+        watch_first_token=True,
+    )
+    assert no_limits.retry_window(1003.0) is None
