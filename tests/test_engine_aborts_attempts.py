@@ -22,7 +22,7 @@ from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy
 from tests.support import RecordSink, config_from
-from tests.test_engine_aborts import access_line, metric
+from tests.test_engine_aborts import ABORT_BOUND_S, access_line, chat, hang_up_mid_stream, metric
 
 CHAT = "/v1/chat/completions"
 PRIMARY_KEY = "sk-primary-engine-key"
@@ -159,3 +159,24 @@ async def test_a_primary_past_its_first_token_deadline_is_aborted_before_the_fal
         ("backup", "fallback", AttemptResult.OK),
     ]
     assert record.attempts[0].error == "first_token deadline"
+
+
+async def test_a_hang_up_on_a_hedging_route_aborts_the_attempt_relayed(
+    sims: tuple[SimulatedProvider, SimulatedProvider],
+    start_proxy: StartProxy,
+) -> None:
+    """On a hedging route every stream runs as a racer, also when no hedge is ever started (its
+    first token came in time): the client hanging up mid-stream aborts it like any attempt."""
+    primary, backup = sims
+    server, sink = await start_proxy(config(primary, backup, hedge_after_s=5.0))
+    closed_at = await hang_up_mid_stream(server, primary, "hr-1", chat())
+    call = await primary.wait_abort_call(timeout=1.0)
+    assert call.at - closed_at < ABORT_BOUND_S
+    engine_rec = await primary.wait_finished("hr-1", timeout=2.0)
+    assert call.ids == [engine_rec.engine_id] == call.stopped and engine_rec.end == "aborted"
+    record = await sink.wait_for("hr-1")
+    assert record.outcome is Outcome.CLIENT_CANCELLED
+    assert record.engine_abort is EngineAbort.ACKNOWLEDGED
+    assert record.engine_request_id == engine_rec.engine_id
+    assert [(a.upstream, a.reason) for a in record.attempts] == [("primary", "primary")]
+    assert backup.requests == [] and len(primary.abort_calls) == 1
