@@ -18,6 +18,7 @@ from proxy.accounting import attempt_closed
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.downstream import HOLD_CAP, held_too_much
+from proxy.engines import Named
 from proxy.errors import UpstreamFailed
 from proxy.resilience.classify import status_result
 from proxy.sse import SSEDecoder
@@ -60,8 +61,11 @@ class Racer:
         plan: Plan,
         index: int,
         attempt: Attempt,
+        named: Named,
         on_headers_sent: Callable[[], None],
     ) -> None:
+        """`named`: the attempt's body and headers as its engine is to know it (the relay names
+        every attempt, so that a loser given up through its `abandon` is aborted there too)."""
         self.index, self.attempt = index, attempt
         target = plan.targets[index]
         self.plan = plan
@@ -69,8 +73,8 @@ class Racer:
             target.upstream_name,
             method,
             target.url,
-            headers=target.headers,
-            body=target.body,
+            headers=named.headers,
+            body=named.body,
             on_headers_sent=on_headers_sent,
         )
         self.tracker = StreamUsageTracker(plan.facts)

@@ -248,7 +248,8 @@ class Exchange(Downstream):
                 ):
                     self._abandon(attempt, f"{kind.value} deadline")
                     raise _DeadlineFired(kind) from None
-                attempt.end(AttemptResult.TIMEOUT, loop.time(), f"{kind.value} deadline")
+                # Given up for the next target: its engine may still be generating it.
+                self._abandon(attempt, f"{kind.value} deadline", AttemptResult.TIMEOUT)
                 watchdog.resume()  # the next attempt (or the answer) is watched again
                 failure = Failure(AttemptResult.TIMEOUT, content_sent=self.content_sent)
                 error = GatewayTimeout(
@@ -357,8 +358,15 @@ class Exchange(Downstream):
             watchdog.rearm()
 
         method = self.request.method
-        self.state.attempt_starting(record, plan.targets[index].headers, attempt)
-        racers = [Racer(self.state.upstreams, method, plan, index, attempt, headers_sent)]
+
+        def named_racer(j: int, attempt: Attempt) -> Racer:
+            target = plan.targets[j]
+            self.state.attempt_starting(record, target.headers, attempt)
+            named = self.state.aborts.name_attempt(plan, target, record)
+            self._sent[id(attempt)] = (target, named)  # a loser is aborted by `_abandon`
+            return Racer(self.state.upstreams, method, plan, j, attempt, named, headers_sent)
+
+        racers = [named_racer(index, attempt)]
 
         def make_hedge() -> Racer | None:
             j = self.chooser.next_available(index)
@@ -368,10 +376,8 @@ class Exchange(Downstream):
             hedge = Attempt(target.upstream_name, target.model, loop.time(), "hedge")
             record.attempts.append(hedge)
             self.chooser.circuit(target.upstream_name).allows(loop.time())
-            self.state.attempt_starting(record, target.headers, hedge)
-            racer = Racer(self.state.upstreams, method, plan, j, hedge, headers_sent)
-            racers.append(racer)
-            return racer
+            racers.append(named_racer(j, hedge))
+            return racers[-1]
 
         opened_at = loop.time()
         try:
@@ -395,12 +401,16 @@ class Exchange(Downstream):
             winner.closed_at = record.upstream_closed_at = loop.time()
             attempt_closed(winner, self.tracker)
 
-    def _abandon(self, attempt: Attempt, why: str) -> None:
+    def _abandon(
+        self, attempt: Attempt, why: str, result: AttemptResult = AttemptResult.ABANDONED
+    ) -> None:
         """THE place where hangup gives up on an attempt that may still be running upstream
-        (client gone, a request deadline, a failover or hedge loser). Its socket is closed by
-        the unwinding `finally` of `_attempt` right after; an engine abort (naming the request
-        to the engine) belongs here: proxy.engines sends it, off the request's path."""
-        attempt.end(AttemptResult.ABANDONED, self.loop.time(), why)
+        (client gone, a request deadline, a per-attempt deadline before the next target, a
+        hedge loser). Its socket is closed by the unwinding `finally` of `_attempt` (a racer's
+        own, for a hedge); an engine abort (naming the request to the engine) belongs here:
+        proxy.engines sends it, off the request's path. `result`: TIMEOUT for a per-attempt
+        deadline, so the circuit and the record count it as one."""
+        attempt.end(result, self.loop.time(), why)
         sent = self._sent.pop(id(attempt), None)
         if sent is not None and self.plan is not None:
             self.state.aborts.abandon(self.record, self.plan, *sent)

@@ -63,7 +63,9 @@ class EngineAborts:
         named = engine_for(target.target.upstream.engine).name_attempt(
             plan.facts, target.body, target.headers
         )
-        record.engine_request_id = named.engine_id
+        if id(record) not in self._tasks and record.engine_abort is None:
+            # Once an earlier attempt was aborted (a failover), the record keeps naming it.
+            record.engine_request_id = named.engine_id
         return named
 
     def abandon(
@@ -94,6 +96,9 @@ class EngineAborts:
         for name, value in config.headers.items():
             headers[name.lower()] = value
         headers["content-type"] = "application/json"
+        # A request may have named several attempts (retries, fallbacks, hedges): its record
+        # names the one aborted.
+        record.engine_request_id = named.engine_id
         self._start(record, self._abort(record, upstream, call, headers))
 
     def cancel_background(
