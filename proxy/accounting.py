@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
@@ -214,14 +214,8 @@ def record_usage(record: RequestRecord) -> Usage:
         return Usage()
     seen = record.seen_usage
     if seen is not None:
-        usage = Usage(
-            prompt_tokens=seen.prompt_tokens,
-            completion_tokens=seen.completion_tokens,
-            cached_tokens=seen.cached_tokens,
-            reasoning_tokens=seen.reasoning_tokens,
-            prompt_estimated=seen.prompt_estimated,
-            completion_estimated=seen.completion_estimated,
-        )
+        # A copy of the counts as seen; whether a tokenizer counted the prompt is decided below.
+        usage = replace(seen, prompt_tokenized=False)
     elif (
         record.outcome in _UPSTREAM_HAD_IT
         and record.endpoint in _COUNTED_ENDPOINTS

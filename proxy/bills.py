@@ -13,6 +13,7 @@ docs/accounting.md, "Attempts: usage, waste and what hanging up on a loser saves
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Final
 
 from proxy.attempts import Attempt, AttemptResult
@@ -83,14 +84,8 @@ def attempt_usage(record: RequestRecord, index: int) -> Usage:
         return Usage()
     seen = attempt.usage
     if seen is not None:
-        usage = Usage(
-            prompt_tokens=seen.prompt_tokens,
-            completion_tokens=seen.completion_tokens,
-            cached_tokens=seen.cached_tokens,
-            reasoning_tokens=seen.reasoning_tokens,
-            prompt_estimated=seen.prompt_estimated,
-            completion_estimated=seen.completion_estimated,
-        )
+        # A copy of the counts as seen; whether a tokenizer counted the prompt is decided below.
+        usage = replace(seen, prompt_tokenized=False)
     elif record.outcome is not Outcome.INTERNAL_ERROR and record.endpoint in _COUNTED_ENDPOINTS:
         usage = Usage(
             prompt_tokens=record.prompt_estimate,
