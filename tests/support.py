@@ -8,7 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from proxy.config import HangupConfig
 from proxy.outcome import RequestRecord
@@ -204,14 +204,12 @@ async def wait_until(
         await asyncio.sleep(interval)
 
 
-class Tee:
-    """A TCP forwarder between the proxy and an upstream that records, per connection, the
-    exact bytes the upstream sent: the witness for "relayed byte-identical"."""
+class _Forwarder:
+    """A TCP forwarder on a free loopback port to `target`; subclasses say what it does with
+    each connection (`_accept`). `stop()` closes the listener and every connection it made."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
-        self.responses: list[bytearray] = []
-        self.requests: list[bytearray] = []  # what the proxy sent, per connection
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
@@ -220,14 +218,47 @@ class Tee:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    async def start(self) -> Tee:
+    async def start(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _connect_upstream(
+        self, writer: asyncio.StreamWriter
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """The upstream side of a new connection; both writers are closed by `stop()`."""
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers.update((writer, up_writer))
+        return up_reader, up_writer
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for writer in self._writers:
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+        if self._server is not None:
+            await self._server.wait_closed()
+
+
+class Tee(_Forwarder):
+    """A TCP forwarder between the proxy and an upstream that records, per connection, the
+    exact bytes the upstream sent: the witness for "relayed byte-identical"."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        super().__init__(target_host, target_port)
+        self.responses: list[bytearray] = []
+        self.requests: list[bytearray] = []  # what the proxy sent, per connection
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await self._connect_upstream(writer)
         received, sent = bytearray(), bytearray()
         self.responses.append(received)
         self.requests.append(sent)
@@ -247,21 +278,8 @@ class Tee:
 
         await asyncio.gather(pump(reader, up_writer, sent), pump(up_reader, writer, received))
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for writer in self._writers:
-            try:
-                await writer.wait_closed()
-            except ConnectionError:
-                pass
-        if self._server is not None:
-            await self._server.wait_closed()
 
-
-class LateFin:
+class LateFin(_Forwarder):
     """A TCP forwarder that makes the keep-alive race happen every time: when the upstream
     closes a connection, the close is held back from the proxy until the proxy sends its next
     request on it; that request is then dropped and the connection closed, before any answer.
@@ -270,26 +288,13 @@ class LateFin:
     the write succeeds, then the connection ends. `raced` counts the requests it happened to."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+        super().__init__(target_host, target_port)
         self.raced = 0
         self.connections = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def start(self) -> LateFin:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self._writers.update((writer, up_writer))
+        up_reader, up_writer = await self._connect_upstream(writer)
         upstream_closed = asyncio.Event()
 
         async def to_upstream() -> None:
@@ -316,19 +321,6 @@ class LateFin:
             upstream_closed.set()  # ...and the proxy is not told
 
         await asyncio.gather(to_upstream(), from_upstream())
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for writer in self._writers:
-            try:
-                await writer.wait_closed()
-            except ConnectionError:
-                pass
-        if self._server is not None:
-            await self._server.wait_closed()
 
 
 def http_body(raw: bytes) -> bytes:
