@@ -11,6 +11,7 @@ import pytest
 from proxy.config import HangupConfig
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
+from tests.hostile_support import Witness
 from tests.real_upstream import LlamaServer
 from tests.real_upstream import require as require_real_upstream
 from tests.support import RecordSink, make_config
@@ -95,3 +96,11 @@ async def llama_proxy(
 ) -> tuple[ProxyServer, RecordSink]:
     """The production runner in front of the real llama.cpp server."""
     return await start_proxy(make_config(llama.base_url))
+
+
+@pytest.fixture
+async def witness() -> AsyncIterator[Witness]:
+    """A listener on another loopback port that records any connection: where nothing may go."""
+    server = await Witness().start()
+    yield server
+    await server.stop()

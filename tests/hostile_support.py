@@ -242,6 +242,15 @@ def json_head(length: int, extra: str = "") -> bytes:
     ).encode()
 
 
+OK_BODY = b'{"id":"x","object":"chat.completion","choices":[],"usage":null}'
+
+
+async def answer_ok(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+    """A scripted upstream's plain 200: a small chat completion."""
+    writer.write(json_head(len(OK_BODY)) + OK_BODY)
+    await writer.drain()
+
+
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == ACCESS_LOGGER]
 

@@ -22,11 +22,13 @@ from proxy.config import ConfigError, parse_config
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.hostile_support import (
+    OK_BODY,
     Response,
     ScriptedUpstream,
     SeenRequest,
     Witness,
     access_lines,
+    answer_ok,
     assert_clean_log,
     chat_body,
     exchange_raw,
@@ -37,13 +39,7 @@ from tests.hostile_support import (
 from tests.support import RecordSink, config_from
 
 KEY = "probeUpstreamKey-not-sk-0001"  # not sk- shaped: only exact-value scrubbing catches it
-OK_BODY = b'{"id":"x","object":"chat.completion","choices":[],"usage":null}'
 SSE_CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
-
-
-async def answer_ok(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
-    writer.write(json_head(len(OK_BODY)) + OK_BODY)
-    await writer.drain()
 
 
 @pytest.fixture(autouse=True)
@@ -54,13 +50,6 @@ def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.fixture
 async def upstream() -> AsyncIterator[ScriptedUpstream]:
     server = await ScriptedUpstream(answer_ok).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def witness() -> AsyncIterator[Witness]:
-    server = await Witness().start()
     yield server
     await server.stop()
 

@@ -19,10 +19,12 @@ from proxy.outcome import Outcome
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.hostile_support import (
+    OK_BODY,
     ScriptedUpstream,
     SeenRequest,
     Witness,
     access_lines,
+    answer_ok,
     assert_clean_log,
     bind_port_ending_in,
     chat_body,
@@ -33,13 +35,6 @@ from tests.hostile_support import (
 )
 from tests.support import RecordSink, config_from
 
-OK_BODY = b'{"id":"x","object":"chat.completion","choices":[],"usage":null}'
-
-
-async def answer_ok(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
-    writer.write(json_head(len(OK_BODY)) + OK_BODY)
-    await writer.drain()
-
 
 @pytest.fixture(autouse=True)
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
@@ -49,13 +44,6 @@ def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.fixture
 async def upstream() -> AsyncIterator[ScriptedUpstream]:
     server = await ScriptedUpstream(answer_ok).start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def witness() -> AsyncIterator[Witness]:
-    server = await Witness().start()
     yield server
     await server.stop()
 
