@@ -115,6 +115,7 @@ class Metrics:
             self._exposed = target
         self._collector = _WithoutCreated(self._exposed)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._circuit_states: dict[str, CircuitState] = {}
 
         def counter(spec: Spec) -> Counter:
             return Counter(spec.name, spec.help, spec.labels, registry=target)
@@ -220,15 +221,15 @@ class Metrics:
         for attempt in record.attempts:
             # Configured upstream names only: a closed label set.
             if attempt.result is not None and attempt.upstream in self._upstreams:
-                self._attempts.labels(attempt.upstream, attempt.result.value).inc()
+                child(self._attempts, (attempt.upstream, attempt.result.value)).inc()
             if route not in self._routes:
                 continue
             if attempt.reason == "fallback":
-                self._fallbacks.labels(route).inc()
+                child(self._fallbacks, (route,)).inc()
             elif attempt.reason == "hedge":
-                self._hedges.labels(route, "started").inc()
+                child(self._hedges, (route, "started")).inc()
                 if attempt.delivered:
-                    self._hedges.labels(route, "won").inc()
+                    child(self._hedges, (route, "won")).inc()
 
         usage = record.usage
         self._add(self._tokens, (*rm, "prompt", client), usage.prompt_tokens)
@@ -275,8 +276,10 @@ class Metrics:
         self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
 
     def circuit_changed(self, upstream: str, state: CircuitState) -> None:
-        if upstream not in self._upstreams:
+        # Called after every attempt; the gauge's three series change only with the state.
+        if upstream not in self._upstreams or self._circuit_states.get(upstream) is state:
             return
+        self._circuit_states[upstream] = state
         for value in schema.CIRCUIT_STATES:
             self._circuit.labels(upstream, value).set(1 if value == state.value else 0)
 
