@@ -51,6 +51,9 @@ def redact(text: str) -> str:
     return _SECRET.sub(sub, text)
 
 
+ACCESS_LOGGER: Final = "hangup.access"
+access_log: Final = logging.getLogger(ACCESS_LOGGER)
+
 _FREE_TEXT_FIELDS = ("error", "path", "request_id", "model", "user_agent")
 
 
@@ -74,22 +77,43 @@ def _second(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
 
 
+def _json_line(ts: str, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
+    line: dict[str, Any] = {"ts": ts, "level": level, "logger": logger, "msg": msg}
+    line.update(fields)
+    _redact_free_text(line)
+    line["msg"] = redact(msg)
+    return _dumps(line)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            if not record.exc_info:
+                return _json_line(
+                    _timestamp(record),
+                    record.levelname.lower(),
+                    record.name,
+                    record.getMessage(),
+                    fields,
+                )
+            line: dict[str, Any] = {
+                "ts": _timestamp(record),
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": record.getMessage(),
+            }
+            line.update(fields)
+            _redact_free_text(line)
+            line["exc"] = redact(self.formatException(record.exc_info))
+            line["msg"] = redact(line["msg"])
+            return _dumps(line)
+        line = {
             "ts": _timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            line.update(fields)
-            _redact_free_text(line)
-            if record.exc_info:
-                line["exc"] = redact(self.formatException(record.exc_info))
-            line["msg"] = redact(line["msg"])
-            return _dumps(line)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return redact(_dumps(line))
@@ -131,21 +155,28 @@ def _access_text(f: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _text_access_line(head: str, fields: dict[str, Any]) -> str:
+    text = f"{head} {_access_text(_redact_free_text(dict(fields)))}"
+    return redact(text.replace("\r", "\\r").replace("\n", "\\n"))
+
+
 class TextFormatter(logging.Formatter):
     """One line per event for a person at a terminal; the same redaction as the JSON lines."""
 
     def format(self, record: logging.LogRecord) -> str:
         head = f"{_timestamp(record)} {record.levelname:<7}"
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict) and record.name == "hangup.access" and "outcome" in fields:
-            text = f"{head} {_access_text(_redact_free_text(dict(fields)))}"
-        else:
-            text = f"{head} {record.name}: {record.getMessage()}"
-            if isinstance(fields, dict):
-                extra = " ".join(
-                    f"{k}={v}" for k, v in _redact_free_text(dict(fields)).items() if k != "msg"
-                )
-                text += f" ({extra})" if extra else ""
+        if isinstance(fields, dict) and record.name == ACCESS_LOGGER and "outcome" in fields:
+            text = _text_access_line(head, fields)
+            if record.exc_info:
+                text += "\n" + redact(self.formatException(record.exc_info))
+            return text
+        text = f"{head} {record.name}: {record.getMessage()}"
+        if isinstance(fields, dict):
+            extra = " ".join(
+                f"{k}={v}" for k, v in _redact_free_text(dict(fields)).items() if k != "msg"
+            )
+            text += f" ({extra})" if extra else ""
         # One event, one line: a newline in any message (an upstream's error text) is escaped.
         text = text.replace("\r", "\\r").replace("\n", "\\n")
         if record.exc_info:
@@ -168,6 +199,49 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None, fmt: st
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # aiohttp's own access log is replaced by ours (one line per request, with its outcome).
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def _sole_writer(level: int) -> BackgroundHandler | None:
+    """The BackgroundHandler an access line at `level` would reach, when it is the only thing
+    the line would reach (no other handler or filter on the way): then the line can be built
+    without a `LogRecord` (~20 us less on the loop). Anything else (a test's capture handler, a
+    filter someone added) gets the ordinary logging call."""
+    if not access_log.isEnabledFor(level):
+        return None
+    found: BackgroundHandler | None = None
+    logger: logging.Logger | None = access_log
+    while logger is not None:
+        if logger.filters:
+            return None
+        for handler in logger.handlers:
+            if found is not None or type(handler) is not BackgroundHandler or handler.filters:
+                return None
+            if level < handler.level:
+                return None
+            found = handler
+        logger = logger.parent if logger.propagate else None
+    return found
+
+
+def log_access(fields: dict[str, Any], *, error: bool = False) -> None:
+    """Write one request's access line (INFO; ERROR for our own bug), the same line the
+    formatters make from a `logging` call with `extra={"fields": fields}`."""
+    level = logging.ERROR if error else logging.INFO
+    writer = _sole_writer(level)
+    formatter = writer.target.formatter if writer is not None else None
+    if writer is None or formatter is None or "outcome" not in fields:
+        access_log.log(level, "request", extra={"fields": fields})
+        return
+    now = time.time()
+    ts = _second(int(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    if type(formatter) is JsonFormatter:
+        line = _json_line(ts, "error" if error else "info", ACCESS_LOGGER, "request", fields)
+    elif type(formatter) is TextFormatter:
+        line = _text_access_line(f"{ts} {'ERROR' if error else 'INFO':<7}", fields)
+    else:
+        access_log.log(level, "request", extra={"fields": fields})
+        return
+    writer.emit_line(line)
 
 
 def _ms(seconds: float | None) -> float | None:

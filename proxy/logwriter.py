@@ -56,6 +56,14 @@ class BackgroundHandler(logging.Handler):
             record.msg, record.args = record.getMessage(), None
         self._queue.put(record)
 
+    def emit_line(self, line: str) -> None:
+        """Queue a line already formatted by the caller (the access log's fast path, which
+        builds its line from a dict without a `LogRecord`); same order and bound as `emit`."""
+        if self._queue.qsize() >= self.max_pending:
+            self.dropped += 1
+            return
+        self._queue.put(line)
+
     def flush(self) -> None:
         """Until every record queued before this call is written (at most `flush_timeout_s`)."""
         if self._closed or not self._thread.is_alive():
@@ -93,7 +101,9 @@ class BackgroundHandler(logging.Handler):
                 lines.append(self._dropped_line(dropped - reported))
                 reported = dropped
             for item in items:
-                if item is _STOP:
+                if type(item) is str:
+                    lines.append(item)
+                elif item is _STOP:
                     stop = True
                 elif isinstance(item, _Marker):
                     markers.append(item)

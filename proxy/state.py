@@ -20,7 +20,7 @@ from proxy.auth import Auth
 from proxy.callers import note_caller
 from proxy.config import HangupConfig
 from proxy.engines import EngineAborts, engine_for
-from proxy.logs import access_fields
+from proxy.logs import access_fields, log_access
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome, RequestRecord
 from proxy.resilience.circuit import Circuit, Circuits
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from proxy.relay import Exchange
 
 log = logging.getLogger("hangup")
-access_log = logging.getLogger("hangup.access")
+
 
 RecordListener = Callable[[RequestRecord], None]
 
@@ -179,8 +179,7 @@ class ProxyState:
         except Exception:
             log.exception("metrics failed for request %s", record.request_id)
         if self.config.logging.access_log:
-            level = logging.ERROR if record.outcome is Outcome.INTERNAL_ERROR else logging.INFO
-            access_log.log(level, "request", extra={"fields": access_fields(record)})
+            log_access(access_fields(record), error=record.outcome is Outcome.INTERNAL_ERROR)
         try:
             self.tracing.finished(record)
         except Exception:

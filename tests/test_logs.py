@@ -7,10 +7,12 @@ import io
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 
-from proxy.logs import JsonFormatter, access_fields, configure_logging, redact
+from proxy.logs import JsonFormatter, access_fields, configure_logging, log_access, redact
 from tests.metrics_support import make_record
 
 KEY = "sk-proj-Abc123_def-456ghi"
@@ -104,3 +106,103 @@ def test_configure_logging_writes_json_lines_and_silences_aiohttp_access() -> No
         access.disabled = saved_disabled
     (line,) = stream.getvalue().splitlines()
     assert json.loads(line)["msg"] == "bearer [redacted]"
+
+
+def _written(fmt: str, write: Callable[[], None]) -> str:
+    """What `configure_logging(fmt=...)` writes for `write()`, with the real writer thread."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        configure_logging("INFO", stream, fmt=fmt)
+        write()
+        for handler in root.handlers:
+            handler.close()
+    finally:
+        root.handlers[:], root.level = saved
+    return stream.getvalue()
+
+
+def _without_ts(line: str, fmt: str) -> str:
+    if fmt == "json":
+        out = json.loads(line)
+        assert isinstance(out, dict)
+        out.pop("ts")
+        return json.dumps(out)
+    return line.split(" ", 1)[1]  # the text line starts with its timestamp
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+@pytest.mark.parametrize("error", [False, True])
+def test_access_fast_path_writes_the_line_the_formatter_writes(fmt: str, error: bool) -> None:
+    """`log_access` builds the line without a LogRecord when the writer thread is the only
+    handler; it must be the very line a `logging` call gives (timestamps aside), secrets
+    redacted, newlines escaped."""
+    record = make_record(
+        request_id=f"id-{KEY}",
+        path=f"/v1/chat/completions?api_key={KEY}",
+        model=f"Bearer {KEY}",
+        error_message=f"upstream said:\nbad key {KEY}",
+    )
+    fields = access_fields(record)
+    level = logging.ERROR if error else logging.INFO
+    fast = _written(fmt, lambda: log_access(fields, error=error))
+    slow = _written(
+        fmt,
+        lambda: logging.getLogger("hangup.access").log(level, "request", extra={"fields": fields}),
+    )
+    assert fast.count("\n") == slow.count("\n") == 1
+    assert KEY not in fast
+    assert _without_ts(fast, fmt) == _without_ts(slow, fmt)
+    stamp = fast.split('"ts":"')[1][:19] if fmt == "json" else fast[:19]
+    assert time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) >= stamp  # a real, current one
+    assert (
+        abs(time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) - time.mktime(time.gmtime()))
+        < 60
+    )
+
+
+def test_access_fast_path_leaves_other_handlers_their_records(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With any other handler on the way (here pytest's capture), the access line is an
+    ordinary logging call, so that handler sees it as before."""
+    fields = access_fields(make_record())
+    caplog.set_level(logging.INFO, logger="hangup.access")
+
+    def with_capture_beside_the_writer() -> None:
+        logging.getLogger().addHandler(caplog.handler)  # configure_logging replaced it
+        log_access(fields)
+
+    written = _written("json", with_capture_beside_the_writer)
+    (captured,) = [r for r in caplog.records if r.name == "hangup.access"]
+    assert getattr(captured, "fields", None) == fields
+    assert json.loads(written)["request_id"] == fields["request_id"]
+
+
+def test_access_fast_path_respects_the_level() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    try:
+        configure_logging("WARNING", stream)
+        log_access(access_fields(make_record()))
+        log_access(access_fields(make_record()), error=True)
+        for handler in root.handlers:
+            handler.close()
+    finally:
+        root.handlers[:], root.level = saved
+    (line,) = stream.getvalue().splitlines()
+    assert json.loads(line)["level"] == "error"
+
+
+def test_access_fast_path_builds_no_log_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The point of the fast path: no `logging` call (LogRecord, caller lookup) on the loop."""
+
+    def no_record(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the access line went through logging")
+
+    fields = access_fields(make_record())
+    monkeypatch.setattr(logging.getLogger("hangup.access"), "log", no_record)
+    written = _written("json", lambda: log_access(fields))
+    assert json.loads(written)["request_id"] == fields["request_id"]
