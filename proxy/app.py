@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 
 from proxy import browser, relay, secrets, unparsed
@@ -105,22 +105,44 @@ async def not_found(request: web.Request) -> web.Response:
     return refuse(request, err)
 
 
-@web.middleware
-async def connection_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A connection over connections.max_connections may only ask a probe path; a head over
-    connections.max_head_kb that the connection's byte count could not see gets 431."""
-    refusal = probe_only_refusal(request) or oversized_head_refusal(request)
-    if refusal is not None:
-        response = refuse(request, refusal)
-        response.force_close()
-        return response
-    return await handler(request)
+def _edge(policy: BrowserPolicy) -> Middleware:
+    """Every check that comes before routing, in one middleware (one coroutine a request, not
+    three): the connection's limits, the request target's form, what browsers may do; and
+    aiohttp's own 404/405 turned into ours."""
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # A connection over connections.max_connections may only ask a probe path; a head over
+        # connections.max_head_kb that the connection's byte count could not see gets 431.
+        refusal = probe_only_refusal(request) or oversized_head_refusal(request)
+        if refusal is not None:
+            response = refuse(request, refusal)
+            response.force_close()
+            return response
+        answer = unparsed.target_refusal(request) or browser.refusal(policy, request)
+        if answer is not None:
+            return answer
+        try:
+            return await handler(request)
+        except (web.HTTPMethodNotAllowed, web.HTTPNotFound) as exc:
+            answer = unparsed.routing_refusal(request, exc)
+            if answer is None:
+                raise
+            return answer
+
+    return edge
 
 
-async def _cors_headers(
+async def _before_response(
     policy: BrowserPolicy, request: web.Request, response: web.StreamResponse
 ) -> None:
+    """on_response_prepare: one callback for every job (each would be a coroutine a response),
+    in this order: CORS headers, `Connection: close` when asked, secrets out of the headers,
+    our Server header."""
     browser.fix_cors_headers(policy, request, response)
+    close_if_asked(request, response)
+    secrets.scrub_response_headers(request, response)
+    unparsed.set_server_header(response)
 
 
 def create_app(
@@ -133,10 +155,9 @@ def create_app(
     policy = BrowserPolicy(config, config.listen.host if listen_host is None else listen_host)
     app = web.Application(
         client_max_size=config.limits.max_request_body_bytes,
-        middlewares=[connection_gate, unparsed.target_forms, browser.middleware(policy)],
+        middlewares=[_edge(policy)],
     )
-    app.on_response_prepare.append(partial(_cors_headers, policy))
-    app.on_response_prepare.append(close_if_asked)
+    app.on_response_prepare.append(partial(_before_response, policy))
     secrets.add_to_app(app, config)
     unparsed.add_to_app(app)
     app[STATE] = state

@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from proxy.config import HangupConfig
 from proxy.errors import ProxyError
 from proxy.refusal import refuse
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _PREFLIGHT_METHODS = "GET, POST, DELETE, OPTIONS"
 _PREFLIGHT_MAX_AGE_S = "600"
@@ -155,21 +151,19 @@ def preflight_response(request: web.Request, origin: str) -> web.Response:
     return web.Response(status=204, headers=headers)
 
 
-def middleware(policy: BrowserPolicy) -> Middleware:
-    @web.middleware
-    async def browser_checks(request: web.Request, handler: Handler) -> web.StreamResponse:
-        try:
-            policy.check_host(request)
-            origin = policy.check_origin(request)
-        except ProxyError as err:
-            return refuse(request, err)
-        if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
-            if origin is None:
-                return refuse(request, OriginNotAllowed("a CORS preflight without an Origin"))
-            return preflight_response(request, origin)
-        return await handler(request)
-
-    return browser_checks
+def refusal(policy: BrowserPolicy, request: web.Request) -> web.StreamResponse | None:
+    """The answer to a request a browser must not get through (a Host not served, an Origin
+    not allowed), or to a CORS preflight; None for a request to serve."""
+    try:
+        policy.check_host(request)
+        origin = policy.check_origin(request)
+    except ProxyError as err:
+        return refuse(request, err)
+    if request.method == "OPTIONS" and "access-control-request-method" in request.headers:
+        if origin is None:
+            return refuse(request, OriginNotAllowed("a CORS preflight without an Origin"))
+        return preflight_response(request, origin)
+    return None
 
 
 def fix_cors_headers(

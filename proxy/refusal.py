@@ -61,7 +61,8 @@ def close_after_response(request: web.Request) -> None:
     request.content.feed_eof()
 
 
-async def close_if_asked(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: `Connection: close` for a request marked by close_after_response."""
+def close_if_asked(request: web.Request, response: web.StreamResponse) -> None:
+    """Before a response goes out: `Connection: close` for a request marked by
+    `close_after_response`."""
     if request.get(_CLOSE_AFTER):
         response.force_close()

@@ -140,6 +140,11 @@ class LogScrubber(logging.Filter):
                 record.args, record.exc_info, record.exc_text = None, None, None
         return True
 
+    def scrub_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """What `filter` does to a record's fields, for a line built without a record."""
+        scrubbed: dict[str, Any] = _scrub_value(self.secrets, fields)
+        return scrubbed
+
 
 def _scrub_value(secrets: Secrets, value: Any) -> Any:
     if isinstance(value, str):
@@ -173,13 +178,14 @@ SECRETS = web.AppKey("hangup_secrets", Secrets)
 
 
 def add_to_app(app: web.Application, config: HangupConfig) -> None:
-    """Scrub response headers and log lines for this app's lifetime (bodies: the relay)."""
+    """Scrub log lines for this app's lifetime (headers: `scrub_response_headers`; bodies: the
+    relay)."""
     app[SECRETS] = Secrets(configured_secrets(config))
-    app.on_response_prepare.append(_scrub_response_headers)
     app.cleanup_ctx.append(_scrub_logs)
 
 
-async def _scrub_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+def scrub_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Before a response goes out (proxy.app): no configured secret in its headers."""
     scrub_headers(request.app[SECRETS], response.headers)
 
 

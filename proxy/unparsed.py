@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 from aiohttp.web_protocol import RequestHandler
@@ -77,12 +76,12 @@ class _RateLimit:
         return False
 
 
-# --- inside the app: a middleware -----------------------------------------------------------
+# --- inside the app: checks run by the app's edge middleware (proxy.app) ---------------------
 
 
-@web.middleware
-async def target_forms(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Refuse what no route serves, the OpenAI way; turn aiohttp's own 404/405 into ours."""
+def target_refusal(request: web.Request) -> web.Response | None:
+    """The answer to a request line no route serves (HTTP/0.9, CONNECT, `*` or authority
+    form), the OpenAI way; None for a target the routes may serve."""
     if request.version < HttpVersion10:
         return _closing(refuse(request, BadRequest("HTTP/0.9 requests are not served")))
     if request.method == "CONNECT":
@@ -92,16 +91,16 @@ async def target_forms(request: web.Request, handler: Any) -> web.StreamResponse
     raw = request.raw_path
     if not raw.startswith("/") and "://" not in raw:  # `*` or host:port, not absolute-form
         return refuse(request, BadRequest("only origin-form targets (/v1/...) are served"))
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except web.HTTPMethodNotAllowed:
+    return None
+
+
+def routing_refusal(request: web.Request, exc: web.HTTPException) -> web.Response | None:
+    """aiohttp's own 404/405 (no route matched) as ours; None for any other exception."""
+    if isinstance(exc, web.HTTPMethodNotAllowed):
         return refuse(request, MethodNotAllowed(f"{request.method} is not allowed here"))
-    except web.HTTPNotFound as exc:
-        if not isinstance(request.match_info, MatchInfoError):
-            raise  # a handler's own 404 (none of ours raise it): keep it
-        del exc
+    if isinstance(exc, web.HTTPNotFound) and isinstance(request.match_info, MatchInfoError):
         return refuse(request, NotFound("unknown path: hangup serves the OpenAI API under /v1/"))
+    return None  # a handler's own 404 (none of ours raise it): keep it
 
 
 async def expect_handler(request: web.Request) -> web.StreamResponse | None:
@@ -127,13 +126,12 @@ _LIMIT = web.AppKey("hangup_parse_error_lines", _RateLimit)
 
 
 def add_to_app(app: web.Application) -> None:
-    """The app's parse-error line budget and its Server header (the middleware and the expect
-    handler are passed where the app and its routes are made)."""
+    """The app's parse-error line budget (the checks, the expect handler and the Server header
+    are applied where the app and its routes are made)."""
     app[_LIMIT] = _RateLimit(PARSE_ERROR_LINES_PER_S)
-    app.on_response_prepare.append(_server_header)
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+def set_server_header(response: web.StreamResponse) -> None:
     response.headers["Server"] = SERVER_HEADER
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from proxy.logs import JsonFormatter, access_fields, configure_logging, log_access, redact
+from proxy.secrets import Secrets, install_log_scrubber, remove_log_scrubber
 from tests.metrics_support import make_record
 
 KEY = "sk-proj-Abc123_def-456ghi"
@@ -132,27 +133,45 @@ def _without_ts(line: str, fmt: str) -> str:
     return line.split(" ", 1)[1]  # the text line starts with its timestamp
 
 
+CONFIGURED = "zz-upstream-secret-42"  # a configured key: scrubbed by value, whatever its shape
+
+
 @pytest.mark.parametrize("fmt", ["json", "text"])
 @pytest.mark.parametrize("error", [False, True])
-def test_access_fast_path_writes_the_line_the_formatter_writes(fmt: str, error: bool) -> None:
+@pytest.mark.parametrize("configured_secret", [False, True])
+def test_access_fast_path_writes_the_line_the_formatter_writes(
+    fmt: str, error: bool, configured_secret: bool
+) -> None:
     """`log_access` builds the line without a LogRecord when the writer thread is the only
     handler; it must be the very line a `logging` call gives (timestamps aside), secrets
-    redacted, newlines escaped."""
+    redacted (the configured ones by the scrubber the app installs), newlines escaped."""
     record = make_record(
         request_id=f"id-{KEY}",
         path=f"/v1/chat/completions?api_key={KEY}",
-        model=f"Bearer {KEY}",
-        error_message=f"upstream said:\nbad key {KEY}",
+        model=f"Bearer {KEY} {CONFIGURED}",
+        error_message=f"upstream said:\nbad key {KEY} {CONFIGURED}",
     )
     fields = access_fields(record)
     level = logging.ERROR if error else logging.INFO
-    fast = _written(fmt, lambda: log_access(fields, error=error))
-    slow = _written(
-        fmt,
-        lambda: logging.getLogger("hangup.access").log(level, "request", extra={"fields": fields}),
-    )
+
+    def scrubbed(write: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            scrubber = install_log_scrubber(Secrets([CONFIGURED] if configured_secret else []))
+            try:
+                write()
+            finally:
+                remove_log_scrubber(scrubber)
+
+        return run
+
+    def logged() -> None:
+        logging.getLogger("hangup.access").log(level, "request", extra={"fields": fields})
+
+    fast = _written(fmt, scrubbed(lambda: log_access(fields, error=error)))
+    slow = _written(fmt, scrubbed(logged))
     assert fast.count("\n") == slow.count("\n") == 1
     assert KEY not in fast
+    assert (CONFIGURED in fast) is not configured_secret
     assert _without_ts(fast, fmt) == _without_ts(slow, fmt)
     stamp = fast.split('"ts":"')[1][:19] if fmt == "json" else fast[:19]
     assert time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) >= stamp  # a real, current one
@@ -204,5 +223,13 @@ def test_access_fast_path_builds_no_log_record(monkeypatch: pytest.MonkeyPatch) 
 
     fields = access_fields(make_record())
     monkeypatch.setattr(logging.getLogger("hangup.access"), "log", no_record)
-    written = _written("json", lambda: log_access(fields))
+
+    def with_a_configured_secret() -> None:  # as in production: the app's scrubber is there
+        scrubber = install_log_scrubber(Secrets([CONFIGURED]))
+        try:
+            log_access(fields)
+        finally:
+            remove_log_scrubber(scrubber)
+
+    written = _written("json", with_a_configured_secret)
     assert json.loads(written)["request_id"] == fields["request_id"]
