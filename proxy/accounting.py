@@ -175,9 +175,19 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
         _answer_usage(record)
     if plan is None:
         return None
+    upstream = plan.route.upstream
+    prompt_source = None
+    if pending_body is None:  # decided before building Facts: most requests need none
+        if not _needs_prompt_count(record):
+            return None
+        prompt_source = counter.source_for(
+            upstream.engine, upstream.base_url, facts.endpoint, facts.model
+        )
+        if prompt_source is None:
+            return None
     pending = Facts(
         counter=counter,
-        upstream=plan.route.upstream,
+        upstream=upstream,
         endpoint=facts.endpoint,
         model=facts.model,
         request_body=plan.body,
@@ -186,14 +196,8 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
         content_encoding=exchange.content_encoding,
         request_facts=facts,
     )
-    if pending_body is None:
-        if not _needs_prompt_count(record):
-            return None
-        pending.prompt_source = counter.source_for(
-            pending.upstream.engine, pending.upstream.base_url, facts.endpoint, facts.model
-        )
-        if pending.prompt_source is None:
-            return None
+    if prompt_source is not None:
+        pending.prompt_source = prompt_source
     return pending
 
 
@@ -274,7 +278,7 @@ class Accountant:
                 policy=self._policy(record.stream),
                 price=lambda a, usage: self.prices.cost(a.model or model, usage).used_usd,
                 output_price=lambda a: self._output_price(a.model or model),
-                expected_tokens=self._expected(route_name, model, route, record.max_tokens),
+                expected_tokens=lambda: self._expected(route_name, model, route, record.max_tokens),
             )
             bills = [a.bill.usage for a in record.attempts if a.bill is not None]
             record.usage = sum_usage(bills)

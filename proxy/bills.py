@@ -148,14 +148,14 @@ def bill_attempts(
     policy: Callable[[Attempt], str],
     price: Callable[[Attempt, Usage], float | None],
     output_price: Callable[[Attempt], float | None],
-    expected_tokens: int,
+    expected_tokens: Callable[[], int],
 ) -> None:
     """Put an `AttemptBill` on every attempt and the waste by reason on the record.
 
     policy: the attempt's upstream's billing policy; price: USD of a usage at the attempt's
     model price (None: unpriced); output_price: USD per completion token of its model;
     expected_tokens: how long an answer is expected to be (the savings estimator's figure),
-    for what a hedge loser did not generate."""
+    for what a hedge loser did not generate; asked only when there is one (it sorts history)."""
     record.waste = {}
     for i, attempt in enumerate(record.attempts):
         usage = attempt_usage(record, i)
@@ -167,7 +167,7 @@ def bill_attempts(
         if bill.waste == "hedge" and billing != "full":
             # Closed before it generated the rest: compute saved everywhere, dollars only
             # where its bill stops. Under "full" the provider generates (and bills) it anyway.
-            bill.tokens_saved = max(0, expected_tokens - attempt.tokens_generated)
+            bill.tokens_saved = max(0, expected_tokens() - attempt.tokens_generated)
             per_token = output_price(attempt)
             if per_token is not None:
                 bill.saved_usd = bill.tokens_saved * per_token if billing == "stops" else 0.0
