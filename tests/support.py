@@ -296,13 +296,16 @@ class LateFin(_Forwarder):
         self.connections += 1
         up_reader, up_writer = await self._connect_upstream(writer)
         upstream_closed = asyncio.Event()
+        unanswered = False  # bytes went upstream since the upstream last sent any
 
         async def to_upstream() -> None:
+            nonlocal unanswered
             try:
                 while data := await reader.read(65536):
                     if upstream_closed.is_set():
                         self.raced += 1  # a request on a connection the upstream closed
                         break
+                    unanswered = True
                     up_writer.write(data)
                     await up_writer.drain()
             except ConnectionError:
@@ -312,13 +315,21 @@ class LateFin(_Forwarder):
                 up_writer.close()
 
         async def from_upstream() -> None:
+            nonlocal unanswered
             try:
                 while data := await up_reader.read(65536):
+                    unanswered = False
                     writer.write(data)
                     await writer.drain()
             except ConnectionError:
                 pass
             upstream_closed.set()  # ...and the proxy is not told
+            if unanswered:
+                # The proxy's next request got here before the upstream's FIN (a busy
+                # machine): it went to a closed upstream and will never be answered. Close
+                # now, as the upstream did: the same race, seen a little later.
+                self.raced += 1
+                writer.close()
 
         await asyncio.gather(to_upstream(), from_upstream())
 
