@@ -87,13 +87,15 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     clock = asyncio.get_running_loop().time
     read_at = clock()
     try:
-        body, record.bytes_from_client = await read_body(request, state.config.limits, encoding)
+        body, record.bytes_from_client, scan = await read_body(
+            request, state.config.limits, encoding
+        )
     except web.RequestPayloadError as exc:  # a bad chunk size
         close_after_response(request)
         raise BadRequest("the request body could not be read (invalid framing)") from exc
     finally:  # a slow upload is the client's time, not hangup's
         record.client_wait_s += clock() - read_at
-    fields = read_fields(body) if body and request.content_type in JSON_TYPES else None
+    fields = read_fields(body, scan) if body and request.content_type in JSON_TYPES else None
     facts = inspect_request(request.path, fields.members if fields is not None else None)
     if fields is not None:
         facts = with_size_estimate(facts, fields)

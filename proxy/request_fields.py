@@ -19,11 +19,13 @@ from __future__ import annotations
 import codecs
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from proxy.body_scan import BodyScan
 from proxy.errors import BadRequest
 from proxy.usage import RequestFacts
 
@@ -98,9 +100,23 @@ def _check_utf8(body: bytes) -> None:
         raise BadRequest("request body is not valid UTF-8") from exc
 
 
-def read_fields(body: bytes) -> RequestFields:
-    """The members hangup reads from a JSON body; BadRequest when it is not JSON."""
-    _check_utf8(body)
+def read_fields(body: bytes, scan: BodyScan | None = None) -> RequestFields:
+    """The members hangup reads from a JSON body; BadRequest when it is not JSON.
+
+    With the `scan` of a large body (taken as it arrived), its UTF-8 is already checked and its
+    long runs are left out of the parse (`_read_shortened`); the answer is the same."""
+    if scan is None:
+        _check_utf8(body)
+    elif not scan.utf8_ok:
+        raise BadRequest("request body is not valid UTF-8")
+    if scan is not None and scan.runs:
+        fields = _read_shortened(body, scan.runs)
+        if fields is not None:
+            return fields
+    return _read(body)
+
+
+def _read(body: bytes) -> RequestFields:
     view = memoryview(body)
     if body.startswith(_BOM):
         view = view[len(_BOM) :]
@@ -115,26 +131,107 @@ def read_fields(body: bytes) -> RequestFields:
         raise BadRequest("request body is nested too deeply") from exc
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    return _members(raw, _Span)
+
+
+# Where a run was left out: a byte that valid UTF-8 never has, then the run's index (8 hex digits).
+_MARKER = re.compile(rb"\xff([0-9a-f]{8})")
+_MARGIN = 8  # run bytes kept on each side of a marker: no escape (6 bytes at most) is cut
+
+
+def _read_shortened(body: bytes, runs: list[tuple[int, int]]) -> RequestFields | None:
+    """`_read` of the body with the middle of each long run replaced by a marker; None when that
+    does not parse as an object (then the caller parses the original: same answer, one step).
+
+    Why the answer is the same: a run has no quote, backslash or control byte, so inside a
+    string its middle is plain text whose removal changes nothing msgspec checks (escapes and
+    surrogate pairs are never cut: the kept margins hold no backslash; UTF-8 was checked whole,
+    as the body arrived); outside strings the marker's 0xFF byte is invalid JSON, so the
+    shortened body fails and the original is parsed. The members read are taken from the
+    original's bytes (`_ShortenedSpan`)."""
+    pieces: list[bytes] = []
+    cuts: list[tuple[int, int]] = []
+    done = 0
+    for start, end in runs:
+        cut_from, cut_to = start + _MARGIN, end - _MARGIN
+        pieces.append(body[done:cut_from])
+        pieces.append(b"\xff%08x" % len(cuts))
+        cuts.append((cut_from, cut_to))
+        done = cut_to
+    pieces.append(body[done:])
+    shortened = b"".join(pieces)
+    view = memoryview(shortened)
+    if shortened.startswith(_BOM):
+        view = view[len(_BOM) :]
+    try:
+        raw = _OBJECT_DECODER.decode(view)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return _members(raw, lambda span: _ShortenedSpan(span, body, cuts))
+
+
+class _Span:
+    """A member's bytes as msgspec found them."""
+
+    def __init__(self, span: msgspec.Raw) -> None:
+        self.span = span
+
+    def size(self) -> int:
+        return len(self.span)
+
+    def data(self) -> bytes | msgspec.Raw:
+        return self.span
+
+
+class _ShortenedSpan(_Span):
+    """A member's span in the shortened body, read as the original's bytes."""
+
+    def __init__(self, span: msgspec.Raw, body: bytes, cuts: list[tuple[int, int]]) -> None:
+        super().__init__(span)
+        self.body = body
+        self.cuts = cuts
+        self.marks = [int(m.group(1), 16) for m in _MARKER.finditer(bytes(span))]
+
+    def size(self) -> int:
+        left_out = sum(self.cuts[i][1] - self.cuts[i][0] for i in self.marks)
+        return len(self.span) + left_out - len(self.marks) * 9
+
+    def data(self) -> bytes | msgspec.Raw:
+        if not self.marks:
+            return self.span
+        pieces: list[bytes] = []
+        done, span = 0, bytes(self.span)
+        for m in _MARKER.finditer(span):
+            cut_from, cut_to = self.cuts[int(m.group(1), 16)]
+            pieces += [span[done : m.start()], self.body[cut_from:cut_to]]
+            done = m.end()
+        pieces.append(span[done:])
+        return b"".join(pieces)
+
+
+def _members(raw: _Members, span_of: Callable[[msgspec.Raw], _Span]) -> RequestFields:
     members: dict[str, Any] = {}
     undecoded = 0
     for name in _SCALARS + _PROMPT:
-        span: msgspec.Raw = getattr(raw, name)
-        if not len(span):
+        found: msgspec.Raw = getattr(raw, name)
+        if not len(found):
             continue
-        if name in _PROMPT and len(span) > PROMPT_DECODE_LIMIT:
-            undecoded += len(span)
+        span = span_of(found)
+        if name in _PROMPT and span.size() > PROMPT_DECODE_LIMIT:
+            undecoded += span.size()
             continue
         try:
-            value = msgspec.json.decode(span)
+            value = msgspec.json.decode(span.data())
         except (msgspec.DecodeError, RecursionError) as exc:  # e.g. a number out of range
             raise BadRequest(f"request body member {name!r} cannot be read: {exc}") from exc
         if name in _LIMITS and type(value) is int and value > MAX_TOKENS_BOUND:
             value = MAX_TOKENS_BOUND
         members[name] = value
+    options = raw.stream_options
     return RequestFields(
         members=members,
         undecoded_prompt_bytes=undecoded,
-        raw_stream_options=bytes(raw.stream_options),
+        raw_stream_options=bytes(span_of(options).data()) if len(options) else b"",
     )
 
 

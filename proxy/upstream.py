@@ -30,7 +30,6 @@ Fresh connections are never resent: a failure there is the upstream's answer.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import select
@@ -47,6 +46,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.attempts import AttemptResult
+from proxy.body_payload import BodyInSlices
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
 from proxy.upstream_checks import FramingWatch
 
@@ -307,10 +307,10 @@ class OpenAttempt:
         hooks.reset()
         token = _HOOKS.set(hooks)
         body = self._body
-        data: bytes | io.BytesIO | None = body or None
+        data: bytes | BodyInSlices | None = body or None
         if len(body) > _LARGE_BODY:
-            # Written in chunks rather than in one transport write that holds up the loop.
-            data = io.BytesIO(body)
+            # Written in slices rather than in one transport write that holds up the loop.
+            data = BodyInSlices(body)
         try:
             response: aiohttp.ClientResponse = await self._session.request(
                 self._method, self._url, headers=self._headers, data=data, allow_redirects=False

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterable
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
+from proxy.body_scan import BodyScan
 from proxy.config import LimitsConfig
 from proxy.edge.inflate import InflateError, InflateLimit, Inflater, parse_encoding
 from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding
@@ -24,6 +25,9 @@ from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, Unsupporte
 # Wire bytes handed to the inflating thread at a time: big enough that the hand-off
 # (~50 us) is noise, small enough that a bomb is stopped within one step of its bound.
 _STEP_BYTES = 64 * 1024
+# Bodies announced smaller than this are read whole and checked in one step (under ~1 ms);
+# larger or unannounced ones are scanned chunk by chunk as they arrive (`read_scanned`).
+SCAN_FROM_BYTES = 1024 * 1024
 
 
 # The app-owned pool that inflates request bodies: its own threads, so a burst of compressed
@@ -85,18 +89,23 @@ def _too_slow(exc: BodyTimeout) -> RequestTimeout:
 
 async def read_body(
     request: web.Request, limits: LimitsConfig, encoding: str | None
-) -> tuple[bytes, int]:
-    """The request body, decoded, and its size on the wire."""
+) -> tuple[bytes, int, BodyScan | None]:
+    """The request body, decoded, its size on the wire, and for a large body its scan
+    (`proxy/body_scan.py`: what request_fields would otherwise learn in one long step)."""
     if encoding is None:
-        body = await read_plain(request, limits.max_request_body_mb)
-        return body, len(body)
-    return await read_inflated(
+        if request.content_length is not None and request.content_length < SCAN_FROM_BYTES:
+            body = await read_plain(request, limits.max_request_body_mb)
+            return body, len(body), None
+        body, scan = await read_scanned(request, limits.max_request_body_mb)
+        return body, len(body), scan
+    body, wire = await read_inflated(
         request,
         encoding,
         limit_mb=limits.max_request_body_mb,
         max_ratio=limits.max_inflate_ratio,
         executor=request.app[INFLATE_POOL],
     )
+    return body, wire, None
 
 
 async def read_plain(request: web.Request, limit_mb: float) -> bytes:
@@ -106,6 +115,23 @@ async def read_plain(request: web.Request, limit_mb: float) -> bytes:
         raise too_large(limit_mb) from exc
     except BodyTimeout as exc:
         raise _too_slow(exc) from exc
+
+
+async def read_scanned(request: web.Request, limit_mb: float) -> tuple[bytes, BodyScan]:
+    """`read_plain`, scanning each chunk as it arrives (`BodyScan`)."""
+    limit = int(limit_mb * 1024 * 1024)
+    scan = BodyScan()
+    chunks: list[bytes] = []
+    try:
+        while chunk := await request.content.readany():
+            if scan.size + len(chunk) > limit:
+                raise too_large(limit_mb)
+            scan.feed(chunk)
+            chunks.append(chunk)
+    except BodyTimeout as exc:
+        raise _too_slow(exc) from exc
+    scan.finish()
+    return b"".join(chunks), scan
 
 
 async def read_inflated(

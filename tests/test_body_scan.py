@@ -1,0 +1,203 @@
+"""A large body's fields are read from a shortened parse (proxy/body_scan.py and
+`request_fields._read_shortened`): the answer must equal the whole-body parse's on every body,
+valid or hostile. Runs are made short here (`RUN_MIN`) so that small generated bodies have many;
+chunking is random, so runs and UTF-8 sequences cross chunk edges."""
+
+from __future__ import annotations
+
+import codecs
+import json
+import random
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.body_scan import BodyScan
+from proxy.errors import BadRequest
+from proxy.request_fields import RequestFields, _read_shortened, read_fields
+
+RUN_MIN = 24
+
+
+def scanned(body: bytes, seed: int, run_min: int = RUN_MIN) -> BodyScan:
+    rng = random.Random(seed)
+    scan = BodyScan(run_min)
+    pos = 0
+    while pos < len(body):
+        step = rng.choice((1, 3, 7, 30, 64, 500))
+        scan.feed(body[pos : pos + step])
+        pos += step
+    scan.finish()
+    return scan
+
+
+def answer(body: bytes, scan: BodyScan | None) -> RequestFields | str:
+    try:
+        return read_fields(body, scan)
+    except BadRequest as exc:
+        return f"400 {exc}"
+
+
+def assert_same(body: bytes, seed: int) -> BodyScan:
+    scan = scanned(body, seed)
+    assert answer(body, scan) == answer(body, None), body
+    return scan
+
+
+# Text that makes long runs, breaks them, or breaks JSON: escapes, surrogate pairs (escaped and
+# raw), lone surrogates, control bytes, multi-byte UTF-8, quotes.
+PIECES = [
+    "x" * 40,
+    "ab",
+    "é",
+    "😀",
+    "漢字" * 10,
+    "\\n",
+    '\\"',
+    "\\\\",
+    "\\u00e9",
+    "\\ud83d\\ude00",
+    "\\ud83d",
+    "\\ude00",
+    "\\q",
+    "\n",
+    "\x01",
+    '"',
+    "stream_options",
+    ",1,2,3,4,5,6,7,8,9,10,11,12,13,14,15",
+]
+text = st.lists(st.sampled_from(PIECES), max_size=12).map("".join)
+scalar = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=False), text
+)
+value = st.recursive(
+    scalar,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(["a", "role", "x"]), inner)
+    ),
+    max_leaves=12,
+)
+NAMES = ["model", "stream", "stream_options", "max_tokens", "n", "messages", "prompt", "input",
+         "tools", "other", "MODEL"]  # fmt: skip
+
+
+def render(members: list[tuple[str, Any, str]]) -> bytes:
+    """An object (duplicate names allowed); a member's raw text, when given, goes in unescaped
+    (so it can hold what json.dumps would escape: control bytes, lone quotes)."""
+    parts = []
+    for name, val, raw in members:
+        encoded = json.dumps(val, ensure_ascii=False) if not raw else '"' + raw + '"'
+        parts.append(json.dumps(name) + ":" + encoded)
+    return ("{" + ",".join(parts) + "}").encode("utf-8", "surrogatepass")
+
+
+members = st.lists(st.tuples(st.sampled_from(NAMES), value, text | st.just("")), max_size=6)
+
+
+@settings(max_examples=600, deadline=None)
+@given(members, st.integers(0, 2**32))
+def test_generated_bodies_get_the_same_answer(body_members: list[Any], seed: int) -> None:
+    assert_same(render(body_members), seed)
+
+
+@settings(max_examples=600, deadline=None)
+@given(members, st.integers(0, 2**32), st.data())
+def test_damaged_bodies_get_the_same_answer(
+    body_members: list[Any], seed: int, data: st.DataObject
+) -> None:
+    body = bytearray(render(body_members))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(body)))
+        how = data.draw(st.sampled_from(["cut", "insert", "flip"]))
+        junk = data.draw(st.sampled_from([b'"', b"\\", b"\xff", b"\xc3", b"\x00", b"]", b"x"]))
+        if how == "cut":
+            del body[at:]
+        elif how == "insert":
+            body[at:at] = junk
+        elif at < len(body):
+            body[at] = junk[0]
+    assert_same(bytes(body), seed)
+
+
+def test_long_strings_are_left_out_and_members_come_back_whole() -> None:
+    """The shortened parse is really taken (not the fallback) and gives the original values."""
+    content = "a" * 100 + "\\n" + "é" * 50 + "\\ud83d\\ude00" + "b" * 100
+    body = (
+        b'\xef\xbb\xbf{"model":"' + b"m" * 60 + b'","messages":[{"role":"user","content":"'
+        + content.encode() + b'"}],"stream_options":{"k":"' + b"v" * 40 + b'"}}'
+    )  # fmt: skip
+    scan = scanned(body, 1)
+    assert len(scan.runs) >= 4
+    shortened = _read_shortened(body, scan.runs)
+    assert shortened is not None
+    assert shortened == read_fields(body)
+    assert shortened.members is not None
+    assert shortened.members["model"] == "m" * 60
+    assert shortened.raw_stream_options == b'{"k":"' + b"v" * 40 + b'"}'
+
+
+def test_runs_outside_strings_fall_back_to_the_whole_parse() -> None:
+    body = b'{"model":"m","input":[' + b"1," * 100 + b"1,,2]}"
+    scan = scanned(body, 2)
+    assert scan.runs
+    assert _read_shortened(body, scan.runs) is None
+    assert answer(body, scan) == answer(body, None)
+    assert str(answer(body, scan)).startswith("400 request body is not valid JSON")
+
+
+def test_a_prompt_member_over_the_decode_limit_counts_its_original_bytes() -> None:
+    from proxy.request_fields import PROMPT_DECODE_LIMIT
+
+    text = "x" * (PROMPT_DECODE_LIMIT + 10)
+    body = json.dumps({"model": "m", "messages": [{"content": text}]}).encode()
+    scan = scanned(body, 3, run_min=64 * 1024)
+    assert scan.runs
+    fields = read_fields(body, scan)
+    assert fields == read_fields(body)
+    assert fields.undecoded_prompt_bytes == len(json.dumps([{"content": text}]))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "é".encode() * 30,
+        b"\xc3",
+        b"ok\xc3",
+        b"\xed\xa0\x80",  # a surrogate in UTF-8
+        b"\xf4\x90\x80\x80",  # past U+10FFFF
+        "😀".encode()[:3] + b"x" * 30,
+    ],
+)
+def test_utf8_is_checked_as_the_incremental_decoder_does(body: bytes) -> None:
+    def valid(data: bytes) -> bool:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(data, final=True)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+    for seed in range(20):
+        assert scanned(body, seed).utf8_ok is valid(body)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from([b"a" * 10, b"b", b'"', b"\\", b"\x00", b"\xc3\xa9"]), max_size=60
+    ).map(b"".join),
+    st.integers(0, 2**32),
+)
+def test_runs_are_exactly_the_long_stretches_without_breakers(data: bytes, seed: int) -> None:
+    """Every maximal stretch of run_min bytes or more with no quote, backslash or control byte
+    is found, whatever the chunking, and nothing else."""
+    scan = scanned(data, seed)
+    expected: list[tuple[int, int]] = []
+    start = 0
+    for i, byte in enumerate([*data, 0]):
+        if byte < 0x20 or byte in b'"\\':
+            if i - start >= RUN_MIN:
+                expected.append((start, i))
+            start = i + 1
+    assert scan.runs == expected
