@@ -9,7 +9,10 @@ cost; wrk does not. Targets, interleaved in every round, all in front of one fak
 - relay+uv:   the same relay on uvloop;
 - hangup:     the real CLI with its shipped defaults (accounting, include_usage injection,
               metrics, JSON access log to a file) on its default event loop;
-- hangup+asyncio / hangup+uv: the CLI with the other loop, when the CLI has a choice.
+- hangup+asyncio / hangup+uv: the CLI with the other loop, when the CLI has a choice;
+- with `--ablations`, what single features cost: the same CLI and shipped config with one
+  setting changed (`ABLATIONS`): `hangup-nolog` without the access log, `hangup-nousage`
+  without `include_usage` injection (no usage chunk asked for, so none to hide).
 
 Workloads: a small non-streamed chat completion (`chat`); a 20-event stream whose events come
 1 ms apart, so each is its own read at the proxy as with a generating model (`stream20`); the
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -42,6 +46,7 @@ from typing import Any
 from bench import fake_upstream
 from bench.common import (
     CLK_TCK,
+    REPO,
     Procs,
     cpu_seconds,
     have_uvloop,
@@ -54,6 +59,11 @@ from bench.common import (
 )
 
 PATH = "/v1/chat/completions"
+# Target name -> (section, key, value) changed in config/hangup.yaml: one feature off each.
+ABLATIONS: dict[str, tuple[str, str, str]] = {
+    "hangup-nolog": ("logging", "access_log", "false"),
+    "hangup-nousage": ("defaults", "include_usage", "false"),
+}
 # A paced stream holds its connection ~20 ms doing little: more connections keep the proxies busy.
 PACED_CONNECTIONS = 4
 # name: (SSE events, ms between events); 0 events: a non-streamed completion
@@ -183,7 +193,9 @@ def measure(
     return result
 
 
-def start_targets(procs: Procs, upstream: str, compare: Path | None = None) -> list[Target]:
+def start_targets(
+    procs: Procs, upstream: str, compare: Path | None = None, ablations: bool = False
+) -> list[Target]:
     targets: list[Target] = []
     relay = procs.baseline(upstream, name="relay")
     targets.append(Target("relay", relay.url, relay.pid, "asyncio", None))
@@ -202,7 +214,30 @@ def start_targets(procs: Procs, upstream: str, compare: Path | None = None) -> l
         # versions know), compared with the asyncio relay.
         child = procs.hangup(upstream + "/v1", name="hangup-compare", source=compare)
         targets.append(Target("compare", child.url, child.pid, "asyncio", "relay"))
+    if ablations:
+        for name, change in ABLATIONS.items():
+            config = ablated_config(procs.workdir, name, upstream + "/v1", change)
+            child = procs.hangup(upstream + "/v1", name=name, config=config, loop="asyncio")
+            targets.append(Target(name, child.url, child.pid, "asyncio", "relay"))
     return targets
+
+
+def ablated_config(workdir: Path, name: str, upstream: str, change: tuple[str, str, str]) -> Path:
+    """The shipped config/hangup.yaml with its upstream pointed at `upstream` and one setting
+    changed; fails loudly when the file no longer has that setting where expected."""
+    section, key, value = change
+    text = (REPO / "config" / "hangup.yaml").read_text()
+    text, found = re.subn(r"(?m)^(\s*base_url:)\s*\S+", rf"\g<1> {upstream}", text, count=1)
+    at = re.search(rf"(?m)^{section}:\n", text)
+    if found != 1 or at is None:
+        raise RuntimeError(f"config/hangup.yaml changed: no base_url or no {section}: section")
+    head, tail = text[: at.end()], text[at.end() :]
+    tail, found = re.subn(rf"(?m)^(\s+{key}:)\s*[^\s#]+", rf"\g<1> {value}", tail, count=1)
+    if found != 1:
+        raise RuntimeError(f"config/hangup.yaml changed: no {section}.{key}")
+    path = workdir / f"{name}.yaml"
+    path.write_text(head + tail)
+    return path
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -250,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="also run the hangup CLI from DIR (e.g. `git archive OLD | tar -x -C DIR`)",
     )
+    p.add_argument(
+        "--ablations", action="store_true", help="also hangup with one feature off (ABLATIONS)"
+    )
     p.add_argument("--short", action="store_true", help="CI: 1 round of 1 s, 1 s warm-up")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -268,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         up = fake_upstream.start(procs)
         targets = [
             Target("direct", up.url, up.pid, "-", None),
-            *start_targets(procs, up.url, args.compare),
+            *start_targets(procs, up.url, args.compare, args.ablations),
         ]
         if args.targets:
             wanted = set(args.targets.split(","))

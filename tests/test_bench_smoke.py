@@ -200,3 +200,24 @@ DOCTOR: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "cancel": _drop_a_cancel_sample,
     "soak": _lose_a_request,
 }
+
+
+@pytest.mark.parametrize("name", ["hangup-nolog", "hangup-nousage"])
+def test_wrk_ablations_change_exactly_their_one_setting(name: str, tmp_path: Path) -> None:
+    """`bench.wrk --ablations` runs the shipped config with one feature off: the file it
+    writes must load as a hangup config that differs from the shipped one in that setting
+    (and the upstream) only, or the ablation would measure something else."""
+    from bench.wrk import ABLATIONS, ablated_config
+    from proxy.config import load_config
+
+    upstream = "http://127.0.0.1:9/v1"
+    section, key, value = ABLATIONS[name]
+    ablated = load_config(ablated_config(tmp_path, name, upstream, ABLATIONS[name]))
+    shipped = load_config(Path("config/hangup.yaml"))
+    assert ablated.upstreams["openai"].base_url == upstream
+    assert str(getattr(getattr(ablated, section), key)).lower() == value
+    assert getattr(getattr(ablated, section), key) != getattr(getattr(shipped, section), key)
+    a, b = ablated.model_dump(), shipped.model_dump()
+    a["upstreams"]["openai"]["base_url"] = b["upstreams"]["openai"]["base_url"]
+    a[section][key] = b[section][key]
+    assert a == b
