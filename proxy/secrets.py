@@ -81,6 +81,8 @@ class StreamScrubber:
     holding back only a chunk's end that could begin one (usually nothing: SSE events end in
     a blank line, which begins no key)."""
 
+    __slots__ = ("_held", "_secrets")
+
     def __init__(self, secrets: Secrets) -> None:
         self._secrets = secrets
         self._held = b""

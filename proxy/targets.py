@@ -14,6 +14,8 @@ from proxy.resilience.policy import Decision, Failure, RetryRules, TargetView, n
 
 
 class Chooser:
+    __slots__ = ("_circuits", "_loop", "_rules", "_views", "plan")
+
     def __init__(self, plan: Plan, circuits: Circuits, loop: asyncio.AbstractEventLoop) -> None:
         self.plan, self._circuits, self._loop = plan, circuits, loop
         options = plan.route.options

@@ -263,6 +263,19 @@ class OpenAttempt:
     `await close()` ends it (always call it, in a `finally`). Cancelling `start()` resets the
     connection at once."""
 
+    __slots__ = (
+        "_answer",
+        "_body",
+        "_headers",
+        "_hooks",
+        "_method",
+        "_response",
+        "_session",
+        "_url",
+        "resent",
+        "upstream",
+    )
+
     def __init__(
         self,
         session: aiohttp.ClientSession,

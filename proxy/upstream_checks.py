@@ -63,6 +63,8 @@ class FramingWatch:
     aiohttp reports a reset connection there as a normal end. Watch the connection's close:
     a reset, or a stream that stops in the middle of an event, is a cut, not an answer."""
 
+    __slots__ = ("_closed",)
+
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._closed: asyncio.Future[None] | None = None
         headers = response.headers
