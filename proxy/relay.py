@@ -70,11 +70,6 @@ class _Failed(Exception):
         self.failure, self.error, self.decision = failure, error, decision
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    """The aiohttp handler for every path under /v1/."""
-    return await Exchange(request.app[STATE], request).run()
-
-
 class Exchange(Downstream):
     """One request, from arrival to its record."""
 
@@ -122,21 +117,46 @@ class Exchange(Downstream):
         self._sent: dict[int, tuple[TargetPlan, Named]] = {}
 
     # --- the lifecycle -----------------------------------------------------------------------
-    async def run(self) -> web.StreamResponse:
+    @classmethod
+    async def serve(cls, request: web.Request) -> web.StreamResponse:
+        """One request, from arrival to its record: the aiohttp handler (`handle`).
+
+        Admission and the exchange run inline in this one coroutine rather than in coroutines
+        of their own: every nested frame stays alive for as long as a stream is held (~450 B
+        each), and each costs its creation on every request."""
+        self = cls(request.app[STATE], request)
         state, record = self.state, self.record
         task = asyncio.current_task()
         assert task is not None
         state.request_began(task)
         try:
-            # Admission, then the exchange; inline rather than a coroutine of its own (every
-            # nested coroutine frame stays alive for as long as a stream is held).
             try:
                 plan = await admit(state, self.request, record)
             except ProxyError as err:
                 record.settle(err.outcome)
                 return self._error_response(err)
             self.plan, self.facts, self.route = plan, plan.facts, plan.route
-            return await self._exchange(plan)
+            watchdog = Watchdog(plan.deadlines, task)
+            try:
+                with watchdog:
+                    return await self._attempts(plan, watchdog)
+            except asyncio.CancelledError:
+                kind = watchdog.consume()
+                if kind is None:
+                    raise
+                return await self._timed_out(plan, kind)
+            except _DeadlineFired as fired:
+                return await self._timed_out(plan, fired.kind)
+            except ClientGone:
+                if record.client_gone_at is None:
+                    record.client_gone_at = self.loop.time()
+                record.settle(Outcome.CLIENT_CANCELLED)
+                await self._stop_background_work()
+                assert self.response is not None
+                return self.response
+            except ProxyError as err:
+                record.settle(err.outcome)
+                return await self._fail(err)
         except asyncio.CancelledError:
             if record.client_gone_at is None:
                 record.client_gone_at = self.loop.time()
@@ -158,31 +178,6 @@ class Exchange(Downstream):
                 self.loop.call_soon(state.finish, record, self)
             else:
                 state.finish(record, self)
-
-    async def _exchange(self, plan: Plan) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        watchdog = Watchdog(plan.deadlines, task)
-        try:
-            with watchdog:
-                return await self._attempts(plan, watchdog)
-        except asyncio.CancelledError:
-            kind = watchdog.consume()
-            if kind is None:
-                raise
-            return await self._timed_out(plan, kind)
-        except _DeadlineFired as fired:
-            return await self._timed_out(plan, fired.kind)
-        except ClientGone:
-            if self.record.client_gone_at is None:
-                self.record.client_gone_at = self.loop.time()
-            self.record.settle(Outcome.CLIENT_CANCELLED)
-            await self._stop_background_work()
-            assert self.response is not None
-            return self.response
-        except ProxyError as err:
-            self.record.settle(err.outcome)
-            return await self._fail(err)
 
     async def _timed_out(self, plan: Plan, kind: TimeoutKind) -> web.StreamResponse:
         self.record.settle(Outcome.TIMEOUT, timeout_kind=kind)
@@ -521,3 +516,7 @@ class Exchange(Downstream):
             sent = self._sent.pop(id(self.record.attempts[-1]), None)
             if sent is not None:
                 self.state.aborts.abandon(self.record, plan, *sent)
+
+
+# The aiohttp handler for every path under /v1/.
+handle = Exchange.serve
