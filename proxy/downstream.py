@@ -26,7 +26,7 @@ from proxy.routing import Route
 from proxy.secrets import StreamScrubber
 from proxy.sse import SSEDecoder, ends_block
 from proxy.state import ProxyState
-from proxy.upstream import AttemptFailed, UpstreamResponse
+from proxy.upstream import READ_ERRORS, AttemptFailed, UpstreamResponse
 from proxy.upstream_checks import check_response_head
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
 from proxy.watchdog import Watchdog
@@ -34,7 +34,8 @@ from proxy.watchdog import Watchdog
 if TYPE_CHECKING:
     from proxy.relay import Exchange
 
-_MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
+_MAX_SSE_EVENT = 16 * 1024 * 1024
+_CR = b"\r"  # one event; an upstream that never ends one is broken
 # Bytes of events held back before the first content token while a switch is possible; an
 # upstream that sends more than this without content is broken, and memory stays bounded.
 HOLD_CAP = 1024 * 1024
@@ -75,6 +76,7 @@ class _StreamState:
         "held",
         "held_bytes",
         "malformed",
+        "plain",
         "raw_mode",
         "watchdog",
     )
@@ -90,6 +92,9 @@ class _StreamState:
         self.held_bytes = 0
         self.malformed = 0
         self.collect_text = plan.route.options.continue_cut_streams
+        # Whole plain data events may skip the decoder (`_sse_step`); not when their text is
+        # collected for a continuation.
+        self.plain = not self.collect_text
         # Nothing to hold, filter or drop: bytes go on as they come, partial events included
         # (a slow event is not delayed until its end). Otherwise the stream is relayed event
         # by event, and malformed events are dropped.
@@ -286,6 +291,9 @@ class Downstream:
         # An idle stream waits in the read below. What this frame holds across that wait is
         # the per-stream state only: each read's bytes and events live in `_sse_step`'s frame
         # and are gone before the next read begins (~1 KB of heap per idle stream, measured).
+        # The body's reader itself, not `upstream.read()`: one coroutine level less to resume
+        # on every read and to keep alive under every idle stream.
+        content = upstream.content
         chunk: bytes | None
         while True:
             commit_at = deadlines.client_commit_at() if stream.held is not None else None
@@ -293,10 +301,16 @@ class Downstream:
             try:
                 if commit_at is not None and self.response is None:
                     async with asyncio.timeout_at(commit_at):
-                        chunk = await upstream.read()
+                        try:
+                            chunk = await content.readany()
+                        except READ_ERRORS as exc:
+                            raise upstream.cut_off(exc) from exc
                 else:
-                    chunk = await upstream.read()
-            except TimeoutError:
+                    try:
+                        chunk = await content.readany()
+                    except READ_ERRORS as exc:
+                        raise upstream.cut_off(exc) from exc
+            except TimeoutError:  # the commit deadline (a read's own errors are mapped above)
                 chunk = None
             finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
                 now = loop.time()
@@ -337,11 +351,32 @@ class Downstream:
         record, attempt, decoder = self.record, stream.attempt, self.decoder
         tracker, chunk_filter = self.tracker, stream.chunk_filter
         assert tracker is not None and decoder is not None
+        out: list[bytes] = []
+        held = stream.held
+        content = False  # deadlines and first token: once per read (its events share `now`)
         if not chunk:
             events = decoder.flush()
             upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
         else:
-            events = decoder.feed(chunk)
+            taken = 0
+            if (
+                held is None
+                and stream.plain
+                and _CR not in chunk
+                and not (self.continuing and attempt.first_token_at is None)
+                and decoder.at_boundary(chunk)
+            ):
+                # The usual read: whole `data: {...}` events, classified from their bytes (no
+                # SSEEvent, no text decode) and edited in one pass; the decoder gets the rest.
+                taken, contents = tracker.feed_plain(chunk)
+                if taken:
+                    run = chunk if taken == len(chunk) else chunk[:taken]
+                    out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
+                    if contents:
+                        record.content_chunks += contents
+                        content = True
+                        self._content_came(stream, now)
+            events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > _MAX_SSE_EVENT:
                 raise AttemptFailed(
                     AttemptResult.STREAM_ERROR,
@@ -350,9 +385,6 @@ class Downstream:
                         f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
                     ),
                 )
-        out: list[bytes] = []
-        held = stream.held
-        content = False  # deadlines and first token: once per read (its events share `now`)
         for event in events:
             kind = tracker.feed(event)
             if self.continuing and attempt.first_token_at is None:
@@ -364,14 +396,7 @@ class Downstream:
                 record.content_chunks += 1
                 if not content:
                     content = True
-                    stream.deadlines.content(now)
-                    if record.first_token_at is None:
-                        record.first_token_at = now
-                        # The stream enters the idle phase: its deadline may be the first
-                        # one armed (when first_token_s is off).
-                        stream.watchdog.rearm()
-                    if attempt.first_token_at is None:
-                        attempt.first_token_at = now
+                    self._content_came(stream, now)
             elif tracker.malformed_events > stream.malformed:
                 # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
                 stream.malformed = tracker.malformed_events
@@ -411,6 +436,18 @@ class Downstream:
         data = chunk if stream.raw_mode else b"".join(out)
         # Configured secrets never reach the client (a secret split across writes is held).
         return self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
+
+    def _content_came(self, stream: _StreamState, now: float) -> None:
+        """The first content event of a read: deadlines and first-token marks."""
+        stream.deadlines.content(now)
+        record, attempt = self.record, stream.attempt
+        if record.first_token_at is None:
+            record.first_token_at = now
+            # The stream enters the idle phase: its deadline may be the first one armed (when
+            # first_token_s is off).
+            stream.watchdog.rearm()
+        if attempt.first_token_at is None:
+            attempt.first_token_at = now
 
     async def _pump_body(
         self, plan: Plan, upstream: UpstreamResponse, prefix: bytes, holding: bool

@@ -55,9 +55,13 @@ _decode: Final = msgspec.json.Decoder(_Chunk).decode
 Sizes = list[tuple[int, int, int]]
 
 
-def content_sizes(data: str) -> Sizes | None:
+def content_sizes(data: str | bytes) -> Sizes | None:
     """(index, chars, reasoning chars) per choice that carried output (empty: none did), or
-    None when the event needs the full parse."""
+    None when the event needs the full parse.
+
+    `data` may be the event's raw bytes: msgspec refuses invalid UTF-8 in them (the full
+    parse then reads the text as decoded with replacement characters), and what it accepts it
+    reads exactly as the decoded text."""
     try:
         chunk = _decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):

@@ -175,6 +175,37 @@ class StreamUsageTracker:
             return self._responses_event(kind, obj)
         return self._chunk(obj)
 
+    def feed_plain(self, chunk: bytes) -> tuple[int, int]:
+        """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
+        one `data: ...` line ended by LF LF, whose data is `[DONE]` or a chunk `content_sizes`
+        reads. Returns where they end (0: none taken) and how many carried content.
+
+        The caller passes a read that begins a block (`SSEDecoder.at_boundary`) and holds no
+        CR, and gives the decoder only the rest: each block taken here is an event with just
+        `data` set (the decoder's fast path), fed exactly as `feed` would take it, without
+        decoding its text first. tests/test_usage_plain.py holds the two paths equal."""
+        if not self._fast:
+            return 0, 0
+        pos, n, contents = 0, len(chunk), 0
+        while chunk.startswith(b"data: ", pos):
+            eol = chunk.find(b"\n", pos + 6)
+            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
+                break
+            data = chunk[pos + 6 : eol]
+            if data == b"[DONE]":
+                self.done = True
+            else:
+                sizes = content_sizes(data)
+                if sizes is None:
+                    break  # this one needs the full parse: the decoder and `feed` take over
+                if sizes:
+                    for index, chars, reasoning in sizes:
+                        self._count(index, chars, reasoning)
+                    self.content_chunks += 1
+                    contents += 1
+            pos = eol + 2
+        return pos, contents
+
     def _content(self, sizes: Sizes) -> EventKind:
         if not sizes:
             return EventKind.OTHER
