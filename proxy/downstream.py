@@ -370,12 +370,16 @@ class Downstream:
                 # SSEEvent, no text decode) and edited in one pass; the decoder gets the rest.
                 taken, contents = tracker.feed_plain(chunk)
                 if taken:
-                    run = chunk if taken == len(chunk) else chunk[:taken]
-                    out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
                     if contents:
                         record.content_chunks += contents
                         content = True
                         self._content_came(stream, now)
+                    if taken == len(chunk):  # all of it (the usual read): nothing else to do
+                        if chunk_filter is not None:
+                            chunk = chunk_filter.plain_bytes(chunk)
+                        return self.scrubber.feed(chunk)
+                    run = chunk[:taken]
+                    out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
             events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > _MAX_SSE_EVENT:
                 raise AttemptFailed(

@@ -187,6 +187,8 @@ class StreamUsageTracker:
         if not self._fast:
             return 0, 0
         pos, n, contents = 0, len(chunk), 0
+        estimated = estimated_reasoning = 0
+        chunks_by_choice, chars_by_choice = self.chunks_by_choice, self.chars_by_choice
         while chunk.startswith(b"data: ", pos):
             eol = chunk.find(b"\n", pos + 6)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
@@ -199,11 +201,26 @@ class StreamUsageTracker:
                 if sizes is None:
                     break  # this one needs the full parse: the decoder and `feed` take over
                 if sizes:
+                    # `_count` of each, inline (this runs for nearly every event of a stream)
                     for index, chars, reasoning in sizes:
-                        self._count(index, chars, reasoning)
-                    self.content_chunks += 1
+                        total = chars + reasoning
+                        tokens = (
+                            1
+                            if total <= SINGLE_TOKEN_MAX_CHARS
+                            else 1 + -(-(total - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
+                        )
+                        estimated += tokens
+                        if reasoning and not chars:
+                            estimated_reasoning += tokens
+                        chunks_by_choice[index] = chunks_by_choice.get(index, 0) + 1
+                        chars_by_choice[index] = chars_by_choice.get(index, 0) + total
                     contents += 1
             pos = eol + 2
+        if contents:
+            self._estimated += estimated
+            self._est_since_report += estimated
+            self._estimated_reasoning += estimated_reasoning
+            self.content_chunks += contents
         return pos, contents
 
     def _content(self, sizes: Sizes) -> EventKind:
