@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,8 @@ from proxy.usage import (
     UsageChunkFilter,
     inspect_request,
 )
+from proxy.usage import stream as stream_module
+from proxy.usage.fast import content_sizes
 from tests.test_usage_fast import FIXTURE_FILES, _path_for, _serialised, _state
 
 _FILTERS: list[UsageChunkFilter | None] = [
@@ -224,6 +227,21 @@ _raw_event = st.one_of(
             b"\xef\xbb\xbfdata: [DONE]\n\n",
             b"data: \n\n",
             b"id: 7\n\n",
+            # the usual chunk's shape (below) around texts the shape must not read itself
+            b'data: {"choices":[{"index":0,"delta":{"content":"\xff\xfe"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"\xed\xa0\x80"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"a\x01b"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":""},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"a","content":"bc"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"x":{"content":"a"},"choices":[{"index":0,"delta":{"content":"a"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"\xc3\xa9\xf0\x9f\x98\x80"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
         ]
     ),
     st.builds(  # the usual chunk: one choice, some text, `"usage":null` last
@@ -251,6 +269,24 @@ def test_generated_streams_agree(events: list[bytes], cuts: list[int]) -> None:
     data = b"".join(events)
     _agree("/v1/chat/completions", [data])
     _agree("/v1/chat/completions", _cut(data, cuts))
+
+
+def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous either: chunks that differ only in their text are read through their
+    `Shape`, without `content_sizes` (only the role chunk and the first content chunk are
+    parsed), and count what the parse counts."""
+    parsed: list[bytes] = []
+
+    def counting(data: str | bytes) -> Any:
+        parsed.append(data if isinstance(data, bytes) else data.encode())
+        return content_sizes(data)
+
+    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    reads = stream_events(20)
+    plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
+    assert len([d for d in parsed if b'"content":"' in d]) == 2, parsed
+    full = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+    assert plain == full
 
 
 def test_a_run_of_blocks_is_edited_as_each_block_would_be() -> None:

@@ -16,11 +16,12 @@ recorded fixtures and on generated ones.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import msgspec
 
-__all__ = ["content_sizes"]
+__all__ = ["Shape", "content_sizes", "shape_of"]
 
 # A field typed `None` may be absent or null; any other value fails the typed decode, and the
 # event goes to the full parse: that is how usage, errors, Responses types and tool calls leave
@@ -89,3 +90,53 @@ def content_sizes(data: str | bytes) -> Sizes | None:
         elif choice.text:
             sizes.append((choice.index or 0, len(choice.text), 0))
     return sizes
+
+
+# Bytes a JSON string cannot hold as they are: its end, an escape, control characters.
+TEXT_BREAK: Final = re.compile(rb'[\x00-\x1f"\\]').search
+_CONTENT_KEY: Final = b'"content":"'
+
+
+class Shape:
+    """The bytes around the text of a plain content chunk.
+
+    Consecutive chunks of one stream differ in their text only: same id, model, choice index.
+    An event that is `head + text + tail`, where `text` holds no quote, backslash or control
+    character and is valid UTF-8, is the same JSON as the chunk this shape came from with that
+    text as its content: its sizes are `[(index, len(text), 0)]` (`[]` when empty), no parse
+    needed. `shape_of` makes one only from a chunk without any backslash (so every key is
+    written as it reads) whose `"content":"<text>"` occurs once: that occurrence is its
+    delta's content (the quote before it is a delimiter, so it cannot be inside a string).
+    """
+
+    __slots__ = ("head", "index", "tail")
+
+    def __init__(self, head: bytes, tail: bytes, index: int) -> None:
+        self.head, self.tail, self.index = head, tail, index
+
+
+def shape_of(data: bytes) -> Shape | None:
+    """The shape of a chunk `content_sizes` read as one choice with content text only, or
+    None when it has none."""
+    if b"\\" in data:
+        return None
+    try:
+        chunk = _decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    choices = chunk.choices
+    if not choices or len(choices) != 1:
+        return None
+    choice = choices[0]
+    delta = choice.delta
+    if choice.finish_reason is not None or delta is None:
+        return None
+    text = delta.content
+    if not text or delta.refusal or delta.reasoning_content or delta.reasoning:
+        return None
+    needle = _CONTENT_KEY + text.encode() + b'"'
+    at = data.find(needle)
+    if at < 0 or data.find(needle, at + 1) >= 0:
+        return None
+    start, end = at + len(_CONTENT_KEY), at + len(needle) - 1  # the text, its closing quote
+    return Shape(data[:start], data[end:], choice.index or 0)

@@ -11,12 +11,15 @@ from proxy.errors import UpstreamFailed
 from proxy.outcome import Usage
 from proxy.sse import SSEEvent
 from proxy.usage.facts import RequestFacts, as_int
-from proxy.usage.fast import Sizes, content_sizes
+from proxy.usage.fast import TEXT_BREAK, Shape, Sizes, content_sizes, shape_of
 from proxy.usage.prompt import CHARS_PER_TOKEN
 from proxy.usage.reported import Reported, parse_usage
 
 # Streamed completion estimate: see `chunk_tokens`.
 SINGLE_TOKEN_MAX_CHARS: Final = 12
+# A stream whose chunks keep changing around their text (a per-chunk timestamp or padding)
+# stops looking for a `Shape` after this many misses.
+_SHAPE_MISSES: Final = 4
 
 
 class EventKind(enum.StrEnum):
@@ -105,6 +108,8 @@ class StreamUsageTracker:
         "_estimated_reasoning",
         "_fast",
         "_reported",
+        "_shape",
+        "_shape_misses",
         "chars_by_choice",
         "chunks_by_choice",
         "content_chunks",
@@ -133,6 +138,8 @@ class StreamUsageTracker:
         self._estimated_reasoning = 0
         self._est_since_report = 0
         self._reported: Reported | None = None
+        self._shape: Shape | None = None  # of the last plain content chunk (`feed_plain`)
+        self._shape_misses = 0
 
     def feed(self, event: SSEEvent) -> EventKind:
         data = event.data
@@ -193,6 +200,38 @@ class StreamUsageTracker:
             eol = chunk.find(b"\n", pos + 6)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
                 break
+            shape = self._shape
+            if shape is not None:
+                # The last content chunk's bytes around a new text: no parse (see `Shape`).
+                head, tail = shape.head, shape.tail
+                start, stop = pos + 6 + len(head), eol - len(tail)
+                if (
+                    start <= stop
+                    and chunk.startswith(head, pos + 6)
+                    and chunk.endswith(tail, start, eol)
+                    and TEXT_BREAK(chunk, start, stop) is None
+                ):
+                    text = chunk[start:stop]
+                    try:
+                        chars = len(text) if text.isascii() else len(text.decode())
+                    except UnicodeDecodeError:
+                        chars = -1  # invalid UTF-8: the parse below refuses it too
+                    if chars > 0:
+                        tokens = (
+                            1
+                            if chars <= SINGLE_TOKEN_MAX_CHARS
+                            else 1 + -(-(chars - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
+                        )
+                        estimated += tokens
+                        index = shape.index
+                        chunks_by_choice[index] = chunks_by_choice.get(index, 0) + 1
+                        chars_by_choice[index] = chars_by_choice.get(index, 0) + chars
+                        contents += 1
+                        pos = eol + 2
+                        continue
+                    if chars == 0:  # an empty text: no output, as `content_sizes` says
+                        pos = eol + 2
+                        continue
             data = chunk[pos + 6 : eol]
             if data == b"[DONE]":
                 self.done = True
@@ -200,6 +239,10 @@ class StreamUsageTracker:
                 sizes = content_sizes(data)
                 if sizes is None:
                     break  # this one needs the full parse: the decoder and `feed` take over
+                if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
+                    if shape is not None:
+                        self._shape_misses += 1
+                    self._shape = shape_of(data)
                 if sizes:
                     # `_count` of each, inline (this runs for nearly every event of a stream)
                     for index, chars, reasoning in sizes:
