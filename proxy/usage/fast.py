@@ -16,12 +16,13 @@ recorded fixtures and on generated ones.
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
-__all__ = ["Shape", "content_sizes", "shape_of"]
+__all__ = ["Shape", "content_sizes", "parse_json", "shape_of"]
 
 # A field typed `None` may be absent or null; any other value fails the typed decode, and the
 # event goes to the full parse: that is how usage, errors, Responses types and tool calls leave
@@ -53,6 +54,21 @@ class _Chunk(msgspec.Struct, gc=False):
 
 
 _decode: Final = msgspec.json.Decoder(_Chunk).decode
+_decode_any: Final = msgspec.json.Decoder().decode
+
+
+def parse_json(data: str) -> Any:
+    """`json.loads(data)`, through msgspec's decoder where that one accepts the text (~3x
+    faster on a chunk). What it accepts it reads as `json.loads` does (last of duplicate keys,
+    ints of any size, the same floats); what it refuses - NaN and Infinity, numbers beyond a
+    float, lone surrogates, broken JSON - goes to `json.loads`, which decides (a value, or its
+    ValueError). Nesting too deep raises RecursionError from either. tests/test_usage_fast.py
+    compares a tracker using this with one using `json.loads` on generated events."""
+    try:
+        return _decode_any(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return json.loads(data)
+
 
 Sizes = list[tuple[int, int, int]]
 

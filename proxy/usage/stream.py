@@ -11,7 +11,7 @@ from proxy.errors import UpstreamFailed
 from proxy.outcome import Usage
 from proxy.sse import SSEEvent
 from proxy.usage.facts import RequestFacts, as_int
-from proxy.usage.fast import TEXT_BREAK, Shape, Sizes, content_sizes, shape_of
+from proxy.usage.fast import TEXT_BREAK, Shape, Sizes, content_sizes, parse_json, shape_of
 from proxy.usage.prompt import CHARS_PER_TOKEN
 from proxy.usage.reported import Reported, parse_usage
 
@@ -165,7 +165,7 @@ class StreamUsageTracker:
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
             return EventKind.OTHER
         try:
-            obj = json.loads(data)
+            obj = parse_json(data) if self._fast else json.loads(data)
         except ValueError:
             obj = None
         except RecursionError as exc:
