@@ -103,15 +103,16 @@ class StreamUsageTracker:
     """
 
     __slots__ = (
+        "_chars0",
+        "_chunks0",
         "_est_since_report",
         "_estimated",
         "_estimated_reasoning",
         "_fast",
+        "_others",
         "_reported",
         "_shape",
         "_shape_misses",
-        "chars_by_choice",
-        "chunks_by_choice",
         "content_chunks",
         "done",
         "error",
@@ -126,8 +127,10 @@ class StreamUsageTracker:
         self.facts = facts
         self._fast = fast  # False: parse every event in full (the reference the tests compare)
         self.content_chunks = 0  # events that carried output (of any choice)
-        self.chunks_by_choice: dict[int, int] = {}
-        self.chars_by_choice: dict[int, int] = {}
+        # Content chunks and chars of choice 0 (nearly every stream has that one only), and of
+        # any other choice: two ints where two dicts were (one stream held is ~30 KiB).
+        self._chunks0 = self._chars0 = 0
+        self._others: dict[int, list[int]] | None = None
         self.malformed_events = 0  # data that is not a JSON object (counted as OTHER)
         self.response_id: str | None = None  # Responses API, from response.created
         self.finish_reason: str | None = None  # the last one seen (chat/completions)
@@ -195,7 +198,7 @@ class StreamUsageTracker:
             return 0, 0
         pos, n, contents = 0, len(chunk), 0
         estimated = estimated_reasoning = 0
-        chunks_by_choice, chars_by_choice = self.chunks_by_choice, self.chars_by_choice
+        chunks0 = chars0 = 0  # choice 0's, added once at the end
         while chunk.startswith(b"data: ", pos):
             eol = chunk.find(b"\n", pos + 6)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
@@ -223,9 +226,11 @@ class StreamUsageTracker:
                             else 1 + -(-(chars - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
                         )
                         estimated += tokens
-                        index = shape.index
-                        chunks_by_choice[index] = chunks_by_choice.get(index, 0) + 1
-                        chars_by_choice[index] = chars_by_choice.get(index, 0) + chars
+                        if shape.index:
+                            self._tally(shape.index, chars)
+                        else:
+                            chunks0 += 1
+                            chars0 += chars
                         contents += 1
                         pos = eol + 2
                         continue
@@ -255,11 +260,16 @@ class StreamUsageTracker:
                         estimated += tokens
                         if reasoning and not chars:
                             estimated_reasoning += tokens
-                        chunks_by_choice[index] = chunks_by_choice.get(index, 0) + 1
-                        chars_by_choice[index] = chars_by_choice.get(index, 0) + total
+                        if index:
+                            self._tally(index, total)
+                        else:
+                            chunks0 += 1
+                            chars0 += total
                     contents += 1
             pos = eol + 2
         if contents:
+            self._chunks0 += chunks0
+            self._chars0 += chars0
             self._estimated += estimated
             self._est_since_report += estimated
             self._estimated_reasoning += estimated_reasoning
@@ -357,8 +367,37 @@ class StreamUsageTracker:
         self._est_since_report += tokens
         if reasoning and not chars:
             self._estimated_reasoning += tokens
-        self.chunks_by_choice[index] = self.chunks_by_choice.get(index, 0) + 1
-        self.chars_by_choice[index] = self.chars_by_choice.get(index, 0) + chars + reasoning
+        if index:
+            self._tally(index, chars + reasoning)
+        else:
+            self._chunks0 += 1
+            self._chars0 += chars + reasoning
+
+    def _tally(self, index: int, chars: int) -> None:
+        """One content chunk of a choice other than 0."""
+        others = self._others
+        if others is None:
+            others = self._others = {}
+        counts = others.get(index)
+        if counts is None:
+            others[index] = [1, chars]
+        else:
+            counts[0] += 1
+            counts[1] += chars
+
+    @property
+    def chunks_by_choice(self) -> dict[int, int]:
+        """Content chunks per choice index (the ones that had any)."""
+        counts = {0: self._chunks0} if self._chunks0 else {}
+        counts.update((i, c[0]) for i, c in (self._others or {}).items())
+        return counts
+
+    @property
+    def chars_by_choice(self) -> dict[int, int]:
+        """Output and reasoning chars per choice index (the ones that had a content chunk)."""
+        counts = {0: self._chars0} if self._chunks0 else {}
+        counts.update((i, c[1]) for i, c in (self._others or {}).items())
+        return counts
 
     @property
     def terminated(self) -> bool:
