@@ -34,8 +34,9 @@ from proxy.watchdog import Watchdog
 if TYPE_CHECKING:
     from proxy.relay import Exchange
 
-_MAX_SSE_EVENT = 16 * 1024 * 1024
-_CR = b"\r"  # one event; an upstream that never ends one is broken
+_MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
+_CR = b"\r"
+_WRITE_PIECE = 1024 * 1024  # a larger output goes to the client in pieces of this size
 # Bytes of events held back before the first content token while a switch is possible; an
 # upstream that sends more than this without content is broken, and memory stays bounded.
 HOLD_CAP = 1024 * 1024
@@ -99,6 +100,22 @@ class _StreamState:
         # (a slow event is not delayed until its end). Otherwise the stream is relayed event
         # by event, and malformed events are dropped.
         self.raw_mode = self.chunk_filter is None and not holding and not continuing
+
+
+class _Pieces:
+    """The client's bytes of one read, left in pieces (one of them huge) to be written one by
+    one; `len` is the total."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces, self.size = pieces, sum(map(len, pieces))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        return b"".join(self.pieces)
 
 
 class _OneWriteResponse(web.StreamResponse):
@@ -330,7 +347,13 @@ class Downstream:
                 # What _client_io does, inline: this runs once per read of every stream.
                 written_at = loop.time()
                 try:
-                    await response.write(data)
+                    if isinstance(data, _Pieces):
+                        for piece in data.pieces:
+                            await self._write_pieces(response, piece)
+                    elif len(data) <= _WRITE_PIECE:
+                        await response.write(data)
+                    else:
+                        await self._write_pieces(response, data)
                 except ConnectionError as exc:
                     record.client_gone_at = written_at
                     raise ClientGone from exc
@@ -344,10 +367,24 @@ class Downstream:
             if end:
                 return
 
+    @staticmethod
+    async def _write_pieces(response: web.StreamResponse, data: bytes) -> None:
+        """A large output (a huge event) in pieces: each write copies one piece, and once the
+        client's socket is full the write waits, so the loop runs between pieces instead of
+        copying the whole output in one step. The client gets the same bytes."""
+        if len(data) <= _WRITE_PIECE:
+            if data:
+                await response.write(data)
+            return
+        view = memoryview(data)  # not released here: a transport may still hold a slice
+        for start in range(0, len(data), _WRITE_PIECE):
+            await response.write(view[start : start + _WRITE_PIECE])
+
     def _sse_step(
         self, stream: _StreamState, upstream: UpstreamResponse, chunk: bytes, now: float
-    ) -> bytes:
-        """One upstream read of a stream (b"": its end): the bytes for the client, if any."""
+    ) -> bytes | _Pieces:
+        """One upstream read of a stream (b"": its end): the bytes for the client, if any
+        (in `_Pieces` when they hold a huge event among others)."""
         record, attempt, decoder = self.record, stream.attempt, self.decoder
         tracker, chunk_filter = self.tracker, stream.chunk_filter
         assert tracker is not None and decoder is not None
@@ -437,9 +474,17 @@ class Downstream:
                     f'upstream "{attempt.upstream}" ended the stream before any content'
                 ),
             )
+        scrubber = self.scrubber
+        if not stream.raw_mode and len(out) > 1 and sum(map(len, out)) > _WRITE_PIECE:
+            # A huge event among others: its pieces go out as they are, not joined (a copy of
+            # megabytes in this step). The scrubber holds a secret split across pieces.
+            pieces = [scrubber.feed(piece) for piece in out]
+            if not chunk:
+                pieces.append(scrubber.flush())
+            return _Pieces(pieces)
         data = chunk if stream.raw_mode else b"".join(out)
         # Configured secrets never reach the client (a secret split across writes is held).
-        return self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
+        return scrubber.feed(data) + (b"" if chunk else scrubber.flush())
 
     def _content_came(self, stream: _StreamState, now: float) -> None:
         """The first content event of a read: deadlines and first-token marks."""

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from bench.fake_upstream import stream_events
 from proxy.attempts import Attempt
-from proxy.downstream import Downstream, _StreamState
+from proxy.downstream import Downstream, _Pieces, _StreamState
 from proxy.errors import ProxyError
 from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, StreamScrubber
@@ -138,6 +138,8 @@ def _run(path: str, reads: list[bytes], chunk_filter: UsageChunkFilter | None, p
     for n, chunk in enumerate([*reads, b""]):
         try:
             out: Any = pump._sse_step(stream, upstream, chunk, float(n))
+            if isinstance(out, _Pieces):
+                out = out.join()
         except AttemptFailed as exc:
             out = ("failed", exc.result, exc.error.message)
         except ProxyError as exc:  # an event nested too deeply to read
@@ -195,7 +197,8 @@ def test_the_plain_path_takes_the_ordinary_events() -> None:
         pump, stream, _ = _pump("/v1/chat/completions", UsageChunkFilter(), plain=True)
         tracker = pump.tracker = _Counting(pump.tracker.facts)
         upstream = _Upstream()
-        out = b"".join(pump._sse_step(stream, upstream, c, 0.0) for c in [*reads, b""])
+        steps = [pump._sse_step(stream, upstream, c, 0.0) for c in [*reads, b""]]
+        out = b"".join(s if isinstance(s, bytes) else s.join() for s in steps)
         fed = tracker.fed
         assert len(fed) == full, fed
         assert '"finish_reason":"stop"' in (fed[0] or "") and '"usage":{' in (fed[1] or "")
@@ -287,6 +290,19 @@ def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -
     assert len([d for d in parsed if b'"content":"' in d]) == 2, parsed
     full = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
     assert plain == full
+
+
+def test_huge_events_agree_however_they_are_cut() -> None:
+    """Events over the filter's one-copy size and the write piece, among ordinary ones."""
+    big = json.dumps(
+        {"choices": [{"index": 0, "delta": {"content": "é" * 700_000}}], "usage": None},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    small = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\n'
+    data = small + b"data: " + big + b"\n\n" + small + b"data: [DONE]\n\n"
+    for cuts in ([], [1000], [len(small) + 10, 900_000], [70_000 * k for k in range(1, 25)]):
+        _agree("/v1/chat/completions", _cut(data, cuts))
 
 
 def test_a_run_of_blocks_is_edited_as_each_block_would_be() -> None:

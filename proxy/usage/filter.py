@@ -18,6 +18,7 @@ _SPACE: Final = b" \t\r\n"
 _NULL_USAGE_END: Final = b',"usage":null}\n\n'
 _CLOSED_END: Final = b"}\n\n"
 _BLOCK_END: Final = b"\n\n"
+_LARGE: Final = 64 * 1024  # an event this big is copied once, not twice
 _NULL_USAGE_AT: Final = len(_NULL_USAGE_END) - 1  # where `"usage"` begins, from the end
 
 
@@ -97,7 +98,7 @@ class UsageChunkFilter:
             return run
         if first == len(run) - _NULL_USAGE_AT and run.endswith(_NULL_USAGE_END):
             # the one `"usage"` is the last block's closing null (one event a read, usually)
-            return run[: -len(_NULL_USAGE_END)] + _CLOSED_END
+            return _cut_null_usage(run)
         nulls = run.count(_NULL_USAGE_END)
         if nulls == run.count(_USAGE_KEY):
             return run.replace(_NULL_USAGE_END, _CLOSED_END)
@@ -109,7 +110,15 @@ class UsageChunkFilter:
 def _data_bytes(raw: bytes) -> bytes:
     """A data event without its usage member."""
     if raw.endswith(_NULL_USAGE_END):  # what strip_usage_member would do, without a search
-        return raw[: -len(_NULL_USAGE_END)] + _CLOSED_END
+        return _cut_null_usage(raw)
     if _USAGE_KEY in raw:
         return strip_usage_member(raw)
     return raw
+
+
+def _cut_null_usage(raw: bytes) -> bytes:
+    """`raw`, which ends with `,"usage":null}` and its blank line, without that member."""
+    if len(raw) < _LARGE:
+        return raw[: -len(_NULL_USAGE_END)] + _CLOSED_END
+    with memoryview(raw) as view:  # one copy of a large event, not two (slice, then concat)
+        return b"".join((view[: -len(_NULL_USAGE_END)], _CLOSED_END))
