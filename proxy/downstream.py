@@ -309,7 +309,8 @@ class Downstream:
         # the per-stream state only: each read's bytes and events live in `_sse_step`'s frame
         # and are gone before the next read begins (~1 KB of heap per idle stream, measured).
         # The body's reader itself, not `upstream.read()`: one coroutine level less to resume
-        # on every read and to keep alive under every idle stream.
+        # on every read and to keep alive under every idle stream (None: a hedge's winner,
+        # whose first reads are replayed by its `read()`).
         content = upstream.content
         chunk: bytes | None
         while True:
@@ -319,12 +320,14 @@ class Downstream:
                 if commit_at is not None and self.response is None:
                     async with asyncio.timeout_at(commit_at):
                         try:
-                            chunk = await content.readany()
+                            chunk = await (
+                                upstream.read() if content is None else content.readany()
+                            )
                         except READ_ERRORS as exc:
                             raise upstream.cut_off(exc) from exc
                 else:
                     try:
-                        chunk = await content.readany()
+                        chunk = await (upstream.read() if content is None else content.readany())
                     except READ_ERRORS as exc:
                         raise upstream.cut_off(exc) from exc
             except TimeoutError:  # the commit deadline (a read's own errors are mapped above)

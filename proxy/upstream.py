@@ -257,10 +257,11 @@ class UpstreamResponse:
             raise self.cut_off(exc) from exc
 
     @property
-    def content(self) -> aiohttp.StreamReader:
+    def content(self) -> aiohttp.StreamReader | None:
         """The body's reader, for the stream pump: `content.readany()` is `read()` without a
         coroutine of its own (one frame less under every idle stream, one level less to
-        resume per read); its errors in `READ_ERRORS` must go through `cut_off`."""
+        resume per read); its errors in `READ_ERRORS` must go through `cut_off`. None when
+        reads must go through `read()` (a subclass that replays what was read first)."""
         return self._response.content
 
     def cut_off(self, exc: BaseException) -> AttemptFailed:
