@@ -37,11 +37,12 @@ from bench.common import PY, REPO, Procs, table, write_json
 
 # Component -> substrings of py-spy frames ("function (file:line)") that belong to it.
 COMPONENTS: dict[str, tuple[str, ...]] = {
-    "SSE pipeline (_pump_sse)": ("Exchange._pump_sse",),
+    # (the pumps moved from relay.Exchange to downstream.Downstream: both names count)
+    "SSE pipeline (_pump_sse)": ("Exchange._pump_sse", "Downstream._pump_sse"),
     "  SSE decode": ("SSEDecoder.",),
-    "  usage tracking": ("StreamUsageTracker.feed",),
+    "  usage tracking": ("StreamUsageTracker.feed",),  # feed and feed_plain
     "  usage filter": ("UsageChunkFilter.",),
-    "body relay (_pump_body)": ("Exchange._pump_body",),
+    "body relay (_pump_body)": ("Exchange._pump_body", "Downstream._pump_body"),
     "access log": ("Logger.log",),
     "  redact": ("redact (",),
     "metrics": ("Metrics.request_finished", "Metrics.request_started", "Metrics.request_ended"),

@@ -26,7 +26,7 @@ from proxy.routing import Route
 from proxy.secrets import StreamScrubber
 from proxy.sse import SSEDecoder, ends_block
 from proxy.state import ProxyState
-from proxy.upstream import AttemptFailed, UpstreamResponse
+from proxy.upstream import READ_ERRORS, AttemptFailed, UpstreamResponse
 from proxy.upstream_checks import check_response_head
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
 from proxy.watchdog import Watchdog
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from proxy.relay import Exchange
 
 _MAX_SSE_EVENT = 16 * 1024 * 1024  # one event; an upstream that never ends one is broken
+_CR = b"\r"
+_WRITE_PIECE = 1024 * 1024  # a larger output goes to the client in pieces of this size
 # Bytes of events held back before the first content token while a switch is possible; an
 # upstream that sends more than this without content is broken, and memory stays bounded.
 HOLD_CAP = 1024 * 1024
@@ -75,6 +77,7 @@ class _StreamState:
         "held",
         "held_bytes",
         "malformed",
+        "plain",
         "raw_mode",
         "watchdog",
     )
@@ -90,10 +93,29 @@ class _StreamState:
         self.held_bytes = 0
         self.malformed = 0
         self.collect_text = plan.route.options.continue_cut_streams
+        # Whole plain data events may skip the decoder (`_sse_step`); not when their text is
+        # collected for a continuation.
+        self.plain = not self.collect_text
         # Nothing to hold, filter or drop: bytes go on as they come, partial events included
         # (a slow event is not delayed until its end). Otherwise the stream is relayed event
         # by event, and malformed events are dropped.
         self.raw_mode = self.chunk_filter is None and not holding and not continuing
+
+
+class _Pieces:
+    """The client's bytes of one read, left in pieces (one of them huge) to be written one by
+    one; `len` is the total."""
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces, self.size = pieces, sum(map(len, pieces))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def join(self) -> bytes:
+        return b"".join(self.pieces)
 
 
 class _OneWriteResponse(web.StreamResponse):
@@ -286,6 +308,10 @@ class Downstream:
         # An idle stream waits in the read below. What this frame holds across that wait is
         # the per-stream state only: each read's bytes and events live in `_sse_step`'s frame
         # and are gone before the next read begins (~1 KB of heap per idle stream, measured).
+        # The body's reader itself, not `upstream.read()`: one coroutine level less to resume
+        # on every read and to keep alive under every idle stream (None: a hedge's winner,
+        # whose first reads are replayed by its `read()`).
+        content = upstream.content
         chunk: bytes | None
         while True:
             commit_at = deadlines.client_commit_at() if stream.held is not None else None
@@ -293,10 +319,18 @@ class Downstream:
             try:
                 if commit_at is not None and self.response is None:
                     async with asyncio.timeout_at(commit_at):
-                        chunk = await upstream.read()
+                        try:
+                            chunk = await (
+                                upstream.read() if content is None else content.readany()
+                            )
+                        except READ_ERRORS as exc:
+                            raise upstream.cut_off(exc) from exc
                 else:
-                    chunk = await upstream.read()
-            except TimeoutError:
+                    try:
+                        chunk = await (upstream.read() if content is None else content.readany())
+                    except READ_ERRORS as exc:
+                        raise upstream.cut_off(exc) from exc
+            except TimeoutError:  # the commit deadline (a read's own errors are mapped above)
                 chunk = None
             finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
                 now = loop.time()
@@ -316,7 +350,13 @@ class Downstream:
                 # What _client_io does, inline: this runs once per read of every stream.
                 written_at = loop.time()
                 try:
-                    await response.write(data)
+                    if isinstance(data, _Pieces):
+                        for piece in data.pieces:
+                            await self._write_pieces(response, piece)
+                    elif len(data) <= _WRITE_PIECE:
+                        await response.write(data)
+                    else:
+                        await self._write_pieces(response, data)
                 except ConnectionError as exc:
                     record.client_gone_at = written_at
                     raise ClientGone from exc
@@ -330,18 +370,57 @@ class Downstream:
             if end:
                 return
 
+    @staticmethod
+    async def _write_pieces(response: web.StreamResponse, data: bytes) -> None:
+        """A large output (a huge event) in pieces: each write copies one piece, and once the
+        client's socket is full the write waits, so the loop runs between pieces instead of
+        copying the whole output in one step. The client gets the same bytes."""
+        if len(data) <= _WRITE_PIECE:
+            if data:
+                await response.write(data)
+            return
+        view = memoryview(data)  # not released here: a transport may still hold a slice
+        for start in range(0, len(data), _WRITE_PIECE):
+            await response.write(view[start : start + _WRITE_PIECE])
+
     def _sse_step(
         self, stream: _StreamState, upstream: UpstreamResponse, chunk: bytes, now: float
-    ) -> bytes:
-        """One upstream read of a stream (b"": its end): the bytes for the client, if any."""
+    ) -> bytes | _Pieces:
+        """One upstream read of a stream (b"": its end): the bytes for the client, if any
+        (in `_Pieces` when they hold a huge event among others)."""
         record, attempt, decoder = self.record, stream.attempt, self.decoder
         tracker, chunk_filter = self.tracker, stream.chunk_filter
         assert tracker is not None and decoder is not None
+        out: list[bytes] = []
+        held = stream.held
+        content = False  # deadlines and first token: once per read (its events share `now`)
         if not chunk:
             events = decoder.flush()
             upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
         else:
-            events = decoder.feed(chunk)
+            taken = 0
+            if (
+                held is None
+                and stream.plain
+                and _CR not in chunk
+                and not (self.continuing and attempt.first_token_at is None)
+                and decoder.at_boundary(chunk)
+            ):
+                # The usual read: whole `data: {...}` events, classified from their bytes (no
+                # SSEEvent, no text decode) and edited in one pass; the decoder gets the rest.
+                taken, contents = tracker.feed_plain(chunk)
+                if taken:
+                    if contents:
+                        record.content_chunks += contents
+                        content = True
+                        self._content_came(stream, now)
+                    if taken == len(chunk):  # all of it (the usual read): nothing else to do
+                        if chunk_filter is not None:
+                            chunk = chunk_filter.plain_bytes(chunk)
+                        return self.scrubber.feed(chunk)
+                    run = chunk[:taken]
+                    out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
+            events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > _MAX_SSE_EVENT:
                 raise AttemptFailed(
                     AttemptResult.STREAM_ERROR,
@@ -350,9 +429,6 @@ class Downstream:
                         f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
                     ),
                 )
-        out: list[bytes] = []
-        held = stream.held
-        content = False  # deadlines and first token: once per read (its events share `now`)
         for event in events:
             kind = tracker.feed(event)
             if self.continuing and attempt.first_token_at is None:
@@ -364,14 +440,7 @@ class Downstream:
                 record.content_chunks += 1
                 if not content:
                     content = True
-                    stream.deadlines.content(now)
-                    if record.first_token_at is None:
-                        record.first_token_at = now
-                        # The stream enters the idle phase: its deadline may be the first
-                        # one armed (when first_token_s is off).
-                        stream.watchdog.rearm()
-                    if attempt.first_token_at is None:
-                        attempt.first_token_at = now
+                    self._content_came(stream, now)
             elif tracker.malformed_events > stream.malformed:
                 # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
                 stream.malformed = tracker.malformed_events
@@ -408,9 +477,29 @@ class Downstream:
                     f'upstream "{attempt.upstream}" ended the stream before any content'
                 ),
             )
+        scrubber = self.scrubber
+        if not stream.raw_mode and len(out) > 1 and sum(map(len, out)) > _WRITE_PIECE:
+            # A huge event among others: its pieces go out as they are, not joined (a copy of
+            # megabytes in this step). The scrubber holds a secret split across pieces.
+            pieces = [scrubber.feed(piece) for piece in out]
+            if not chunk:
+                pieces.append(scrubber.flush())
+            return _Pieces(pieces)
         data = chunk if stream.raw_mode else b"".join(out)
         # Configured secrets never reach the client (a secret split across writes is held).
-        return self.scrubber.feed(data) + (b"" if chunk else self.scrubber.flush())
+        return scrubber.feed(data) + (b"" if chunk else scrubber.flush())
+
+    def _content_came(self, stream: _StreamState, now: float) -> None:
+        """The first content event of a read: deadlines and first-token marks."""
+        stream.deadlines.content(now)
+        record, attempt = self.record, stream.attempt
+        if record.first_token_at is None:
+            record.first_token_at = now
+            # The stream enters the idle phase: its deadline may be the first one armed (when
+            # first_token_s is off).
+            stream.watchdog.rearm()
+        if attempt.first_token_at is None:
+            attempt.first_token_at = now
 
     async def _pump_body(
         self, plan: Plan, upstream: UpstreamResponse, prefix: bytes, holding: bool

@@ -81,16 +81,17 @@ class StreamScrubber:
     holding back only a chunk's end that could begin one (usually nothing: SSE events end in
     a blank line, which begins no key)."""
 
-    __slots__ = ("_held", "_secrets")
+    __slots__ = ("_active", "_held", "_secrets")
 
     def __init__(self, secrets: Secrets) -> None:
         self._secrets = secrets
+        self._active = bool(secrets)  # once, not per chunk: feed runs on every stream read
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        secrets = self._secrets
-        if not secrets:
+        if not self._active:
             return chunk
+        secrets = self._secrets
         data = secrets.data(self._held + chunk)
         keep = secrets.partial_suffix(data)
         if keep:

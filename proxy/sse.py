@@ -104,9 +104,23 @@ class SSEDecoder:
         """Bytes held for the block being read (a caller caps it against endless blocks)."""
         return len(self._buf)
 
+    def at_boundary(self, chunk: bytes) -> bool:
+        """Whether `chunk` begins a new block: nothing is held from earlier reads and no
+        byte-order mark can begin here. A caller may then take whole blocks from the front of
+        `chunk` itself and `feed` only the rest: the events are the same."""
+        if self._buf:
+            return False
+        if not self._bom_checked:
+            if not chunk or chunk[0] == _BOM[0]:
+                return False
+            self._bom_checked = True  # what `_feed` would decide from this first byte
+        return True
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:
             return []
+        if not self._bom_checked and not self._buf and chunk[0] != _BOM[0]:
+            self._bom_checked = True  # no BOM: the first read may take the fast path too
         if not self._bom_checked or _CR_BYTE in chunk:
             return self._feed(chunk)
         events: list[SSEEvent] = []

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -171,6 +171,10 @@ class _Connector(aiohttp.TCPConnector):
         return connection
 
 
+# What a body read raises when the upstream's body broke (not a deadline or a hang-up).
+READ_ERRORS: Final = (aiohttp.ClientError, OSError, asyncio.IncompleteReadError)
+
+
 class UpstreamResponse:
     """An upstream's answer once its headers arrived: the relay's only view of it."""
 
@@ -249,13 +253,25 @@ class UpstreamResponse:
         `AttemptFailed(STREAM_ERROR)` (the relay decides whether that was before content)."""
         try:
             return await self._response.content.readany()
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
-            raise AttemptFailed(
-                AttemptResult.STREAM_ERROR,
-                UpstreamFailed(
-                    f'upstream "{self._upstream}" response was cut off ({type(exc).__name__})'
-                ),
-            ) from exc
+        except READ_ERRORS as exc:
+            raise self.cut_off(exc) from exc
+
+    @property
+    def content(self) -> aiohttp.StreamReader | None:
+        """The body's reader, for the stream pump: `content.readany()` is `read()` without a
+        coroutine of its own (one frame less under every idle stream, one level less to
+        resume per read); its errors in `READ_ERRORS` must go through `cut_off`. None when
+        reads must go through `read()` (a subclass that replays what was read first)."""
+        return self._response.content
+
+    def cut_off(self, exc: BaseException) -> AttemptFailed:
+        """What a read error in `READ_ERRORS` means: the body was cut."""
+        return AttemptFailed(
+            AttemptResult.STREAM_ERROR,
+            UpstreamFailed(
+                f'upstream "{self._upstream}" response was cut off ({type(exc).__name__})'
+            ),
+        )
 
 
 class OpenAttempt:

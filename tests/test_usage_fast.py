@@ -27,7 +27,7 @@ from proxy.usage import (
     inspect_request,
     strip_usage_member,
 )
-from proxy.usage.fast import content_sizes
+from proxy.usage.fast import content_sizes, parse_json
 
 HERE = Path(__file__).parent / "fixtures"
 SHARED = Path(os.environ.get("HANGUP_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -238,3 +238,37 @@ def test_filter_shortcut_strips_the_usual_null_usage() -> None:
     assert got == b'data: {"choices":[]}\n\n'
     comment = SSEEvent(comment=True, raw=b': ,"usage":null}\n\n')
     assert UsageChunkFilter().client_bytes(comment, EventKind.OTHER) == comment.raw
+
+
+# --- the full parse through msgspec ---------------------------------------------------------
+
+
+def _loaded(parse: Any, text: str) -> str:
+    try:
+        return repr(("value", parse(text)))  # repr: NaN is not equal to itself
+    except ValueError as exc:
+        return repr(("refused", type(exc).__name__ == "JSONDecodeError"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    _serialised()
+    | st.sampled_from(
+        [
+            '{"a":NaN}',
+            '{"a":-Infinity}',
+            '{"a":1e400}',
+            '{"a":"\\ud800"}',
+            '{"a":' + "9" * 5000 + "}",
+            '{"a":' + "9" * 400 + "}",
+            '{"a":1,"a":{"b":2}}',
+            '{"a":0.' + "1" * 500 + "}",
+            ' {"a":[1,2.5e-400,-0]} ',
+            '{"a":1}x',
+            "[1]",
+            '"text"',
+        ]
+    )
+)
+def test_parse_json_reads_what_json_loads_reads(text: str) -> None:
+    assert _loaded(parse_json, text) == _loaded(json.loads, text)

@@ -17,6 +17,9 @@ _SPACE: Final = b" \t\r\n"
 # How OpenAI-compatible servers end a chunk when include_usage is on: the member last, null.
 _NULL_USAGE_END: Final = b',"usage":null}\n\n'
 _CLOSED_END: Final = b"}\n\n"
+_BLOCK_END: Final = b"\n\n"
+_LARGE: Final = 64 * 1024  # an event this big is copied once, not twice
+_NULL_USAGE_AT: Final = len(_NULL_USAGE_END) - 1  # where `"usage"` begins, from the end
 
 
 def strip_usage_member(raw: bytes) -> bytes:
@@ -78,11 +81,44 @@ class UsageChunkFilter:
     def client_bytes(self, event: SSEEvent, kind: EventKind) -> bytes:
         if kind is EventKind.USAGE_ONLY:
             return b"" if self._drop_usage_chunk else event.raw
-        raw = event.raw
         if event.data is None:
-            return raw
-        if raw.endswith(_NULL_USAGE_END):  # what strip_usage_member would do, without a search
-            return raw[: -len(_NULL_USAGE_END)] + _CLOSED_END
-        if _USAGE_KEY in raw:
-            return strip_usage_member(raw)
-        return raw
+            return event.raw
+        return _data_bytes(event.raw)
+
+    @staticmethod
+    def plain_bytes(run: bytes) -> bytes:
+        """`client_bytes` of each event of `run`, joined: whole blocks of one `data:` line
+        ended by LF LF (what `StreamUsageTracker.feed_plain` took), none usage-only.
+
+        One `replace` over the run when every `"usage"` in it is an event's closing
+        `,"usage":null}` (each block ends at its first LF LF, so that ending can only be a
+        block's own); otherwise event by event."""
+        first = run.find(_USAGE_KEY)
+        if first < 0:
+            return run
+        if first == len(run) - _NULL_USAGE_AT and run.endswith(_NULL_USAGE_END):
+            # the one `"usage"` is the last block's closing null (one event a read, usually)
+            return _cut_null_usage(run)
+        nulls = run.count(_NULL_USAGE_END)
+        if nulls == run.count(_USAGE_KEY):
+            return run.replace(_NULL_USAGE_END, _CLOSED_END)
+        blocks = run.split(_BLOCK_END)
+        blocks.pop()  # the run ends with a block's end: the last piece is empty
+        return b"".join([_data_bytes(block + _BLOCK_END) for block in blocks])
+
+
+def _data_bytes(raw: bytes) -> bytes:
+    """A data event without its usage member."""
+    if raw.endswith(_NULL_USAGE_END):  # what strip_usage_member would do, without a search
+        return _cut_null_usage(raw)
+    if _USAGE_KEY in raw:
+        return strip_usage_member(raw)
+    return raw
+
+
+def _cut_null_usage(raw: bytes) -> bytes:
+    """`raw`, which ends with `,"usage":null}` and its blank line, without that member."""
+    if len(raw) < _LARGE:
+        return raw[: -len(_NULL_USAGE_END)] + _CLOSED_END
+    with memoryview(raw) as view:  # one copy of a large event, not two (slice, then concat)
+        return b"".join((view[: -len(_NULL_USAGE_END)], _CLOSED_END))

@@ -11,12 +11,15 @@ from proxy.errors import UpstreamFailed
 from proxy.outcome import Usage
 from proxy.sse import SSEEvent
 from proxy.usage.facts import RequestFacts, as_int
-from proxy.usage.fast import Sizes, content_sizes
+from proxy.usage.fast import TEXT_BREAK, Shape, Sizes, content_sizes, parse_json, shape_of
 from proxy.usage.prompt import CHARS_PER_TOKEN
 from proxy.usage.reported import Reported, parse_usage
 
 # Streamed completion estimate: see `chunk_tokens`.
 SINGLE_TOKEN_MAX_CHARS: Final = 12
+# A stream whose chunks keep changing around their text (a per-chunk timestamp or padding)
+# stops looking for a `Shape` after this many misses.
+_SHAPE_MISSES: Final = 4
 
 
 class EventKind(enum.StrEnum):
@@ -100,13 +103,16 @@ class StreamUsageTracker:
     """
 
     __slots__ = (
+        "_chars0",
+        "_chunks0",
         "_est_since_report",
         "_estimated",
         "_estimated_reasoning",
         "_fast",
+        "_others",
         "_reported",
-        "chars_by_choice",
-        "chunks_by_choice",
+        "_shape",
+        "_shape_misses",
         "content_chunks",
         "done",
         "error",
@@ -121,8 +127,10 @@ class StreamUsageTracker:
         self.facts = facts
         self._fast = fast  # False: parse every event in full (the reference the tests compare)
         self.content_chunks = 0  # events that carried output (of any choice)
-        self.chunks_by_choice: dict[int, int] = {}
-        self.chars_by_choice: dict[int, int] = {}
+        # Content chunks and chars of choice 0 (nearly every stream has that one only), and of
+        # any other choice: two ints where two dicts were (one stream held is ~30 KiB).
+        self._chunks0 = self._chars0 = 0
+        self._others: dict[int, list[int]] | None = None
         self.malformed_events = 0  # data that is not a JSON object (counted as OTHER)
         self.response_id: str | None = None  # Responses API, from response.created
         self.finish_reason: str | None = None  # the last one seen (chat/completions)
@@ -133,6 +141,8 @@ class StreamUsageTracker:
         self._estimated_reasoning = 0
         self._est_since_report = 0
         self._reported: Reported | None = None
+        self._shape: Shape | None = None  # of the last plain content chunk (`feed_plain`)
+        self._shape_misses = 0
 
     def feed(self, event: SSEEvent) -> EventKind:
         data = event.data
@@ -158,7 +168,7 @@ class StreamUsageTracker:
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
             return EventKind.OTHER
         try:
-            obj = json.loads(data)
+            obj = parse_json(data) if self._fast else json.loads(data)
         except ValueError:
             obj = None
         except RecursionError as exc:
@@ -174,6 +184,97 @@ class StreamUsageTracker:
         if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
             return self._responses_event(kind, obj)
         return self._chunk(obj)
+
+    def feed_plain(self, chunk: bytes) -> tuple[int, int]:
+        """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
+        one `data: ...` line ended by LF LF, whose data is `[DONE]` or a chunk `content_sizes`
+        reads. Returns where they end (0: none taken) and how many carried content.
+
+        The caller passes a read that begins a block (`SSEDecoder.at_boundary`) and holds no
+        CR, and gives the decoder only the rest: each block taken here is an event with just
+        `data` set (the decoder's fast path), fed exactly as `feed` would take it, without
+        decoding its text first. tests/test_usage_plain.py holds the two paths equal."""
+        if not self._fast:
+            return 0, 0
+        pos, n, contents = 0, len(chunk), 0
+        estimated = estimated_reasoning = 0
+        chunks0 = chars0 = 0  # choice 0's, added once at the end
+        while chunk.startswith(b"data: ", pos):
+            eol = chunk.find(b"\n", pos + 6)
+            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
+                break
+            shape = self._shape
+            if shape is not None:
+                # The last content chunk's bytes around a new text: no parse (see `Shape`).
+                head, tail = shape.head, shape.tail
+                start, stop = pos + 6 + len(head), eol - len(tail)
+                if (
+                    start <= stop
+                    and chunk.startswith(head, pos + 6)
+                    and chunk.endswith(tail, start, eol)
+                    and TEXT_BREAK(chunk, start, stop) is None
+                ):
+                    text = chunk[start:stop]
+                    try:
+                        chars = len(text) if text.isascii() else len(text.decode())
+                    except UnicodeDecodeError:
+                        chars = -1  # invalid UTF-8: the parse below refuses it too
+                    if chars > 0:
+                        tokens = (
+                            1
+                            if chars <= SINGLE_TOKEN_MAX_CHARS
+                            else 1 + -(-(chars - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
+                        )
+                        estimated += tokens
+                        if shape.index:
+                            self._tally(shape.index, chars)
+                        else:
+                            chunks0 += 1
+                            chars0 += chars
+                        contents += 1
+                        pos = eol + 2
+                        continue
+                    if chars == 0:  # an empty text: no output, as `content_sizes` says
+                        pos = eol + 2
+                        continue
+            data = chunk[pos + 6 : eol]
+            if data == b"[DONE]":
+                self.done = True
+            else:
+                sizes = content_sizes(data)
+                if sizes is None:
+                    break  # this one needs the full parse: the decoder and `feed` take over
+                if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
+                    if shape is not None:
+                        self._shape_misses += 1
+                    self._shape = shape_of(data)
+                if sizes:
+                    # `_count` of each, inline (this runs for nearly every event of a stream)
+                    for index, chars, reasoning in sizes:
+                        total = chars + reasoning
+                        tokens = (
+                            1
+                            if total <= SINGLE_TOKEN_MAX_CHARS
+                            else 1 + -(-(total - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
+                        )
+                        estimated += tokens
+                        if reasoning and not chars:
+                            estimated_reasoning += tokens
+                        if index:
+                            self._tally(index, total)
+                        else:
+                            chunks0 += 1
+                            chars0 += total
+                    contents += 1
+            pos = eol + 2
+        if contents:
+            self._chunks0 += chunks0
+            self._chars0 += chars0
+            self._estimated += estimated
+            self._est_since_report += estimated
+            self._estimated_reasoning += estimated_reasoning
+            self.content_chunks += contents
+        return pos, contents
 
     def _content(self, sizes: Sizes) -> EventKind:
         if not sizes:
@@ -266,8 +367,37 @@ class StreamUsageTracker:
         self._est_since_report += tokens
         if reasoning and not chars:
             self._estimated_reasoning += tokens
-        self.chunks_by_choice[index] = self.chunks_by_choice.get(index, 0) + 1
-        self.chars_by_choice[index] = self.chars_by_choice.get(index, 0) + chars + reasoning
+        if index:
+            self._tally(index, chars + reasoning)
+        else:
+            self._chunks0 += 1
+            self._chars0 += chars + reasoning
+
+    def _tally(self, index: int, chars: int) -> None:
+        """One content chunk of a choice other than 0."""
+        others = self._others
+        if others is None:
+            others = self._others = {}
+        counts = others.get(index)
+        if counts is None:
+            others[index] = [1, chars]
+        else:
+            counts[0] += 1
+            counts[1] += chars
+
+    @property
+    def chunks_by_choice(self) -> dict[int, int]:
+        """Content chunks per choice index (the ones that had any)."""
+        counts = {0: self._chunks0} if self._chunks0 else {}
+        counts.update((i, c[0]) for i, c in (self._others or {}).items())
+        return counts
+
+    @property
+    def chars_by_choice(self) -> dict[int, int]:
+        """Output and reasoning chars per choice index (the ones that had a content chunk)."""
+        counts = {0: self._chars0} if self._chunks0 else {}
+        counts.update((i, c[1]) for i, c in (self._others or {}).items())
+        return counts
 
     @property
     def terminated(self) -> bool:

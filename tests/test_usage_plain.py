@@ -1,0 +1,320 @@
+"""The stream pump's plain path (`Downstream._sse_step` with `StreamUsageTracker.feed_plain`
+and `UsageChunkFilter.plain_bytes`) gives the client the same bytes and accounting the same
+figures as the full path (decoder, `SSEEvent`s, `feed`, `client_bytes`).
+
+Two pumps, one with the plain path and one without (`_StreamState.plain = False`), get the
+same reads: every recorded fixture and generated streams (ordinary chunks, usage in every
+place, [DONE], comments, named events, CR line ends, multi-line data, invalid UTF-8, broken
+JSON), cut into reads at random places, with each usage filter. After every read their bytes
+for the client, the trackers, the records, the attempts, and the deadline marks must be equal,
+and a read that fails must fail the same way in both. A separate test shows the plain path
+really takes the ordinary events, so the agreement is not vacuous.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bench.fake_upstream import stream_events
+from proxy.attempts import Attempt
+from proxy.downstream import Downstream, _Pieces, _StreamState
+from proxy.errors import ProxyError
+from proxy.outcome import RequestRecord
+from proxy.secrets import Secrets, StreamScrubber
+from proxy.sse import SSEDecoder, SSEEvent
+from proxy.upstream import AttemptFailed
+from proxy.usage import (
+    EventKind,
+    RequestFacts,
+    StreamUsageTracker,
+    UsageChunkFilter,
+    inspect_request,
+)
+from proxy.usage import stream as stream_module
+from proxy.usage.fast import content_sizes
+from tests.test_usage_fast import FIXTURE_FILES, _path_for, _serialised, _state
+
+_FILTERS: list[UsageChunkFilter | None] = [
+    None,
+    UsageChunkFilter(drop_usage_chunk=True),
+    UsageChunkFilter(drop_usage_chunk=False),
+]
+
+
+class _Marks:
+    """Stands for the deadlines and the watchdog: counts what the pump tells them."""
+
+    def __init__(self) -> None:
+        self.content: list[float] = []
+        self.rearms = 0
+
+    def rearm(self) -> None:
+        self.rearms += 1
+
+
+class _Deadlines:
+    def __init__(self, marks: _Marks) -> None:
+        self.marks = marks
+
+    def content(self, now: float) -> None:
+        self.marks.content.append(now)
+
+
+class _Upstream:
+    """The one call `_sse_step` makes on the upstream: the end-of-body check."""
+
+    def __init__(self) -> None:
+        self.ends: list[bool] = []
+
+    def check_end(self, *, mid_event: bool = False) -> None:
+        self.ends.append(mid_event)
+
+
+class _Counting(StreamUsageTracker):
+    """Notes the data of each event that took the full path."""
+
+    __slots__ = ("fed",)
+
+    def __init__(self, facts: RequestFacts) -> None:
+        super().__init__(facts)
+        self.fed: list[str | None] = []
+
+    def feed(self, event: SSEEvent) -> EventKind:
+        self.fed.append(event.data)
+        return super().feed(event)
+
+
+class _Pump(Downstream):
+    __slots__ = ()
+
+
+def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
+    pump = _Pump()
+    pump.record = RequestRecord(
+        request_id="r", method="POST", path=path, started_at=0.0, wall_started_at=0.0
+    )
+    pump.decoder = SSEDecoder()
+    pump.tracker = StreamUsageTracker(inspect_request(path, {"model": "m", "stream": True}))
+    pump.continuing = False
+    pump.delivered_text = []
+    # A scrubber with a secret: what it does to the bytes must not depend on the path either.
+    pump.scrubber = StreamScrubber(Secrets(["sk-secret-0123456789"]))
+    pump.response = None
+    marks = _Marks()
+    stream = _StreamState.__new__(_StreamState)
+    stream.attempt = Attempt("u", "m", 0.0, "primary")
+    stream.watchdog = marks  # type: ignore[assignment]
+    stream.deadlines = _Deadlines(marks)  # type: ignore[assignment]
+    stream.chunk_filter = chunk_filter
+    stream.held, stream.held_bytes, stream.malformed = None, 0, 0
+    stream.collect_text, stream.raw_mode, stream.plain = False, False, plain
+    return pump, stream, marks
+
+
+def _snapshot(pump: Any, stream: _StreamState, marks: _Marks) -> tuple[Any, ...]:
+    record, attempt = pump.record, stream.attempt
+    return (
+        _state(pump.tracker),
+        pump.tracker.response_model,
+        record.content_chunks,
+        record.first_token_at,
+        attempt.first_token_at,
+        marks.content,
+        marks.rearms,
+        stream.malformed,
+    )
+
+
+def _run(path: str, reads: list[bytes], chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
+    """Per read: the client's bytes (or the failure) and the state after it."""
+    pump, stream, marks = _pump(path, chunk_filter, plain)
+    upstream = _Upstream()
+    steps: list[tuple[Any, ...]] = []
+    for n, chunk in enumerate([*reads, b""]):
+        try:
+            out: Any = pump._sse_step(stream, upstream, chunk, float(n))
+            if isinstance(out, _Pieces):
+                out = out.join()
+        except AttemptFailed as exc:
+            out = ("failed", exc.result, exc.error.message)
+        except ProxyError as exc:  # an event nested too deeply to read
+            out = ("raised", type(exc).__name__, exc.message)
+        steps.append((out, _snapshot(pump, stream, marks), tuple(upstream.ends)))
+        if isinstance(out, tuple):
+            break
+    return steps
+
+
+def _agree(path: str, reads: list[bytes]) -> None:
+    for chunk_filter in _FILTERS:
+        plain = _run(path, reads, chunk_filter, plain=True)
+        full = _run(path, reads, chunk_filter, plain=False)
+        for n, (got, want) in enumerate(zip(plain, full, strict=True)):
+            assert got == want, f"read {n} of {reads!r} (filter {chunk_filter!r})"
+
+
+def _cut(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, start = [], 0
+    for point in [*points, len(data)]:
+        if point > start:
+            pieces.append(data[start:point])
+            start = point
+    return pieces
+
+
+# --- recorded streams --------------------------------------------------------------------
+
+
+def test_every_fixture_agrees_read_as_recorded_and_event_by_event() -> None:
+    for fixture in FIXTURE_FILES:
+        data = fixture.read_bytes()
+        _agree(_path_for(fixture), [data])
+        blocks = [b + b"\n\n" for b in data.split(b"\n\n") if b]
+        _agree(_path_for(fixture), blocks)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(FIXTURE_FILES), st.lists(st.integers(0, 10**6), max_size=12))
+def test_every_fixture_agrees_however_it_is_cut(fixture: Any, cuts: list[int]) -> None:
+    data = fixture.read_bytes()
+    _agree(_path_for(fixture), _cut(data, cuts))
+
+
+def test_the_plain_path_takes_the_ordinary_events() -> None:
+    """Not vacuous: on the benchmark's streams every role and content chunk goes the plain way;
+    the finish and usage chunks go to `feed`, and so does the rest of their read ([DONE] after
+    them in a burst)."""
+    for reads, contents, full in (
+        (stream_events(20), 16, 2),
+        ([b"".join(stream_events(200))], 196, 3),
+    ):
+        pump, stream, _ = _pump("/v1/chat/completions", UsageChunkFilter(), plain=True)
+        tracker = pump.tracker = _Counting(pump.tracker.facts)
+        upstream = _Upstream()
+        steps = [pump._sse_step(stream, upstream, c, 0.0) for c in [*reads, b""]]
+        out = b"".join(s if isinstance(s, bytes) else s.join() for s in steps)
+        fed = tracker.fed
+        assert len(fed) == full, fed
+        assert '"finish_reason":"stop"' in (fed[0] or "") and '"usage":{' in (fed[1] or "")
+        assert pump.record.content_chunks == contents and pump.tracker.done
+        assert b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n")
+
+
+# --- generated streams -------------------------------------------------------------------
+
+_raw_event = st.one_of(
+    _serialised().map(lambda d: b"data: " + d.encode() + b"\n\n"),
+    _serialised().map(lambda d: b"data: " + d.encode() + b',"usage":null}\n\n'),
+    st.sampled_from(
+        [
+            b"data: [DONE]\n\n",
+            b": keep-alive\n\n",
+            b"\n",
+            b'data:{"choices":[{"delta":{"content":"no space"}}]}\n\n',
+            b'data: {"choices":[{"delta":{"content":"cr"}}]}\r\n\r\n',
+            b'data: {"choices":[{"delta":{"content":"lone cr"}}]}\r\r',
+            b'event: error\ndata: {"error":{"message":"boom"}}\n\n',
+            b'data: {"choices":[{"delta":{"content":"two"}}],\ndata: "usage":null}\n\n',
+            b'data: {"choices":[{"delta":{"content":"\xff\xfe bad utf-8"}}]}\n\n',
+            b'data: {"choices":[{"delta":{"content":"\xed\xa0\x80"}}],"usage":null}\n\n',
+            b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}\n\n',
+            b'data: {"choices":[{"delta":{"content":"x"}}],"usage":{"completion_tokens":9}}\n\n',
+            b'data: {"x":{"usage":null},"choices":[{"delta":{"content":"y"}}],"usage":null}\n\n',
+            b'data: {"choices":[{"delta":{"content":"sk-secret-0123456789"}}]}\n\n',
+            b"\xef\xbb\xbfdata: [DONE]\n\n",
+            b"data: \n\n",
+            b"id: 7\n\n",
+            # the usual chunk's shape (below) around texts the shape must not read itself
+            b'data: {"choices":[{"index":0,"delta":{"content":"\xff\xfe"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"\xed\xa0\x80"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"a\x01b"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":""},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"a","content":"bc"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"x":{"content":"a"},"choices":[{"index":0,"delta":{"content":"a"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+            b'data: {"choices":[{"index":0,"delta":{"content":"\xc3\xa9\xf0\x9f\x98\x80"},'
+            b'"finish_reason":null}],"usage":null}\n\n',
+        ]
+    ),
+    st.builds(  # the usual chunk: one choice, some text, `"usage":null` last
+        lambda text, ascii: (
+            b"data: "
+            + json.dumps(
+                {
+                    "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+                    "usage": None,
+                },
+                ensure_ascii=ascii,
+                separators=(",", ":"),
+            ).encode()
+            + b"\n\n"
+        ),
+        st.text(max_size=20),
+        st.booleans(),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_raw_event, min_size=1, max_size=8), st.lists(st.integers(0, 10**4), max_size=6))
+def test_generated_streams_agree(events: list[bytes], cuts: list[int]) -> None:
+    data = b"".join(events)
+    _agree("/v1/chat/completions", [data])
+    _agree("/v1/chat/completions", _cut(data, cuts))
+
+
+def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous either: chunks that differ only in their text are read through their
+    `Shape`, without `content_sizes` (only the role chunk and the first content chunk are
+    parsed), and count what the parse counts."""
+    parsed: list[bytes] = []
+
+    def counting(data: str | bytes) -> Any:
+        parsed.append(data if isinstance(data, bytes) else data.encode())
+        return content_sizes(data)
+
+    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    reads = stream_events(20)
+    plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
+    assert len([d for d in parsed if b'"content":"' in d]) == 2, parsed
+    full = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+    assert plain == full
+
+
+def test_huge_events_agree_however_they_are_cut() -> None:
+    """Events over the filter's one-copy size and the write piece, among ordinary ones."""
+    big = json.dumps(
+        {"choices": [{"index": 0, "delta": {"content": "é" * 700_000}}], "usage": None},
+        separators=(",", ":"),
+        ensure_ascii=False,
+    ).encode()
+    small = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}],"usage":null}\n\n'
+    data = small + b"data: " + big + b"\n\n" + small + b"data: [DONE]\n\n"
+    for cuts in ([], [1000], [len(small) + 10, 900_000], [70_000 * k for k in range(1, 25)]):
+        _agree("/v1/chat/completions", _cut(data, cuts))
+
+
+def test_a_run_of_blocks_is_edited_as_each_block_would_be() -> None:
+    """`plain_bytes` on a run where one block has a nested `"usage"`: block by block."""
+    run = (
+        b'data: {"choices":[],"usage":null}\n\n'
+        b'data: {"a":{"usage":null},"choices":[],"usage":null}\n\n'
+        b'data: {"choices":[]}\n\n'
+    )
+    want = (
+        b'data: {"choices":[]}\n\n'
+        b'data: {"a":{"usage":null},"choices":[]}\n\n'
+        b'data: {"choices":[]}\n\n'
+    )
+    assert UsageChunkFilter.plain_bytes(run) == want
