@@ -3,9 +3,10 @@
 1. `--spy` (default): py-spy samples the hangup process (the real CLI) while the load generator
    saturates it with small chat completions or short streams; the samples are grouped into the
    components of a request (SSE pipeline, access log, metrics, admission, deadlines, usage,
-   aiohttp tracing, socket writes) and printed as shares of hangup's CPU. Needs py-spy
-   (`pip install py-spy`); sampling pauses the process, so absolute CPU is inflated and only
-   the shares mean something.
+   aiohttp tracing, socket writes) and printed as shares of the event loop thread's samples
+   (py-spy counts the log writer thread's waits as samples; each thread's real CPU per request
+   is read from /proc and printed beside). Needs py-spy (`pip install py-spy`); sampling pauses
+   the process, so absolute CPU is inflated and only the shares mean something.
 2. `--micro`: each component timed alone in this process (`time.process_time`, 3,000 rounds),
    in µs per request, on the same request and stream shapes the overhead benchmark uses.
 
@@ -33,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import PY, REPO, Procs, table, write_json
+from bench.common import CLK_TCK, PY, REPO, Procs, table, write_json
 
 # Component -> substrings of py-spy frames ("function (file:line)") that belong to it.
 COMPONENTS: dict[str, tuple[str, ...]] = {
@@ -86,6 +87,7 @@ def spy(kind: str, seconds: float, rate: int, loop: str = "default") -> dict[str
                 str(int(seconds)),
                 "--format",
                 "raw",
+                "--threads",
                 "--output",
                 str(raw),
             ],
@@ -93,6 +95,7 @@ def spy(kind: str, seconds: float, rate: int, loop: str = "default") -> dict[str
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
+        threads_before = _thread_cpu(hang.pid)
         try:
             load = wrk.run_wrk(wrk_exe, target, script, connections=50, duration=seconds + 1)
             recorder.wait(seconds + 60)
@@ -100,25 +103,50 @@ def spy(kind: str, seconds: float, rate: int, loop: str = "default") -> dict[str
             if recorder.poll() is None:
                 recorder.kill()
                 recorder.wait(5)
+        threads_after = _thread_cpu(hang.pid)
         stacks = raw.read_text().splitlines()
+    # Only the event loop's thread: py-spy counts the log writer's waits on its queue as
+    # samples (its idle detection misses them); the threads' real CPU comes from /proc.
     total = 0
     shares: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
     for line in stacks:
         stack, _, count = line.rpartition(" ")
+        thread, _, stack = stack.partition(";")
+        if not thread.endswith(": MainThread"):
+            continue
         n = int(count)
         total += n
         for name, needles in COMPONENTS.items():
             if any(needle in stack for needle in needles):
                 shares[name] += n
         leaves[stack.rsplit(";", 1)[-1].rsplit(" (", 1)[0]] += n
+    requests = max(1, int(load["requests"]))
     return {
         "kind": kind,
         "samples": total,
         "load": load,
+        # CPU per request of each thread over the profiled run (sampling inflates it a little).
+        "thread_cpu_us_per_request": {
+            name: (threads_after.get(name, 0.0) - threads_before.get(name, 0.0)) / requests * 1e6
+            for name in threads_after
+        },
         "shares": {k: shares[k] / total for k in COMPONENTS},
         "top_self": [(f, n / total) for f, n in leaves.most_common(15)],
     }
+
+
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds by thread name (the loop's thread is the process's name, `python`)."""
+    out: dict[str, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
 
 
 def _timed(fn: Callable[[], object], rounds: int = 3000) -> float:
@@ -355,11 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         result["spy"] = [spy(kind, args.seconds, args.rate, args.loop) for kind in kinds]
         rows = [[name, *(f"{r['shares'][name]:.1%}" for r in result["spy"])] for name in COMPONENTS]
         print()
-        print("share of hangup's CPU samples under saturating load (py-spy)")
+        print("share of the event loop thread's samples under saturating load (py-spy)")
         print(table(["component", *kinds], rows))
         for r in result["spy"]:
             print(f"\n{r['kind']}: top functions by own time")
             print(table(["function", "share"], [[f, f"{s:.1%}"] for f, s in r["top_self"]]))
+            threads = ", ".join(
+                f"{name} {us:.0f}" for name, us in r["thread_cpu_us_per_request"].items()
+            )
+            print(f"CPU µs per request by thread (/proc, while sampled): {threads}")
     path = write_json("profile", result, args.out)
     print(f"\nwrote {path}")
     return 0
