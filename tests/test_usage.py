@@ -25,6 +25,7 @@ from proxy.usage import (
     inspect_request,
     strip_usage_member,
 )
+from proxy.usage.body import FULL_PARSE_MAX, decode_body, is_identity, tail_usage
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CHAT = "/v1/chat/completions"
@@ -913,3 +914,60 @@ def test_a_usage_string_value_is_not_taken_for_the_usage_member() -> None:
     assert strip_usage_member(raw) == raw
     with_usage = b'{"model":"usage","choices":[],"usage":{"completion_tokens":3}}'
     assert strip_usage_member(with_usage) == b'{"model":"usage","choices":[]}'
+
+
+# --- tail_usage: only a member named "usage" whose value is an object counts ----------------
+
+_USAGE = '{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}'
+
+
+@pytest.mark.parametrize(
+    ("answer", "completion"),
+    [
+        (f'{{"id":"x" ,\n "usage" :\t{_USAGE} }}', 5),  # whitespace around the key and colon
+        (f'{{"a":"mentions \\"usage\\": {{}}","usage":{_USAGE}}}', 5),  # text first, then it
+        (f'{{"usage":{_USAGE},"x":"text \\"usage\\":{{\\"completion_tokens\\":99}}"}}', 5),
+        ('{"text":"the word usage" }', None),  # a value, not a member name
+        ('{"x":["usage"]}', None),  # an array element, not a member
+        ('{"usage" "oops"}', None),  # no colon
+        ('{"usage":null}', None),  # not an object
+        ('{"usage":{"completion_tokens":', None),  # cut off: not decodable
+        ('{"usage"', None),  # nothing after the key
+        ('"usage":', None),  # nothing before the key
+    ],
+)
+def test_tail_usage_reads_only_a_usage_member_with_an_object(
+    answer: str, completion: int | None
+) -> None:
+    found = tail_usage(answer.encode())
+    assert (found.completion if found is not None else None) == completion
+
+
+def test_tail_usage_looks_only_at_the_tail() -> None:
+    answer = f'{{"usage":{_USAGE},"pad":"{"x" * 200}"}}'.encode()
+    assert tail_usage(answer) is not None
+    assert tail_usage(answer, tail=100) is None  # the usage lies before the last 100 bytes
+
+
+def test_body_helpers_decode_gzip_and_raw_deflate_and_name_identity() -> None:
+    body = json.dumps({"usage": json.loads(_USAGE)}).encode()
+    assert decode_body(gzip.compress(body), "gzip") == body
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert decode_body(raw.compress(body) + raw.flush(), "deflate") == body
+    assert decode_body(body, "br") is None  # not decodable with the standard library
+    assert is_identity(None) and is_identity(" Identity ") and not is_identity("gzip")
+
+
+def test_a_large_answer_without_usage_is_estimated_from_its_size() -> None:
+    facts = inspect_request("/v1/chat/completions", {"model": "m", "messages": []})
+    text = "y" * (FULL_PARSE_MAX + 4000)
+    usage = body_usage(json.dumps({"choices": [{"text": text}]}).encode(), facts, None)
+    assert usage.completion_estimated
+    assert usage.completion_tokens == -(-(len(text) + 26) // 4)  # ceil(bytes / 4), no parse
+
+
+def test_legacy_completions_text_counts_towards_the_estimate() -> None:
+    facts = inspect_request("/v1/completions", {"model": "m", "prompt": "hi"})
+    answer = {"choices": ["not a choice", {"text": "abcdefgh"}]}
+    usage = body_usage(json.dumps(answer).encode(), facts, None)
+    assert (usage.completion_tokens, usage.completion_estimated) == (2, True)
