@@ -266,7 +266,11 @@ async def run(repeat: int, log_file: TextIO, cases: list[str]) -> dict[str, Any]
                 if case == "ordinary":  # warm up: first requests import and compile lazily
                     await _wrk_chat(procs.workdir, base, seconds=1)
                 gc.collect()  # the bench's own garbage (label saturation) is not the case's
-                await asyncio.sleep(0)  # end this task step: the setup above is not the case's
+                # End this task step and let the probe tick once more before its samples are
+                # cleared: the setup above (label saturation, a render, a collection) is not
+                # the case's. With `sleep(0)` alone the probe's first tick ran after `take()`
+                # and charged the setup's ~100 ms to the scrape case.
+                await asyncio.sleep(0.005)
                 watch.take()
                 callbacks.take()
                 gc_pauses.take()
