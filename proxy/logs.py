@@ -78,43 +78,28 @@ def _second(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
 
 
-def _json_line(ts: str, level: str, logger: str, msg: str, fields: dict[str, Any]) -> str:
+def _json_line(
+    ts: str, level: str, logger: str, msg: str, fields: dict[str, Any], exc: str | None = None
+) -> str:
+    """A line with fields (an access line, or any call with `extra={"fields": ...}`): only
+    the free-text fields, the message and the traceback are redacted."""
     line: dict[str, Any] = {"ts": ts, "level": level, "logger": logger, "msg": msg}
     line.update(fields)
     _redact_free_text(line)
-    line["msg"] = redact(msg)
+    if exc is not None:
+        line["exc"] = redact(exc)
+    line["msg"] = redact(line["msg"])
     return _dumps(line)
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        ts, level, msg = _timestamp(record), record.levelname.lower(), record.getMessage()
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            if not record.exc_info:
-                return _json_line(
-                    _timestamp(record),
-                    record.levelname.lower(),
-                    record.name,
-                    record.getMessage(),
-                    fields,
-                )
-            line: dict[str, Any] = {
-                "ts": _timestamp(record),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "msg": record.getMessage(),
-            }
-            line.update(fields)
-            _redact_free_text(line)
-            line["exc"] = redact(self.formatException(record.exc_info))
-            line["msg"] = redact(line["msg"])
-            return _dumps(line)
-        line = {
-            "ts": _timestamp(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
+            exc = self.formatException(record.exc_info) if record.exc_info else None
+            return _json_line(ts, level, record.name, msg, fields, exc)
+        line: dict[str, Any] = {"ts": ts, "level": level, "logger": record.name, "msg": msg}
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return redact(_dumps(line))
