@@ -220,12 +220,7 @@ class StreamUsageTracker:
                     except UnicodeDecodeError:
                         chars = -1  # invalid UTF-8: the parse below refuses it too
                     if chars > 0:
-                        tokens = (
-                            1
-                            if chars <= SINGLE_TOKEN_MAX_CHARS
-                            else 1 + -(-(chars - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
-                        )
-                        estimated += tokens
+                        estimated += chunk_tokens(chars)
                         if shape.index:
                             self._tally(shape.index, chars)
                         else:
@@ -252,11 +247,7 @@ class StreamUsageTracker:
                     # `_count` of each, inline (this runs for nearly every event of a stream)
                     for index, chars, reasoning in sizes:
                         total = chars + reasoning
-                        tokens = (
-                            1
-                            if total <= SINGLE_TOKEN_MAX_CHARS
-                            else 1 + -(-(total - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
-                        )
+                        tokens = chunk_tokens(total)
                         estimated += tokens
                         if reasoning and not chars:
                             estimated_reasoning += tokens
