@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.attempts import Attempt, AttemptResult
@@ -20,6 +21,7 @@ from proxy.outcome import (
     Usage,
     Waste,
 )
+from proxy.server import ProxyServer
 
 ROUTES = ("chat", "batch")
 UPSTREAMS = ("primary", "fallback")
@@ -236,3 +238,13 @@ def coverage_workload() -> list[RequestRecord]:
     seen = {r.outcome for r in records}
     records += [make_record(outcome=o) for o in Outcome if o not in seen]
     return records
+
+
+async def scrape(server: ProxyServer) -> Series:
+    """The server's `/metrics`, parsed."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{server.base_url}/metrics") as response,
+    ):
+        assert response.status == 200
+        return parse(await response.text())

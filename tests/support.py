@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Self, TypeVar
 
+import pytest
+
 from proxy.config import HangupConfig
 from proxy.outcome import RequestRecord
 
@@ -384,3 +386,16 @@ def held_by_this_process(inodes: set[int]) -> set[int]:
             if inode in inodes:
                 held.add(inode)
     return held
+
+
+def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str, Any]:
+    """The request's one access-log line (its structured fields), as pytest captured it."""
+    lines: list[dict[str, Any]] = [
+        fields
+        for r in caplog.records
+        if r.name == "hangup.access"
+        and isinstance(fields := getattr(r, "fields", None), dict)
+        and fields.get("request_id") == request_id
+    ]
+    assert len(lines) == 1, lines
+    return lines[0]

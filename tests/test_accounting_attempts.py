@@ -23,14 +23,13 @@ from aiohttp import web
 from proxy.attempts import AttemptResult
 from proxy.config import HangupConfig
 from proxy.outcome import Outcome, Usage
-from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
 from proxy.sim import prompt_tokens as sim_prompt_tokens
 from proxy.sim.records import RequestRecord as SimRequest
 from tests.conftest import StartProxy, chat
-from tests.metrics_support import Series, parse, value
+from tests.metrics_support import scrape, value
 from tests.resilience_support import BACKUP_MODEL, CHAT, post, seen
-from tests.support import config_from
+from tests.support import access_line, config_from
 
 PRIMARY_PRICE = (3.0, 12.0)  # USD per million input / output tokens
 BACKUP_PRICE = (1.0, 4.0)
@@ -99,26 +98,6 @@ def reported_prompt(rec: SimRequest) -> int:
     """The prompt size the simulator reports for the body it received."""
     assert isinstance(rec.body, dict)
     return sim_prompt_tokens("chat", rec.body)
-
-
-async def scrape(server: ProxyServer) -> Series:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{server.base_url}/metrics") as response,
-    ):
-        return parse(await response.text())
-
-
-def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str, Any]:
-    lines: list[dict[str, Any]] = [
-        fields
-        for r in caplog.records
-        if r.name == "hangup.access"
-        and isinstance(fields := getattr(r, "fields", None), dict)
-        and fields.get("request_id") == request_id
-    ]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def pair(usage: Usage) -> tuple[int, str, int, str]:

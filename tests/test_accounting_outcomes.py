@@ -24,8 +24,8 @@ from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
 from proxy.tokenize import openai as offline
 from tests.conftest import StartProxy
-from tests.metrics_support import Series, parse, value
-from tests.support import RawClient, config_from
+from tests.metrics_support import scrape, value
+from tests.support import RawClient, access_line, config_from
 
 CHAT = "/v1/chat/completions"
 COOKBOOK: dict[str, Any] = json.loads(
@@ -68,26 +68,6 @@ async def post(
         ) as response,
     ):
         return response.status, await response.read()
-
-
-async def scrape(server: ProxyServer) -> Series:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{server.base_url}/metrics") as response,
-    ):
-        return parse(await response.text())
-
-
-def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str, Any]:
-    lines: list[dict[str, Any]] = [
-        fields
-        for r in caplog.records
-        if r.name == "hangup.access"
-        and isinstance(fields := getattr(r, "fields", None), dict)
-        and fields.get("request_id") == request_id
-    ]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 async def check_overhead(server: ProxyServer, record: RequestRecord, line: dict[str, Any]) -> None:

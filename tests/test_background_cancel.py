@@ -29,7 +29,7 @@ from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, TimeoutKind
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider, key_fingerprint
 from tests.conftest import StartProxy
-from tests.support import RawClient, RecordSink, config_from
+from tests.support import RawClient, RecordSink, access_line, config_from
 
 RESPONSES = "/v1/responses"
 CANCEL_BOUND_S = 1.0  # the issue's bound: hang-up -> the provider records the cancel call
@@ -110,19 +110,6 @@ async def background_counter(server: ProxyServer) -> dict[tuple[str, str], float
             if sample.name == "hangup_background_cancels_total":
                 found[(sample.labels["route"], sample.labels["result"])] = sample.value
     return found
-
-
-def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str, Any]:
-    """The request's one access-log line (its structured fields)."""
-    lines: list[dict[str, Any]] = [
-        fields
-        for r in caplog.records
-        if r.name == "hangup.access"
-        and isinstance(fields := getattr(r, "fields", None), dict)
-        and fields.get("request_id") == request_id
-    ]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def only_record(sink: RecordSink, request_id: str) -> RequestRecord:

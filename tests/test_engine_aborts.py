@@ -24,7 +24,7 @@ from proxy.outcome import EngineAbort, Outcome, RequestRecord, TimeoutKind
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider, key_fingerprint
 from tests.conftest import StartProxy
-from tests.support import RawClient, RecordSink, Tee, config_from
+from tests.support import RawClient, RecordSink, Tee, access_line, config_from
 
 CHAT = "/v1/chat/completions"
 UPSTREAM_KEY = "sk-upstream-engine-key"
@@ -82,18 +82,6 @@ async def metric(server: ProxyServer, name: str) -> dict[tuple[str, ...], float]
             if sample.name == name:
                 out[tuple(sample.labels[k] for k in sorted(sample.labels))] = sample.value
     return out
-
-
-def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str, Any]:
-    lines = [
-        fields
-        for r in caplog.records
-        if r.name == "hangup.access"
-        and isinstance(fields := getattr(r, "fields", None), dict)
-        and fields.get("request_id") == request_id
-    ]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 def only_record(sink: RecordSink, request_id: str) -> RequestRecord:

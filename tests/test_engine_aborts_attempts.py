@@ -21,8 +21,8 @@ from proxy.outcome import EngineAbort, Outcome
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy
-from tests.support import RecordSink, config_from
-from tests.test_engine_aborts import ABORT_BOUND_S, access_line, chat, hang_up_mid_stream, metric
+from tests.support import RecordSink, access_line, config_from
+from tests.test_engine_aborts import ABORT_BOUND_S, chat, hang_up_mid_stream, metric
 
 CHAT = "/v1/chat/completions"
 PRIMARY_KEY = "sk-primary-engine-key"

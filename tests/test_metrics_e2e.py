@@ -10,16 +10,7 @@ from pydantic import SecretStr
 from proxy.config import MetricsConfig
 from proxy.server import ProxyServer
 from tests import metrics_workload as w
-from tests.metrics_support import Series, parse, total, value
-
-
-async def scrape(server: ProxyServer) -> Series:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{server.base_url}/metrics") as resp,
-    ):
-        assert resp.status == 200
-        return parse(await resp.text())
+from tests.metrics_support import scrape, total, value
 
 
 async def test_metrics_after_a_scripted_workload_are_exact() -> None:

@@ -18,7 +18,7 @@ from proxy.config import HangupConfig
 from proxy.outcome import Outcome, RequestRecord
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
-from tests.metrics_support import Series, parse, value
+from tests.metrics_support import scrape, value
 from tests.real_upstream import LlamaServer, available, sampled_tokens, stop_counts
 from tests.support import RawClient, RecordSink, config_from, wait_until
 
@@ -73,14 +73,6 @@ async def server_counts(
     else:
         usage = json.loads(raw)["usage"]
     return usage["prompt_tokens"], usage["completion_tokens"], raw
-
-
-async def scrape(server: ProxyServer) -> Series:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{server.base_url}/metrics") as response,
-    ):
-        return parse(await response.text())
 
 
 async def cut_stream(
