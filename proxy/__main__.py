@@ -19,7 +19,8 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.auth import Auth
-from proxy.config import ConfigError, HangupConfig, config_for_upstream, load_config
+from proxy.config import ConfigError, HangupConfig
+from proxy.config_file import config_for_upstream, load_config
 from proxy.logs import configure_logging
 
 DEFAULT_CONFIG = "config/hangup.yaml"

@@ -113,7 +113,8 @@ def render(url: str, text: str) -> str:
 def from_config(path: str | None) -> tuple[str, str | None] | None:
     """(metrics URL, scrape token) of the proxy a config file describes, when there is one:
     `--config`, else $HANGUP_CONFIG, else config/hangup.yaml if present. None without a file."""
-    from proxy.config import ConfigError, load_config
+    from proxy.config import ConfigError
+    from proxy.config_file import load_config
 
     chosen = path or os.environ.get("HANGUP_CONFIG") or DEFAULT_CONFIG
     if path is None and not os.environ.get("HANGUP_CONFIG") and not Path(chosen).exists():

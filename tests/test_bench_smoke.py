@@ -208,7 +208,7 @@ def test_wrk_ablations_change_exactly_their_one_setting(name: str, tmp_path: Pat
     writes must load as a hangup config that differs from the shipped one in that setting
     (and the upstream) only, or the ablation would measure something else."""
     from bench.wrk import ABLATIONS, ablated_config
-    from proxy.config import load_config
+    from proxy.config_file import load_config
 
     upstream = "http://127.0.0.1:9/v1"
     section, key, value = ABLATIONS[name]

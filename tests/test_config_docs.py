@@ -22,8 +22,8 @@ from proxy.config import (
     PriceConfig,
     RouteConfig,
     RouteOptions,
-    parse_config,
 )
+from proxy.config_file import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "hangup.yaml"

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import ConfigError, parse_config
+from proxy.config import ConfigError
+from proxy.config_file import parse_config
 
 SECRET = "s3cr3t-from-the-environment-91x"
 DOC = """\

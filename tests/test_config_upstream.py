@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import ConfigError, config_for_upstream
+from proxy.config import ConfigError
+from proxy.config_file import config_for_upstream
 from tests.support import config_from
 
 SIM = "http://127.0.0.1:9/v1"

@@ -33,7 +33,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from proxy.auth import Auth
-from proxy.config import parse_config
+from proxy.config_file import parse_config
 from tests.cli_support import ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import ConfigError, ConnectionsConfig, LimitsConfig, parse_config
+from proxy.config import ConfigError, ConnectionsConfig, LimitsConfig
+from proxy.config_file import parse_config
 from proxy.edge.ratelog import RateLimitedLog
 
 ROOT = Path(__file__).resolve().parent.parent

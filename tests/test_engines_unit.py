@@ -9,7 +9,8 @@ import pytest
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
-from proxy.config import ConfigError, MetricsConfig, parse_config
+from proxy.config import ConfigError, MetricsConfig
+from proxy.config_file import parse_config
 from proxy.engines import engine_for
 from proxy.engines.naming import append_member, has_member
 from proxy.engines.protocols import server_root

@@ -18,7 +18,8 @@ from urllib.parse import unquote
 
 import pytest
 
-from proxy.config import ConfigError, parse_config
+from proxy.config import ConfigError
+from proxy.config_file import parse_config
 from proxy.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.hostile_support import (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from proxy.config import load_config
+from proxy.config_file import load_config
 from proxy.metrics import schema, series_bound
 from proxy.metrics.labels import STATUS_CLASSES
 from proxy.routing import Router

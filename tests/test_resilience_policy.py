@@ -7,7 +7,8 @@ import email.utils
 import pytest
 
 from proxy.attempts import AttemptResult as R
-from proxy.config import ConfigError, parse_config
+from proxy.config import ConfigError
+from proxy.config_file import parse_config
 from proxy.resilience.circuit import Circuit, CircuitState
 from proxy.resilience.classify import error_code, retry_after_s, status_result
 from proxy.resilience.policy import Failure, RetryRules, Step, TargetView, next_step
