@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 
 from proxy import browser, relay, secrets, unparsed
 from proxy.browser import BrowserPolicy
 from proxy.config import HangupConfig
+from proxy.edge import gate
 from proxy.edge.body import inflate_pool
-from proxy.edge.connections import oversized_head_refusal, probe_only_refusal
 from proxy.errors import NotFound, Unauthorized
 from proxy.looplag import LoopLagProbe
 from proxy.metrics import authorized
@@ -105,34 +104,6 @@ async def not_found(request: web.Request) -> web.Response:
     return refuse(request, err)
 
 
-def _edge(policy: BrowserPolicy) -> Middleware:
-    """Every check that comes before routing, in one middleware (one coroutine a request, not
-    three): the connection's limits, the request target's form, what browsers may do; and
-    aiohttp's own 404/405 turned into ours."""
-
-    @web.middleware
-    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # A connection over connections.max_connections may only ask a probe path; a head over
-        # connections.max_head_kb that the connection's byte count could not see gets 431.
-        refusal = probe_only_refusal(request) or oversized_head_refusal(request)
-        if refusal is not None:
-            response = refuse(request, refusal)
-            response.force_close()
-            return response
-        answer = unparsed.target_refusal(request) or browser.refusal(policy, request)
-        if answer is not None:
-            return answer
-        try:
-            return await handler(request)
-        except (web.HTTPMethodNotAllowed, web.HTTPNotFound) as exc:
-            answer = unparsed.routing_refusal(request, exc)
-            if answer is None:
-                raise
-            return answer
-
-    return edge
-
-
 async def _before_response(
     policy: BrowserPolicy, request: web.Request, response: web.StreamResponse
 ) -> None:
@@ -155,22 +126,23 @@ def create_app(
     policy = BrowserPolicy(config, config.listen.host if listen_host is None else listen_host)
     app = web.Application(
         client_max_size=config.limits.max_request_body_bytes,
-        middlewares=[_edge(policy)],
-    )
+    )  # no middlewares: see proxy.edge.gate
     app.on_response_prepare.append(partial(_before_response, policy))
     secrets.add_to_app(app, config)
     unparsed.add_to_app(app)
     app[STATE] = state
+    app[gate.BROWSER_POLICY] = policy
     app.cleanup_ctx.append(_tracing)
     app.cleanup_ctx.append(_upstream_session)
     app.cleanup_ctx.append(inflate_pool)
     app.cleanup_ctx.append(_loop_lag_probe)
     # No `100 Continue` before a request is admitted: see unparsed.expect_handler.
     expect = unparsed.expect_handler
-    app.router.add_get("/healthz", healthz, expect_handler=expect)
-    app.router.add_get("/readyz", readyz, expect_handler=expect)
+    app.router.add_get("/healthz", gate.gated(healthz), expect_handler=expect)
+    app.router.add_get("/readyz", gate.gated(readyz), expect_handler=expect)
     if config.metrics.enabled:
-        app.router.add_get(config.metrics.path, metrics, expect_handler=expect)
+        app.router.add_get(config.metrics.path, gate.gated(metrics), expect_handler=expect)
+    # The relay's handler runs the edge checks itself (one coroutine less per held stream).
     app.router.add_route("*", r"/v1/{tail:[\s\S]*}", relay.handle, expect_handler=expect)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", not_found, expect_handler=expect)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", gate.gated(not_found), expect_handler=expect)
     return app

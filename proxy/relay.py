@@ -26,6 +26,7 @@ from proxy.admission import Plan, TargetPlan, admit
 from proxy.attempts import Attempt, AttemptResult
 from proxy.downstream import ClientGone, Downstream
 from proxy.drain import open_upstream
+from proxy.edge.gate import edge_answer
 from proxy.engines import Named
 from proxy.errors import (
     GatewayTimeout,
@@ -60,6 +61,9 @@ class _DeadlineFired(Exception):
     def __init__(self, kind: TimeoutKind) -> None:
         super().__init__(kind.value)
         self.kind = kind
+
+
+_Sent = tuple[Attempt, TargetPlan, Named]
 
 
 class _Failed(Exception):
@@ -112,9 +116,10 @@ class Exchange(Downstream):
         self.continuing = False
         self._continuations = 0
         self._cut: tuple[ProxyError, TimeoutKind | None] | None = None
-        # Each attempt as sent (its target, and the name its engine runs it under), by
-        # id(attempt), until it ends: what `_abandon` tells the engine to stop.
-        self._sent: dict[int, tuple[TargetPlan, Named]] = {}
+        # Each attempt as sent (its target, and the name its engine runs it under) until it
+        # ends: what `_abandon` tells the engine to stop. A tuple, not a dict by id(attempt):
+        # one or two entries, alive for as long as a stream is held (~170 B less a stream).
+        self._sent: tuple[_Sent, ...] = ()
 
     # --- the lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -123,7 +128,11 @@ class Exchange(Downstream):
 
         Admission and the exchange run inline in this one coroutine rather than in coroutines
         of their own: every nested frame stays alive for as long as a stream is held (~450 B
-        each), and each costs its creation on every request."""
+        each), and each costs its creation on every request. For the same reason the edge
+        checks run here, not in a middleware (`proxy.edge.gate`)."""
+        answer = edge_answer(request)
+        if answer is not None:
+            return answer
         self = cls(request.app[STATE], request)
         state, record = self.state, self.record
         task = asyncio.current_task()
@@ -344,13 +353,9 @@ class Exchange(Downstream):
     ) -> web.StreamResponse:
         """Run `index` and, if it is slow to its first token, the next target in parallel;
         relay the one whose content comes first."""
-        record, loop, deadlines = self.record, self.loop, plan.deadlines
+        record, loop = self.record, self.loop
         hedge_after = plan.route.options.hedge_after_s
         assert hedge_after is not None
-
-        def headers_sent() -> None:
-            deadlines.headers_sent(loop.time())
-            watchdog.rearm()
 
         method = self.request.method
 
@@ -358,8 +363,10 @@ class Exchange(Downstream):
             target = plan.targets[j]
             self.state.attempt_starting(record, target.headers, attempt)
             named = self.state.aborts.name_attempt(plan, target, record)
-            self._sent[id(attempt)] = (target, named)  # a loser is aborted by `_abandon`
-            return Racer(self.state.upstreams, method, plan, j, attempt, named, headers_sent)
+            self._sent += ((attempt, target, named),)  # a loser is aborted by `_abandon`
+            return Racer(
+                self.state.upstreams, method, plan, j, attempt, named, watchdog.headers_sent
+            )
 
         racers = [named_racer(index, attempt)]
 
@@ -406,9 +413,17 @@ class Exchange(Downstream):
         proxy.engines sends it, off the request's path. `result`: TIMEOUT for a per-attempt
         deadline, so the circuit and the record count it as one."""
         attempt.end(result, self.loop.time(), why)
-        sent = self._sent.pop(id(attempt), None)
+        sent = self._take_sent(attempt)
         if sent is not None and self.plan is not None:
             self.state.aborts.abandon(self.record, self.plan, *sent)
+
+    def _take_sent(self, attempt: Attempt) -> tuple[TargetPlan, Named] | None:
+        """The attempt's target and engine name, forgotten (None: not sent, or given up)."""
+        for entry in self._sent:
+            if entry[0] is attempt:
+                self._sent = tuple(e for e in self._sent if e is not entry)
+                return entry[1], entry[2]
+        return None
 
     # --- one attempt ------------------------------------------------------------------------
     async def _attempt(
@@ -423,11 +438,6 @@ class Exchange(Downstream):
         loop = self.loop
         target = self.target = target or plan.targets[index]
         self.tracker = None
-
-        def headers_sent() -> None:
-            deadlines.headers_sent(loop.time())
-            watchdog.rearm()
-
         headers = target.headers
         if options.deadline_header:
             remaining = deadlines.remaining(loop.time())
@@ -435,14 +445,14 @@ class Exchange(Downstream):
                 headers[options.deadline_header] = str(int(remaining * 1000))
         self.state.attempt_starting(record, headers, attempt)
         named = self.state.aborts.name_attempt(plan, target, record)
-        self._sent[id(attempt)] = (target, named)
+        self._sent += ((attempt, target, named),)
         opened = self.state.upstreams.attempt(
             target.upstream_name,
             self.request.method,
             target.url,
             headers=named.headers,
             body=named.body,
-            on_headers_sent=headers_sent,
+            on_headers_sent=watchdog.headers_sent,  # a bound method: no closure per attempt
         )
         opened_at = loop.time()
         try:
@@ -513,7 +523,7 @@ class Exchange(Downstream):
             self.state.aborts.cancel_background(self.record, plan, target, response_id)
             return
         if self.record.attempts:
-            sent = self._sent.pop(id(self.record.attempts[-1]), None)
+            sent = self._take_sent(self.record.attempts[-1])
             if sent is not None:
                 self.state.aborts.abandon(self.record, plan, *sent)
 

@@ -177,5 +177,7 @@ def _safe(request: BaseRequest, attr: str) -> str:
 
 def _app_of(handler: RequestHandler) -> web.Application | None:
     manager = handler._manager
-    app = getattr(manager.request_handler, "__self__", None) if manager is not None else None
+    routed = manager.request_handler if manager is not None else None
+    # The bound `Application._handle`, or the gate around it (proxy.edge.gate.UnroutedAnswered).
+    app = getattr(routed, "app", None) or getattr(routed, "__self__", None)
     return app if isinstance(app, web.Application) else None

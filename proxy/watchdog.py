@@ -61,6 +61,11 @@ class Watchdog:
             self._handle.cancel()
         self._handle = self._loop.call_at(nxt[0], self._on_timer)
 
+    def headers_sent(self) -> None:
+        """The attempt's request went out: its deadline moves from connect to headers."""
+        self._deadlines.headers_sent(self._loop.time())
+        self.rearm()
+
     def _on_timer(self) -> None:
         self._handle = None
         nxt = self._deadlines.next()

@@ -200,6 +200,30 @@ async def test_a_host_this_listener_does_not_serve_is_misdirected(
     assert_clean_log(caplog)
 
 
+@pytest.mark.parametrize(
+    "target",
+    ["/healthz", "/readyz", "/metrics", "/elsewhere", "/v1/models", "http://attacker.example"],
+)
+async def test_every_route_and_no_route_is_behind_the_host_check(
+    target: str,
+    start_proxy: StartProxy,
+    upstream: ScriptedUpstream,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The edge checks are no middleware (proxy.edge.gate): each route, and the server's answer
+    to a target no route matches, applies them itself."""
+    server = await proxy_for(start_proxy, upstream.base_url)
+    response = await exchange_raw(
+        server.port, request_bytes("GET", target, host="attacker.example")
+    )
+    assert response.status == 421
+    assert response.error()["code"] == "host_not_allowed"
+    assert upstream.requests == []
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+
+
 async def test_loopback_names_and_configured_hosts_are_served(
     start_proxy: StartProxy, upstream: ScriptedUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -387,6 +411,8 @@ HEAD_ONLY = "Host: 127.0.0.1\r\nConnection: close\r\n\r\n"
             417,
         ),
         (f"DELETE /v1x HTTP/1.1\r\n{HEAD_ONLY}".encode(), 404),
+        # Absolute form without a path: no route can match it (aiohttp's own 404 otherwise).
+        (f"GET http://127.0.0.1 HTTP/1.1\r\n{HEAD_ONLY}".encode(), 404),
     ],
     ids=[
         "connect",
@@ -398,6 +424,7 @@ HEAD_ONLY = "Host: 127.0.0.1\r\nConnection: close\r\n\r\n"
         "long-header",
         "expect",
         "unknown-path",
+        "absolute-no-path",
     ],
 )
 async def test_requests_no_route_serves_get_an_openai_error_and_a_record(

@@ -464,9 +464,11 @@ class GuardedAppRunner(web.AppRunner):
         self.guard = guard
 
     async def _make_server(self) -> web.Server:
+        from proxy.edge.gate import UnroutedAnswered  # the gate uses this module's checks
+
         plain = await super()._make_server()
         return GuardedServer(
-            plain.request_handler,
+            UnroutedAnswered(self.app),
             request_factory=plain.request_factory,
             guard=self.guard,
             **self._kwargs,
