@@ -41,7 +41,7 @@ from proxy.routing import Route
 from proxy.secrets import stream_scrubber
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser
-from proxy.upstream import AttemptFailed, UpstreamResponse
+from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse
 from proxy.usage import (
     RequestFacts,
     StreamUsageTracker,
@@ -228,7 +228,26 @@ class Exchange(Downstream):
             try:
                 if self._hedges(plan, index):
                     return await self._hedged(plan, index, attempt, watchdog)
-                return await self._attempt(plan, index, attempt, watchdog, override)
+                # The attempt runs inline, not in a coroutine of its own: that frame would
+                # stay alive under every held stream (~400 B each).
+                opened = self._send(plan, index, attempt, watchdog, override)
+                opened_at = loop.time()
+                try:
+                    try:
+                        upstream = await open_upstream(self, opened, plan, watchdog)
+                    finally:  # also when the wait ends in an error, a deadline or a hang-up
+                        now = loop.time()
+                        record.upstream_wait_s += now - opened_at
+                    attempt.headers_at, attempt.status = now, upstream.status
+                    attempt.resent = opened.resent
+                    prefix = await self._check_status(plan, index, attempt, upstream)
+                    return await self._relay_response(
+                        plan, upstream, watchdog, attempt, prefix, chooser.can_switch(index)
+                    )
+                finally:
+                    await opened.close()
+                    attempt.closed_at = record.upstream_closed_at = loop.time()
+                    attempt_closed(attempt, self.tracker)
             except _Failed as failed:
                 failure, error, decision = failed.failure, failed.error, failed.decision
             except AttemptFailed as exc:
@@ -408,8 +427,8 @@ class Exchange(Downstream):
     ) -> None:
         """THE place where hangup gives up on an attempt that may still be running upstream
         (client gone, a request deadline, a per-attempt deadline before the next target, a
-        hedge loser). Its socket is closed by the unwinding `finally` of `_attempt` (a racer's
-        own, for a hedge); an engine abort (naming the request to the engine) belongs here:
+        hedge loser). Its socket is closed by the unwinding `finally` around the attempt in
+        `_attempts` (a racer's own, for a hedge); an engine abort (naming the request to the engine) belongs here:
         proxy.engines sends it, off the request's path. `result`: TIMEOUT for a per-attempt
         deadline, so the circuit and the record count it as one."""
         attempt.end(result, self.loop.time(), why)
@@ -426,27 +445,28 @@ class Exchange(Downstream):
         return None
 
     # --- one attempt ------------------------------------------------------------------------
-    async def _attempt(
+    def _send(
         self,
         plan: Plan,
         index: int,
         attempt: Attempt,
         watchdog: Watchdog,
         target: TargetPlan | None = None,
-    ) -> web.StreamResponse:
+    ) -> OpenAttempt:
+        """Start one attempt on `target` (the plan's `index` by default): its request goes out
+        as `_attempts` waits for its answer."""
         deadlines, options, record = plan.deadlines, plan.route.options, self.record
-        loop = self.loop
         target = self.target = target or plan.targets[index]
         self.tracker = None
         headers = target.headers
         if options.deadline_header:
-            remaining = deadlines.remaining(loop.time())
+            remaining = deadlines.remaining(self.loop.time())
             if remaining is not None:
                 headers[options.deadline_header] = str(int(remaining * 1000))
         self.state.attempt_starting(record, headers, attempt)
         named = self.state.aborts.name_attempt(plan, target, record)
         self._sent += ((attempt, target, named),)
-        opened = self.state.upstreams.attempt(
+        return self.state.upstreams.attempt(
             target.upstream_name,
             self.request.method,
             target.url,
@@ -454,22 +474,6 @@ class Exchange(Downstream):
             body=named.body,
             on_headers_sent=watchdog.headers_sent,  # a bound method: no closure per attempt
         )
-        opened_at = loop.time()
-        try:
-            try:
-                upstream = await open_upstream(self, opened, plan, watchdog)
-            finally:  # also when the wait ends in an error, a deadline or a hang-up
-                now = loop.time()
-                record.upstream_wait_s += now - opened_at
-            attempt.headers_at, attempt.status, attempt.resent = now, upstream.status, opened.resent
-            prefix = await self._check_status(plan, index, attempt, upstream)
-            return await self._relay_response(
-                plan, upstream, watchdog, attempt, prefix, self.chooser.can_switch(index)
-            )
-        finally:
-            await opened.close()
-            attempt.closed_at = record.upstream_closed_at = loop.time()
-            attempt_closed(attempt, self.tracker)
 
     async def _check_status(
         self, plan: Plan, index: int, attempt: Attempt, upstream: UpstreamResponse
