@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.helpers import parse_content_type
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -32,6 +33,16 @@ from proxy.upstream_checks import ask_identity
 from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
 
 JSON_TYPES = ("application/json",)
+
+
+def _is_json(request: web.Request) -> bool:
+    """`request.content_type in JSON_TYPES`, the same parse (aiohttp's, cached) without
+    `request.content_type`: that property stores three attributes on the request, which
+    outgrow its instance dict's shared keys (~1 KB more under every held stream, measured)."""
+    raw = request.headers.get("content-type")
+    return raw is not None and parse_content_type(raw)[0] in JSON_TYPES
+
+
 MODEL_LOG_CHARS = 200
 
 
@@ -95,7 +106,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         raise BadRequest("the request body could not be read (invalid framing)") from exc
     finally:  # a slow upload is the client's time, not hangup's
         record.client_wait_s += clock() - read_at
-    fields = read_fields(body, scan) if body and request.content_type in JSON_TYPES else None
+    fields = read_fields(body, scan) if body and _is_json(request) else None
     facts = inspect_request(request.path, fields.members if fields is not None else None)
     if fields is not None:
         facts = with_size_estimate(facts, fields)

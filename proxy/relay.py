@@ -428,9 +428,9 @@ class Exchange(Downstream):
         """THE place where hangup gives up on an attempt that may still be running upstream
         (client gone, a request deadline, a per-attempt deadline before the next target, a
         hedge loser). Its socket is closed by the unwinding `finally` around the attempt in
-        `_attempts` (a racer's own, for a hedge); an engine abort (naming the request to the engine) belongs here:
-        proxy.engines sends it, off the request's path. `result`: TIMEOUT for a per-attempt
-        deadline, so the circuit and the record count it as one."""
+        `_attempts` (a racer's own, for a hedge); an engine abort (naming the request to the
+        engine) belongs here: proxy.engines sends it, off the request's path. `result`:
+        TIMEOUT for a per-attempt deadline, so the circuit and the record count it as one."""
         attempt.end(result, self.loop.time(), why)
         sent = self._take_sent(attempt)
         if sent is not None and self.plan is not None:
