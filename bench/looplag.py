@@ -5,7 +5,8 @@ resolution and its JSON log to a file), so that a lag probe with a 1 ms timer ca
 loop; clients and the fake upstream (bench/fake_upstream.py) are other processes. Cases:
 
 - ordinary traffic: wrk, small completions, 2 s (what lag normal load shows);
-- a 60 MiB request body (`limits.max_request_body_mb` is 64);
+- a 60 MiB request body (`limits.max_request_body_mb` is 64): one 60 MiB string;
+- a 60 MiB request body with no long string: ~1.5 million short messages;
 - a stream with one 15 MiB SSE event (hangup refuses events over 16 MiB);
 - an 8 MiB non-streamed answer (the largest hangup keeps to read its usage);
 - a `/metrics` scrape with every label at its bound (`series_bound()` series).
@@ -37,7 +38,14 @@ from bench import fake_upstream
 from bench.common import HOST, REPO, Procs, free_port, report, table
 
 MIB = 1024 * 1024
-CASES = ("ordinary", "large body", "huge SSE event", "large answer", "metrics at bound")
+CASES = (
+    "ordinary",
+    "large body",
+    "many small messages",
+    "huge SSE event",
+    "large answer",
+    "metrics at bound",
+)
 
 
 @dataclass
@@ -157,6 +165,11 @@ def client(case: str, base: str, repeat: int) -> None:
         if case == "large body":
             text = "x" * (60 * MIB)
             body = json.dumps({**small, "messages": [{"role": "user", "content": text}]})
+            _post(url, body.encode(), json_type)
+        elif case == "many small messages":
+            message = {"role": "user", "content": "a short message"}
+            count = 60 * MIB // (len(json.dumps(message)) + 2)  # with its ", "
+            body = json.dumps({**small, "messages": [message] * count})
             _post(url, body.encode(), json_type)
         elif case == "huge SSE event":
             headers = {**json_type, "x-bench-events": "5", "x-bench-content-bytes": str(15 * MIB)}
