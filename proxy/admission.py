@@ -17,6 +17,7 @@ from proxy.errors import BadRequest, Draining, NotFound
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
 from proxy.refusal import close_after_response
+from proxy.request_body import RequestBody
 from proxy.request_fields import read_fields, replace_stream_options, with_size_estimate
 from proxy.routing import Route, Target
 from proxy.state import ProxyState
@@ -42,7 +43,7 @@ class TargetPlan:
     target: Target
     url: URL
     headers: CIMultiDict[str]
-    body: bytes
+    body: RequestBody
     model: str | None  # the model this target is asked for
 
     @property
@@ -57,7 +58,7 @@ class Plan:
     route: Route
     url: URL
     headers: CIMultiDict[str]
-    body: bytes
+    body: RequestBody
     facts: RequestFacts
     # Set when we injected usage the client did not ask for: hides it from the client.
     usage_filter: UsageChunkFilter | None
@@ -170,7 +171,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     )
 
 
-def renamed(body: bytes, model: str) -> bytes:
+def renamed(body: RequestBody, model: str) -> bytes:
     """The request body with its `model` replaced (a fallback's rename); only the one key
     changes, everything else (injected usage options included) stays as it was."""
     obj = json.loads(body)  # valid: read_fields parsed it as an object

@@ -27,6 +27,7 @@ import msgspec
 
 from proxy.body_scan import BodyScan
 from proxy.errors import BadRequest
+from proxy.request_body import RequestBody
 from proxy.usage import RequestFacts
 
 PROMPT_DECODE_LIMIT = 1024 * 1024
@@ -87,7 +88,7 @@ class RequestFields:
     raw_stream_options: bytes = field(default=b"")
 
 
-def _check_utf8(body: bytes) -> None:
+def _check_utf8(body: RequestBody) -> None:
     """Strict UTF-8 over the whole body, a megabyte at a time (the decoded text is dropped):
     msgspec does not look inside the strings of members it skips."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -100,7 +101,7 @@ def _check_utf8(body: bytes) -> None:
         raise BadRequest("request body is not valid UTF-8") from exc
 
 
-def read_fields(body: bytes, scan: BodyScan | None = None) -> RequestFields:
+def read_fields(body: RequestBody, scan: BodyScan | None = None) -> RequestFields:
     """The members hangup reads from a JSON body; BadRequest when it is not JSON.
 
     With the `scan` of a large body (taken as it arrived), its UTF-8 is already checked and its
@@ -116,7 +117,7 @@ def read_fields(body: bytes, scan: BodyScan | None = None) -> RequestFields:
     return _read(body)
 
 
-def _read(body: bytes) -> RequestFields:
+def _read(body: RequestBody) -> RequestFields:
     view = memoryview(body)
     if body.startswith(_BOM):
         view = view[len(_BOM) :]
@@ -139,7 +140,7 @@ _MARKER = re.compile(rb"\xff([0-9a-f]{8})")
 _MARGIN = 8  # run bytes kept on each side of a marker: no escape (6 bytes at most) is cut
 
 
-def _read_shortened(body: bytes, runs: list[tuple[int, int]]) -> RequestFields | None:
+def _read_shortened(body: RequestBody, runs: list[tuple[int, int]]) -> RequestFields | None:
     """`_read` of the body with the middle of each long run replaced by a marker; None when that
     does not parse as an object (then the caller parses the original: same answer, one step).
 
@@ -149,7 +150,7 @@ def _read_shortened(body: bytes, runs: list[tuple[int, int]]) -> RequestFields |
     as the body arrived); outside strings the marker's 0xFF byte is invalid JSON, so the
     shortened body fails and the original is parsed. The members read are taken from the
     original's bytes (`_ShortenedSpan`)."""
-    pieces: list[bytes] = []
+    pieces: list[RequestBody] = []
     cuts: list[tuple[int, int]] = []
     done = 0
     for start, end in runs:
@@ -186,7 +187,7 @@ class _Span:
 class _ShortenedSpan(_Span):
     """A member's span in the shortened body, read as the original's bytes."""
 
-    def __init__(self, span: msgspec.Raw, body: bytes, cuts: list[tuple[int, int]]) -> None:
+    def __init__(self, span: msgspec.Raw, body: RequestBody, cuts: list[tuple[int, int]]) -> None:
         super().__init__(span)
         self.body = body
         self.cuts = cuts
@@ -199,7 +200,7 @@ class _ShortenedSpan(_Span):
     def data(self) -> bytes | msgspec.Raw:
         if not self.marks:
             return self.span
-        pieces: list[bytes] = []
+        pieces: list[RequestBody] = []
         done, span = 0, bytes(self.span)
         for m in _MARKER.finditer(span):
             cut_from, cut_to = self.cuts[int(m.group(1), 16)]
@@ -251,7 +252,7 @@ _KEY = rb'"stream_options"[ \t\r\n]*:[ \t\r\n]*'
 
 
 def replace_stream_options(
-    body: bytes, fields: RequestFields, facts: RequestFacts, *, continuous: bool
+    body: RequestBody, fields: RequestFields, facts: RequestFacts, *, continuous: bool
 ) -> bytes | None:
     """Merge include_usage (and continuous_usage_stats) into a `stream_options` the client
     sent, rewriting only that member's value; None when not needed or when the member cannot

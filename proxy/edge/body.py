@@ -21,6 +21,7 @@ from proxy.body_scan import BodyScan
 from proxy.config import LimitsConfig
 from proxy.edge.inflate import InflateError, InflateLimit, Inflater, parse_encoding
 from proxy.errors import BadRequest, PayloadTooLarge, RequestTimeout, UnsupportedEncoding
+from proxy.request_body import RequestBody
 
 # Wire bytes handed to the inflating thread at a time: big enough that the hand-off
 # (~50 us) is noise, small enough that a bomb is stopped within one step of its bound.
@@ -89,15 +90,15 @@ def _too_slow(exc: BodyTimeout) -> RequestTimeout:
 
 async def read_body(
     request: web.Request, limits: LimitsConfig, encoding: str | None
-) -> tuple[bytes, int, BodyScan | None]:
+) -> tuple[RequestBody, int, BodyScan | None]:
     """The request body, decoded, its size on the wire, and for a large body its scan
     (`proxy/body_scan.py`: what request_fields would otherwise learn in one long step)."""
     if encoding is None:
         if request.content_length is not None and request.content_length < SCAN_FROM_BYTES:
-            body = await read_plain(request, limits.max_request_body_mb)
-            return body, len(body), None
-        body, scan = await read_scanned(request, limits.max_request_body_mb)
-        return body, len(body), scan
+            small = await read_plain(request, limits.max_request_body_mb)
+            return small, len(small), None
+        large, scan = await read_scanned(request, limits.max_request_body_mb)
+        return large, len(large), scan
     body, wire = await read_inflated(
         request,
         encoding,
@@ -117,21 +118,26 @@ async def read_plain(request: web.Request, limit_mb: float) -> bytes:
         raise _too_slow(exc) from exc
 
 
-async def read_scanned(request: web.Request, limit_mb: float) -> tuple[bytes, BodyScan]:
-    """`read_plain`, scanning each chunk as it arrives (`BodyScan`)."""
+async def read_scanned(request: web.Request, limit_mb: float) -> tuple[bytearray, BodyScan]:
+    """`read_plain`, scanning each chunk as it arrives (`BodyScan`).
+
+    The body grows in one `bytearray` a chunk at a time: a large bytearray is resized with
+    mremap (its pages are not copied) and each chunk touches only its own fresh memory, so
+    no step costs more than its chunk. `b"".join` of the chunks at the end was one step of
+    42-58 ms for 60 MiB (a copy into 60 MiB of fresh memory). Nothing writes to it after."""
     limit = int(limit_mb * 1024 * 1024)
     scan = BodyScan()
-    chunks: list[bytes] = []
+    body = bytearray()
     try:
         while chunk := await request.content.readany():
             if scan.size + len(chunk) > limit:
                 raise too_large(limit_mb)
             scan.feed(chunk)
-            chunks.append(chunk)
+            body += chunk
     except BodyTimeout as exc:
         raise _too_slow(exc) from exc
     scan.finish()
-    return b"".join(chunks), scan
+    return body, scan
 
 
 async def read_inflated(

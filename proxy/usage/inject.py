@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import re
 
+from proxy.request_body import RequestBody
 from proxy.usage.facts import RequestFacts
 
 _OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{([ \t\r\n]*\}?)")
 
 
-def inject_stream_usage(body: bytes, facts: RequestFacts, *, continuous: bool) -> bytes | None:
+def inject_stream_usage(
+    body: RequestBody,
+    facts: RequestFacts,
+    *,
+    continuous: bool,
+) -> bytes | None:
     """A request body that asks the upstream for usage on a stream, or None if none is needed.
 
     Without a usage chunk a streamed answer has no token counts at all; with it (and with vLLM's
