@@ -12,13 +12,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.edge.body import read_body, request_encoding, send_continue, too_large
+from proxy.edge.body import in_steps, read_body, request_encoding, send_continue, too_large
 from proxy.errors import BadRequest, Draining, NotFound
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
 from proxy.refusal import close_after_response
 from proxy.request_body import RequestBody
-from proxy.request_fields import read_fields, replace_stream_options, with_size_estimate
+from proxy.request_fields import (
+    read_fields_in_steps,
+    replace_stream_options,
+    with_size_estimate,
+)
 from proxy.routing import Route, Target
 from proxy.state import ProxyState
 from proxy.target import check_decoded_path, check_raw_target, upstream_url
@@ -96,7 +100,9 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         raise BadRequest("the request body could not be read (invalid framing)") from exc
     finally:  # a slow upload is the client's time, not hangup's
         record.client_wait_s += clock() - read_at
-    fields = read_fields(body, scan) if body and request.content_type in JSON_TYPES else None
+    fields = None
+    if body and request.content_type in JSON_TYPES:
+        fields = await in_steps(read_fields_in_steps(body, scan))
     facts = inspect_request(request.path, fields.members if fields is not None else None)
     if fields is not None:
         facts = with_size_estimate(facts, fields)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Generator, Iterable
+from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.http import HttpVersion11
@@ -78,6 +79,21 @@ async def send_continue(request: web.Request) -> None:
     if request.version == HttpVersion11 and expect.lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the response proper has not started
+
+
+_T = TypeVar("_T")
+
+
+async def in_steps(steps: Generator[None, None, _T]) -> _T:
+    """Run a sans-I/O generator one step per loop iteration (`request_fields.
+    read_fields_in_steps`: a large body's parse, a bounded piece at a time)."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            value: _T = done.value
+            return value
+        await asyncio.sleep(0)
 
 
 def too_large(limit_mb: float) -> PayloadTooLarge:
