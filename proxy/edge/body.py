@@ -115,14 +115,15 @@ async def read_body(
             return small, len(small), None
         large, scan = await read_scanned(request, limits.max_request_body_mb)
         return large, len(large), scan
-    body, wire = await read_inflated(
+    inflated, wire, scan = await read_inflated(
         request,
         encoding,
         limit_mb=limits.max_request_body_mb,
         max_ratio=limits.max_inflate_ratio,
         executor=request.app[INFLATE_POOL],
     )
-    return body, wire, None
+    # Small bodies are checked whole, as before (under ~1 ms).
+    return inflated, wire, scan if len(inflated) >= SCAN_FROM_BYTES else None
 
 
 async def read_plain(request: web.Request, limit_mb: float) -> bytes:
@@ -163,14 +164,17 @@ async def read_inflated(
     limit_mb: float,
     max_ratio: float,
     executor: concurrent.futures.Executor,
-) -> tuple[bytes, int]:
-    """The inflated body and its size on the wire. Inflating runs in `executor`, one bounded
-    step at a time, as the body arrives; the first step past a bound answers 413 and the rest
-    of the body is never read (the connection is closed after the answer)."""
+) -> tuple[bytearray, int, BodyScan]:
+    """The inflated body, its size on the wire and its scan. Inflating runs in `executor`, one
+    bounded step at a time, as the body arrives; the first step past a bound answers 413 and
+    the rest of the body is never read (the connection is closed after the answer). What each
+    step inflates is scanned and appended on the loop (as `read_scanned` does: no step pays
+    for the whole body)."""
     limit = int(limit_mb * 1024 * 1024)
     inflater = Inflater(encoding, max_size=limit, max_ratio=max_ratio)
     loop = asyncio.get_running_loop()
-    out: list[bytes] = []
+    out = bytearray()
+    scan = BodyScan()
     pending = bytearray()
     try:
         while True:
@@ -183,10 +187,13 @@ async def read_inflated(
                     continue
             if pending:
                 data, pending = bytes(pending), bytearray()
-                out.append(await loop.run_in_executor(executor, inflater.feed, data))
+                inflated = await loop.run_in_executor(executor, inflater.feed, data)
+                scan.feed(inflated)
+                out += inflated
             if not chunk:
                 inflater.finish()
-                return b"".join(out), inflater.compressed
+                scan.finish()
+                return out, inflater.compressed, scan
     except BodyTimeout as exc:
         raise _too_slow(exc) from exc
     except InflateLimit as exc:
