@@ -23,6 +23,7 @@ with the same answer (and error message) as before.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Final
@@ -36,6 +37,7 @@ WINDOW: Final = 64 * 1024  # a value longer than this is walked into rather than
 _WALK_STEPS: Final = 64  # members and levels the walk looks at before it gives up
 _RETRIES: Final = 3  # wrong guesses tolerated at one cut before the cut ends there
 _WS: Final = b" \t\r\n"
+_NOT_WS: Final = re.compile(rb"[^ \t\r\n]")
 _BOM: Final = b"\xef\xbb\xbf"
 _JSON: Final = json.JSONDecoder()
 _CHECK: Final = msgspec.json.Decoder(msgspec.Raw)  # validates, builds nothing
@@ -137,14 +139,23 @@ def _separator(body: RequestBody, first: int, window: int) -> tuple[int, bytes, 
 
 
 def _piece_ok(body: RequestBody, start: int, end: int, depth: int) -> bool:
-    piece = body[start:end]
-    if not piece.strip(_WS):
-        return False
+    """Whether `body[start:end]` is a non-empty list of valid values (one copy of it)."""
+    if _NOT_WS.search(body, start, end) is None:
+        return False  # `[ ]` parses, but an empty element between two commas does not
     try:
-        _CHECK.decode(b"".join((b"[" * depth, piece, b"]" * depth)))
+        _CHECK.decode(b"".join((b"[" * depth, memoryview(body)[start:end], b"]" * depth)))
     except (msgspec.DecodeError, RecursionError):
         return False
     return True
+
+
+def _next_guess(body: RequestBody, sep: bytes, start: int, piece_bytes: int) -> int:
+    """The separator about `piece_bytes` after `start`; near the end, the last one (so that
+    what is left to parse whole is small); -1 when there is none after `start`."""
+    guess = body.find(sep, start + piece_bytes)
+    if guess < 0:
+        guess = body.rfind(sep, start)
+    return guess
 
 
 def check_array(
@@ -161,14 +172,14 @@ def check_array(
         return None
     comma, sep, comma_at = separated
     cut = ArrayCut(comma + 1, comma + 1)  # `end`: where the next piece starts
-    guess = body.find(sep, cut.end + piece_bytes)
+    guess = _next_guess(body, sep, cut.end, piece_bytes)
     wrong_here = 0
     while guess >= 0 and wrong_here <= _RETRIES:
         yield  # one piece a step
         end = guess + comma_at
         if _piece_ok(body, cut.end, end, depth):
             cut.end, cut.pieces, wrong_here = end + 1, cut.pieces + 1, 0
-            guess = body.find(sep, cut.end + piece_bytes)
+            guess = _next_guess(body, sep, cut.end, piece_bytes)
         else:
             cut.wrong_guesses += 1
             wrong_here += 1
