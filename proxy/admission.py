@@ -18,13 +18,10 @@ from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
 from proxy.refusal import close_after_response
 from proxy.request_body import RequestBody
-from proxy.request_fields import (
-    read_fields_in_steps,
-    replace_stream_options,
-    with_size_estimate,
-)
+from proxy.request_fields import read_fields_in_steps, with_size_estimate
 from proxy.routing import Route, Target
 from proxy.state import ProxyState
+from proxy.stream_options import with_stream_usage
 from proxy.target import check_decoded_path, check_raw_target, upstream_url
 from proxy.timeouts import (
     CLIENT_HEADERS_DEADLINE_HEADERS,
@@ -34,7 +31,7 @@ from proxy.timeouts import (
     client_deadline,
 )
 from proxy.upstream_checks import ask_identity
-from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
+from proxy.usage import RequestFacts, UsageChunkFilter, inspect_request
 
 JSON_TYPES = ("application/json",)
 MODEL_LOG_CHARS = 200
@@ -139,10 +136,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     usage_filter: UsageChunkFilter | None = None
     if options.include_usage and facts.stream:
         continuous = options.continuous_usage_stats
-        if fields is not None and facts.has_stream_options:
-            injected = replace_stream_options(body, fields, facts, continuous=continuous)
-        else:
-            injected = inject_stream_usage(body, facts, continuous=continuous)
+        injected = await in_steps(with_stream_usage(body, fields, facts, continuous=continuous))
         if injected is not None:
             body = injected
             usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)

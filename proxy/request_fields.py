@@ -17,8 +17,6 @@ as such rather than crashing the request.
 from __future__ import annotations
 
 import codecs
-import json
-import re
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
@@ -301,34 +299,3 @@ def with_size_estimate(facts: RequestFacts, fields: RequestFields) -> RequestFac
 
     extra = -(-fields.undecoded_prompt_bytes // CHARS_PER_TOKEN)
     return replace(facts, prompt_tokens_estimate=facts.prompt_tokens_estimate + extra)
-
-
-_KEY = rb'"stream_options"[ \t\r\n]*:[ \t\r\n]*'
-
-
-def replace_stream_options(
-    body: RequestBody, fields: RequestFields, facts: RequestFacts, *, continuous: bool
-) -> bytes | None:
-    """Merge include_usage (and continuous_usage_stats) into a `stream_options` the client
-    sent, rewriting only that member's value; None when not needed or when the member cannot
-    be located unambiguously (then usage is estimated rather than the body rebuilt)."""
-    if not facts.stream or facts.endpoint not in ("chat.completions", "completions"):
-        return None
-    add_continuous = continuous and not facts.continuous_usage_requested
-    if facts.include_usage_requested and not add_continuous:
-        return None
-    raw = fields.raw_stream_options
-    if body.count(b'"stream_options"') != 1:
-        return None
-    match = re.search(_KEY + re.escape(raw), body)
-    if match is None:
-        return None
-    options = (fields.members or {}).get("stream_options")
-    merged = dict(options) if isinstance(options, dict) else {}
-    merged["include_usage"] = True
-    if continuous:
-        merged["continuous_usage_stats"] = True
-    # ASCII out: a lone surrogate the client escaped stays escaped.
-    value = json.dumps(merged, separators=(",", ":")).encode()
-    start = match.end() - len(raw)
-    return b"".join((body[:start], value, body[match.end() :]))
