@@ -8,6 +8,8 @@ loop; clients and the fake upstream (bench/fake_upstream.py) are other processes
 - a 60 MiB request body (`limits.max_request_body_mb` is 64): one 60 MiB string;
 - a 60 MiB request body with no long string: ~1.3 million short messages;
 - ~60 MiB of distinct short messages, gzipped (~3.5 MiB on the wire; the routes accept gzip);
+- a streamed 60 MiB body (one string) with `stream_options`, which hangup rewrites to ask for
+  usage;
 - a stream with one 15 MiB SSE event (hangup refuses events over 16 MiB);
 - an 8 MiB non-streamed answer (the largest hangup keeps to read its usage);
 - a `/metrics` scrape with every label at its bound (`series_bound()` series).
@@ -45,6 +47,7 @@ CASES = (
     "large body",
     "many small messages",
     "large gzip body",
+    "large streamed body",
     "huge SSE event",
     "large answer",
     "metrics at bound",
@@ -180,6 +183,11 @@ def client(case: str, base: str, repeat: int) -> None:
             data = json.dumps({**small, "messages": messages}).encode()
             headers = {**json_type, "Content-Encoding": "gzip"}
             _post(url, gzip.compress(data, compresslevel=1), headers)
+        elif case == "large streamed body":
+            text = "x" * (60 * MIB)
+            streamed = {**small, "stream": True, "stream_options": {"include_usage": False}}
+            body = json.dumps({**streamed, "messages": [{"role": "user", "content": text}]})
+            _post(url, body.encode(), json_type)
         elif case == "huge SSE event":
             headers = {**json_type, "x-bench-events": "5", "x-bench-content-bytes": str(15 * MIB)}
             _post(url, json.dumps({**small, "stream": True}).encode(), headers)
