@@ -5,7 +5,11 @@ resolution and its JSON log to a file), so that a lag probe with a 1 ms timer ca
 loop; clients and the fake upstream (bench/fake_upstream.py) are other processes. Cases:
 
 - ordinary traffic: wrk, small completions, 2 s (what lag normal load shows);
-- a 60 MiB request body (`limits.max_request_body_mb` is 64);
+- a 60 MiB request body (`limits.max_request_body_mb` is 64): one 60 MiB string;
+- a 60 MiB request body with no long string: ~1.3 million short messages;
+- ~60 MiB of distinct short messages, gzipped (~3.5 MiB on the wire; the routes accept gzip);
+- a streamed 60 MiB body (one string) with `stream_options`, which hangup rewrites to ask for
+  usage;
 - a stream with one 15 MiB SSE event (hangup refuses events over 16 MiB);
 - an 8 MiB non-streamed answer (the largest hangup keeps to read its usage);
 - a `/metrics` scrape with every label at its bound (`series_bound()` series).
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import gzip
 import itertools
 import json
 import subprocess
@@ -37,7 +42,16 @@ from bench import fake_upstream
 from bench.common import HOST, REPO, Procs, free_port, report, table
 
 MIB = 1024 * 1024
-CASES = ("ordinary", "large body", "huge SSE event", "large answer", "metrics at bound")
+CASES = (
+    "ordinary",
+    "large body",
+    "many small messages",
+    "large gzip body",
+    "large streamed body",
+    "huge SSE event",
+    "large answer",
+    "metrics at bound",
+)
 
 
 @dataclass
@@ -158,6 +172,22 @@ def client(case: str, base: str, repeat: int) -> None:
             text = "x" * (60 * MIB)
             body = json.dumps({**small, "messages": [{"role": "user", "content": text}]})
             _post(url, body.encode(), json_type)
+        elif case == "many small messages":
+            message = {"role": "user", "content": "a short message"}
+            count = 60 * MIB // (len(json.dumps(message)) + 2)  # with its ", "
+            body = json.dumps({**small, "messages": [message] * count})
+            _post(url, body.encode(), json_type)
+        elif case == "large gzip body":
+            # Distinct messages, so that it inflates less than limits.max_inflate_ratio.
+            messages = [{"role": "user", "content": f"message {i}"} for i in range(1_350_000)]
+            data = json.dumps({**small, "messages": messages}).encode()
+            headers = {**json_type, "Content-Encoding": "gzip"}
+            _post(url, gzip.compress(data, compresslevel=1), headers)
+        elif case == "large streamed body":
+            text = "x" * (60 * MIB)
+            streamed = {**small, "stream": True, "stream_options": {"include_usage": False}}
+            body = json.dumps({**streamed, "messages": [{"role": "user", "content": text}]})
+            _post(url, body.encode(), json_type)
         elif case == "huge SSE event":
             headers = {**json_type, "x-bench-events": "5", "x-bench-content-bytes": str(15 * MIB)}
             _post(url, json.dumps({**small, "stream": True}).encode(), headers)
@@ -241,6 +271,9 @@ async def run(repeat: int, log_file: TextIO, cases: list[str]) -> dict[str, Any]
     with Procs() as procs:
         up = fake_upstream.start(procs)
         config = resolve_config(None, up.url + "/v1")
+        if "large gzip body" in cases:
+            gzip_ok = config.defaults.model_copy(update={"request_encodings": ("gzip",)})
+            config = config.model_copy(update={"defaults": gzip_ok})
         configure_logging("INFO", stream=log_file)
         port = free_port()
         server = ProxyServer(config, host=HOST, port=port)

@@ -32,6 +32,7 @@ from proxy.bills import answering_index, bill_attempts, is_billed, sum_usage
 from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
 from proxy.outcome import BackgroundCancel, Cost, Outcome, RequestRecord, Usage
 from proxy.pricing import PriceBook
+from proxy.request_body import RequestBody
 from proxy.savings import TypicalLengths, estimate_savings
 from proxy.tokenize import PromptCounter
 from proxy.usage import RequestFacts, StreamUsageTracker, body_usage
@@ -63,7 +64,7 @@ class Facts:
     upstream: UpstreamConfig
     endpoint: str
     model: str | None
-    request_body: bytes
+    request_body: RequestBody
     headers: CIMultiDict[str]
     compressed_body: bytes | None = None
     content_encoding: str | None = None

@@ -13,14 +13,16 @@ from aiohttp.helpers import parse_content_type
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.edge.body import read_body, request_encoding, send_continue, too_large
+from proxy.edge.body import in_steps, read_body, request_encoding, send_continue, too_large
 from proxy.errors import BadRequest, Draining, NotFound
 from proxy.headers import upstream_request_headers
 from proxy.outcome import RequestRecord
 from proxy.refusal import close_after_response
-from proxy.request_fields import read_fields, replace_stream_options, with_size_estimate
+from proxy.request_body import RequestBody
+from proxy.request_fields import read_fields, read_fields_in_steps, with_size_estimate
 from proxy.routing import Route, Target
 from proxy.state import ProxyState
+from proxy.stream_options import with_stream_usage
 from proxy.target import check_decoded_path, check_raw_target, upstream_url
 from proxy.timeouts import (
     CLIENT_HEADERS_DEADLINE_HEADERS,
@@ -30,7 +32,7 @@ from proxy.timeouts import (
     client_deadline,
 )
 from proxy.upstream_checks import ask_identity
-from proxy.usage import RequestFacts, UsageChunkFilter, inject_stream_usage, inspect_request
+from proxy.usage import RequestFacts, UsageChunkFilter, inspect_request
 
 JSON_TYPES = ("application/json",)
 
@@ -53,7 +55,7 @@ class TargetPlan:
     target: Target
     url: URL
     headers: CIMultiDict[str]
-    body: bytes
+    body: RequestBody
     model: str | None  # the model this target is asked for
 
     @property
@@ -68,7 +70,7 @@ class Plan:
     route: Route
     url: URL
     headers: CIMultiDict[str]
-    body: bytes
+    body: RequestBody
     facts: RequestFacts
     # Set when we injected usage the client did not ask for: hides it from the client.
     usage_filter: UsageChunkFilter | None
@@ -106,7 +108,13 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         raise BadRequest("the request body could not be read (invalid framing)") from exc
     finally:  # a slow upload is the client's time, not hangup's
         record.client_wait_s += clock() - read_at
-    fields = read_fields(body, scan) if body and _is_json(request) else None
+    fields = None
+    if body and _is_json(request):
+        # A small body (no scan) is parsed at once: no generator and coroutine per request.
+        if scan is None:
+            fields = read_fields(body)
+        else:
+            fields = await in_steps(read_fields_in_steps(body, scan))
     facts = inspect_request(request.path, fields.members if fields is not None else None)
     if fields is not None:
         facts = with_size_estimate(facts, fields)
@@ -143,10 +151,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     usage_filter: UsageChunkFilter | None = None
     if options.include_usage and facts.stream:
         continuous = options.continuous_usage_stats
-        if fields is not None and facts.has_stream_options:
-            injected = replace_stream_options(body, fields, facts, continuous=continuous)
-        else:
-            injected = inject_stream_usage(body, facts, continuous=continuous)
+        injected = await in_steps(with_stream_usage(body, fields, facts, continuous=continuous))
         if injected is not None:
             body = injected
             usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
@@ -181,7 +186,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     )
 
 
-def renamed(body: bytes, model: str) -> bytes:
+def renamed(body: RequestBody, model: str) -> bytes:
     """The request body with its `model` replaced (a fallback's rename); only the one key
     changes, everything else (injected usage options included) stays as it was."""
     obj = json.loads(body)  # valid: read_fields parsed it as an object

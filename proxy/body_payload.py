@@ -15,13 +15,15 @@ from typing import Any, Final
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
+from proxy.request_body import RequestBody
+
 SLICE_BYTES: Final = 256 * 1024
 
 
 class BodyInSlices(Payload):
-    _value: bytes
+    _value: RequestBody
 
-    def __init__(self, body: bytes, **kwargs: Any) -> None:
+    def __init__(self, body: RequestBody, **kwargs: Any) -> None:
         super().__init__(body, **kwargs)
         self._size = len(body)
 
@@ -29,7 +31,7 @@ class BodyInSlices(Payload):
         return self._value.decode(encoding, errors)
 
     async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
-        return self._value
+        return bytes(self._value)  # aiohttp calls it only to log or trace a body
 
     async def write(self, writer: AbstractStreamWriter) -> None:
         await self.write_with_length(writer, None)

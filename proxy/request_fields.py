@@ -17,16 +17,16 @@ as such rather than crashing the request.
 from __future__ import annotations
 
 import codecs
-import json
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from proxy.array_cut import PIECE_BYTES, WINDOW, check_array
 from proxy.body_scan import BodyScan
 from proxy.errors import BadRequest
+from proxy.request_body import RequestBody
 from proxy.usage import RequestFacts
 
 PROMPT_DECODE_LIMIT = 1024 * 1024
@@ -87,7 +87,7 @@ class RequestFields:
     raw_stream_options: bytes = field(default=b"")
 
 
-def _check_utf8(body: bytes) -> None:
+def _check_utf8(body: RequestBody) -> None:
     """Strict UTF-8 over the whole body, a megabyte at a time (the decoded text is dropped):
     msgspec does not look inside the strings of members it skips."""
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -100,7 +100,7 @@ def _check_utf8(body: bytes) -> None:
         raise BadRequest("request body is not valid UTF-8") from exc
 
 
-def read_fields(body: bytes, scan: BodyScan | None = None) -> RequestFields:
+def read_fields(body: RequestBody, scan: BodyScan | None = None) -> RequestFields:
     """The members hangup reads from a JSON body; BadRequest when it is not JSON.
 
     With the `scan` of a large body (taken as it arrived), its UTF-8 is already checked and its
@@ -116,7 +116,7 @@ def read_fields(body: bytes, scan: BodyScan | None = None) -> RequestFields:
     return _read(body)
 
 
-def _read(body: bytes) -> RequestFields:
+def _read(body: RequestBody) -> RequestFields:
     view = memoryview(body)
     if body.startswith(_BOM):
         view = view[len(_BOM) :]
@@ -134,12 +134,15 @@ def _read(body: bytes) -> RequestFields:
     return _members(raw, _Span)
 
 
-# Where a run was left out: a byte that valid UTF-8 never has, then the run's index (8 hex digits).
-_MARKER = re.compile(rb"\xff([0-9a-f]{8})")
+# Where a stretch was left out: a byte that valid UTF-8 never has and the cut's index (8 hex
+# digits); for an array's middle (`proxy/array_cut.py`) as a string value.
+_MARK = b"\xff"
 _MARGIN = 8  # run bytes kept on each side of a marker: no escape (6 bytes at most) is cut
+# [from, to) of the original left out, and the marker that stands for it.
+_Cut = tuple[int, int, bytes]
 
 
-def _read_shortened(body: bytes, runs: list[tuple[int, int]]) -> RequestFields | None:
+def _read_shortened(body: RequestBody, runs: list[tuple[int, int]]) -> RequestFields | None:
     """`_read` of the body with the middle of each long run replaced by a marker; None when that
     does not parse as an object (then the caller parses the original: same answer, one step).
 
@@ -149,14 +152,48 @@ def _read_shortened(body: bytes, runs: list[tuple[int, int]]) -> RequestFields |
     as the body arrived); outside strings the marker's 0xFF byte is invalid JSON, so the
     shortened body fails and the original is parsed. The members read are taken from the
     original's bytes (`_ShortenedSpan`)."""
-    pieces: list[bytes] = []
-    cuts: list[tuple[int, int]] = []
+    cuts = [
+        (start + _MARGIN, end - _MARGIN, b"\xff%08x" % i) for i, (start, end) in enumerate(runs)
+    ]
+    return _read_cut(body, cuts)
+
+
+def read_fields_in_steps(
+    body: RequestBody,
+    scan: BodyScan | None,
+    *,
+    piece_bytes: int = PIECE_BYTES,
+    window: int = WINDOW,
+) -> Generator[None, None, RequestFields]:
+    """`read_fields`, a bounded step at a time (the caller runs one step per loop iteration):
+    when neither long strings can be left out nor the body is small, the middle of its large
+    array is checked piece by piece (`proxy/array_cut.py`) and left out of the parse. The
+    answer is the same as `read_fields`'s, errors included: whatever fails is parsed whole."""
+    if scan is None:
+        return read_fields(body)
+    if not scan.utf8_ok:
+        raise BadRequest("request body is not valid UTF-8")
+    if scan.runs:
+        fields = _read_shortened(body, scan.runs)
+        if fields is not None:
+            return fields
+        yield
+    cut = yield from check_array(body, piece_bytes=piece_bytes, window=window)
+    if cut is not None:
+        yield
+        fields = _read_cut(body, [(cut.start, cut.end, b'"\xff%08x"' % 0)])
+        if fields is not None:
+            return fields
+    yield
+    return _read(body)
+
+
+def _read_cut(body: RequestBody, cuts: list[_Cut]) -> RequestFields | None:
+    pieces: list[RequestBody] = []
     done = 0
-    for start, end in runs:
-        cut_from, cut_to = start + _MARGIN, end - _MARGIN
+    for cut_from, cut_to, marker in cuts:
         pieces.append(body[done:cut_from])
-        pieces.append(b"\xff%08x" % len(cuts))
-        cuts.append((cut_from, cut_to))
+        pieces.append(marker)
         done = cut_to
     pieces.append(body[done:])
     shortened = b"".join(pieces)
@@ -186,27 +223,44 @@ class _Span:
 class _ShortenedSpan(_Span):
     """A member's span in the shortened body, read as the original's bytes."""
 
-    def __init__(self, span: msgspec.Raw, body: bytes, cuts: list[tuple[int, int]]) -> None:
+    def __init__(self, span: msgspec.Raw, body: RequestBody, cuts: list[_Cut]) -> None:
         super().__init__(span)
         self.body = body
         self.cuts = cuts
-        self.marks = [int(m.group(1), 16) for m in _MARKER.finditer(bytes(span))]
+        self.marks = _marks(bytes(span), cuts)
 
     def size(self) -> int:
-        left_out = sum(self.cuts[i][1] - self.cuts[i][0] for i in self.marks)
-        return len(self.span) + left_out - len(self.marks) * 9
+        size = len(self.span)
+        for _, _, i in self.marks:
+            cut_from, cut_to, marker = self.cuts[i]
+            size += cut_to - cut_from - len(marker)
+        return size
 
     def data(self) -> bytes | msgspec.Raw:
         if not self.marks:
             return self.span
-        pieces: list[bytes] = []
+        pieces: list[RequestBody] = []
         done, span = 0, bytes(self.span)
-        for m in _MARKER.finditer(span):
-            cut_from, cut_to = self.cuts[int(m.group(1), 16)]
-            pieces += [span[done : m.start()], self.body[cut_from:cut_to]]
-            done = m.end()
+        for start, end, i in self.marks:
+            cut_from, cut_to, _ = self.cuts[i]
+            pieces += [span[done:start], self.body[cut_from:cut_to]]
+            done = end
         pieces.append(span[done:])
         return b"".join(pieces)
+
+
+def _marks(span: bytes, cuts: list[_Cut]) -> list[tuple[int, int, int]]:
+    """Each marker in `span`: where it starts and ends, and its cut's index (memchr for 0xFF,
+    which the body itself never holds: its UTF-8 was checked)."""
+    found: list[tuple[int, int, int]] = []
+    at = span.find(_MARK)
+    while at >= 0:
+        i = int(span[at + 1 : at + 9], 16)
+        marker = cuts[i][2]
+        start = at - marker.index(_MARK)
+        found.append((start, start + len(marker), i))
+        at = span.find(_MARK, start + len(marker))
+    return found
 
 
 def _members(raw: _Members, span_of: Callable[[msgspec.Raw], _Span]) -> RequestFields:
@@ -245,34 +299,3 @@ def with_size_estimate(facts: RequestFacts, fields: RequestFields) -> RequestFac
 
     extra = -(-fields.undecoded_prompt_bytes // CHARS_PER_TOKEN)
     return replace(facts, prompt_tokens_estimate=facts.prompt_tokens_estimate + extra)
-
-
-_KEY = rb'"stream_options"[ \t\r\n]*:[ \t\r\n]*'
-
-
-def replace_stream_options(
-    body: bytes, fields: RequestFields, facts: RequestFacts, *, continuous: bool
-) -> bytes | None:
-    """Merge include_usage (and continuous_usage_stats) into a `stream_options` the client
-    sent, rewriting only that member's value; None when not needed or when the member cannot
-    be located unambiguously (then usage is estimated rather than the body rebuilt)."""
-    if not facts.stream or facts.endpoint not in ("chat.completions", "completions"):
-        return None
-    add_continuous = continuous and not facts.continuous_usage_requested
-    if facts.include_usage_requested and not add_continuous:
-        return None
-    raw = fields.raw_stream_options
-    if body.count(b'"stream_options"') != 1:
-        return None
-    match = re.search(_KEY + re.escape(raw), body)
-    if match is None:
-        return None
-    options = (fields.members or {}).get("stream_options")
-    merged = dict(options) if isinstance(options, dict) else {}
-    merged["include_usage"] = True
-    if continuous:
-        merged["continuous_usage_stats"] = True
-    # ASCII out: a lone surrogate the client escaped stays escaped.
-    value = json.dumps(merged, separators=(",", ":")).encode()
-    start = match.end() - len(raw)
-    return b"".join((body[:start], value, body[match.end() :]))

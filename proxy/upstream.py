@@ -48,6 +48,7 @@ from yarl import URL
 from proxy.attempts import AttemptResult
 from proxy.body_payload import BodyInSlices
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
+from proxy.request_body import RequestBody
 from proxy.upstream_checks import FramingWatch
 
 log = logging.getLogger("hangup.upstream")
@@ -299,7 +300,7 @@ class OpenAttempt:
         method: str,
         url: URL,
         headers: CIMultiDict[str],
-        body: bytes,
+        body: RequestBody,
         on_headers_sent: Callable[[], None],
     ) -> None:
         self._session = session
@@ -336,7 +337,7 @@ class OpenAttempt:
         hooks.reset()
         token = _HOOKS.set(hooks)
         body = self._body
-        data: bytes | BodyInSlices | None = body or None
+        data: RequestBody | BodyInSlices | None = body or None
         if len(body) > _LARGE_BODY:
             # Written in slices rather than in one transport write that holds up the loop.
             data = BodyInSlices(body)
@@ -417,7 +418,7 @@ class Upstreams:
         url: URL,
         *,
         headers: CIMultiDict[str],
-        body: bytes,
+        body: RequestBody,
         on_headers_sent: Callable[[], None],
     ) -> OpenAttempt:
         """A new attempt at `upstream` (its name, for messages); nothing is sent until start()."""

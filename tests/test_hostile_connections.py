@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -91,6 +92,42 @@ async def test_an_accepted_encoding_is_inflated_and_sent_on_plain(
     assert [r.body for r in sim.requests] == [CHAT, CHAT]
     lines = clean_log(caplog, 2)
     assert [line["bytes_in"] for line in lines] == [len(b) for b in bodies.values()]
+
+
+async def test_large_compressed_bodies_get_the_answers_of_plain_ones(
+    sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body inflating past 1 MiB is scanned as it inflates and parsed in steps, as a plain
+    one (`proxy/edge/body.py`, `proxy/array_cut.py`): the upstream gets it whole, and invalid
+    UTF-8 or JSON gets the error the whole parse gives."""
+    from proxy.request_fields import read_fields
+
+    server = await start(start_proxy, sim, route={"request_encodings": ["gzip"]})
+    conn = await Conn.open(server.port)
+    # (random enough to stay under limits.max_inflate_ratio)
+    long_text = {**CHAT, "messages": [{"role": "user", "content": random.randbytes(1 << 20).hex()}]}
+    many = {**CHAT, "messages": [{"role": "user", "content": f"a short one {random.random()}"}
+                                 for _ in range(40_000)]}  # fmt: skip
+    plain = [json.dumps(chat).encode() for chat in (long_text, many)]
+    for body in plain:
+        encoded = gzipped(body)
+        await conn.send(head(length=len(encoded), extra={"Content-Encoding": "gzip"}) + encoded)
+        response = await conn.response()
+        assert response.status == 200, response.body
+    # (the simulator keeps no body this large: its size, and the model the route went by)
+    assert [r.body_bytes for r in sim.requests] == [len(body) for body in plain]
+    bad_json = json.dumps(many).encode()[:-30] + b"},]}"
+    with pytest.raises(Exception) as parsed:
+        read_fields(bad_json)
+    bad_utf8 = json.dumps(many).encode().replace(b"a short one", b"a sh\xc3rt one", 1)
+    for bad, message in ((bad_json, str(parsed.value)), (bad_utf8, "not valid UTF-8")):
+        encoded = gzipped(bad)
+        await conn.send(head(length=len(encoded), extra={"Content-Encoding": "gzip"}) + encoded)
+        response = await conn.response()
+        assert response.status == 400, response.body
+        assert message in response.error()["message"]
+    assert len(sim.requests) == 2
+    clean_log(caplog, 4)
 
 
 async def test_the_matched_route_must_accept_the_encoding(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import uuid
 
+from proxy.request_body import RequestBody
+
 _JSON_SPACE = b" \t\r\n"
 
 
@@ -19,7 +21,7 @@ def fresh_id() -> str:
     return uuid.uuid4().hex
 
 
-def has_member(body: bytes, name: str) -> bool:
+def has_member(body: RequestBody, name: str) -> bool:
     """Whether the top-level JSON object in `body` has a member `name` (its key may be spelled
     with escapes, so any body that could hold it is parsed)."""
     if f'"{name}"'.encode() not in body and b"\\u" not in body:
@@ -31,7 +33,7 @@ def has_member(body: bytes, name: str) -> bool:
     return isinstance(parsed, dict) and name in parsed
 
 
-def append_member(body: bytes, name: str, value: str) -> bytes | None:
+def append_member(body: RequestBody, name: str, value: str) -> bytes | None:
     """`body` with `"name":"value"` added as the last member of its top-level object, every
     other byte unchanged; None when `body` is not a JSON object in an ASCII-compatible
     encoding. The caller makes sure `name` is not a member yet (JSON parsers disagree on
@@ -45,4 +47,4 @@ def append_member(body: bytes, name: str, value: str) -> bytes | None:
     member = json.dumps({name: value}, separators=(",", ":")).encode()[1:-1]
     if inside:
         member = b"," + member
-    return stripped[:end] + member + body[end:]
+    return b"".join((stripped[:end], member, body[end:]))

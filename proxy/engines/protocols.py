@@ -29,6 +29,7 @@ from yarl import URL
 
 from proxy.config import Engine as EngineName
 from proxy.engines.naming import append_member, fresh_id, has_member
+from proxy.request_body import RequestBody
 from proxy.usage import RequestFacts
 
 _NAMED_ENDPOINTS = frozenset({"chat.completions", "completions"})
@@ -42,7 +43,7 @@ class Named:
     """One upstream attempt as it is sent: its body and headers, and the id the engine runs it
     under (None: not named, so there is nothing to abort by)."""
 
-    body: bytes
+    body: RequestBody
     headers: CIMultiDict[str]
     engine_id: str | None = None
 
@@ -62,7 +63,9 @@ class Engine(Protocol):
         """Whether this kind of upstream has an abort call hangup makes."""
         ...
 
-    def name_attempt(self, facts: RequestFacts, body: bytes, headers: CIMultiDict[str]) -> Named:
+    def name_attempt(
+        self, facts: RequestFacts, body: RequestBody, headers: CIMultiDict[str]
+    ) -> Named:
         """The attempt to send: named when the engine can abort it by name."""
         ...
 
@@ -92,7 +95,9 @@ class ClosesOnly:
     name: EngineName
     aborts: bool = False
 
-    def name_attempt(self, facts: RequestFacts, body: bytes, headers: CIMultiDict[str]) -> Named:
+    def name_attempt(
+        self, facts: RequestFacts, body: RequestBody, headers: CIMultiDict[str]
+    ) -> Named:
         return Named(body, headers)
 
     def abort_call(self, base_url: str, engine_id: str) -> AbortCall:
@@ -104,7 +109,9 @@ class SGLang:
     name: EngineName = "sglang"
     aborts: bool = True
 
-    def name_attempt(self, facts: RequestFacts, body: bytes, headers: CIMultiDict[str]) -> Named:
+    def name_attempt(
+        self, facts: RequestFacts, body: RequestBody, headers: CIMultiDict[str]
+    ) -> Named:
         if facts.endpoint not in _NAMED_ENDPOINTS or facts.n != 1 or has_member(body, "rid"):
             return Named(body, headers)
         rid = fresh_id()
@@ -124,7 +131,9 @@ class VLLM:
     name: EngineName = "vllm"
     aborts: bool = True
 
-    def name_attempt(self, facts: RequestFacts, body: bytes, headers: CIMultiDict[str]) -> Named:
+    def name_attempt(
+        self, facts: RequestFacts, body: RequestBody, headers: CIMultiDict[str]
+    ) -> Named:
         if facts.endpoint != "chat.completions":
             return Named(body, headers)
         request_id = fresh_id()

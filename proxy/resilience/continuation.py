@@ -18,11 +18,13 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from proxy.request_body import RequestBody
+
 PrefixStyle = Literal["none", "prefix", "continue_final_message"]
 
 
 def continuation_body(
-    body: bytes, delivered: str, style: PrefixStyle, delivered_tokens: int
+    body: RequestBody, delivered: str, style: PrefixStyle, delivered_tokens: int
 ) -> bytes | None:
     """The request that continues `delivered`, or None when it cannot be continued."""
     if style == "none" or not delivered:

@@ -30,6 +30,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.billing import is_local_host
+from proxy.request_body import RequestBody
 from proxy.tokenize import openai
 from proxy.tokenize.engines import engine_prompt_tokens
 
@@ -113,7 +114,7 @@ class PromptCounter:
         base_url: str,
         endpoint: str,
         model: str | None,
-        body: bytes,
+        body: RequestBody,
         headers: CIMultiDict[str],
     ) -> int | None:
         """The prompt's token count from `source`, or None (timeout, error, not countable)."""
