@@ -65,6 +65,10 @@ class UsageChunkFilter:
     def __init__(self, *, drop_usage_chunk: bool = True) -> None:
         self._drop_usage_chunk = drop_usage_chunk
 
+    @property
+    def drops_usage_chunk(self) -> bool:
+        return self._drop_usage_chunk
+
     @classmethod
     def needed(cls, facts: RequestFacts, *, continuous: bool) -> UsageChunkFilter | None:
         """The filter for a stream whose body `inject_stream_usage(..., continuous)` changed.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from proxy.errors import UpstreamFailed
@@ -184,6 +184,50 @@ class StreamUsageTracker:
         if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
             return self._responses_event(kind, obj)
         return self._chunk(obj)
+
+    def feed_skeleton(
+        self, event: SSEEvent, restore: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> EventKind | None:
+        """`feed` of an event whose data is the skeleton of a huge data line
+        (proxy/usage/skeleton.py): the same answer and the same counts as `feed` of the whole
+        event, or None (nothing changed) when the skeleton cannot tell and the whole event
+        must be fed. `restore` gives the parsed skeleton its strings' whole lengths (None: a
+        marker sits where a value is read)."""
+        data, name = event.data, event.event
+        if data is None or data == "[DONE]" or name == "error":
+            return None  # not a skeleton's shape, or an error read by its whole text
+        if (
+            name is not None
+            and name.startswith("response.")
+            and name not in _RESPONSES_NEEDED
+            and not name.endswith(".delta")
+        ):
+            return EventKind.OTHER
+        # What `content_sizes` would take (its typed decode accepts the same structure and
+        # types whatever the strings' lengths): counted as `_chunk` counts it, without the
+        # model name that only the full parse reads.
+        plain = name is None and self._fast and content_sizes(data) is not None
+        try:
+            obj = parse_json(data) if self._fast else json.loads(data)
+        except ValueError:
+            obj = None
+        except RecursionError as exc:
+            raise UpstreamFailed("upstream sent an SSE event nested too deeply to read") from exc
+        if not isinstance(obj, dict):
+            self.malformed_events += 1
+            return EventKind.OTHER
+        restored = restore(obj)
+        if restored is None:
+            return None
+        if plain:
+            model = self.response_model
+            plain_kind = self._chunk(restored)
+            self.response_model = model
+            return plain_kind
+        kind = restored.get("type")
+        if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
+            return self._responses_event(kind, restored)
+        return self._chunk(restored)
 
     def feed_plain(self, chunk: bytes) -> tuple[int, int]:
         """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
