@@ -1,8 +1,9 @@
 """One huge SSE event, passed through as it arrives (sans-I/O; the pump is `Downstream`).
 
-An event whose line in progress grows over `LARGE_EVENT` would otherwise be completed in one
-step of the loop: the decoder's copy of the block, the text decode, the parse, the usage cut,
-each over megabytes. From that size on the line is taken from the decoder
+An event whose line in progress grows over `LARGE_EVENT` (256 KiB) would otherwise be
+completed in one step of the loop: the decoder's copy of the block, the text decode, the
+parse, the usage cut, each over megabytes (~50 ms for a 15 MiB event). From that size on the
+line is taken from the decoder
 (`SSEDecoder.take_line`) and each read of it costs what the read's bytes cost:
 
 - its bytes are forwarded as they come, except a short tail the usage filter may still have
@@ -38,9 +39,10 @@ from proxy.usage.skeleton import MIN_RUN, Skeleton
 __all__ = ["LARGE_EVENT", "LargeEvent", "passable"]
 
 # An event line over this is passed through. Below it, completing an event in one step costs
-# under ~3 ms here (copy, decode, parse, cut of 1 MiB); it is also the write piece and the
-# hold cap, so a held event over it fails or goes out anyway.
-LARGE_EVENT: Final = 1024 * 1024
+# under ~1 ms here (copy, decode, parse and cut of 256 KiB); the first step of a pass-through
+# handles what the decoder had buffered (this much and one read), ~2 ms. Real events are a
+# few KiB: only an odd or hostile upstream sends one this long.
+LARGE_EVENT: Final = 256 * 1024
 _USAGE_KEY: Final = b'"usage"'
 _SPACE_COMMA: Final = b", \t\r\n"
 # A run of spaces and commas held back longer than this (only a hostile upstream sends one)
@@ -101,7 +103,8 @@ class LargeEvent:
 
     def start(self) -> bytes:
         """The bytes that may go out at once (the event so far, less its held tail)."""
-        return self._advance(b"".join(self.pieces))
+        pieces = self.pieces
+        return self._advance(pieces[0] if len(pieces) == 1 else b"".join(pieces))
 
     def feed(self, chunk: bytes, decoder: SSEDecoder) -> tuple[bytes, list[SSEEvent] | None]:
         """One read: (what may go out now, the completed events or None). With events, the

@@ -17,7 +17,7 @@ pair split around it), and has a character that cannot appear outside a string (
 than those of `true`, `false`, `null`, any non-ASCII character, or an escape). So if the line
 is valid JSON, every such piece lies inside one string, and the marker stands for it; if the
 line is not valid JSON, the skeleton is not either (a marker outside a string is a stray
-backslash). tests/test_sse_large_unit.py holds the skeleton to the whole line's parse.
+backslash). tests/test_sse_pass.py holds it to the whole line's parse.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ _ESCAPE: Final = re.compile(
     r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
     r'|\\u[0-9a-fA-F]{4}|\\["\\/bfnrt]'
 )
-_BREAK: Final = re.compile(r'["\\\x00-\x1f]').search
-_RAW_BREAK: Final = re.compile(rb'["\\\x00-\x1f]').search
+_NOT_CONTROL: Final = bytes(range(0x20, 0x100))
 _LOW_SURROGATE_FIRST: Final = re.compile(r"\\u[dD][c-fC-F]").match
 _HIGH_SURROGATE_LAST: Final = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}$").search
 # Bytes JSON has outside strings: a piece made only of these may be structure, not text.
@@ -49,7 +48,7 @@ _MARKER: Final = re.compile("\x00([0-9]+)\x00")
 class Skeleton:
     """One data line's text, fed in pieces; `text()` at its end."""
 
-    __slots__ = ("_decoder", "_min_run", "_parts", "_run_last", "_runs")
+    __slots__ = ("_decoder", "_kept_end", "_min_run", "_parts", "_run_last", "_runs")
 
     def __init__(self, min_run: int = MIN_RUN) -> None:
         self._min_run = min_run
@@ -57,6 +56,7 @@ class Skeleton:
         self._parts: list[str] = []
         self._runs: list[int] = []  # characters each marker stands for
         self._run_last = False  # the last part is a marker (its run may grow)
+        self._kept_end = ""  # the last characters kept since the last marker
 
     @property
     def runs(self) -> list[int]:
@@ -84,28 +84,33 @@ class Skeleton:
                     self._parts.append(f"{_MARK}{len(self._runs)}{_MARK}")
                     self._runs.append(chars)
                     self._run_last = True
+                self._kept_end = ""
                 return
         self._keep(text)
 
     def _keep(self, text: str) -> None:
         self._parts.append(text)
         self._run_last = False
+        self._kept_end = (self._kept_end + text[-5:])[-5:]
 
     def _plain(self, piece: bytes, text: str) -> int | None:
-        """Characters of `text` when it is plain string text (module docstring), else None."""
-        if self._parts and not self._run_last and "\\" in self._parts[-1][-5:]:
+        """Characters of `text` when it is plain string text (module docstring), else None.
+        (memchr and `bytes.translate` here: a regex character class scans ~8x slower.)"""
+        if "\\" in self._kept_end:
             return None  # the kept text before may end inside an escape
-        if _RAW_BREAK(piece) is None:
-            if not piece.translate(None, _OUTSIDE):
+        if piece.translate(None, _NOT_CONTROL):
+            return None  # a control character: not valid in a string
+        if b'"' not in piece and b"\\" not in piece:
+            if not piece.strip(_OUTSIDE):
                 return None  # could be structure (digits, spaces, `true`...)
             return len(text)
+        if b"\\" not in piece:
+            return None  # a quote, not an escaped one
         stripped, escapes = _ESCAPE.subn("", text)
-        if _BREAK(stripped) is not None:
-            return None  # a quote, a stray or cut escape, a control character
+        if '"' in stripped or "\\" in stripped:
+            return None  # a quote, a stray or cut escape
         if _LOW_SURROGATE_FIRST(text) or _HIGH_SURROGATE_LAST(text):
             return None  # a surrogate pair may be split around this piece
-        if not escapes and not piece.translate(None, _OUTSIDE):
-            return None
         return len(stripped) + escapes
 
     def text(self) -> str:
