@@ -28,6 +28,8 @@ from proxy.errors import ProxyError
 from proxy.sse_large import LARGE_EVENT, LargeEvent
 from proxy.upstream import AttemptFailed
 from proxy.usage import UsageChunkFilter
+from proxy.usage.fast import parse_json
+from proxy.usage.skeleton import Skeleton, restore
 from tests.test_usage_plain import _FILTERS, _cut, _pump, _snapshot, _Upstream
 
 NEVER = 10**12
@@ -251,3 +253,51 @@ def test_spaces_before_a_usage_member_are_held_with_it() -> None:
     head = b'data: {"choices":[{"delta":{"content":"' + b"z" * 3000 + b'"}}],'
     event = head + b" " * 20 + b'"usage":null}\n\n'
     assert _agree(_cut(event, [len(head) + 10])) > 0
+
+
+def _lengths(value: Any) -> Any:
+    """Every string's length, in place of the string (the structure otherwise as it is)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return {k: _lengths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lengths(v) for v in value]
+    return value
+
+
+_hard_text = st.lists(
+    st.sampled_from(
+        ["a", "é", "😀", '"', "\\", "\n", "\u0000", "\ud83d", "\ude00", " ", "1", "true", "u"]
+    ),
+    max_size=60,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    _hard_text,
+    st.integers(1, 300),
+    st.booleans(),
+    st.lists(st.integers(0, 10**6), max_size=10),
+    st.sampled_from([4, 16, 64]),
+)
+def test_the_skeleton_measures_every_string_as_the_whole_parse(
+    text: str, times: int, ascii: bool, cuts: list[int], run: int
+) -> None:
+    """Texts dense with escapes, quotes, surrogates (paired and lone), invalid UTF-8 and
+    characters JSON structure also has, cut anywhere: the skeleton parses to the whole line's
+    structure with every string of the whole line's length, or says it cannot."""
+    long = text * times
+    data = _data({"a": long, "b": [long, 1, {"c": long}], "d": "x" * 5000 + long}, ascii)
+    skeleton = Skeleton(run)
+    pieces = _cut(data, cuts) or [b""]
+    for n, piece in enumerate(pieces):
+        skeleton.feed(piece, final=n == len(pieces) - 1)
+    want = json.loads(data.decode("utf-8", "replace"))
+    text_now = skeleton.text()
+    if not text_now:
+        assert "\\u0000" in data.decode("utf-8", "replace")  # its own marker-like escape
+        return
+    got = restore(parse_json(text_now), skeleton.runs)
+    assert got is not None and _lengths(got) == _lengths(want)
