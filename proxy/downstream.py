@@ -92,6 +92,12 @@ def _content_text(data: str | None) -> str:
 class _StreamState:
     """What one attempt's SSE relay carries from one upstream read to the next."""
 
+    # A huge event's thresholds (class attributes: no bytes per stream; tests subclass): an
+    # event line over `large_at` passes through, text stretches of `large_run` characters or
+    # more may stand as markers.
+    large_at = LARGE_EVENT
+    large_run = MIN_RUN
+
     __slots__ = (
         "attempt",
         "chunk_filter",
@@ -100,8 +106,6 @@ class _StreamState:
         "held",
         "held_bytes",
         "large",
-        "large_at",
-        "large_run",
         "malformed",
         "plain",
         "raw_mode",
@@ -118,9 +122,6 @@ class _StreamState:
         self.held: list[bytes] | None = [] if holding else None
         self.held_bytes = 0
         self.large: LargeEvent | None = None  # a huge event in progress (proxy/sse_large.py)
-        # Its thresholds: an event line over `large_at` passes through; text pieces of
-        # `large_run` characters or more may stand as markers (tests vary them).
-        self.large_at, self.large_run = LARGE_EVENT, MIN_RUN
         self.malformed = 0
         self.collect_text = plan.route.options.continue_cut_streams
         # Whole plain data events may skip the decoder (`_sse_step`); not when their text is

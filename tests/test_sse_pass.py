@@ -23,7 +23,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.downstream import _Pieces
+from proxy.downstream import _Pieces, _StreamState
 from proxy.errors import ProxyError
 from proxy.sse_large import LARGE_EVENT, LargeEvent
 from proxy.upstream import AttemptFailed
@@ -48,7 +48,9 @@ def _run(
     """Per read the state after it (and any failure); the client's bytes; reads that ended
     with a huge event in progress."""
     pump, stream, marks = _pump(PATH, chunk_filter, plain=True)
-    stream.large_at, stream.large_run = large_at, run
+    stream.__class__ = type(
+        "_Tuned", (_StreamState,), {"__slots__": (), "large_at": large_at, "large_run": run}
+    )
     if holding:
         stream.held = []
     stream.raw_mode = raw

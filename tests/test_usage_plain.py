@@ -27,7 +27,6 @@ from proxy.errors import ProxyError
 from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, StreamScrubber
 from proxy.sse import SSEDecoder, SSEEvent
-from proxy.sse_large import LARGE_EVENT
 from proxy.upstream import AttemptFailed
 from proxy.usage import (
     EventKind,
@@ -38,7 +37,6 @@ from proxy.usage import (
 )
 from proxy.usage import stream as stream_module
 from proxy.usage.fast import content_sizes
-from proxy.usage.skeleton import MIN_RUN
 from tests.test_usage_fast import FIXTURE_FILES, _path_for, _serialised, _state
 
 _FILTERS: list[UsageChunkFilter | None] = [
@@ -115,7 +113,7 @@ def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
     stream.chunk_filter = chunk_filter
     stream.held, stream.held_bytes, stream.malformed = None, 0, 0
     stream.collect_text, stream.raw_mode, stream.plain = False, False, plain
-    stream.large, stream.large_at, stream.large_run = None, LARGE_EVENT, MIN_RUN
+    stream.large = None
     return pump, stream, marks
 
 
