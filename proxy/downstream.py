@@ -31,6 +31,7 @@ from proxy.state import ProxyState
 from proxy.upstream import READ_ERRORS, AttemptFailed, UpstreamResponse
 from proxy.upstream_checks import check_response_head
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker, strip_usage_member
+from proxy.usage.filter import cut_null_usage
 from proxy.usage.skeleton import MIN_RUN, restore
 from proxy.watchdog import Watchdog
 
@@ -455,8 +456,20 @@ class Downstream:
                 and not (self.continuing and attempt.first_token_at is None)
                 and decoder.at_boundary(chunk)
             ):
-                # The usual read: whole `data: {...}` events, classified from their bytes (no
-                # SSEEvent, no text decode) and edited in one pass; the decoder gets the rest.
+                # The usual read: one event of the last content chunk's shape, known without a
+                # search (`feed_shaped`); or whole `data: {...}` events, classified from their
+                # bytes (no SSEEvent, no text decode) and edited in one pass, the decoder
+                # getting the rest.
+                shape = tracker.feed_shaped(chunk)
+                if shape is not None:
+                    record.content_chunks += 1
+                    self._content_came(stream, now)
+                    if chunk_filter is not None and shape.null_usage is not None:
+                        if shape.null_usage:
+                            chunk = cut_null_usage(chunk)
+                        else:
+                            chunk = chunk_filter.plain_bytes(chunk)
+                    return self.scrubber.feed(chunk)
                 taken, contents = tracker.feed_plain(chunk)
                 if taken:
                     if contents:

@@ -229,6 +229,44 @@ class StreamUsageTracker:
             return self._responses_event(kind, restored)
         return self._chunk(restored)
 
+    def feed_shaped(self, chunk: bytes) -> Shape | None:
+        """`feed_plain` of a read that is one block of the last content chunk's `Shape` with
+        some text (the usual read of a generating stream), in one step: its shape, or None
+        (nothing fed) when the read is anything else. The caller's conditions are
+        `feed_plain`'s."""
+        shape = self._shape
+        if shape is None:
+            return None
+        head, tail = shape.head, shape.tail
+        start, end = 6 + len(head), len(chunk) - 2
+        stop = end - len(tail)
+        if (
+            start >= stop
+            or not chunk.startswith(head, 6)
+            or not chunk.endswith(tail, start, end)
+            or not chunk.startswith(b"data: ")
+            or not chunk.endswith(b"\n\n")
+            or TEXT_BREAK(chunk, start, stop) is not None
+        ):
+            return None  # (no LF in the text or its shape: one block, ended where it ends)
+        if chunk.isascii():
+            chars = stop - start
+        else:
+            try:
+                chars = len(chunk[start:stop].decode())
+            except UnicodeDecodeError:
+                return None  # invalid UTF-8: the full parse reads it
+        tokens = 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
+        self._estimated += tokens
+        self._est_since_report += tokens
+        if shape.index:
+            self._tally(shape.index, chars)
+        else:
+            self._chunks0 += 1
+            self._chars0 += chars
+        self.content_chunks += 1
+        return shape
+
     def feed_plain(self, chunk: bytes) -> tuple[int, int]:
         """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
         one `data: ...` line ended by LF LF, whose data is `[DONE]` or a chunk `content_sizes`
