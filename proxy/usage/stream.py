@@ -281,6 +281,7 @@ class StreamUsageTracker:
         pos, n, contents = 0, len(chunk), 0
         estimated = estimated_reasoning = 0
         chunks0 = chars0 = 0  # choice 0's, added once at the end
+        ascii = chunk.isascii()  # once for the read: then a text's size is its length
         while chunk.startswith(b"data: ", pos):
             eol = chunk.find(b"\n", pos + 6)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
@@ -296,13 +297,15 @@ class StreamUsageTracker:
                     and chunk.endswith(tail, start, eol)
                     and TEXT_BREAK(chunk, start, stop) is None
                 ):
-                    text = chunk[start:stop]
-                    try:
-                        chars = len(text) if text.isascii() else len(text.decode())
-                    except UnicodeDecodeError:
-                        chars = -1  # invalid UTF-8: the parse below refuses it too
+                    if ascii:
+                        chars = stop - start
+                    else:
+                        try:
+                            chars = len(chunk[start:stop].decode())
+                        except UnicodeDecodeError:
+                            chars = -1  # invalid UTF-8: the parse below refuses it too
                     if chars > 0:
-                        estimated += chunk_tokens(chars)
+                        estimated += 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
                         if shape.index:
                             self._tally(shape.index, chars)
                         else:
