@@ -543,13 +543,18 @@ class Downstream:
                     f'upstream "{attempt.upstream}" ended the stream before any content'
                 ),
             )
-        if chunk and not stream.collect_text and passable(decoder, stream.large_at):
+        if chunk and passable(decoder, stream.large_at):
             # A huge event has begun: from here on it passes through as it comes.
             forward = not stream.raw_mode and held is None
             forward = forward and not (self.continuing and attempt.first_token_at is None)
             head, line = decoder.take_line()
             large = stream.large = LargeEvent(
-                head, line, edit=chunk_filter is not None, forward=forward, run=stream.large_run
+                head,
+                line,
+                edit=chunk_filter is not None,
+                forward=forward,
+                run=stream.large_run,
+                keep_text=stream.collect_text,
             )
             first = large.start()
             if forward:
@@ -615,11 +620,15 @@ class Downstream:
         if kind is None:
             if skeleton is not None:
                 event = large.whole()  # the skeleton cannot tell: read it whole (one step)
+                skeleton = None
             kind = tracker.feed(event)
         sent = large.forward and large.safe > 0
         if self.continuing and attempt.first_token_at is None:
             if kind is EventKind.OTHER and not event.comment:
                 return False  # a continuation's role chunk (kept, not sent): dropped
+        if kind is EventKind.CONTENT and stream.collect_text:
+            text = _content_text(event.data)  # of the skeleton: its markers stand for parts
+            self.delivered_text.extend([text] if skeleton is None else skeleton.text_of(text))
         content = False
         if kind is EventKind.CONTENT:
             record.content_chunks += 1

@@ -25,8 +25,8 @@ and decided at its end exactly as a smaller one, without joining it.
 
 Not passed through (read whole at their end, as before): a huge `event:`, `id:` or other
 field line, a second huge line in one block, and a skeleton that cannot answer (a marker
-where accounting reads a value, a long run of JSON structure instead of string text): the
-whole event is then decoded and parsed in one step.
+where accounting reads a value, a long run of JSON structure outside strings): the whole
+event is then decoded and parsed in one step.
 """
 
 from __future__ import annotations
@@ -80,7 +80,14 @@ class LargeEvent:
     )
 
     def __init__(
-        self, head: bytes, line: bytes, *, edit: bool, forward: bool, run: int = MIN_RUN
+        self,
+        head: bytes,
+        line: bytes,
+        *,
+        edit: bool,
+        forward: bool,
+        run: int = MIN_RUN,
+        keep_text: bool = False,
     ) -> None:
         self.edit = edit  # a usage filter may cut part of the event: hold its tail
         # Its bytes go to the client as they come (else they are kept, and decided at the
@@ -98,7 +105,7 @@ class LargeEvent:
         self._stand_in = b":"
         if not line.startswith(b":"):
             value = 6 if line.startswith(b"data: ") else 5
-            self.skeleton = Skeleton(run)
+            self.skeleton = Skeleton(run, keep_text=keep_text)
             self.skeleton.feed(line[value:])
 
     def start(self) -> bytes:

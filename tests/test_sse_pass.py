@@ -44,9 +44,10 @@ def _run(
     run: int = 8,
     holding: bool = False,
     raw: bool = False,
-) -> tuple[list[tuple[Any, ...]], bytes, int]:
+    collect: bool = False,
+) -> tuple[list[tuple[Any, ...]], bytes, int, str]:
     """Per read the state after it (and any failure); the client's bytes; reads that ended
-    with a huge event in progress."""
+    with a huge event in progress; the text collected for a continuation (`collect`)."""
     pump, stream, marks = _pump(PATH, chunk_filter, plain=True)
     stream.__class__ = type(
         "_Tuned", (_StreamState,), {"__slots__": (), "large_at": large_at, "large_run": run}
@@ -54,6 +55,8 @@ def _run(
     if holding:
         stream.held = []
     stream.raw_mode = raw
+    if collect:  # continue_cut_streams: each content chunk's text is kept (no plain path)
+        stream.collect_text, stream.plain = True, False
     upstream = _Upstream()
     steps: list[tuple[Any, ...]] = []
     client = b""
@@ -71,19 +74,22 @@ def _run(
         steps.append((failed, _snapshot(pump, stream, marks), tuple(upstream.ends)))
         if failed:
             break
-    return steps, client, passing
+    return steps, client, passing, "".join(pump.delivered_text)
 
 
-def _agree(reads: list[bytes], *, holding: bool = False, raw: bool = False) -> int:
+def _agree(
+    reads: list[bytes], *, holding: bool = False, raw: bool = False, collect: bool = False
+) -> int:
     """Both paths, each filter: equal; returns how many reads ended mid-way in a huge event."""
     passing = 0
     for chunk_filter in _FILTERS:
-        got = _run(reads, chunk_filter, 64, holding=holding, raw=raw)
-        want = _run(reads, chunk_filter, NEVER, holding=holding, raw=raw)
+        got = _run(reads, chunk_filter, 64, holding=holding, raw=raw, collect=collect)
+        want = _run(reads, chunk_filter, NEVER, holding=holding, raw=raw, collect=collect)
         assert want[2] == 0
         for n, (a, b) in enumerate(zip(got[0], want[0], strict=True)):
             assert a == b, f"read {n} of {reads!r} (filter {chunk_filter!r})"
         assert got[1] == want[1], f"client bytes of {reads!r} (filter {chunk_filter!r})"
+        assert got[3] == want[3], f"collected text of {reads!r}"
         passing += got[2]
     return passing
 
@@ -165,14 +171,27 @@ def _huge(draw: st.DrawFn) -> bytes:
 @given(
     st.lists(st.one_of(_small, _huge()), min_size=1, max_size=5),
     st.lists(st.integers(0, 10**5), max_size=8),
-    st.sampled_from(["forward", "holding", "raw"]),
+    st.sampled_from(["forward", "holding", "raw", "collect"]),
 )
 def test_passed_through_events_agree_with_whole_ones(
     events: list[bytes], cuts: list[int], mode: str
 ) -> None:
     data = b"".join(events)
     reads = _cut(data, cuts)
-    _agree(reads, holding=mode == "holding", raw=mode == "raw")
+    _agree(reads, holding=mode == "holding", raw=mode == "raw", collect=mode == "collect")
+
+
+def test_a_continuation_collects_a_huge_chunk_text_in_parts() -> None:
+    """continue_cut_streams: the text of a huge content chunk is collected as the whole path
+    collects it (escapes read, markers replaced by the text they stand for), and the
+    skeleton, not a whole read, answers."""
+    text = 'line "one"\n\ttwo é😀 ' * 3000
+    event = b"data: " + _data(_chunk({"content": text}, usage=None), False) + b"\n\n"
+    reads = _cut(event, [len(event) * k // 16 for k in range(1, 16)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LargeEvent, "whole", None)  # a whole read would fail
+        got = _run(reads, UsageChunkFilter(), 64, run=4096, collect=True)
+    assert got[3] == text and got[2] > 0
 
 
 def test_the_pass_through_is_taken_and_the_skeleton_answers() -> None:

@@ -24,6 +24,7 @@ is a stray backslash). tests/test_sse_pass.py holds it to the whole line's parse
 from __future__ import annotations
 
 import codecs
+import json
 import re
 from typing import Any, Final
 
@@ -33,15 +34,9 @@ __all__ = ["MIN_RUN", "Skeleton", "restore"]
 
 # Pieces shorter than this are kept as they are (cheap to parse, not worth a marker).
 MIN_RUN: Final = 4096
-# A JSON escape; a surrogate pair first, so that it counts as one character (as both parsers
-# read it) and the scan stays aligned (an escaped backslash is consumed as a unit).
-_ESCAPE: Final = re.compile(
-    r"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
-    r'|\\u[0-9a-fA-F]{4}|\\["\\/bfnrt]'
-)
 _NOT_CONTROL: Final = bytes(range(0x20, 0x100))
 _decode_string: Final = msgspec.json.Decoder(str).decode
-_LOW_SURROGATE_FIRST: Final = re.compile(r"\\u[dD][c-fC-F]").match
+# A whole escape at a place, and a surrogate pair's first half (`_aligned_end`).
 _COMPLETE: Final = re.compile(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])')
 _HIGH: Final = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 # Backslashes before one, counted to tell an escape's start from an escaped backslash.
@@ -66,10 +61,14 @@ class Skeleton:
         "_parts",
         "_run_last",
         "_runs",
+        "_texts",
     )
 
-    def __init__(self, min_run: int = MIN_RUN) -> None:
+    def __init__(self, min_run: int = MIN_RUN, *, keep_text: bool = False) -> None:
         self._min_run = min_run
+        # The strings the markers stand for, when the caller needs the text itself (`text_of`:
+        # a continuation collects what was delivered).
+        self._texts: list[list[str]] | None = [] if keep_text else None
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._parts: list[str] = []
         self._runs: list[int] = []  # characters each marker stands for
@@ -118,23 +117,26 @@ class Skeleton:
         if len(piece) < len(text):
             piece = text.encode("utf-8", "surrogatepass")
         if len(text) >= self._min_run and not self._lost:
-            chars = self._plain(piece, text)
-            if chars is None:
+            plain = self._plain(piece, text)
+            if plain is None:
                 # The JSON around a long string (the line's head) ends in that string's text:
                 # the part after the last quote may be plain text all the same.
                 quote = text.rfind('"') + 1
                 if 0 < quote <= len(text) - self._min_run:
                     self._keep(text[:quote])
                     tail = text[quote:]
-                    chars = self._plain(tail.encode(), tail)
+                    plain = self._plain(tail.encode(), tail)
                     text = tail
-            if chars is not None:
-                if self._run_last:
-                    self._runs[-1] += chars
-                else:
+            if plain is not None:
+                if not self._run_last:
                     self._parts.append(f"{_MARK}{len(self._runs)}{_MARK}")
-                    self._runs.append(chars)
+                    self._runs.append(0)
+                    if self._texts is not None:
+                        self._texts.append([])
                     self._run_last = True
+                self._runs[-1] += len(plain)
+                if self._texts is not None:
+                    self._texts[-1].append(plain)
                 return
         self._keep(text)
 
@@ -144,27 +146,41 @@ class Skeleton:
         if _real_quotes(text) % 2:
             self._in_string = not self._in_string
 
-    def _plain(self, piece: bytes, text: str) -> int | None:
-        """Characters of `text` when it is plain string text (module docstring), else None.
-        (memchr and `bytes.translate` here: a regex character class scans ~8x slower.)"""
+    def _plain(self, piece: bytes, text: str) -> str | None:
+        """The string `text` stands for (its characters once its escapes are read) when it is
+        plain string text (module docstring), else None. (memchr and `bytes.translate` here:
+        a regex character class scans ~8x slower.)"""
         if piece.translate(None, _NOT_CONTROL):
             return None  # a control character: not valid in a string
         if '"' not in text and "\\" not in text:
             if not self._in_string and not piece.strip(_OUTSIDE):
                 return None  # could be structure (digits, spaces, `true`...)
-            return len(text)
+            return text
         if "\\" not in text or (b'"' in piece and _real_quotes(text)):
             return None  # a quote, not an escaped one
+        quoted = f'"{text}"'
         try:  # msgspec reads the escapes (~20x faster than a regex here), as the parse would
-            return len(_decode_string(f'"{text}"'))
+            return _decode_string(quoted)
         except msgspec.DecodeError:
-            pass  # an invalid escape, a lone surrogate (`json.loads` reads those): below
-        stripped, escapes = _ESCAPE.subn("", text)
-        if '"' in stripped or "\\" in stripped:
-            return None  # a quote, a stray or cut escape
-        if _LOW_SURROGATE_FIRST(text):
-            return None  # a lone second half: read whole, to be sure
-        return len(stripped) + escapes
+            pass
+        try:  # a lone surrogate: msgspec refuses it, `json.loads` reads it (as `parse_json`)
+            value = json.loads(quoted)
+        except ValueError:
+            return None  # an invalid escape, a quote
+        return value if isinstance(value, str) else None
+
+    def text_of(self, value: str) -> list[str]:
+        """The whole string a string of the parsed skeleton stands for, in parts (its markers
+        replaced by the text they stand for); needs `keep_text`."""
+        texts = self._texts
+        assert texts is not None
+        parts, pos = [], 0
+        for m in _MARKER.finditer(value):
+            parts.append(value[pos : m.start()])
+            parts.extend(texts[int(m.group(1))])
+            pos = m.end()
+        parts.append(value[pos:])
+        return parts
 
     def text(self) -> str:
         """The skeleton, after the last `feed(..., final=True)`; "" when it cannot stand for
