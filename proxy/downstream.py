@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
@@ -24,11 +25,14 @@ from proxy.outcome import Outcome, RequestRecord, settle_relayed
 from proxy.resilience.classify import status_result
 from proxy.routing import Route
 from proxy.secrets import StreamScrubber
-from proxy.sse import SSEDecoder, ends_block
+from proxy.sse import SSEDecoder, SSEEvent, ends_block
+from proxy.sse_large import LARGE_EVENT, LargeEvent, passable
 from proxy.state import ProxyState
 from proxy.upstream import READ_ERRORS, AttemptFailed, UpstreamResponse
 from proxy.upstream_checks import check_response_head
-from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
+from proxy.usage import EventKind, RequestFacts, StreamUsageTracker, strip_usage_member
+from proxy.usage.filter import cut_null_usage
+from proxy.usage.skeleton import MIN_RUN, restore
 from proxy.watchdog import Watchdog
 
 if TYPE_CHECKING:
@@ -55,6 +59,26 @@ def held_too_much(upstream: str) -> AttemptFailed:
     )
 
 
+def _too_large(upstream: str) -> AttemptFailed:
+    return AttemptFailed(
+        AttemptResult.STREAM_ERROR,
+        UpstreamFailed(
+            f'upstream "{upstream}" sent an SSE event over '
+            f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
+        ),
+    )
+
+
+def _failed_before_content(upstream: str, tracker: StreamUsageTracker) -> AttemptFailed:
+    return AttemptFailed(
+        AttemptResult.STREAM_ERROR,
+        UpstreamFailed(
+            f'upstream "{upstream}" failed the stream before any '
+            f"content: {(tracker.error or '')[:200]}"
+        ),
+    )
+
+
 def _content_text(data: str | None) -> str:
     """The text of choice 0 in a chat chunk (for continuing a cut stream)."""
     try:
@@ -69,6 +93,12 @@ def _content_text(data: str | None) -> str:
 class _StreamState:
     """What one attempt's SSE relay carries from one upstream read to the next."""
 
+    # A huge event's thresholds (class attributes: no bytes per stream; tests subclass): an
+    # event line over `large_at` passes through, text stretches of `large_run` characters or
+    # more may stand as markers.
+    large_at = LARGE_EVENT
+    large_run = MIN_RUN
+
     __slots__ = (
         "attempt",
         "chunk_filter",
@@ -76,6 +106,7 @@ class _StreamState:
         "deadlines",
         "held",
         "held_bytes",
+        "large",
         "malformed",
         "plain",
         "raw_mode",
@@ -91,6 +122,7 @@ class _StreamState:
         # another target is still possible, nothing but keep-alive comments goes out.
         self.held: list[bytes] | None = [] if holding else None
         self.held_bytes = 0
+        self.large: LargeEvent | None = None  # a huge event in progress (proxy/sse_large.py)
         self.malformed = 0
         self.collect_text = plan.route.options.continue_cut_streams
         # Whole plain data events may skip the decoder (`_sse_step`); not when their text is
@@ -103,19 +135,31 @@ class _StreamState:
 
 
 class _Pieces:
-    """The client's bytes of one read, left in pieces (one of them huge) to be written one by
-    one; `len` is the total."""
+    """The client's bytes of one read, left in pieces (one of them huge, or many of a huge
+    event) to be written one by one: scrubbed as they are written, none over `_WRITE_PIECE`,
+    so that no step of the loop handles more than a piece. `len` is the total before
+    scrubbing."""
 
-    __slots__ = ("pieces", "size")
+    __slots__ = ("end", "pieces", "scrubber", "size")
 
-    def __init__(self, pieces: list[bytes]) -> None:
+    def __init__(self, pieces: list[bytes], scrubber: StreamScrubber, *, end: bool) -> None:
         self.pieces, self.size = pieces, sum(map(len, pieces))
+        self.scrubber, self.end = scrubber, end
 
     def __len__(self) -> int:
         return self.size
 
+    def __iter__(self) -> Iterator[bytes]:
+        scrubber = self.scrubber
+        for piece in self.pieces:
+            for start in range(0, len(piece), _WRITE_PIECE):
+                if part := scrubber.feed(piece[start : start + _WRITE_PIECE]):
+                    yield part
+        if self.end and (rest := scrubber.flush()):
+            yield rest
+
     def join(self) -> bytes:
-        return b"".join(self.pieces)
+        return b"".join(self)
 
 
 class _OneWriteResponse(web.StreamResponse):
@@ -351,18 +395,23 @@ class Downstream:
                 written_at = loop.time()
                 try:
                     if isinstance(data, _Pieces):
-                        for piece in data.pieces:
-                            await self._write_pieces(response, piece)
+                        sent = 0
+                        for piece in data:
+                            await response.write(piece)
+                            sent += len(piece)
+                            await asyncio.sleep(0)  # the loop runs between pieces
+                        record.bytes_to_client += sent
                     elif len(data) <= _WRITE_PIECE:
                         await response.write(data)
+                        record.bytes_to_client += len(data)
                     else:
                         await self._write_pieces(response, data)
+                        record.bytes_to_client += len(data)
                 except ConnectionError as exc:
                     record.client_gone_at = written_at
                     raise ClientGone from exc
                 finally:
                     record.client_wait_s += loop.time() - written_at
-                record.bytes_to_client += len(data)
                 self.delivered_tokens = tracker.generated_tokens
                 if attempt.first_token_at is not None:
                     self.content_sent = True
@@ -388,11 +437,12 @@ class Downstream:
     ) -> bytes | _Pieces:
         """One upstream read of a stream (b"": its end): the bytes for the client, if any
         (in `_Pieces` when they hold a huge event among others)."""
+        if stream.large is not None:
+            return self._large_step(stream, upstream, chunk, now, stream.large)
         record, attempt, decoder = self.record, stream.attempt, self.decoder
         tracker, chunk_filter = self.tracker, stream.chunk_filter
         assert tracker is not None and decoder is not None
         out: list[bytes] = []
-        held = stream.held
         content = False  # deadlines and first token: once per read (its events share `now`)
         if not chunk:
             events = decoder.flush()
@@ -400,14 +450,26 @@ class Downstream:
         else:
             taken = 0
             if (
-                held is None
+                stream.held is None
                 and stream.plain
                 and _CR not in chunk
                 and not (self.continuing and attempt.first_token_at is None)
                 and decoder.at_boundary(chunk)
             ):
-                # The usual read: whole `data: {...}` events, classified from their bytes (no
-                # SSEEvent, no text decode) and edited in one pass; the decoder gets the rest.
+                # The usual read: one event of the last content chunk's shape, known without a
+                # search (`feed_shaped`); or whole `data: {...}` events, classified from their
+                # bytes (no SSEEvent, no text decode) and edited in one pass, the decoder
+                # getting the rest.
+                shape = tracker.feed_shaped(chunk)
+                if shape is not None:
+                    record.content_chunks += 1
+                    self._content_came(stream, now)
+                    if chunk_filter is not None and shape.null_usage is not None:
+                        if shape.null_usage:
+                            chunk = cut_null_usage(chunk)
+                        else:
+                            chunk = chunk_filter.plain_bytes(chunk)
+                    return self.scrubber.feed(chunk)
                 taken, contents = tracker.feed_plain(chunk)
                 if taken:
                     if contents:
@@ -422,13 +484,23 @@ class Downstream:
                     out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
             events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > _MAX_SSE_EVENT:
-                raise AttemptFailed(
-                    AttemptResult.STREAM_ERROR,
-                    UpstreamFailed(
-                        f'upstream "{attempt.upstream}" sent an SSE event over '
-                        f"{_MAX_SSE_EVENT // (1024 * 1024)} MiB without ending it"
-                    ),
-                )
+                raise _too_large(attempt.upstream)
+        return self._sse_events(stream, chunk, now, events, out, content)
+
+    def _sse_events(
+        self,
+        stream: _StreamState,
+        chunk: bytes,
+        now: float,
+        events: list[SSEEvent],
+        out: list[bytes],
+        content: bool,
+    ) -> bytes | _Pieces:
+        """The events a read completed, then the read's output (`_sse_step`)."""
+        record, attempt, decoder = self.record, stream.attempt, self.decoder
+        tracker, chunk_filter = self.tracker, stream.chunk_filter
+        assert tracker is not None and decoder is not None
+        held = stream.held
         for event in events:
             kind = tracker.feed(event)
             if self.continuing and attempt.first_token_at is None:
@@ -448,13 +520,7 @@ class Downstream:
             data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
             if held is not None:
                 if kind is EventKind.ERROR:
-                    raise AttemptFailed(
-                        AttemptResult.STREAM_ERROR,
-                        UpstreamFailed(
-                            f'upstream "{attempt.upstream}" failed the stream before any '
-                            f"content: {(tracker.error or '')[:200]}"
-                        ),
-                    )
+                    raise _failed_before_content(attempt.upstream, tracker)
                 if kind is EventKind.CONTENT or kind is EventKind.DONE:
                     out.extend(held)
                     held = stream.held = None
@@ -477,17 +543,134 @@ class Downstream:
                     f'upstream "{attempt.upstream}" ended the stream before any content'
                 ),
             )
+        if chunk and passable(decoder, stream.large_at):
+            # A huge event has begun: from here on it passes through as it comes.
+            forward = not stream.raw_mode and held is None
+            forward = forward and not (self.continuing and attempt.first_token_at is None)
+            head, line = decoder.take_line()
+            large = stream.large = LargeEvent(
+                head,
+                line,
+                edit=chunk_filter is not None,
+                forward=forward,
+                run=stream.large_run,
+                keep_text=stream.collect_text,
+            )
+            first = large.start()
+            if forward:
+                out.append(first)
         scrubber = self.scrubber
-        if not stream.raw_mode and len(out) > 1 and sum(map(len, out)) > _WRITE_PIECE:
-            # A huge event among others: its pieces go out as they are, not joined (a copy of
-            # megabytes in this step). The scrubber holds a secret split across pieces.
-            pieces = [scrubber.feed(piece) for piece in out]
-            if not chunk:
-                pieces.append(scrubber.flush())
-            return _Pieces(pieces)
-        data = chunk if stream.raw_mode else b"".join(out)
+        if stream.raw_mode:
+            return scrubber.feed(chunk) + (b"" if chunk else scrubber.flush())
+        if sum(map(len, out)) > _WRITE_PIECE:
+            # A huge output: its pieces go out as they are, not joined (a copy of megabytes
+            # in this step), and scrubbed as they go (a secret split across pieces is held).
+            return _Pieces(out, scrubber, end=not chunk)
+        data = b"".join(out)
         # Configured secrets never reach the client (a secret split across writes is held).
         return scrubber.feed(data) + (b"" if chunk else scrubber.flush())
+
+    def _large_step(
+        self,
+        stream: _StreamState,
+        upstream: UpstreamResponse,
+        chunk: bytes,
+        now: float,
+        large: LargeEvent,
+    ) -> bytes | _Pieces:
+        """A read while a huge event is in progress (proxy/sse_large.py)."""
+        decoder = self.decoder
+        assert decoder is not None
+        if not chunk:
+            if large.in_line:
+                upstream.check_end(mid_event=True)  # cut inside the event: raises
+            events = large.flush(decoder)
+            upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
+            forward = b""
+        else:
+            forward, done = large.feed(chunk, decoder)
+            if done is None:
+                if large.size > _MAX_SSE_EVENT:
+                    raise _too_large(stream.attempt.upstream)
+                if stream.raw_mode:
+                    return self.scrubber.feed(chunk)
+                return self.scrubber.feed(forward) if large.forward and forward else b""
+            if decoder.buffered > _MAX_SSE_EVENT:
+                raise _too_large(stream.attempt.upstream)
+            events = done
+        stream.large = None
+        out = [forward] if large.forward and forward else []
+        content = False
+        if events:
+            content = self._large_end(stream, large, events[0], out, now)
+        return self._sse_events(stream, chunk, now, events[1:], out, content)
+
+    def _large_end(
+        self, stream: _StreamState, large: LargeEvent, event: SSEEvent, out: list[bytes], now: float
+    ) -> bool:
+        """A huge event's end: what `_sse_events` does with an event, for one whose start may
+        have gone out already. Returns whether it carried content."""
+        record, attempt, tracker = self.record, stream.attempt, self.tracker
+        assert tracker is not None
+        kind: EventKind | None = None
+        skeleton = large.skeleton
+        if skeleton is not None and large.skeleton_text:
+            runs = skeleton.runs
+            kind = tracker.feed_skeleton(event, lambda obj: restore(obj, runs))
+        if kind is None:
+            if skeleton is not None:
+                event = large.whole()  # the skeleton cannot tell: read it whole (one step)
+                skeleton = None
+            kind = tracker.feed(event)
+        sent = large.forward and large.safe > 0
+        if self.continuing and attempt.first_token_at is None:
+            if kind is EventKind.OTHER and not event.comment:
+                return False  # a continuation's role chunk (kept, not sent): dropped
+        if kind is EventKind.CONTENT and stream.collect_text:
+            text = _content_text(event.data)  # of the skeleton: its markers stand for parts
+            self.delivered_text.extend([text] if skeleton is None else skeleton.text_of(text))
+        content = False
+        if kind is EventKind.CONTENT:
+            record.content_chunks += 1
+            content = True
+            self._content_came(stream, now)
+        elif tracker.malformed_events > stream.malformed:
+            stream.malformed = tracker.malformed_events
+            if not sent:
+                return False  # dropped and counted, as any malformed event
+            # Its start went out: relayed whole (docs/resilience.md), counted all the same.
+        pieces = [] if large.forward else large.safe_pieces()
+        rest = large.held()
+        chunk_filter = stream.chunk_filter
+        if chunk_filter is not None:
+            if kind is EventKind.USAGE_ONLY and not sent:
+                if chunk_filter.drops_usage_chunk:
+                    pieces, rest = [], b""
+            elif event.data is not None:
+                # The usage member, cut as `client_bytes` cuts it: every `"usage"` is in the
+                # held tail, and the byte before it says whether a comma goes too.
+                last = large.last_safe_byte()
+                rest = strip_usage_member(last + rest)[len(last) :]
+        data = [*pieces, rest] if rest else pieces
+        held = stream.held
+        if held is not None:
+            if kind is EventKind.ERROR:
+                raise _failed_before_content(attempt.upstream, tracker)
+            if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                out.extend(held)
+                stream.held = None
+            elif event.comment:
+                if self.response is not None:
+                    out.extend(data)
+                return content
+            else:
+                held.extend(data)
+                stream.held_bytes += sum(map(len, data))
+                if stream.held_bytes > HOLD_CAP:
+                    raise held_too_much(attempt.upstream)
+                return content
+        out.extend(data)
+        return content
 
     def _content_came(self, stream: _StreamState, now: float) -> None:
         """The first content event of a read: deadlines and first-token marks."""

@@ -116,6 +116,36 @@ class SSEDecoder:
             self._bom_checked = True  # what `_feed` would decide from this first byte
         return True
 
+    def line_in_progress(self) -> int:
+        """Bytes of the line being read (0: none, or its end may already be there: a `\r`
+        waiting for the next byte)."""
+        if self._scanned != len(self._buf):
+            return 0
+        return len(self._buf) - self._pos
+
+    def line_starts(self, prefixes: tuple[bytes, ...]) -> bool:
+        """Whether the line being read begins with one of `prefixes`."""
+        return self._buf.startswith(prefixes, self._pos)
+
+    def take_line(self) -> tuple[bytes, bytes]:
+        """Hand the line being read to the caller (a huge line, passed through as it comes):
+        the bytes of the block before it (its lines already read, a BOM) and the line so
+        far. The block's fields read so far stay; `resume_line` gives the line back, when its
+        end comes, as a short stand-in for it."""
+        buf, pos = self._buf, self._pos
+        with memoryview(buf) as view:
+            head, line = bytes(view[:pos]), bytes(view[pos:])
+        self._buf = bytearray()
+        self._pos = self._scanned = 0
+        return head, line
+
+    def resume_line(self, stand_in: bytes) -> None:
+        """The taken line's stand-in (no line end in it): the caller then feeds the line's
+        end and what follows, and the block ends as it would have (its `raw` is the stand-in
+        and what followed, not the whole block)."""
+        self._buf = bytearray(stand_in)
+        self._pos = self._scanned = 0
+
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:
             return []

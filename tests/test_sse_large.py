@@ -27,6 +27,7 @@ from tests.hostile_support import (
     assert_clean_log,
     chat_body,
     exchange_raw,
+    parse_response,
     request_bytes,
     sse_head,
 )
@@ -147,4 +148,95 @@ async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
     assert record.outcome is Outcome.COMPLETED
     assert record.usage is not None and record.usage.completion_estimated
     assert record.usage.completion_tokens == sum(chunk_tokens(len(t)) for t in TEXTS)
+    assert_clean_log(caplog)
+
+
+def _proxy_config(upstream: ScriptedUpstream) -> dict[str, object]:
+    return {
+        "upstreams": {"up": {"base_url": upstream.base_url, "api_key": KEY}},
+        "routes": [{"name": "default", "upstream": "up"}],
+    }
+
+
+async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Passed through as it arrives (proxy/sse_large.py): the upstream sends 3 of the 4 MiB of
+    one event's text and waits; the client gets those megabytes before the rest is sent. Then
+    the stream ends as an ordinary one would (usage member cut, usage chunk dropped, the key
+    masked)."""
+    caplog.set_level(logging.INFO)
+    text = "y" * (4 * 1024 * 1024) + KEY
+    huge = _content(text)
+    events = [EVENTS[0], huge, *EVENTS[-3:]]
+    body = b"".join(events)
+    split = len(EVENTS[0]) + 3 * 1024 * 1024
+    client_has_it = asyncio.Event()
+
+    async def stream(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(sse_head() + body[:split])
+        await writer.drain()
+        await asyncio.wait_for(client_has_it.wait(), 20)
+        writer.write(body[split:])
+        await writer.drain()
+        writer.close()
+
+    upstream = await ScriptedUpstream(stream).start()
+    scripted.append(upstream)
+    server, sink = await start_proxy(config_from(_proxy_config(upstream)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    received = bytearray()
+    try:
+        writer.write(request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)))
+        async with asyncio.timeout(20):
+            while len(received) < split - 64 * 1024:
+                chunk = await reader.read(1 << 20)
+                assert chunk, "the stream ended early"
+                received += chunk
+            client_has_it.set()
+            while chunk := await reader.read(1 << 20):
+                received += chunk
+    finally:
+        writer.close()
+    response = parse_response(bytes(received))
+    want = b"".join(events[:-2]).replace(b',"usage":null}', b"}") + events[-1]
+    assert response.body == want.replace(KEY.encode(), b"*" * len(KEY))
+    record = await sink.wait(lambda: next(iter(sink.records), None), 5.0, "the record")
+    assert record.outcome is Outcome.COMPLETED
+    assert record.content_chunks == 1 and record.bytes_to_client == len(want)
+    assert record.usage is not None and record.usage.completion_tokens == 7
+    assert_clean_log(caplog)
+
+
+async def test_a_huge_malformed_event_is_relayed_once_it_has_begun(
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The documented decision (docs/resilience.md): an event over 256 KiB that turns out not
+    to be JSON at its end has gone out in part already; the rest follows, and the stream goes
+    on. (A shorter one is dropped, tests/test_hostile_upstreams.py.)"""
+    caplog.set_level(logging.INFO)
+    broken = b'data: {"choices":[{"delta":{"content":"' + b"z" * (2 * 1024 * 1024) + b"\n\n"
+    events = [EVENTS[0], broken, *EVENTS[1:2], *EVENTS[-3:]]
+
+    async def stream(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(sse_head() + b"".join(events))
+        await writer.drain()
+        writer.close()
+
+    upstream = await ScriptedUpstream(stream).start()
+    scripted.append(upstream)
+    server, sink = await start_proxy(config_from(_proxy_config(upstream)))
+    response = await exchange_raw(
+        server.port,
+        request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),
+        timeout=20,
+    )
+    want = b"".join(events[:-2]).replace(b',"usage":null}', b"}") + events[-1]
+    assert response.body == want
+    record = await sink.wait(lambda: next(iter(sink.records), None), 5.0, "the record")
+    assert record.outcome is Outcome.COMPLETED and record.content_chunks == 1
     assert_clean_log(caplog)

@@ -113,6 +113,7 @@ def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
     stream.chunk_filter = chunk_filter
     stream.held, stream.held_bytes, stream.malformed = None, 0, 0
     stream.collect_text, stream.raw_mode, stream.plain = False, False, plain
+    stream.large = None
     return pump, stream, marks
 
 
@@ -318,3 +319,22 @@ def test_a_run_of_blocks_is_edited_as_each_block_would_be() -> None:
         b'data: {"choices":[]}\n\n'
     )
     assert UsageChunkFilter.plain_bytes(run) == want
+
+
+def test_one_event_reads_of_one_shape_take_the_shaped_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: on the benchmark's paced stream every content read after the first is
+    read through its `Shape` in one step (`feed_shaped`), and the client and the tracker see
+    what the full path gives."""
+    taken: list[bool] = []
+    real = StreamUsageTracker.feed_shaped
+
+    def counting(self: StreamUsageTracker, chunk: bytes) -> Any:
+        shape = real(self, chunk)
+        taken.append(shape is not None)
+        return shape
+
+    monkeypatch.setattr(StreamUsageTracker, "feed_shaped", counting)
+    reads = stream_events(20)
+    plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
+    assert sum(taken) == 15, taken  # 16 content chunks; the first one learns the shape
+    assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)

@@ -111,6 +111,8 @@ def content_sizes(data: str | bytes) -> Sizes | None:
 # Bytes a JSON string cannot hold as they are: its end, an escape, control characters.
 TEXT_BREAK: Final = re.compile(rb'[\x00-\x1f"\\]').search
 _CONTENT_KEY: Final = b'"content":"'
+_USAGE_KEY: Final = b'"usage"'
+_NULL_USAGE_TAIL: Final = b',"usage":null}'
 
 
 class Shape:
@@ -125,10 +127,17 @@ class Shape:
     delta's content (the quote before it is a delimiter, so it cannot be inside a string).
     """
 
-    __slots__ = ("head", "index", "tail")
+    __slots__ = ("head", "index", "null_usage", "tail")
 
     def __init__(self, head: bytes, tail: bytes, index: int) -> None:
         self.head, self.tail, self.index = head, tail, index
+        # What a usage filter does to an event of this shape, known once: None, it has no
+        # `"usage"` (left as it is); True, its one `"usage"` is the closing `,"usage":null}`
+        # (cut); False, another one (the filter searches).
+        usages = head.count(_USAGE_KEY) + tail.count(_USAGE_KEY)
+        self.null_usage: bool | None = (
+            None if not usages else usages == 1 and tail.endswith(_NULL_USAGE_TAIL)
+        )
 
 
 def shape_of(data: bytes) -> Shape | None:

@@ -65,6 +65,10 @@ class UsageChunkFilter:
     def __init__(self, *, drop_usage_chunk: bool = True) -> None:
         self._drop_usage_chunk = drop_usage_chunk
 
+    @property
+    def drops_usage_chunk(self) -> bool:
+        return self._drop_usage_chunk
+
     @classmethod
     def needed(cls, facts: RequestFacts, *, continuous: bool) -> UsageChunkFilter | None:
         """The filter for a stream whose body `inject_stream_usage(..., continuous)` changed.
@@ -105,6 +109,12 @@ class UsageChunkFilter:
         blocks = run.split(_BLOCK_END)
         blocks.pop()  # the run ends with a block's end: the last piece is empty
         return b"".join([_data_bytes(block + _BLOCK_END) for block in blocks])
+
+
+def cut_null_usage(raw: bytes) -> bytes:
+    """`client_bytes` of a data event whose one `"usage"` is its closing `,"usage":null}`
+    (known from its `Shape`: no search)."""
+    return _cut_null_usage(raw)
 
 
 def _data_bytes(raw: bytes) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 from proxy.errors import UpstreamFailed
@@ -185,6 +185,88 @@ class StreamUsageTracker:
             return self._responses_event(kind, obj)
         return self._chunk(obj)
 
+    def feed_skeleton(
+        self, event: SSEEvent, restore: Callable[[dict[str, Any]], dict[str, Any] | None]
+    ) -> EventKind | None:
+        """`feed` of an event whose data is the skeleton of a huge data line
+        (proxy/usage/skeleton.py): the same answer and the same counts as `feed` of the whole
+        event, or None (nothing changed) when the skeleton cannot tell and the whole event
+        must be fed. `restore` gives the parsed skeleton its strings' whole lengths (None: a
+        marker sits where a value is read)."""
+        data, name = event.data, event.event
+        if data is None or data == "[DONE]" or name == "error":
+            return None  # not a skeleton's shape, or an error read by its whole text
+        if (
+            name is not None
+            and name.startswith("response.")
+            and name not in _RESPONSES_NEEDED
+            and not name.endswith(".delta")
+        ):
+            return EventKind.OTHER
+        # What `content_sizes` would take (its typed decode accepts the same structure and
+        # types whatever the strings' lengths): counted as `_chunk` counts it, without the
+        # model name that only the full parse reads.
+        plain = name is None and self._fast and content_sizes(data) is not None
+        try:
+            obj = parse_json(data) if self._fast else json.loads(data)
+        except ValueError:
+            obj = None
+        except RecursionError as exc:
+            raise UpstreamFailed("upstream sent an SSE event nested too deeply to read") from exc
+        if not isinstance(obj, dict):
+            self.malformed_events += 1
+            return EventKind.OTHER
+        restored = restore(obj)
+        if restored is None:
+            return None
+        if plain:
+            model = self.response_model
+            plain_kind = self._chunk(restored)
+            self.response_model = model
+            return plain_kind
+        kind = restored.get("type")
+        if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
+            return self._responses_event(kind, restored)
+        return self._chunk(restored)
+
+    def feed_shaped(self, chunk: bytes) -> Shape | None:
+        """`feed_plain` of a read that is one block of the last content chunk's `Shape` with
+        some text (the usual read of a generating stream), in one step: its shape, or None
+        (nothing fed) when the read is anything else. The caller's conditions are
+        `feed_plain`'s."""
+        shape = self._shape
+        if shape is None:
+            return None
+        head, tail = shape.head, shape.tail
+        start, end = 6 + len(head), len(chunk) - 2
+        stop = end - len(tail)
+        if (
+            start >= stop
+            or not chunk.startswith(head, 6)
+            or not chunk.endswith(tail, start, end)
+            or not chunk.startswith(b"data: ")
+            or not chunk.endswith(b"\n\n")
+            or TEXT_BREAK(chunk, start, stop) is not None
+        ):
+            return None  # (no LF in the text or its shape: one block, ended where it ends)
+        if chunk.isascii():
+            chars = stop - start
+        else:
+            try:
+                chars = len(chunk[start:stop].decode())
+            except UnicodeDecodeError:
+                return None  # invalid UTF-8: the full parse reads it
+        tokens = 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
+        self._estimated += tokens
+        self._est_since_report += tokens
+        if shape.index:
+            self._tally(shape.index, chars)
+        else:
+            self._chunks0 += 1
+            self._chars0 += chars
+        self.content_chunks += 1
+        return shape
+
     def feed_plain(self, chunk: bytes) -> tuple[int, int]:
         """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
         one `data: ...` line ended by LF LF, whose data is `[DONE]` or a chunk `content_sizes`
@@ -199,6 +281,7 @@ class StreamUsageTracker:
         pos, n, contents = 0, len(chunk), 0
         estimated = estimated_reasoning = 0
         chunks0 = chars0 = 0  # choice 0's, added once at the end
+        ascii = chunk.isascii()  # once for the read: then a text's size is its length
         while chunk.startswith(b"data: ", pos):
             eol = chunk.find(b"\n", pos + 6)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
@@ -214,13 +297,15 @@ class StreamUsageTracker:
                     and chunk.endswith(tail, start, eol)
                     and TEXT_BREAK(chunk, start, stop) is None
                 ):
-                    text = chunk[start:stop]
-                    try:
-                        chars = len(text) if text.isascii() else len(text.decode())
-                    except UnicodeDecodeError:
-                        chars = -1  # invalid UTF-8: the parse below refuses it too
+                    if ascii:
+                        chars = stop - start
+                    else:
+                        try:
+                            chars = len(chunk[start:stop].decode())
+                        except UnicodeDecodeError:
+                            chars = -1  # invalid UTF-8: the parse below refuses it too
                     if chars > 0:
-                        estimated += chunk_tokens(chars)
+                        estimated += 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
                         if shape.index:
                             self._tally(shape.index, chars)
                         else:

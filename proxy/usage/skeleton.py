@@ -1,0 +1,316 @@
+"""The text of a huge SSE data line, kept small: what accounting needs of it without holding,
+decoding and parsing megabytes in one step.
+
+A data line over 256 KiB is passed through as it arrives (proxy/sse_large.py). Its bytes come
+in pieces (the upstream's reads); `Skeleton.feed` decodes each piece as the whole line would
+be decoded (UTF-8, invalid bytes replaced, one incremental decoder across pieces), holds back
+an escape (or a surrogate pair's first half) the piece's end cuts, so that every stretch looked
+at begins and ends on an escape's boundary, and keeps the text of a stretch unless it is
+*plain string text*: then it keeps only its length in characters (msgspec reads its escapes),
+and the skeleton gets a marker instead (`\\u0000<n>\\u0000`, valid JSON string text). At the
+end of the line `text()` is small (the JSON around the long strings) and parses to the same
+structure as the whole line would; `restore` gives every string that holds markers the length
+the whole string has (a `str` whose `len` is that length), which is all `StreamUsageTracker`
+reads of such strings.
+
+A stretch is plain string text when it holds no control character, no quote or backslash
+other than inside valid JSON escapes, and is known to lie inside a string: the text kept
+before it ends inside one (the parity of its unescaped quotes), or it holds an escape or a
+character JSON has nowhere outside strings. So if the line is valid JSON, every marker stands
+for text inside one string; if it is not, the skeleton is not either (a marker outside a string
+is a stray backslash). tests/test_sse_pass.py holds it to the whole line's parse.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from typing import Any, Final
+
+import msgspec
+
+__all__ = ["MIN_RUN", "Skeleton", "restore"]
+
+# Pieces shorter than this are kept as they are (cheap to parse, not worth a marker).
+MIN_RUN: Final = 4096
+_NOT_CONTROL: Final = bytes(range(0x20, 0x100))
+_decode_string: Final = msgspec.json.Decoder(str).decode
+# A whole escape at a place, and a surrogate pair's first half (`_aligned_end`).
+_COMPLETE: Final = re.compile(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])')
+_HIGH: Final = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
+# Backslashes before one, counted to tell an escape's start from an escaped backslash.
+_MAX_BACKSLASHES: Final = 64
+# A read's text is looked at in stretches of this many characters at most.
+_BLOCK: Final = 64 * 1024
+# Bytes JSON has outside strings: a piece made only of these may be structure, not text.
+_OUTSIDE: Final = b" \t\r\n0123456789+-.eE,:[]{}truefalsn"
+_MARK: Final = "\\u0000"
+_MARKER: Final = re.compile("\x00([0-9]+)\x00")
+
+
+class Skeleton:
+    """One data line's text, fed in pieces; `text()` at its end."""
+
+    __slots__ = (
+        "_carry",
+        "_decoder",
+        "_in_string",
+        "_lost",
+        "_min_run",
+        "_parts",
+        "_run_last",
+        "_runs",
+        "_texts",
+    )
+
+    def __init__(self, min_run: int = MIN_RUN, *, keep_text: bool = False) -> None:
+        self._min_run = min_run
+        # The strings the markers stand for, when the caller needs the text itself (`text_of`:
+        # a continuation collects what was delivered).
+        self._texts: list[list[str]] | None = [] if keep_text else None
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._parts: list[str] = []
+        self._runs: list[int] = []  # characters each marker stands for
+        self._run_last = False  # the last part is a marker (its run may grow)
+        # An escape (or a surrogate pair) cut by the end of a piece, held for the next, so
+        # that every piece looked at begins and ends on an escape's boundary.
+        self._carry = ""
+        self._lost = False  # a run of backslashes too long to align on: keep all from here
+        # Whether the text so far ends inside a string (the parity of its unescaped quotes;
+        # a marker stands for text inside one).
+        self._in_string = False
+
+    @property
+    def runs(self) -> list[int]:
+        return self._runs
+
+    def feed(self, piece: bytes, *, final: bool = False) -> None:
+        text = self._decoder.decode(piece, final)
+        if self._carry:
+            text, self._carry = self._carry + text, ""
+        if not final:
+            # An escape (or a pair's first half) its end cuts goes with the next piece.
+            end = _aligned_end(text, len(text))
+            if end is None:
+                self._lost = True
+            elif end < len(text):
+                text, self._carry = text[:end], text[end:]
+        if not text:
+            return
+        if len(text) <= _BLOCK:
+            self._text(text, piece)
+            return
+        # A large read: in stretches, so that its start can still be text (each ending on an
+        # escape's boundary).
+        start = 0
+        while start < len(text):
+            end = _aligned_end(text, min(start + _BLOCK, len(text))) if not self._lost else None
+            if end is None or end <= start:
+                end = len(text)
+            self._text(text[start:end], b"")
+            start = end
+
+    def _text(self, text: str, piece: bytes) -> None:
+        """One aligned stretch of the line (`piece`: its bytes when they are the same text,
+        for byte-level checks; else it is encoded for them)."""
+        if len(piece) < len(text):
+            piece = text.encode("utf-8", "surrogatepass")
+        if len(text) >= self._min_run and not self._lost:
+            plain = self._plain(piece, text)
+            if plain is None:
+                # The JSON around a long string (the line's head) ends in that string's text:
+                # the part after the last quote may be plain text all the same.
+                quote = text.rfind('"') + 1
+                if 0 < quote <= len(text) - self._min_run:
+                    self._keep(text[:quote])
+                    tail = text[quote:]
+                    plain = self._plain(tail.encode(), tail)
+                    text = tail
+            if plain is not None:
+                if not self._run_last:
+                    self._parts.append(f"{_MARK}{len(self._runs)}{_MARK}")
+                    self._runs.append(0)
+                    if self._texts is not None:
+                        self._texts.append([])
+                    self._run_last = True
+                self._runs[-1] += len(plain)
+                if self._texts is not None:
+                    self._texts[-1].append(plain)
+                return
+        self._keep(text)
+
+    def _keep(self, text: str) -> None:
+        self._parts.append(text)
+        self._run_last = False
+        if _real_quotes(text) % 2:
+            self._in_string = not self._in_string
+
+    def _plain(self, piece: bytes, text: str) -> str | None:
+        """The string `text` stands for (its characters once its escapes are read) when it is
+        plain string text (module docstring), else None. (memchr and `bytes.translate` here:
+        a regex character class scans ~8x slower.)"""
+        if piece.translate(None, _NOT_CONTROL):
+            return None  # a control character: not valid in a string
+        if '"' not in text and "\\" not in text:
+            if not self._in_string and not piece.strip(_OUTSIDE):
+                return None  # could be structure (digits, spaces, `true`...)
+            return text
+        if "\\" not in text or (b'"' in piece and _real_quotes(text)):
+            return None  # a quote, not an escaped one
+        quoted = f'"{text}"'
+        try:  # msgspec reads the escapes (~20x faster than a regex here), as the parse would
+            return _decode_string(quoted)
+        except msgspec.DecodeError:
+            pass
+        try:  # a lone surrogate: msgspec refuses it, `json.loads` reads it (as `parse_json`)
+            value = json.loads(quoted)
+        except ValueError:
+            return None  # an invalid escape, a quote
+        return value if isinstance(value, str) else None
+
+    def text_of(self, value: str) -> list[str]:
+        """The whole string a string of the parsed skeleton stands for, in parts (its markers
+        replaced by the text they stand for); needs `keep_text`."""
+        texts = self._texts
+        assert texts is not None
+        parts, pos = [], 0
+        for m in _MARKER.finditer(value):
+            parts.append(value[pos : m.start()])
+            parts.extend(texts[int(m.group(1))])
+            pos = m.end()
+        parts.append(value[pos:])
+        return parts
+
+    def text(self) -> str:
+        """The skeleton, after the last `feed(..., final=True)`; "" when it cannot stand for
+        the line (its kept text holds a `\\u0000` escape of its own, which a marker would be
+        confused with: the caller then reads the whole line)."""
+        text = "".join(self._parts)
+        if text.count(_MARK) != 2 * len(self._runs):
+            return ""
+        return text
+
+
+def _real_quotes(text: str) -> int:
+    """Quotes in `text` (which begins on an escape's boundary) that are not escaped: a quote
+    after an odd run of backslashes is. Counted with `str.count`: the quotes after at least
+    1, 2, 3... backslashes, alternately subtracted and added."""
+    quotes = text.count('"')
+    if not quotes:
+        return 0
+    sign, run = -1, "\\"
+    while after := text.count(run + '"'):
+        quotes += sign * after
+        sign, run = -sign, run + "\\"
+    return quotes
+
+
+def _aligned_end(text: str, end: int) -> int | None:
+    """The last place at or before `end` where no escape of `text` (which begins on an
+    escape's boundary) is cut and no surrogate pair split; None when it cannot be told (a run
+    of backslashes too long to count here)."""
+    cut = text.rfind("\\", max(0, end - 12), end)
+    if cut < 0:
+        return end
+    starts = _escape_starts(text, cut)
+    if starts is None:
+        return None
+    if not starts:  # the second of an escaped backslash: nothing is cut
+        return end
+    whole = _COMPLETE.match(text, cut, end)
+    if whole is not None:
+        if whole.end() < end or not _HIGH.fullmatch(text, cut, whole.end()):
+            return end  # whole, and not a pair's first half right at the end
+    elif cut >= 6 and _HIGH.fullmatch(text, cut - 6, cut) and _escape_starts(text, cut - 6):
+        return cut - 6  # a cut second half: its first half goes with it
+    return cut
+
+
+def _escape_starts(text: str, at: int) -> bool | None:
+    """Whether the backslash at `at` begins an escape (an even run of backslashes before it),
+    or None when the run is too long to count here."""
+    start = max(0, at - _MAX_BACKSLASHES)
+    run = at - len(text[start:at].rstrip("\\")) - start
+    if run == at - start and start > 0:
+        return None
+    return run % 2 == 0
+
+
+class _Sized(str):
+    """A string read from a skeleton: its text holds markers, its `len` (and truth) is the
+    whole string's."""
+
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _sized(text: str, runs: list[int]) -> str:
+    if "\x00" not in text:
+        return text
+    size = len(text)
+    for m in _MARKER.finditer(text):
+        size += runs[int(m.group(1))] - len(m.group(0))
+    out = _Sized(text)
+    out.size = size
+    return out
+
+
+def _has_marker(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_marker(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_marker(v) for v in value)
+    return False
+
+
+class _KeyMarked(Exception):
+    """A member name holds a marker (a name of thousands of characters): the skeleton cannot
+    say which member it is."""
+
+
+def _restore(value: Any, runs: list[int]) -> Any:
+    if isinstance(value, str):
+        return _sized(value, runs)
+    if isinstance(value, dict):
+        if any("\x00" in k for k in value):
+            raise _KeyMarked
+        return {k: _restore(v, runs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v, runs) for v in value]
+    return value
+
+
+# Members whose value (not only its length) accounting reads: a marker there means the
+# skeleton cannot answer, and the caller reads the whole line.
+_READ_MEMBERS: Final = ("model", "type", "error", "usage")
+_READ_IN_RESPONSE: Final = ("id", "usage", "error")
+
+
+def restore(obj: dict[str, Any], runs: list[int]) -> dict[str, Any] | None:
+    """The parsed skeleton with the whole strings' lengths, or None when a marker sits where
+    accounting reads a value (a model name, an error message, a finish reason, usage) or in a
+    member name."""
+    if not runs:
+        return obj
+    if any(_has_marker(obj.get(key)) for key in _READ_MEMBERS):
+        return None
+    response = obj.get("response")
+    if isinstance(response, dict) and any(
+        _has_marker(response.get(key)) for key in _READ_IN_RESPONSE
+    ):
+        return None
+    choices = obj.get("choices")
+    if isinstance(choices, list) and any(
+        isinstance(c, dict) and _has_marker(c.get("finish_reason")) for c in choices
+    ):
+        return None
+    try:
+        restored: dict[str, Any] = _restore(obj, runs)
+    except _KeyMarked:
+        return None
+    return restored
