@@ -16,12 +16,15 @@ cost; wrk does not. Targets, interleaved in every round, all in front of one fak
 
 Workloads: a small non-streamed chat completion (`chat`); a 20-event stream whose events come
 1 ms apart, so each is its own read at the proxy as with a generating model (`stream20`); the
-same 20 events, and 200, sent in one write (`burst20`, `burst200`).
+same 20 events, and 200, sent in one write (`burst20`, `burst200`); 200 events 1 ms apart
+(`stream200`).
 For each run: wrk warms up (`--warmup` s), then a measured run of `--duration` s; the proxy's
 CPU time comes from /proc/PID/stat just before and after the measured run. Reported:
 
 - CPU µs per request, as a ratio to the relay on the same event loop in the same round;
-- CPU per event: (stream20 - chat) / 20, the definition of issue 17 (an event per read), and
+- CPU per event: (stream20 - chat) / 20, the definition of issue 17 (an event per read);
+  (stream200 - stream20) / 180, the same cost as a slope between two streams (what differs
+  between a stream and a plain answer cancels out, so rounds spread less); and
   (burst200 - burst20) / 180, the cost of an event that shares its read with others;
 - contention: how many CPUs other processes used during the measured windows.
 
@@ -72,6 +75,7 @@ WORKLOADS: dict[str, tuple[int, float]] = {
     "stream20": (20, 1.0),  # paced: events arrive one by one, as a model generates them
     "burst20": (20, 0),  # the same 20 events in one write
     "burst200": (200, 0),
+    "stream200": (200, 1.0),  # paced, 200 events: with stream20, the per-event slope
 }
 
 LUA = """\
@@ -267,6 +271,8 @@ def derive(s: dict[str, dict[str, dict[str, Any]]], names: list[str]) -> dict[st
             row["event_us"] = (cpu["stream20"] - cpu["chat"]) / 20
         if "burst20" in cpu and "burst200" in cpu:
             row["event_slope_us"] = (cpu["burst200"] - cpu["burst20"]) / 180
+        if "stream20" in cpu and "stream200" in cpu:
+            row["paced_event_slope_us"] = (cpu["stream200"] - cpu["stream20"]) / 180
         out[name] = row
     return out
 
@@ -389,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         row = per[n]
         base = relay_of.get(n)
         cells: list[object] = [n]
-        for key in ("event_us", "event_slope_us"):
+        for key in ("event_us", "paced_event_slope_us", "event_slope_us"):
             value = row.get(key)
             ratio = None
             if value is not None and base is not None and per[base].get(key):
@@ -400,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"wrk: medians of {args.rounds} interleaved round(s) of {args.duration:g} s,"
-        f" {args.connections} connections ({args.connections * PACED_CONNECTIONS} for stream20);"
+        f" {args.connections} connections"
+        f" ({args.connections * PACED_CONNECTIONS} for paced streams);"
         " CPU of the target process over the measured window;"
         " ratios against the relay on the same event loop"
     )
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
             [
                 "target",
                 "us/event (stream20-chat)/20",
+                "vs relay",
+                "us/event paced 20->200",
                 "vs relay",
                 "us/event burst 20->200",
                 "vs relay",

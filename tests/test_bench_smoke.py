@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from bench.wrk import derive as wrk_derive
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -221,3 +223,22 @@ def test_wrk_ablations_change_exactly_their_one_setting(name: str, tmp_path: Pat
     a["upstreams"]["openai"]["base_url"] = b["upstreams"]["openai"]["base_url"]
     a[section][key] = b[section][key]
     assert a == b
+
+
+def test_wrk_derives_each_per_event_cost_from_its_two_workloads() -> None:
+    """Per event: (stream20 - chat) / 20, (stream200 - stream20) / 180 (paced, a slope between
+    two streams) and (burst200 - burst20) / 180."""
+    cpu = {
+        "chat": 100.0,
+        "stream20": 340.0,
+        "stream200": 2140.0,
+        "burst20": 300.0,
+        "burst200": 660.0,
+    }
+    results = {w: {"t": {"cpu_us_per_req": v}} for w, v in cpu.items()}
+    row = wrk_derive(results, ["t"])["t"]
+    assert row["event_us"] == pytest.approx(12.0)
+    assert row["paced_event_slope_us"] == pytest.approx(10.0)
+    assert row["event_slope_us"] == pytest.approx(2.0)
+    del results["stream200"]
+    assert "paced_event_slope_us" not in wrk_derive(results, ["t"])["t"]
