@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from proxy.accounting import attempt_closed
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
-from proxy.downstream import HOLD_CAP, held_too_much
 from proxy.engines import Named
 from proxy.errors import UpstreamFailed
 from proxy.resilience.classify import status_result
 from proxy.sse import SSEDecoder
+from proxy.sse_stream import HOLD_CAP, held_too_much
 from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse, Upstreams
 from proxy.usage import EventKind, StreamUsageTracker
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from proxy.accounting import attempt_closed
 from proxy.admission import Plan, TargetPlan, admit
 from proxy.attempts import Attempt, AttemptResult
-from proxy.downstream import ClientGone, Downstream
+from proxy.downstream import Downstream
 from proxy.drain import open_upstream
 from proxy.edge.gate import edge_answer
 from proxy.engines import Named
@@ -39,6 +39,7 @@ from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s,
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
+from proxy.sse_relay import ClientGone
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser
 from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse

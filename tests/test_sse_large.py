@@ -1,6 +1,6 @@
 """A huge SSE event through the production runner: the same bytes and the same accounting as
 an ordinary one, while the relay writes it in pieces (proxy/downstream.py `_write_pieces`,
-`_Pieces`) and cuts its usage member with one copy (proxy/usage/filter.py).
+`Pieces`) and cuts its usage member with one copy (proxy/usage/filter.py).
 
 The upstream is a scripted server; the stream holds ordinary chunks around a 3 MiB content
 chunk (over the 1 MiB write piece), every chunk with `"usage":null` as OpenAI sends it when

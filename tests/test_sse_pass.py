@@ -23,9 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.downstream import _Pieces, _StreamState
 from proxy.errors import ProxyError
 from proxy.sse_large import LARGE_EVENT, LargeEvent
+from proxy.sse_stream import Pieces, StreamState
 from proxy.upstream import AttemptFailed
 from proxy.usage import UsageChunkFilter
 from proxy.usage.fast import parse_json
@@ -50,7 +50,7 @@ def _run(
     with a huge event in progress; the text collected for a continuation (`collect`)."""
     pump, stream, marks = _pump(PATH, chunk_filter, plain=True)
     stream.__class__ = type(
-        "_Tuned", (_StreamState,), {"__slots__": (), "large_at": large_at, "large_run": run}
+        "_Tuned", (StreamState,), {"__slots__": (), "large_at": large_at, "large_run": run}
     )
     if holding:
         stream.held = []
@@ -65,7 +65,7 @@ def _run(
         failed: Any = None
         try:
             out = pump._sse_step(stream, upstream, chunk, float(n))
-            client += out.join() if isinstance(out, _Pieces) else out
+            client += out.join() if isinstance(out, Pieces) else out
         except AttemptFailed as exc:
             failed = ("failed", exc.result, exc.error.message)
         except ProxyError as exc:

@@ -2,7 +2,7 @@
 and `UsageChunkFilter.plain_bytes`) gives the client the same bytes and accounting the same
 figures as the full path (decoder, `SSEEvent`s, `feed`, `client_bytes`).
 
-Two pumps, one with the plain path and one without (`_StreamState.plain = False`), get the
+Two pumps, one with the plain path and one without (`StreamState.plain = False`), get the
 same reads: every recorded fixture and generated streams (ordinary chunks, usage in every
 place, [DONE], comments, named events, CR line ends, multi-line data, invalid UTF-8, broken
 JSON), cut into reads at random places, with each usage filter. After every read their bytes
@@ -22,11 +22,12 @@ from hypothesis import strategies as st
 
 from bench.fake_upstream import stream_events
 from proxy.attempts import Attempt
-from proxy.downstream import Downstream, _Pieces, _StreamState
+from proxy.downstream import Downstream
 from proxy.errors import ProxyError
 from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, StreamScrubber
 from proxy.sse import SSEDecoder, SSEEvent
+from proxy.sse_stream import Pieces, StreamState
 from proxy.upstream import AttemptFailed
 from proxy.usage import (
     EventKind,
@@ -106,7 +107,7 @@ def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
     pump.scrubber = StreamScrubber(Secrets(["sk-secret-0123456789"]))
     pump.response = None
     marks = _Marks()
-    stream = _StreamState.__new__(_StreamState)
+    stream = StreamState.__new__(StreamState)
     stream.attempt = Attempt("u", "m", 0.0, "primary")
     stream.watchdog = marks  # type: ignore[assignment]
     stream.deadlines = _Deadlines(marks)  # type: ignore[assignment]
@@ -117,7 +118,7 @@ def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
     return pump, stream, marks
 
 
-def _snapshot(pump: Any, stream: _StreamState, marks: _Marks) -> tuple[Any, ...]:
+def _snapshot(pump: Any, stream: StreamState, marks: _Marks) -> tuple[Any, ...]:
     record, attempt = pump.record, stream.attempt
     return (
         _state(pump.tracker),
@@ -139,7 +140,7 @@ def _run(path: str, reads: list[bytes], chunk_filter: UsageChunkFilter | None, p
     for n, chunk in enumerate([*reads, b""]):
         try:
             out: Any = pump._sse_step(stream, upstream, chunk, float(n))
-            if isinstance(out, _Pieces):
+            if isinstance(out, Pieces):
                 out = out.join()
         except AttemptFailed as exc:
             out = ("failed", exc.result, exc.error.message)

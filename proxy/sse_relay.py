@@ -1,0 +1,467 @@
+"""The SSE half of what an exchange sends its client: a stream relayed read by read (usage the
+client did not ask for filtered out, malformed events dropped, a huge event passed through as
+it arrives), held before its first content while the request may still switch targets.
+
+`SSERelay` is the base of `downstream.Downstream`, which adds the response head, the body pump
+and the error answers; the lifecycle (attempts, deadlines, the one outcome) is relay.py's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from proxy.admission import Plan, TargetPlan
+from proxy.attempts import Attempt, AttemptResult
+from proxy.errors import UpstreamFailed
+from proxy.outcome import RequestRecord
+from proxy.routing import Route
+from proxy.secrets import StreamScrubber
+from proxy.sse import SSEDecoder, SSEEvent, ends_block
+from proxy.sse_large import LargeEvent, passable
+from proxy.sse_stream import (
+    HOLD_CAP,
+    MAX_SSE_EVENT,
+    WRITE_PIECE,
+    Pieces,
+    StreamState,
+    content_text,
+    failed_before_content,
+    held_too_much,
+    too_large,
+)
+from proxy.state import ProxyState
+from proxy.upstream import READ_ERRORS, AttemptFailed, UpstreamResponse
+from proxy.usage import EventKind, RequestFacts, StreamUsageTracker, strip_usage_member
+from proxy.usage.filter import cut_null_usage
+from proxy.usage.skeleton import restore
+from proxy.watchdog import Watchdog
+
+_CR = b"\r"
+
+
+class ClientGone(Exception):
+    """A write to the client failed: its socket is gone (seen without handler cancellation,
+    or when the kernel reports the broken pipe before the server does)."""
+
+
+class SSERelay:
+    """The base of `Downstream` (and so of `relay.Exchange`): the exchange's fields (slots
+    here, set in `relay.Exchange.__init__`; accounting reads tracker, json_body and
+    delivered_tokens), the response head's commit, writes to the client, and the SSE pump."""
+
+    # One per held stream: slots keep it small (no per-instance dict).
+    __slots__ = (
+        "_pending",
+        "content_encoding",
+        "content_sent",
+        "continuing",
+        "decoder",
+        "delivered_text",
+        "delivered_tokens",
+        "drained",
+        "facts",
+        "json_body",
+        "loop",
+        "plan",
+        "record",
+        "request",
+        "response",
+        "route",
+        "scrubber",
+        "state",
+        "target",
+        "tracker",
+    )
+
+    state: ProxyState
+    request: web.Request
+    record: RequestRecord
+    loop: asyncio.AbstractEventLoop
+    plan: Plan | None
+    facts: RequestFacts | None
+    route: Route | None
+    target: TargetPlan | None
+    response: web.StreamResponse | None
+    _pending: web.StreamResponse | None
+    tracker: StreamUsageTracker | None
+    decoder: SSEDecoder | None  # of the stream being relayed (or drained)
+    json_body: bytearray | None
+    content_encoding: str | None
+    delivered_tokens: int
+    drained: bool
+    content_sent: bool
+    scrubber: StreamScrubber
+    delivered_text: list[str]
+    continuing: bool
+
+    async def _commit(self) -> web.StreamResponse:
+        """Send the response headers held for the current attempt (once per request)."""
+        if self.response is None:
+            pending = self._pending
+            assert pending is not None
+            self.record.status = pending.status
+            self.response = pending  # before prepare: a client gone mid-head still has one
+            await self._client_io(pending.prepare(self.request))
+            if self.plan is not None:
+                self.plan.deadlines.client_committed()
+        return self.response
+
+    async def _client_io(self, write: object) -> None:
+        """Await a write to the client; a failed write means the client is gone."""
+        before = self.loop.time()
+        try:
+            await write  # type: ignore[misc]
+        except ConnectionError as exc:
+            self.record.client_gone_at = before
+            raise ClientGone from exc
+        finally:
+            self.record.client_wait_s += self.loop.time() - before
+
+    async def _pump_sse(
+        self,
+        plan: Plan,
+        upstream: UpstreamResponse,
+        watchdog: Watchdog,
+        attempt: Attempt,
+        holding: bool,
+    ) -> None:
+        record, deadlines, loop = self.record, plan.deadlines, self.loop
+        self.decoder = SSEDecoder()
+        tracker = self.tracker = StreamUsageTracker(plan.facts)
+        stream = StreamState(plan, watchdog, attempt, holding, self.continuing)
+        # An idle stream waits in the read below. What this frame holds across that wait is
+        # the per-stream state only: each read's bytes and events live in `_sse_step`'s frame
+        # and are gone before the next read begins (~1 KB of heap per idle stream, measured).
+        # The body's reader itself, not `upstream.read()`: one coroutine level less to resume
+        # on every read and to keep alive under every idle stream (None: a hedge's winner,
+        # whose first reads are replayed by its `read()`).
+        content = upstream.content
+        chunk: bytes | None
+        while True:
+            commit_at = deadlines.client_commit_at() if stream.held is not None else None
+            before = loop.time()
+            try:
+                if commit_at is not None and self.response is None:
+                    async with asyncio.timeout_at(commit_at):
+                        try:
+                            chunk = await (
+                                upstream.read() if content is None else content.readany()
+                            )
+                        except READ_ERRORS as exc:
+                            raise upstream.cut_off(exc) from exc
+                else:
+                    try:
+                        chunk = await (upstream.read() if content is None else content.readany())
+                    except READ_ERRORS as exc:
+                        raise upstream.cut_off(exc) from exc
+            except TimeoutError:  # the commit deadline (a read's own errors are mapped above)
+                chunk = None
+            finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
+                now = loop.time()
+                record.upstream_wait_s += now - before
+            if chunk is None:
+                # The client's SDK gives up without response headers soon: send them now.
+                # A switch stays invisible (it has seen headers only), so holding goes on.
+                await self._commit()
+                continue
+            end = not chunk
+            data = self._sse_step(stream, upstream, chunk, now)
+            chunk = None
+            if data:
+                response = self.response
+                if response is None:
+                    response = await self._commit()
+                # What _client_io does, inline: this runs once per read of every stream.
+                written_at = loop.time()
+                try:
+                    if isinstance(data, Pieces):
+                        sent = 0
+                        for piece in data:
+                            await response.write(piece)
+                            sent += len(piece)
+                            await asyncio.sleep(0)  # the loop runs between pieces
+                        record.bytes_to_client += sent
+                    elif len(data) <= WRITE_PIECE:
+                        await response.write(data)
+                        record.bytes_to_client += len(data)
+                    else:
+                        await self._write_pieces(response, data)
+                        record.bytes_to_client += len(data)
+                except ConnectionError as exc:
+                    record.client_gone_at = written_at
+                    raise ClientGone from exc
+                finally:
+                    record.client_wait_s += loop.time() - written_at
+                self.delivered_tokens = tracker.generated_tokens
+                if attempt.first_token_at is not None:
+                    self.content_sent = True
+                data = b""
+            if end:
+                return
+
+    @staticmethod
+    async def _write_pieces(response: web.StreamResponse, data: bytes) -> None:
+        """A large output (a huge event) in pieces: each write copies one piece, and once the
+        client's socket is full the write waits, so the loop runs between pieces instead of
+        copying the whole output in one step. The client gets the same bytes."""
+        if len(data) <= WRITE_PIECE:
+            if data:
+                await response.write(data)
+            return
+        view = memoryview(data)  # not released here: a transport may still hold a slice
+        for start in range(0, len(data), WRITE_PIECE):
+            await response.write(view[start : start + WRITE_PIECE])
+
+    def _sse_step(
+        self, stream: StreamState, upstream: UpstreamResponse, chunk: bytes, now: float
+    ) -> bytes | Pieces:
+        """One upstream read of a stream (b"": its end): the bytes for the client, if any
+        (in `Pieces` when they hold a huge event among others)."""
+        if stream.large is not None:
+            return self._large_step(stream, upstream, chunk, now, stream.large)
+        record, attempt, decoder = self.record, stream.attempt, self.decoder
+        tracker, chunk_filter = self.tracker, stream.chunk_filter
+        assert tracker is not None and decoder is not None
+        out: list[bytes] = []
+        content = False  # deadlines and first token: once per read (its events share `now`)
+        if not chunk:
+            events = decoder.flush()
+            upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
+        else:
+            taken = 0
+            if (
+                stream.held is None
+                and stream.plain
+                and _CR not in chunk
+                and not (self.continuing and attempt.first_token_at is None)
+                and decoder.at_boundary(chunk)
+            ):
+                # The usual read: one event of the last content chunk's shape, known without a
+                # search (`feed_shaped`); or whole `data: {...}` events, classified from their
+                # bytes (no SSEEvent, no text decode) and edited in one pass, the decoder
+                # getting the rest.
+                shape = tracker.feed_shaped(chunk)
+                if shape is not None:
+                    record.content_chunks += 1
+                    self._content_came(stream, now)
+                    if chunk_filter is not None and shape.null_usage is not None:
+                        if shape.null_usage:
+                            chunk = cut_null_usage(chunk)
+                        else:
+                            chunk = chunk_filter.plain_bytes(chunk)
+                    return self.scrubber.feed(chunk)
+                taken, contents = tracker.feed_plain(chunk)
+                if taken:
+                    if contents:
+                        record.content_chunks += contents
+                        content = True
+                        self._content_came(stream, now)
+                    if taken == len(chunk):  # all of it (the usual read): nothing else to do
+                        if chunk_filter is not None:
+                            chunk = chunk_filter.plain_bytes(chunk)
+                        return self.scrubber.feed(chunk)
+                    run = chunk[:taken]
+                    out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
+            events = decoder.feed(chunk[taken:] if taken else chunk)
+            if decoder.buffered > MAX_SSE_EVENT:
+                raise too_large(attempt.upstream)
+        return self._sse_events(stream, chunk, now, events, out, content)
+
+    def _sse_events(
+        self,
+        stream: StreamState,
+        chunk: bytes,
+        now: float,
+        events: list[SSEEvent],
+        out: list[bytes],
+        content: bool,
+    ) -> bytes | Pieces:
+        """The events a read completed, then the read's output (`_sse_step`)."""
+        record, attempt, decoder = self.record, stream.attempt, self.decoder
+        tracker, chunk_filter = self.tracker, stream.chunk_filter
+        assert tracker is not None and decoder is not None
+        held = stream.held
+        for event in events:
+            kind = tracker.feed(event)
+            if self.continuing and attempt.first_token_at is None:
+                if kind is EventKind.OTHER and not event.comment:
+                    continue  # a continuation's role chunk: the client has one already
+            if kind is EventKind.CONTENT and stream.collect_text:
+                self.delivered_text.append(content_text(event.data))
+            if kind is EventKind.CONTENT:
+                record.content_chunks += 1
+                if not content:
+                    content = True
+                    self._content_came(stream, now)
+            elif tracker.malformed_events > stream.malformed:
+                # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
+                stream.malformed = tracker.malformed_events
+                continue
+            data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
+            if held is not None:
+                if kind is EventKind.ERROR:
+                    raise failed_before_content(attempt.upstream, tracker)
+                if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                    out.extend(held)
+                    held = stream.held = None
+                elif event.comment:
+                    if self.response is not None:
+                        out.append(data)  # headers are out already: keep-alives pass
+                    continue
+                else:
+                    held.append(data)
+                    stream.held_bytes += len(data)
+                    if stream.held_bytes > HOLD_CAP:
+                        raise held_too_much(attempt.upstream)
+                    continue
+            out.append(data)
+        if held is not None and not chunk:
+            # The stream ended with no content and no end marker: cut before content.
+            raise AttemptFailed(
+                AttemptResult.STREAM_ERROR,
+                UpstreamFailed(
+                    f'upstream "{attempt.upstream}" ended the stream before any content'
+                ),
+            )
+        if chunk and passable(decoder, stream.large_at):
+            # A huge event has begun: from here on it passes through as it comes.
+            forward = not stream.raw_mode and held is None
+            forward = forward and not (self.continuing and attempt.first_token_at is None)
+            head, line = decoder.take_line()
+            large = stream.large = LargeEvent(
+                head,
+                line,
+                edit=chunk_filter is not None,
+                forward=forward,
+                run=stream.large_run,
+                keep_text=stream.collect_text,
+            )
+            first = large.start()
+            if forward:
+                out.append(first)
+        scrubber = self.scrubber
+        if stream.raw_mode:
+            return scrubber.feed(chunk) + (b"" if chunk else scrubber.flush())
+        if sum(map(len, out)) > WRITE_PIECE:
+            # A huge output: its pieces go out as they are, not joined (a copy of megabytes
+            # in this step), and scrubbed as they go (a secret split across pieces is held).
+            return Pieces(out, scrubber, end=not chunk)
+        data = b"".join(out)
+        # Configured secrets never reach the client (a secret split across writes is held).
+        return scrubber.feed(data) + (b"" if chunk else scrubber.flush())
+
+    def _large_step(
+        self,
+        stream: StreamState,
+        upstream: UpstreamResponse,
+        chunk: bytes,
+        now: float,
+        large: LargeEvent,
+    ) -> bytes | Pieces:
+        """A read while a huge event is in progress (proxy/sse_large.py)."""
+        decoder = self.decoder
+        assert decoder is not None
+        if not chunk:
+            if large.in_line:
+                upstream.check_end(mid_event=True)  # cut inside the event: raises
+            events = large.flush(decoder)
+            upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
+            forward = b""
+        else:
+            forward, done = large.feed(chunk, decoder)
+            if done is None:
+                if large.size > MAX_SSE_EVENT:
+                    raise too_large(stream.attempt.upstream)
+                if stream.raw_mode:
+                    return self.scrubber.feed(chunk)
+                return self.scrubber.feed(forward) if large.forward and forward else b""
+            if decoder.buffered > MAX_SSE_EVENT:
+                raise too_large(stream.attempt.upstream)
+            events = done
+        stream.large = None
+        out = [forward] if large.forward and forward else []
+        content = False
+        if events:
+            content = self._large_end(stream, large, events[0], out, now)
+        return self._sse_events(stream, chunk, now, events[1:], out, content)
+
+    def _large_end(
+        self, stream: StreamState, large: LargeEvent, event: SSEEvent, out: list[bytes], now: float
+    ) -> bool:
+        """A huge event's end: what `_sse_events` does with an event, for one whose start may
+        have gone out already. Returns whether it carried content."""
+        record, attempt, tracker = self.record, stream.attempt, self.tracker
+        assert tracker is not None
+        kind: EventKind | None = None
+        skeleton = large.skeleton
+        if skeleton is not None and large.skeleton_text:
+            runs = skeleton.runs
+            kind = tracker.feed_skeleton(event, lambda obj: restore(obj, runs))
+        if kind is None:
+            if skeleton is not None:
+                event = large.whole()  # the skeleton cannot tell: read it whole (one step)
+                skeleton = None
+            kind = tracker.feed(event)
+        sent = large.forward and large.safe > 0
+        if self.continuing and attempt.first_token_at is None:
+            if kind is EventKind.OTHER and not event.comment:
+                return False  # a continuation's role chunk (kept, not sent): dropped
+        if kind is EventKind.CONTENT and stream.collect_text:
+            text = content_text(event.data)  # of the skeleton: its markers stand for parts
+            self.delivered_text.extend([text] if skeleton is None else skeleton.text_of(text))
+        content = False
+        if kind is EventKind.CONTENT:
+            record.content_chunks += 1
+            content = True
+            self._content_came(stream, now)
+        elif tracker.malformed_events > stream.malformed:
+            stream.malformed = tracker.malformed_events
+            if not sent:
+                return False  # dropped and counted, as any malformed event
+            # Its start went out: relayed whole (docs/resilience.md), counted all the same.
+        pieces = [] if large.forward else large.safe_pieces()
+        rest = large.held()
+        chunk_filter = stream.chunk_filter
+        if chunk_filter is not None:
+            if kind is EventKind.USAGE_ONLY and not sent:
+                if chunk_filter.drops_usage_chunk:
+                    pieces, rest = [], b""
+            elif event.data is not None:
+                # The usage member, cut as `client_bytes` cuts it: every `"usage"` is in the
+                # held tail, and the byte before it says whether a comma goes too.
+                last = large.last_safe_byte()
+                rest = strip_usage_member(last + rest)[len(last) :]
+        data = [*pieces, rest] if rest else pieces
+        held = stream.held
+        if held is not None:
+            if kind is EventKind.ERROR:
+                raise failed_before_content(attempt.upstream, tracker)
+            if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                out.extend(held)
+                stream.held = None
+            elif event.comment:
+                if self.response is not None:
+                    out.extend(data)
+                return content
+            else:
+                held.extend(data)
+                stream.held_bytes += sum(map(len, data))
+                if stream.held_bytes > HOLD_CAP:
+                    raise held_too_much(attempt.upstream)
+                return content
+        out.extend(data)
+        return content
+
+    def _content_came(self, stream: StreamState, now: float) -> None:
+        """The first content event of a read: deadlines and first-token marks."""
+        stream.deadlines.content(now)
+        record, attempt = self.record, stream.attempt
+        if record.first_token_at is None:
+            record.first_token_at = now
+            # The stream enters the idle phase: its deadline may be the first one armed (when
+            # first_token_s is off).
+            stream.watchdog.rearm()
+        if attempt.first_token_at is None:
+            attempt.first_token_at = now
