@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from proxy.looplag import LoopLagProbe
+from proxy.looplag import YOUNG_COLLECTION_AT, LoopLagProbe
 from proxy.metrics import Metrics
 from tests.conftest import StartProxy
 from tests.support import make_config
@@ -99,16 +99,20 @@ async def test_metrics_are_rendered_off_the_event_loop(
 
 def test_freeze_startup_heap_leaves_full_collections_little_to_walk() -> None:
     """In a fresh process (freezing is for good): after the CLI's imports, freezing moves the
-    startup objects out of generation 2, which a full collection walks."""
+    startup objects out of generation 2, which a full collection walks; young collections wait
+    for YOUNG_COLLECTION_AT objects, the older generations keep their thresholds."""
     code = (
         "import gc, proxy.server, proxy.app\n"
         "from proxy.looplag import freeze_startup_heap\n"
-        "gc.collect(); before = len(gc.get_objects(generation=2))\n"
+        "gc.collect(); before = len(gc.get_objects(generation=2)); old = gc.get_threshold()\n"
         "freeze_startup_heap()\n"
-        "print(before, len(gc.get_objects(generation=2)), gc.get_freeze_count())\n"
+        "print(before, len(gc.get_objects(generation=2)), gc.get_freeze_count(), *old,"
+        " *gc.get_threshold())\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout.split()
-    before, after, frozen = (int(x) for x in out)
+    before, after, frozen, *thresholds = (int(x) for x in out)
     assert before > 20_000 and after < before // 100 and frozen > before * 0.9
+    assert thresholds[3:] == [YOUNG_COLLECTION_AT, *thresholds[1:3]]
+    assert thresholds[0] < YOUNG_COLLECTION_AT
