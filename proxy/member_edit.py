@@ -24,8 +24,6 @@ _WS_RUN: Final = re.compile(rb"[ \t\r\n]*")
 # A JSON string (the body is valid JSON here, so no control bytes are inside).
 _STRING: Final = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 _LONGEST_VALUE: Final = 64 * 1024  # a model name longer than this: the one-step rename
-# An escape that spells a letter of "model" (`"mod\u0065l"` is a key `model`).
-_SPELLED: Final = re.compile(rb"\\u006[45cdfCDF]")
 _MODEL_KEY: Final = b'"model"'
 _HITS_A_STEP: Final = 4096
 
@@ -51,7 +49,7 @@ def renamed_in_steps(
     members = fields.members
     if members is None:  # not an object: as before (renamed raises)
         return renamed(body, model)
-    spelled = yield from _search(body, _SPELLED, step)
+    spelled = yield from _search(body, spelling_escapes("model"), step)
     if spelled:
         return renamed(body, model)
     value = json.dumps(model, ensure_ascii=False).encode()
@@ -111,6 +109,26 @@ def _last_other(body: RequestBody, step: int) -> Generator[None, None, int | Non
             return end - len(piece) + kept
         yield
     return None
+
+
+def spelling_escapes(name: str) -> re.Pattern[bytes]:
+    """A `\\u` escape of a character of `name` (ASCII): a key spelled with escapes, such as
+    `"mod\\u0065l"` for `model`, holds one (6 bytes)."""
+    codes = sorted({f"{ord(c):04x}" for c in name})
+    either = "|".join(
+        "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in code) for code in codes
+    )
+    return re.compile(rf"\\u(?:{either})".encode())
+
+
+def has_key_in_steps(
+    body: RequestBody, name: str, *, step: int = STEP_BYTES
+) -> Generator[None, None, bool]:
+    """False when no member of any object in `body` can be named `name` (no literal key, no
+    escape that could spell one); True when one may be (the caller then parses)."""
+    if (yield from _keys(body, f'"{name}"'.encode(), most=1, step=step)):
+        return True
+    return (yield from _search(body, spelling_escapes(name), step))
 
 
 def _search(

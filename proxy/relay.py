@@ -229,9 +229,12 @@ class Exchange(Downstream):
             try:
                 if self._hedges(plan, index):
                     return await self._hedged(plan, index, attempt, watchdog)
+                named = None  # a large body an engine names is named a step at a time
+                if self.state.aborts.names_in_steps(target):
+                    named = await self.state.aborts.name_attempt_in_steps(plan, target, record)
                 # The attempt runs inline, not in a coroutine of its own: that frame would
                 # stay alive under every held stream (~400 B each).
-                opened = self._send(plan, index, attempt, watchdog, override)
+                opened = self._send(plan, index, attempt, watchdog, override, named)
                 opened_at = loop.time()
                 try:
                     try:
@@ -453,9 +456,10 @@ class Exchange(Downstream):
         attempt: Attempt,
         watchdog: Watchdog,
         target: TargetPlan | None = None,
+        named: Named | None = None,
     ) -> OpenAttempt:
-        """Start one attempt on `target` (the plan's `index` by default): its request goes out
-        as `_attempts` waits for its answer."""
+        """Start one attempt on `target` (the plan's `index` by default), `named` at its
+        engine already or here: its request goes out as `_attempts` waits for its answer."""
         deadlines, options, record = plan.deadlines, plan.route.options, self.record
         target = self.target = target or plan.targets[index]
         self.tracker = None
@@ -465,7 +469,8 @@ class Exchange(Downstream):
             if remaining is not None:
                 headers[options.deadline_header] = str(int(remaining * 1000))
         self.state.attempt_starting(record, headers, attempt)
-        named = self.state.aborts.name_attempt(plan, target, record)
+        if named is None:
+            named = self.state.aborts.name_attempt(plan, target, record)
         self._sent += ((attempt, target, named),)
         return self.state.upstreams.attempt(
             target.upstream_name,

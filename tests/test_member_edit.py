@@ -14,12 +14,21 @@ import aiohttp
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
-from proxy.engines.naming import append_member
+from proxy.engines import protocols
+from proxy.engines.naming import (
+    append_member,
+    append_member_in_steps,
+    has_member,
+    has_member_in_steps,
+)
 from proxy.member_edit import appended, renamed, renamed_in_steps
 from proxy.request_fields import read_fields
 from proxy.sim import SimulatedProvider
+from proxy.usage import inspect_request
 from tests.conftest import StartProxy
+from tests.connection_support import hostile_config
 from tests.resilience_support import BACKUP_MODEL, fallback_config
 
 CHAT = "/v1/chat/completions"
@@ -173,3 +182,103 @@ async def test_a_large_body_reaches_the_fallback_renamed(
     (got,) = big_backup.requests
     assert got.body == {**sent, "model": BACKUP_MODEL}
     assert list(got.body) == ["messages", "model", "stream", "temperature"]
+
+
+rid_pieces = st.lists(
+    st.sampled_from(
+        [b'{"rid":1}', b'{"r\\u0069d":1}', b'{"\\u0052id":1}', b'"rid"', b'"r\\u0069d"',
+         b'"r\\u0049d"', b"rid", b'{"a":', b"}", b"[", b"]", b",", b" ", b'"x"', b":",
+         b'"\\\\"', b'{"b":{"rid":2}}', b"1"]
+    ),
+    max_size=20,
+).map(b"".join)  # fmt: skip
+
+
+def as_rid(body: bytes) -> bytes:
+    return body.replace(b"model", b"rid").replace(b"mod\\u0065l", b"r\\u0069d")
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(rid_pieces, bodies().map(as_rid)), st.data())
+def test_has_member_in_steps_is_has_member(body: bytes, data: st.DataObject) -> None:
+    """Generated and damaged bodies (invalid JSON included) at small and odd steps."""
+    step = data.draw(st.sampled_from(STEPS))
+    got, _ = run(has_member_in_steps(bytearray(body), "rid", step=step))
+    assert got == has_member(body, "rid")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(rid_pieces, object_pieces), st.sampled_from(STEPS))
+def test_append_member_in_steps_is_append_member(body: bytes, step: int) -> None:
+    got, _ = run(append_member_in_steps(bytearray(body), "rid", "0f" * 16, step=step))
+    assert (None if got is None else bytes(got)) == append_member(body, "rid", "0f" * 16)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (CHAT, b'{"model":"m","messages":[],"rid":"client-rid"}'),
+        (CHAT, b'{"model":"m","messages":[],"r\\u0069d":"client-rid"}'),
+        (CHAT, b'{"model":"m","messages":[{"rid":1}]}'),
+        (CHAT, b'{"model":"m","messages":[],"n":2}'),
+        (CHAT, b' {"model":"m","messages":["\\u00e9"]} '),
+        ("/v1/completions", b'{"model":"m","prompt":"p"}\n'),
+        ("/v1/embeddings", b'{"model":"m","input":"x"}'),
+    ],
+)
+def test_sglang_names_in_steps_as_in_one(
+    path: str, body: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(protocols, "fresh_id", lambda: "0f" * 16)
+    sglang = protocols.SGLang()
+    facts = inspect_request(path, json.loads(body))
+    headers: CIMultiDict[str] = CIMultiDict()
+    expected = sglang.name_attempt(facts, body, headers)
+    for step in STEPS:
+        got, _ = run(sglang.name_attempt_in_steps(facts, bytearray(body), headers, step=step))
+        assert (bytes(got.body), got.engine_id) == (bytes(expected.body), expected.engine_id)
+
+
+@pytest.fixture
+async def big_sglang() -> AsyncIterator[SimulatedProvider]:
+    provider = SimulatedProvider(
+        engine="sglang", tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20
+    )
+    await provider.start(host="127.0.0.1", port=0)
+    try:
+        yield provider
+    finally:
+        await provider.stop()
+
+
+async def test_a_large_body_is_named_at_sglang(
+    big_sglang: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    """A 7 MiB body to an SGLang upstream: it arrives with the rid hangup records, every other
+    member as the client sent it; one with its own `rid` arrives as sent."""
+    assert big_sglang.base_url is not None
+    url = big_sglang.base_url
+    upstreams = {"sim": {"base_url": url, "engine": "sglang"}}
+    server, sink = await start_proxy(hostile_config(url, upstreams=upstreams))
+    messages = [{"role": "user", "content": f"message {i}"} for i in range(300_000)]
+    sent: list[dict[str, Any]] = [
+        {"model": "normal:tokens=2,rate=0", "messages": messages, "stream": True},
+        {"model": "normal:tokens=2,rate=0", "messages": messages, "rid": "client-own"},
+    ]
+    async with aiohttp.ClientSession() as session:
+        for i, obj in enumerate(sent):
+            body = json.dumps(obj).encode()
+            assert len(body) > 6 << 20
+            async with session.post(
+                f"http://127.0.0.1:{server.port}{CHAT}",
+                data=io.BytesIO(body),
+                headers={"Content-Type": "application/json", "x-request-id": f"big-{i}"},
+            ) as response:
+                assert response.status == 200, await response.text()
+                await response.read()
+    first, second = big_sglang.requests
+    record = await sink.wait_for("big-0")
+    assert record.engine_request_id is not None
+    assert first.body == {**sent[0], "rid": record.engine_request_id}
+    assert list(first.body)[-1] == "rid"
+    assert second.body == sent[1]
