@@ -265,13 +265,19 @@ def _with_rare_routes(config: Any) -> Any:
     model, one to the same upstream as an SGLang engine (hangup names attempts by `rid`)."""
     from proxy.config import HangupConfig
 
-    data = config.model_dump()
-    url = data["upstreams"]["default"]["base_url"]
-    data["upstreams"]["sglang"] = {"base_url": url, "engine": "sglang"}
-    data["routes"][:0] = [
+    # Built as `config_for_upstream` builds them: a dumped route re-validated would carry
+    # its resolved None options as settings.
+    data = config.model_dump(exclude={"upstreams", "routes"})
+    url = config.upstreams["default"].base_url
+    data["upstreams"] = {
+        "default": {"base_url": url},
+        "sglang": {"base_url": url, "engine": "sglang"},
+    }
+    data["routes"] = [
         {"name": "rename", "match": {"model": "bench-rename"}, "upstream": "default",
          "fallbacks": [{"upstream": "default", "model": "bench-other"}]},
         {"name": "sglang", "match": {"model": "bench-sglang"}, "upstream": "sglang"},
+        {"name": "default", "match": {"path_prefix": "/v1/"}, "upstream": "default"},
     ]  # fmt: skip
     return HangupConfig.model_validate(data)
 

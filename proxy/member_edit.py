@@ -26,6 +26,7 @@ _STRING: Final = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 _LONGEST_VALUE: Final = 64 * 1024  # a model name longer than this: the one-step rename
 _MODEL_KEY: Final = b'"model"'
 _HITS_A_STEP: Final = 4096
+_TAIL_BYTES: Final = 64 * 1024
 
 Steps = Generator[None, None, RequestBody]
 
@@ -92,18 +93,18 @@ def _first_other(
 ) -> Generator[None, None, int | None]:
     """Where the first byte other than JSON whitespace in `body[start:end]` is (None: none)."""
     for at in range(start, end, step):
-        piece = body[at : min(at + step, end)]
-        skipped = len(piece) - len(piece.lstrip(_WS))
-        if skipped < len(piece):
-            return at + skipped
+        blank = _WS_RUN.match(body, at, min(at + step, end))
+        if blank is not None and blank.end() < min(at + step, end):
+            return blank.end()
         yield
     return None
 
 
 def _last_other(body: RequestBody, step: int) -> Generator[None, None, int | None]:
-    """The length of `body` without its trailing JSON whitespace (None: all whitespace)."""
-    for end in range(len(body), 0, -step):
-        piece = body[max(0, end - step) : end]
+    """The length of `body` without its trailing JSON whitespace (None: all whitespace);
+    looked at `_TAIL_BYTES` a step (a slice is a copy)."""
+    for end in range(len(body), 0, -_TAIL_BYTES):
+        piece = body[max(0, end - _TAIL_BYTES) : end]
         kept = len(piece.rstrip(_WS))
         if kept:
             return end - len(piece) + kept
