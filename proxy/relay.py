@@ -35,6 +35,7 @@ from proxy.errors import (
 )
 from proxy.hedging import Racer, last_index, race
 from proxy.outcome import Outcome, RequestRecord, TimeoutKind
+from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
@@ -182,6 +183,12 @@ class Exchange(Downstream):
         finally:
             record.ended_at = self.loop.time()
             state.request_ended(task)
+            ended = self.plan
+            if ended is not None and len(ended.body) >= LARGE_RELEASE_BYTES:
+                # The client's body and a fallback's or an engine's copy: not in one step.
+                targets, sent = ended.targets, self._sent
+                bodies = (ended.body, *(t.body for t in targets), *(s[2].body for s in sent))
+                release_in_turns(self.loop, bodies)
             if record.client_gone_at is not None:
                 # The upstream socket's close is queued for the loop's next step; accounting,
                 # metrics and the log can wait one step so its FIN goes out first.
