@@ -10,6 +10,9 @@ loop; clients and the fake upstream (bench/fake_upstream.py) are other processes
 - ~60 MiB of distinct short messages, gzipped (~3.5 MiB on the wire; the routes accept gzip);
 - a streamed 60 MiB body (one string) with `stream_options`, which hangup rewrites to ask for
   usage;
+- a 60 MiB body (short messages) on a route whose fallback names another model (`fallback
+  rename`: the rename is built at admission for every target), and one to an SGLang upstream
+  (`sglang naming`: hangup adds a `rid` member);
 - a stream with one 15 MiB SSE event (hangup refuses events over 16 MiB);
 - an 8 MiB non-streamed answer (the largest hangup keeps to read its usage);
 - a `/metrics` scrape with every label at its bound (`series_bound()` series).
@@ -48,6 +51,8 @@ CASES = (
     "many small messages",
     "large gzip body",
     "large streamed body",
+    "fallback rename",
+    "sglang naming",
     "huge SSE event",
     "large answer",
     "metrics at bound",
@@ -188,6 +193,13 @@ def client(case: str, base: str, repeat: int) -> None:
             streamed = {**small, "stream": True, "stream_options": {"include_usage": False}}
             body = json.dumps({**streamed, "messages": [{"role": "user", "content": text}]})
             _post(url, body.encode(), json_type)
+        elif case in ("fallback rename", "sglang naming"):
+            # The models two routes of their own match (`_with_rare_routes`).
+            model = "bench-rename" if case == "fallback rename" else "bench-sglang"
+            message = {"role": "user", "content": "a short message"}
+            count = 60 * MIB // (len(json.dumps(message)) + 2)
+            body = json.dumps({"model": model, "messages": [message] * count})
+            _post(url, body.encode(), json_type)
         elif case == "huge SSE event":
             headers = {**json_type, "x-bench-events": "5", "x-bench-content-bytes": str(15 * MIB)}
             _post(url, json.dumps({**small, "stream": True}).encode(), headers)
@@ -248,6 +260,28 @@ def saturate_labels(state: Any) -> int:
     return series_bound(len(state.router.routes), len(configured), state.config.metrics.max_models)
 
 
+def _with_rare_routes(config: Any) -> Any:
+    """Two routes before the catch-all, by model: one with a fallback that names another
+    model, one to the same upstream as an SGLang engine (hangup names attempts by `rid`)."""
+    from proxy.config import HangupConfig
+
+    # Built as `config_for_upstream` builds them: a dumped route re-validated would carry
+    # its resolved None options as settings.
+    data = config.model_dump(exclude={"upstreams", "routes"})
+    url = config.upstreams["default"].base_url
+    data["upstreams"] = {
+        "default": {"base_url": url},
+        "sglang": {"base_url": url, "engine": "sglang"},
+    }
+    data["routes"] = [
+        {"name": "rename", "match": {"model": "bench-rename"}, "upstream": "default",
+         "fallbacks": [{"upstream": "default", "model": "bench-other"}]},
+        {"name": "sglang", "match": {"model": "bench-sglang"}, "upstream": "sglang"},
+        {"name": "default", "match": {"path_prefix": "/v1/"}, "upstream": "default"},
+    ]  # fmt: skip
+    return HangupConfig.model_validate(data)
+
+
 async def _wrk_chat(workdir: Path, base: str, seconds: int) -> None:
     from bench import wrk
 
@@ -274,6 +308,8 @@ async def run(repeat: int, log_file: TextIO, cases: list[str]) -> dict[str, Any]
         if "large gzip body" in cases:
             gzip_ok = config.defaults.model_copy(update={"request_encodings": ("gzip",)})
             config = config.model_copy(update={"defaults": gzip_ok})
+        if {"fallback rename", "sglang naming"} & set(cases):
+            config = _with_rare_routes(config)
         configure_logging("INFO", stream=log_file)
         port = free_port()
         server = ProxyServer(config, host=HOST, port=port)

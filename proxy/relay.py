@@ -35,6 +35,7 @@ from proxy.errors import (
 )
 from proxy.hedging import Racer, last_index, race
 from proxy.outcome import Outcome, RequestRecord, TimeoutKind
+from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
@@ -182,6 +183,12 @@ class Exchange(Downstream):
         finally:
             record.ended_at = self.loop.time()
             state.request_ended(task)
+            ended = self.plan
+            if ended is not None and len(ended.body) >= LARGE_RELEASE_BYTES:
+                # The client's body and a fallback's or an engine's copy: not in one step.
+                targets, sent = ended.targets, self._sent
+                bodies = (ended.body, *(t.body for t in targets), *(s[2].body for s in sent))
+                release_in_turns(self.loop, bodies)
             if record.client_gone_at is not None:
                 # The upstream socket's close is queued for the loop's next step; accounting,
                 # metrics and the log can wait one step so its FIN goes out first.
@@ -229,9 +236,12 @@ class Exchange(Downstream):
             try:
                 if self._hedges(plan, index):
                     return await self._hedged(plan, index, attempt, watchdog)
+                named = None  # a large body an engine names is named a step at a time
+                if self.state.aborts.names_in_steps(target):
+                    named = await self.state.aborts.name_attempt_in_steps(plan, target, record)
                 # The attempt runs inline, not in a coroutine of its own: that frame would
                 # stay alive under every held stream (~400 B each).
-                opened = self._send(plan, index, attempt, watchdog, override)
+                opened = self._send(plan, index, attempt, watchdog, override, named)
                 opened_at = loop.time()
                 try:
                     try:
@@ -453,9 +463,10 @@ class Exchange(Downstream):
         attempt: Attempt,
         watchdog: Watchdog,
         target: TargetPlan | None = None,
+        named: Named | None = None,
     ) -> OpenAttempt:
-        """Start one attempt on `target` (the plan's `index` by default): its request goes out
-        as `_attempts` waits for its answer."""
+        """Start one attempt on `target` (the plan's `index` by default), `named` at its
+        engine already or here: its request goes out as `_attempts` waits for its answer."""
         deadlines, options, record = plan.deadlines, plan.route.options, self.record
         target = self.target = target or plan.targets[index]
         self.tracker = None
@@ -465,7 +476,8 @@ class Exchange(Downstream):
             if remaining is not None:
                 headers[options.deadline_header] = str(int(remaining * 1000))
         self.state.attempt_starting(record, headers, attempt)
-        named = self.state.aborts.name_attempt(plan, target, record)
+        if named is None:
+            named = self.state.aborts.name_attempt(plan, target, record)
         self._sent += ((attempt, target, named),)
         return self.state.upstreams.attempt(
             target.upstream_name,

@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
+from proxy.edge.body import in_steps
 from proxy.engines import background
-from proxy.engines.protocols import CREDENTIAL_HEADERS, AbortCall, Named, engine_for
+from proxy.engines.naming import NAME_ONE_STEP_BYTES
+from proxy.engines.protocols import CREDENTIAL_HEADERS, AbortCall, Named, SGLang, engine_for
 from proxy.metrics import Metrics
 from proxy.outcome import BackgroundCancel, EngineAbort, RequestRecord
 from proxy.timeouts import Phase
@@ -63,10 +65,31 @@ class EngineAborts:
         named = engine_for(target.target.upstream.engine).name_attempt(
             plan.facts, target.body, target.headers
         )
+        self._named(record, named)
+        return named
+
+    def names_in_steps(self, target: TargetPlan) -> bool:
+        """Whether naming this attempt rewrites a body large enough to take several steps."""
+        return len(target.body) >= NAME_ONE_STEP_BYTES and isinstance(
+            engine_for(target.target.upstream.engine), SGLang
+        )
+
+    async def name_attempt_in_steps(
+        self, plan: Plan, target: TargetPlan, record: RequestRecord
+    ) -> Named:
+        """`name_attempt` for a target that `names_in_steps`, a bounded step per iteration."""
+        engine = engine_for(target.target.upstream.engine)
+        assert isinstance(engine, SGLang)
+        named = await in_steps(
+            engine.name_attempt_in_steps(plan.facts, target.body, target.headers)
+        )
+        self._named(record, named)
+        return named
+
+    def _named(self, record: RequestRecord, named: Named) -> None:
         if id(record) not in self._tasks and record.engine_abort is None:
             # Once an earlier attempt was aborted (a failover), the record keeps naming it.
             record.engine_request_id = named.engine_id
-        return named
 
     def abandon(
         self, record: RequestRecord, plan: Plan, target: TargetPlan, named: Named | None

@@ -21,6 +21,7 @@ Checked against the engines' own source; versions and commits are in docs/cancel
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,8 +29,15 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.config import Engine as EngineName
-from proxy.engines.naming import append_member, fresh_id, has_member
+from proxy.engines.naming import (
+    append_member,
+    append_member_in_steps,
+    fresh_id,
+    has_member,
+    has_member_in_steps,
+)
 from proxy.request_body import RequestBody
+from proxy.stream_options import STEP_BYTES
 from proxy.usage import RequestFacts
 
 _NAMED_ENDPOINTS = frozenset({"chat.completions", "completions"})
@@ -116,6 +124,25 @@ class SGLang:
             return Named(body, headers)
         rid = fresh_id()
         named = append_member(body, "rid", rid)
+        if named is None:
+            return Named(body, headers)
+        return Named(named, headers, rid)
+
+    def name_attempt_in_steps(
+        self,
+        facts: RequestFacts,
+        body: RequestBody,
+        headers: CIMultiDict[str],
+        *,
+        step: int = STEP_BYTES,
+    ) -> Generator[None, None, Named]:
+        """`name_attempt` for a large body, a bounded step at a time (the same answer)."""
+        if facts.endpoint not in _NAMED_ENDPOINTS or facts.n != 1:
+            return Named(body, headers)
+        if (yield from has_member_in_steps(body, "rid", step=step)):
+            return Named(body, headers)
+        rid = fresh_id()
+        named = yield from append_member_in_steps(body, "rid", rid, step=step)
         if named is None:
             return Named(body, headers)
         return Named(named, headers, rid)
