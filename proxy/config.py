@@ -16,6 +16,8 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -280,6 +282,24 @@ class FallbackConfig(_Model):
     long_context: bool = False
 
 
+def _takes_null(annotation: Any) -> bool:
+    try:
+        TypeAdapter(annotation).validate_python(None)
+    except ValidationError:
+        return False
+    return True
+
+
+# Route options that have no "off" value: in a route, `key: null` is an error (leave the key
+# out to inherit `defaults`), not a None slipping past validation into the running options.
+# (`timeouts: null` inherits, as `resolved` merges timeouts key by key.)
+_NOT_NULL = frozenset(
+    key
+    for key, field in RouteOptions.model_fields.items()
+    if key != "timeouts" and not _takes_null(field.annotation)
+)
+
+
 class RouteConfig(_Model):
     name: str
     match: MatchConfig = Field(default_factory=MatchConfig)
@@ -469,6 +489,12 @@ class HangupConfig(_Model):
                     raise _Located(
                         ("routes", i, "fallbacks", j, "upstream"),
                         f"no upstream named {fallback.upstream!r} (known: {known})",
+                    )
+            for key in sorted(route.model_fields_set & _NOT_NULL):
+                if getattr(route, key) is None:
+                    raise _Located(
+                        ("routes", i, key),
+                        f"must not be null (leave {key} out to inherit defaults.{key})",
                     )
             explicit = route.timeouts.model_fields_set if route.timeouts is not None else set()
             problem = route.resolved(self.defaults).timeouts.impossible(explicit)

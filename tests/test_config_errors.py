@@ -93,6 +93,18 @@ CASES = [
         ":7: routes[1].name: duplicate route name 'default'",
     ),
     (
+        "null route option",
+        UPSTREAM + ROUTE + "    request_encodings: null\n",
+        ":7: routes[0].request_encodings: must not be null (leave request_encodings out to "
+        "inherit defaults.request_encodings)",
+    ),
+    (
+        "empty route option",
+        UPSTREAM + ROUTE + "    max_retries:\n",
+        ":7: routes[0].max_retries: must not be null (leave max_retries out to inherit "
+        "defaults.max_retries)",
+    ),
+    (
         "invalid YAML",
         "upstreams:\n  openai: {base_url: https://x.example/v1\nroutes: []\n",
         ":3: invalid YAML: expected ',' or '}', but got ':'",
