@@ -226,12 +226,13 @@ def test_wrk_ablations_change_exactly_their_one_setting(name: str, tmp_path: Pat
 
 
 def test_wrk_derives_each_per_event_cost_from_its_two_workloads() -> None:
-    """Per event: (stream20 - chat) / 20, (stream200 - stream20) / 180 (paced, a slope between
-    two streams) and (burst200 - burst20) / 180."""
+    """Per event: (stream20 - chat) / 20, (slow200 - slow20) / 180 (paced, a slope between two
+    unsaturated streams) and (burst200 - burst20) / 180."""
     cpu = {
         "chat": 100.0,
         "stream20": 340.0,
-        "stream200": 2140.0,
+        "slow20": 360.0,
+        "slow200": 2160.0,
         "burst20": 300.0,
         "burst200": 660.0,
     }
@@ -240,5 +241,5 @@ def test_wrk_derives_each_per_event_cost_from_its_two_workloads() -> None:
     assert row["event_us"] == pytest.approx(12.0)
     assert row["paced_event_slope_us"] == pytest.approx(10.0)
     assert row["event_slope_us"] == pytest.approx(2.0)
-    del results["stream200"]
+    del results["slow200"]
     assert "paced_event_slope_us" not in wrk_derive(results, ["t"])["t"]
