@@ -290,7 +290,8 @@ async def one_sample(
     await asyncio.sleep(0.02)
     while time.monotonic() < deadline:
         rec = await sim_record()
-        assert rec is not None
+        if rec is None:  # seen by the simulator before (`until_sim_seen`), gone from it since
+            return {"ok": False, "why": "the simulator no longer has this request's record"}
         gone = rec["connection_closed_at"] or rec["peer_closed_at"]
         if gone is not None:
             return {"ok": True, "latency_ms": (gone - closed_at) * 1000, **state}
