@@ -32,7 +32,7 @@ from tests.test_resilience_continue import WHOLE, continue_config
 STYLES: list[PrefixStyle] = ["prefix", "continue_final_message"]
 # Small and odd steps, so that a few hundred bytes take every path the 60 MiB body takes.
 SMALL = [
-    Sizes(in_steps_from=0, scan=7, run_min=16, piece=64, window=64, walk=1 << 20, copy=3),
+    Sizes(in_steps_from=0, scan=7, run_min=23, piece=64, window=64, walk=1 << 20, copy=3),
     Sizes(in_steps_from=0, scan=1, run_min=10**9, piece=40, window=32, walk=1 << 20, copy=1),
     Sizes(in_steps_from=0, scan=64, run_min=24, piece=10**6, window=10**6, walk=1 << 20),
 ]
@@ -85,7 +85,7 @@ scalars = st.one_of(
 )
 VALUES: dict[str, st.SearchStrategy[Any]] = {
     "model": texts,
-    "messages": st.one_of(messages, messages, messages, scalars),
+    "messages": st.one_of(messages, messages, messages, scalars, long_texts),
     "n": scalars,
     "tools": st.one_of(scalars, st.just([]), st.just([{"type": "function"}]), st.just("")),
     "max_tokens": scalars,
