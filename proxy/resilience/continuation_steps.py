@@ -53,7 +53,9 @@ class Sizes:
 
     in_steps_from: int = IN_STEPS_FROM
     scan: int = 1024 * 1024  # scanned for runs a step (translate and a UTF-8 check)
-    run_min: int = RUN_MIN  # a run this long is left out of the walk
+    # A run this long is left out of the walk: longer than every name looked up (a key
+    # holding a run is read with a marker in it, so it is none of them).
+    run_min: int = RUN_MIN
     piece: int = PIECE_BYTES  # of the large array, checked a step
     window: int = WINDOW
     walk: int = 256 * 1024  # a shortened body larger than this is not walked (~3 ms)
