@@ -13,6 +13,10 @@ loop; clients and the fake upstream (bench/fake_upstream.py) are other processes
 - a 60 MiB body (short messages) on a route whose fallback names another model (`fallback
   rename`: the rename is built at admission for every target), and one to an SGLang upstream
   (`sglang naming`: hangup adds a `rid` member);
+- a streamed 60 MiB body (short messages) whose stream stalls after three tokens on a route
+  with `continue_cut_streams` and a fallback that accepts an assistant prefix
+  (`continuation`: hangup builds the request that goes on from the delivered text); the
+  upstream here is the simulator (`python -m proxy.sim`, which stalls when asked by model);
 - a stream with one 15 MiB SSE event (hangup refuses events over 16 MiB);
 - an 8 MiB non-streamed answer (the largest hangup keeps to read its usage);
 - a `/metrics` scrape with every label at its bound (`series_bound()` series).
@@ -42,7 +46,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from bench import fake_upstream
-from bench.common import HOST, REPO, Procs, free_port, report, table
+from bench.common import HOST, REPO, Procs, free_port, report, table, wait_http
 
 MIB = 1024 * 1024
 CASES = (
@@ -53,6 +57,7 @@ CASES = (
     "large streamed body",
     "fallback rename",
     "sglang naming",
+    "continuation",
     "huge SSE event",
     "large answer",
     "metrics at bound",
@@ -200,6 +205,13 @@ def client(case: str, base: str, repeat: int) -> None:
             count = 60 * MIB // (len(json.dumps(message)) + 2)
             body = json.dumps({"model": model, "messages": [message] * count})
             _post(url, body.encode(), json_type)
+        elif case == "continuation":
+            # The simulator stalls after three tokens (its model directive); the route of that
+            # model continues on a fallback (`_with_rare_routes`).
+            message = {"role": "user", "content": "a short message"}
+            count = 60 * MIB // (len(json.dumps(message)) + 2)
+            streamed = {"model": CONTINUE_MODEL, "stream": True, "messages": [message] * count}
+            _post(url, json.dumps(streamed).encode(), json_type)
         elif case == "huge SSE event":
             headers = {**json_type, "x-bench-events": "5", "x-bench-content-bytes": str(15 * MIB)}
             _post(url, json.dumps({**small, "stream": True}).encode(), headers)
@@ -260,9 +272,14 @@ def saturate_labels(state: Any) -> int:
     return series_bound(len(state.router.routes), len(configured), state.config.metrics.max_models)
 
 
-def _with_rare_routes(config: Any) -> Any:
+CONTINUE_MODEL = "stall:after=3"  # the simulator's directive: three tokens, then silence
+
+
+def _with_rare_routes(config: Any, sim_url: str | None = None) -> Any:
     """Two routes before the catch-all, by model: one with a fallback that names another
-    model, one to the same upstream as an SGLang engine (hangup names attempts by `rid`)."""
+    model, one to the same upstream as an SGLang engine (hangup names attempts by `rid`);
+    with `sim_url`, a third to the simulator whose stalled streams are continued on a
+    fallback (the simulator again) that accepts an assistant prefix."""
     from proxy.config import HangupConfig
 
     # Built as `config_for_upstream` builds them: a dumped route re-validated would carry
@@ -279,6 +296,18 @@ def _with_rare_routes(config: Any) -> Any:
         {"name": "sglang", "match": {"model": "bench-sglang"}, "upstream": "sglang"},
         {"name": "default", "match": {"path_prefix": "/v1/"}, "upstream": "default"},
     ]  # fmt: skip
+    if sim_url is not None:
+        data["upstreams"]["sim"] = {"base_url": sim_url + "/v1"}
+        data["upstreams"]["sim-prefix"] = {
+            "base_url": sim_url + "/v1",
+            "assistant_prefix": "prefix",
+        }
+        data["routes"].insert(0, {
+            "name": "continue", "match": {"model": CONTINUE_MODEL}, "upstream": "sim",
+            "fallbacks": [{"upstream": "sim-prefix", "model": "bench-other"}],
+            "continue_cut_streams": True, "circuit_failures": 0,
+            "timeouts": {"idle_s": 0.5},
+        })  # fmt: skip
     return HangupConfig.model_validate(data)
 
 
@@ -308,8 +337,18 @@ async def run(repeat: int, log_file: TextIO, cases: list[str]) -> dict[str, Any]
         if "large gzip body" in cases:
             gzip_ok = config.defaults.model_copy(update={"request_encodings": ("gzip",)})
             config = config.model_copy(update={"defaults": gzip_ok})
-        if {"fallback rename", "sglang naming"} & set(cases):
-            config = _with_rare_routes(config)
+        sim_url = None
+        if "continuation" in cases:
+            sim_port = free_port()
+            sim = procs.spawn(
+                "sim",
+                [sys.executable, "-m", "proxy.sim", "--port", str(sim_port),
+                 "--tokens-per-s", "200", "--max-records", "10"],
+            )  # fmt: skip
+            sim_url = f"http://{HOST}:{sim_port}"
+            wait_http(sim_url + "/v1/models", sim.proc)
+        if {"fallback rename", "sglang naming", "continuation"} & set(cases):
+            config = _with_rare_routes(config, sim_url)
         configure_logging("INFO", stream=log_file)
         port = free_port()
         server = ProxyServer(config, host=HOST, port=port)

@@ -20,6 +20,8 @@ from proxy.outcome import RequestRecord
 from proxy.refusal import close_after_response
 from proxy.request_body import RequestBody
 from proxy.request_fields import read_fields, read_fields_in_steps, with_size_estimate
+from proxy.resilience.continuation import continuable
+from proxy.resilience.continuation_steps import IN_STEPS_FROM as CONTINUE_IN_STEPS
 from proxy.routing import Route, Target
 from proxy.state import ProxyState
 from proxy.stream_options import with_stream_usage
@@ -80,6 +82,9 @@ class Plan:
     deadlines: Deadlines
     # The primary (the url/headers/body above) and then each fallback, in order.
     targets: tuple[TargetPlan, ...] = ()
+    # A large body on a route that continues cut streams: whether it can be continued
+    # (`continuation.continuable`), so that a stall need not parse it; None: not known.
+    continuable: bool | None = None
 
 
 async def admit(state: ProxyState, request: web.Request, record: RequestRecord) -> Plan:
@@ -181,6 +186,9 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
             model = target.model
         targets.append(TargetPlan(target, url, headers, target_body, model))
     primary = targets[0]
+    continues = None
+    if fields is not None and options.continue_cut_streams and len(body) >= CONTINUE_IN_STEPS:
+        continues = continuable(fields)
     return Plan(
         route,
         primary.url,
@@ -190,4 +198,5 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         usage_filter,
         deadlines,
         tuple(targets),
+        continues,
     )

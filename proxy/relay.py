@@ -26,6 +26,7 @@ from proxy.admission import Plan, TargetPlan, admit
 from proxy.attempts import Attempt, AttemptResult
 from proxy.downstream import Downstream
 from proxy.drain import open_upstream
+from proxy.edge.body import in_steps
 from proxy.edge.gate import edge_answer
 from proxy.engines import Named
 from proxy.errors import (
@@ -42,7 +43,7 @@ from proxy.routing import Route
 from proxy.secrets import stream_scrubber
 from proxy.sse_relay import ClientGone
 from proxy.state import STATE, ProxyState
-from proxy.targets import Chooser
+from proxy.targets import Chooser, Resume, ResumeSteps
 from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse
 from proxy.usage import (
     RequestFacts,
@@ -301,6 +302,8 @@ class Exchange(Downstream):
                 if self._cut is None:
                     self._cut = (error, timeout_kind)  # the error the client gets if all fails
                 resume = self._continuation(plan, index)
+                if resume is not None and not isinstance(resume, tuple):
+                    resume = await in_steps(resume)  # a large body's, a step at a time
                 if resume is not None:
                     index, override = resume
                     reason, self.continuing = "continue", True
@@ -341,7 +344,7 @@ class Exchange(Downstream):
                 finally:
                     record.backoff_wait_s += loop.time() - backoff_at
 
-    def _continuation(self, plan: Plan, index: int) -> tuple[int, TargetPlan] | None:
+    def _continuation(self, plan: Plan, index: int) -> Resume | ResumeSteps | None:
         """Where and how to continue a chat stream cut after content, if the route asks to
         (docs/resilience.md, "Continuing a cut stream"); None: end it in band as usual."""
         if self._continuations >= _MAX_CONTINUATIONS:

@@ -85,6 +85,8 @@ class RequestFields:
     undecoded_prompt_bytes: int = 0
     # The `stream_options` value exactly as sent, for a byte-faithful replacement.
     raw_stream_options: bytes = field(default=b"")
+    # The first byte of each prompt member too large to decode (what kind of value it is).
+    undecoded_first: dict[str, bytes] | None = None
 
 
 def _check_utf8(body: RequestBody) -> None:
@@ -266,6 +268,7 @@ def _marks(span: bytes, cuts: list[_Cut]) -> list[tuple[int, int, int]]:
 def _members(raw: _Members, span_of: Callable[[msgspec.Raw], _Span]) -> RequestFields:
     members: dict[str, Any] = {}
     undecoded = 0
+    undecoded_first: dict[str, bytes] | None = None
     for name in _SCALARS + _PROMPT:
         found: msgspec.Raw = getattr(raw, name)
         if not len(found):
@@ -273,6 +276,9 @@ def _members(raw: _Members, span_of: Callable[[msgspec.Raw], _Span]) -> RequestF
         span = span_of(found)
         if name in _PROMPT and span.size() > PROMPT_DECODE_LIMIT:
             undecoded += span.size()
+            # A marker never starts a member's span: its first byte is the original's.
+            undecoded_first = undecoded_first or {}
+            undecoded_first[name] = bytes(memoryview(found)[:1])
             continue
         try:
             value = msgspec.json.decode(span.data())
@@ -286,6 +292,7 @@ def _members(raw: _Members, span_of: Callable[[msgspec.Raw], _Span]) -> RequestF
         members=members,
         undecoded_prompt_bytes=undecoded,
         raw_stream_options=bytes(span_of(options).data()) if len(options) else b"",
+        undecoded_first=undecoded_first,
     )
 
 

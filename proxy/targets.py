@@ -5,12 +5,18 @@ continue a cut stream."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Generator
 
 from proxy.admission import Plan, TargetPlan
 from proxy.attempts import Attempt
 from proxy.resilience.circuit import Circuit, Circuits
 from proxy.resilience.continuation import continuation_body, continuation_target
+from proxy.resilience.continuation_steps import IN_STEPS_FROM, Steps, continuation_in_steps
 from proxy.resilience.policy import Decision, Failure, RetryRules, TargetView, next_step
+
+Resume = tuple[int, TargetPlan]  # the target to continue on, and its request
+# A large body's continuation, built a step at a time (`proxy.edge.body.in_steps`).
+ResumeSteps = Generator[None, None, Resume | None]
 
 
 class Chooser:
@@ -49,10 +55,14 @@ class Chooser:
 
     def continuation(
         self, index: int, last: Attempt, delivered_text: str, delivered_tokens: int
-    ) -> tuple[int, TargetPlan] | None:
+    ) -> Resume | ResumeSteps | None:
         """The target (and its request) to continue a chat stream cut after content: the same
         target first if it accepts an assistant prefix, else the next available one that does;
-        never one whose continuation just failed. None: end the stream in band as usual."""
+        never one whose continuation just failed. None: end the stream in band as usual.
+
+        For a large body whose admission told whether it can be continued, the request is
+        not built here: the steps that build it are returned, not started (so that asking
+        whether a stall is resumable costs no parse)."""
         plan, facts = self.plan, self.plan.facts
         if (
             not plan.route.options.continue_cut_streams
@@ -76,6 +86,11 @@ class Chooser:
             return None
         base = targets[j]
         style = base.target.upstream.assistant_prefix
+        if len(base.body) >= IN_STEPS_FROM and plan.continuable is not None:
+            if not plan.continuable or not delivered_text:
+                return None  # what `continuation_body` would say
+            steps = continuation_in_steps(base.body, delivered_text, style, delivered_tokens)
+            return _resumed(j, base, steps)
         body = continuation_body(base.body, delivered_text, style, delivered_tokens)
         if body is None:
             return None
@@ -92,3 +107,10 @@ class Chooser:
             remaining_s=self.plan.deadlines.retry_window(now),
             available=lambda name: self.circuit(name).would_allow(now),
         )
+
+
+def _resumed(j: int, base: TargetPlan, steps: Steps) -> ResumeSteps:
+    body = yield from steps
+    if body is None:
+        return None
+    return j, TargetPlan(base.target, base.url, base.headers, body, base.model)

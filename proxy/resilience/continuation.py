@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 from proxy.request_body import RequestBody
+from proxy.request_fields import RequestFields
 
 PrefixStyle = Literal["none", "prefix", "continue_final_message"]
 
@@ -52,6 +53,30 @@ def continuation_body(
             # What was delivered counts against the client's limit.
             obj[key] = max(1, limit - delivered_tokens)
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def continuable(fields: RequestFields) -> bool | None:
+    """What `continuation_body` would say of the body (with text delivered and a style)
+    without parsing it again, from what admission read: an object whose `messages` is an
+    array, with no `n` other than 1 and no `tools` (`json.loads` and msgspec both keep a
+    repeated member's last value). None when that cannot be told (a `tools` member too large
+    to decode that is not a string: `[ ]` with a megabyte of blanks is empty)."""
+    members = fields.members
+    if members is None:
+        return False
+    n = members.get("n")
+    if n is not None and n != 1:
+        return False
+    large = fields.undecoded_first or {}
+    if "tools" in large:
+        if large["tools"] != b'"':
+            return None
+        return False  # a string of a megabyte is not empty
+    if members.get("tools"):
+        return False
+    if "messages" in large:
+        return large["messages"] == b"["
+    return isinstance(members.get("messages"), list)
 
 
 def continuation_target(
