@@ -276,6 +276,27 @@ def test_generated_streams_agree(events: list[bytes], cuts: list[int]) -> None:
     _agree("/v1/chat/completions", _cut(data, cuts))
 
 
+def _choice_chunk(text: str, index: int, ascii: bool) -> bytes:
+    obj = {"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
+    return b"data: " + json.dumps(obj | {"usage": None}, ensure_ascii=ascii).encode() + b"\n\n"
+
+
+_one_read_event = st.one_of(
+    _raw_event,
+    # the usual chunk of a second choice (n=2), whose texts are tallied by index
+    st.builds(_choice_chunk, st.text(max_size=12), st.integers(0, 2), st.booleans()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_one_read_event, min_size=1, max_size=10))
+def test_generated_streams_agree_an_event_a_read(events: list[bytes]) -> None:
+    """Each event its own read, as a generating model sends them: once a chunk's shape is
+    known the next one of that shape takes the one-step path (`feed_shaped`), with whatever
+    text, choice index or broken bytes it carries."""
+    _agree("/v1/chat/completions", events)
+
+
 def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not vacuous either: chunks that differ only in their text are read through their
     `Shape`, without `content_sizes` (only the role chunk and the first content chunk are
