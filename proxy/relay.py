@@ -34,7 +34,7 @@ from proxy.errors import (
     ProxyError,
     UpstreamFailed,
 )
-from proxy.hedging import Racer, last_index, race
+from proxy.hedged import hedges, relay_hedged
 from proxy.outcome import Outcome, RequestRecord, TimeoutKind
 from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
 from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
@@ -235,8 +235,8 @@ class Exchange(Downstream):
             decision: Decision | None = None
             timeout_kind: TimeoutKind | None = None
             try:
-                if self._hedges(plan, index):
-                    return await self._hedged(plan, index, attempt, watchdog)
+                if hedges(self, plan, index):
+                    return await relay_hedged(self, plan, index, attempt, watchdog)
                 named = None  # a large body an engine names is named a step at a time
                 if self.state.aborts.names_in_steps(target):
                     named = await self.state.aborts.name_attempt_in_steps(plan, target, record)
@@ -371,70 +371,6 @@ class Exchange(Downstream):
                 )
             )
         return index
-
-    def _hedges(self, plan: Plan, index: int) -> bool:
-        """Race this attempt against the next target (docs/resilience.md, "Hedging")?"""
-        return (
-            plan.route.options.hedge_after_s is not None
-            and plan.facts.stream
-            and self.response is None
-            and self.chooser.can_switch(index)
-        )
-
-    async def _hedged(
-        self, plan: Plan, index: int, attempt: Attempt, watchdog: Watchdog
-    ) -> web.StreamResponse:
-        """Run `index` and, if it is slow to its first token, the next target in parallel;
-        relay the one whose content comes first."""
-        record, loop = self.record, self.loop
-        hedge_after = plan.route.options.hedge_after_s
-        assert hedge_after is not None
-
-        method = self.request.method
-
-        def named_racer(j: int, attempt: Attempt) -> Racer:
-            target = plan.targets[j]
-            self.state.attempt_starting(record, target.headers, attempt)
-            named = self.state.aborts.name_attempt(plan, target, record)
-            self._sent += ((attempt, target, named),)  # a loser is aborted by `_abandon`
-            return Racer(
-                self.state.upstreams, method, plan, j, attempt, named, watchdog.headers_sent
-            )
-
-        racers = [named_racer(index, attempt)]
-
-        def make_hedge() -> Racer | None:
-            j = self.chooser.next_available(index)
-            if j is None:
-                return None
-            target = plan.targets[j]
-            hedge = Attempt(target.upstream_name, target.model, loop.time(), "hedge")
-            record.attempts.append(hedge)
-            self.chooser.circuit(target.upstream_name).allows(loop.time())
-            racers.append(named_racer(j, hedge))
-            return racers[-1]
-
-        opened_at = loop.time()
-        try:
-            started = await race(racers[0], hedge_after, make_hedge, self._abandon)
-        finally:  # also when the race ends in an error, a deadline or a hang-up
-            record.upstream_wait_s += loop.time() - opened_at
-            self._raced_to = last_index(racers)
-            for racer in racers[1:]:
-                circuit = self.chooser.circuit(racer.attempt.upstream)
-                circuit.report(racer.attempt.result or AttemptResult.ABANDONED, loop.time())
-                self.state.resilience_observed(plan.route.name, racer.attempt, circuit)
-        self._raced_to = None
-        self.target = plan.targets[started.index]
-        winner = started.attempt
-        try:
-            return await self._relay_response(
-                plan, started.response, watchdog, winner, b"", can_switch=False
-            )
-        finally:
-            await started.opened.close()
-            winner.closed_at = record.upstream_closed_at = loop.time()
-            attempt_closed(winner, self.tracker)
 
     def _abandon(
         self, attempt: Attempt, why: str, result: AttemptResult = AttemptResult.ABANDONED
