@@ -7,7 +7,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, Self, TypeVar
 
 import pytest
@@ -399,3 +399,15 @@ def access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> dict[str, 
     ]
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def run_steps(steps: Generator[None, None, Any]) -> tuple[Any, int]:
+    """A sans-I/O generator run to its end, as `proxy.edge.body.in_steps` runs it one loop
+    iteration a step: its value and how many steps it yielded."""
+    count = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value, count
+        count += 1

@@ -7,7 +7,6 @@ are cut into many pieces."""
 from __future__ import annotations
 
 import json
-from collections.abc import Generator
 from typing import Any
 
 import pytest
@@ -17,25 +16,16 @@ from hypothesis import strategies as st
 from proxy.array_cut import ArrayCut, check_array
 from proxy.errors import BadRequest
 from proxy.request_fields import RequestFields, read_fields, read_fields_in_steps
+from tests.support import run_steps
 from tests.test_body_scan import NAMES, scanned, text, value
 
 PIECE = 40
 WINDOW = 120
 
 
-def run(steps: Generator[None, None, Any]) -> tuple[Any, int]:
-    count = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value, count
-        count += 1
-
-
 def stepwise(body: bytes, seed: int, run_min: int) -> RequestFields | str:
     try:
-        fields, _ = run(
+        fields, _ = run_steps(
             read_fields_in_steps(
                 body, scanned(body, seed, run_min), piece_bytes=PIECE, window=WINDOW
             )
@@ -54,7 +44,7 @@ def whole(body: bytes) -> RequestFields | str:
 
 
 def cut_of(body: bytes) -> ArrayCut | None:
-    cut, _ = run(check_array(body, piece_bytes=PIECE, window=WINDOW))
+    cut, _ = run_steps(check_array(body, piece_bytes=PIECE, window=WINDOW))
     assert cut is None or isinstance(cut, ArrayCut)
     return cut
 
@@ -135,7 +125,7 @@ def test_the_middle_of_a_large_array_is_really_left_out() -> None:
     cut = cut_of(body)
     assert cut is not None and cut.pieces >= 10 and cut.wrong_guesses == 0
     assert cut.end - cut.start > len(body) * 3 // 4
-    fields, steps = run(read_fields_in_steps(body, scanned(body, 1, 10**9), piece_bytes=PIECE,
+    fields, steps = run_steps(read_fields_in_steps(body, scanned(body, 1, 10**9), piece_bytes=PIECE,
                                              window=WINDOW))  # fmt: skip
     assert steps >= cut.pieces
     assert fields == read_fields(body)

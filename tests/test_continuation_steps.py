@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 from unittest import mock
@@ -27,6 +27,7 @@ from proxy.resilience.continuation_steps import Sizes, continuation_in_steps
 from proxy.sim import SimulatedProvider, completion_text
 from tests.conftest import StartProxy
 from tests.resilience_support import BACKUP_MODEL, CHAT, Answer, seen
+from tests.support import run_steps
 from tests.test_resilience_continue import WHOLE, continue_config
 
 STYLES: list[PrefixStyle] = ["prefix", "continue_final_message"]
@@ -36,16 +37,6 @@ SMALL = [
     Sizes(in_steps_from=0, scan=1, run_min=10**9, piece=40, window=32, walk=1 << 20, copy=1),
     Sizes(in_steps_from=0, scan=64, run_min=24, piece=10**6, window=10**6, walk=1 << 20),
 ]
-
-
-def run(steps: Generator[None, None, Any]) -> tuple[Any, int]:
-    count = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value, count
-        count += 1
 
 
 @contextmanager
@@ -152,7 +143,7 @@ def test_the_steps_parse_as_the_one_step_continuation(
     expected = continuation_body(body, delivered, style, tokens)
     original = bytearray(body)
     with no_one_step():  # every valid body is walked: never the whole parse
-        got, _ = run(continuation_in_steps(original, delivered, style, tokens, sizes=sizes))
+        got, _ = run_steps(continuation_in_steps(original, delivered, style, tokens, sizes=sizes))
     assert original == body  # not changed: a hedge or another continuation may resend it
     same_parse(got, expected)
 
@@ -163,7 +154,7 @@ def test_damaged_bodies_get_the_one_step_answer(
     body: bytes, style: PrefixStyle, sizes: Sizes
 ) -> None:
     expected = continuation_body(body, "go on", style, 3)
-    got, _ = run(continuation_in_steps(body, "go on", style, 3, sizes=sizes))
+    got, _ = run_steps(continuation_in_steps(body, "go on", style, 3, sizes=sizes))
     same_parse(got, expected)
 
 
@@ -205,7 +196,7 @@ def test_a_large_body_is_continued_in_bounded_steps(shape: str) -> None:
     else:
         body = large_body(1, "x" * (8 << 20))
     with no_one_step():
-        got, steps = run(continuation_in_steps(body, "déjà", "continue_final_message", 7))
+        got, steps = run_steps(continuation_in_steps(body, "déjà", "continue_final_message", 7))
     expected = continuation_body(body, "déjà", "continue_final_message", 7)
     same_parse(got, expected)
     assert steps >= len(body) // (4 << 20) + len(body) // (1 << 20)
@@ -222,7 +213,7 @@ def test_a_large_body_is_continued_in_bounded_steps(shape: str) -> None:
 def test_a_large_body_that_cannot_be_walked_takes_one_step() -> None:
     """Its bulk is neither long strings nor an array: the whole parse, as before."""
     body = json.dumps({f"k{i}": i for i in range(20_000)} | {"messages": []}).encode()
-    got, steps = run(continuation_in_steps(body, "go", "prefix", 1))
+    got, steps = run_steps(continuation_in_steps(body, "go", "prefix", 1))
     assert got == continuation_body(body, "go", "prefix", 1) and steps > 0
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -30,19 +30,10 @@ from proxy.usage import inspect_request
 from tests.conftest import StartProxy
 from tests.connection_support import hostile_config
 from tests.resilience_support import BACKUP_MODEL, fallback_config
+from tests.support import run_steps
 
 CHAT = "/v1/chat/completions"
 STEPS = (1, 2, 3, 7, 64, 10**9)
-
-
-def run(steps: Generator[None, None, Any]) -> tuple[Any, int]:
-    count = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value, count
-        count += 1
 
 
 def pairs(body: bytes | bytearray) -> Any:
@@ -61,7 +52,7 @@ object_pieces = st.lists(
 def test_appended_is_append_member(body: bytes, step: int) -> None:
     member = json.dumps({"rid": "X"}, separators=(",", ":")).encode()[1:-1]
     original = bytearray(body)
-    got, _ = run(appended(original, member, step=step))
+    got, _ = run_steps(appended(original, member, step=step))
     expected = append_member(body, "rid", "X")
     assert (None if got is None else bytes(got)) == expected
     assert original == body  # not changed
@@ -112,7 +103,7 @@ def test_the_rename_in_steps_parses_as_the_one_step_rename(
     fields = read_fields(body)
     expected = renamed(body, model)
     original = bytearray(body)
-    got, _ = run(renamed_in_steps(original, fields, model, step=step))
+    got, _ = run_steps(renamed_in_steps(original, fields, model, step=step))
     assert original == body  # not changed
     assert pairs(got) == pairs(expected)  # the same members, in the same order
     if bytes(got) != expected:  # done in place: only the model's value changed, or added
@@ -140,12 +131,12 @@ def test_a_large_body_is_renamed_in_bounded_steps() -> None:
     obj = {"model": "gpt-4o", "messages": messages, "tools": [{"model": "nested"}]}
     body = bytearray(json.dumps(obj).encode())
     fields = read_fields(body)
-    got, steps = run(renamed_in_steps(body, fields, "other"))
+    got, steps = run_steps(renamed_in_steps(body, fields, "other"))
     # Two literal `"model"` keys: one step as before.
     assert bytes(got) == renamed(body, "other") and steps > 1
     del obj["tools"]
     body = bytearray(json.dumps(obj).encode())
-    got, steps = run(renamed_in_steps(body, read_fields(body), "other"))
+    got, steps = run_steps(renamed_in_steps(body, read_fields(body), "other"))
     assert bytes(got) == body.replace(b'"gpt-4o"', b'"other"', 1)
     assert steps >= 2 * len(body) // (4 << 20)
 
@@ -203,14 +194,14 @@ def as_rid(body: bytes) -> bytes:
 def test_has_member_in_steps_is_has_member(body: bytes, data: st.DataObject) -> None:
     """Generated and damaged bodies (invalid JSON included) at small and odd steps."""
     step = data.draw(st.sampled_from(STEPS))
-    got, _ = run(has_member_in_steps(bytearray(body), "rid", step=step))
+    got, _ = run_steps(has_member_in_steps(bytearray(body), "rid", step=step))
     assert got == has_member(body, "rid")
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(rid_pieces, object_pieces), st.sampled_from(STEPS))
 def test_append_member_in_steps_is_append_member(body: bytes, step: int) -> None:
-    got, _ = run(append_member_in_steps(bytearray(body), "rid", "0f" * 16, step=step))
+    got, _ = run_steps(append_member_in_steps(bytearray(body), "rid", "0f" * 16, step=step))
     assert (None if got is None else bytes(got)) == append_member(body, "rid", "0f" * 16)
 
 
@@ -235,7 +226,7 @@ def test_sglang_names_in_steps_as_in_one(
     headers: CIMultiDict[str] = CIMultiDict()
     expected = sglang.name_attempt(facts, body, headers)
     for step in STEPS:
-        got, _ = run(sglang.name_attempt_in_steps(facts, bytearray(body), headers, step=step))
+        got, _ = run_steps(sglang.name_attempt_in_steps(facts, bytearray(body), headers, step=step))
         assert (bytes(got.body), got.engine_id) == (bytes(expected.body), expected.engine_id)
 
 

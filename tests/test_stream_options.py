@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import AsyncIterator, Generator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -21,19 +21,10 @@ from proxy.usage import RequestFacts, inject_stream_usage, inspect_request
 from proxy.usage.inject import needs_usage_request
 from tests.conftest import StartProxy
 from tests.connection_support import hostile_config
+from tests.support import run_steps
 
 NEEDLE = b'"stream_options"'
 CHAT = "/v1/chat/completions"
-
-
-def run(steps: Generator[None, None, Any]) -> tuple[Any, int]:
-    count = 0
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value, count
-        count += 1
 
 
 pieces = st.lists(
@@ -45,7 +36,7 @@ pieces = st.lists(
 @settings(max_examples=400, deadline=None)
 @given(pieces, st.integers(1, 40), st.integers(1, 3))
 def test_find_all_finds_what_count_counts(body: bytes, step: int, most: int) -> None:
-    found, _ = run(find_all(body, NEEDLE, most=most, step=step))
+    found, _ = run_steps(find_all(body, NEEDLE, most=most, step=step))
     expected = [m.start() for m in re.finditer(re.escape(NEEDLE), body)][:most]
     assert found == expected
     assert len(found) == min(body.count(NEEDLE), most)
@@ -57,7 +48,7 @@ def test_spliced_is_the_join(body: bytes, data: st.DataObject, insert: bytes, st
     start = data.draw(st.integers(0, len(body)))
     end = data.draw(st.integers(start, len(body)))
     original = bytearray(body)
-    out, steps = run(spliced(original, start, end, insert, step=step))
+    out, steps = run_steps(spliced(original, start, end, insert, step=step))
     assert bytes(out) == b"".join((body[:start], insert, body[end:]))
     assert original == body  # not changed
     if len(body) > step:
@@ -107,7 +98,7 @@ def test_the_body_asks_for_usage_as_before(
     facts = inspect_request(CHAT, fields.members)
     expected = before(body, facts, fields.raw_stream_options, continuous)
     for step in (7, 64, 10**9):
-        got, _ = run(
+        got, _ = run_steps(
             with_stream_usage(bytearray(body), fields, facts, continuous=continuous, step=step)
         )
         assert got == expected
