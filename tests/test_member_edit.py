@@ -141,22 +141,12 @@ def test_a_large_body_is_renamed_in_bounded_steps() -> None:
     assert steps >= 2 * len(body) // (4 << 20)
 
 
-@pytest.fixture
-async def big_backup() -> AsyncIterator[SimulatedProvider]:
-    provider = SimulatedProvider(tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
-        yield provider
-    finally:
-        await provider.stop()
-
-
 async def test_a_large_body_reaches_the_fallback_renamed(
-    sim: SimulatedProvider, big_backup: SimulatedProvider, start_proxy: StartProxy
+    sim: SimulatedProvider, big_sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
     """A 7 MiB body whose primary answers 503: the fallback gets it asked for its own model,
     every other member as the client sent it (and in its order)."""
-    server, _ = await start_proxy(fallback_config(sim, big_backup, max_retries=0))
+    server, _ = await start_proxy(fallback_config(sim, big_sim, max_retries=0))
     sim.set_fault("gpt-4o", "error:status=503")
     messages = [{"role": "user", "content": f"message {i}"} for i in range(300_000)]
     sent = {"messages": messages, "model": "gpt-4o", "stream": False, "temperature": 0.5}
@@ -170,7 +160,7 @@ async def test_a_large_body_reaches_the_fallback_renamed(
         ) as response:
             assert response.status == 200, await response.text()
             assert (await response.json())["model"] == BACKUP_MODEL
-    (got,) = big_backup.requests
+    (got,) = big_sim.requests
     assert got.body == {**sent, "model": BACKUP_MODEL}
     assert list(got.body) == ["messages", "model", "stream", "temperature"]
 

@@ -6,11 +6,9 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -102,16 +100,6 @@ def test_the_body_asks_for_usage_as_before(
             with_stream_usage(bytearray(body), fields, facts, continuous=continuous, step=step)
         )
         assert got == expected
-
-
-@pytest.fixture
-async def big_sim() -> AsyncIterator[SimulatedProvider]:
-    provider = SimulatedProvider(tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
-        yield provider
-    finally:
-        await provider.stop()
 
 
 async def test_a_large_streamed_body_reaches_the_upstream_asking_for_usage(
