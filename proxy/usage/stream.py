@@ -95,6 +95,17 @@ _RESPONSES_DONE: Final = frozenset(
 )
 
 
+def _repeats_text(name: str | None) -> bool:
+    """A Responses event that only repeats text already counted (`*.done`, `*.added`): not
+    parsed."""
+    return (
+        name is not None
+        and name.startswith("response.")
+        and name not in _RESPONSES_NEEDED
+        and not name.endswith(".delta")
+    )
+
+
 class StreamUsageTracker:
     """Classifies the events of one streamed answer and counts what was generated.
 
@@ -159,21 +170,10 @@ class StreamUsageTracker:
             sizes = content_sizes(data)  # plain content chunks without the full parse
             if sizes is not None:
                 return self._content(sizes)
-        if (
-            name is not None
-            and name.startswith("response.")
-            and name not in _RESPONSES_NEEDED
-            and not name.endswith(".delta")
-        ):
+        if _repeats_text(name):
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
             return EventKind.OTHER
-        try:
-            obj = parse_json(data) if self._fast else json.loads(data)
-        except ValueError:
-            obj = None
-        except RecursionError as exc:
-            # Nothing a client could parse either: end the stream with an error event.
-            raise UpstreamFailed("upstream sent an SSE event nested too deeply to read") from exc
+        obj = self._parse(data)
         if name == "error":  # an SSE-level error event, whatever its payload
             self.error = _error_message(obj.get("error", obj) if isinstance(obj, dict) else data)
             return EventKind.ERROR
@@ -184,6 +184,16 @@ class StreamUsageTracker:
         if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
             return self._responses_event(kind, obj)
         return self._chunk(obj)
+
+    def _parse(self, data: str) -> Any:
+        """An event's data parsed (None: not JSON)."""
+        try:
+            return parse_json(data) if self._fast else json.loads(data)
+        except ValueError:
+            return None
+        except RecursionError as exc:
+            # Nothing a client could parse either: end the stream with an error event.
+            raise UpstreamFailed("upstream sent an SSE event nested too deeply to read") from exc
 
     def feed_skeleton(
         self, event: SSEEvent, restore: Callable[[dict[str, Any]], dict[str, Any] | None]
@@ -196,23 +206,13 @@ class StreamUsageTracker:
         data, name = event.data, event.event
         if data is None or data == "[DONE]" or name == "error":
             return None  # not a skeleton's shape, or an error read by its whole text
-        if (
-            name is not None
-            and name.startswith("response.")
-            and name not in _RESPONSES_NEEDED
-            and not name.endswith(".delta")
-        ):
+        if _repeats_text(name):
             return EventKind.OTHER
         # What `content_sizes` would take (its typed decode accepts the same structure and
         # types whatever the strings' lengths): counted as `_chunk` counts it, without the
         # model name that only the full parse reads.
         plain = name is None and self._fast and content_sizes(data) is not None
-        try:
-            obj = parse_json(data) if self._fast else json.loads(data)
-        except ValueError:
-            obj = None
-        except RecursionError as exc:
-            raise UpstreamFailed("upstream sent an SSE event nested too deeply to read") from exc
+        obj = self._parse(data)
         if not isinstance(obj, dict):
             self.malformed_events += 1
             return EventKind.OTHER
