@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from types import TracebackType
 
+from proxy.bare_context import BARE_CONTEXT
 from proxy.outcome import TimeoutKind
 from proxy.timeouts import Deadlines
 
@@ -59,7 +60,7 @@ class Watchdog:
             if self._handle.when() <= nxt[0]:
                 return
             self._handle.cancel()
-        self._handle = self._loop.call_at(nxt[0], self._on_timer)
+        self._handle = self._loop.call_at(nxt[0], self._on_timer, context=BARE_CONTEXT)
 
     def headers_sent(self) -> None:
         """The attempt's request went out: its deadline moves from connect to headers."""
@@ -73,7 +74,7 @@ class Watchdog:
             return
         when, kind = nxt
         if when > self._loop.time():
-            self._handle = self._loop.call_at(when, self._on_timer)
+            self._handle = self._loop.call_at(when, self._on_timer, context=BARE_CONTEXT)
             return
         self.fired = kind
         self._task.cancel(msg=f"hangup: {kind.value} timeout")
