@@ -26,6 +26,8 @@ access_log = logging.getLogger("hangup.access")
 
 # At shutdown, queued spans get this long to reach the collector (part of the stop budget).
 TRACE_FLUSH_S = 0.5
+# Every path under it is relayed (the OpenAI API's `/v1/...`).
+RELAY_PREFIX = "/v1/"
 
 
 async def _upstream_session(app: web.Application) -> AsyncIterator[None]:
@@ -143,6 +145,9 @@ def create_app(
     if config.metrics.enabled:
         app.router.add_get(config.metrics.path, gate.gated(metrics), expect_handler=expect)
     # The relay's handler runs the edge checks itself (one coroutine less per held stream).
-    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", relay.handle, expect_handler=expect)
+    route = app.router.add_route(
+        "*", RELAY_PREFIX + r"{tail:[\s\S]*}", relay.handle, expect_handler=expect
+    )
+    app[gate.DIRECT_ROUTE] = gate.DirectRoute(RELAY_PREFIX, route)
     app.router.add_route("*", r"/{tail:[\s\S]*}", gate.gated(not_found), expect_handler=expect)
     return app

@@ -6,16 +6,19 @@ coroutines (the middleware's and its own `_fix_request_current_app`), created on
 and alive for as long as a stream is held (~500 B each stream, measured). The relay's handler
 calls `edge_answer` first thing; the other handlers are wrapped by `gated`. A request no route
 matches never reaches a handler: `UnroutedAnswered`, the runner's server's handler, answers it.
+The same handler takes relayed requests straight to the relay's handler (`DirectRoute`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from aiohttp.web_request import BaseRequest
+from aiohttp.web_urldispatcher import AbstractRoute, PlainResource, UrlMappingMatchInfo
 
 from proxy import browser, unparsed
 from proxy.browser import BrowserPolicy
@@ -23,6 +26,17 @@ from proxy.edge.connections import oversized_head_refusal, probe_only_refusal
 from proxy.refusal import refuse
 
 BROWSER_POLICY = web.AppKey("hangup_browser_policy", BrowserPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class DirectRoute:
+    """The relay's route: every method on every path under `prefix`, no other route's."""
+
+    prefix: str
+    route: AbstractRoute
+
+
+DIRECT_ROUTE = web.AppKey("hangup_direct_route", DirectRoute)
 
 
 def edge_answer(request: web.Request) -> web.StreamResponse | None:
@@ -52,20 +66,57 @@ class UnroutedAnswered:
     ours (after the same edge checks as every route). The routes take every method on every
     path that starts with `/`, so only another target (authority form, absolute form without
     a path) can miss them; the app has no middleware to catch that, so the runner's server
-    calls this instead of the app, without a coroutine of its own for any other request."""
+    calls this instead of the app, without a coroutine of its own for any other request.
 
-    __slots__ = ("_handle", "app")
+    A relayed request (a path under the relay's prefix that no other route has, no `Expect`)
+    goes to the relay's handler directly, with the route's match already made: routing it
+    through `Application._handle` would find the same route by walking the router, and that
+    coroutine would stay alive under every held stream (~300 B; and ~15 µs of a request's
+    CPU). Its match info is one, shared by all such requests: it has no `tail` (nothing
+    reads it), only the route and the app, which is what `request.app` needs."""
+
+    __slots__ = ("_direct_handler", "_elsewhere", "_handle", "_matched", "_prefix", "app")
 
     def __init__(self, app: web.Application) -> None:
         self.app = app  # for proxy.unparsed._app_of
         self._handle = app._handle
+        direct = app.get(DIRECT_ROUTE)
+        self._prefix = direct.prefix if direct is not None else None
+        if direct is not None:
+            matched = UrlMappingMatchInfo({}, direct.route)
+            matched.add_app(app)
+            matched.freeze()
+            self._matched = matched
+            self._direct_handler = direct.route.handler
+        # Exact paths the router gives another route, even under the prefix (the router
+        # prefers the most specific match).
+        self._elsewhere = frozenset(
+            resource.canonical
+            for resource in app.router.resources()
+            if isinstance(resource, PlainResource)
+        )
 
     def __call__(self, request: BaseRequest) -> Awaitable[web.StreamResponse]:
         # The app's request factory makes `web.Request`s (the server's type says less).
         routed = cast(web.Request, request)
+        if self.goes_direct(routed):
+            routed._match_info = self._matched
+            return self._direct_handler(routed)
         if routed.rel_url.path[:1] == "/":
             return self._handle(routed)
         return self._unrouted(routed)
+
+    def goes_direct(self, request: web.Request) -> bool:
+        """Whether the router would give `request` the relay's route, and nothing (an
+        `Expect`, for its route's expect handler) must run before that route's handler."""
+        prefix = self._prefix
+        path = request.rel_url.path_safe  # what the router matches
+        return (
+            prefix is not None
+            and path.startswith(prefix)
+            and path not in self._elsewhere
+            and "Expect" not in request.headers
+        )
 
     async def _unrouted(self, request: web.Request) -> web.StreamResponse:
         try:
