@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from proxy.config import UpstreamConfig
 from proxy.timeouts import CLIENT_DEADLINE_HEADERS
@@ -44,6 +44,35 @@ _CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key"})
 _CLIENT_DEADLINES = frozenset(CLIENT_DEADLINE_HEADERS) - {"x-stainless-timeout"}
 
 VIA = "1.1 hangup"
+
+# Header names as the multidicts keep them: one `istr` per distinct name, shared by every
+# request. Given plain-`str` names, multidict makes a new `istr` for each name each time a
+# CIMultiDict is iterated, and aiohttp's copies of our headers (its client request's, its
+# response's) each keep their own: ~100 B per name per held stream, and the allocations.
+# Bounded: the names are the client's and the upstream's choice.
+_NAMES_KEPT = 1024
+_lowered: dict[str, istr] = {}  # a name as received -> its lower-case spelling
+_as_sent: dict[str, istr] = {}  # a name as received -> the same spelling (responses keep it)
+_X_REQUEST_ID, _VIA, _AUTHORIZATION = istr("x-request-id"), istr("via"), istr("authorization")
+
+
+def _lower(name: str) -> istr:
+    known = _lowered.get(name)
+    if known is None:
+        known = istr(name.lower())
+        if len(_lowered) < _NAMES_KEPT:
+            _lowered[name] = known
+    return known
+
+
+def _spelled(name: str) -> istr:
+    known = _as_sent.get(name)
+    if known is None:
+        known = istr(name)
+        if len(_as_sent) < _NAMES_KEPT:
+            _as_sent[name] = known
+    return known
+
 
 # The skip sets, built once rather than per request (a request adds only its Connection tokens
 # and drops, usually none).
@@ -87,17 +116,17 @@ def upstream_request_headers(
     # of a repeated field replace the other.
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
-        lower = name.lower()
+        lower = _lower(name)
         if lower not in skip:
             out.add(lower, value)
-    out["x-request-id"] = request_id
-    out.add("via", VIA)
+    out[_X_REQUEST_ID] = request_id
+    out.add(_VIA, VIA)
     if upstream.api_key is not None:
-        out["authorization"] = "Bearer " + upstream.api_key.get_secret_value()
+        out[_AUTHORIZATION] = "Bearer " + upstream.api_key.get_secret_value()
     for name, value in upstream.headers.items():
-        out[name.lower()] = value
+        out[_lower(name)] = value
     for name, value in extra:
-        out[name.lower()] = value
+        out[_lower(name)] = value
     return out
 
 
@@ -110,8 +139,8 @@ def client_response_headers(
         skip = skip | tokens
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream_headers.items():
-        if name.lower() not in skip:
-            out.add(name, value)
-    out["x-request-id"] = request_id
-    out.add("via", VIA)
+        if _lower(name) not in skip:
+            out.add(_spelled(name), value)
+    out[_X_REQUEST_ID] = request_id
+    out.add(_VIA, VIA)
     return out
