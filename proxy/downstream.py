@@ -9,25 +9,21 @@ out, an error can only end the stream in band.
 
 from __future__ import annotations
 
-import asyncio
-from typing import TYPE_CHECKING, cast
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
 from proxy.admission import JSON_TYPES, Plan
 from proxy.attempts import Attempt, AttemptResult
-from proxy.drain import USAGE_BODY_CAP, drain
+from proxy.drain import USAGE_BODY_CAP
 from proxy.errors import ProxyError, UpstreamFailed, render_body, render_sse_event
 from proxy.headers import client_response_headers
-from proxy.outcome import Outcome, settle_relayed
-from proxy.resilience.classify import status_result
+from proxy.relaying import Relaying
 from proxy.sse_relay import SSERelay
 from proxy.upstream import AttemptFailed, UpstreamResponse
 from proxy.upstream_checks import check_response_head
 from proxy.watchdog import Watchdog
-
-if TYPE_CHECKING:
-    from proxy.relay import Exchange
 
 # A JSON answer is held whole up to this while a switch is possible, so a body cut mid-way
 # goes to the next target instead of reaching the client truncated; a longer one is relayed
@@ -48,7 +44,7 @@ class Downstream(SSERelay):
 
     __slots__ = ()
 
-    async def _relay_response(
+    def _relay_response(
         self,
         plan: Plan,
         upstream: UpstreamResponse,
@@ -56,7 +52,10 @@ class Downstream(SSERelay):
         attempt: Attempt,
         prefix: bytes,
         can_switch: bool,
-    ) -> web.StreamResponse:
+    ) -> Coroutine[Any, Any, web.StreamResponse]:
+        """Accept the upstream's answer and return its relay, for the caller to await. The
+        relay (`_pump_sse`, `_relay_body`) is the one coroutine that stays alive while a
+        stream is held: returned, not awaited here, so this frame is not kept under it."""
         record, loop = self.record, self.loop
         now = loop.time()
         record.upstream_headers_at = now
@@ -108,45 +107,25 @@ class Downstream(SSERelay):
                 and upstream.status < 300
                 and (sse or upstream.content_type in JSON_TYPES)
             )
-            if not holding:
-                await self._commit()
-            try:
-                if sse:
-                    await self._pump_sse(plan, upstream, watchdog, attempt, holding)
-                else:
-                    await self._pump_body(plan, upstream, prefix, holding)
-            except asyncio.CancelledError:
-                # Client gone (or our deadline): note when, then let the attempt close the
-                # upstream. In drain mode, first read on for exact usage.
-                gone = watchdog.fired is None and not self.state.hard_stopping
-                if gone and record.client_gone_at is None:
-                    record.client_gone_at = loop.time()
-                    if plan.route.options.on_disconnect == "drain":
-                        watchdog.stop()
-                        drain_at = loop.time()
-                        try:
-                            await drain(cast("Exchange", self), plan, upstream)
-                        finally:
-                            record.upstream_wait_s += loop.time() - drain_at
-                raise
-            plan.deadlines.done()
-            assert self.response is not None
-            response = self.response
-            await self._client_io(response.write_eof())
-        finally:
+        except BaseException:
             self.state.metrics.upstream_connection_closed()
-        tracker = self.tracker
-        settle_relayed(
-            record,
-            upstream.status,
-            stream_error=None if tracker is None else tracker.error,
-            stream_terminated=None if tracker is None else tracker.terminated,
-        )
-        attempt.delivered = True
-        ok = record.outcome is Outcome.COMPLETED
-        result = status_result(upstream.status) or AttemptResult.CUT
-        attempt.end(AttemptResult.OK if ok else result, loop.time())
-        return response
+            raise
+        if sse:
+            return self._pump_sse(plan, upstream, watchdog, attempt, holding)
+        return self._relay_body(plan, upstream, watchdog, attempt, prefix, holding)
+
+    async def _relay_body(
+        self,
+        plan: Plan,
+        upstream: UpstreamResponse,
+        watchdog: Watchdog,
+        attempt: Attempt,
+        prefix: bytes,
+        holding: bool,
+    ) -> web.StreamResponse:
+        async with Relaying(self, plan, upstream, watchdog, holding):
+            await self._pump_body(plan, upstream, prefix, holding)
+        return await self._relayed(plan, upstream, attempt)
 
     async def _pump_body(
         self, plan: Plan, upstream: UpstreamResponse, prefix: bytes, holding: bool

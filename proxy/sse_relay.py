@@ -15,7 +15,9 @@ from aiohttp import web
 from proxy.admission import Plan, TargetPlan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.errors import UpstreamFailed
-from proxy.outcome import RequestRecord
+from proxy.outcome import Outcome, RequestRecord, settle_relayed
+from proxy.relaying import Relaying
+from proxy.resilience.classify import status_result
 from proxy.routing import Route
 from proxy.secrets import StreamScrubber
 from proxy.sse import SSEDecoder, SSEEvent, ends_block
@@ -126,7 +128,9 @@ class SSERelay:
         watchdog: Watchdog,
         attempt: Attempt,
         holding: bool,
-    ) -> None:
+    ) -> web.StreamResponse:
+        """Relay a stream (see `Relaying`, around it) and end it: the coroutine that stays
+        alive while the stream is held, so the only one of this exchange's under the read."""
         record, deadlines, loop = self.record, plan.deadlines, self.loop
         self.decoder = SSEDecoder()
         tracker = self.tracker = StreamUsageTracker(plan.facts)
@@ -139,67 +143,93 @@ class SSERelay:
         # whose first reads are replayed by its `read()`).
         content = upstream.content
         chunk: bytes | None
-        while True:
-            commit_at = deadlines.client_commit_at() if stream.held is not None else None
-            before = loop.time()
-            try:
-                if commit_at is not None and self.response is None:
-                    async with asyncio.timeout_at(commit_at):
+        async with Relaying(self, plan, upstream, watchdog, holding):
+            while True:
+                commit_at = deadlines.client_commit_at() if stream.held is not None else None
+                before = loop.time()
+                try:
+                    if commit_at is not None and self.response is None:
+                        async with asyncio.timeout_at(commit_at):
+                            try:
+                                chunk = await (
+                                    upstream.read() if content is None else content.readany()
+                                )
+                            except READ_ERRORS as exc:
+                                raise upstream.cut_off(exc) from exc
+                    else:
                         try:
                             chunk = await (
                                 upstream.read() if content is None else content.readany()
                             )
                         except READ_ERRORS as exc:
                             raise upstream.cut_off(exc) from exc
-                else:
-                    try:
-                        chunk = await (upstream.read() if content is None else content.readany())
-                    except READ_ERRORS as exc:
-                        raise upstream.cut_off(exc) from exc
-            except TimeoutError:  # the commit deadline (a read's own errors are mapped above)
+                except TimeoutError:  # the commit deadline (a read's own errors are mapped above)
+                    chunk = None
+                finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
+                    now = loop.time()
+                    record.upstream_wait_s += now - before
+                if chunk is None:
+                    # The client's SDK gives up without response headers soon: send them now.
+                    # A switch stays invisible (it has seen headers only), so holding goes on.
+                    await self._commit()
+                    continue
+                end = not chunk
+                data = self._sse_step(stream, upstream, chunk, now)
                 chunk = None
-            finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
-                now = loop.time()
-                record.upstream_wait_s += now - before
-            if chunk is None:
-                # The client's SDK gives up without response headers soon: send them now.
-                # A switch stays invisible (it has seen headers only), so holding goes on.
-                await self._commit()
-                continue
-            end = not chunk
-            data = self._sse_step(stream, upstream, chunk, now)
-            chunk = None
-            if data:
-                response = self.response
-                if response is None:
-                    response = await self._commit()
-                # What _client_io does, inline: this runs once per read of every stream.
-                written_at = loop.time()
-                try:
-                    if isinstance(data, Pieces):
-                        sent = 0
-                        for piece in data:
-                            await response.write(piece)
-                            sent += len(piece)
-                            await asyncio.sleep(0)  # the loop runs between pieces
-                        record.bytes_to_client += sent
-                    elif len(data) <= WRITE_PIECE:
-                        await response.write(data)
-                        record.bytes_to_client += len(data)
-                    else:
-                        await self._write_pieces(response, data)
-                        record.bytes_to_client += len(data)
-                except ConnectionError as exc:
-                    record.client_gone_at = written_at
-                    raise ClientGone from exc
-                finally:
-                    record.client_wait_s += loop.time() - written_at
-                self.delivered_tokens = tracker.generated_tokens
-                if attempt.first_token_at is not None:
-                    self.content_sent = True
-                data = b""
-            if end:
-                return
+                if data:
+                    response = self.response
+                    if response is None:
+                        response = await self._commit()
+                    # What _client_io does, inline: this runs once per read of every stream.
+                    written_at = loop.time()
+                    try:
+                        if isinstance(data, Pieces):
+                            sent = 0
+                            for piece in data:
+                                await response.write(piece)
+                                sent += len(piece)
+                                await asyncio.sleep(0)  # the loop runs between pieces
+                            record.bytes_to_client += sent
+                        elif len(data) <= WRITE_PIECE:
+                            await response.write(data)
+                            record.bytes_to_client += len(data)
+                        else:
+                            await self._write_pieces(response, data)
+                            record.bytes_to_client += len(data)
+                    except ConnectionError as exc:
+                        record.client_gone_at = written_at
+                        raise ClientGone from exc
+                    finally:
+                        record.client_wait_s += loop.time() - written_at
+                    self.delivered_tokens = tracker.generated_tokens
+                    if attempt.first_token_at is not None:
+                        self.content_sent = True
+                    data = b""
+                if end:
+                    break
+        return await self._relayed(plan, upstream, attempt)
+
+    async def _relayed(
+        self, plan: Plan, upstream: UpstreamResponse, attempt: Attempt
+    ) -> web.StreamResponse:
+        """The answer is relayed whole: its end to the client, then the request's outcome and
+        the attempt's."""
+        plan.deadlines.done()
+        response = self.response
+        assert response is not None
+        await self._client_io(response.write_eof())
+        tracker = self.tracker
+        settle_relayed(
+            self.record,
+            upstream.status,
+            stream_error=None if tracker is None else tracker.error,
+            stream_terminated=None if tracker is None else tracker.terminated,
+        )
+        attempt.delivered = True
+        ok = self.record.outcome is Outcome.COMPLETED
+        result = status_result(upstream.status) or AttemptResult.CUT
+        attempt.end(AttemptResult.OK if ok else result, self.loop.time())
+        return response
 
     @staticmethod
     async def _write_pieces(response: web.StreamResponse, data: bytes) -> None:
