@@ -6,7 +6,8 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
-from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
+from proxy.config import HangupConfig, UpstreamConfig
+from proxy.route_options import RouteOptions
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,8 +23,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from proxy.config import TimeoutsConfig
 from proxy.outcome import TimeoutKind
+from proxy.route_options import TimeoutsConfig
 
 # Headers a client may use to tell us its own deadline, in seconds, each meaning what its
 # sender means by it:

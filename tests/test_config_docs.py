@@ -1,9 +1,10 @@
 """config/hangup.yaml documents every config key with the code's default.
 
-The walk goes over the pydantic models themselves, so a key added to proxy/config.py fails here
-until the shipped config shows it (and its default) too. Keys that only live inside an empty
-collection by default (`routes[].fallbacks[]`, `prices.MODEL`) must appear in the file's
-commented example. The README's configuration table must name every top-level section.
+The walk goes over the pydantic models themselves, so a key added to proxy/config.py or
+proxy/route_options.py fails here until the shipped config shows it (and its default) too. Keys
+that only live inside an empty collection by default (`routes[].fallbacks[]`, `prices.MODEL`)
+must appear in the file's commented example. The README's configuration table must name every
+top-level section.
 """
 
 from __future__ import annotations
@@ -16,14 +17,10 @@ import yaml
 from pydantic import BaseModel
 
 import proxy.config as config_module
-from proxy.config import (
-    FallbackConfig,
-    HangupConfig,
-    PriceConfig,
-    RouteConfig,
-    RouteOptions,
-)
+import proxy.route_options as route_options_module
+from proxy.config import HangupConfig, PriceConfig
 from proxy.config_file import parse_config
+from proxy.route_options import FallbackConfig, RouteConfig, RouteOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "config" / "hangup.yaml"
@@ -123,9 +120,10 @@ def nested_models(model: type[BaseModel]) -> set[type[BaseModel]]:
     found: set[type[BaseModel]] = set()
     for field in model.model_fields.values():
         for class_name in re.findall(r"\b([A-Z][A-Za-z]+)\b", str(field.annotation)):
-            candidate = getattr(config_module, class_name, None)
-            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-                found.add(candidate)
+            for module in (config_module, route_options_module):
+                candidate = getattr(module, class_name, None)
+                if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                    found.add(candidate)
     return found
 
 

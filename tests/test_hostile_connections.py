@@ -239,6 +239,74 @@ async def test_a_client_still_sending_its_body_reads_the_early_answer(
     clean_log(caplog, 1)
 
 
+# More than the kernel's socket buffers on both ends hold (~7 MiB on loopback, measured): a
+# server that stops reading leaves a client that sends it all before reading blocked.
+_OVER_BUFFERS = 40 * 1024 * 1024
+
+
+def _early_answer(case: str) -> tuple[dict[str, Any], bytes, dict[str, str], int]:
+    """Sections, body, headers and status of an answer given before the body is read."""
+    if case == "401-before-reading":
+        auth = {"auth": {"keys": ["right-key"]}}
+        return auth, b"x" * _OVER_BUFFERS, {"Authorization": "Bearer wrong"}, 401
+    # 413 partway: after the first step of a bomb (aiohttp has paused reading by then, its
+    # body buffer full while the step was being inflated).
+    sections: dict[str, Any] = {"route": {"request_encodings": ["deflate"]}}
+    return sections, big_bomb(_OVER_BUFFERS // 1024), {"Content-Encoding": "deflate"}, 413
+
+
+EARLY_ANSWERS = ["401-before-reading", "413-while-inflating"]
+
+
+@pytest.mark.parametrize("case", EARLY_ANSWERS)
+async def test_after_an_early_answer_the_rest_of_the_body_is_discarded_not_left_unread(
+    case: str, sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends its whole body before it reads (most do) finishes sending and
+    reads the answer: hangup discards what arrives after it answered, then closes. (It once
+    left reading paused: the client blocked on a full socket buffer for good.)"""
+    sections, body, extra, status = _early_answer(case)
+    connections = {"linger_s": 10.0}  # time enough to take it all, even on a busy machine
+    server = await start(start_proxy, sim, connections=connections, **sections)
+    conn = await Conn.open(server.port)
+    try:
+        await asyncio.wait_for(conn.send(head(length=len(body), extra=extra) + body), 8)
+    except TimeoutError:
+        pytest.fail("the body's send never finished: hangup answered, then stopped reading")
+    response = await conn.response()
+    assert response.status == status
+    await conn.eof()  # FIN right after the answer; the client sent nothing more
+    clean_log(caplog, 1)
+
+
+@pytest.mark.parametrize("case", EARLY_ANSWERS)
+async def test_a_client_that_never_stops_sending_after_an_early_answer_is_cut_off(
+    case: str, sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The discarding is bounded by connections.linger_s: then the connection is closed,
+    however long the client goes on sending."""
+    sections, body, extra, status = _early_answer(case)
+    linger_s = 0.5
+    server = await start(start_proxy, sim, connections={"linger_s": linger_s}, **sections)
+    conn = await Conn.open(server.port)
+    answer = asyncio.create_task(conn.response(timeout=10))
+    junk = bytes(1024 * 1024)
+    began = time.monotonic()
+    try:
+        async with asyncio.timeout(linger_s + 5):
+            await conn.send(head(length=len(body), extra=extra) + body)
+            while True:  # past the body: more bytes, as long as the connection takes them
+                await conn.send(junk)
+    except ConnectionError:
+        pass
+    except TimeoutError:
+        pytest.fail(f"still connected {linger_s + 5:g}s on: the discard was never bounded")
+    cut_off = time.monotonic() - began
+    assert (await answer).status == status  # read before the close
+    assert cut_off < linger_s + 3, cut_off
+    clean_log(caplog, 1)
+
+
 async def test_100_continue_is_sent_only_after_auth(
     sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import TimeoutsConfig
 from proxy.outcome import Outcome, RequestRecord, TimeoutKind, response_outcome, settle_relayed
+from proxy.route_options import TimeoutsConfig
 
 
 def record(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.config import TimeoutsConfig
 from proxy.outcome import TimeoutKind
+from proxy.route_options import TimeoutsConfig
 from proxy.timeouts import (
     CLIENT_HEADERS_DEADLINE_HEADERS,
     CLIENT_READ_GAP_HEADERS,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.config import TimeoutsConfig
 from proxy.outcome import TimeoutKind
+from proxy.route_options import TimeoutsConfig
 from proxy.timeouts import Budget, Deadlines
 from proxy.watchdog import Watchdog
 

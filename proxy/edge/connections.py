@@ -264,6 +264,10 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         except (OSError, RuntimeError):
             transport.close()
             return
+        # aiohttp pauses reading while a body's buffer is full, as it is when the handler
+        # answered mid-body (an inflated bomb's 413): resume, or nothing is discarded and a
+        # client still sending blocks on a full socket until linger_s resets it.
+        transport.resume_reading()
         self._arm(linger_s, transport.close)
 
     # --- timers -------------------------------------------------------------------------------
@@ -434,12 +438,12 @@ class GuardedRequestHandler(OpenAIErrorHandler):
             # off, parses and reads it for 10 s) or parse it as the next request.
             resp.force_close()
         result = await super().finish_response(request, resp, start_time)
-        if unread and not result[1]:
-            self._linger()
-        # Back to waiting: aiohttp's keep-alive timer (keepalive_timeout_s) takes over.
-        self._disarm()
+        self._disarm()  # the body's deadline, if any: the request is answered
         self._payload = None
-        if not self._close and not self._force_close:
+        if unread and not result[1]:
+            self._linger()  # arms its own deadline, the close: keep it armed
+        elif not self._close and not self._force_close:
+            # Back to waiting: aiohttp's keep-alive timer (keepalive_timeout_s) takes over.
             self._set_phase(Phase.WAITING)
         return result
 

@@ -9,6 +9,10 @@ stream or answer, and end in exactly one recorded `End`:
 - ``reset``: the simulator aborted the connection (``reset`` behaviour);
 - ``peer_closed``: the client went away first (the handler was cancelled, or a write failed);
 - ``stopped``: the simulator was stopped while the request was in flight.
+
+The generation endpoints are here; the Responses API's background ones (retrieve, cancel) in
+`proxy.sim.background_endpoints`, the engine abort endpoint in `proxy.sim.abort_endpoint`, and
+how each answer is written (JSON, SSE head, reset) in `proxy.sim.replies`.
 """
 
 from __future__ import annotations
@@ -16,28 +20,29 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import time
 from dataclasses import replace
 from typing import Any, Literal
 
 from aiohttp import web
 
-from proxy.sim.aborts import AbortCall, EngineAborts
+from proxy.sim.abort_endpoint import abort_endpoint
+from proxy.sim.aborts import EngineAborts
 from proxy.sim.background import JobStore
+from proxy.sim.background_endpoints import cancel_response, retrieve_response, start_background
 from proxy.sim.behaviour import Behaviour, BehaviourError, Name, parse_behaviour
 from proxy.sim.body import read_body
-from proxy.sim.engine import Kind, Output, Sink, error_message, generate
+from proxy.sim.engine import Kind, Output, error_message, generate
 from proxy.sim.errors import ApiError
 from proxy.sim.formats import (
     ChatStream,
     StreamFormat,
-    dumps,
     embeddings_body,
     model_object,
     models_body,
 )
 from proxy.sim.recorder import Recorder
-from proxy.sim.records import End, RequestRecord, bearer_token, key_fingerprint
+from proxy.sim.records import End, RequestRecord
+from proxy.sim.replies import json_reply, reset_reply, socket_sink, sse_reply
 from proxy.sim.responses import ResponsesStream
 from proxy.sim.tokens import Endpoint, Plan, embedding_inputs, make_plan, prompt_tokens
 
@@ -48,30 +53,6 @@ _GENERATION: dict[str, Endpoint] = {
     "/v1/embeddings": "embeddings",
 }
 EngineEnd = Literal["completed", "error", "reset", "malformed", "truncated", "aborted"]
-_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-
-
-def socket_sink(resp: web.StreamResponse, rec: RequestRecord, *, forgiving: bool = False) -> Sink:
-    """Writes to the client. `forgiving`: once a write fails (the peer left), drop the rest
-    quietly, so generation goes on as in an engine that never notices a close."""
-    progress = rec.progress
-    gone = False
-
-    async def sink(data: bytes, kind: Kind) -> None:
-        nonlocal gone
-        if gone:
-            return
-        try:
-            await resp.write(data)
-        except ConnectionError:
-            if not forgiving:
-                raise
-            gone = True
-            return
-        progress.sent(kind, time.monotonic())
-        rec.capture(data)
-
-    return sink
 
 
 class Api:
@@ -131,65 +112,24 @@ class Api:
                 (engine == "sglang" and path == "/abort_request")
                 or (engine == "vllm" and self.vllm_abort_endpoint and path == "/abort_requests")
             ):
-                return await self._abort_call(request, rec)
+                return await abort_endpoint(self.engine_aborts, request, rec)
             if method == "GET" and path == "/v1/models":
-                return await self._json(
+                return await json_reply(
                     request, rec, 200, models_body(tuple(n.value for n in Name))
                 )
             if method == "GET" and len(parts) == 4 and parts[2] == "models":
-                return await self._json(request, rec, 200, model_object(parts[3]))
+                return await json_reply(request, rec, 200, model_object(parts[3]))
             if len(parts) >= 4 and parts[:3] == ["", "v1", "responses"] and parts[3]:
                 if method == "GET" and len(parts) == 4:
-                    return await self._retrieve(request, rec, parts[3])
+                    return await retrieve_response(self.jobs, request, rec, parts[3])
                 if method == "POST" and len(parts) == 5 and parts[4] == "cancel":
-                    return await self._cancel(request, rec, parts[3])
+                    return await cancel_response(self.jobs, request, rec, parts[3])
             raise ApiError(404, f"Invalid URL ({method} {path})")
         except ApiError as err:
             rec.error = err.message
             headers = err.headers()
-            resp, _ = await self._json(request, rec, err.status, err.payload(), headers)
+            resp, _ = await json_reply(request, rec, err.status, err.payload(), headers)
             return resp, "error"
-
-    # -- helpers ------------------------------------------------------------------------------
-
-    async def _json(
-        self,
-        request: web.BaseRequest,
-        rec: RequestRecord,
-        status: int,
-        payload: Any,
-        headers: dict[str, str] | None = None,
-    ) -> tuple[web.StreamResponse, End]:
-        body = payload if isinstance(payload, bytes) else dumps(payload).encode()
-        resp = web.Response(status=status, body=body, content_type="application/json")
-        resp.headers["x-request-id"] = rec.request_id
-        if headers:
-            resp.headers.update(headers)
-        await resp.prepare(request)
-        rec.status = status
-        rec.headers_sent_at = time.monotonic()
-        await resp.write_eof()
-        rec.capture(body)
-        return resp, "completed"
-
-    async def _sse(self, request: web.BaseRequest, rec: RequestRecord) -> web.StreamResponse:
-        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
-        resp.headers["x-request-id"] = rec.request_id
-        await resp.prepare(request)
-        rec.status = 200
-        rec.headers_sent_at = time.monotonic()
-        return resp
-
-    def _abort(
-        self, request: web.BaseRequest, rec: RequestRecord
-    ) -> tuple[web.StreamResponse, End]:
-        if rec.connection is not None:
-            rec.connection.server_closing = True
-        transport = request.transport
-        if transport is not None:
-            transport.abort()  # RST, not FIN: the "upstream crashed" case
-        # Never sent: aiohttp's attempt to finish it fails quietly on the aborted transport.
-        return web.Response(), "reset"
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -232,7 +172,7 @@ class Api:
             if early is not None:
                 return early
             payload = embeddings_body(model, inputs, prompt_tokens("embeddings", body))
-            return await self._json(request, rec, 200, payload)
+            return await json_reply(request, rec, 200, payload)
         plan = make_plan(
             endpoint,
             body,
@@ -249,7 +189,7 @@ class Api:
             )
             rec.response_id = fmt_r.id
             if fmt_r.background:
-                return await self._background(request, rec, fmt_r, plan, b, stream)
+                return await start_background(self.jobs, request, rec, fmt_r, plan, b, stream)
             if stream:
                 return await self._stream(request, rec, fmt_r, plan, b)
             return await self._complete(request, rec, plan, b, fmt_r)
@@ -279,7 +219,7 @@ class Api:
                 b.status, error_message(b.status), code=b.code, retry_after=b.retry_after
             )
         elif b.name is Name.RESET and b.after == 0:
-            return self._abort(request, rec)
+            return reset_reply(request, rec)
         elif b.name is Name.DROP:
             await asyncio.sleep(b.delay)
             if rec.connection is not None:
@@ -298,11 +238,11 @@ class Api:
         plan: Plan,
         b: Behaviour,
     ) -> tuple[web.StreamResponse, End]:
-        resp = await self._sse(request, rec)
+        resp = await sse_reply(request, rec)
         sink = socket_sink(resp, rec, forgiving=self.ignore_close)
         end = await self._generation(rec, plan, b, Output(fmt, sink))
         if end == "reset":
-            return self._abort(request, rec)
+            return reset_reply(request, rec)
         if end == "aborted" and isinstance(fmt, ChatStream):
             for data in fmt.aborted():
                 await sink(data, Kind.META)
@@ -334,20 +274,20 @@ class Api:
                 payload["choices"][0]["finish_reason"] = "abort"
             if rec.peer_closed_at is not None:
                 return web.Response(), "aborted"
-            resp, _ = await self._json(request, rec, 200, payload)
+            resp, _ = await json_reply(request, rec, 200, payload)
             return resp, "aborted"
         if end == "error":
             raise ApiError(b.status, error_message(b.status))
         if end == "reset":
-            return self._abort(request, rec)
+            return reset_reply(request, rec)
         if end == "malformed":
-            return await self._json(request, rec, 200, b"{not json")
+            return await json_reply(request, rec, 200, b"{not json")
         fmt.account(plan.reasoning_tokens, plan.content_tokens)
         if isinstance(fmt, ResponsesStream):
             payload = fmt.response_object(fmt.final_status)
         else:
             payload = fmt.body()
-        result = await self._json(request, rec, 200, payload)
+        result = await json_reply(request, rec, 200, payload)
         p = rec.progress
         p.content_tokens, p.reasoning_tokens = plan.content_tokens, plan.reasoning_tokens
         p.first_token_at = rec.headers_sent_at
@@ -379,93 +319,6 @@ class Api:
                         task.uncancel()
         finally:
             self.engine_aborts.unregister(rec)
-
-    async def _abort_call(
-        self, request: web.BaseRequest, rec: RequestRecord
-    ) -> tuple[web.StreamResponse, End]:
-        """SGLang's `/abort_request` or vLLM's `/abort_requests` (see proxy.sim.aborts)."""
-        auth = request.headers.get("authorization")
-        fingerprint = key_fingerprint(bearer_token(auth)) if auth else None
-        fault = self.engine_aborts.next_fault()
-        call = AbortCall(time.monotonic(), request.path, [], False, fingerprint, fault)
-        self.engine_aborts.arrived(call)
-        raw = await request.read()
-        if fault == "reset":
-            return self._abort(request, rec)
-        if fault == "hang":
-            await asyncio.get_running_loop().create_future()  # until the caller gives up
-        if fault is not None:
-            raise ApiError(int(fault), f"simulated abort endpoint fault {fault}")
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            raise ApiError(400, "We could not parse the JSON body of your request.") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.")
-        rec.body = body
-        if self.engine_aborts.engine == "sglang":
-            rid = body.get("rid")
-            rid = rid if isinstance(rid, str) else ""
-            call.abort_all = body.get("abort_all") is True
-            call.ids = [rid]
-            # SGLang matches by prefix; an empty rid with abort_all false stops nothing.
-            self.engine_aborts.abort(
-                call, lambda eid: call.abort_all or (rid and eid.startswith(rid))
-            )
-            return await self._json(request, rec, 200, b"")
-        ids = body.get("request_ids")
-        call.ids = [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
-        self.engine_aborts.abort(call, lambda eid: eid in call.ids)
-        return await self._json(request, rec, 200, {"cancelled_request_ids": call.stopped})
-
-    # -- background (Responses API) -----------------------------------------------------------
-
-    async def _background(
-        self,
-        request: web.BaseRequest,
-        rec: RequestRecord,
-        fmt: ResponsesStream,
-        plan: Plan,
-        b: Behaviour,
-        stream: bool,
-    ) -> tuple[web.StreamResponse, End]:
-        job = self.jobs.start(fmt, plan, b, rec.request_id)
-        if not stream:
-            return await self._json(request, rec, 200, job.response_object())
-        resp = await self._sse(request, rec)
-        # The client leaving cancels this relay only; the job runs on in its own task.
-        await self.jobs.relay(job, socket_sink(resp, rec))
-        await resp.write_eof()
-        return resp, "completed"
-
-    async def _retrieve(
-        self, request: web.BaseRequest, rec: RequestRecord, response_id: str
-    ) -> tuple[web.StreamResponse, End]:
-        job = self.jobs.get(response_id)
-        if job is None:
-            raise ApiError(404, f"Response with id '{response_id}' not found.")
-        rec.response_id = response_id
-        if request.query.get("stream") != "true":
-            return await self._json(request, rec, 200, job.response_object())
-        try:
-            after = int(request.query.get("starting_after", "-1"))
-        except ValueError:
-            raise ApiError(
-                400, "starting_after must be an integer", param="starting_after"
-            ) from None
-        resp = await self._sse(request, rec)
-        await self.jobs.relay(job, socket_sink(resp, rec), starting_after=after)
-        await resp.write_eof()
-        return resp, "completed"
-
-    async def _cancel(
-        self, request: web.BaseRequest, rec: RequestRecord, response_id: str
-    ) -> tuple[web.StreamResponse, End]:
-        rec.response_id = response_id
-        _, job = await self.jobs.cancel(response_id)
-        if job is None:
-            raise ApiError(404, f"Response with id '{response_id}' not found.")
-        return await self._json(request, rec, 200, job.response_object())
 
 
 def _tool_name(body: dict[str, Any]) -> str:

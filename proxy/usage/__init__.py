@@ -8,14 +8,16 @@ not ask for); at the end `tracker.usage()`. Non-streamed answers go through `bod
 docs/accounting.md explains every rule here for users; the code keeps the reasons beside them.
 
 One module per noun: `facts` (the request), `prompt` (prompt estimate), `inject` (asking for
-usage), `reported` (usage objects upstreams send), `stream` (event kinds and the stream tracker),
-`filter` (hiding injected usage), `body` (non-streamed answers).
+usage), `reported` (usage objects upstreams send), `event_kind` (what an event means to the relay),
+`stream` (the stream tracker; chat and completions chunks), `responses_events` (the Responses
+API's events, for the tracker), `filter` (hiding injected usage), `body` (non-streamed answers).
 
 Nothing here raises on odd input: clients and upstreams send what they send, and accounting must
 never be the reason a request fails.
 """
 
 from proxy.usage.body import body_usage
+from proxy.usage.event_kind import EventKind
 from proxy.usage.facts import ENDPOINTS, Endpoint, RequestFacts, endpoint_for, inspect_request
 from proxy.usage.filter import UsageChunkFilter, strip_usage_member
 from proxy.usage.inject import inject_stream_usage
@@ -26,7 +28,7 @@ from proxy.usage.prompt import (
     REPLY_PRIMING_TOKENS,
     estimate_prompt_tokens,
 )
-from proxy.usage.stream import SINGLE_TOKEN_MAX_CHARS, EventKind, StreamUsageTracker, chunk_tokens
+from proxy.usage.stream import SINGLE_TOKEN_MAX_CHARS, StreamUsageTracker, chunk_tokens
 
 __all__ = [
     "CHARS_PER_TOKEN",

@@ -6,8 +6,8 @@ import re
 from typing import Final
 
 from proxy.sse import SSEEvent
+from proxy.usage.event_kind import EventKind
 from proxy.usage.facts import RequestFacts
-from proxy.usage.stream import EventKind
 
 _USAGE_KEY: Final = b'"usage"'
 # A usage value as OpenAI, vLLM and llama.cpp write it: null, or an object of numbers that may hold

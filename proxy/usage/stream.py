@@ -1,8 +1,9 @@
-"""Streamed usage: what each SSE event means to the relay, and what a stream generated."""
+"""Streamed usage: what each SSE event means to the relay (`EventKind`, proxy/usage/event_kind.py),
+and what a stream generated. Chat and completions chunks are read here; the Responses API's
+events in proxy/usage/responses_events.py."""
 
 from __future__ import annotations
 
-import enum
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, Final
@@ -10,26 +11,18 @@ from typing import Any, Final
 from proxy.errors import UpstreamFailed
 from proxy.outcome import Usage
 from proxy.sse import SSEEvent
+from proxy.usage.event_kind import EventKind, error_message
 from proxy.usage.facts import RequestFacts, as_int
 from proxy.usage.fast import TEXT_BREAK, Shape, Sizes, content_sizes, parse_json, shape_of
 from proxy.usage.prompt import CHARS_PER_TOKEN
 from proxy.usage.reported import Reported, parse_usage
+from proxy.usage.responses_events import ResponsesEvents, repeats_text
 
 # Streamed completion estimate: see `chunk_tokens`.
 SINGLE_TOKEN_MAX_CHARS: Final = 12
 # A stream whose chunks keep changing around their text (a per-chunk timestamp or padding)
 # stops looking for a `Shape` after this many misses.
 _SHAPE_MISSES: Final = 4
-
-
-class EventKind(enum.StrEnum):
-    """What one SSE event means to the relay. Only CONTENT resets first-token and idle timers."""
-
-    CONTENT = "content"  # carries generated output: text, reasoning, refusal or tool-call deltas
-    USAGE_ONLY = "usage_only"  # the `"choices": []` + usage chunk that include_usage produces
-    DONE = "done"  # `[DONE]`, or a Responses terminal event that is not a failure
-    ERROR = "error"  # `{"error": ...}`, Responses `error` or `response.failed`
-    OTHER = "other"  # role-only / empty / finish chunks, comments, keep-alives, lifecycle events
 
 
 def chunk_tokens(chars: int) -> int:
@@ -79,34 +72,7 @@ def _function_chars(fn: object) -> int:
     return sum(len(v) for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
 
 
-_RESPONSES_NEEDED: Final = frozenset(
-    {
-        "response.created",
-        "response.queued",
-        "response.in_progress",
-        "response.completed",
-        "response.incomplete",
-        "response.failed",
-        "response.cancelled",
-    }
-)
-_RESPONSES_DONE: Final = frozenset(
-    {"response.completed", "response.incomplete", "response.cancelled"}
-)
-
-
-def _repeats_text(name: str | None) -> bool:
-    """A Responses event that only repeats text already counted (`*.done`, `*.added`): not
-    parsed."""
-    return (
-        name is not None
-        and name.startswith("response.")
-        and name not in _RESPONSES_NEEDED
-        and not name.endswith(".delta")
-    )
-
-
-class StreamUsageTracker:
+class StreamUsageTracker(ResponsesEvents):
     """Classifies the events of one streamed answer and counts what was generated.
 
     Estimated figures (no usage reported) come from `chunk_tokens` per content chunk and per
@@ -170,12 +136,12 @@ class StreamUsageTracker:
             sizes = content_sizes(data)  # plain content chunks without the full parse
             if sizes is not None:
                 return self._content(sizes)
-        if _repeats_text(name):
+        if repeats_text(name):
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
             return EventKind.OTHER
         obj = self._parse(data)
         if name == "error":  # an SSE-level error event, whatever its payload
-            self.error = _error_message(obj.get("error", obj) if isinstance(obj, dict) else data)
+            self.error = error_message(obj.get("error", obj) if isinstance(obj, dict) else data)
             return EventKind.ERROR
         if not isinstance(obj, dict):
             self.malformed_events += 1
@@ -206,7 +172,7 @@ class StreamUsageTracker:
         data, name = event.data, event.event
         if data is None or data == "[DONE]" or name == "error":
             return None  # not a skeleton's shape, or an error read by its whole text
-        if _repeats_text(name):
+        if repeats_text(name):
             return EventKind.OTHER
         # What `content_sizes` would take (its typed decode accepts the same structure and
         # types whatever the strings' lengths): counted as `_chunk` counts it, without the
@@ -363,7 +329,7 @@ class StreamUsageTracker:
     def _chunk(self, obj: dict[str, Any]) -> EventKind:
         error = obj.get("error")
         if error is not None and "choices" not in obj:
-            self.error = _error_message(error)
+            self.error = error_message(error)
             return EventKind.ERROR
         result = EventKind.OTHER
         if self.response_model is None:
@@ -402,40 +368,6 @@ class StreamUsageTracker:
             # so that the filter drops it even when its figures are not ones we can read.
             return EventKind.USAGE_ONLY
         return result
-
-    def _responses_event(self, kind: str, obj: dict[str, Any]) -> EventKind:
-        if kind.endswith(".delta"):
-            delta = obj.get("delta")
-            if not isinstance(delta, str) or not delta:
-                return EventKind.OTHER
-            # Audio deltas are base64, not text: one chunk, whatever its length.
-            chars = 0 if kind == "response.audio.delta" else len(delta)
-            reasoning = chars if kind.startswith("response.reasoning") else 0
-            self._count(as_int(obj.get("output_index")) or 0, chars - reasoning, reasoning)
-            self.content_chunks += 1
-            return EventKind.CONTENT
-        if kind == "error":
-            self.error = _error_message(obj)
-            return EventKind.ERROR
-        response = obj.get("response")
-        if not isinstance(response, Mapping):
-            return EventKind.OTHER
-        rid = response.get("id")
-        if isinstance(rid, str) and self.response_id is None:
-            self.response_id = rid
-        reported = parse_usage(response.get("usage"))
-        if reported is not None:
-            self._reported = reported
-            self._est_since_report = 0
-        if kind == "response.failed":
-            # A failed generation is not a completed one: the relay settles it as an upstream
-            # error, while still accounting the usage it carries.
-            self.error = _error_message(response.get("error"))
-            return EventKind.ERROR
-        if kind in _RESPONSES_DONE:
-            self.done = True
-            return EventKind.DONE
-        return EventKind.OTHER
 
     def _count(self, index: int, chars: int, reasoning: int) -> None:
         tokens = chunk_tokens(chars + reasoning)
@@ -515,13 +447,3 @@ class StreamUsageTracker:
             prompt_estimated=prompt is None,
             completion_estimated=not self.reported or self._est_since_report > 0,
         )
-
-
-def _error_message(error: object) -> str:
-    if isinstance(error, Mapping):
-        message = error.get("message")
-        if isinstance(message, str):
-            return message
-    if isinstance(error, str):
-        return error
-    return "upstream error event"

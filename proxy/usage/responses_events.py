@@ -1,0 +1,98 @@
+"""The Responses API's stream events (`/v1/responses`): which ones the stream tracker reads,
+and what each means to it (output counted, usage reported, the response's id, its end or
+failure). The tracker, proxy/usage/stream.py's `StreamUsageTracker`, owns the counts; chat
+completions chunks are read there."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final, Protocol
+
+from proxy.usage.event_kind import EventKind, error_message
+from proxy.usage.facts import as_int
+from proxy.usage.reported import Reported, parse_usage
+
+_RESPONSES_NEEDED: Final = frozenset(
+    {
+        "response.created",
+        "response.queued",
+        "response.in_progress",
+        "response.completed",
+        "response.incomplete",
+        "response.failed",
+        "response.cancelled",
+    }
+)
+_RESPONSES_DONE: Final = frozenset(
+    {"response.completed", "response.incomplete", "response.cancelled"}
+)
+
+
+def repeats_text(name: str | None) -> bool:
+    """A Responses event that only repeats text already counted (`*.done`, `*.added`): not
+    parsed."""
+    return (
+        name is not None
+        and name.startswith("response.")
+        and name not in _RESPONSES_NEEDED
+        and not name.endswith(".delta")
+    )
+
+
+class _Tracker(Protocol):
+    """What a Responses event reads and sets: `StreamUsageTracker`'s state."""
+
+    content_chunks: int
+    error: str | None
+    response_id: str | None
+    done: bool
+    _reported: Reported | None
+    _est_since_report: int
+
+    def _count(self, index: int, chars: int, reasoning: int) -> None: ...
+
+
+class ResponsesEvents:
+    """`StreamUsageTracker`'s reading of a Responses event: a mixin, whose state is the
+    tracker's (`_Tracker`)."""
+
+    __slots__ = ()
+
+    # The tracker's slots this sets, as the tracker types them.
+    error: str | None
+    response_id: str | None
+    _reported: Reported | None
+
+    def _responses_event(self: _Tracker, kind: str, obj: dict[str, Any]) -> EventKind:
+        if kind.endswith(".delta"):
+            delta = obj.get("delta")
+            if not isinstance(delta, str) or not delta:
+                return EventKind.OTHER
+            # Audio deltas are base64, not text: one chunk, whatever its length.
+            chars = 0 if kind == "response.audio.delta" else len(delta)
+            reasoning = chars if kind.startswith("response.reasoning") else 0
+            self._count(as_int(obj.get("output_index")) or 0, chars - reasoning, reasoning)
+            self.content_chunks += 1
+            return EventKind.CONTENT
+        if kind == "error":
+            self.error = error_message(obj)
+            return EventKind.ERROR
+        response = obj.get("response")
+        if not isinstance(response, Mapping):
+            return EventKind.OTHER
+        rid = response.get("id")
+        if isinstance(rid, str) and self.response_id is None:
+            self.response_id = rid
+        reported = parse_usage(response.get("usage"))
+        if reported is not None:
+            self._reported = reported
+            self._est_since_report = 0
+        if kind == "response.failed":
+            # A failed generation is not a completed one: the relay settles it as an upstream
+            # error, while still accounting the usage it carries.
+            self.error = error_message(response.get("error"))
+            return EventKind.ERROR
+        if kind in _RESPONSES_DONE:
+            self.done = True
+            return EventKind.DONE
+        return EventKind.OTHER
