@@ -20,15 +20,10 @@ ResumeSteps = Generator[None, None, Resume | None]
 
 
 class Chooser:
-    __slots__ = ("_circuits", "_loop", "_rules", "_views", "plan")
+    __slots__ = ("_circuits", "_loop", "plan")
 
     def __init__(self, plan: Plan, circuits: Circuits, loop: asyncio.AbstractEventLoop) -> None:
         self.plan, self._circuits, self._loop = plan, circuits, loop
-        options = plan.route.options
-        self._views = [TargetView(t.upstream_name, t.target.long_context) for t in plan.targets]
-        self._rules = RetryRules(
-            options.max_retries, options.retry_backoff_s, options.retry_after_max_s
-        )
 
     def circuit(self, upstream: str) -> Circuit:
         """The upstream's breaker (created with this route's settings on first use)."""
@@ -97,13 +92,18 @@ class Chooser:
         return j, TargetPlan(base.target, base.url, base.headers, body, base.model)
 
     def decide(self, index: int, retries_here: int, failure: Failure) -> Decision:
-        now = self._loop.time()
+        # The policy's views of the targets and rules are made here, after a failure, not
+        # kept for every request (~200 B under every held stream, for a rare event).
+        now, plan = self._loop.time(), self.plan
+        options = plan.route.options
         return next_step(
             failure,
-            targets=self._views,
+            targets=[TargetView(t.upstream_name, t.target.long_context) for t in plan.targets],
             index=index,
             retries_here=retries_here,
-            rules=self._rules,
+            rules=RetryRules(
+                options.max_retries, options.retry_backoff_s, options.retry_after_max_s
+            ),
             remaining_s=self.plan.deadlines.retry_window(now),
             available=lambda name: self.circuit(name).would_allow(now),
         )
