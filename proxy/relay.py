@@ -115,7 +115,7 @@ class Exchange(Downstream):
         self.chooser: Chooser  # set when the attempts begin
         self.scrubber = stream_scrubber(request)  # configured secrets never reach the client
         # Continuing a cut stream: the text the client has (choice 0), and the cut itself.
-        self.delivered_text: list[str] = []
+        self.delivered_text: list[str] | None = None  # made when a route collects it
         self.continuing = False
         self._continuations = 0
         self._cut: tuple[ProxyError, TimeoutKind | None] | None = None
@@ -353,7 +353,7 @@ class Exchange(Downstream):
         delivered = sum(a.tokens_generated for a in attempts if a.delivered)
         delivered += 0 if attempts[-1].delivered else self.delivered_tokens
         return self.chooser.continuation(
-            index, attempts[-1], "".join(self.delivered_text), delivered
+            index, attempts[-1], "".join(self.delivered_text or ()), delivered
         )
 
     def _first_target(self) -> int:

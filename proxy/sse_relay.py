@@ -95,7 +95,7 @@ class SSERelay:
     drained: bool
     content_sent: bool
     scrubber: StreamScrubber
-    delivered_text: list[str]
+    delivered_text: list[str] | None
     continuing: bool
 
     async def _commit(self) -> web.StreamResponse:
@@ -319,7 +319,7 @@ class SSERelay:
                 if kind is EventKind.OTHER and not event.comment:
                     continue  # a continuation's role chunk: the client has one already
             if kind is EventKind.CONTENT and stream.collect_text:
-                self.delivered_text.append(content_text(event.data))
+                self._delivered_texts().append(content_text(event.data))
             if kind is EventKind.CONTENT:
                 record.content_chunks += 1
                 if not content:
@@ -440,7 +440,8 @@ class SSERelay:
                 return False  # a continuation's role chunk (kept, not sent): dropped
         if kind is EventKind.CONTENT and stream.collect_text:
             text = content_text(event.data)  # of the skeleton: its markers stand for parts
-            self.delivered_text.extend([text] if skeleton is None else skeleton.text_of(text))
+            texts = self._delivered_texts()
+            texts.extend([text] if skeleton is None else skeleton.text_of(text))
         content = False
         if kind is EventKind.CONTENT:
             record.content_chunks += 1
@@ -483,6 +484,12 @@ class SSERelay:
                 return content
         out.extend(data)
         return content
+
+    def _delivered_texts(self) -> list[str]:
+        texts = self.delivered_text
+        if texts is None:
+            texts = self.delivered_text = []
+        return texts
 
     def _content_came(self, stream: StreamState, now: float) -> None:
         """The first content event of a read: deadlines and first-token marks."""

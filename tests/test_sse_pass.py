@@ -74,7 +74,7 @@ def _run(
         steps.append((failed, _snapshot(pump, stream, marks), tuple(upstream.ends)))
         if failed:
             break
-    return steps, client, passing, "".join(pump.delivered_text)
+    return steps, client, passing, "".join(pump.delivered_text or ())
 
 
 def _agree(
