@@ -394,10 +394,15 @@ class Procs:
         uvloop: bool = False,
         loop: str = "default",
         source: Path | None = None,
+        max_connections: int | None = None,
     ) -> Child:
-        """The real CLI, as users run it; its JSON log (access log included) goes to a file."""
+        """The real CLI, as users run it; its JSON log (access log included) goes to a file.
+        `max_connections`: the shipped config with only that setting changed."""
         port = free_port()
         args = ["--port", str(port), "--host", HOST]
+        if config is None and max_connections is not None:
+            config = self._shipped_config(max_connections=max_connections)
+            args += ["--upstream", upstream]  # on top of the file, as without one
         if config is not None:
             args += ["--config", str(config)]
         else:
@@ -415,6 +420,15 @@ class Procs:
         child.url = f"http://{HOST}:{port}"
         wait_http(child.url + "/healthz", child.proc)
         return child
+
+    def _shipped_config(self, *, max_connections: int) -> Path:
+        import yaml  # hangup's own dependency
+
+        settings = yaml.safe_load((REPO / "config" / "hangup.yaml").read_text())
+        settings["connections"]["max_connections"] = max_connections
+        path = self.workdir / "hangup.yaml"
+        path.write_text(yaml.safe_dump(settings))
+        return path
 
     def baseline(self, upstream: str, *, name: str = "baseline", uvloop: bool = False) -> Child:
         port = free_port()

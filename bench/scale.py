@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "baseline":
                 proxy = procs.baseline(sim.url)
             else:
-                proxy = procs.hangup(sim.url + "/v1", uvloop=args.uvloop)
+                # Past the shipped 1,024 client connections the rest would be refused.
+                limit = n + 64 if n > 1000 else None
+                proxy = procs.hangup(sim.url + "/v1", uvloop=args.uvloop, max_connections=limit)
             print(f"{name}: opening {n} streams in batches of {args.batch}...", flush=True)
             out = run_target(name, proxy, sim, n, args.batch, args.timeout, args.hold)
             outs.append(out)
