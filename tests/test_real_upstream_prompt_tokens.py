@@ -75,6 +75,17 @@ async def server_counts(
     return usage["prompt_tokens"], usage["completion_tokens"], raw
 
 
+async def reference_counts(
+    llama: LlamaServer, server: ProxyServer, messages: list[dict[str, str]], request_id: str
+) -> tuple[int, int, bytes]:
+    """`server_counts` of a non-streamed request, returned once the server has released its
+    task: its release line can come after the answer, into the next measurement's log window."""
+    offset = len(llama.log_text())
+    counts = await server_counts(server, messages, stream=False, request_id=request_id)
+    await wait_until(lambda: stop_counts(llama, offset) != [], 5.0, "the reference's release")
+    return counts
+
+
 async def cut_stream(
     llama: LlamaServer,
     server: ProxyServer,
@@ -119,7 +130,7 @@ async def test_a_cut_streams_prompt_is_counted_exactly_by_the_engines_tokenizer(
     server, sink = await start_proxy(config(llama, "llamacpp"))
     tokenized_total = 0
     for i, (name, messages) in enumerate(MESSAGES.items()):
-        prompt, _, _ = await server_counts(server, messages, stream=False, request_id=f"ref-{i}")
+        prompt, _, _ = await reference_counts(llama, server, messages, f"ref-{i}")
         record, n_tokens = await cut_stream(llama, server, sink, messages, f"cut-{i}")
         assert record.outcome is Outcome.CLIENT_CANCELLED
         usage = record.usage
@@ -156,7 +167,7 @@ async def test_without_the_engine_key_the_prompt_stays_an_estimate(
     not the server's count, so the test above passes because of the engine's tokenizer."""
     server, sink = await start_proxy(config(llama, "generic"))
     messages = MESSAGES["one user message"]
-    prompt, _, _ = await server_counts(server, messages, stream=False, request_id="ref")
+    prompt, _, _ = await reference_counts(llama, server, messages, "ref")
     record, _ = await cut_stream(llama, server, sink, messages, "cut-generic")
     assert record.usage.prompt_source == "estimated"
     assert record.usage.prompt_tokens == record.prompt_estimate != prompt
@@ -167,7 +178,7 @@ async def test_a_non_streamed_request_cut_before_its_answer_gets_the_exact_promp
 ) -> None:
     server, sink = await start_proxy(config(llama, "llamacpp"))
     messages = MESSAGES["system and user"]
-    prompt, _, _ = await server_counts(server, messages, stream=False, request_id="ref-plain")
+    prompt, _, _ = await reference_counts(llama, server, messages, "ref-plain")
     offset = len(llama.log_text())
     client = await RawClient.connect("127.0.0.1", server.port)
     await client.post_json(
