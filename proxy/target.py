@@ -50,6 +50,8 @@ def check_decoded_path(path: str) -> None:
     """Refuse paths an upstream (or a server in front of it) could resolve outside base_url."""
     if _CONTROL.search(path):
         raise BadRequest("the path must not contain control characters")
+    if "." not in path:  # no segment can be `.` or `..` (most paths: no split, no loop)
+        return
     for segment in _SEGMENT_SPLIT.split(path):
         # `..;x` is `..` to servlet containers; `..\` is `..` to Windows and some normalisers.
         if segment.split(";", 1)[0] in (".", ".."):
