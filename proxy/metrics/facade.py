@@ -210,7 +210,8 @@ class Metrics:
             log.error("request %s finished without an outcome", record.request_id)
             outcome = schema.UNSETTLED
         else:
-            outcome = record.outcome.value
+            # `_value_`, not `.value`: the same string without enum's property (~0.3 us).
+            outcome = record.outcome._value_
         count = self._count
         count(self._requests, (route, model, outcome, client)).inc(1)
         endpoint = self._endpoints.admit(record.endpoint)
@@ -224,7 +225,7 @@ class Metrics:
         for attempt in record.attempts:
             # Configured upstream names only: a closed label set.
             if attempt.result is not None and attempt.upstream in self._upstreams:
-                count(self._attempts, (attempt.upstream, attempt.result.value)).inc(1)
+                count(self._attempts, (attempt.upstream, attempt.result._value_)).inc(1)
             if route not in self._routes:
                 continue
             if attempt.reason == "fallback":
