@@ -114,15 +114,18 @@ def _needs_prompt_count(record: RequestRecord) -> bool:
         return True
     # An attempt on the primary target whose prompt was not reported (a hedge loser, a failed
     # first try): the count is for its target (proxy/bills.py applies it there).
-    primary = record.attempts[0] if record.attempts else None
-    return any(
-        (a.upstream, a.model) == (primary.upstream, primary.model)
-        and a.reason != "continue"
-        and is_billed(a)
-        and (a.usage is None or a.usage.prompt_estimated)
-        for a in record.attempts
-        if primary is not None
-    )
+    if not record.attempts:
+        return False
+    primary = record.attempts[0]
+    for a in record.attempts:  # the cheapest test first: most attempts have a reported prompt
+        if (
+            (a.usage is None or a.usage.prompt_estimated)
+            and a.reason != "continue"
+            and (a.upstream, a.model) == (primary.upstream, primary.model)
+            and is_billed(a)
+        ):
+            return True
+    return False
 
 
 def attempt_closed(attempt: Attempt, tracker: StreamUsageTracker | None) -> None:
