@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
 from proxy.attempts import Attempt
 from proxy.billing import policy_for
-from proxy.bills import answering_index, bill_attempts, is_billed, sum_usage
+from proxy.bills import answering_index, bill_attempts, counts_of, is_billed, sum_usage
 from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
 from proxy.outcome import BackgroundCancel, Cost, Outcome, RequestRecord, Usage
 from proxy.pricing import PriceBook
@@ -114,15 +114,18 @@ def _needs_prompt_count(record: RequestRecord) -> bool:
         return True
     # An attempt on the primary target whose prompt was not reported (a hedge loser, a failed
     # first try): the count is for its target (proxy/bills.py applies it there).
-    primary = record.attempts[0] if record.attempts else None
-    return any(
-        (a.upstream, a.model) == (primary.upstream, primary.model)
-        and a.reason != "continue"
-        and is_billed(a)
-        and (a.usage is None or a.usage.prompt_estimated)
-        for a in record.attempts
-        if primary is not None
-    )
+    if not record.attempts:
+        return False
+    primary = record.attempts[0]
+    for a in record.attempts:  # the cheapest test first: most attempts have a reported prompt
+        if (
+            (a.usage is None or a.usage.prompt_estimated)
+            and a.reason != "continue"
+            and (a.upstream, a.model) == (primary.upstream, primary.model)
+            and is_billed(a)
+        ):
+            return True
+    return False
 
 
 def attempt_closed(attempt: Attempt, tracker: StreamUsageTracker | None) -> None:
@@ -220,7 +223,7 @@ def record_usage(record: RequestRecord) -> Usage:
     seen = record.seen_usage
     if seen is not None:
         # A copy of the counts as seen; whether a tokenizer counted the prompt is decided below.
-        usage = replace(seen, prompt_tokenized=False)
+        usage = counts_of(seen)
     elif (
         record.outcome in _UPSTREAM_HAD_IT
         and record.endpoint in _COUNTED_ENDPOINTS
@@ -336,9 +339,16 @@ class Accountant:
             return self.prices.cost(record.model, record.usage, record.savings)
         bills = [a.bill for a in record.attempts if a.bill is not None]
         priced = [b.used_usd for b in bills if b.used_usd is not None]
-        cut = self.prices.cost(answering.model or record.model, Usage(), record.savings)
         # Hedge losers closed early: dollars saved where their billing stops (proxy/bills.py).
         losers = [b.saved_usd for b in bills if b.saved_usd is not None]
+        model = answering.model or record.model
+        if record.savings is None:  # nothing cut: no dollars saved or wasted by the cut
+            if not priced and not losers and self.prices.price(model) is None:
+                return Cost()
+            return Cost(
+                used_usd=sum(priced) if priced else 0.0, saved_usd=sum(losers, 0.0), wasted_usd=0.0
+            )
+        cut = self.prices.cost(model, Usage(), record.savings)
         if not priced and not cut.priced and not losers:
             return Cost()
         return Cost(

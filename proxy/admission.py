@@ -103,7 +103,9 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     check_decoded_path(request.rel_url.path)
     # 415 before a byte of the body is read; the route is known only after, so any route this
     # path could reach may accept the encoding, and the matched one must (checked below).
-    encoding = request_encoding(request, state.router.encodings_for(request.path))
+    encoding = None
+    if "content-encoding" in request.headers:  # (most requests: no route set to gather)
+        encoding = request_encoding(request, state.router.encodings_for(request.path))
     await send_continue(request)
     clock = asyncio.get_running_loop().time
     read_at = clock()

@@ -13,13 +13,19 @@ docs/accounting.md, "Attempts: usage, waste and what hanging up on a loser saves
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Final
 
 from proxy.attempts import Attempt, AttemptResult
 from proxy.outcome import AttemptBill, Outcome, RequestRecord, Usage, Waste
 
-__all__ = ["WASTE_REASONS", "answering_index", "attempt_usage", "is_billed", "sum_usage"]
+__all__ = [
+    "WASTE_REASONS",
+    "answering_index",
+    "attempt_usage",
+    "counts_of",
+    "is_billed",
+    "sum_usage",
+]
 
 WASTE_REASONS: Final = ("hedge", "failover")  # a metric label: a closed set
 HEDGE_LOSER: Final = "hedge loser"  # the error `race` abandons a loser with (proxy/hedging.py)
@@ -55,8 +61,9 @@ def waste_reason(record: RequestRecord, index: int) -> str | None:
         return None
     if attempt.error == HEDGE_LOSER:
         return "hedge"
-    later = any(a.result not in _NOT_SENT for a in record.attempts[index + 1 :])
-    if attempt.result in _FAILED_EARLY and later:
+    if attempt.result in _FAILED_EARLY and any(
+        a.result not in _NOT_SENT for a in record.attempts[index + 1 :]
+    ):
         return "failover"
     return None
 
@@ -85,7 +92,7 @@ def attempt_usage(record: RequestRecord, index: int) -> Usage:
     seen = attempt.usage
     if seen is not None:
         # A copy of the counts as seen; whether a tokenizer counted the prompt is decided below.
-        usage = replace(seen, prompt_tokenized=False)
+        usage = counts_of(seen)
     elif record.outcome is not Outcome.INTERNAL_ERROR and record.endpoint in _COUNTED_ENDPOINTS:
         usage = Usage(
             prompt_tokens=record.prompt_estimate,
@@ -113,17 +120,36 @@ def sum_usage(parts: list[Usage]) -> Usage:
     it that holds tokens was (or every part was), tokenized if none was estimated and some part
     was tokenized. A hedge loser's estimated 0 beside a reported answer leaves it reported."""
     total = Usage()
+    tokenized = False
+    completion_estimated = True  # every part's was (or there is none)
     for u in parts:
         total.prompt_tokens += u.prompt_tokens
         total.completion_tokens += u.completion_tokens
         total.cached_tokens += u.cached_tokens
         total.reasoning_tokens += u.reasoning_tokens
-    total.prompt_estimated = any(u.prompt_estimated and u.prompt_tokens > 0 for u in parts)
-    total.prompt_tokenized = not total.prompt_estimated and any(u.prompt_tokenized for u in parts)
-    total.completion_estimated = any(
-        u.completion_estimated and u.completion_tokens > 0 for u in parts
-    ) or (not parts or all(u.completion_estimated for u in parts))
+        if u.prompt_estimated and u.prompt_tokens > 0:
+            total.prompt_estimated = True
+        if u.completion_estimated and u.completion_tokens > 0:
+            total.completion_estimated = True
+        tokenized = tokenized or u.prompt_tokenized
+        completion_estimated = completion_estimated and u.completion_estimated
+    total.prompt_tokenized = not total.prompt_estimated and tokenized
+    total.completion_estimated = total.completion_estimated or completion_estimated
     return total
+
+
+def counts_of(usage: Usage) -> Usage:
+    """A copy of `usage`'s counts and estimate flags, not tokenized (`dataclasses.replace`
+    with `prompt_tokenized=False`, without its per-call walk over the fields: ~2 us a
+    request; tests/test_bills.py checks the two agree on every field)."""
+    return Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_tokens=usage.cached_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
+        prompt_estimated=usage.prompt_estimated,
+        completion_estimated=usage.completion_estimated,
+    )
 
 
 def add_waste(record: RequestRecord, reason: str, bill: AttemptBill) -> None:

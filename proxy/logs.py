@@ -73,6 +73,10 @@ def _redact_free_text(line: dict[str, Any]) -> dict[str, Any]:
     return line
 
 
+# ".000Z" ... ".999Z": an access line's milliseconds without formatting them each time.
+_MILLIS: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
 @functools.lru_cache(maxsize=4)
 def _second(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch))
@@ -230,7 +234,7 @@ def log_access(fields: dict[str, Any], *, error: bool = False) -> None:
             return
         fields = scrubber.scrub_fields(fields)
     now = time.time()
-    ts = _second(int(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    ts = _second(int(now)) + _MILLIS[int(now * 1000) % 1000]
     if type(formatter) is JsonFormatter:
         line = _json_line(ts, "error" if error else "info", ACCESS_LOGGER, "request", fields)
     else:
@@ -261,7 +265,8 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         "stream": rec.stream,
         "status": rec.status,
         "upstream_status": rec.upstream_status,
-        "outcome": rec.outcome.value if rec.outcome else None,
+        # `_value_`, not `.value`: the same strings without enum's property (~0.3 us each).
+        "outcome": rec.outcome._value_ if rec.outcome else None,
         "duration_ms": _ms(rec.duration_s),
         "ttft_ms": _ms(rec.ttft_s),
         "overhead_ms": _ms(rec.overhead_s),
@@ -282,7 +287,8 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         fields["sdk_retry_count"] = rec.sdk_retry_count
     if rec.upstream is not None:
         fields["upstream"] = rec.upstream
-    if len(rec.attempts) > 1 or any(a.result is not AttemptResult.OK for a in rec.attempts):
+    attempts = rec.attempts
+    if len(attempts) > 1 or (attempts and attempts[0].result is not AttemptResult.OK):
         # The attempt chain, e.g. "openai/gpt-4o:server_error[503] > azure/gpt-4o:ok[200]".
         fields["attempts"] = " > ".join(a.describe() for a in rec.attempts)
         if rec.attempt_waste_tokens:
@@ -295,8 +301,8 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         "reasoning": u.reasoning_tokens,
         "estimated": u.prompt_estimated or u.completion_estimated,
         # how each count was obtained: reported, tokenized or estimated
-        "prompt_source": u.prompt_source.value,
-        "completion_source": u.completion_source.value,
+        "prompt_source": u.prompt_source._value_,
+        "completion_source": u.completion_source._value_,
     }
     if rec.savings is not None:
         fields["tokens"]["saved"] = rec.savings.tokens_saved

@@ -68,6 +68,9 @@ def load_litellm_prices(path: str) -> dict[str, Price]:
     return prices
 
 
+_REMEMBERED_MODELS = 1024
+
+
 def _names(model: str) -> Iterator[str]:
     """`a/b/c`, then `b/c`, then `c`: a provider-prefixed name also matches the bare one."""
     yield model
@@ -80,13 +83,16 @@ def _names(model: str) -> Iterator[str]:
 class PriceBook:
     """Looks prices up by model name; see `price` for the order."""
 
-    __slots__ = ("_configured", "_file")
+    __slots__ = ("_configured", "_file", "_found")
 
     def __init__(
         self, configured: Mapping[str, Price] | None = None, file: Mapping[str, Price] | None = None
     ) -> None:
         self._configured = dict(configured or {})
         self._file = dict(file or {})
+        # What `price` found for each model asked about (two or three times a request); the
+        # tables never change, and model names are clients' strings: bounded, dropped whole.
+        self._found: dict[str, Price | None] = {}
 
     @classmethod
     def from_config(cls, prices: Mapping[str, PriceConfig], price_file: str | None) -> PriceBook:
@@ -99,6 +105,16 @@ class PriceBook:
         operator's word on what this deployment pays."""
         if not model:
             return None
+        try:
+            return self._found[model]
+        except KeyError:
+            pass
+        if len(self._found) >= _REMEMBERED_MODELS:
+            self._found.clear()
+        found = self._found[model] = self._look_up(model)
+        return found
+
+    def _look_up(self, model: str) -> Price | None:
         for table in (self._configured, self._file):
             for name in _names(model):
                 price = table.get(name)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import fields, replace
+
 import pytest
 
 from proxy.attempts import Attempt, AttemptResult
-from proxy.bills import answering_index, attempt_usage, is_billed, sum_usage, waste_reason
+from proxy.bills import (
+    answering_index,
+    attempt_usage,
+    counts_of,
+    is_billed,
+    sum_usage,
+    waste_reason,
+)
 from proxy.outcome import Outcome, RequestRecord, Usage
 
 
@@ -109,3 +119,53 @@ def test_sum_flags_a_figure_estimated_only_where_an_estimated_part_holds_tokens(
     assert sum_usage([tokenized, reported]).prompt_source.value == "tokenized"
     nothing = Usage(0, 0, prompt_estimated=True, completion_estimated=True)
     assert sum_usage([nothing]).completion_source.value == "estimated"
+
+
+def test_counts_of_is_replace_without_tokenized() -> None:
+    """`counts_of` copies every field of `Usage` but `prompt_tokenized` (a field added to
+    `Usage` and not copied fails here)."""
+    for flag in (False, True):
+        values: dict[str, object] = {
+            f.name: (flag if isinstance(f.default, bool) else i + 1)
+            for i, f in enumerate(fields(Usage))
+        }
+        seen = Usage(**values)  # type: ignore[arg-type]
+        copy = counts_of(seen)
+        assert copy == replace(seen, prompt_tokenized=False)
+        assert copy is not seen
+
+
+def _sum_usage_by_definition(parts: list[Usage]) -> Usage:
+    total = Usage(
+        prompt_tokens=sum(u.prompt_tokens for u in parts),
+        completion_tokens=sum(u.completion_tokens for u in parts),
+        cached_tokens=sum(u.cached_tokens for u in parts),
+        reasoning_tokens=sum(u.reasoning_tokens for u in parts),
+    )
+    total.prompt_estimated = any(u.prompt_estimated and u.prompt_tokens > 0 for u in parts)
+    total.prompt_tokenized = not total.prompt_estimated and any(u.prompt_tokenized for u in parts)
+    total.completion_estimated = any(
+        u.completion_estimated and u.completion_tokens > 0 for u in parts
+    ) or all(u.completion_estimated for u in parts)
+    return total
+
+
+def test_sum_usage_flags_every_combination() -> None:
+    """The flags of a sum, over every combination of up to three parts with and without
+    tokens, each flag on or off, as its docstring defines them."""
+    kinds = [
+        Usage(
+            prompt_tokens=p,
+            completion_tokens=c,
+            cached_tokens=p // 2,
+            reasoning_tokens=c // 3,
+            prompt_estimated=pe,
+            completion_estimated=ce,
+            prompt_tokenized=pt,
+        )
+        for p, c in itertools.product((0, 4), (0, 3))
+        for pe, ce, pt in itertools.product((False, True), repeat=3)
+    ]
+    for n in range(4):
+        for parts in itertools.product(kinds, repeat=n):
+            assert sum_usage(list(parts)) == _sum_usage_by_definition(list(parts)), parts

@@ -78,3 +78,28 @@ def test_unknown_model_is_unpriced_never_guessed() -> None:
     book = PriceBook.from_config({}, LITELLM)
     cost = book.cost("my-finetune", Usage(prompt_tokens=10, completion_tokens=10), Savings())
     assert cost == Cost() and not cost.priced
+
+
+def test_remembered_prices_are_the_ones_looked_up() -> None:
+    """`price` remembers what it found per model name (found or not), within a bound: asked
+    again, after the bound was passed and cleared, the answers are the same."""
+    configured = Price(input_per_mtok=1.0, output_per_mtok=2.0)
+    filed = Price(input_per_mtok=3.0, output_per_mtok=4.0)
+    book = PriceBook({"gpt-x": configured}, {"gpt-x": filed, "llama": filed})
+    expected = {
+        "gpt-x": configured,
+        "openai/gpt-x": configured,
+        "a/b/llama": filed,
+        "llama/": None,  # no name after the slash
+        "unknown": None,
+        "": None,
+        None: None,
+    }
+    for _ in range(2):
+        for model, price in expected.items():
+            assert book.price(model) is price, model
+    for i in range(2500):  # past the bound: what is remembered is dropped, not wrong
+        assert book.price(f"client-{i}/gpt-x") is configured
+        assert len(book._found) <= 1024
+    for model, price in expected.items():
+        assert book.price(model) is price, model

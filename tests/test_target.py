@@ -72,3 +72,21 @@ def test_a_url_for_another_origin_is_refused() -> None:
 )
 def test_upstream_ids_must_be_plain(value: str, safe: bool) -> None:
     assert safe_upstream_id(value) is safe
+
+
+def test_remembered_urls_are_the_ones_built_and_refusals_are_never_remembered() -> None:
+    """upstream_url remembers the URLs it built: asked again (and with a long target, which is
+    not remembered) the answer is the same; a refused target is refused every time; the same
+    target for another upstream gets that upstream's URL."""
+    for _ in range(3):
+        assert str(build("http://10.0.0.1:5", "/v1/chat/completions")) == (
+            "http://10.0.0.1:5/chat/completions"
+        )
+        assert str(build("http://10.0.0.2", "/v1/chat/completions", "a=1")) == (
+            "http://10.0.0.2/chat/completions?a=1"
+        )
+        long = "/v1/" + "x" * 600
+        assert str(build("http://10.0.0.1", long)) == "http://10.0.0.1/" + "x" * 600
+        for hostile in ("/v1/../x", "/v%31/x", "/v1/a\x00"):
+            with pytest.raises(BadRequest):
+                build("http://10.0.0.1", hostile)

@@ -147,6 +147,13 @@ async def read_plain(request: web.Request, limit_mb: float) -> bytes:
     limit = int(limit_mb * 1024 * 1024)
     content = request.content
     try:
+        if content.is_eof():
+            # All of it is here already (a small body usually arrives whole, before the
+            # handler starts): taken in one call, without awaited reads.
+            whole = content.read_nowait()
+            if len(whole) > limit:
+                raise too_large(limit_mb)
+            return whole
         first = await content.readany()
         if not first:
             return b""

@@ -106,7 +106,7 @@ def status_class(status: int | None) -> str:
     """ "2xx".."5xx" for the status the client got; "none" when no response was sent."""
     if status is None or not 200 <= status <= 599:
         return NONE
-    return f"{status // 100}xx"
+    return STATUS_CLASSES[status // 100 - 2]
 
 
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", NONE)

@@ -79,7 +79,7 @@ def tail_usage(body: bytes | bytearray, tail: int = TAIL_BYTES) -> Reported | No
     output. Bounded: at most `tail` bytes are searched, and only the usage object is decoded.
     """
     start = max(0, len(body) - tail)
-    window = bytes(body[start:])
+    window = bytes(memoryview(body)[start:])  # one copy (a bytearray's slice is another)
     end = len(window)
     while True:
         i = window.rfind(_USAGE_KEY, 0, end)

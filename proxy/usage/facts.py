@@ -51,6 +51,9 @@ class RequestFacts:
     prompt_tokens_estimate: int = 0
 
 
+_NO_OPTIONS: Final[Mapping[str, Any]] = {}
+
+
 def as_int(value: object) -> int | None:
     # bool is an int subclass; `"max_tokens": true` is not a limit.
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -58,12 +61,13 @@ def as_int(value: object) -> int | None:
 
 def inspect_request(path: str, body: Mapping[str, Any] | None) -> RequestFacts:
     endpoint = endpoint_for(path)
-    if not isinstance(body, Mapping):
+    # A parsed body is a dict: the exact type test skips the ABC's `__instancecheck__`.
+    if type(body) is not dict and not isinstance(body, Mapping):
         return RequestFacts(endpoint=endpoint)
     model = body.get("model")
     options = body.get("stream_options")
-    if not isinstance(options, Mapping):
-        options = {}
+    if type(options) is not dict and not isinstance(options, Mapping):
+        options = _NO_OPTIONS
     max_tokens = None
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         limit = as_int(body.get(key))

@@ -18,6 +18,8 @@ REPLY_PRIMING_TOKENS: Final = 3
 IMAGE_TOKENS: Final = 85
 
 _IMAGE_PARTS: Final = frozenset({"image_url", "input_image", "image"})
+# `type(x) is dict or isinstance(x, Mapping)`: a parsed body's objects are dicts, and the
+# exact type test skips the ABC's `__instancecheck__` (~0.2 us, several times a request).
 
 
 class Tally:
@@ -35,7 +37,7 @@ class Tally:
             for part in content:
                 if isinstance(part, str):
                     self.chars += len(part)
-                elif isinstance(part, Mapping):
+                elif type(part) is dict or isinstance(part, Mapping):
                     text = part.get("text")
                     if isinstance(text, str):
                         self.chars += len(text)
@@ -72,9 +74,9 @@ class Tally:
 def _string_chars(value: object, depth: int) -> int:
     if isinstance(value, str):
         return len(value)
-    if depth <= 0:
+    if depth <= 0 or value is None:  # None: most requests' `tools` (no ABC check for it)
         return 0
-    if isinstance(value, Mapping):
+    if type(value) is dict or isinstance(value, Mapping):
         return sum(len(k) + _string_chars(v, depth - 1) for k, v in value.items() if type(k) is str)
     if isinstance(value, list):
         return sum(_string_chars(v, depth - 1) for v in value)
@@ -88,7 +90,7 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: Mapping[str, Any]) -> int:
         messages = body.get("messages")
         if isinstance(messages, list):
             for message in messages:
-                if not isinstance(message, Mapping):
+                if type(message) is not dict and not isinstance(message, Mapping):
                     continue
                 t.tokens += MESSAGE_OVERHEAD_TOKENS
                 t.content(message.get("content"))
@@ -110,7 +112,7 @@ def estimate_prompt_tokens(endpoint: Endpoint, body: Mapping[str, Any]) -> int:
             t.tokens += MESSAGE_OVERHEAD_TOKENS
         elif isinstance(items, list):
             for item in items:
-                if not isinstance(item, Mapping):
+                if type(item) is not dict and not isinstance(item, Mapping):
                     continue
                 t.tokens += MESSAGE_OVERHEAD_TOKENS
                 t.content(item.get("content"))

@@ -27,7 +27,7 @@ class Reported(NamedTuple):
 def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int | None:
     for key in keys:
         details = usage.get(key)
-        if isinstance(details, Mapping):
+        if type(details) is dict or isinstance(details, Mapping):
             value = _count(details.get(field))
             if value is not None:
                 return value
@@ -36,7 +36,8 @@ def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int 
 
 def parse_usage(usage: object) -> Reported | None:
     """Chat/completions (`prompt_tokens`...) and Responses (`input_tokens`...) usage objects."""
-    if not isinstance(usage, Mapping):
+    # A parsed answer's objects are dicts: the exact type test skips the ABC's check.
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return None
     prompt = _count(usage.get("prompt_tokens"))
     if prompt is None:
