@@ -34,7 +34,8 @@ from proxy.sse_stream import (
     too_large,
 )
 from proxy.state import ProxyState
-from proxy.upstream import READ_ERRORS, AttemptFailed, UpstreamResponse
+from proxy.upstream import UpstreamResponse
+from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker, strip_usage_member
 from proxy.usage.filter import cut_null_usage
 from proxy.usage.skeleton import restore

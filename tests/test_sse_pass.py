@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from proxy.errors import ProxyError
 from proxy.sse_large import LARGE_EVENT, LargeEvent
 from proxy.sse_stream import Pieces, StreamState
-from proxy.upstream import AttemptFailed
+from proxy.upstream_errors import AttemptFailed
 from proxy.usage import UsageChunkFilter
 from proxy.usage.fast import parse_json
 from proxy.usage.skeleton import Skeleton, restore
