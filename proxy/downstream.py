@@ -21,8 +21,9 @@ from proxy.errors import ProxyError, UpstreamFailed, render_body, render_sse_eve
 from proxy.headers import client_response_headers
 from proxy.relaying import Relaying
 from proxy.sse_relay import SSERelay
-from proxy.upstream import AttemptFailed, UpstreamResponse
+from proxy.upstream import UpstreamResponse
 from proxy.upstream_checks import check_response_head
+from proxy.upstream_errors import AttemptFailed
 from proxy.watchdog import Watchdog
 
 # A JSON answer is held whole up to this while a switch is possible, so a body cut mid-way

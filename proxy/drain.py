@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from proxy.admission import JSON_TYPES, Plan
 from proxy.sse import SSEDecoder
-from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse
+from proxy.upstream import OpenAttempt, UpstreamResponse
+from proxy.upstream_errors import AttemptFailed
 from proxy.usage import StreamUsageTracker
 from proxy.watchdog import Watchdog
 

@@ -22,7 +22,8 @@ from proxy.errors import UpstreamFailed
 from proxy.resilience.classify import status_result
 from proxy.sse import SSEDecoder
 from proxy.sse_stream import HOLD_CAP, held_too_much
-from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse, Upstreams
+from proxy.upstream import OpenAttempt, UpstreamResponse, Upstreams
+from proxy.upstream_errors import AttemptFailed
 from proxy.usage import EventKind, StreamUsageTracker
 
 

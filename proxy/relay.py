@@ -44,7 +44,8 @@ from proxy.secrets import stream_scrubber
 from proxy.sse_relay import ClientGone
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser, Resume, ResumeSteps
-from proxy.upstream import AttemptFailed, OpenAttempt, UpstreamResponse
+from proxy.upstream import OpenAttempt, UpstreamResponse
+from proxy.upstream_errors import AttemptFailed
 from proxy.usage import (
     RequestFacts,
     StreamUsageTracker,

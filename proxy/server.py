@@ -33,7 +33,8 @@ from prometheus_client import CollectorRegistry
 from proxy import __version__
 from proxy.app import create_app
 from proxy.config import HangupConfig
-from proxy.edge.connections import ConnectionGuard, GuardedAppRunner, handler_kwargs
+from proxy.edge.capacity import ConnectionGuard
+from proxy.edge.connections import GuardedAppRunner, handler_kwargs
 from proxy.edge.descriptors import (
     ACCEPT_BATCH,
     AcceptErrors,

@@ -12,7 +12,7 @@ from proxy.attempts import Attempt, AttemptResult
 from proxy.errors import UpstreamFailed
 from proxy.secrets import StreamScrubber
 from proxy.sse_large import LARGE_EVENT, LargeEvent
-from proxy.upstream import AttemptFailed
+from proxy.upstream_errors import AttemptFailed
 from proxy.usage import StreamUsageTracker
 from proxy.usage.skeleton import MIN_RUN
 from proxy.watchdog import Watchdog

@@ -1,8 +1,9 @@
-"""The one seam to upstream servers: owns the aiohttp ClientSession and its connection pool,
-maps aiohttp's client exceptions to ours once, here, and decides the one case where a request
-may be sent again on another connection. The relay speaks only this module's types:
-`Upstreams.attempt(...)` -> `OpenAttempt`, whose `start()` gives an `UpstreamResponse` (status,
-headers, is-event-stream, `read()` chunks) and whose `close()` / `abort()` end it.
+"""The one seam to upstream servers: owns the aiohttp ClientSession and its connection pool
+(whose connector, proxy/upstream_connector.py, checks a pooled connection before reuse), maps
+aiohttp's client exceptions to ours once (proxy/upstream_errors.py), and decides the one case
+where a request may be sent again on another connection. The relay speaks only this module's
+types: `Upstreams.attempt(...)` -> `OpenAttempt`, whose `start()` gives an `UpstreamResponse`
+(status, headers, is-event-stream, `read()` chunks) and whose `close()` / `abort()` end it.
 
 Closing is structural: cancelling `start()` or `read()` and then `close()` closes the socket at
 once (aiohttp never pools a connection whose body was not read to EOF).
@@ -31,13 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import select
 import socket
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final
 
 import aiohttp
 from aiohttp.helpers import parse_content_type
@@ -47,136 +43,15 @@ from yarl import URL
 from proxy.attempts import AttemptResult
 from proxy.bare_context import BARE_CONTEXT
 from proxy.body_payload import BodyInSlices
-from proxy.errors import ProxyError, UpstreamFailed, UpstreamUnreachable
+from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.request_body import RequestBody
 from proxy.upstream_checks import FramingWatch
+from proxy.upstream_connector import SENDING, AttemptHooks, Connector
+from proxy.upstream_errors import READ_ERRORS, AttemptFailed, map_open_error
 
 log = logging.getLogger("hangup.upstream")
 
 _LARGE_BODY = 1024 * 1024
-# A close that comes this soon after our request was written crossed it on the wire: the
-# upstream closed the idle connection before reading what we sent (see the module doc). About
-# one LAN round trip plus scheduling slack on a busy loop; the silent waits after which a
-# resend would duplicate work are seconds to minutes, three orders of magnitude longer.
-RESEND_WINDOW_S = 0.05
-
-
-class AttemptFailed(Exception):
-    """An attempt failed at the upstream: `result` says how (for the failover policy), `error`
-    is what the client gets if nothing else is tried."""
-
-    def __init__(self, result: AttemptResult, error: ProxyError) -> None:
-        super().__init__(error.message)
-        self.result = result
-        self.error = error
-
-
-@dataclass(slots=True)
-class _AttemptHooks:
-    """Handed to the connector (`_SENDING`): what happened on the wire during one send."""
-
-    on_headers_sent: Callable[[], None]
-    loop: asyncio.AbstractEventLoop
-    transport: asyncio.Transport | None = None  # of the current send, once connected
-    reused: bool = False  # the connection came from the pool
-    sent_at: float | None = None  # when the request headers were written
-
-    def headers_going_out(self) -> None:
-        """The connection is ours: aiohttp writes the request headers in this same loop step
-        (nothing is awaited between its connector and the write). Known here rather than from
-        an aiohttp `TraceConfig`, whose signals (a dozen per request, all awaited) cost 1-2 %
-        of a request's CPU for this one fact."""
-        self.sent_at = self.loop.time()
-        self.on_headers_sent()
-
-    def reset(self) -> None:
-        self.transport, self.reused, self.sent_at = None, False, None
-
-    def abort(self) -> None:
-        """Close the socket *now*, with a reset.
-
-        aiohttp closes an abandoned connection with `transport.close()`, which keeps the socket
-        open until unsent request-body bytes are flushed: against an upstream that reads a big
-        prompt slowly that is seconds. SO_LINGER 0 + abort() drops both buffers and sends RST,
-        so the upstream learns at once that nobody is waiting."""
-        transport, self.transport = self.transport, None
-        if transport is None:
-            return
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            except OSError:
-                pass  # already closed: nothing left to reset
-        transport.abort()
-
-    def may_resend(self, exc: Exception) -> bool:
-        """Part 2 of the resend rule (module doc): a reused connection failed before any
-        response byte, within RESEND_WINDOW_S of our request being written (or before it was)."""
-        if not self.reused or isinstance(exc, aiohttp.ClientConnectorError):
-            return False
-        if not isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-            return False
-        return self.sent_at is None or self.loop.time() - self.sent_at <= RESEND_WINDOW_S
-
-
-# The send each task is making: lets the connector hand its transport to the attempt. Keyed
-# by task rather than held in a context variable: setting and resetting a variable leaves each
-# task's context a new mapping (~120 B) kept for as long as a stream is held.
-_SENDING: dict[asyncio.Task[Any], _AttemptHooks] = {}
-
-
-def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
-    """Part 1 of the resend rule: an idle pooled socket with anything to read (EOF, a reset,
-    stray bytes) was closed or broken by the upstream while it sat in the pool."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return True
-    try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-# Marks a pooled connection's protocol once it has carried a request. An attribute of the
-# protocol (aiohttp's has an instance dict) rather than a WeakSet of them: ~110 B less under
-# every held stream.
-_USED: Final = "_hangup_used"
-
-
-class _Connector(aiohttp.TCPConnector):
-    """A TCPConnector that checks a pooled connection before reuse and tells the current
-    attempt which transport it got and whether it was reused."""
-
-    async def connect(
-        self,
-        req: Any,
-        traces: Any,
-        timeout: Any,  # noqa: ASYNC109 (aiohttp's own signature)
-    ) -> aiohttp.connector.Connection:
-        while True:
-            connection = await super().connect(req, traces, timeout)
-            protocol, transport = connection.protocol, connection.transport
-            reused = getattr(protocol, _USED, False)
-            if reused and transport is not None and _closed_while_idle(transport):
-                log.debug("dropping a pooled upstream connection the upstream closed while idle")
-                connection.close()
-                continue
-            break
-        if protocol is not None and not reused:
-            setattr(protocol, _USED, True)
-        task = asyncio.current_task()
-        hooks = _SENDING.get(task) if task is not None else None
-        if hooks is not None:
-            hooks.transport = connection.transport
-            hooks.reused = reused
-            hooks.headers_going_out()
-        return connection
-
-
-# What a body read raises when the upstream's body broke (not a deadline or a hang-up).
-READ_ERRORS: Final = (aiohttp.ClientError, OSError, asyncio.IncompleteReadError)
 
 
 class UpstreamResponse:
@@ -314,7 +189,7 @@ class OpenAttempt:
         self._session = session
         self.upstream = upstream
         self._method, self._url, self._headers, self._body = method, url, headers, body
-        self._hooks = _AttemptHooks(on_headers_sent, asyncio.get_running_loop())
+        self._hooks = AttemptHooks(on_headers_sent, asyncio.get_running_loop())
         self._response: aiohttp.ClientResponse | None = None
         self._answer: UpstreamResponse | None = None
         self.resent = False
@@ -337,7 +212,7 @@ class OpenAttempt:
                         self.upstream,
                     )
                     continue
-                raise _map_open_error(exc, self.upstream) from exc
+                raise map_open_error(exc, self.upstream) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send(self) -> aiohttp.ClientResponse:
@@ -345,7 +220,7 @@ class OpenAttempt:
         hooks.reset()
         task = asyncio.current_task()
         assert task is not None
-        _SENDING[task] = hooks
+        SENDING[task] = hooks
         body = self._body
         data: RequestBody | BodyInSlices | None = body or None
         if len(body) > _LARGE_BODY:
@@ -356,7 +231,7 @@ class OpenAttempt:
                 self._method, self._url, headers=self._headers, data=data, allow_redirects=False
             )
         finally:  # a later control call in this task (a background cancel) is not this send
-            del _SENDING[task]
+            del SENDING[task]
         return response
 
     def close_now(self) -> None:
@@ -401,7 +276,7 @@ class Upstreams:
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             # limit=0: the default of 100 would queue the 101st concurrent stream.
-            connector=_Connector(limit=0, ttl_dns_cache=60),
+            connector=Connector(limit=0, ttl_dns_cache=60),
             # Our own deadlines govern every phase; aiohttp's default total=300 s would cut
             # long streams.
             timeout=aiohttp.ClientTimeout(total=None),
@@ -457,37 +332,3 @@ class Upstreams:
             url, headers=headers, data=body, allow_redirects=False
         ) as response:
             return response.status, await response.content.read(65536)
-
-
-def _map_open_error(exc: Exception, upstream: str) -> AttemptFailed:
-    """An exception raised while sending the request or awaiting response headers."""
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        # strerror can quote the address ("Connect call failed ('10.0.0.1', 443)"): by errno.
-        errno = exc.os_error.errno
-        reason = os.strerror(errno) if errno else type(exc.os_error).__name__
-        # The address is for the operator's log, not for the client's error body.
-        log.warning(
-            'cannot connect to upstream "%s" (%s:%s): %s', upstream, exc.host, exc.port, reason
-        )
-        return AttemptFailed(
-            AttemptResult.CONNECT_ERROR,
-            UpstreamUnreachable(f'cannot connect to upstream "{upstream}": {reason}'),
-        )
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return AttemptFailed(
-            AttemptResult.RESET,
-            UpstreamFailed(f'upstream "{upstream}" closed the connection without a response'),
-        )
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return AttemptFailed(
-            AttemptResult.INVALID_RESPONSE,
-            UpstreamFailed(f'upstream "{upstream}" sent an invalid HTTP response'),
-        )
-    return AttemptFailed(
-        AttemptResult.RESET,
-        UpstreamFailed(f'upstream "{upstream}" connection failed: {type(exc).__name__}'),
-    )
-
-
-# For control calls made outside an attempt (background cancels).
-OPEN_ERRORS: tuple[type[Exception], ...] = (aiohttp.ClientError, OSError)

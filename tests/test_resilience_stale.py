@@ -18,7 +18,7 @@ import aiohttp
 
 from proxy.attempts import AttemptResult
 from proxy.sim import SimulatedProvider
-from proxy.upstream import _closed_while_idle
+from proxy.upstream_connector import _closed_while_idle
 from tests.conftest import StartProxy, chat
 from tests.support import make_config
 

@@ -1,6 +1,6 @@
-"""A huge SSE event passed through as it arrives (proxy/sse_large.py, proxy/usage/skeleton.py)
-gives the client the same bytes and accounting the same figures as the same event completed
-whole in one step (the path every smaller event takes).
+"""A huge SSE event passed through as it arrives (proxy/sse_large.py, proxy/sse_large_relay.py,
+proxy/usage/skeleton.py) gives the client the same bytes and accounting the same figures as
+the same event completed whole in one step (the path every smaller event takes).
 
 Two pumps (`Downstream._sse_step`, as tests/test_usage_plain.py drives it) get the same reads:
 one passes lines over a small threshold through (so that generated events cross it), the other
@@ -24,9 +24,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import ProxyError
+from proxy.relay import Exchange
 from proxy.sse_large import LARGE_EVENT, LargeEvent
 from proxy.sse_stream import Pieces, StreamState
-from proxy.upstream import AttemptFailed
+from proxy.upstream_errors import AttemptFailed
 from proxy.usage import UsageChunkFilter
 from proxy.usage.fast import parse_json
 from proxy.usage.skeleton import Skeleton, restore
@@ -322,3 +323,10 @@ def test_the_skeleton_measures_every_string_as_the_whole_parse(
         return
     got = restore(parse_json(text_now), skeleton.runs)
     assert got is not None and _lengths(got) == _lengths(want)
+
+
+def test_the_exchange_keeps_no_instance_dict() -> None:
+    """Every base of the exchange is slotted, the huge-event mixin (proxy/sse_large_relay.py)
+    included: one without `__slots__` would give every held stream an instance dict."""
+    exchange = object.__new__(Exchange)
+    assert not hasattr(exchange, "__dict__")

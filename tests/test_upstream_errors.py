@@ -18,7 +18,8 @@ from yarl import URL
 from proxy.attempts import AttemptResult
 from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.outcome import Outcome
-from proxy.upstream import AttemptFailed, OpenAttempt, Upstreams, _map_open_error
+from proxy.upstream import OpenAttempt, Upstreams
+from proxy.upstream_errors import AttemptFailed, map_open_error
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -163,7 +164,7 @@ async def test_a_body_cut_short_is_a_stream_error(upstreams: Upstreams, cut_body
     ],
 )
 def test_other_failures_name_only_the_exception_type(exc: Exception, message: str) -> None:
-    failed = _map_open_error(exc, "primary")
+    failed = map_open_error(exc, "primary")
     assert failed.result is AttemptResult.RESET
     assert failed.error.message == f'upstream "primary" {message}'
     assert "sk-secret" not in failed.error.message  # an exception's text never reaches a client

@@ -28,7 +28,7 @@ from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, StreamScrubber
 from proxy.sse import SSEDecoder, SSEEvent
 from proxy.sse_stream import Pieces, StreamState
-from proxy.upstream import AttemptFailed
+from proxy.upstream_errors import AttemptFailed
 from proxy.usage import (
     EventKind,
     RequestFacts,

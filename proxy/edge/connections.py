@@ -1,5 +1,6 @@
 """Client connections, bounded: a deadline for every phase a client controls, a cap on how
-many it may hold open, and a bound on the bytes of each request head.
+many it may hold open (its policy: proxy/edge/capacity.py), and a bound on the bytes of each
+request head.
 
 aiohttp has no header or body deadline, keeps idle connections for 3,630 s and accepts heads
 of ~1 MiB; a client that trickles bytes holds a socket (and its memory) as long as it likes.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import logging
 from typing import Any
 
 from aiohttp import web
@@ -29,11 +29,9 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.config import ConnectionsConfig
 from proxy.edge.body import BodyTimeout
-from proxy.edge.ratelog import RateLimitedLog
+from proxy.edge.capacity import ConnectionGuard, Tier, over_capacity
 from proxy.errors import HeadTooLarge, Overloaded, ProxyError, RequestTimeout, render_body
 from proxy.unparsed import OpenAIErrorHandler
-
-log = logging.getLogger("hangup.connections")
 
 _REASONS = {
     408: "Request Timeout",
@@ -45,75 +43,11 @@ _REASONS = {
 _BODY_BACKSTOP_S = 1.0
 
 
-class Tier(enum.Enum):
-    NORMAL = "normal"
-    PROBES_ONLY = "probes_only"  # over max_connections, within probe_headroom
-    REFUSED = "refused"  # past the headroom too: 503 at once, nothing read
-
-
 class Phase(enum.Enum):
     WAITING = "waiting"
     HEAD = "head"
     BODY = "body"
     BUSY = "busy"
-
-
-class ConnectionGuard:
-    """Shared by every connection of one server: the count, the limits, the log.
-
-    Over the cap, a new connection first takes the slot of the longest-idle keep-alive
-    connection (nothing in flight, no byte of a next request: nginx reclaims these the same
-    way when it runs out of connections); failing that it is admitted for probes only, within
-    `probe_headroom`; past that, it takes the place of the oldest probes-only connection that
-    has not sent its request yet; failing that, it gets a 503 at once. A probe sends its
-    request as soon as it connects, so a crowd of silent or slow sockets cannot keep one out.
-    """
-
-    def __init__(self, config: ConnectionsConfig, *, probe_paths: frozenset[str]) -> None:
-        self.config = config
-        self.probe_paths = probe_paths
-        self.max_connections = config.max_connections  # lowered by `fit_to_descriptors`
-        self.open = 0
-        self.log = RateLimitedLog(log)
-        # Reclaimable connections, oldest first (dicts keep insertion order).
-        self.idle: dict[GuardedRequestHandler, None] = {}
-        self.probation: dict[GuardedRequestHandler, None] = {}
-
-    @property
-    def max_head_bytes(self) -> int:
-        return self.config.max_head_kb * 1024
-
-    def admit(self) -> Tier:
-        self.open += 1
-        if self.open > self.max_connections:
-            self._reclaim(self.idle, "idle keep-alive")
-        if self.open <= self.max_connections:
-            return Tier.NORMAL
-        ceiling = self.max_connections + self.config.probe_headroom
-        if self.open > ceiling:
-            self._reclaim(self.probation, "silent probes-only")
-        return Tier.PROBES_ONLY if self.open <= ceiling else Tier.REFUSED
-
-    def _reclaim(self, pool: dict[GuardedRequestHandler, None], what: str) -> None:
-        if not pool:
-            return
-        victim = next(iter(pool))
-        victim.evict()
-        self.closed(
-            "connection_reclaimed",
-            "closed the oldest %s connection to make room for a new one "
-            "(connections.max_connections: %d)",
-            what,
-            self.max_connections,
-        )
-
-    def released(self, handler: GuardedRequestHandler) -> None:
-        self.open -= 1
-        self.idle.pop(handler, None)
-        self.probation.pop(handler, None)
-
-    def closed(self, kind: str, message: str, *args: object) -> None:
-        self.log.warning(kind, message, *args)
 
 
 def canned_response(err: ProxyError) -> bytes:
@@ -125,13 +59,6 @@ def canned_response(err: ProxyError) -> bytes:
     head += [f"{k}: {v}" for k, v in err.headers().items()]
     head.append("Connection: close")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-def _over_capacity(guard: ConnectionGuard) -> Overloaded:
-    return Overloaded(
-        f"hangup holds its maximum of {guard.max_connections} client connections "
-        "(connections.max_connections); retry shortly"
-    )
 
 
 class GuardedRequestHandler(OpenAIErrorHandler):
@@ -185,7 +112,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
                 guard.max_connections,
                 guard.config.probe_headroom,
             )
-            self._refuse(_over_capacity(guard))
+            self._refuse(over_capacity(guard))
             return
         self._set_phase(Phase.WAITING)
         # The first request's head is due header_timeout_s after accept (nginx's rule too).
@@ -516,4 +443,4 @@ def probe_only_refusal(request: web.Request) -> Overloaded | None:
         return None
     if request.method in ("GET", "HEAD") and request.path in protocol.guard.probe_paths:
         return None
-    return _over_capacity(protocol.guard)
+    return over_capacity(protocol.guard)

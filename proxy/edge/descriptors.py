@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from proxy.edge.connections import ConnectionGuard
+from proxy.edge.capacity import ConnectionGuard
 from proxy.edge.ratelog import RateLimitedLog
 
 log = logging.getLogger("hangup.connections")

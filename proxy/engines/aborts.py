@@ -33,7 +33,8 @@ from proxy.engines.protocols import CREDENTIAL_HEADERS, AbortCall, Named, SGLang
 from proxy.metrics import Metrics
 from proxy.outcome import BackgroundCancel, EngineAbort, RequestRecord
 from proxy.timeouts import Phase
-from proxy.upstream import OPEN_ERRORS, Upstreams
+from proxy.upstream import Upstreams
+from proxy.upstream_errors import OPEN_ERRORS
 
 if TYPE_CHECKING:
     from proxy.admission import Plan, TargetPlan

@@ -20,7 +20,8 @@ from yarl import URL
 
 from proxy.outcome import BackgroundCancel
 from proxy.target import checked, safe_upstream_id
-from proxy.upstream import OPEN_ERRORS, Upstreams
+from proxy.upstream import Upstreams
+from proxy.upstream_errors import OPEN_ERRORS
 
 log = logging.getLogger("hangup.background")
 

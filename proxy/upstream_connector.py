@@ -1,0 +1,132 @@
+"""The connector under `Upstreams`' session: it checks a pooled connection before reuse and
+tells the current attempt what happened on the wire during its send (`AttemptHooks`, found in
+`SENDING` by task): which transport it got, whether it was reused, when the request went out.
+Those facts decide the one case where a request may be sent again (the rule, and why, is in
+proxy/upstream.py's module doc); `AttemptHooks` also resets a send's socket at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import select
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+
+log = logging.getLogger("hangup.upstream")
+
+# A close that comes this soon after our request was written crossed it on the wire: the
+# upstream closed the idle connection before reading what we sent (see proxy/upstream.py's
+# doc). About one LAN round trip plus scheduling slack on a busy loop; the silent waits after
+# which a resend would duplicate work are seconds to minutes, three orders of magnitude longer.
+RESEND_WINDOW_S = 0.05
+
+
+@dataclass(slots=True)
+class AttemptHooks:
+    """Handed to the connector (`SENDING`): what happened on the wire during one send."""
+
+    on_headers_sent: Callable[[], None]
+    loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport | None = None  # of the current send, once connected
+    reused: bool = False  # the connection came from the pool
+    sent_at: float | None = None  # when the request headers were written
+
+    def headers_going_out(self) -> None:
+        """The connection is ours: aiohttp writes the request headers in this same loop step
+        (nothing is awaited between its connector and the write). Known here rather than from
+        an aiohttp `TraceConfig`, whose signals (a dozen per request, all awaited) cost 1-2 %
+        of a request's CPU for this one fact."""
+        self.sent_at = self.loop.time()
+        self.on_headers_sent()
+
+    def reset(self) -> None:
+        self.transport, self.reused, self.sent_at = None, False, None
+
+    def abort(self) -> None:
+        """Close the socket *now*, with a reset.
+
+        aiohttp closes an abandoned connection with `transport.close()`, which keeps the socket
+        open until unsent request-body bytes are flushed: against an upstream that reads a big
+        prompt slowly that is seconds. SO_LINGER 0 + abort() drops both buffers and sends RST,
+        so the upstream learns at once that nobody is waiting."""
+        transport, self.transport = self.transport, None
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # already closed: nothing left to reset
+        transport.abort()
+
+    def may_resend(self, exc: Exception) -> bool:
+        """Part 2 of the resend rule (proxy/upstream.py's doc): a reused connection failed
+        before any response byte, within RESEND_WINDOW_S of our request being written (or
+        before it was)."""
+        if not self.reused or isinstance(exc, aiohttp.ClientConnectorError):
+            return False
+        if not isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+            return False
+        return self.sent_at is None or self.loop.time() - self.sent_at <= RESEND_WINDOW_S
+
+
+# The send each task is making: lets the connector hand its transport to the attempt. Keyed
+# by task rather than held in a context variable: setting and resetting a variable leaves each
+# task's context a new mapping (~120 B) kept for as long as a stream is held.
+SENDING: dict[asyncio.Task[Any], AttemptHooks] = {}
+
+
+def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
+    """Part 1 of the resend rule: an idle pooled socket with anything to read (EOF, a reset,
+    stray bytes) was closed or broken by the upstream while it sat in the pool."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+# Marks a pooled connection's protocol once it has carried a request. An attribute of the
+# protocol (aiohttp's has an instance dict) rather than a WeakSet of them: ~110 B less under
+# every held stream.
+_USED: Final = "_hangup_used"
+
+
+class Connector(aiohttp.TCPConnector):
+    """A TCPConnector that checks a pooled connection before reuse and tells the current
+    attempt which transport it got and whether it was reused."""
+
+    async def connect(
+        self,
+        req: Any,
+        traces: Any,
+        timeout: Any,  # noqa: ASYNC109 (aiohttp's own signature)
+    ) -> aiohttp.connector.Connection:
+        while True:
+            connection = await super().connect(req, traces, timeout)
+            protocol, transport = connection.protocol, connection.transport
+            reused = getattr(protocol, _USED, False)
+            if reused and transport is not None and _closed_while_idle(transport):
+                log.debug("dropping a pooled upstream connection the upstream closed while idle")
+                connection.close()
+                continue
+            break
+        if protocol is not None and not reused:
+            setattr(protocol, _USED, True)
+        task = asyncio.current_task()
+        hooks = SENDING.get(task) if task is not None else None
+        if hooks is not None:
+            hooks.transport = connection.transport
+            hooks.reused = reused
+            hooks.headers_going_out()
+        return connection
