@@ -151,8 +151,13 @@ class Exchange(Downstream):
             self.plan, self.facts, self.route = plan, plan.facts, plan.route
             watchdog = Watchdog(plan.deadlines, task)
             try:
-                with watchdog:
+                # What `with watchdog:` does, without the bound `__exit__` that a `with` keeps
+                # on this frame's stack for as long as a stream is held (64 B).
+                watchdog.rearm()
+                try:
                     return await self._attempts(plan, watchdog)
+                finally:  # synchronous: a cancel we issued is delivered inside, never after
+                    watchdog.stop()
             except asyncio.CancelledError:
                 kind = watchdog.consume()
                 if kind is None:
