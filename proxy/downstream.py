@@ -9,17 +9,18 @@ out, an error can only end the stream in band.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
 
+from proxy import relaying
 from proxy.admission import JSON_TYPES, Plan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.drain import USAGE_BODY_CAP
 from proxy.errors import ProxyError, UpstreamFailed, render_body, render_sse_event
 from proxy.headers import client_response_headers
-from proxy.relaying import Relaying
 from proxy.sse_relay import SSERelay
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_checks import check_response_head
@@ -124,8 +125,14 @@ class Downstream(SSERelay):
         prefix: bytes,
         holding: bool,
     ) -> web.StreamResponse:
-        async with Relaying(self, plan, upstream, watchdog, holding):
+        await relaying.begin(self, holding)
+        try:
             await self._pump_body(plan, upstream, prefix, holding)
+        except asyncio.CancelledError:
+            await relaying.client_left(self, plan, upstream, watchdog)
+            raise
+        finally:
+            relaying.end(self)
         return await self._relayed(plan, upstream, attempt)
 
     async def _pump_body(

@@ -13,11 +13,11 @@ import asyncio
 
 from aiohttp import web
 
+from proxy import relaying
 from proxy.admission import Plan, TargetPlan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.errors import UpstreamFailed
 from proxy.outcome import Outcome, RequestRecord, settle_relayed
-from proxy.relaying import Relaying
 from proxy.resilience.classify import status_result
 from proxy.routing import Route
 from proxy.secrets import StreamScrubber
@@ -131,7 +131,7 @@ class SSERelay(LargeEventRelay):
         attempt: Attempt,
         holding: bool,
     ) -> web.StreamResponse:
-        """Relay a stream (see `Relaying`, around it) and end it: the coroutine that stays
+        """Relay a stream (`proxy.relaying` around it) and end it: the coroutine that stays
         alive while the stream is held, so the only one of this exchange's under the read."""
         record, deadlines, loop = self.record, plan.deadlines, self.loop
         self.decoder = SSEDecoder()
@@ -145,7 +145,8 @@ class SSERelay(LargeEventRelay):
         # whose first reads are replayed by its `read()`).
         content = upstream.content
         chunk: bytes | None
-        async with Relaying(self, plan, upstream, watchdog, holding):
+        await relaying.begin(self, holding)
+        try:
             while True:
                 commit_at = deadlines.client_commit_at() if stream.held is not None else None
                 before = loop.time()
@@ -209,6 +210,11 @@ class SSERelay(LargeEventRelay):
                     data = b""
                 if end:
                     break
+        except asyncio.CancelledError:
+            await relaying.client_left(self, plan, upstream, watchdog)
+            raise
+        finally:
+            relaying.end(self)
         return await self._relayed(plan, upstream, attempt)
 
     async def _relayed(

@@ -158,6 +158,10 @@ class UpstreamResponse:
         )
 
 
+def _nothing() -> None:
+    pass
+
+
 class OpenAttempt:
     """One attempt: `await start()` sends the request and waits for the response headers;
     `await close()` ends it (always call it, in a `finally`). Cancelling `start()` resets the
@@ -199,6 +203,9 @@ class OpenAttempt:
             try:
                 self._response = await self._send()
                 self._answer = UpstreamResponse(self._response, self.upstream)
+                # Answered: no resend, so its headers go out no more. The callback (a bound
+                # method, 64 B) is not kept for the rest of the stream.
+                self._hooks.on_headers_sent = _nothing
                 return self._answer
             except asyncio.CancelledError:
                 self._hooks.abort()  # the body may still be in flight: reset, don't flush
