@@ -152,8 +152,8 @@ def counts_of(usage: Usage) -> Usage:
     )
 
 
-def add_waste(record: RequestRecord, reason: str, bill: AttemptBill) -> None:
-    waste = record.waste.setdefault(reason, Waste())
+def add_waste(wastes: dict[str, Waste], reason: str, bill: AttemptBill) -> None:
+    waste = wastes.setdefault(reason, Waste())
     waste.attempts += 1
     waste.prompt_tokens += bill.usage.prompt_tokens
     waste.completion_tokens += bill.usage.completion_tokens
@@ -182,7 +182,8 @@ def bill_attempts(
     model price (None: unpriced); output_price: USD per completion token of its model;
     expected_tokens: how long an answer is expected to be (the savings estimator's figure),
     for what a hedge loser did not generate; asked only when there is one (it sorts history)."""
-    record.waste = {}
+    wastes: dict[str, Waste] = {}
+    record.waste = wastes
     for i, attempt in enumerate(record.attempts):
         usage = attempt_usage(record, i)
         billing = policy(attempt)
@@ -199,4 +200,4 @@ def bill_attempts(
                 bill.saved_usd = bill.tokens_saved * per_token if billing == "stops" else 0.0
         attempt.bill = bill
         if bill.waste is not None:
-            add_waste(record, bill.waste, bill)
+            add_waste(wastes, bill.waste, bill)

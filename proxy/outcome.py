@@ -8,8 +8,10 @@ strings: a 200 that was cut mid-stream is `client_cancelled`, not "success".
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from proxy.tracing.context import TraceIds
@@ -216,6 +218,11 @@ class Waste:
         return self.prompt_tokens + self.completion_tokens
 
 
+# A record's waste until its attempts are billed (`proxy.bills.bill_attempts` sets a new dict):
+# one shared empty mapping, not an empty dict kept under every held stream.
+NO_WASTE: Final[Mapping[str, Waste]] = MappingProxyType({})
+
+
 @dataclass(slots=True)
 class RequestRecord:
     """Everything known about one request when it ends. Times are `loop.time()` seconds."""
@@ -280,7 +287,7 @@ class RequestRecord:
     cost: Cost | None = None
     # Attempt waste by reason ("hedge", "failover"): what attempts whose output never reached
     # the client cost (proxy/bills.py). Empty when every billed attempt was delivered.
-    waste: dict[str, Waste] = field(default_factory=dict)
+    waste: Mapping[str, Waste] = field(default_factory=lambda: NO_WASTE)
     background: BackgroundCancel | None = None
     background_response_id: str | None = None
     # Every upstream attempt, in the order they began (see proxy/attempts.py).
