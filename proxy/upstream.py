@@ -227,12 +227,12 @@ class OpenAttempt:
         hooks.reset()
         task = asyncio.current_task()
         assert task is not None
-        SENDING[task] = hooks
         body = self._body
         data: RequestBody | BodyInSlices | None = body or None
         if len(body) > _LARGE_BODY:
             # Written in slices rather than in one transport write that holds up the loop.
             data = BodyInSlices(body)
+        SENDING[task] = hooks  # removed in the finally below, whatever ends the send
         try:
             response: aiohttp.ClientResponse = await self._session.request(
                 self._method, self._url, headers=self._headers, data=data, allow_redirects=False
