@@ -23,28 +23,27 @@ from aiohttp import web
 
 from proxy.accounting import attempt_closed
 from proxy.admission import Plan, TargetPlan, admit
+from proxy.answer_status import PolicyFailed, check_status
 from proxy.attempts import Attempt, AttemptResult
-from proxy.downstream import Downstream
 from proxy.drain import open_upstream
 from proxy.edge.body import in_steps
 from proxy.edge.gate import edge_answer
+from proxy.engine_work import EngineWork, Sent
 from proxy.engines import Named
 from proxy.errors import (
     GatewayTimeout,
     ProxyError,
-    UpstreamFailed,
 )
 from proxy.hedged import hedges, relay_hedged
 from proxy.outcome import Outcome, RequestRecord, TimeoutKind
 from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
-from proxy.resilience.classify import ERROR_BODY_CAP, error_code, retry_after_s, status_result
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
 from proxy.sse_relay import ClientGone
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser, Resume, ResumeSteps
-from proxy.upstream import OpenAttempt, UpstreamResponse
+from proxy.upstream import OpenAttempt
 from proxy.upstream_errors import AttemptFailed
 from proxy.usage import (
     RequestFacts,
@@ -67,22 +66,11 @@ class _DeadlineFired(Exception):
         self.kind = kind
 
 
-_Sent = tuple[Attempt, TargetPlan, Named]
-
-
-class _Failed(Exception):
-    """An attempt's answer was a failure and the policy already chose the next step."""
-
-    def __init__(self, failure: Failure, error: ProxyError, decision: Decision) -> None:
-        super().__init__(error.message)
-        self.failure, self.error, self.decision = failure, error, decision
-
-
-class Exchange(Downstream):
+class Exchange(EngineWork):
     """One request, from arrival to its record."""
 
     # Slots (one Exchange per held stream, no per-instance dict); the rest are Downstream's.
-    __slots__ = ("_continuations", "_cut", "_raced_to", "_sent", "chooser")
+    __slots__ = ("_continuations", "_cut", "_raced_to", "chooser")
 
     def __init__(self, state: ProxyState, request: web.Request) -> None:
         self.state = state
@@ -123,7 +111,7 @@ class Exchange(Downstream):
         # Each attempt as sent (its target, and the name its engine runs it under) until it
         # ends: what `_abandon` tells the engine to stop. A tuple, not a dict by id(attempt):
         # one or two entries, alive for as long as a stream is held (~170 B less a stream).
-        self._sent: tuple[_Sent, ...] = ()
+        self._sent: tuple[Sent, ...] = ()
 
     # --- the lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -258,7 +246,7 @@ class Exchange(Downstream):
                         record.upstream_wait_s += now - opened_at
                     attempt.headers_at, attempt.status = now, upstream.status
                     attempt.resent = opened.resent
-                    prefix = await self._check_status(plan, index, attempt, upstream)
+                    prefix = await check_status(chooser, record, index, attempt, upstream)
                     return await self._relay_response(
                         plan, upstream, watchdog, attempt, prefix, chooser.can_switch(index)
                     )
@@ -266,7 +254,7 @@ class Exchange(Downstream):
                     await opened.close()
                     attempt.closed_at = record.upstream_closed_at = loop.time()
                     attempt_closed(attempt, self.tracker)
-            except _Failed as failed:
+            except PolicyFailed as failed:
                 failure, error, decision = failed.failure, failed.error, failed.decision
             except AttemptFailed as exc:
                 result = AttemptResult.CUT if self.content_sent else exc.result
@@ -378,28 +366,6 @@ class Exchange(Downstream):
             )
         return index
 
-    def _abandon(
-        self, attempt: Attempt, why: str, result: AttemptResult = AttemptResult.ABANDONED
-    ) -> None:
-        """THE place where hangup gives up on an attempt that may still be running upstream
-        (client gone, a request deadline, a per-attempt deadline before the next target, a
-        hedge loser). Its socket is closed by the unwinding `finally` around the attempt in
-        `_attempts` (a racer's own, for a hedge); an engine abort (naming the request to the
-        engine) belongs here: proxy.engines sends it, off the request's path. `result`:
-        TIMEOUT for a per-attempt deadline, so the circuit and the record count it as one."""
-        attempt.end(result, self.loop.time(), why)
-        sent = self._take_sent(attempt)
-        if sent is not None and self.plan is not None:
-            self.state.aborts.abandon(self.record, self.plan, *sent)
-
-    def _take_sent(self, attempt: Attempt) -> tuple[TargetPlan, Named] | None:
-        """The attempt's target and engine name, forgotten (None: not sent, or given up)."""
-        for entry in self._sent:
-            if entry[0] is attempt:
-                self._sent = tuple(e for e in self._sent if e is not entry)
-                return entry[1], entry[2]
-        return None
-
     # --- one attempt ------------------------------------------------------------------------
     def _send(
         self,
@@ -432,62 +398,6 @@ class Exchange(Downstream):
             body=named.body,
             on_headers_sent=watchdog.headers_sent,  # a bound method: no closure per attempt
         )
-
-    async def _check_status(
-        self, plan: Plan, index: int, attempt: Attempt, upstream: UpstreamResponse
-    ) -> bytes:
-        """Raise `_Failed` when this answer is a failure the policy moves past; else return
-        the body bytes read to classify it (to be relayed first), usually none."""
-        status = upstream.status
-        result = status_result(status)
-        code: str | None = None
-        prefix = b""
-        if status == 400 and any(t.target.long_context for t in plan.targets[index + 1 :]):
-            prefix = await self._read_error_body(upstream)
-            code = error_code(prefix)
-            if code is not None:
-                result = AttemptResult.CLIENT_ERROR
-        if result is None:
-            return prefix
-        retry_after = retry_after_s(upstream.headers) if status == 429 else None
-        failure = Failure(result, status, retry_after, code)
-        retries_here = sum(
-            1
-            for a in self.record.attempts
-            if a.upstream == attempt.upstream and a.reason == "retry"
-        )
-        decision = self.chooser.decide(index, retries_here, failure)
-        if decision.step is Step.GIVE_UP:
-            return prefix  # the upstream's own answer is the client's
-        attempt.end(result, self.loop.time(), f"upstream answered {status}")
-        raise _Failed(failure, UpstreamFailed(f"upstream answered {status}"), decision)
-
-    async def _read_error_body(self, upstream: UpstreamResponse) -> bytes:
-        body = bytearray()
-        while len(body) < ERROR_BODY_CAP:
-            chunk = await upstream.read()
-            if not chunk:
-                break
-            body += chunk
-        return bytes(body)
-
-    async def _stop_background_work(self) -> None:
-        """The request is over and its upstream socket closed by now. Where that does not stop
-        the work, proxy.engines does, off this request's path: a Responses `background: true`
-        job is cancelled; an attempt not given up through `_abandon` (the client's socket
-        failed on a write) is aborted at its engine."""
-        plan, tracker = self.plan, self.tracker
-        if plan is None:
-            return
-        if plan.facts.background and plan.facts.stream:
-            target = self.target if self.target is not None else plan.targets[0]
-            response_id = tracker.response_id if tracker is not None else None
-            self.state.aborts.cancel_background(self.record, plan, target, response_id)
-            return
-        if self.record.attempts:
-            sent = self._take_sent(self.record.attempts[-1])
-            if sent is not None:
-                self.state.aborts.abandon(self.record, plan, *sent)
 
 
 # The aiohttp handler for every path under /v1/.
