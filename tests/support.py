@@ -11,6 +11,7 @@ from collections.abc import Callable, Generator
 from typing import Any, Self, TypeVar
 
 import pytest
+from hypothesis import strategies as st
 
 from proxy.config import HangupConfig
 from proxy.outcome import RequestRecord
@@ -411,3 +412,18 @@ def run_steps(steps: Generator[None, None, Any]) -> tuple[Any, int]:
         except StopIteration as done:
             return done.value, count
         count += 1
+
+
+def json_in_a_style(draw: st.DrawFn, obj: Any) -> str:
+    """`obj` as JSON written compact, spaced, indented (0 to 3) or ASCII-escaped, as drawn:
+    the spellings a client's JSON library may produce."""
+    style = draw(st.sampled_from(["compact", "spaced", "indent", "ascii"]))
+    if style == "compact":
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    elif style == "spaced":
+        text = json.dumps(obj, ensure_ascii=False)
+    elif style == "indent":
+        text = json.dumps(obj, ensure_ascii=False, indent=draw(st.integers(0, 3)))
+    else:
+        text = json.dumps(obj)
+    return text

@@ -27,7 +27,7 @@ from proxy.resilience.continuation_steps import Sizes, continuation_in_steps
 from proxy.sim import SimulatedProvider, completion_text
 from tests.conftest import StartProxy
 from tests.resilience_support import BACKUP_MODEL, CHAT, Answer, seen
-from tests.support import run_steps
+from tests.support import json_in_a_style, run_steps
 from tests.test_resilience_continue import WHOLE, continue_config
 
 STYLES: list[PrefixStyle] = ["prefix", "continue_final_message"]
@@ -94,15 +94,7 @@ def bodies(draw: st.DrawFn) -> bytes:
     type, some repeated), written compact, spaced, indented or ASCII-escaped."""
     keys = draw(st.lists(st.sampled_from(sorted(VALUES)), unique=True))
     obj: dict[str, Any] = {key: draw(VALUES[key]) for key in keys}
-    style = draw(st.sampled_from(["compact", "spaced", "indent", "ascii"]))
-    if style == "compact":
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    elif style == "spaced":
-        text = json.dumps(obj, ensure_ascii=False)
-    elif style == "indent":
-        text = json.dumps(obj, ensure_ascii=False, indent=draw(st.integers(0, 3)))
-    else:
-        text = json.dumps(obj)
+    text = json_in_a_style(draw, obj)
     if draw(st.booleans()) and obj:  # a member repeated: json.loads keeps the last value
         key = draw(st.sampled_from(sorted(VALUES)))
         repeat = f'"{key}": {json.dumps(draw(VALUES[key]))}, '

@@ -30,7 +30,7 @@ from proxy.usage import inspect_request
 from tests.conftest import StartProxy
 from tests.connection_support import hostile_config
 from tests.resilience_support import BACKUP_MODEL, fallback_config
-from tests.support import run_steps
+from tests.support import json_in_a_style, run_steps
 
 CHAT = "/v1/chat/completions"
 STEPS = (1, 2, 3, 7, 64, 10**9)
@@ -79,15 +79,7 @@ def bodies(draw: st.DrawFn) -> bytes:
     keys = draw(st.lists(st.sampled_from(["model", "messages", "a", "b"]), unique=True))
     for key in keys:
         obj[key] = draw(model_values if key == "model" else json_values)
-    style = draw(st.sampled_from(["compact", "spaced", "indent", "ascii"]))
-    if style == "compact":
-        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    elif style == "spaced":
-        text = json.dumps(obj, ensure_ascii=False)
-    elif style == "indent":
-        text = json.dumps(obj, ensure_ascii=False, indent=draw(st.integers(0, 3)))
-    else:
-        text = json.dumps(obj)
+    text = json_in_a_style(draw, obj)
     if draw(st.booleans()):
         text = text.replace('"model"', '"mod\\u0065l"', 1)
     if draw(st.booleans()):
