@@ -169,9 +169,7 @@ def _read_small(body: RequestBody) -> RequestFields:
             value = msgspec.json.decode(value)
         elif value is _ABSENT:
             continue
-        if name in _LIMITS and type(value) is int and value > MAX_TOKENS_BOUND:
-            value = MAX_TOKENS_BOUND
-        members[name] = value
+        members[name] = _bounded(name, value)
     options = values.stream_options
     return RequestFields(
         members=members, raw_stream_options=bytes(options) if len(options) else b""
@@ -325,6 +323,13 @@ def _marks(span: bytes, cuts: list[_Cut]) -> list[tuple[int, int, int]]:
     return found
 
 
+def _bounded(name: str, value: Any) -> Any:
+    """A member's value as read: a token limit past `MAX_TOKENS_BOUND` is the bound."""
+    if name in _LIMITS and type(value) is int and value > MAX_TOKENS_BOUND:
+        return MAX_TOKENS_BOUND
+    return value
+
+
 def _members(raw: _Members, span_of: Callable[[msgspec.Raw], _Span]) -> RequestFields:
     members: dict[str, Any] = {}
     undecoded = 0
@@ -344,9 +349,7 @@ def _members(raw: _Members, span_of: Callable[[msgspec.Raw], _Span]) -> RequestF
             value = msgspec.json.decode(span.data())
         except (msgspec.DecodeError, RecursionError) as exc:  # e.g. a number out of range
             raise BadRequest(f"request body member {name!r} cannot be read: {exc}") from exc
-        if name in _LIMITS and type(value) is int and value > MAX_TOKENS_BOUND:
-            value = MAX_TOKENS_BOUND
-        members[name] = value
+        members[name] = _bounded(name, value)
     options = raw.stream_options
     return RequestFields(
         members=members,
