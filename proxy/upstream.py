@@ -48,6 +48,7 @@ from proxy.request_body import RequestBody
 from proxy.upstream_checks import FramingWatch
 from proxy.upstream_connector import SENDING, AttemptHooks, Connector
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed, map_open_error
+from proxy.upstream_request import UpstreamRequest
 
 log = logging.getLogger("hangup.upstream")
 
@@ -289,8 +290,9 @@ class Upstreams:
             timeout=aiohttp.ClientTimeout(total=None),
             # Byte-faithful: relay compressed bodies as they are.
             auto_decompress=False,
-            # Send only what the client sent (no aiohttp User-Agent / Accept-Encoding).
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            # Send only what the client sent: no aiohttp default header (its skip list, decided
+            # once rather than on every request: proxy/upstream_request.py).
+            request_class=UpstreamRequest,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 

@@ -270,3 +270,28 @@ async def test_over_real_sockets(echo: EchoUpstream, start_proxy: StartProxy) ->
     assert to_client["x-end-to-end"] == "kept"
     assert to_client.getall("via") == ["1.1 upstream-lb", "1.1 hangup"]
     assert to_client["x-request-id"] == "hdr-1"
+
+
+async def test_upstream_gets_no_header_the_client_did_not_send(
+    echo: EchoUpstream, start_proxy: StartProxy
+) -> None:
+    """No aiohttp default header (`User-Agent`, `Accept`, `Accept-Encoding`, a payload's
+    `Content-Type`) is added on the way up: the upstream sees the client's fields and ours."""
+    assert echo.server is not None
+    url = f"http://127.0.0.1:{echo.server.sockets[0].getsockname()[1]}/v1"
+    server, _ = await start_proxy(make_config(url, include_usage=False))
+    ours = {"host", "content-length", "x-request-id", "via"}
+
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json("/v1/chat/completions", {"model": "m", "messages": []})
+    await client.read_until(lambda b: b.endswith(b'{"ok": true}'), timeout=5)
+    # A body that is not JSON, without a Content-Type: aiohttp's payload would name one.
+    client.send_head("POST", "/v1/chat/completions", {}, 5)
+    client.writer.write(b"hello")
+    await client.read_until(lambda b: b.count(b'{"ok": true}') == 2, timeout=5)
+    client.close()
+
+    json_head, plain_head = echo.heads
+    assert {k.lower() for k, _ in json_head["headers"]} == ours | {"content-type"}
+    assert {k.lower() for k, _ in plain_head["headers"]} == ours
+    assert plain_head["body"] == b"hello"
