@@ -53,6 +53,7 @@ from bench.common import (
     REPO,
     Procs,
     cpu_seconds,
+    cpu_split,
     have_uvloop,
     http_get,
     median,
@@ -186,6 +187,7 @@ def measure(
     if warmup > 0:
         run_wrk(wrk, target, script, connections=connections, duration=warmup)
     own = {pid: cpu_seconds(pid) for pid in ours}
+    user0, system0 = cpu_split(target.pid)
     kids0, self0, busy0, t0 = _children_cpu(), _self_cpu(), _machine_busy(), time.monotonic()
     result = run_wrk(wrk, target, script, connections=connections, duration=duration)
     wall = time.monotonic() - t0
@@ -193,12 +195,17 @@ def measure(
     ours_cpu = sum(cpu_seconds(pid) - c for pid, c in own.items())
     ours_cpu += (_children_cpu() - kids0) + (_self_cpu() - self0)  # wrk itself, and us
     proxy_cpu = cpu_seconds(target.pid) - own[target.pid]
+    user1, system1 = cpu_split(target.pid)
     ok = max(1, int(result["requests"]) - int(result["status"]))
     result.update(
         wall_s=wall,
         rps=ok / (int(result["duration_us"]) / 1e6),
         proxy_cpu_s=proxy_cpu,
         cpu_us_per_req=proxy_cpu / ok * 1e6,
+        # Where the CPU went: the interpreter's and the libraries' own work (user) against
+        # the kernel's socket work (system), which a relay of the same traffic shares.
+        user_us_per_req=(user1 - user0) / ok * 1e6,
+        system_us_per_req=(system1 - system0) / ok * 1e6,
         proxy_cpus=proxy_cpu / wall,
         others_cpus=max(0.0, busy - ours_cpu) / wall,
         busy_cpus=busy / wall,
@@ -262,6 +269,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "rps": med("rps"),
         "cpu_us_per_req": med("cpu_us_per_req"),
         "cpu_us_per_req_rounds": [round(r["cpu_us_per_req"], 1) for r in runs],
+        "user_us_per_req": med("user_us_per_req"),
+        "system_us_per_req": med("system_us_per_req"),
         "p50_ms": med("p50_us") / 1000,
         "p99_ms": med("p99_us") / 1000,
         "others_cpus": med("others_cpus"),
@@ -343,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs.setdefault((workload, target.name), []).append(r)
                     print(
                         f"round {rnd + 1} {workload:9} {target.name:10} {r['rps']:7.0f} req/s"
-                        f"  cpu {r['cpu_us_per_req']:6.0f} us/req ({r['proxy_cpus']:.2f} CPU)"
+                        f"  cpu {r['cpu_us_per_req']:6.0f} us/req ({r['proxy_cpus']:.2f} CPU,"
+                        f" user {r['user_us_per_req']:.0f} sys {r['system_us_per_req']:.0f})"
                         f"  p50 {r['p50_us'] / 1000:6.2f} ms  others {r['others_cpus']:.2f} CPU",
                         flush=True,
                     )
@@ -390,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                     round(row["rps"]),
                     round(row["cpu_us_per_req"]),
                     "-" if ratio is None else f"{ratio:.2f}x",
+                    round(row["user_us_per_req"]),
+                    round(row["system_us_per_req"]),
                     row["p50_ms"],
                     row["p99_ms"],
                     row["others_cpus"],
@@ -427,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 "req/s",
                 "CPU us/req",
                 "vs relay",
+                "user us",
+                "sys us",
                 "p50 ms",
                 "p99 ms",
                 "others' CPUs",
