@@ -49,6 +49,7 @@ from proxy.upstream_checks import FramingWatch
 from proxy.upstream_connector import SENDING, AttemptHooks, Connector
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed, map_open_error
 from proxy.upstream_request import UpstreamRequest
+from proxy.upstream_request import send as send_upstream
 
 log = logging.getLogger("hangup.upstream")
 
@@ -235,8 +236,8 @@ class OpenAttempt:
             data = BodyInSlices(body)
         SENDING[task] = hooks  # removed in the finally below, whatever ends the send
         try:
-            response: aiohttp.ClientResponse = await self._session.request(
-                self._method, self._url, headers=self._headers, data=data, allow_redirects=False
+            response = await send_upstream(
+                self._session, self._method, self._url, self._headers, data
             )
         finally:  # a later control call in this task (a background cancel) is not this send
             del SENDING[task]

@@ -151,3 +151,60 @@ class _Transport(asyncio.BaseTransport):
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return self._sock if name == "socket" else default
+
+
+class SilentOnSecond:
+    """An HTTP/1.1 upstream that answers the first request of each connection with keep-alive,
+    then reads the next one whole, stays silent for 0.3 s (long past RESEND_WINDOW_S: it may be
+    working) and closes without a response."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []  # request lines, in order
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> SilentOnSecond:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for answered in (True, False):
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.seen.append(head.split(b"\r\n", 1)[0].decode("latin-1"))
+                if not answered:
+                    await asyncio.sleep(0.3)
+                    break
+                body = b'{"object": "list", "data": []}'
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_an_idempotent_request_the_upstream_sat_on_is_never_resent(
+    start_proxy: StartProxy,
+) -> None:
+    """The rule holds for every method: aiohttp's session would resend a GET (an idempotent
+    method) once on a reused connection that broke, however long the upstream had it."""
+    upstream = await SilentOnSecond().start()
+    try:
+        server, _ = await start_proxy(make_config(f"http://127.0.0.1:{upstream.port}/v1"))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{server.base_url}/v1/models") as first:
+                assert first.status == 200
+            async with session.get(f"{server.base_url}/v1/models") as second:
+                assert second.status == 502
+        assert upstream.seen == ["GET /v1/models HTTP/1.1"] * 2  # never a third
+    finally:
+        await upstream.stop()
