@@ -403,9 +403,12 @@ class Procs:
         loop: str = "default",
         source: Path | None = None,
         max_connections: int | None = None,
+        wrapper: Sequence[str] = (),
+        start_timeout: float = 20.0,
     ) -> Child:
         """The real CLI, as users run it; its JSON log (access log included) goes to a file.
-        `max_connections`: the shipped config with only that setting changed."""
+        `max_connections`: the shipped config with only that setting changed; `wrapper`: a
+        command it runs under (e.g. valgrind's)."""
         port = free_port()
         args = ["--port", str(port), "--host", HOST]
         if config is None and max_connections is not None:
@@ -424,9 +427,9 @@ class Procs:
         # shipped defaults (access log, metrics and accounting on).
         # `source`: another checkout of hangup (e.g. `git archive` of an older commit), run from
         # its own directory so that its `proxy` package and config are the ones imported.
-        child = self.spawn(name, [*entry, *args], cwd=source)
+        child = self.spawn(name, [*wrapper, *entry, *args], cwd=source)
         child.url = f"http://{HOST}:{port}"
-        wait_http(child.url + "/healthz", child.proc)
+        wait_http(child.url + "/healthz", child.proc, timeout=start_timeout)
         return child
 
     def _shipped_config(self, *, max_connections: int) -> Path:
@@ -438,14 +441,23 @@ class Procs:
         path.write_text(yaml.safe_dump(settings))
         return path
 
-    def baseline(self, upstream: str, *, name: str = "baseline", uvloop: bool = False) -> Child:
+    def baseline(
+        self,
+        upstream: str,
+        *,
+        name: str = "baseline",
+        uvloop: bool = False,
+        wrapper: Sequence[str] = (),
+        start_timeout: float = 20.0,
+    ) -> Child:
+        """The bare relay; `wrapper`: a command it runs under (e.g. valgrind's)."""
         port = free_port()
         argv = [PY, "-m", "bench.baseline_relay", "--upstream", upstream, "--port", str(port)]
         if uvloop:
             argv.append("--uvloop")
-        child = self.spawn(name, argv)
+        child = self.spawn(name, [*wrapper, *argv])
         child.url = f"http://{HOST}:{port}"
-        wait_http(child.url + "/healthz", child.proc)
+        wait_http(child.url + "/healthz", child.proc, timeout=start_timeout)
         return child
 
     def stop(self, child: Child, timeout: float = 10.0) -> int | None:

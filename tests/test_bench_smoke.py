@@ -168,6 +168,34 @@ def test_wrk_benchmark_reports_cpu_ratios_and_contention(tmp_path: Path) -> None
     assert totals[1] > 0  # completed requests counted by hangup's own metrics
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(
+    shutil.which("wrk") is None or shutil.which("callgrind_control") is None,
+    reason="needs Debian's wrk and valgrind",
+)
+def test_instructions_benchmark_counts_each_targets_instructions(tmp_path: Path) -> None:
+    """bench.instructions --short: the relay and hangup each served requests under callgrind
+    and executed a counted number of instructions for them; the ratio is theirs. Not judged."""
+    out = tmp_path / "instructions.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", "--short", "--out", str(out)],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    print(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    rows = data["results"]["chat"]
+    assert set(rows) == {"relay", "hangup"}
+    for row in rows.values():
+        assert row["requests"] > 0
+        assert 0 < finite(row["kir_per_request"]) < 1e6
+    assert rows["hangup"]["vs_relay"] == pytest.approx(
+        rows["hangup"]["kir_per_request"] / rows["relay"]["kir_per_request"]
+    )
+
+
 @pytest.mark.parametrize("benchmark", list(CHECKS))
 def test_the_checks_accept_a_recorded_report_and_reject_a_doctored_one(
     benchmark: str, tmp_path: Path

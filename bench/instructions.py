@@ -1,0 +1,181 @@
+"""Instructions per request: a deterministic companion to bench.wrk's CPU time.
+
+CPU time per request moves with whatever else the machine runs (caches, frequency, other
+tenants): per-round ratios in bench.wrk spread by 5-10 %, so a change of a few µs is not
+visible while anything else is busy. The number of instructions the proxy executes per request
+does not depend on that. Each target runs under valgrind's callgrind with instrumentation off;
+a few seconds of wrk warm it up (imports, caches, pools), then instrumentation is switched on
+(`callgrind_control -i on`) for a fixed number of seconds of load and off again, and the
+instructions executed (callgrind's `Ir`) are divided by the requests wrk completed in that
+window. Repeat runs of one tree agree within ~0.3 %.
+
+An instruction is not a microsecond (a cache miss costs hundreds of cycles, a syscall's kernel
+work is not counted at all: callgrind sees user space only), so this is for comparing two
+versions of hangup, and hangup with the relay, not a replacement for bench.wrk's CPU time.
+Valgrind slows the process ~50x: a run of 10 s serves a few hundred requests.
+
+Targets: `relay` (bench/baseline_relay.py), `hangup` (this tree's CLI, shipped defaults) and,
+with `--compare DIR`, the CLI from another source tree (`git archive OLD | tar -x -C DIR`).
+
+`python -m bench.instructions [--workloads chat,stream20] [--seconds 10] [--compare DIR]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import fake_upstream
+from bench.common import Child, Procs, report, table
+from bench.wrk import PATH, WORKLOADS, lua_script, wrk_binary
+
+CONNECTIONS = 4  # enough to keep the slowed proxy busy; few enough to stay unsaturated
+WARMUP_S = 3
+
+
+def _callgrind(out: Path) -> list[str]:
+    return [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",  # nothing counted until switched on, after the warm-up
+        f"--callgrind-out-file={out}",
+    ]
+
+
+def _control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, check=True)
+
+
+def _wrk(wrk: str, url: str, script: Path, seconds: int) -> int:
+    argv = [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", str(script), url + PATH]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"wrk failed (rc={proc.returncode}): {proc.stdout}{proc.stderr}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return int(result["requests"]) - int(result["status"])
+
+
+def _instructions(dumps: list[Path]) -> int:
+    """The `totals:` of callgrind's dumps (the last one is written when the process exits)."""
+    total = 0
+    for path in dumps:
+        for line in path.read_text().splitlines():
+            if line.startswith("totals:"):
+                total += int(line.split()[1])
+    return total
+
+
+def measure(procs: Procs, child: Child, out: Path, script: Path, seconds: int) -> dict[str, Any]:
+    wrk = wrk_binary()
+    assert wrk is not None
+    _wrk(wrk, child.url, script, WARMUP_S)
+    _control(child.pid, "-i", "on")
+    requests = _wrk(wrk, child.url, script, seconds)
+    _control(child.pid, "-i", "off")
+    procs.stop(child, timeout=120)  # callgrind writes its counts as the process exits
+    dumps = sorted(out.parent.glob(out.name + "*"))
+    instructions = _instructions(dumps)
+    for path in dumps:
+        path.unlink()
+    if requests <= 0 or instructions <= 0:
+        return {"requests": requests, "instructions": instructions}
+    return {"requests": requests, "kir_per_request": instructions / requests / 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--workloads", default="chat,stream20")
+    p.add_argument("--seconds", type=int, default=10, help="instrumented seconds per target")
+    p.add_argument("--compare", type=Path, metavar="DIR", help="also the CLI from DIR")
+    p.add_argument("--targets", default="relay,hangup,compare")
+    p.add_argument("--short", action="store_true", help="CI: chat, relay and hangup, 2 s")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    if args.short:
+        args.workloads, args.seconds, args.targets = "chat", 2, "relay,hangup"
+    missing = [t for t in ("valgrind", "callgrind_control") if shutil.which(t) is None]
+    if missing or wrk_binary() is None:
+        print("bench.instructions needs valgrind and wrk (Debian's packages)", file=sys.stderr)
+        return 2
+    wanted = args.targets.split(",")
+    if args.compare is None:
+        wanted = [t for t in wanted if t != "compare"]
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown:
+        p.error(f"unknown workloads {unknown}; known: {sorted(WORKLOADS)}")
+    started = time.monotonic()
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    failures: list[str] = []
+    with Procs() as procs:
+        up = fake_upstream.start(procs)
+        for workload in workloads:
+            script = lua_script(procs.workdir, workload)
+            for target in wanted:
+                out = procs.workdir / f"callgrind.{workload}.{target}"
+                wrapper = _callgrind(out)
+                if target == "relay":
+                    child = procs.baseline(up.url, name="relay", wrapper=wrapper, start_timeout=300)
+                else:
+                    source = args.compare if target == "compare" else None
+                    child = procs.hangup(
+                        up.url + "/v1",
+                        name=target,
+                        source=source,
+                        wrapper=wrapper,
+                        start_timeout=300,
+                    )
+                row = measure(procs, child, out, script, args.seconds)
+                results.setdefault(workload, {})[target] = row
+                if "kir_per_request" not in row:
+                    failures.append(f"{workload}/{target}: nothing counted ({row})")
+                    continue
+                print(
+                    f"{workload:9} {target:8} {row['requests']:6d} requests"
+                    f"  {row['kir_per_request']:9.1f} k instructions/request",
+                    flush=True,
+                )
+    rows = []
+    for workload, by_target in results.items():
+        relay = by_target.get("relay")
+        if relay is not None and "kir_per_request" not in relay:
+            relay = None
+        for target, row in by_target.items():
+            if "kir_per_request" not in row:
+                continue
+            ratio = row["kir_per_request"] / relay["kir_per_request"] if relay else None
+            if ratio is not None:
+                row["vs_relay"] = ratio
+            rows.append(
+                [
+                    workload,
+                    target,
+                    row["requests"],
+                    round(row["kir_per_request"], 1),
+                    "-" if ratio is None or target == "relay" else f"{ratio:.2f}x",
+                ]
+            )
+    print()
+    print(
+        f"instructions per request (callgrind Ir, user space), {args.seconds} s instrumented"
+        f" per target, {CONNECTIONS} connections"
+    )
+    print(table(["workload", "target", "requests", "k instr/req", "vs relay"], rows))
+    data = {
+        "results": results,
+        "seconds": args.seconds,
+        "elapsed_s": time.monotonic() - started,
+        "failures": failures,
+    }
+    return report("instructions", data, args.out, failures)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
