@@ -138,6 +138,10 @@ async def test_sigterm_drains_twenty_streams(
                     assert error["code"] == "shutting_down"
                     assert resp.headers["x-should-retry"] == "true"
                     assert resp.headers["connection"].lower() == "close"
+                # Every response during the drain asks its client to close, not only refusals.
+                async with fresh.get(url + "/healthz") as resp:
+                    assert resp.status == 200
+                    assert resp.headers["connection"].lower() == "close"
 
             async with asyncio.timeout(GRACE_S + 5):
                 await asyncio.gather(*tasks)
