@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from proxy import relaying
 from proxy.admission import Plan, TargetPlan
 from proxy.attempts import Attempt, AttemptResult
+from proxy.chunked_write import DIRECT_MAX, direct_writer, write_chunk
 from proxy.errors import UpstreamFailed
 from proxy.outcome import Outcome, RequestRecord, settle_relayed
 from proxy.resilience.classify import status_result
@@ -146,6 +148,8 @@ class SSERelay(LargeEventRelay):
         # whose first reads are replayed by its `read()`).
         content = upstream.content
         chunk: bytes | None
+        direct: StreamWriter | None = None  # the client's writer, once writes may skip to it
+        probe = True
         await relaying.begin(self, holding)
         try:
             # Three clock reads a read: when it came, and around the write to the client. The
@@ -197,9 +201,17 @@ class SSERelay(LargeEventRelay):
                                 sent += len(piece)
                                 await asyncio.sleep(0)  # the loop runs between pieces
                             record.bytes_to_client += sent
+                        elif direct is not None and len(data) <= DIRECT_MAX:
+                            # The usual write: aiohttp's chunked write without its calls.
+                            if write_chunk(direct, data):
+                                await direct.drain()
+                            record.bytes_to_client += len(data)
                         elif len(data) <= WRITE_PIECE:
                             await response.write(data)
                             record.bytes_to_client += len(data)
+                            if probe:  # the head is out with this write: may the next skip?
+                                probe = False
+                                direct = direct_writer(response)
                         else:
                             await self._write_pieces(response, data)
                             record.bytes_to_client += len(data)
