@@ -115,7 +115,7 @@ def _data_bytes(raw: bytes) -> bytes:
     """A data event without its usage member."""
     if raw.endswith(_NULL_USAGE_END):  # what strip_usage_member would do, without a search
         return _cut_null_usage(raw)
-    if _USAGE_KEY in raw:
+    if raw.find(_USAGE_KEY) >= 0:  # (`in` tries the key as an int first: a raised TypeError)
         return strip_usage_member(raw)
     return raw
 
