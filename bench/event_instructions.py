@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import fake_upstream
-from bench.common import HOST, PY, Child, Procs, free_port, report, table, wait_http
+from bench.common import HOST, Child, Procs, report, table
 from bench.wrk import PATH
 
 SHORT = 20
@@ -46,8 +47,8 @@ def _body() -> bytes:
     ).encode()
 
 
-def start(procs: Procs, name: str, argv: list[str], outdir: Path, cwd: Path | None) -> Child:
-    valgrind = [
+def valgrind(outdir: Path, name: str) -> list[str]:
+    return [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
@@ -55,8 +56,6 @@ def start(procs: Procs, name: str, argv: list[str], outdir: Path, cwd: Path | No
         "--compress-pos=no",
         f"--callgrind-out-file={outdir / name}.%p",
     ]
-    child = procs.spawn(name, [*valgrind, *argv], cwd=cwd)
-    return child
 
 
 def callgrind_control(*args: str) -> None:
@@ -110,15 +109,19 @@ def dump(child: Child, outdir: Path, seen: set[Path]) -> dict[str, int]:
     return {"instructions": totals, "recv_calls": recv}
 
 
-def measure(
-    procs: Procs, name: str, argv: list[str], cwd: Path | None, args: argparse.Namespace
-) -> dict[str, Any]:
+def measure(procs: Procs, name: str, upstream: str, args: argparse.Namespace) -> dict[str, Any]:
     outdir = procs.workdir / "callgrind"
     outdir.mkdir(exist_ok=True)
-    port = free_port()
-    child = start(procs, name, [*argv, "--port", str(port)], outdir, cwd)
-    url = f"http://{HOST}:{port}"
-    wait_http(url + "/healthz", child.proc, timeout=600)
+    wrapper = valgrind(outdir, name)
+    if name == "relay":
+        child = procs.baseline(upstream, name=name, wrapper=wrapper, start_timeout=600)
+    else:  # the CLI, from another source tree for `compare`
+        source = args.compare if name == "compare" else None
+        child = procs.hangup(
+            upstream + "/v1", name=name, source=source, wrapper=wrapper, start_timeout=600
+        )
+    port = urlsplit(child.url).port
+    assert port is not None
     conn = http.client.HTTPConnection(HOST, port, timeout=600)
     for _ in range(2):
         stream(conn, SHORT, 0)  # warm-up: imports and first-use caches, outside the counts
@@ -160,16 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     with Procs() as procs:
         up = fake_upstream.start(procs)
-        commands: dict[str, tuple[list[str], Path | None]] = {
-            "relay": ([PY, "-m", "bench.baseline_relay", "--upstream", up.url], None),
-            "hangup": ([PY, "-m", "proxy", "--host", HOST, "--upstream", up.url + "/v1"], None),
-        }
-        if args.compare is not None:
-            commands["compare"] = (commands["hangup"][0], args.compare)
         for name in wanted:
-            if name in commands:
-                command, cwd = commands[name]
-                results[name] = measure(procs, name, command, cwd, args)
+            if name in ("relay", "hangup") or (name == "compare" and args.compare is not None):
+                results[name] = measure(procs, name, up.url, args)
                 per_event = results[name]["instructions_per_event"]
                 print(f"{name}: {per_event:,.0f} instructions an event", flush=True)
     relay = results.get("relay")
@@ -211,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             "args": vars(args) | {"out": str(args.out) if args.out else None},
             "elapsed_s": time.monotonic() - started,
             "results": results,
+            "failures": failures,
         },
         args.out,
         failures,

@@ -164,6 +164,16 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     others = [float(r["others_cpus"]) for rs in runs.values() for r in rs]
+    failures = [
+        f"{name}, {n} events: wrk errors {errors}"
+        for (n, name), rs in runs.items()
+        if (
+            errors := {
+                k: sum(int(r[k]) for r in rs) for k in ("connect", "read", "write", "status")
+            }
+        )
+        and any(errors.values())
+    ]
     print()
     print(
         f"CPU per event, slope {SHORT} -> {args.long} events {GAP_MS:g} ms apart,"
@@ -185,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
             "others_cpus": {"median": median(others), "max": max(others)},
             "results": results,
             "runs": {f"{n}/{name}": v for (n, name), v in runs.items()},
+            "failures": failures,
         },
         args.out,
-        [],
+        failures,
     )
 
 
