@@ -81,15 +81,17 @@ class StreamScrubber:
     holding back only a chunk's end that could begin one (usually nothing: SSE events end in
     a blank line, which begins no key)."""
 
-    __slots__ = ("_active", "_held", "_secrets")
+    __slots__ = ("_held", "_secrets", "active")
 
     def __init__(self, secrets: Secrets) -> None:
         self._secrets = secrets
-        self._active = bool(secrets)  # once, not per chunk: feed runs on every stream read
+        # Once, not per chunk: feed runs on every stream read, and the relay's per-read path
+        # skips the call when there is nothing to scrub (read-only outside this class).
+        self.active = bool(secrets)
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self._active:
+        if not self.active:
             return chunk
         secrets = self._secrets
         data = secrets.data(self._held + chunk)

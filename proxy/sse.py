@@ -24,7 +24,6 @@ __all__ = ["SSEDecoder", "SSEEvent", "ends_block"]
 _RETRY_DIGITS = 10
 _BOM = b"\xef\xbb\xbf"
 _CR = 0x0D
-_CR_BYTE = b"\r"
 
 
 # Not frozen: a frozen dataclass builds through object.__setattr__, and one is built per event
@@ -151,7 +150,8 @@ class SSEDecoder:
             return []
         if not self._bom_checked and not self._buf and chunk[0] != _BOM[0]:
             self._bom_checked = True  # no BOM: the first read may take the fast path too
-        if not self._bom_checked or _CR_BYTE in chunk:
+        # `_CR` is an int: one memchr (a bytes operand is tried as an int first, and raises)
+        if not self._bom_checked or _CR in chunk:
             return self._feed(chunk)
         events: list[SSEEvent] = []
         pos, n = 0, len(chunk)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 from proxy import relaying
 from proxy.admission import Plan, TargetPlan
 from proxy.attempts import Attempt, AttemptResult
+from proxy.chunked_write import DIRECT_MAX, direct_writer, write_chunk
 from proxy.errors import UpstreamFailed
 from proxy.outcome import Outcome, RequestRecord, settle_relayed
 from proxy.resilience.classify import status_result
@@ -33,6 +35,7 @@ from proxy.sse_stream import (
     content_text,
     failed_before_content,
     held_too_much,
+    loop_clock,
     too_large,
 )
 from proxy.state import ProxyState
@@ -42,7 +45,9 @@ from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
 from proxy.usage.filter import cut_null_usage
 from proxy.watchdog import Watchdog
 
-_CR = b"\r"
+# The CR byte as an int: `int in bytes` is one memchr, while a one-byte bytes operand is
+# first tried as an int, which raises and formats a TypeError (~2k instructions, every read).
+_CR = 0x0D
 
 
 class ClientGone(Exception):
@@ -133,7 +138,7 @@ class SSERelay(LargeEventRelay):
     ) -> web.StreamResponse:
         """Relay a stream (`proxy.relaying` around it) and end it: the coroutine that stays
         alive while the stream is held, so the only one of this exchange's under the read."""
-        record, deadlines, loop = self.record, plan.deadlines, self.loop
+        record, deadlines, clock = self.record, plan.deadlines, loop_clock(self.loop)
         self.decoder = SSEDecoder()
         tracker = self.tracker = StreamUsageTracker(plan.facts)
         stream = StreamState(plan, watchdog, attempt, holding, self.continuing)
@@ -145,11 +150,15 @@ class SSERelay(LargeEventRelay):
         # whose first reads are replayed by its `read()`).
         content = upstream.content
         chunk: bytes | None
+        direct: StreamWriter | None = None  # the client's writer, once writes may skip to it
+        probe = True
         await relaying.begin(self, holding)
         try:
+            # Three clock reads a read: when it came, and around the write to the client. The
+            # next read's wait begins when the write (or the step) ended.
+            before = clock()
             while True:
                 commit_at = deadlines.client_commit_at() if stream.held is not None else None
-                before = loop.time()
                 try:
                     if commit_at is not None and self.response is None:
                         async with asyncio.timeout_at(commit_at):
@@ -169,12 +178,13 @@ class SSERelay(LargeEventRelay):
                 except TimeoutError:  # the commit deadline (a read's own errors are mapped above)
                     chunk = None
                 finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
-                    now = loop.time()
+                    now = clock()
                     record.upstream_wait_s += now - before
                 if chunk is None:
                     # The client's SDK gives up without response headers soon: send them now.
                     # A switch stays invisible (it has seen headers only), so holding goes on.
                     await self._commit()
+                    before = clock()
                     continue
                 end = not chunk
                 data = self._sse_step(stream, upstream, chunk, now)
@@ -184,7 +194,7 @@ class SSERelay(LargeEventRelay):
                     if response is None:
                         response = await self._commit()
                     # What _client_io does, inline: this runs once per read of every stream.
-                    written_at = loop.time()
+                    written_at = clock()
                     try:
                         if isinstance(data, Pieces):
                             sent = 0
@@ -193,9 +203,17 @@ class SSERelay(LargeEventRelay):
                                 sent += len(piece)
                                 await asyncio.sleep(0)  # the loop runs between pieces
                             record.bytes_to_client += sent
+                        elif direct is not None and len(data) <= DIRECT_MAX:
+                            # The usual write: aiohttp's chunked write without its calls.
+                            if write_chunk(direct, data):
+                                await direct.drain()
+                            record.bytes_to_client += len(data)
                         elif len(data) <= WRITE_PIECE:
                             await response.write(data)
                             record.bytes_to_client += len(data)
+                            if probe:  # the head is out with this write: may the next skip?
+                                probe = False
+                                direct = direct_writer(response)
                         else:
                             await self._write_pieces(response, data)
                             record.bytes_to_client += len(data)
@@ -203,11 +221,14 @@ class SSERelay(LargeEventRelay):
                         record.client_gone_at = written_at
                         raise ClientGone from exc
                     finally:
-                        record.client_wait_s += loop.time() - written_at
+                        before = clock()
+                        record.client_wait_s += before - written_at
                     self.delivered_tokens = tracker.generated_tokens
                     if attempt.first_token_at is not None:
                         self.content_sent = True
                     data = b""
+                else:
+                    before = clock()
                 if end:
                     break
         except asyncio.CancelledError:
@@ -283,13 +304,17 @@ class SSERelay(LargeEventRelay):
                 shape = tracker.feed_shaped(chunk)
                 if shape is not None:
                     record.content_chunks += 1
-                    self._content_came(stream, now)
+                    if record.first_token_at is None or attempt.first_token_at is None:
+                        self._content_came(stream, now)
+                    else:  # all that `_content_came` does once the first token is marked
+                        stream.deadlines.content(now)
                     if chunk_filter is not None and shape.null_usage is not None:
                         if shape.null_usage:
                             chunk = cut_null_usage(chunk)
                         else:
                             chunk = chunk_filter.plain_bytes(chunk)
-                    return self.scrubber.feed(chunk)
+                    scrubber = self.scrubber
+                    return scrubber.feed(chunk) if scrubber.active else chunk
                 taken, contents = tracker.feed_plain(chunk)
                 if taken:
                     if contents:

@@ -4,8 +4,10 @@ pieces (`Pieces`), and the failures that end a stream before its content. Used b
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
@@ -23,6 +25,15 @@ WRITE_PIECE = 1024 * 1024  # a larger output goes to the client in pieces of thi
 # Bytes of events held back before the first content token while a switch is possible; an
 # upstream that sends more than this without content is broken, and memory stays bounded.
 HOLD_CAP = 1024 * 1024
+
+
+def loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """The loop's clock, read the cheapest way: asyncio's `BaseEventLoop.time` is a Python
+    method returning `time.monotonic()`, so on that loop the C function itself (the same
+    clock, one frame less per read); any other loop's own `time`."""
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
 
 
 def held_too_much(upstream: str) -> AttemptFailed:

@@ -271,3 +271,49 @@ def test_wrk_derives_each_per_event_cost_from_its_two_workloads() -> None:
     assert row["event_slope_us"] == pytest.approx(2.0)
     del results["slow200"]
     assert "paced_event_slope_us" not in wrk_derive(results, ["t"])["t"]
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs Debian's wrk")
+def test_perevent_benchmark_gives_each_targets_cost_per_event(tmp_path: Path) -> None:
+    """bench.perevent, one short round: the relay and hangup relayed paced streams of both
+    lengths without a wrk error, and each has a per-event figure and hangup its ratio."""
+    out = tmp_path / "perevent.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.perevent", "--rounds", "1", "--duration", "1",
+         "--warmup", "0", "--long", "200", "--targets", "relay,hangup", "--out", str(out)],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    print(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    assert set(data["results"]) == {"relay", "hangup"}
+    for name in ("relay", "hangup"):
+        for events in (20, 200):
+            (run,) = data["runs"][f"{events}/{name}"]
+            assert run["streams"] > 0 and run["proxy_cpu_s"] > 0
+    (ratio,) = data["results"]["hangup"]["ratio_rounds"]
+    (ours,) = data["results"]["hangup"]["event_us_rounds"]
+    (relay,) = data["results"]["relay"]["event_us_rounds"]
+    assert ratio == pytest.approx(ours / relay, rel=1e-2)
+
+
+@pytest.mark.skipif(shutil.which("callgrind_control") is None, reason="needs valgrind")
+def test_event_instructions_benchmark_counts_an_event_a_read(tmp_path: Path) -> None:
+    """bench.event_instructions, small: under callgrind the relay and hangup each read every
+    event alone (the benchmark fails otherwise) and ran a counted number of instructions a
+    event. Not judged."""
+    out = tmp_path / "event_instructions.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.event_instructions", "--streams", "1", "--long", "40",
+         "--targets", "relay,hangup", "--out", str(out)],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    print(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    assert set(data["results"]) == {"relay", "hangup"}
+    for row in data["results"].values():
+        assert 0.9 <= row["recv_per_event"] <= 1.1
+        assert 1_000 < finite(row["instructions_per_event"]) < 10_000_000

@@ -111,17 +111,11 @@ class UsageChunkFilter:
         return b"".join([_data_bytes(block + _BLOCK_END) for block in blocks])
 
 
-def cut_null_usage(raw: bytes) -> bytes:
-    """`client_bytes` of a data event whose one `"usage"` is its closing `,"usage":null}`
-    (known from its `Shape`: no search)."""
-    return _cut_null_usage(raw)
-
-
 def _data_bytes(raw: bytes) -> bytes:
     """A data event without its usage member."""
     if raw.endswith(_NULL_USAGE_END):  # what strip_usage_member would do, without a search
         return _cut_null_usage(raw)
-    if _USAGE_KEY in raw:
+    if raw.find(_USAGE_KEY) >= 0:  # (`in` tries the key as an int first: a raised TypeError)
         return strip_usage_member(raw)
     return raw
 
@@ -132,3 +126,8 @@ def _cut_null_usage(raw: bytes) -> bytes:
         return raw[: -len(_NULL_USAGE_END)] + _CLOSED_END
     with memoryview(raw) as view:  # one copy of a large event, not two (slice, then concat)
         return b"".join((view[: -len(_NULL_USAGE_END)], _CLOSED_END))
+
+
+# `client_bytes` of a data event whose one `"usage"` is its closing `,"usage":null}` (known
+# from its `Shape`: no search). The same function, not a wrapper: one call less per read.
+cut_null_usage = _cut_null_usage

@@ -203,15 +203,12 @@ class StreamUsageTracker(ResponsesEvents):
         shape = self._shape
         if shape is None:
             return None
-        head, tail = shape.head, shape.tail
-        start, end = 6 + len(head), len(chunk) - 2
-        stop = end - len(tail)
+        lead, trail = shape.lead, shape.trail  # `data: ` + head, tail + LF LF
+        start, stop = len(lead), len(chunk) - len(trail)
         if (
             start >= stop
-            or not chunk.startswith(head, 6)
-            or not chunk.endswith(tail, start, end)
-            or not chunk.startswith(b"data: ")
-            or not chunk.endswith(b"\n\n")
+            or not chunk.startswith(lead)
+            or not chunk.endswith(trail)
             or TEXT_BREAK(chunk, start, stop) is not None
         ):
             return None  # (no LF in the text or its shape: one block, ended where it ends)
@@ -255,12 +252,12 @@ class StreamUsageTracker(ResponsesEvents):
             shape = self._shape
             if shape is not None:
                 # The last content chunk's bytes around a new text: no parse (see `Shape`).
-                head, tail = shape.head, shape.tail
-                start, stop = pos + 6 + len(head), eol - len(tail)
+                lead, trail = shape.lead, shape.trail  # `data: ` + head, tail + LF LF
+                start, stop = pos + len(lead), eol + 2 - len(trail)
                 if (
                     start <= stop
-                    and chunk.startswith(head, pos + 6)
-                    and chunk.endswith(tail, start, eol)
+                    and chunk.startswith(lead, pos)
+                    and chunk.endswith(trail, start, eol + 2)
                     and TEXT_BREAK(chunk, start, stop) is None
                 ):
                     if ascii:
