@@ -196,6 +196,28 @@ def test_instructions_benchmark_counts_each_targets_instructions(tmp_path: Path)
     )
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs Debian's wrk")
+def test_bytecodes_benchmark_charges_every_bytecode_to_a_function(tmp_path: Path) -> None:
+    """bench.bytecodes: requests traced, and the counts by area and by function add up to the
+    total per request, with hangup's own modules among them."""
+    out = tmp_path / "bytecodes.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bytecodes", "--seconds", "1", "--out", str(out)],
+        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=110,
+    )  # fmt: skip
+    print(proc.stdout + proc.stderr)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == [] and data["requests"] > 0
+    total = finite(data["bytecodes_per_request"])
+    assert sum(n for _, n in data["by_area"]) == pytest.approx(total)
+    areas = dict(data["by_area"])
+    assert areas["proxy/relay.py"] > 0 and areas["aiohttp"] > 0
+    assert all(n > 0 for _, n in data["by_function"])
+
+
 @pytest.mark.parametrize("benchmark", list(CHECKS))
 def test_the_checks_accept_a_recorded_report_and_reject_a_doctored_one(
     benchmark: str, tmp_path: Path
