@@ -160,17 +160,17 @@ def _read_small(body: RequestBody) -> RequestFields:
         values = _VALUES_DECODER.decode(view)
     except (msgspec.DecodeError, RecursionError):  # also not an object (a ValidationError)
         return _read(body)
-    members: dict[str, Any] = {}
-    for name in _SCALARS + _PROMPT:
-        value = getattr(values, name)
-        if name == "stream_options":
-            if not len(value):
-                continue
-            value = msgspec.json.decode(value)
-        elif value is _ABSENT:
-            continue
-        members[name] = _bounded(name, value)
+    # The members in one C call, then the absent ones dropped: not a Python step per name.
+    members = {k: v for k, v in msgspec.structs.asdict(values).items() if v is not _ABSENT}
     options = values.stream_options
+    if len(options):
+        members["stream_options"] = msgspec.json.decode(options)  # (keeps its place)
+    else:
+        del members["stream_options"]
+    for name in _LIMITS:
+        value = members.get(name)
+        if value is not None:
+            members[name] = _bounded(name, value)
     return RequestFields(
         members=members, raw_stream_options=bytes(options) if len(options) else b""
     )
