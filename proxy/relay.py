@@ -140,8 +140,8 @@ class Exchange(EngineWork):
             watchdog = Watchdog(plan.deadlines, task)
             try:
                 # What `with watchdog:` does, without the bound `__exit__` that a `with` keeps
-                # on this frame's stack for as long as a stream is held (64 B).
-                watchdog.rearm()
+                # on this frame's stack for as long as a stream is held (64 B). Its arming is
+                # `_attempts`' first step (each attempt arms it), before anything is awaited.
                 try:
                     return await self._attempts(plan, watchdog)
                 finally:  # synchronous: a cancel we issued is delivered inside, never after
