@@ -428,17 +428,22 @@ async def test_a_head_over_max_head_kb_gets_431(
     clean_log(caplog, 1)
 
 
+@pytest.mark.parametrize("behind", [True, False], ids=["third-behind", "last"])
 async def test_a_pipelined_head_over_max_head_kb_gets_431_and_stops_the_connection(
-    sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    sim: SimulatedProvider,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+    behind: bool,
 ) -> None:
     """A head behind a request in progress escapes the byte count of the head phase; it is
     measured once parsed: parsing stops, it is answered 431 in turn, then the connection
-    closes (a third request behind it is never read)."""
+    closes (a third request behind it is never read). Also when it is the second and last
+    head of the read (the first one was counted: only the others are measured)."""
     server = await start(start_proxy, sim, connections={"max_head_kb": 4})
     conn = await Conn.open(server.port)
     big = head(length=len(BODY), extra={f"X-Pad-{i}": "b" * 100 for i in range(60)}) + BODY
     small = head(length=len(BODY)) + BODY
-    await conn.send(small + big + small)
+    await conn.send(small + big + (small if behind else b""))
     assert (await conn.response()).status == 200
     refused = await conn.response()
     assert refused.status == 431

@@ -300,8 +300,10 @@ class GuardedRequestHandler(OpenAIErrorHandler):
             self._body_seen_at = self._loop.time()
         parsed_before = self._request_count
         queued_before = len(self._messages)
+        # In the head phase, the first head this read completes was within the byte count.
+        counted = 1 if self.phase is Phase.HEAD else 0
         super().data_received(data)
-        if self._request_count > parsed_before:
+        if self._request_count > parsed_before + counted:
             self._check_parsed_heads(queued_before)
         if self.phase is Phase.HEAD and self._request_count > parsed_before:
             self._head_done(queued_before)
@@ -426,7 +428,8 @@ def head_size(path: str, raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
 def oversized_head_refusal(request: web.Request) -> HeadTooLarge | None:
     """431 for a request whose head passed the byte count unseen (see _check_parsed_heads)."""
     protocol = request.protocol
-    if not isinstance(protocol, GuardedRequestHandler):
+    # Such a head stopped the parsing (`_check_parsed_heads`): until then, no request has one.
+    if not isinstance(protocol, GuardedRequestHandler) or not protocol._parsing_stopped:
         return None
     limit_kb = protocol.guard.config.max_head_kb
     if head_size(request.raw_path, request.raw_headers) <= limit_kb * 1024:
