@@ -115,8 +115,9 @@ def upstream_request_headers(
     # names case-sensitively and would let our `via` replace a client's `Via`, or one spelling
     # of a repeated field replace the other.
     out: CIMultiDict[str] = CIMultiDict()
+    lowered = _lowered
     for name, value in incoming.items():
-        lower = _lower(name)
+        lower = lowered.get(name) or _lower(name)  # (the call only for a name not seen yet)
         if lower not in skip:
             out.add(lower, value)
     out[_X_REQUEST_ID] = request_id
@@ -138,9 +139,10 @@ def client_response_headers(
     if tokens:
         skip = skip | tokens
     out: CIMultiDict[str] = CIMultiDict()
+    lowered, as_sent = _lowered, _as_sent
     for name, value in upstream_headers.items():
-        if _lower(name) not in skip:
-            out.add(_spelled(name), value)
+        if (lowered.get(name) or _lower(name)) not in skip:
+            out.add(as_sent.get(name) or _spelled(name), value)
     out[_X_REQUEST_ID] = request_id
     out.add(_VIA, VIA)
     return out

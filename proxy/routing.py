@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy.config import HangupConfig, UpstreamConfig
 from proxy.route_options import RouteOptions
@@ -30,11 +30,14 @@ class Route:
     upstream: UpstreamConfig
     options: RouteOptions
     fallbacks: tuple[Target, ...] = ()
+    # The primary first, then the fallbacks in their configured order (made once: every
+    # request of the route reads it).
+    targets: tuple[Target, ...] = field(init=False)
 
-    @property
-    def targets(self) -> tuple[Target, ...]:
-        """The primary first, then the fallbacks in their configured order."""
-        return (Target(self.upstream_name, self.upstream), *self.fallbacks)
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "targets", (Target(self.upstream_name, self.upstream), *self.fallbacks)
+        )
 
     def matches(self, path: str, model: str | None) -> bool:
         if not path.startswith(self.path_prefix):
