@@ -334,11 +334,20 @@ async def test_100_continue_is_sent_only_after_auth(
 FAST = {"header_timeout_s": 0.4, "keepalive_timeout_s": 0.4, "body_timeout_s": 0.4}
 
 
+@pytest.mark.parametrize("kept_alive", [False, True], ids=["first-request", "kept-alive"])
 async def test_a_slow_head_gets_408_on_its_deadline(
-    sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    sim: SimulatedProvider,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+    kept_alive: bool,
 ) -> None:
+    """header_timeout_s runs from accept for a connection's first head, and from the first
+    byte of each later head on a kept-alive connection (armed once a read leaves it open)."""
     server = await start(start_proxy, sim, connections=FAST)
     conn = await Conn.open(server.port)
+    if kept_alive:
+        await conn.send(head(length=len(BODY)) + BODY)
+        assert (await conn.response()).status == 200
     began = time.monotonic()
     await conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
     for _ in range(3):  # a header line every 0.1 s: progress, but never a complete head
@@ -349,7 +358,7 @@ async def test_a_slow_head_gets_408_on_its_deadline(
     assert response.status == 408
     assert "header_timeout_s" in response.error()["message"]
     assert 0.35 < took < 1.5
-    clean_log(caplog, 0)  # no request was made: its head never completed
+    clean_log(caplog, 1 if kept_alive else 0)  # no request was made: its head never completed
 
 
 async def test_silent_and_idle_connections_are_closed_on_their_deadlines(

@@ -275,11 +275,13 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         if self._force_close or self._close or not data:
             super().data_received(data)
             return
+        head_due = False
         if self.phase is Phase.WAITING:
             self._set_phase(Phase.HEAD)
             self._head_bytes, self._head_tail = 0, b""
-            if self._deadline is None:  # a kept-alive connection: the head is due from now
-                self._arm(self.guard.config.header_timeout_s, self._head_expired)
+            # A kept-alive connection: the head is due from now, armed below unless this read
+            # completes it (most do: no timer made and cancelled for them).
+            head_due = self._deadline is None
             if self._keepalive_handle is not None:  # ours from here: the head deadline
                 self._keepalive_handle.cancel()
                 self._keepalive_handle = None
@@ -307,6 +309,8 @@ class GuardedRequestHandler(OpenAIErrorHandler):
             self._check_parsed_heads(queued_before)
         if self.phase is Phase.HEAD and self._request_count > parsed_before:
             self._head_done(queued_before)
+        elif head_due and self.phase is Phase.HEAD and self._deadline is None:
+            self._arm(self.guard.config.header_timeout_s, self._head_expired)
         elif self.phase is Phase.BODY and self._payload is not None and self._payload.is_eof():
             self._set_phase(Phase.BUSY)
             self._disarm()
