@@ -188,10 +188,14 @@ class Deadlines:
         self.phase = Phase.BACKOFF
         self._phase_deadline = None
 
-    def headers_sent(self, now: float) -> None:
+    def headers_sent(self, now: float) -> float | None:
+        """The request went out: the headers phase begins. Its deadline, when it is one that
+        did not exist before (None: nothing moved earlier, the watchdog's timer stands)."""
         if self.phase is Phase.CONNECT:
             self.phase = Phase.HEADERS
-            self._phase_deadline = self._after(now, self.budget.headers_s)
+            at = self._phase_deadline = self._after(now, self.budget.headers_s)
+            return at
+        return None
 
     def response_started(self, now: float, *, sse: bool) -> None:
         self.last_progress = now

@@ -63,8 +63,12 @@ class Watchdog:
         self._handle = self._loop.call_at(nxt[0], self._on_timer, context=BARE_CONTEXT)
 
     def headers_sent(self) -> None:
-        """The attempt's request went out: its deadline moves from connect to headers."""
-        self._deadlines.headers_sent(self._loop.time())
+        """The attempt's request went out: its deadline moves from connect to headers. Only the
+        phase's deadline changed: the timer stands unless that one is sooner."""
+        at = self._deadlines.headers_sent(self._loop.time())
+        handle = self._handle
+        if at is None or (handle is not None and handle.when() <= at):
+            return
         self.rearm()
 
     def _on_timer(self) -> None:
