@@ -74,6 +74,25 @@ class _WithoutCreated:
             yield metric
 
 
+# Label sets of finished requests whose series are kept together (`_Finished`); past this
+# many, a new label set's series are looked up one by one, as any other series.
+_MAX_FINISHED = 4096
+
+
+class _Finished:
+    """The series every finished request with one (route, model, outcome, client, endpoint,
+    status class) writes: its request and response counts, and (once observed, so that a
+    histogram never seen stays out of the scrape) its duration and overhead. One lookup for
+    four, on every request; the values are the ones `_count` and `_buckets_of` hold."""
+
+    __slots__ = ("duration", "overhead", "requests", "responses")
+
+    def __init__(self, requests: Value, responses: Value) -> None:
+        self.requests, self.responses = requests, responses
+        self.duration: Buckets | None = None
+        self.overhead: Buckets | None = None
+
+
 class Metrics:
     """Per-app metrics. Construct once in `create_app`; call from the relay only."""
 
@@ -116,6 +135,9 @@ class Metrics:
         self._counts: dict[tuple[int, tuple[str, ...]], Value] = {}
         self._buckets: dict[tuple[int, tuple[str, ...]], Buckets] = {}
         self._circuit_states: dict[str, CircuitState] = {}
+        # Per label set of a finished request, the series it always writes (`_Finished`).
+        self._finished: dict[tuple[str, ...], _Finished] = {}
+        self._max_finished = _MAX_FINISHED
 
         def counter(spec: Spec) -> Counter:
             return Counter(spec.name, spec.help, spec.labels, registry=target)
@@ -213,9 +235,19 @@ class Metrics:
             # `_value_`, not `.value`: the same string without enum's property (~0.3 us).
             outcome = record.outcome._value_
         count = self._count
-        count(self._requests, (route, model, outcome, client)).inc(1)
         endpoint = self._endpoints.admit(record.endpoint)
-        count(self._responses, (route, endpoint, status_class(record.status))).inc(1)
+        status = status_class(record.status)
+        key = (route, model, outcome, client, endpoint, status)
+        common = self._finished.get(key)
+        if common is None:
+            common = _Finished(
+                count(self._requests, (route, model, outcome, client)),
+                count(self._responses, (route, endpoint, status)),
+            )
+            if len(self._finished) < self._max_finished:
+                self._finished[key] = common
+        common.requests.inc(1)
+        common.responses.inc(1)
         if record.timeout_kind is not None:
             count(self._timeouts, (route, record.timeout_kind.value)).inc(1)
         if record.sdk_retry_count > 0:
@@ -274,9 +306,17 @@ class Metrics:
         elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
             count(self._unpriced, rm).inc(1)
 
-        self._observe(self._duration, (route, outcome), record.duration_s)
+        duration = record.duration_s
+        if duration is not None:
+            if common.duration is None:
+                common.duration = self._buckets_of(self._duration, (route, outcome))
+            common.duration.observe(duration)
         self._observe(self._ttft, rm, record.ttft_s)
-        self._observe(self._overhead, (route,), record.overhead_s)
+        overhead = record.overhead_s
+        if overhead is not None:
+            if common.overhead is None:
+                common.overhead = self._buckets_of(self._overhead, (route,))
+            common.overhead.observe(overhead)
         self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
 
     def circuit_changed(self, upstream: str, state: CircuitState) -> None:
@@ -350,13 +390,16 @@ class Metrics:
             self._count(counter, labels).inc(amount)
 
     def _observe(self, histogram: Histogram, labels: tuple[str, ...], value: float | None) -> None:
-        if value is None:
-            return
+        if value is not None:
+            self._buckets_of(histogram, labels).observe(value)
+
+    def _buckets_of(self, histogram: Histogram, labels: tuple[str, ...]) -> Buckets:
+        """`histogram.labels(*labels)`'s buckets, from a cache (as `_count`)."""
         key = (id(histogram), labels)
         found = self._buckets.get(key)
         if found is None:
             found = self._buckets[key] = Buckets(histogram.labels(*labels))
-        found.observe(value)
+        return found
 
 
 def worker_exited(pid: int) -> None:
