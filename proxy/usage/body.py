@@ -17,7 +17,9 @@ _MAX_DECODED_BODY: Final = 64 * 1024 * 1024
 
 
 def _decode(body: bytes | bytearray, content_encoding: str | None) -> bytes | bytearray | None:
-    encoding = (content_encoding or "identity").strip().lower()
+    if content_encoding is None:  # most answers
+        return body
+    encoding = content_encoding.strip().lower()
     if encoding in ("identity", ""):
         return body
     if encoding in ("gzip", "x-gzip"):
@@ -157,13 +159,13 @@ def body_usage(body: bytes | bytearray, facts: RequestFacts, content_encoding: s
         completion_estimated = True
     else:
         return _estimate(facts, completion=None)
-    return Usage(
-        prompt_tokens=facts.prompt_tokens_estimate if r.prompt is None else r.prompt,
-        completion_tokens=completion,
-        cached_tokens=r.cached or 0,
-        reasoning_tokens=r.reasoning or 0,
-        prompt_estimated=r.prompt is None,
-        completion_estimated=completion_estimated,
+    return Usage(  # positional (the fields in order): ~0.5 us less than by keyword
+        facts.prompt_tokens_estimate if r.prompt is None else r.prompt,  # prompt_tokens
+        completion,  # completion_tokens
+        r.cached or 0,  # cached_tokens
+        r.reasoning or 0,  # reasoning_tokens
+        r.prompt is None,  # prompt_estimated
+        completion_estimated,
     )
 
 

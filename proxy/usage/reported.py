@@ -58,8 +58,9 @@ def parse_usage(usage: object) -> Reported | None:
 
 
 # --- the same reading from the object's bytes, without building its dicts ---------------------
-# A typed msgspec decode of just the fields `parse_usage` reads (~1 us against ~6 us for
-# `json` building the object and `parse_usage` walking it). Only plain counts take this way: a
+# A typed msgspec decode of just the fields `parse_usage` reads, in place: 2.0 us for the
+# bench's chat answer against 2.8 us for `json` building the object from a decoded copy and
+# `parse_usage` walking it (timeit), and no copy of the tail. Only plain counts take this way: a
 # count of another type (a float, a bool, a string), details that are not an object, or bytes
 # that are not strict JSON make the typed decoder refuse, and the caller reads the object with
 # `json` and `parse_usage` instead. What msgspec accepts, `json` reads the same (ints of any
