@@ -1,6 +1,9 @@
 """The series a finished request always writes are kept together per label set
-(proxy/metrics/facade.py `_Finished`): the scrape is the one the facade gives when it looks
-every series up on its own (no label set kept), for any sequence of records."""
+(proxy/metrics/facade.py `_Finished`): the scrape is the one the facade gives when it keeps
+no label set (each request's series looked up anew), for any sequence of records. That
+comparison catches a kept set shared by requests it does not belong to; what a set's lazily
+taken series must do (appear with their first write, each under its own labels) is pinned by
+the explicit tests below, since both ways share that code."""
 
 from __future__ import annotations
 
@@ -67,3 +70,18 @@ def test_a_request_without_a_duration_adds_no_duration_series() -> None:
     assert 'hangup_request_duration_seconds_count{outcome="completed",route="chat"} 1.0' in text
     assert 'hangup_overhead_seconds_count{route="chat"} 1.0' in text
     assert 'hangup_requests_total{client="none",model="gpt-4o-mini"' in text
+
+
+def test_a_kept_label_sets_token_series_appear_with_their_first_tokens() -> None:
+    """Tokens of each type go to their own series, which a zero count does not create (the
+    facade without kept label sets does the same: this pins what both must do)."""
+    for kept in (0, 10):
+        metrics = new_metrics()
+        metrics._max_finished = kept
+        tokens = 'hangup_tokens_total{client="none",model="gpt-4o-mini",route="chat",type='
+        text = _scrape(metrics, [make_record(usage=Usage(0, 5))] * 2).decode()
+        assert f'{tokens}"prompt"}}' not in text
+        assert f'{tokens}"completion"}} 10.0' in text
+        text = _scrape(metrics, [make_record(usage=Usage(7, 0))]).decode()
+        assert f'{tokens}"prompt"}} 7.0' in text
+        assert f'{tokens}"completion"}} 10.0' in text

@@ -81,14 +81,17 @@ _MAX_FINISHED = 4096
 
 class _Finished:
     """The series every finished request with one (route, model, outcome, client, endpoint,
-    status class) writes: its request and response counts, and (once observed, so that a
-    histogram never seen stays out of the scrape) its duration and overhead. One lookup for
-    four, on every request; the values are the ones `_count` and `_buckets_of` hold."""
+    status class) writes: its request and response counts, and (once written, so that a
+    series never written stays out of the scrape) its prompt and completion tokens and its
+    duration and overhead. One lookup for six, on every request; the values are the ones
+    `_count` and `_buckets_of` hold."""
 
-    __slots__ = ("duration", "overhead", "requests", "responses")
+    __slots__ = ("completion", "duration", "overhead", "prompt", "requests", "responses")
 
     def __init__(self, requests: Value, responses: Value) -> None:
         self.requests, self.responses = requests, responses
+        self.prompt: Value | None = None
+        self.completion: Value | None = None
         self.duration: Buckets | None = None
         self.overhead: Buckets | None = None
 
@@ -268,8 +271,14 @@ class Metrics:
                     count(self._hedges, (route, "won")).inc(1)
 
         usage = record.usage
-        self._add(self._tokens, (*rm, "prompt", client), usage.prompt_tokens)
-        self._add(self._tokens, (*rm, "completion", client), usage.completion_tokens)
+        if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
+            if common.prompt is None:
+                common.prompt = count(self._tokens, (*rm, "prompt", client))
+            common.prompt.inc(usage.prompt_tokens)
+        if usage.completion_tokens > 0:
+            if common.completion is None:
+                common.completion = count(self._tokens, (*rm, "completion", client))
+            common.completion.inc(usage.completion_tokens)
         # Each attempt's counts say how they were obtained: the estimated and tokenized parts
         # are summed over attempts (a reported answer beside an estimated hedge loser).
         parts = [a.bill.usage for a in record.attempts if a.bill is not None] or [usage]
