@@ -28,9 +28,16 @@ from multidict import CIMultiDict
 
 from proxy.attempts import Attempt
 from proxy.billing import policy_for
-from proxy.bills import answering_index, bill_attempts, counts_of, is_billed, sum_usage
+from proxy.bills import (
+    answering_index,
+    attempt_usage,
+    bill_attempts,
+    counts_of,
+    is_billed,
+    sum_usage,
+)
 from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
-from proxy.outcome import BackgroundCancel, Cost, Outcome, RequestRecord, Usage
+from proxy.outcome import AttemptBill, BackgroundCancel, Cost, Outcome, RequestRecord, Usage
 from proxy.pricing import PriceBook
 from proxy.request_body import RequestBody
 from proxy.savings import TypicalLengths, estimate_savings
@@ -255,6 +262,13 @@ class Accountant:
             route.name: options for route, options in config.route_options()
         }
         self._upstreams = dict(config.upstreams)
+        # Each upstream's billing policy for both kinds of request: a function of the config
+        # (the default one parses the upstream's URL), asked for every attempt.
+        self._billing: dict[tuple[str, bool], str] = {
+            (name, stream): policy_for(upstream, stream=stream)
+            for name, upstream in config.upstreams.items()
+            for stream in (False, True)
+        }
         if any(
             PromptCounter.uses_offline_tokenizer(u.engine, u.base_url)
             for u in config.upstreams.values()
@@ -271,24 +285,23 @@ class Accountant:
         usage and cost are their sums. Savings of a request cut short are the answering
         attempt's, priced at its model and under its upstream's billing policy."""
         route = self._routes.get(record.route or "")
-        answer = answering_index(record)
-        answering = record.attempts[answer] if answer is not None else None
+        attempts = record.attempts
         model, route_name = record.model, record.route or ""
-        if answering is None:  # a record without attempts: its own usage
-            record.usage = record_usage(record)
+        answer: int | None
+        answering: Attempt | None
+        if len(attempts) == 1 and attempts[0].delivered:
+            # The usual record: one attempt, whose answer the client got.
+            answer, answering = 0, attempts[0]
+            self._bill_single(record, answering)
         else:
-            bill_attempts(
-                record,
-                policy=self._policy(record.stream),
-                price=lambda a, usage: self.prices.cost(a.model or model, usage).used_usd,
-                output_price=lambda a: self._output_price(a.model or model),
-                expected_tokens=lambda: self._expected(route_name, model, route, record.max_tokens),
-            )
-            bills = [a.bill.usage for a in record.attempts if a.bill is not None]
-            record.usage = sum_usage(bills)
-        upstream = self._upstreams.get(
-            answering.upstream if answering is not None else record.upstream or ""
-        )
+            answer = answering_index(record)
+            answering = attempts[answer] if answer is not None else None
+            if answering is None:  # a record without attempts: its own usage
+                record.usage = record_usage(record)
+            else:
+                self._bill(record, route)
+        upstream_name = answering.upstream if answering is not None else record.upstream or ""
+        upstream = self._upstreams.get(upstream_name)
         if route is None or upstream is None or not record.sent_upstream:
             record.cost = self._cost(record, answering)
             return  # rejected before the request was understood: nothing more to account
@@ -297,7 +310,7 @@ class Accountant:
             and record.endpoint in _GENERATING
             and (record.upstream_status is None or record.upstream_status < 400)
         ):
-            billing = policy_for(upstream, stream=record.stream)
+            billing = self._billing[(upstream_name, record.stream)]
             # The answer so far: a continuation's, plus what the attempts it continues sent.
             generated = record.generated_tokens + sum(
                 a.tokens_generated
@@ -370,10 +383,45 @@ class Accountant:
 
     def _policy(self, stream: bool) -> Callable[[Attempt], str]:
         def policy(attempt: Attempt) -> str:
-            upstream = self._upstreams.get(attempt.upstream)
-            return "full" if upstream is None else policy_for(upstream, stream=stream)
+            return self._billing.get((attempt.upstream, stream), "full")
 
         return policy
+
+    def _bill(self, record: RequestRecord, route: RouteOptions | None) -> None:
+        """Bill every attempt (proxy/bills.py); the request's usage is the sum of the bills."""
+        model, route_name = record.model, record.route or ""
+        bill_attempts(
+            record,
+            policy=self._policy(record.stream),
+            price=lambda a, usage: self.prices.cost(a.model or model, usage).used_usd,
+            output_price=lambda a: self._output_price(a.model or model),
+            expected_tokens=lambda: self._expected(route_name, model, route, record.max_tokens),
+        )
+        record.usage = sum_usage([a.bill.usage for a in record.attempts if a.bill is not None])
+
+    def _bill_single(self, record: RequestRecord, attempt: Attempt) -> None:
+        """`_bill` of a record whose one attempt was delivered, without the general machinery:
+        its output reached the client, so it is no waste and saved nothing by being closed,
+        and the sum of one bill is its usage with the estimate flags as `sum_usage` sets them.
+        tests/test_accounting_single.py checks the two agree."""
+        usage = attempt_usage(record, 0)
+        bill = AttemptBill(
+            usage=usage, billing=self._billing.get((attempt.upstream, record.stream), "full")
+        )
+        if usage.total_tokens > 0:
+            bill.used_usd = self.prices.cost(attempt.model or record.model, usage).used_usd
+        attempt.bill = bill
+        record.waste = {}
+        prompt_estimated = usage.prompt_estimated and usage.prompt_tokens > 0
+        record.usage = Usage(  # positional: the fields in their order (proxy/outcome.py)
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            prompt_estimated,
+            usage.completion_estimated,
+            not prompt_estimated and usage.prompt_tokenized,
+        )
 
     def _output_price(self, model: str | None) -> float | None:
         price = self.prices.price(model)

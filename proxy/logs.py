@@ -236,13 +236,39 @@ def log_access(fields: dict[str, Any], *, error: bool = False) -> None:
     now = time.time()
     ts = _second(int(now)) + _MILLIS[int(now * 1000) % 1000]
     if type(formatter) is JsonFormatter:
-        line = _json_line(ts, "error" if error else "info", ACCESS_LOGGER, "request", fields)
+        line = _access_json_line(ts, error, fields)
     else:
         line = _text_access_line(f"{ts} {'ERROR' if error else 'INFO':<7}", fields)
     writer.emit_line(line)
 
 
 _FAST_FORMATTERS: Final = (JsonFormatter, TextFormatter)
+# An access line's first members, as `_json_line` writes them (`msg` "request" has nothing
+# to redact), up to the fields' own.
+_ACCESS_HEADS: Final = {
+    error: f'","level":"{"error" if error else "info"}","logger":"{ACCESS_LOGGER}","msg":"request",'
+    for error in (False, True)
+}
+
+
+def _access_json_line(ts: str, error: bool, fields: dict[str, Any]) -> str:
+    """`_json_line(ts, level, ACCESS_LOGGER, "request", fields)`, ~1 us cheaper: the head is
+    spliced in front of the encoded fields instead of copying them into a new dict, and the
+    free-text fields are redacted (on a copy) only when one holds a word `redact` looks for.
+    No fields, or one named like a head member ("ts", "level", "logger", "msg"): `_json_line`.
+    tests/test_logs_access_line.py checks the two write the same line."""
+    if not fields or "ts" in fields or "level" in fields or "logger" in fields or "msg" in fields:
+        return _json_line(ts, "error" if error else "info", ACCESS_LOGGER, "request", fields)
+    get = fields.get
+    # One look for redact's words over the five `_FREE_TEXT_FIELDS` at once: casefold maps
+    # char by char, and \0 keeps two fields from making a word together; str() of a value
+    # that is not text only adds words, which sends the line to the per-field redaction.
+    low = (
+        f"{get('error')}\0{get('path')}\0{get('request_id')}\0{get('model')}\0{get('user_agent')}"
+    ).casefold()
+    if "bearer" in low or "sk-" in low or "key" in low:
+        fields = _redact_free_text(dict(fields))
+    return '{"ts":"' + ts + _ACCESS_HEADS[error] + _encode(fields)[1:].decode()
 
 
 def _ms(seconds: float | None) -> float | None:

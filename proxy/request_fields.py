@@ -363,7 +363,7 @@ def with_size_estimate(facts: RequestFacts, fields: RequestFields) -> RequestFac
     """Add the prompt members too large to decode to the estimate, as bytes / 4 characters."""
     if not fields.undecoded_prompt_bytes:
         return facts
-    from dataclasses import replace
+    from msgspec.structs import replace
 
     from proxy.usage.prompt import CHARS_PER_TOKEN
 

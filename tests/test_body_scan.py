@@ -207,3 +207,19 @@ def test_runs_are_exactly_the_long_stretches_without_breakers(data: bytes, seed:
                 expected.append((start, i))
             start = i + 1
     assert scan.runs == expected
+
+
+def test_the_prompt_estimate_counts_the_members_too_large_to_decode() -> None:
+    """`with_size_estimate` adds their bytes / 4 to the estimate of what was decoded, on a
+    copy of the request's facts (a frozen msgspec Struct)."""
+    from proxy.request_fields import PROMPT_DECODE_LIMIT, with_size_estimate
+    from proxy.usage import inspect_request
+
+    text = "x" * (PROMPT_DECODE_LIMIT + 10)
+    body = json.dumps({"model": "m", "messages": [{"content": text}]}).encode()
+    fields = read_fields(body)
+    facts = inspect_request("/v1/chat/completions", {"model": "m", "messages": []})
+    estimated = with_size_estimate(facts, fields)
+    extra = -(-fields.undecoded_prompt_bytes // 4)
+    assert estimated.prompt_tokens_estimate == facts.prompt_tokens_estimate + extra
+    assert (estimated.model, estimated.endpoint) == (facts.model, facts.endpoint)

@@ -74,6 +74,28 @@ class _WithoutCreated:
             yield metric
 
 
+# Label sets of finished requests whose series are kept together (`_Finished`); past this
+# many, a new label set's series are looked up one by one, as any other series.
+_MAX_FINISHED = 4096
+
+
+class _Finished:
+    """The series every finished request with one (route, model, outcome, client, endpoint,
+    status class) writes: its request and response counts, and (once written, so that a
+    series never written stays out of the scrape) its prompt and completion tokens and its
+    duration and overhead. One lookup for six, on every request; the values are the ones
+    `_count` and `_buckets_of` hold."""
+
+    __slots__ = ("completion", "duration", "overhead", "prompt", "requests", "responses")
+
+    def __init__(self, requests: Value, responses: Value) -> None:
+        self.requests, self.responses = requests, responses
+        self.prompt: Value | None = None
+        self.completion: Value | None = None
+        self.duration: Buckets | None = None
+        self.overhead: Buckets | None = None
+
+
 class Metrics:
     """Per-app metrics. Construct once in `create_app`; call from the relay only."""
 
@@ -116,6 +138,9 @@ class Metrics:
         self._counts: dict[tuple[int, tuple[str, ...]], Value] = {}
         self._buckets: dict[tuple[int, tuple[str, ...]], Buckets] = {}
         self._circuit_states: dict[str, CircuitState] = {}
+        # Per label set of a finished request, the series it always writes (`_Finished`).
+        self._finished: dict[tuple[str, ...], _Finished] = {}
+        self._max_finished = _MAX_FINISHED
 
         def counter(spec: Spec) -> Counter:
             return Counter(spec.name, spec.help, spec.labels, registry=target)
@@ -213,9 +238,19 @@ class Metrics:
             # `_value_`, not `.value`: the same string without enum's property (~0.3 us).
             outcome = record.outcome._value_
         count = self._count
-        count(self._requests, (route, model, outcome, client)).inc(1)
         endpoint = self._endpoints.admit(record.endpoint)
-        count(self._responses, (route, endpoint, status_class(record.status))).inc(1)
+        status = status_class(record.status)
+        key = (route, model, outcome, client, endpoint, status)
+        common = self._finished.get(key)
+        if common is None:
+            common = _Finished(
+                count(self._requests, (route, model, outcome, client)),
+                count(self._responses, (route, endpoint, status)),
+            )
+            if len(self._finished) < self._max_finished:
+                self._finished[key] = common
+        common.requests.inc(1)
+        common.responses.inc(1)
         if record.timeout_kind is not None:
             count(self._timeouts, (route, record.timeout_kind.value)).inc(1)
         if record.sdk_retry_count > 0:
@@ -236,8 +271,14 @@ class Metrics:
                     count(self._hedges, (route, "won")).inc(1)
 
         usage = record.usage
-        self._add(self._tokens, (*rm, "prompt", client), usage.prompt_tokens)
-        self._add(self._tokens, (*rm, "completion", client), usage.completion_tokens)
+        if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
+            if common.prompt is None:
+                common.prompt = count(self._tokens, (*rm, "prompt", client))
+            common.prompt.inc(usage.prompt_tokens)
+        if usage.completion_tokens > 0:
+            if common.completion is None:
+                common.completion = count(self._tokens, (*rm, "completion", client))
+            common.completion.inc(usage.completion_tokens)
         # Each attempt's counts say how they were obtained: the estimated and tokenized parts
         # are summed over attempts (a reported answer beside an estimated hedge loser).
         parts = [a.bill.usage for a in record.attempts if a.bill is not None] or [usage]
@@ -274,9 +315,17 @@ class Metrics:
         elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
             count(self._unpriced, rm).inc(1)
 
-        self._observe(self._duration, (route, outcome), record.duration_s)
+        duration = record.duration_s
+        if duration is not None:
+            if common.duration is None:
+                common.duration = self._buckets_of(self._duration, (route, outcome))
+            common.duration.observe(duration)
         self._observe(self._ttft, rm, record.ttft_s)
-        self._observe(self._overhead, (route,), record.overhead_s)
+        overhead = record.overhead_s
+        if overhead is not None:
+            if common.overhead is None:
+                common.overhead = self._buckets_of(self._overhead, (route,))
+            common.overhead.observe(overhead)
         self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
 
     def circuit_changed(self, upstream: str, state: CircuitState) -> None:
@@ -350,13 +399,16 @@ class Metrics:
             self._count(counter, labels).inc(amount)
 
     def _observe(self, histogram: Histogram, labels: tuple[str, ...], value: float | None) -> None:
-        if value is None:
-            return
+        if value is not None:
+            self._buckets_of(histogram, labels).observe(value)
+
+    def _buckets_of(self, histogram: Histogram, labels: tuple[str, ...]) -> Buckets:
+        """`histogram.labels(*labels)`'s buckets, from a cache (as `_count`)."""
         key = (id(histogram), labels)
         found = self._buckets.get(key)
         if found is None:
             found = self._buckets[key] = Buckets(histogram.labels(*labels))
-        found.observe(value)
+        return found
 
 
 def worker_exited(pid: int) -> None:

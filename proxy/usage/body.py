@@ -10,14 +10,16 @@ from typing import Any, Final
 from proxy.outcome import Usage
 from proxy.usage.facts import Endpoint, RequestFacts
 from proxy.usage.prompt import CHARS_PER_TOKEN, Tally
-from proxy.usage.reported import Reported, parse_usage
+from proxy.usage.reported import UNREAD, Reported, parse_usage, read_usage_at
 from proxy.usage.stream import delta_chars
 
 _MAX_DECODED_BODY: Final = 64 * 1024 * 1024
 
 
 def _decode(body: bytes | bytearray, content_encoding: str | None) -> bytes | bytearray | None:
-    encoding = (content_encoding or "identity").strip().lower()
+    if content_encoding is None:  # most answers
+        return body
+    encoding = content_encoding.strip().lower()
     if encoding in ("identity", ""):
         return body
     if encoding in ("gzip", "x-gzip"):
@@ -76,36 +78,38 @@ def tail_usage(body: bytes | bytearray, tail: int = TAIL_BYTES) -> Reported | No
     From the end backwards, each `"usage"` that is a member name (preceded by `{` or `,`: inside
     a JSON string a quote is always escaped, so that cannot be text) and followed by `:` and an
     object is decoded on its own. The last one wins: the answer's own usage comes after its
-    output. Bounded: at most `tail` bytes are searched, and only the usage object is decoded.
+    output. Bounded: at most `tail` bytes are searched, and only the usage object is decoded
+    (in place, `read_usage_at`; with `json` when that one cannot read it).
     """
     start = max(0, len(body) - tail)
-    window = bytes(memoryview(body)[start:])  # one copy (a bytearray's slice is another)
-    end = len(window)
+    size = end = len(body)
     while True:
-        i = window.rfind(_USAGE_KEY, 0, end)
+        i = body.rfind(_USAGE_KEY, start, end)
         if i < 0:
             return None
         end = i
         before = i - 1
-        while before >= 0 and window[before] in _SPACE:
+        while before >= start and body[before] in _SPACE:
             before -= 1
-        if before < 0 or window[before] not in b",{":
+        if before < start or body[before] not in b",{":
             continue
         j = i + len(_USAGE_KEY)
-        while j < len(window) and window[j] in _SPACE:
+        while j < size and body[j] in _SPACE:
             j += 1
-        if j >= len(window) or window[j] != 0x3A:  # ":"
+        if j >= size or body[j] != 0x3A:  # ":"
             continue
         j += 1
-        while j < len(window) and window[j] in _SPACE:
+        while j < size and body[j] in _SPACE:
             j += 1
-        if window[j : j + 1] != b"{":
+        if j >= size or body[j] != 0x7B:  # "{"
             continue
-        try:
-            value, _ = _DECODER.raw_decode(window[j:].decode("utf-8", "replace"))
-        except ValueError:
-            continue
-        reported = parse_usage(value)
+        reported = read_usage_at(body, j)
+        if reported is UNREAD:
+            try:
+                value, _ = _DECODER.raw_decode(body[j:].decode("utf-8", "replace"))
+            except (ValueError, RecursionError):  # RecursionError: nested too deep to read
+                continue
+            reported = parse_usage(value)
         if reported is not None:
             return reported
 
@@ -155,13 +159,13 @@ def body_usage(body: bytes | bytearray, facts: RequestFacts, content_encoding: s
         completion_estimated = True
     else:
         return _estimate(facts, completion=None)
-    return Usage(
-        prompt_tokens=facts.prompt_tokens_estimate if r.prompt is None else r.prompt,
-        completion_tokens=completion,
-        cached_tokens=r.cached or 0,
-        reasoning_tokens=r.reasoning or 0,
-        prompt_estimated=r.prompt is None,
-        completion_estimated=completion_estimated,
+    return Usage(  # positional (the fields in order): ~0.5 us less than by keyword
+        facts.prompt_tokens_estimate if r.prompt is None else r.prompt,  # prompt_tokens
+        completion,  # completion_tokens
+        r.cached or 0,  # cached_tokens
+        r.reasoning or 0,  # reasoning_tokens
+        r.prompt is None,  # prompt_estimated
+        completion_estimated,
     )
 
 

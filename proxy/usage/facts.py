@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Final, Literal
+
+import msgspec
 
 from proxy.usage.prompt import estimate_prompt_tokens
 
@@ -35,9 +36,12 @@ def endpoint_for(path: str) -> Endpoint:
     return "other"
 
 
-@dataclass(frozen=True, slots=True)
-class RequestFacts:
-    """What the client's request says about accounting; values of the wrong type count as absent."""
+class RequestFacts(msgspec.Struct, frozen=True, gc=False):
+    """What the client's request says about accounting; values of the wrong type count as absent.
+
+    A frozen msgspec Struct, not a frozen dataclass: made once per request, and a frozen
+    dataclass's `__init__` stores each field through `object.__setattr__` (1.4 us for these
+    ten, against 0.3 us). Changed with `msgspec.structs.replace`."""
 
     endpoint: Endpoint = "other"
     model: str | None = None
@@ -66,7 +70,8 @@ def inspect_request(path: str, body: Mapping[str, Any] | None) -> RequestFacts:
         return RequestFacts(endpoint=endpoint)
     model = body.get("model")
     options = body.get("stream_options")
-    if type(options) is not dict and not isinstance(options, Mapping):
+    # None first: most requests have no options, and None's ABC check costs ~0.3 us.
+    if options is None or (type(options) is not dict and not isinstance(options, Mapping)):
         options = _NO_OPTIONS
     max_tokens = None
     for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):

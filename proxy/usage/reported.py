@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
+
+import msgspec
 
 from proxy.usage.facts import as_int
 
@@ -53,3 +55,84 @@ def parse_usage(usage: object) -> Reported | None:
         _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens"),
         _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"),
     )
+
+
+# --- the same reading from the object's bytes, without building its dicts ---------------------
+# A typed msgspec decode of just the fields `parse_usage` reads, in place: 2.0 us for the
+# bench's chat answer against 2.8 us for `json` building the object from a decoded copy and
+# `parse_usage` walking it (timeit), and no copy of the tail. Only plain counts take this way: a
+# count of another type (a float, a bool, a string), details that are not an object, or bytes
+# that are not strict JSON make the typed decoder refuse, and the caller reads the object with
+# `json` and `parse_usage` instead. What msgspec accepts, `json` reads the same (ints of any
+# size, the last of duplicate keys); tests/test_usage_typed.py checks the two agree.
+
+
+class _Details(msgspec.Struct, gc=False):
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+
+class _Usage(msgspec.Struct, gc=False):
+    prompt_tokens: int | None = None
+    input_tokens: int | None = None
+    completion_tokens: int | None = None
+    output_tokens: int | None = None
+    prompt_tokens_details: _Details | None = None
+    input_tokens_details: _Details | None = None
+    completion_tokens_details: _Details | None = None
+    output_tokens_details: _Details | None = None
+
+
+_decode_usage: Final = msgspec.json.Decoder(_Usage).decode
+# An object nested deeper than this in a usage object is read by the general way.
+_MAX_NESTED: Final = 16
+UNREAD: Final = Reported(None, None, None, None)  # `read_usage_at` could not decide
+
+
+def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
+    """`parse_usage` of the JSON object that opens at `body[start]` (a `{`), read in place; or
+    `UNREAD` (compare with `is`) when this way cannot read it and `json` must.
+
+    The object's end is guessed as the first `}` after which braces balance; the guess needs no
+    care about strings, because only a decode of exactly one object from `start` to it is
+    accepted, and an object can close at one place only."""
+    end = body.find(b"}", start)
+    if end < 0:
+        return UNREAD
+    opened, closed = body.count(b"{", start, end), 0
+    while opened != closed + 1:
+        closed += 1
+        if closed > _MAX_NESTED:
+            return UNREAD
+        after = body.find(b"}", end + 1)
+        if after < 0:
+            return UNREAD
+        opened += body.count(b"{", end, after)
+        end = after
+    try:
+        usage = _decode_usage(memoryview(body)[start : end + 1])
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return UNREAD
+    top = MAX_REPORTED_TOKENS
+    prompt = usage.prompt_tokens
+    if prompt is None or not 0 <= prompt <= top:
+        prompt = usage.input_tokens
+        if prompt is not None and not 0 <= prompt <= top:
+            prompt = None
+    completion = usage.completion_tokens
+    if completion is None or not 0 <= completion <= top:
+        completion = usage.output_tokens
+        if completion is not None and not 0 <= completion <= top:
+            completion = None
+    if prompt is None and completion is None:
+        return None
+    cached = reasoning = None
+    for details in (usage.prompt_tokens_details, usage.input_tokens_details):
+        if details is not None and (n := details.cached_tokens) is not None and 0 <= n <= top:
+            cached = n
+            break
+    for details in (usage.completion_tokens_details, usage.output_tokens_details):
+        if details is not None and (n := details.reasoning_tokens) is not None and 0 <= n <= top:
+            reasoning = n
+            break
+    return Reported(prompt, completion, cached, reasoning)

@@ -1,0 +1,176 @@
+"""`Accountant.settle`'s way for the usual record (one attempt, delivered: `_bill_single`)
+settles it as the general way (`_bill`: proxy/bills.py `bill_attempts` and `sum_usage`) does.
+
+Two accountants of one config settle the same generated records in the same order (so their
+history of typical lengths stays the same); one of them has its single-attempt way replaced by
+the general one. Every field of every record (usage, savings, cost, waste, each attempt's
+bill) must come out equal. Records: every outcome, endpoint, status, usage reported or
+estimated or tokenized, configured or unknown upstreams and routes, priced or unpriced
+models, cut short or not, streamed or not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.accounting import Accountant
+from proxy.attempts import Attempt, AttemptResult
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, Usage
+from tests.support import config_from
+
+_CONFIG = config_from(
+    {
+        "upstreams": {
+            "hosted": {"base_url": "https://api.openai.com/v1"},
+            "groq": {"base_url": "https://api.groq.com/openai/v1"},
+            "gpu": {"base_url": "http://127.0.0.1:8000/v1", "engine": "vllm"},
+            "set": {
+                "base_url": "https://example.com/v1",
+                "billing": {"stream": "stops", "non_stream": "stops"},
+            },
+        },
+        "routes": [
+            {"name": name, "upstream": name, "match": {"model": f"{name}-*"}}
+            for name in ("hosted", "groq", "gpu", "set")
+        ],
+        "defaults": {"expected_completion_tokens": 300},
+        "prices": {
+            "m": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+            "c": {"input_per_mtok": 1.0, "cached_input_per_mtok": 0.5, "output_per_mtok": 4.0},
+        },
+    }
+)
+
+_names = st.sampled_from(["hosted", "groq", "gpu", "set", "unknown", ""])
+_models = st.sampled_from(["m", "c", "free", None])
+_count = st.integers(0, 3000)
+_usage = st.builds(
+    Usage,
+    prompt_tokens=_count,
+    completion_tokens=_count,
+    cached_tokens=_count,
+    reasoning_tokens=_count,
+    prompt_estimated=st.booleans(),
+    completion_estimated=st.booleans(),
+    prompt_tokenized=st.booleans(),
+)
+_attempt = st.builds(
+    Attempt,
+    upstream=_names,
+    model=_models,
+    started_at=st.just(0.0),
+    reason=st.sampled_from(["primary", "retry", "fallback", "hedge", "continue"]),
+    status=st.none() | st.sampled_from([200, 206, 400, 429, 500, 503]),
+    result=st.none() | st.sampled_from(list(AttemptResult)),
+    error=st.none() | st.sampled_from(["hedge loser", "boom"]),
+    tokens_generated=_count,
+    delivered=st.booleans(),
+    usage=st.none() | _usage,
+)
+
+
+@st.composite
+def _records(draw: st.DrawFn) -> RequestRecord:
+    single = draw(st.booleans())
+    attempts = [draw(_attempt)] if single else draw(st.lists(_attempt, max_size=3))
+    if single and draw(st.integers(0, 3)):
+        attempts[0].delivered = True  # mostly the single-attempt way, sometimes not
+    fields: dict[str, Any] = {
+        "route": draw(_names),
+        "upstream": draw(_names),
+        "model": draw(_models),
+        "endpoint": draw(
+            st.sampled_from(["chat.completions", "completions", "responses", "embeddings", "other"])
+        ),
+        "stream": draw(st.booleans()),
+        "status": draw(st.none() | st.sampled_from([200, 400, 499, 502, 504])),
+        "upstream_status": draw(st.none() | st.sampled_from([200, 299, 300, 400, 429, 500])),
+        "outcome": draw(st.sampled_from(list(Outcome))),
+        "client_gone_at": draw(st.none() | st.just(1.0)),
+        "sent_upstream": draw(st.booleans()),
+        "max_tokens": draw(st.none() | st.integers(1, 4000)),
+        "prompt_estimate": draw(_count),
+        "seen_usage": draw(st.none() | _usage),
+        "generated_tokens": draw(_count),
+        "delivered_tokens": draw(_count),
+        "drained": draw(st.booleans()),
+        "prompt_tokenized": draw(st.none() | _count),
+        "background": draw(st.none() | st.sampled_from(list(BackgroundCancel))),
+        "attempts": attempts,
+    }
+    return RequestRecord(
+        request_id="r",
+        method="POST",
+        path="/v1/chat/completions",
+        started_at=0.0,
+        wall_started_at=0.0,
+        **fields,
+    )
+
+
+def _copy(record: RequestRecord) -> RequestRecord:
+    """A copy sharing nothing settle writes to or reads from another record."""
+    return replace(
+        record,
+        seen_usage=None if record.seen_usage is None else replace(record.seen_usage),
+        attempts=[
+            replace(a, usage=None if a.usage is None else replace(a.usage)) for a in record.attempts
+        ],
+    )
+
+
+def _general() -> Accountant:
+    accountant = Accountant(_CONFIG)
+
+    def general(record: RequestRecord, attempt: Attempt) -> None:
+        accountant._bill(record, accountant._routes.get(record.route or ""))
+
+    accountant._bill_single = general  # type: ignore[method-assign]
+    return accountant
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_records(), min_size=1, max_size=30))
+def test_the_single_attempt_way_settles_as_the_general_one(records: list[RequestRecord]) -> None:
+    fast, general = Accountant(_CONFIG), _general()
+    for record in records:
+        mine, theirs = _copy(record), _copy(record)
+        fast.settle(mine)
+        general.settle(theirs)
+        assert mine == theirs
+
+
+def test_the_usual_record_takes_the_single_attempt_way() -> None:
+    """Not vacuous: a delivered single attempt does not go through `_bill`."""
+    accountant = Accountant(_CONFIG)
+
+    def no_general(record: RequestRecord, route: object) -> None:
+        raise AssertionError("the general way was taken")
+
+    accountant._bill = no_general  # type: ignore[method-assign]
+    usage = Usage(prompt_tokens=14, completion_tokens=16)
+    attempt = Attempt("hosted", "m", 0.0, status=200, result=AttemptResult.OK, delivered=True)
+    attempt.usage = usage
+    record = RequestRecord(
+        request_id="r",
+        method="POST",
+        path="/v1/chat/completions",
+        started_at=0.0,
+        wall_started_at=0.0,
+        route="hosted",
+        upstream="hosted",
+        model="m",
+        endpoint="chat.completions",
+        status=200,
+        upstream_status=200,
+        outcome=Outcome.COMPLETED,
+        sent_upstream=True,
+        seen_usage=usage,
+        attempts=[attempt],
+    )
+    accountant.settle(record)
+    assert record.usage == usage and record.cost is not None and record.cost.priced
