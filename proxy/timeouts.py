@@ -43,6 +43,15 @@ ALL_CLIENT_DEADLINE_HEADERS = (
 )
 
 
+def _positive_seconds(value: str) -> float | None:
+    """A header's value as a deadline: positive, finite seconds, or None."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def client_deadline(
     headers: Mapping[str, str], names: tuple[str, ...] = CLIENT_DEADLINE_HEADERS
 ) -> tuple[float, str] | None:
@@ -52,15 +61,33 @@ def client_deadline(
         value = headers.get(name)
         if value is None:
             continue
-        try:
-            seconds = float(value)
-        except ValueError:
-            continue
-        if not math.isfinite(seconds) or seconds <= 0:
-            continue
-        if best is None or seconds < best[0]:
+        seconds = _positive_seconds(value)
+        if seconds is not None and (best is None or seconds < best[0]):
             best = (seconds, name)
     return best
+
+
+def client_deadlines(
+    headers: Mapping[str, str],
+) -> tuple[tuple[float, str] | None, tuple[float, str] | None, tuple[float, str] | None]:
+    """`client_deadline` of CLIENT_DEADLINE_HEADERS, CLIENT_HEADERS_DEADLINE_HEADERS and
+    CLIENT_READ_GAP_HEADERS, in that order, in one call that reads each header once (every
+    request asks for all three)."""
+    total = whole = read_gap = None
+    value = headers.get("x-hangup-timeout")
+    if value is not None and (seconds := _positive_seconds(value)) is not None:
+        total = (seconds, "x-hangup-timeout")
+    value = headers.get("x-stainless-timeout")
+    if value is not None and (seconds := _positive_seconds(value)) is not None:
+        whole = (seconds, "x-stainless-timeout")
+    value = headers.get("x-stainless-read-timeout")
+    if value is not None and (seconds := _positive_seconds(value)) is not None:
+        read_gap = (seconds, "x-stainless-read-timeout")
+    # The tighter of the two bounds the response headers; the first name wins a tie.
+    response_headers = whole
+    if read_gap is not None and (whole is None or read_gap[0] < whole[0]):
+        response_headers = read_gap
+    return total, response_headers, read_gap
 
 
 def client_margin(seconds: float) -> float:
@@ -197,11 +224,20 @@ class Deadlines:
             return at
         return None
 
-    def response_started(self, now: float, *, sse: bool) -> None:
+    def response_started(self, now: float, *, sse: bool) -> float | None:
+        """Response headers came: content is awaited (SSE) or the body read. The earliest
+        deadline this brings into force (None: none): every other one in force now already
+        was (the phase's own ends), so the watchdog's timer stands unless this one is sooner."""
         self.last_progress = now
-        self.phase = Phase.AWAIT_CONTENT if sse else Phase.BODY
         if sse:
+            self.phase = Phase.AWAIT_CONTENT
+            if self.watch_first_token:
+                return None
             self.watch_first_token = True
+            return self._first_token_at
+        self.phase = Phase.BODY
+        idle = self.budget.idle_s
+        return None if idle is None else now + idle
 
     def content(self, now: float) -> None:
         """A content-bearing event (SSE) or any body bytes (non-SSE) arrived."""

@@ -13,6 +13,7 @@ from proxy.timeouts import (
     Deadlines,
     Phase,
     client_deadline,
+    client_deadlines,
 )
 
 POLICY = TimeoutsConfig(connect_s=1, headers_s=5, first_token_s=10, idle_s=3, total_s=100)
@@ -314,3 +315,26 @@ def test_a_retry_wait_fits_the_budget_and_a_streams_first_token_deadline() -> No
         watch_first_token=True,
     )
     assert no_limits.retry_window(1003.0) is None
+
+
+def test_client_deadlines_in_one_pass_agree_with_each_lookup() -> None:
+    """Admission reads the three client deadlines in one call: for every mix of missing,
+    invalid, tied and differing values it must answer as the three lookups do."""
+    values = [None, "", "abc", "nan", "inf", "-1", "0", "2", "2.0", "5", " 3 "]
+    names = ("x-hangup-timeout", "x-stainless-timeout", "x-stainless-read-timeout")
+    checked = 0
+    for total in values:
+        for whole in values:
+            for gap in values:
+                headers = {
+                    name: value
+                    for name, value in zip(names, (total, whole, gap), strict=True)
+                    if value is not None
+                }
+                assert client_deadlines(headers) == (
+                    client_deadline(headers),
+                    client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS),
+                    client_deadline(headers, CLIENT_READ_GAP_HEADERS),
+                ), headers
+                checked += 1
+    assert checked == len(values) ** 3
