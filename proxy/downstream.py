@@ -67,7 +67,7 @@ class Downstream(SSERelay):
             check_response_head(
                 upstream.status,
                 upstream.reason,
-                upstream.headers.items(),
+                upstream.headers,
                 attempt.upstream,
                 event_stream=upstream.event_stream,
             )
