@@ -161,7 +161,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         if injected is not None:
             body = injected
             usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
-    drop = [options.deadline_header] if options.deadline_header else []
+    drop = (options.deadline_header,) if options.deadline_header else ()
     # The path and query only (an absolute-form target's scheme and authority are not ours).
     rel = request.rel_url
     targets: list[TargetPlan] = []
