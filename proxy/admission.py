@@ -89,7 +89,8 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     caller = state.auth.identify(request)
     record.client = caller.name
     limit = state.config.limits.max_request_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length  # (a property that parses the header each time)
+    if length is not None and length > limit:
         # Refuse at once, rather than after reading up to the limit.
         raise too_large(state.config.limits.max_request_body_mb)
     # Refused before the body is read; the URL itself is built (and checked) below.
