@@ -188,7 +188,8 @@ class Deadlines:
         self._first_token_at = (
             None if budget.first_token_s is None else started + budget.first_token_s
         )
-        self._phase_deadline = self._after(started, budget.connect_s)
+        connect = budget.connect_s  # (inline: no call per request)
+        self._phase_deadline = None if connect is None else started + connect
         self._client_headers_at: float | None = None
         if budget.client_headers_s is not None:
             d = budget.client_headers_s
@@ -202,7 +203,8 @@ class Deadlines:
     def connecting(self, now: float) -> None:
         """A new upstream attempt (first or retry) begins."""
         self.phase = Phase.CONNECT
-        self._phase_deadline = self._after(now, self.budget.connect_s)
+        connect = self.budget.connect_s
+        self._phase_deadline = None if connect is None else now + connect
 
     def next_target(self, now: float) -> None:
         """A fallback attempt begins: it gets its own connect, headers and first-token time
@@ -220,7 +222,8 @@ class Deadlines:
         did not exist before (None: nothing moved earlier, the watchdog's timer stands)."""
         if self.phase is Phase.CONNECT:
             self.phase = Phase.HEADERS
-            at = self._phase_deadline = self._after(now, self.budget.headers_s)
+            headers = self.budget.headers_s
+            at = self._phase_deadline = None if headers is None else now + headers
             return at
         return None
 
