@@ -122,6 +122,38 @@ class Budget:
         client_headers: tuple[float, str] | None = None,
         read_gap: tuple[float, str] | None = None,
     ) -> Budget:
+        # Budgets are frozen, so one is shared by every request with the same policy and the
+        # same client deadlines: the SDKs send the same deadline headers on every request
+        # (the Python SDK's x-stainless-read-timeout), so almost every request finds its
+        # budget made (a frozen dataclass's __init__ is ~75 bytecodes). Keyed by the
+        # policy's id, checked by identity on a hit; a client varying its values only
+        # refills the bounded cache.
+        key = (id(policy), honor_client_deadline, client, client_headers, read_gap)
+        known = _BUDGETS.get(key)
+        if known is not None and known[0] is policy:
+            return known[1]
+        budget = cls._made(
+            policy,
+            client,
+            honor_client_deadline=honor_client_deadline,
+            client_headers=client_headers,
+            read_gap=read_gap,
+        )
+        if len(_BUDGETS) >= BUDGETS_KEPT:
+            _BUDGETS.clear()
+        _BUDGETS[key] = (policy, budget)
+        return budget
+
+    @classmethod
+    def _made(
+        cls,
+        policy: TimeoutsConfig,
+        client: tuple[float, str] | None,
+        *,
+        honor_client_deadline: bool,
+        client_headers: tuple[float, str] | None,
+        read_gap: tuple[float, str] | None,
+    ) -> Budget:
         total, source = policy.total_s, None
         idle, idle_source = policy.idle_s, None
         if not honor_client_deadline:
@@ -146,6 +178,13 @@ class Budget:
     def seconds(self, kind: TimeoutKind) -> float | None:
         value: float | None = getattr(self, kind.config_key.removeprefix("timeouts."))
         return value
+
+
+BUDGETS_KEPT = 256
+_BUDGETS: dict[
+    tuple[int, bool, tuple[float, str] | None, tuple[float, str] | None, tuple[float, str] | None],
+    tuple[TimeoutsConfig, Budget],
+] = {}
 
 
 class Phase(enum.Enum):

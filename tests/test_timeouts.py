@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from proxy import timeouts
 from proxy.outcome import TimeoutKind
 from proxy.route_options import TimeoutsConfig
 from proxy.timeouts import (
@@ -338,3 +341,42 @@ def test_client_deadlines_in_one_pass_agree_with_each_lookup() -> None:
                 ), headers
                 checked += 1
     assert checked == len(values) ** 3
+
+
+def test_a_shared_budget_is_the_one_its_inputs_make() -> None:
+    """Budgets are shared between requests with the same inputs: any input that differs
+    (the policy, whether client deadlines count, and each of the three client deadlines)
+    gets the budget those inputs make, never another request's."""
+    other_policy = TimeoutsConfig(connect_s=2, headers_s=6, first_token_s=11, idle_s=4, total_s=90)
+    cases: list[tuple[TimeoutsConfig, bool, Any, Any, Any]] = []
+    for policy in (POLICY, other_policy):
+        for honor in (True, False):
+            for client in (None, (5.0, "x-hangup-timeout"), (50.0, "x-hangup-timeout")):
+                for headers in (None, (8.0, "x-stainless-timeout")):
+                    for gap in (None, (2.0, "x-stainless-read-timeout")):
+                        cases.append((policy, honor, client, headers, gap))
+    for _ in range(2):  # the second round is answered from the shared budgets
+        for policy, honor, client, headers, gap in cases:
+            made = Budget._made(
+                policy, client, honor_client_deadline=honor, client_headers=headers, read_gap=gap
+            )
+            shared = Budget.for_request(
+                policy, client, honor_client_deadline=honor, client_headers=headers, read_gap=gap
+            )
+            assert shared == made, (policy, honor, client, headers, gap)
+
+
+def test_a_budget_kept_for_a_policy_no_longer_alive_is_not_reused() -> None:
+    """The budgets are keyed by the policy's id, which a new policy may reuse: a kept budget
+    is taken only for the very policy it was made for, and the cache stays bounded."""
+    stale = TimeoutsConfig(connect_s=99, headers_s=99, first_token_s=99, idle_s=99, total_s=99)
+    key = (id(POLICY), True, None, None, None)
+    timeouts._BUDGETS[key] = (
+        stale,
+        Budget._made(stale, None, honor_client_deadline=True, client_headers=None, read_gap=None),
+    )
+    budget = Budget.for_request(POLICY, None, honor_client_deadline=True)
+    assert budget.connect_s == POLICY.connect_s
+    for n in range(timeouts.BUDGETS_KEPT + 10):
+        Budget.for_request(POLICY, (1.0 + n, "x-hangup-timeout"), honor_client_deadline=True)
+    assert len(timeouts._BUDGETS) <= timeouts.BUDGETS_KEPT
