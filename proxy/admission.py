@@ -26,13 +26,7 @@ from proxy.routing import Route, Target
 from proxy.state import ProxyState
 from proxy.stream_options import STEP_BYTES, with_stream_usage
 from proxy.target import check_decoded_path, check_raw_target, upstream_url
-from proxy.timeouts import (
-    CLIENT_HEADERS_DEADLINE_HEADERS,
-    CLIENT_READ_GAP_HEADERS,
-    Budget,
-    Deadlines,
-    client_deadline,
-)
+from proxy.timeouts import Budget, Deadlines, client_deadlines
 from proxy.upstream_checks import ask_identity
 from proxy.usage import RequestFacts, UsageChunkFilter, inspect_request
 
@@ -95,7 +89,8 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     caller = state.auth.identify(request)
     record.client = caller.name
     limit = state.config.limits.max_request_body_bytes
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length  # (a property that parses the header each time)
+    if length is not None and length > limit:
         # Refuse at once, rather than after reading up to the limit.
         raise too_large(state.config.limits.max_request_body_mb)
     # Refused before the body is read; the URL itself is built (and checked) below.
@@ -144,18 +139,17 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         record.sdk_retry_count = int(request.headers.get("x-stainless-retry-count", "0"))
     except ValueError:
         record.sdk_retry_count = 0
-    announced = client_deadline(request.headers)
+    announced, client_headers, read_gap = client_deadlines(request.headers)
     if announced is not None:
         record.client_deadline_s = announced[0]
-    client_headers = client_deadline(request.headers, CLIENT_HEADERS_DEADLINE_HEADERS)
-    if client_headers is not None and record.client_deadline_s is None:
+    elif client_headers is not None:
         record.client_deadline_s = client_headers[0]
     budget = Budget.for_request(
         options.timeouts,
         announced,
         honor_client_deadline=options.honor_client_deadline,
         client_headers=client_headers,
-        read_gap=client_deadline(request.headers, CLIENT_READ_GAP_HEADERS),
+        read_gap=read_gap,
     )
     deadlines = Deadlines(budget, record.started_at, watch_first_token=facts.stream)
     usage_filter: UsageChunkFilter | None = None
@@ -168,7 +162,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         if injected is not None:
             body = injected
             usage_filter = UsageChunkFilter.needed(facts, continuous=continuous)
-    drop = [options.deadline_header] if options.deadline_header else []
+    drop = (options.deadline_header,) if options.deadline_header else ()
     # The path and query only (an absolute-form target's scheme and authority are not ours).
     rel = request.rel_url
     targets: list[TargetPlan] = []

@@ -67,7 +67,7 @@ class Downstream(SSERelay):
             check_response_head(
                 upstream.status,
                 upstream.reason,
-                upstream.headers.items(),
+                upstream.headers,
                 attempt.upstream,
                 event_stream=upstream.event_stream,
             )
@@ -76,8 +76,7 @@ class Downstream(SSERelay):
         self.state.metrics.upstream_connection_opened()
         try:
             sse = upstream.event_stream
-            plan.deadlines.response_started(now, sse=sse)
-            watchdog.rearm()
+            watchdog.response_started(now, sse=sse)
             if self.response is not None and not (sse and upstream.status < 300):
                 # A fallback after headers went out (a stream that failed before content):
                 # only another stream can continue it.

@@ -8,7 +8,7 @@ provider has no use for a pod's address and it would leak one. Credentials: see 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
@@ -98,7 +98,7 @@ def upstream_request_headers(
     request_id: str,
     drop_client_credentials: bool,
     extra: Iterable[tuple[str, str]] = (),
-    drop: Iterable[str] = (),
+    drop: Collection[str] = (),
 ) -> CIMultiDict[str]:
     """Headers for the upstream request.
 
@@ -108,7 +108,8 @@ def upstream_request_headers(
     credentials = upstream.api_key is not None or drop_client_credentials
     skip = _REQUEST_SKIP_CREDENTIALS if credentials else _REQUEST_SKIP
     more = _connection_tokens(incoming)
-    more.update(d.lower() for d in drop)
+    if drop:  # (usually none: no generator made for an empty one)
+        more.update(d.lower() for d in drop)
     if more:
         skip = skip | more
     # Names are lower-cased (as HTTP/2 requires anyway): aiohttp's ClientSession merges header

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
@@ -218,6 +218,30 @@ class Waste:
         return self.prompt_tokens + self.completion_tokens
 
 
+class _NoUsage(Usage):
+    """The usage of a record not yet settled: all zero, one shared instance, immutable.
+    `Accountant.settle` gives every record a `Usage` of its own; until then this one stands,
+    rather than a `Usage()` made (by a default factory) for every request and thrown away."""
+
+    __slots__ = ()
+    __hash__ = object.__hash__  # a dataclass default must be hashable
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(
+            f"NO_USAGE is shared: set a record's usage to a new Usage ({name})"
+        )
+
+
+def _no_usage() -> Usage:
+    empty = object.__new__(_NoUsage)
+    for f in fields(Usage):
+        object.__setattr__(empty, f.name, f.default)
+    return empty
+
+
+NO_USAGE: Final[Usage] = _no_usage()
+
+
 # A record's waste until its attempts are billed (`proxy.bills.bill_attempts` sets a new dict):
 # one shared empty mapping, not an empty dict kept under every held stream.
 NO_WASTE: Final[Mapping[str, Waste]] = MappingProxyType({})
@@ -282,7 +306,7 @@ class RequestRecord:
     prompt_tokenized: int | None = None  # the prompt counted by a tokenizer, after the end
     tokenizer: str | None = None  # which one ("o200k_base", "llamacpp", "vllm", "sglang")
     # accounting
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = NO_USAGE  # until settled (`_NoUsage`)
     savings: Savings | None = None
     cost: Cost | None = None
     # Attempt waste by reason ("hedge", "failover"): what attempts whose output never reached

@@ -19,6 +19,8 @@ from __future__ import annotations
 import codecs
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import is_not
 from typing import Any
 
 import msgspec
@@ -160,8 +162,10 @@ def _read_small(body: RequestBody) -> RequestFields:
         values = _VALUES_DECODER.decode(view)
     except (msgspec.DecodeError, RecursionError):  # also not an object (a ValidationError)
         return _read(body)
-    # The members in one C call, then the absent ones dropped: not a Python step per name.
-    members = {k: v for k, v in msgspec.structs.asdict(values).items() if v is not _ABSENT}
+    # The members in one C call, and the absent ones dropped in C too (`compress` keeps the
+    # items whose value `is_not` _ABSENT): not a Python step per name.
+    read = msgspec.structs.asdict(values)
+    members = dict(compress(read.items(), map(is_not, read.values(), repeat(_ABSENT))))
     options = values.stream_options
     if len(options):
         members["stream_options"] = msgspec.json.decode(options)  # (keeps its place)

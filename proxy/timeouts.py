@@ -43,6 +43,15 @@ ALL_CLIENT_DEADLINE_HEADERS = (
 )
 
 
+def _positive_seconds(value: str) -> float | None:
+    """A header's value as a deadline: positive, finite seconds, or None."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def client_deadline(
     headers: Mapping[str, str], names: tuple[str, ...] = CLIENT_DEADLINE_HEADERS
 ) -> tuple[float, str] | None:
@@ -52,15 +61,33 @@ def client_deadline(
         value = headers.get(name)
         if value is None:
             continue
-        try:
-            seconds = float(value)
-        except ValueError:
-            continue
-        if not math.isfinite(seconds) or seconds <= 0:
-            continue
-        if best is None or seconds < best[0]:
+        seconds = _positive_seconds(value)
+        if seconds is not None and (best is None or seconds < best[0]):
             best = (seconds, name)
     return best
+
+
+def client_deadlines(
+    headers: Mapping[str, str],
+) -> tuple[tuple[float, str] | None, tuple[float, str] | None, tuple[float, str] | None]:
+    """`client_deadline` of CLIENT_DEADLINE_HEADERS, CLIENT_HEADERS_DEADLINE_HEADERS and
+    CLIENT_READ_GAP_HEADERS, in that order, in one call that reads each header once (every
+    request asks for all three)."""
+    total = whole = read_gap = None
+    value = headers.get("x-hangup-timeout")
+    if value is not None and (seconds := _positive_seconds(value)) is not None:
+        total = (seconds, "x-hangup-timeout")
+    value = headers.get("x-stainless-timeout")
+    if value is not None and (seconds := _positive_seconds(value)) is not None:
+        whole = (seconds, "x-stainless-timeout")
+    value = headers.get("x-stainless-read-timeout")
+    if value is not None and (seconds := _positive_seconds(value)) is not None:
+        read_gap = (seconds, "x-stainless-read-timeout")
+    # The tighter of the two bounds the response headers; the first name wins a tie.
+    response_headers = whole
+    if read_gap is not None and (whole is None or read_gap[0] < whole[0]):
+        response_headers = read_gap
+    return total, response_headers, read_gap
 
 
 def client_margin(seconds: float) -> float:
@@ -95,6 +122,38 @@ class Budget:
         client_headers: tuple[float, str] | None = None,
         read_gap: tuple[float, str] | None = None,
     ) -> Budget:
+        # Budgets are frozen, so one is shared by every request with the same policy and the
+        # same client deadlines: the SDKs send the same deadline headers on every request
+        # (the Python SDK's x-stainless-read-timeout), so almost every request finds its
+        # budget made (a frozen dataclass's __init__ is ~75 bytecodes). Keyed by the
+        # policy's id, checked by identity on a hit; a client varying its values only
+        # refills the bounded cache.
+        key = (id(policy), honor_client_deadline, client, client_headers, read_gap)
+        known = _BUDGETS.get(key)
+        if known is not None and known[0] is policy:
+            return known[1]
+        budget = cls._made(
+            policy,
+            client,
+            honor_client_deadline=honor_client_deadline,
+            client_headers=client_headers,
+            read_gap=read_gap,
+        )
+        if len(_BUDGETS) >= BUDGETS_KEPT:
+            _BUDGETS.clear()
+        _BUDGETS[key] = (policy, budget)
+        return budget
+
+    @classmethod
+    def _made(
+        cls,
+        policy: TimeoutsConfig,
+        client: tuple[float, str] | None,
+        *,
+        honor_client_deadline: bool,
+        client_headers: tuple[float, str] | None,
+        read_gap: tuple[float, str] | None,
+    ) -> Budget:
         total, source = policy.total_s, None
         idle, idle_source = policy.idle_s, None
         if not honor_client_deadline:
@@ -119,6 +178,13 @@ class Budget:
     def seconds(self, kind: TimeoutKind) -> float | None:
         value: float | None = getattr(self, kind.config_key.removeprefix("timeouts."))
         return value
+
+
+BUDGETS_KEPT = 256
+_BUDGETS: dict[
+    tuple[int, bool, tuple[float, str] | None, tuple[float, str] | None, tuple[float, str] | None],
+    tuple[TimeoutsConfig, Budget],
+] = {}
 
 
 class Phase(enum.Enum):
@@ -161,7 +227,8 @@ class Deadlines:
         self._first_token_at = (
             None if budget.first_token_s is None else started + budget.first_token_s
         )
-        self._phase_deadline = self._after(started, budget.connect_s)
+        connect = budget.connect_s  # (inline: no call per request)
+        self._phase_deadline = None if connect is None else started + connect
         self._client_headers_at: float | None = None
         if budget.client_headers_s is not None:
             d = budget.client_headers_s
@@ -175,7 +242,8 @@ class Deadlines:
     def connecting(self, now: float) -> None:
         """A new upstream attempt (first or retry) begins."""
         self.phase = Phase.CONNECT
-        self._phase_deadline = self._after(now, self.budget.connect_s)
+        connect = self.budget.connect_s
+        self._phase_deadline = None if connect is None else now + connect
 
     def next_target(self, now: float) -> None:
         """A fallback attempt begins: it gets its own connect, headers and first-token time
@@ -193,15 +261,25 @@ class Deadlines:
         did not exist before (None: nothing moved earlier, the watchdog's timer stands)."""
         if self.phase is Phase.CONNECT:
             self.phase = Phase.HEADERS
-            at = self._phase_deadline = self._after(now, self.budget.headers_s)
+            headers = self.budget.headers_s
+            at = self._phase_deadline = None if headers is None else now + headers
             return at
         return None
 
-    def response_started(self, now: float, *, sse: bool) -> None:
+    def response_started(self, now: float, *, sse: bool) -> float | None:
+        """Response headers came: content is awaited (SSE) or the body read. The earliest
+        deadline this brings into force (None: none): every other one in force now already
+        was (the phase's own ends), so the watchdog's timer stands unless this one is sooner."""
         self.last_progress = now
-        self.phase = Phase.AWAIT_CONTENT if sse else Phase.BODY
         if sse:
+            self.phase = Phase.AWAIT_CONTENT
+            if self.watch_first_token:
+                return None
             self.watch_first_token = True
+            return self._first_token_at
+        self.phase = Phase.BODY
+        idle = self.budget.idle_s
+        return None if idle is None else now + idle
 
     def content(self, now: float) -> None:
         """A content-bearing event (SSE) or any body bytes (non-SSE) arrived."""

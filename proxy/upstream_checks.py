@@ -15,18 +15,20 @@ from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDictProxy
 
 from proxy.errors import UpstreamFailed
 
 # RFC 9110 5.5: field values are visible characters, SP and HTAB (obs-text allowed).
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_TOKENS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?: [!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
 
 def check_response_head(
     status: int,
     reason: str | None,
-    headers: Iterable[tuple[str, str]],
+    headers: CIMultiDictProxy[str],
     upstream: str,
     *,
     event_stream: bool = False,
@@ -36,6 +38,28 @@ def check_response_head(
         raise UpstreamFailed(f'upstream "{upstream}" answered with status {status}')
     if reason and _BAD_VALUE.search(reason):
         raise UpstreamFailed(f'upstream "{upstream}" sent a malformed status line')
+    # Every name and every value checked in one regex call each: names joined by a space (no
+    # token's character; the count of spaces tells a name holding one), values by a tab
+    # (which a value may hold). A head that passes needs nothing more; one that fails, is
+    # empty or repeats a name (`keys()` shows a repeated name once) goes through the fields
+    # in order, which names the first fault as before.
+    keys = headers.keys()
+    names = " ".join(keys)
+    if (
+        len(keys) != len(headers)
+        or _TOKENS.fullmatch(names) is None
+        or names.count(" ") != len(headers) - 1
+        or _BAD_VALUE.search("\t".join(headers.values())) is not None
+    ):
+        _check_each(headers.items(), upstream, event_stream=event_stream)
+        return
+    if event_stream:
+        for value in headers.getall("content-encoding", ()):
+            if value.strip().lower() not in ("", "identity"):
+                raise UpstreamFailed(f'upstream "{upstream}" sent a compressed event stream')
+
+
+def _check_each(headers: Iterable[tuple[str, str]], upstream: str, *, event_stream: bool) -> None:
     for name, value in headers:
         if not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
             raise UpstreamFailed(f'upstream "{upstream}" sent a malformed response header')

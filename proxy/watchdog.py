@@ -71,6 +71,16 @@ class Watchdog:
             return
         self.rearm()
 
+    def response_started(self, now: float, *, sse: bool) -> None:
+        """Response headers came: the phase's deadline ends, and idle (a body) or first token
+        (a stream not watched for it yet) begins. Called on every answer: the timer stands
+        unless the new deadline is sooner (no `Deadlines.next` when it is not)."""
+        at = self._deadlines.response_started(now, sse=sse)
+        handle = self._handle
+        if handle is not None and (at is None or handle.when() <= at):
+            return
+        self.rearm()
+
     def _on_timer(self) -> None:
         self._handle = None
         nxt = self._deadlines.next()

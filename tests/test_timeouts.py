@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from proxy import timeouts
 from proxy.outcome import TimeoutKind
 from proxy.route_options import TimeoutsConfig
 from proxy.timeouts import (
@@ -13,6 +16,7 @@ from proxy.timeouts import (
     Deadlines,
     Phase,
     client_deadline,
+    client_deadlines,
 )
 
 POLICY = TimeoutsConfig(connect_s=1, headers_s=5, first_token_s=10, idle_s=3, total_s=100)
@@ -314,3 +318,65 @@ def test_a_retry_wait_fits_the_budget_and_a_streams_first_token_deadline() -> No
         watch_first_token=True,
     )
     assert no_limits.retry_window(1003.0) is None
+
+
+def test_client_deadlines_in_one_pass_agree_with_each_lookup() -> None:
+    """Admission reads the three client deadlines in one call: for every mix of missing,
+    invalid, tied and differing values it must answer as the three lookups do."""
+    values = [None, "", "abc", "nan", "inf", "-1", "0", "2", "2.0", "5", " 3 "]
+    names = ("x-hangup-timeout", "x-stainless-timeout", "x-stainless-read-timeout")
+    checked = 0
+    for total in values:
+        for whole in values:
+            for gap in values:
+                headers = {
+                    name: value
+                    for name, value in zip(names, (total, whole, gap), strict=True)
+                    if value is not None
+                }
+                assert client_deadlines(headers) == (
+                    client_deadline(headers),
+                    client_deadline(headers, CLIENT_HEADERS_DEADLINE_HEADERS),
+                    client_deadline(headers, CLIENT_READ_GAP_HEADERS),
+                ), headers
+                checked += 1
+    assert checked == len(values) ** 3
+
+
+def test_a_shared_budget_is_the_one_its_inputs_make() -> None:
+    """Budgets are shared between requests with the same inputs: any input that differs
+    (the policy, whether client deadlines count, and each of the three client deadlines)
+    gets the budget those inputs make, never another request's."""
+    other_policy = TimeoutsConfig(connect_s=2, headers_s=6, first_token_s=11, idle_s=4, total_s=90)
+    cases: list[tuple[TimeoutsConfig, bool, Any, Any, Any]] = []
+    for policy in (POLICY, other_policy):
+        for honor in (True, False):
+            for client in (None, (5.0, "x-hangup-timeout"), (50.0, "x-hangup-timeout")):
+                for headers in (None, (8.0, "x-stainless-timeout")):
+                    for gap in (None, (2.0, "x-stainless-read-timeout")):
+                        cases.append((policy, honor, client, headers, gap))
+    for _ in range(2):  # the second round is answered from the shared budgets
+        for policy, honor, client, headers, gap in cases:
+            made = Budget._made(
+                policy, client, honor_client_deadline=honor, client_headers=headers, read_gap=gap
+            )
+            shared = Budget.for_request(
+                policy, client, honor_client_deadline=honor, client_headers=headers, read_gap=gap
+            )
+            assert shared == made, (policy, honor, client, headers, gap)
+
+
+def test_a_budget_kept_for_a_policy_no_longer_alive_is_not_reused() -> None:
+    """The budgets are keyed by the policy's id, which a new policy may reuse: a kept budget
+    is taken only for the very policy it was made for, and the cache stays bounded."""
+    stale = TimeoutsConfig(connect_s=99, headers_s=99, first_token_s=99, idle_s=99, total_s=99)
+    key = (id(POLICY), True, None, None, None)
+    timeouts._BUDGETS[key] = (
+        stale,
+        Budget._made(stale, None, honor_client_deadline=True, client_headers=None, read_gap=None),
+    )
+    budget = Budget.for_request(POLICY, None, honor_client_deadline=True)
+    assert budget.connect_s == POLICY.connect_s
+    for n in range(timeouts.BUDGETS_KEPT + 10):
+        Budget.for_request(POLICY, (1.0 + n, "x-hangup-timeout"), honor_client_deadline=True)
+    assert len(timeouts._BUDGETS) <= timeouts.BUDGETS_KEPT

@@ -132,3 +132,45 @@ async def test_stop_disarms() -> None:
     await past_due
     assert wd.fired is None
     assert task.cancelling() == 0
+
+
+async def _fires_after_response_started(
+    *, sse: bool, watch_first_token: bool, **timeouts: float | None
+) -> tuple[TimeoutKind | None, float]:
+    """Arm for a 5 s connect deadline, start the response at once, and wait (bounded) for the
+    deadline the response brought into force: the kind that fired, and after how long."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    d = make(loop.time(), connect_s=5.0, **timeouts)
+    d.watch_first_token = watch_first_token
+    wd = Watchdog(d, task)
+    started = loop.time()
+    async with asyncio.timeout(2):  # a watchdog still armed for the 5 s connect fails here
+        try:
+            with wd:
+                wd.response_started(loop.time(), sse=sse)
+                await loop.create_future()  # only a cancellation ends this
+        except asyncio.CancelledError:
+            return wd.consume(), loop.time() - started
+    return None, loop.time() - started
+
+
+async def test_response_started_arms_a_sooner_idle_deadline() -> None:
+    """A body's idle deadline (0.05 s) is sooner than the armed connect timer (5 s): the
+    watchdog re-arms for it when the response starts, rather than waiting for the timer."""
+    kind, after = await _fires_after_response_started(
+        sse=False, watch_first_token=False, idle_s=0.05
+    )
+    assert kind is TimeoutKind.IDLE
+    assert 0.05 <= after < 1.0
+
+
+async def test_response_started_arms_a_newly_watched_first_token() -> None:
+    """A request that did not ask for a stream gets one: its first-token deadline comes into
+    force at the response and is sooner than the armed timer."""
+    kind, after = await _fires_after_response_started(
+        sse=True, watch_first_token=False, first_token_s=0.05
+    )
+    assert kind is TimeoutKind.FIRST_TOKEN
+    assert 0.05 <= after < 1.0

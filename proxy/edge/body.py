@@ -123,7 +123,8 @@ async def read_body(
     """The request body, decoded, its size on the wire, and for a large body its scan
     (`proxy/body_scan.py`: what request_fields would otherwise learn in one long step)."""
     if encoding is None:
-        if request.content_length is not None and request.content_length < SCAN_FROM_BYTES:
+        length = request.content_length  # (a property that parses the header each time)
+        if length is not None and length < SCAN_FROM_BYTES:
             small = await read_plain(request, limits.max_request_body_mb)
             return small, len(small), None
         large, scan = await read_scanned(request, limits.max_request_body_mb)
