@@ -39,6 +39,7 @@ from proxy.sse_stream import (
     too_large,
 )
 from proxy.state import ProxyState
+from proxy.timeouts import Phase
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
@@ -223,7 +224,7 @@ class SSERelay(LargeEventRelay):
                     finally:
                         before = clock()
                         record.client_wait_s += before - written_at
-                    self.delivered_tokens = tracker.generated_tokens
+                    self.delivered_tokens = tracker.generated  # (an attribute: no frame)
                     if attempt.first_token_at is not None:
                         self.content_sent = True
                     data = b""
@@ -307,7 +308,11 @@ class SSERelay(LargeEventRelay):
                     if record.first_token_at is None or attempt.first_token_at is None:
                         self._content_came(stream, now)
                     else:  # all that `_content_came` does once the first token is marked
-                        stream.deadlines.content(now)
+                        deadlines = stream.deadlines
+                        if deadlines.phase is Phase.STREAMING:
+                            deadlines.last_progress = now  # `Deadlines.content`, no frame
+                        else:
+                            deadlines.content(now)
                     if chunk_filter is not None and shape.null_usage is not None:
                         if shape.null_usage:
                             chunk = cut_null_usage(chunk)

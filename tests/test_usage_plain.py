@@ -28,6 +28,7 @@ from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, StreamScrubber
 from proxy.sse import SSEDecoder, SSEEvent
 from proxy.sse_stream import Pieces, StreamState
+from proxy.timeouts import Phase
 from proxy.upstream_errors import AttemptFailed
 from proxy.usage import (
     EventKind,
@@ -48,10 +49,9 @@ _FILTERS: list[UsageChunkFilter | None] = [
 
 
 class _Marks:
-    """Stands for the deadlines and the watchdog: counts what the pump tells them."""
+    """Stands for the watchdog: counts what the pump tells it."""
 
     def __init__(self) -> None:
-        self.content: list[float] = []
         self.rearms = 0
 
     def rearm(self) -> None:
@@ -59,11 +59,17 @@ class _Marks:
 
 
 class _Deadlines:
-    def __init__(self, marks: _Marks) -> None:
-        self.marks = marks
+    """What `Deadlines.content` keeps (the pump may set it itself once the stream is
+    streaming): compared after every read."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.AWAIT_CONTENT
+        self.last_progress = -1.0
 
     def content(self, now: float) -> None:
-        self.marks.content.append(now)
+        self.last_progress = now
+        if self.phase is Phase.AWAIT_CONTENT:
+            self.phase = Phase.STREAMING
 
 
 class _Upstream:
@@ -110,7 +116,7 @@ def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
     stream = StreamState.__new__(StreamState)
     stream.attempt = Attempt("u", "m", 0.0, "primary")
     stream.watchdog = marks  # type: ignore[assignment]
-    stream.deadlines = _Deadlines(marks)  # type: ignore[assignment]
+    stream.deadlines = _Deadlines()  # type: ignore[assignment]
     stream.chunk_filter = chunk_filter
     stream.held, stream.held_bytes, stream.malformed = None, 0, 0
     stream.collect_text, stream.raw_mode, stream.plain = False, False, plain
@@ -126,7 +132,8 @@ def _snapshot(pump: Any, stream: StreamState, marks: _Marks) -> tuple[Any, ...]:
         record.content_chunks,
         record.first_token_at,
         attempt.first_token_at,
-        marks.content,
+        stream.deadlines.phase,
+        stream.deadlines.last_progress,
         marks.rearms,
         stream.malformed,
     )

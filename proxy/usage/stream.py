@@ -95,6 +95,7 @@ class StreamUsageTracker(ResponsesEvents):
         "error",
         "facts",
         "finish_reason",
+        "generated",
         "malformed_events",
         "response_id",
         "response_model",
@@ -118,6 +119,9 @@ class StreamUsageTracker(ResponsesEvents):
         self._estimated_reasoning = 0
         self._est_since_report = 0
         self._reported: Reported | None = None
+        # `generated_tokens`, kept up to date as a plain attribute: the pump reads it after
+        # every write to the client, and a property is a frame each time.
+        self.generated = 0
         self._shape: Shape | None = None  # of the last plain content chunk (`feed_plain`)
         self._shape_misses = 0
 
@@ -222,6 +226,7 @@ class StreamUsageTracker(ResponsesEvents):
         tokens = 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
         self._estimated += tokens
         self._est_since_report += tokens
+        self.generated += tokens
         if shape.index:
             self._tally(shape.index, chars)
         else:
@@ -311,6 +316,7 @@ class StreamUsageTracker(ResponsesEvents):
             self._chars0 += chars0
             self._estimated += estimated
             self._est_since_report += estimated
+            self.generated += estimated
             self._estimated_reasoning += estimated_reasoning
             self.content_chunks += contents
         return pos, contents
@@ -358,8 +364,7 @@ class StreamUsageTracker(ResponsesEvents):
             return result
         reported = parse_usage(usage)
         if reported is not None:
-            self._reported = reported
-            self._est_since_report = 0
+            self._report(reported)
         if not choices and isinstance(usage, Mapping):
             # choices [] (OpenAI, llama.cpp), null or absent (some vLLM versions): by its shape,
             # so that the filter drops it even when its figures are not ones we can read.
@@ -370,6 +375,7 @@ class StreamUsageTracker(ResponsesEvents):
         tokens = chunk_tokens(chars + reasoning)
         self._estimated += tokens
         self._est_since_report += tokens
+        self.generated += tokens
         if reasoning and not chars:
             self._estimated_reasoning += tokens
         if index:
@@ -377,6 +383,13 @@ class StreamUsageTracker(ResponsesEvents):
         else:
             self._chunks0 += 1
             self._chars0 += chars + reasoning
+
+    def _report(self, reported: Reported) -> None:
+        """Usage the upstream reported: it wins over the estimate from here on."""
+        self._reported = reported
+        self._est_since_report = 0
+        completion = reported.completion
+        self.generated = self._estimated if completion is None else completion
 
     def _tally(self, index: int, chars: int) -> None:
         """One content chunk of a choice other than 0."""
@@ -418,15 +431,12 @@ class StreamUsageTracker(ResponsesEvents):
 
     @property
     def generated_tokens(self) -> int:
-        """Best figure for completion tokens generated so far.
+        """Best figure for completion tokens generated so far (`generated`).
 
         The last reported count (continuous usage stats make it exact at any moment) plus the
         estimate for content that arrived after that report; the estimate alone otherwise.
         """
-        r = self._reported
-        if r is None or r.completion is None:
-            return self._estimated
-        return r.completion + self._est_since_report
+        return self.generated
 
     def usage(self) -> Usage:
         r = self._reported
