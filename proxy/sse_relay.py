@@ -43,7 +43,7 @@ from proxy.timeouts import Phase
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
-from proxy.usage.filter import cut_null_usage
+from proxy.usage.filter import CLOSED_END, CUT_INLINE_BELOW, NULL_USAGE_CUT, cut_null_usage
 from proxy.watchdog import Watchdog
 
 # The CR byte as an int: `int in bytes` is one memchr, while a one-byte bytes operand is
@@ -315,7 +315,10 @@ class SSERelay(LargeEventRelay):
                             deadlines.content(now)
                     if chunk_filter is not None and shape.null_usage is not None:
                         if shape.null_usage:
-                            chunk = cut_null_usage(chunk)
+                            if len(chunk) < CUT_INLINE_BELOW:  # `cut_null_usage`, no frame
+                                chunk = chunk[:NULL_USAGE_CUT] + CLOSED_END
+                            else:
+                                chunk = cut_null_usage(chunk)
                         else:
                             chunk = chunk_filter.plain_bytes(chunk)
                     scrubber = self.scrubber
