@@ -291,12 +291,14 @@ class SSERelay(LargeEventRelay):
             upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
         else:
             taken = 0
-            if (
-                stream.held is None
-                and stream.plain
-                and _CR not in chunk
-                and not (self.continuing and attempt.first_token_at is None)
-                and decoder.at_boundary(chunk)
+            if _CR not in chunk and (
+                stream.steady
+                or (
+                    stream.held is None
+                    and stream.plain
+                    and not (self.continuing and attempt.first_token_at is None)
+                    and decoder.at_boundary(chunk)
+                )
             ):
                 # The usual read: one event of the last content chunk's shape, known without a
                 # search (`feed_shaped`); or whole `data: {...}` events, classified from their
@@ -321,6 +323,7 @@ class SSERelay(LargeEventRelay):
                                 chunk = cut_null_usage(chunk)
                         else:
                             chunk = chunk_filter.plain_bytes(chunk)
+                    stream.steady = True
                     scrubber = self.scrubber
                     return scrubber.feed(chunk) if scrubber.active else chunk
                 taken, contents = tracker.feed_plain(chunk)
@@ -330,11 +333,13 @@ class SSERelay(LargeEventRelay):
                         content = True
                         self._content_came(stream, now)
                     if taken == len(chunk):  # all of it (the usual read): nothing else to do
+                        stream.steady = True
                         if chunk_filter is not None:
                             chunk = chunk_filter.plain_bytes(chunk)
                         return self.scrubber.feed(chunk)
                     run = chunk[:taken]
                     out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
+            stream.steady = False
             events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > MAX_SSE_EVENT:
                 raise too_large(attempt.upstream)

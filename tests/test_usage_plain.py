@@ -120,7 +120,7 @@ def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
     stream.chunk_filter = chunk_filter
     stream.held, stream.held_bytes, stream.malformed = None, 0, 0
     stream.collect_text, stream.raw_mode, stream.plain = False, False, plain
-    stream.large = None
+    stream.large, stream.steady = None, False
     return pump, stream, marks
 
 
@@ -367,3 +367,20 @@ def test_one_event_reads_of_one_shape_take_the_shaped_step(monkeypatch: pytest.M
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     assert sum(taken) == 15, taken  # 16 content chunks; the first one learns the shape
     assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+
+
+def test_a_read_cut_mid_event_after_shaped_reads_goes_to_the_decoder() -> None:
+    """Shaped reads leave the decoder empty and let the next read skip the plain path's
+    checks (`StreamState.steady`); a read that ends mid-event hands its tail to the decoder,
+    and the read after it must not be taken as a new block: not inside that event, nor a
+    whole `data:` line that continues its block (an event of two data lines, malformed).
+    Cuts of the fourth content event, with the events around it read one by one."""
+    events = stream_events(20)
+    cases = [[events[4][:-1], *events[5:]]]  # its line ended, its block not: the next joins
+    cases += [[events[4][:cut], events[4][cut:], *events[5:]] for cut in range(1, 260, 7)]
+    for rest in cases:
+        reads = [*events[:4], *rest]
+        for chunk_filter in _FILTERS:
+            plain = _run("/v1/chat/completions", reads, chunk_filter, plain=True)
+            full = _run("/v1/chat/completions", reads, chunk_filter, plain=False)
+            assert plain == full, (rest[0], chunk_filter)
