@@ -251,18 +251,19 @@ class StreamUsageTracker(ResponsesEvents):
         chunks0 = chars0 = 0  # choice 0's, added once at the end
         ascii = chunk.isascii()  # once for the read: then a text's size is its length
         while chunk.startswith(b"data: ", pos):
-            eol = chunk.find(b"\n", pos + 6)
-            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
-                break
             shape = self._shape
-            if shape is not None:
+            if shape is not None and chunk.startswith(shape.lead, pos):
                 # The last content chunk's bytes around a new text: no parse (see `Shape`).
-                lead, trail = shape.lead, shape.trail  # `data: ` + head, tail + LF LF
-                start, stop = pos + len(lead), eol + 2 - len(trail)
+                # The text ends at the first quote, where the trail (`"` + tail + LF LF) must
+                # begin; a text with no control character either, and no LF in the lead or
+                # the tail: the block is the lead, the text and the trail (what finding the
+                # block's end and matching its two ends would say). The quote is found before
+                # the next block's lead ends (a lead holds quotes): one pass over a read.
+                start = pos + len(shape.lead)
+                stop = chunk.find(0x22, start)  # `"` as an int: one memchr
                 if (
-                    start <= stop
-                    and chunk.startswith(lead, pos)
-                    and chunk.endswith(trail, start, eol + 2)
+                    stop >= 0
+                    and chunk.startswith(shape.trail, stop)
                     and TEXT_BREAK(chunk, start, stop) is None
                 ):
                     if ascii:
@@ -280,11 +281,14 @@ class StreamUsageTracker(ResponsesEvents):
                             chunks0 += 1
                             chars0 += chars
                         contents += 1
-                        pos = eol + 2
+                        pos = stop + len(shape.trail)
                         continue
                     if chars == 0:  # an empty text: no output, as `content_sizes` says
-                        pos = eol + 2
+                        pos = stop + len(shape.trail)
                         continue
+            eol = chunk.find(b"\n", pos + 6)
+            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
+                break
             data = chunk[pos + 6 : eol]
             if data == b"[DONE]":
                 self.done = True
