@@ -384,3 +384,29 @@ def test_a_read_cut_mid_event_after_shaped_reads_goes_to_the_decoder() -> None:
             plain = _run("/v1/chat/completions", reads, chunk_filter, plain=True)
             full = _run("/v1/chat/completions", reads, chunk_filter, plain=False)
             assert plain == full, (rest[0], chunk_filter)
+
+
+def test_a_declined_block_is_not_decoded_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finish and usage chunks: `feed_plain`'s typed decode declines them, the decoder
+    makes their events and `feed` parses them in full without trying the typed decode again
+    (each is decoded once); a block with invalid UTF-8, whose decoded text is not the bytes
+    declined, is tried again as text. The client and the tracker see what the full path
+    gives."""
+    parsed: list[bytes] = []
+
+    def counting(data: str | bytes) -> Any:
+        parsed.append(data if isinstance(data, bytes) else data.encode())
+        return content_sizes(data)
+
+    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    reads = stream_events(20)
+    plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
+    finish, usage = reads[-3][6:-2], reads[-2][6:-2]
+    assert b'"finish_reason":"stop"' in finish and b'"usage":{' in usage
+    assert parsed.count(finish) == 1 and parsed.count(usage) == 1, parsed
+    assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+    parsed.clear()
+    broken = reads[1].replace(b'"content":"', b'"content":"\xff')  # invalid UTF-8 in the text
+    plain = _run("/v1/chat/completions", [reads[0], broken], None, plain=True)
+    assert len(parsed) == 3, parsed  # the role chunk; the broken one as bytes, then as text
+    assert plain == _run("/v1/chat/completions", [reads[0], broken], None, plain=False)

@@ -82,6 +82,7 @@ class StreamUsageTracker(ResponsesEvents):
     __slots__ = (
         "_chars0",
         "_chunks0",
+        "_declined",
         "_est_since_report",
         "_estimated",
         "_estimated_reasoning",
@@ -124,6 +125,9 @@ class StreamUsageTracker(ResponsesEvents):
         self.generated = 0
         self._shape: Shape | None = None  # of the last plain content chunk (`feed_plain`)
         self._shape_misses = 0
+        # The data of the block `feed_plain` last declined (its typed decode said None): the
+        # caller feeds that block next, through the decoder, and `feed` need not try again.
+        self._declined: bytes | None = None
 
     def feed(self, event: SSEEvent) -> EventKind:
         data = event.data
@@ -137,9 +141,12 @@ class StreamUsageTracker(ResponsesEvents):
             return EventKind.DONE
         name = event.event
         if name is None and self._fast:
-            sizes = content_sizes(data)  # plain content chunks without the full parse
-            if sizes is not None:
-                return self._content(sizes)
+            declined, self._declined = self._declined, None
+            # (Compared as bytes: text decoded from invalid UTF-8 is not what was declined.)
+            if declined is None or declined != data.encode("utf-8", "surrogatepass"):
+                sizes = content_sizes(data)  # plain content chunks without the full parse
+                if sizes is not None:
+                    return self._content(sizes)
         if repeats_text(name):
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
             return EventKind.OTHER
@@ -295,6 +302,7 @@ class StreamUsageTracker(ResponsesEvents):
             else:
                 sizes = content_sizes(data)
                 if sizes is None:
+                    self._declined = data
                     break  # this one needs the full parse: the decoder and `feed` take over
                 if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
                     if shape is not None:
