@@ -39,10 +39,11 @@ from proxy.sse_stream import (
     too_large,
 )
 from proxy.state import ProxyState
+from proxy.timeouts import Phase
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
-from proxy.usage.filter import cut_null_usage
+from proxy.usage.filter import CLOSED_END, CUT_INLINE_BELOW, NULL_USAGE_CUT, cut_null_usage
 from proxy.watchdog import Watchdog
 
 # The CR byte as an int: `int in bytes` is one memchr, while a one-byte bytes operand is
@@ -223,7 +224,7 @@ class SSERelay(LargeEventRelay):
                     finally:
                         before = clock()
                         record.client_wait_s += before - written_at
-                    self.delivered_tokens = tracker.generated_tokens
+                    self.delivered_tokens = tracker.generated  # (an attribute: no frame)
                     if attempt.first_token_at is not None:
                         self.content_sent = True
                     data = b""
@@ -290,12 +291,14 @@ class SSERelay(LargeEventRelay):
             upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
         else:
             taken = 0
-            if (
-                stream.held is None
-                and stream.plain
-                and _CR not in chunk
-                and not (self.continuing and attempt.first_token_at is None)
-                and decoder.at_boundary(chunk)
+            if _CR not in chunk and (
+                stream.steady
+                or (
+                    stream.held is None
+                    and stream.plain
+                    and not (self.continuing and attempt.first_token_at is None)
+                    and decoder.at_boundary(chunk)
+                )
             ):
                 # The usual read: one event of the last content chunk's shape, known without a
                 # search (`feed_shaped`); or whole `data: {...}` events, classified from their
@@ -307,12 +310,20 @@ class SSERelay(LargeEventRelay):
                     if record.first_token_at is None or attempt.first_token_at is None:
                         self._content_came(stream, now)
                     else:  # all that `_content_came` does once the first token is marked
-                        stream.deadlines.content(now)
+                        deadlines = stream.deadlines
+                        if deadlines.phase is Phase.STREAMING:
+                            deadlines.last_progress = now  # `Deadlines.content`, no frame
+                        else:
+                            deadlines.content(now)
                     if chunk_filter is not None and shape.null_usage is not None:
                         if shape.null_usage:
-                            chunk = cut_null_usage(chunk)
+                            if len(chunk) < CUT_INLINE_BELOW:  # `cut_null_usage`, no frame
+                                chunk = chunk[:NULL_USAGE_CUT] + CLOSED_END
+                            else:
+                                chunk = cut_null_usage(chunk)
                         else:
                             chunk = chunk_filter.plain_bytes(chunk)
+                    stream.steady = True
                     scrubber = self.scrubber
                     return scrubber.feed(chunk) if scrubber.active else chunk
                 taken, contents = tracker.feed_plain(chunk)
@@ -322,11 +333,13 @@ class SSERelay(LargeEventRelay):
                         content = True
                         self._content_came(stream, now)
                     if taken == len(chunk):  # all of it (the usual read): nothing else to do
+                        stream.steady = True
                         if chunk_filter is not None:
                             chunk = chunk_filter.plain_bytes(chunk)
                         return self.scrubber.feed(chunk)
                     run = chunk[:taken]
                     out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
+            stream.steady = False
             events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > MAX_SSE_EVENT:
                 raise too_large(attempt.upstream)

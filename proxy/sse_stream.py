@@ -96,6 +96,7 @@ class StreamState:
         "malformed",
         "plain",
         "raw_mode",
+        "steady",
         "watchdog",
     )
 
@@ -114,6 +115,9 @@ class StreamState:
         # Whole plain data events may skip the decoder (`_sse_step`); not when their text is
         # collected for a continuation.
         self.plain = not self.collect_text
+        # The last read went whole the plain way (`_sse_step`): the decoder still holds nothing
+        # and the plain path's other conditions still hold, so the next read need not ask.
+        self.steady = False
         # Nothing to hold, filter or drop: bytes go on as they come, partial events included
         # (a slow event is not delayed until its end). Otherwise the stream is relayed event
         # by event, and malformed events are dropped.

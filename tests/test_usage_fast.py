@@ -47,7 +47,18 @@ def _events(data: bytes) -> list[SSEEvent]:
     return decoder.feed(data) + decoder.flush()
 
 
+def _generated(tracker: StreamUsageTracker) -> int:
+    """What `generated_tokens` means, from the counts it is kept from: the last reported
+    completion count plus the estimate since that report, or the estimate alone."""
+    r = tracker._reported
+    if r is None or r.completion is None:
+        return tracker._estimated
+    return r.completion + tracker._est_since_report
+
+
 def _state(tracker: StreamUsageTracker) -> tuple[Any, ...]:
+    # The tracker keeps `generated` up to date as it counts (the pump reads it every write).
+    assert tracker.generated == _generated(tracker), "generated_tokens out of step"
     return (
         tracker.content_chunks,
         dict(tracker.chunks_by_choice),

@@ -28,6 +28,7 @@ from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, StreamScrubber
 from proxy.sse import SSEDecoder, SSEEvent
 from proxy.sse_stream import Pieces, StreamState
+from proxy.timeouts import Phase
 from proxy.upstream_errors import AttemptFailed
 from proxy.usage import (
     EventKind,
@@ -48,10 +49,9 @@ _FILTERS: list[UsageChunkFilter | None] = [
 
 
 class _Marks:
-    """Stands for the deadlines and the watchdog: counts what the pump tells them."""
+    """Stands for the watchdog: counts what the pump tells it."""
 
     def __init__(self) -> None:
-        self.content: list[float] = []
         self.rearms = 0
 
     def rearm(self) -> None:
@@ -59,11 +59,17 @@ class _Marks:
 
 
 class _Deadlines:
-    def __init__(self, marks: _Marks) -> None:
-        self.marks = marks
+    """What `Deadlines.content` keeps (the pump may set it itself once the stream is
+    streaming): compared after every read."""
+
+    def __init__(self) -> None:
+        self.phase = Phase.AWAIT_CONTENT
+        self.last_progress = -1.0
 
     def content(self, now: float) -> None:
-        self.marks.content.append(now)
+        self.last_progress = now
+        if self.phase is Phase.AWAIT_CONTENT:
+            self.phase = Phase.STREAMING
 
 
 class _Upstream:
@@ -110,11 +116,11 @@ def _pump(path: str, chunk_filter: UsageChunkFilter | None, plain: bool) -> Any:
     stream = StreamState.__new__(StreamState)
     stream.attempt = Attempt("u", "m", 0.0, "primary")
     stream.watchdog = marks  # type: ignore[assignment]
-    stream.deadlines = _Deadlines(marks)  # type: ignore[assignment]
+    stream.deadlines = _Deadlines()  # type: ignore[assignment]
     stream.chunk_filter = chunk_filter
     stream.held, stream.held_bytes, stream.malformed = None, 0, 0
     stream.collect_text, stream.raw_mode, stream.plain = False, False, plain
-    stream.large = None
+    stream.large, stream.steady = None, False
     return pump, stream, marks
 
 
@@ -126,7 +132,8 @@ def _snapshot(pump: Any, stream: StreamState, marks: _Marks) -> tuple[Any, ...]:
         record.content_chunks,
         record.first_token_at,
         attempt.first_token_at,
-        marks.content,
+        stream.deadlines.phase,
+        stream.deadlines.last_progress,
         marks.rearms,
         stream.malformed,
     )
@@ -360,3 +367,46 @@ def test_one_event_reads_of_one_shape_take_the_shaped_step(monkeypatch: pytest.M
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     assert sum(taken) == 15, taken  # 16 content chunks; the first one learns the shape
     assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+
+
+def test_a_read_cut_mid_event_after_shaped_reads_goes_to_the_decoder() -> None:
+    """Shaped reads leave the decoder empty and let the next read skip the plain path's
+    checks (`StreamState.steady`); a read that ends mid-event hands its tail to the decoder,
+    and the read after it must not be taken as a new block: not inside that event, nor a
+    whole `data:` line that continues its block (an event of two data lines, malformed).
+    Cuts of the fourth content event, with the events around it read one by one."""
+    events = stream_events(20)
+    cases = [[events[4][:-1], *events[5:]]]  # its line ended, its block not: the next joins
+    cases += [[events[4][:cut], events[4][cut:], *events[5:]] for cut in range(1, 260, 7)]
+    for rest in cases:
+        reads = [*events[:4], *rest]
+        for chunk_filter in _FILTERS:
+            plain = _run("/v1/chat/completions", reads, chunk_filter, plain=True)
+            full = _run("/v1/chat/completions", reads, chunk_filter, plain=False)
+            assert plain == full, (rest[0], chunk_filter)
+
+
+def test_a_declined_block_is_not_decoded_twice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The finish and usage chunks: `feed_plain`'s typed decode declines them, the decoder
+    makes their events and `feed` parses them in full without trying the typed decode again
+    (each is decoded once); a block with invalid UTF-8, whose decoded text is not the bytes
+    declined, is tried again as text. The client and the tracker see what the full path
+    gives."""
+    parsed: list[bytes] = []
+
+    def counting(data: str | bytes) -> Any:
+        parsed.append(data if isinstance(data, bytes) else data.encode())
+        return content_sizes(data)
+
+    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    reads = stream_events(20)
+    plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
+    finish, usage = reads[-3][6:-2], reads[-2][6:-2]
+    assert b'"finish_reason":"stop"' in finish and b'"usage":{' in usage
+    assert parsed.count(finish) == 1 and parsed.count(usage) == 1, parsed
+    assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+    parsed.clear()
+    broken = reads[1].replace(b'"content":"', b'"content":"\xff')  # invalid UTF-8 in the text
+    plain = _run("/v1/chat/completions", [reads[0], broken], None, plain=True)
+    assert len(parsed) == 3, parsed  # the role chunk; the broken one as bytes, then as text
+    assert plain == _run("/v1/chat/completions", [reads[0], broken], None, plain=False)

@@ -20,6 +20,11 @@ _CLOSED_END: Final = b"}\n\n"
 _BLOCK_END: Final = b"\n\n"
 _LARGE: Final = 64 * 1024  # an event this big is copied once, not twice
 _NULL_USAGE_AT: Final = len(_NULL_USAGE_END) - 1  # where `"usage"` begins, from the end
+# `cut_null_usage` of an event under `_LARGE` bytes is `raw[:NULL_USAGE_CUT] + CLOSED_END`:
+# public for the pump's shaped read, which does it inline (a frame less a read).
+NULL_USAGE_CUT: Final = -len(_NULL_USAGE_END)
+CLOSED_END: Final = _CLOSED_END
+CUT_INLINE_BELOW: Final = _LARGE
 
 
 def strip_usage_member(raw: bytes) -> bytes:
@@ -123,7 +128,7 @@ def _data_bytes(raw: bytes) -> bytes:
 def _cut_null_usage(raw: bytes) -> bytes:
     """`raw`, which ends with `,"usage":null}` and its blank line, without that member."""
     if len(raw) < _LARGE:
-        return raw[: -len(_NULL_USAGE_END)] + _CLOSED_END
+        return raw[:NULL_USAGE_CUT] + _CLOSED_END
     with memoryview(raw) as view:  # one copy of a large event, not two (slice, then concat)
         return b"".join((view[: -len(_NULL_USAGE_END)], _CLOSED_END))
 

@@ -46,10 +46,10 @@ class _Tracker(Protocol):
     error: str | None
     response_id: str | None
     done: bool
-    _reported: Reported | None
-    _est_since_report: int
 
     def _count(self, index: int, chars: int, reasoning: int) -> None: ...
+
+    def _report(self, reported: Reported) -> None: ...
 
 
 class ResponsesEvents:
@@ -61,7 +61,6 @@ class ResponsesEvents:
     # The tracker's slots this sets, as the tracker types them.
     error: str | None
     response_id: str | None
-    _reported: Reported | None
 
     def _responses_event(self: _Tracker, kind: str, obj: dict[str, Any]) -> EventKind:
         if kind.endswith(".delta"):
@@ -85,8 +84,7 @@ class ResponsesEvents:
             self.response_id = rid
         reported = parse_usage(response.get("usage"))
         if reported is not None:
-            self._reported = reported
-            self._est_since_report = 0
+            self._report(reported)
         if kind == "response.failed":
             # A failed generation is not a completed one: the relay settles it as an upstream
             # error, while still accounting the usage it carries.

@@ -82,6 +82,7 @@ class StreamUsageTracker(ResponsesEvents):
     __slots__ = (
         "_chars0",
         "_chunks0",
+        "_declined",
         "_est_since_report",
         "_estimated",
         "_estimated_reasoning",
@@ -95,6 +96,7 @@ class StreamUsageTracker(ResponsesEvents):
         "error",
         "facts",
         "finish_reason",
+        "generated",
         "malformed_events",
         "response_id",
         "response_model",
@@ -118,8 +120,14 @@ class StreamUsageTracker(ResponsesEvents):
         self._estimated_reasoning = 0
         self._est_since_report = 0
         self._reported: Reported | None = None
+        # `generated_tokens`, kept up to date as a plain attribute: the pump reads it after
+        # every write to the client, and a property is a frame each time.
+        self.generated = 0
         self._shape: Shape | None = None  # of the last plain content chunk (`feed_plain`)
         self._shape_misses = 0
+        # The data of the block `feed_plain` last declined (its typed decode said None): the
+        # caller feeds that block next, through the decoder, and `feed` need not try again.
+        self._declined: bytes | None = None
 
     def feed(self, event: SSEEvent) -> EventKind:
         data = event.data
@@ -133,9 +141,12 @@ class StreamUsageTracker(ResponsesEvents):
             return EventKind.DONE
         name = event.event
         if name is None and self._fast:
-            sizes = content_sizes(data)  # plain content chunks without the full parse
-            if sizes is not None:
-                return self._content(sizes)
+            declined, self._declined = self._declined, None
+            # (Compared as bytes: text decoded from invalid UTF-8 is not what was declined.)
+            if declined is None or declined != data.encode("utf-8", "surrogatepass"):
+                sizes = content_sizes(data)  # plain content chunks without the full parse
+                if sizes is not None:
+                    return self._content(sizes)
         if repeats_text(name):
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
             return EventKind.OTHER
@@ -222,6 +233,7 @@ class StreamUsageTracker(ResponsesEvents):
         tokens = 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
         self._estimated += tokens
         self._est_since_report += tokens
+        self.generated += tokens
         if shape.index:
             self._tally(shape.index, chars)
         else:
@@ -246,18 +258,19 @@ class StreamUsageTracker(ResponsesEvents):
         chunks0 = chars0 = 0  # choice 0's, added once at the end
         ascii = chunk.isascii()  # once for the read: then a text's size is its length
         while chunk.startswith(b"data: ", pos):
-            eol = chunk.find(b"\n", pos + 6)
-            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
-                break
             shape = self._shape
-            if shape is not None:
+            if shape is not None and chunk.startswith(shape.lead, pos):
                 # The last content chunk's bytes around a new text: no parse (see `Shape`).
-                lead, trail = shape.lead, shape.trail  # `data: ` + head, tail + LF LF
-                start, stop = pos + len(lead), eol + 2 - len(trail)
+                # The text ends at the first quote, where the trail (`"` + tail + LF LF) must
+                # begin; a text with no control character either, and no LF in the lead or
+                # the tail: the block is the lead, the text and the trail (what finding the
+                # block's end and matching its two ends would say). The quote is found before
+                # the next block's lead ends (a lead holds quotes): one pass over a read.
+                start = pos + len(shape.lead)
+                stop = chunk.find(0x22, start)  # `"` as an int: one memchr
                 if (
-                    start <= stop
-                    and chunk.startswith(lead, pos)
-                    and chunk.endswith(trail, start, eol + 2)
+                    stop >= 0
+                    and chunk.startswith(shape.trail, stop)
                     and TEXT_BREAK(chunk, start, stop) is None
                 ):
                     if ascii:
@@ -275,17 +288,21 @@ class StreamUsageTracker(ResponsesEvents):
                             chunks0 += 1
                             chars0 += chars
                         contents += 1
-                        pos = eol + 2
+                        pos = stop + len(shape.trail)
                         continue
                     if chars == 0:  # an empty text: no output, as `content_sizes` says
-                        pos = eol + 2
+                        pos = stop + len(shape.trail)
                         continue
+            eol = chunk.find(b"\n", pos + 6)
+            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
+                break
             data = chunk[pos + 6 : eol]
             if data == b"[DONE]":
                 self.done = True
             else:
                 sizes = content_sizes(data)
                 if sizes is None:
+                    self._declined = data
                     break  # this one needs the full parse: the decoder and `feed` take over
                 if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
                     if shape is not None:
@@ -311,6 +328,7 @@ class StreamUsageTracker(ResponsesEvents):
             self._chars0 += chars0
             self._estimated += estimated
             self._est_since_report += estimated
+            self.generated += estimated
             self._estimated_reasoning += estimated_reasoning
             self.content_chunks += contents
         return pos, contents
@@ -358,8 +376,7 @@ class StreamUsageTracker(ResponsesEvents):
             return result
         reported = parse_usage(usage)
         if reported is not None:
-            self._reported = reported
-            self._est_since_report = 0
+            self._report(reported)
         if not choices and isinstance(usage, Mapping):
             # choices [] (OpenAI, llama.cpp), null or absent (some vLLM versions): by its shape,
             # so that the filter drops it even when its figures are not ones we can read.
@@ -370,6 +387,7 @@ class StreamUsageTracker(ResponsesEvents):
         tokens = chunk_tokens(chars + reasoning)
         self._estimated += tokens
         self._est_since_report += tokens
+        self.generated += tokens
         if reasoning and not chars:
             self._estimated_reasoning += tokens
         if index:
@@ -377,6 +395,13 @@ class StreamUsageTracker(ResponsesEvents):
         else:
             self._chunks0 += 1
             self._chars0 += chars + reasoning
+
+    def _report(self, reported: Reported) -> None:
+        """Usage the upstream reported: it wins over the estimate from here on."""
+        self._reported = reported
+        self._est_since_report = 0
+        completion = reported.completion
+        self.generated = self._estimated if completion is None else completion
 
     def _tally(self, index: int, chars: int) -> None:
         """One content chunk of a choice other than 0."""
@@ -418,15 +443,12 @@ class StreamUsageTracker(ResponsesEvents):
 
     @property
     def generated_tokens(self) -> int:
-        """Best figure for completion tokens generated so far.
+        """Best figure for completion tokens generated so far (`generated`).
 
         The last reported count (continuous usage stats make it exact at any moment) plus the
         estimate for content that arrived after that report; the estimate alone otherwise.
         """
-        r = self._reported
-        if r is None or r.completion is None:
-            return self._estimated
-        return r.completion + self._est_since_report
+        return self.generated
 
     def usage(self) -> Usage:
         r = self._reported
