@@ -6,8 +6,9 @@ counts: the server (hangup's `ProxyServer` as the CLI builds it, with the shippe
 JSON access log to /dev/null; or the bare relay) runs in this process, wrk loads it (4
 connections) for a warm-up and then for `--seconds` with `sys.settrace` opcode events on, and
 every bytecode executed is charged to its function. Divided by the requests wrk completed in
-the traced window. Tracing slows the process ~30x; the counts do not depend on that, nor on
-anything else the machine runs (repeat runs agree within ~1 %). A bytecode is not a fixed cost
+the traced window. Tracing slows the process ~30x; the counts hardly depend on that or on
+what else the machine runs (repeat runs agree within ~1-2 %: a request's share of the loop's
+periodic work moves with the request rate). A bytecode is not a fixed cost
 (a `CALL` into C may do much), so this maps where Python code runs, beside bench.instructions'
 totals and bench.wrk's CPU time.
 

@@ -7,7 +7,9 @@ does not depend on that. Each target runs under valgrind's callgrind with instru
 a few seconds of wrk warm it up (imports, caches, pools), then instrumentation is switched on
 (`callgrind_control -i on`) for a fixed number of seconds of load and off again, and the
 instructions executed (callgrind's `Ir`) are divided by the requests wrk completed in that
-window. Repeat runs of one tree agree within ~0.3 %.
+window. Repeat runs of one tree agree within ~0.3 % for `chat` on a quiet machine (~1 % beside
+a busy one); `stream20`'s paced events share reads under callgrind's slowdown, so its figure
+moves by ~1.5 % (per event: bench.event_instructions).
 
 An instruction is not a microsecond (a cache miss costs hundreds of cycles, a syscall's kernel
 work is not counted at all: callgrind sees user space only), so this is for comparing two
