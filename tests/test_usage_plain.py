@@ -410,3 +410,21 @@ def test_a_declined_block_is_not_decoded_twice(monkeypatch: pytest.MonkeyPatch) 
     plain = _run("/v1/chat/completions", [reads[0], broken], None, plain=True)
     assert len(parsed) == 3, parsed  # the role chunk; the broken one as bytes, then as text
     assert plain == _run("/v1/chat/completions", [reads[0], broken], None, plain=False)
+
+
+def test_the_reference_tracker_takes_no_read_the_plain_way_and_ends_the_same() -> None:
+    """The reference tracker (`fast=False`, every event parsed in full) takes nothing through
+    `feed_plain`: the pump then gives the whole read to the decoder. Fed the same events,
+    it ends where the fast one does: terminated by `[DONE]`, with the same counts."""
+    facts = inspect_request("/v1/chat/completions", {"model": "m", "stream": True})
+    events = stream_events(8)
+    read = b"".join(events)
+    reference = StreamUsageTracker(facts, fast=False)
+    assert reference.feed_plain(read) == (0, 0)
+    fast = StreamUsageTracker(facts)
+    for tracker in (reference, fast):
+        decoder = SSEDecoder()
+        for event in decoder.feed(read):
+            tracker.feed(event)
+    assert reference.terminated and fast.terminated
+    assert reference.generated_tokens == fast.generated_tokens > 0
