@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -34,9 +32,9 @@ from typing import Any
 
 from bench import fake_upstream
 from bench.common import Procs, free_port, report, table
-from bench.wrk import PATH, WORKLOADS, lua_script, wrk_binary
+from bench.instructions import completed_requests
+from bench.wrk import WORKLOADS, lua_script, wrk_binary
 
-CONNECTIONS = 4
 WARMUP_S = 2
 
 Key = tuple[str, int, str]
@@ -108,18 +106,6 @@ async def _serve_hangup(upstream: str, port: int) -> Callable[[], Awaitable[None
     return server.stop_now
 
 
-def _wrk(url: str, script: Path, seconds: int) -> int:
-    wrk = wrk_binary()
-    assert wrk is not None
-    argv = [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", str(script), url + PATH]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"wrk failed (rc={proc.returncode}): {proc.stdout}{proc.stderr}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return int(result["requests"]) - int(result["status"])
-
-
 async def count(upstream: str, script: Path, seconds: int, relay: bool) -> dict[str, Any]:
     port = free_port()
     serve = _serve_relay if relay else _serve_hangup
@@ -128,11 +114,11 @@ async def count(upstream: str, script: Path, seconds: int, relay: bool) -> dict[
     url = f"http://127.0.0.1:{port}"
     counter = Counter()
     try:
-        await loop.run_in_executor(None, _wrk, url, script, WARMUP_S)
+        await loop.run_in_executor(None, completed_requests, url, script, WARMUP_S)
         sys.settrace(counter.trace)
         threading.settrace(counter.trace)
         try:
-            requests = await loop.run_in_executor(None, _wrk, url, script, seconds)
+            requests = await loop.run_in_executor(None, completed_requests, url, script, seconds)
         finally:
             sys.settrace(None)
             threading.settrace(None)  # type: ignore[arg-type,unused-ignore]  # None: off

@@ -25,9 +25,7 @@ with `--compare DIR`, the CLI from another source tree (`git archive OLD | tar -
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,8 @@ from typing import Any
 
 from bench import fake_upstream
 from bench.common import Child, Procs, report, table
-from bench.wrk import PATH, WORKLOADS, lua_script, wrk_binary
+from bench.event_instructions import callgrind_control
+from bench.wrk import WORKLOADS, Target, lua_script, run_wrk, wrk_binary
 
 CONNECTIONS = 4  # enough to keep the slowed proxy busy; few enough to stay unsaturated
 WARMUP_S = 3
@@ -50,17 +49,12 @@ def _callgrind(out: Path) -> list[str]:
     ]
 
 
-def _control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, check=True)
-
-
-def _wrk(wrk: str, url: str, script: Path, seconds: int) -> int:
-    argv = [wrk, "-t1", f"-c{CONNECTIONS}", f"-d{seconds}s", "-s", str(script), url + PATH]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"wrk failed (rc={proc.returncode}): {proc.stdout}{proc.stderr}")
-    result: dict[str, Any] = json.loads(lines[-1])
+def completed_requests(url: str, script: Path, seconds: int) -> int:
+    """Requests wrk completed against `url` in `seconds` (bench.wrk's run, fewer connections)."""
+    wrk = wrk_binary()
+    assert wrk is not None
+    target = Target("instructions", url, 0, "-", None)
+    result = run_wrk(wrk, target, script, connections=CONNECTIONS, duration=seconds)
     return int(result["requests"]) - int(result["status"])
 
 
@@ -75,12 +69,10 @@ def _instructions(dumps: list[Path]) -> int:
 
 
 def measure(procs: Procs, child: Child, out: Path, script: Path, seconds: int) -> dict[str, Any]:
-    wrk = wrk_binary()
-    assert wrk is not None
-    _wrk(wrk, child.url, script, WARMUP_S)
-    _control(child.pid, "-i", "on")
-    requests = _wrk(wrk, child.url, script, seconds)
-    _control(child.pid, "-i", "off")
+    completed_requests(child.url, script, WARMUP_S)
+    callgrind_control("-i", "on", str(child.pid))
+    requests = completed_requests(child.url, script, seconds)
+    callgrind_control("-i", "off", str(child.pid))
     procs.stop(child, timeout=120)  # callgrind writes its counts as the process exits
     dumps = sorted(out.parent.glob(out.name + "*"))
     instructions = _instructions(dumps)
