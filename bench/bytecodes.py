@@ -12,7 +12,7 @@ periodic work moves with the request rate). A bytecode is not a fixed cost
 (a `CALL` into C may do much), so this maps where Python code runs, beside bench.instructions'
 totals and bench.wrk's CPU time.
 
-`python -m bench.bytecodes [--workload chat] [--seconds 4] [--relay] [--top 60]`
+`python -m bench.bytecodes [--workload chat] [--seconds 4] [--relay] [--uvloop] [--top 60]`
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", default="chat", choices=sorted(WORKLOADS))
     p.add_argument("--seconds", type=int, default=4, help="traced seconds of wrk load")
     p.add_argument("--relay", action="store_true", help="the bare relay instead of hangup")
+    p.add_argument("--uvloop", action="store_true", help="run the server on uvloop")
     p.add_argument("--top", type=int, default=60, help="functions listed")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -155,7 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     with Procs() as procs:
         up = fake_upstream.start(procs)
         script = lua_script(procs.workdir, args.workload)
-        result = asyncio.run(count(up.url, script, args.seconds, args.relay))
+        loop_factory = None
+        if args.uvloop:
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            result = runner.run(count(up.url, script, args.seconds, args.relay))
     target = "relay" if args.relay else "hangup"
     print(
         f"{target}, {args.workload}: {result['requests']} requests traced,"

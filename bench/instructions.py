@@ -16,7 +16,8 @@ work is not counted at all: callgrind sees user space only), so this is for comp
 versions of hangup, and hangup with the relay, not a replacement for bench.wrk's CPU time.
 Valgrind slows the process ~50x: a run of 10 s serves a few hundred requests.
 
-Targets: `relay` (bench/baseline_relay.py), `hangup` (this tree's CLI, shipped defaults) and,
+Targets: `relay` (bench/baseline_relay.py), `hangup` (this tree's CLI, shipped defaults),
+`relay+uv` and `hangup+uv` (the same on uvloop, compared with each other, as in bench.wrk) and,
 with `--compare DIR`, the CLI from another source tree (`git archive OLD | tar -x -C DIR`).
 
 `python -m bench.instructions [--workloads chat,stream20] [--seconds 10] [--compare DIR]`
@@ -115,14 +116,18 @@ def main(argv: list[str] | None = None) -> int:
             for target in wanted:
                 out = procs.workdir / f"callgrind.{workload}.{target}"
                 wrapper = _callgrind(out)
-                if target == "relay":
-                    child = procs.baseline(up.url, name="relay", wrapper=wrapper, start_timeout=300)
+                on_uvloop = target.endswith("+uv")
+                if target.startswith("relay"):
+                    child = procs.baseline(
+                        up.url, name=target, uvloop=on_uvloop, wrapper=wrapper, start_timeout=300
+                    )
                 else:
                     source = args.compare if target == "compare" else None
                     child = procs.hangup(
                         up.url + "/v1",
                         name=target,
                         source=source,
+                        uvloop=on_uvloop,
                         wrapper=wrapper,
                         start_timeout=300,
                     )
@@ -138,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                 )
     rows = []
     for workload, by_target in results.items():
-        relay = by_target.get("relay")
-        if relay is not None and "kir_per_request" not in relay:
-            relay = None
         for target, row in by_target.items():
             if "kir_per_request" not in row:
                 continue
+            # against the relay on the same event loop, as bench.wrk's ratios
+            relay = by_target.get("relay+uv" if target.endswith("+uv") else "relay")
+            if relay is not None and "kir_per_request" not in relay:
+                relay = None
             ratio = row["kir_per_request"] / relay["kir_per_request"] if relay else None
             if ratio is not None:
                 row["vs_relay"] = ratio
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     target,
                     row["requests"],
                     round(row["kir_per_request"], 1),
-                    "-" if ratio is None or target == "relay" else f"{ratio:.2f}x",
+                    "-" if ratio is None or target.startswith("relay") else f"{ratio:.2f}x",
                 ]
             )
     print()
