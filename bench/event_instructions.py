@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import re
 import shutil
 import subprocess
@@ -33,18 +32,6 @@ from bench.wrk import PATH
 
 SHORT = 20
 _CALLS = re.compile(rb"^calls=(\d+)")
-
-
-def _body() -> bytes:
-    return json.dumps(
-        {
-            "model": fake_upstream.MODEL,
-            "messages": [{"role": "user", "content": "Say hello in a few words."}],
-            "max_tokens": 16,
-            "stream": True,
-        },
-        separators=(",", ":"),
-    ).encode()
 
 
 def valgrind(outdir: Path, name: str) -> list[str]:
@@ -66,7 +53,7 @@ def stream(conn: http.client.HTTPConnection, events: int, gap_ms: float) -> int:
     conn.request(
         "POST",
         PATH,
-        body=_body(),
+        body=fake_upstream.request_body(stream=True),
         headers={
             "Content-Type": "application/json",
             "x-bench-events": str(events),

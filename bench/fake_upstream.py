@@ -30,6 +30,20 @@ MODEL = "gpt-4o-mini-2024-07-18"
 MAX_HEAD = 64 * 1024
 
 
+def request_body(*, stream: bool) -> bytes:
+    """The chat request the wrk-family benchmarks send (bench.wrk, bench.perevent,
+    bench.event_instructions): what it asks for does not matter, this upstream answers from
+    memory; one body, so that their figures are of the same request."""
+    body: dict[str, object] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say hello in a few words."}],
+        "max_tokens": 16,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 def chat_body(content_bytes: int = 0) -> bytes:
     answer = {
         "id": "chatcmpl-CQ4m2bW7n1sVx0K9qTzR3yLhP8dEa",

@@ -18,7 +18,6 @@ the rounds' ratios and the ratio of the summed slopes.
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import sys
 import time
@@ -35,32 +34,19 @@ GAP_MS = 1.0
 
 
 def lua_script(workdir: Path, events: int) -> Path:
-    body = {
-        "model": fake_upstream.MODEL,
-        "messages": [{"role": "user", "content": "Say hello in a few words."}],
-        "max_tokens": 16,
-        "stream": True,
-    }
     extra = (
         f'wrk.headers["x-bench-events"] = "{events}"\nwrk.headers["x-bench-gap-ms"] = "{GAP_MS:g}"'
     )
+    body = fake_upstream.request_body(stream=True).decode()
     path = workdir / f"paced{events}.lua"
-    path.write_text(LUA.format(body=json.dumps(body, separators=(",", ":")), extra=extra))
+    path.write_text(LUA.format(body=body, extra=extra))
     return path
 
 
 def answer_bytes(url: str, events: int) -> int:
     """Bytes of one whole streamed answer as wrk counts them (status line, head, chunked body)."""
     parts = urlsplit(url)
-    body = json.dumps(
-        {
-            "model": fake_upstream.MODEL,
-            "messages": [{"role": "user", "content": "Say hello in a few words."}],
-            "max_tokens": 16,
-            "stream": True,
-        },
-        separators=(",", ":"),
-    ).encode()
+    body = fake_upstream.request_body(stream=True)
     head = (
         f"POST {PATH} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
         f"x-bench-events: {events}\r\nx-bench-gap-ms: 0\r\nContent-Length: {len(body)}\r\n"

@@ -110,19 +110,14 @@ def wrk_binary() -> str | None:
 
 def lua_script(workdir: Path, workload: str) -> Path:
     events, gap, _ = WORKLOADS[workload]
-    body: dict[str, Any] = {
-        "model": fake_upstream.MODEL,
-        "messages": [{"role": "user", "content": "Say hello in a few words."}],
-        "max_tokens": 16,
-    }
     extra = ""
     if events:
-        body["stream"] = True
         extra = f'wrk.headers["x-bench-events"] = "{events}"'
         if gap:
             extra += f'\nwrk.headers["x-bench-gap-ms"] = "{gap:g}"'
+    body = fake_upstream.request_body(stream=events > 0).decode()
     path = workdir / f"{workload}.lua"
-    path.write_text(LUA.format(body=json.dumps(body, separators=(",", ":")), extra=extra))
+    path.write_text(LUA.format(body=body, extra=extra))
     return path
 
 

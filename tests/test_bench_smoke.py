@@ -27,14 +27,16 @@ from bench.wrk import derive as wrk_derive
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_short(benchmark: str, out: Path) -> dict[str, Any]:
+def run_bench(benchmark: str, args: list[str], out: Path, *, timeout: float) -> dict[str, Any]:
+    """`python -m bench.<benchmark> ARGS --out OUT` as a user runs it: it must exit 0 and
+    write a report of its own name that lists no failure."""
     proc = subprocess.run(
-        [sys.executable, "-m", f"bench.{benchmark}", "--short", "--out", str(out)],
+        [sys.executable, "-m", f"bench.{benchmark}", *args, "--out", str(out)],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=140,
+        timeout=timeout,
     )
     output = proc.stdout + proc.stderr
     print(output)  # the tables, shown with -s or on failure
@@ -43,6 +45,11 @@ def run_short(benchmark: str, out: Path) -> dict[str, Any]:
     assert isinstance(data, dict)
     assert data["benchmark"] == benchmark
     assert data["failures"] == []
+    return data
+
+
+def run_short(benchmark: str, out: Path) -> dict[str, Any]:
+    data = run_bench(benchmark, ["--short"], out, timeout=140)
     assert data["machine"]["cpus"] >= 1
     assert finite(data["elapsed_s"]) > 0
     return data
@@ -143,15 +150,7 @@ def test_wrk_benchmark_reports_cpu_ratios_and_contention(tmp_path: Path) -> None
     """bench.wrk --short: every target answered, CPU per request and the ratios to the relay are
     there and positive, contention is recorded. Timings are not judged."""
     out = tmp_path / "wrk.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.wrk", "--short", "--workloads", "chat,stream20",
-         "--out", str(out)],
-        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=170,
-    )  # fmt: skip
-    print(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    data = json.loads(out.read_text())
-    assert data["failures"] == []
+    data = run_bench("wrk", ["--short", "--workloads", "chat,stream20"], out, timeout=170)
     for workload in ("chat", "stream20"):
         rows = data["results"][workload]
         assert {"direct", "relay", "hangup"} <= set(rows)
@@ -178,14 +177,7 @@ def test_instructions_benchmark_counts_each_targets_instructions(tmp_path: Path)
     """bench.instructions --short: the relay and hangup each served requests under callgrind
     and executed a counted number of instructions for them; the ratio is theirs. Not judged."""
     out = tmp_path / "instructions.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.instructions", "--short", "--out", str(out)],
-        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=170,
-    )  # fmt: skip
-    print(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    data = json.loads(out.read_text())
-    assert data["failures"] == []
+    data = run_bench("instructions", ["--short"], out, timeout=170)
     rows = data["results"]["chat"]
     assert set(rows) == {"relay", "hangup"}
     for row in rows.values():
@@ -203,14 +195,8 @@ def test_bytecodes_benchmark_charges_every_bytecode_to_a_function(tmp_path: Path
     """bench.bytecodes: requests traced, and the counts by area and by function add up to the
     total per request, with hangup's own modules among them."""
     out = tmp_path / "bytecodes.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bytecodes", "--seconds", "1", "--out", str(out)],
-        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=110,
-    )  # fmt: skip
-    print(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    data = json.loads(out.read_text())
-    assert data["failures"] == [] and data["requests"] > 0
+    data = run_bench("bytecodes", ["--seconds", "1"], out, timeout=110)
+    assert data["requests"] > 0
     total = finite(data["bytecodes_per_request"])
     assert sum(n for _, n in data["by_area"]) == pytest.approx(total)
     areas = dict(data["by_area"])
@@ -300,15 +286,23 @@ def test_perevent_benchmark_gives_each_targets_cost_per_event(tmp_path: Path) ->
     """bench.perevent, one short round: the relay and hangup relayed paced streams of both
     lengths without a wrk error, and each has a per-event figure and hangup its ratio."""
     out = tmp_path / "perevent.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.perevent", "--rounds", "1", "--duration", "1",
-         "--warmup", "0", "--long", "200", "--targets", "relay,hangup", "--out", str(out)],
-        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    print(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    data = json.loads(out.read_text())
-    assert data["failures"] == []
+    data = run_bench(
+        "perevent",
+        [
+            "--rounds",
+            "1",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--long",
+            "200",
+            "--targets",
+            "relay,hangup",
+        ],
+        out,
+        timeout=120,
+    )
     assert set(data["results"]) == {"relay", "hangup"}
     for name in ("relay", "hangup"):
         for events in (20, 200):
@@ -326,15 +320,12 @@ def test_event_instructions_benchmark_counts_an_event_a_read(tmp_path: Path) -> 
     event alone (the benchmark fails otherwise) and ran a counted number of instructions a
     event. Not judged."""
     out = tmp_path / "event_instructions.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.event_instructions", "--streams", "1", "--long", "40",
-         "--targets", "relay,hangup", "--out", str(out)],
-        cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    print(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    data = json.loads(out.read_text())
-    assert data["failures"] == []
+    data = run_bench(
+        "event_instructions",
+        ["--streams", "1", "--long", "40", "--targets", "relay,hangup"],
+        out,
+        timeout=300,
+    )
     assert set(data["results"]) == {"relay", "hangup"}
     for row in data["results"].values():
         assert 0.9 <= row["recv_per_event"] <= 1.1
