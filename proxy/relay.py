@@ -137,7 +137,8 @@ class Exchange(EngineWork):
                 record.settle(err.outcome)
                 return self._error_response(err)
             self.plan, self.facts, self.route = plan, plan.facts, plan.route
-            watchdog = Watchdog(plan.deadlines, task)
+            # The client connection's timer, kept between its requests (None: one of its own).
+            watchdog = Watchdog(plan.deadlines, task, getattr(request.protocol, "alarm", None))
             try:
                 # What `with watchdog:` does, without the bound `__exit__` that a `with` keeps
                 # on this frame's stack for as long as a stream is held (64 B). Its arming is

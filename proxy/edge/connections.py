@@ -32,6 +32,7 @@ from proxy.edge.body import BodyTimeout
 from proxy.edge.capacity import ConnectionGuard, Tier, over_capacity
 from proxy.errors import HeadTooLarge, Overloaded, ProxyError, RequestTimeout, render_body
 from proxy.unparsed import OpenAIErrorHandler
+from proxy.watchdog import Alarm
 
 _REASONS = {
     408: "Request Timeout",
@@ -77,6 +78,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         "_lingering",
         "_parsing_stopped",
         "_payload",
+        "alarm",
         "guard",
         "phase",
         "tier",
@@ -96,6 +98,8 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         self._body_seen_at = 0.0
         self._lingering: asyncio.Transport | None = None
         self._parsing_stopped = False
+        # Its requests' watchdog timer, which one request leaves armed for the next.
+        self.alarm = Alarm(self._loop, kept=True)
 
     # --- connection lifetime ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,6 +124,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        self.alarm.close()
         self._release()
         super().connection_lost(exc)
 
