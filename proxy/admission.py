@@ -101,12 +101,13 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
     encoding = None
     if "content-encoding" in request.headers:  # (most requests: no route set to gather)
         encoding = request_encoding(request, state.router.encodings_for(request.path))
-    await send_continue(request)
+    if "expect" in request.headers:  # (no coroutine for the others: nothing to send them)
+        await send_continue(request)
     clock = asyncio.get_running_loop().time
     read_at = clock()
     try:
         body, record.bytes_from_client, scan = await read_body(
-            request, state.config.limits, encoding
+            request, state.config.limits, encoding, length
         )
     except web.RequestPayloadError as exc:  # a bad chunk size
         close_after_response(request)

@@ -18,6 +18,14 @@ from proxy.resilience.policy import Decision, Failure, Step
 from proxy.targets import Chooser
 from proxy.upstream import UpstreamResponse
 
+# The statuses `check_status` answers with no body read and nothing decided (not a failure,
+# not a 400 that may name a too-long context): decided once, from the same rules, so that
+# `_attempts` skips its coroutine for them (almost every answer: 200). Anything else,
+# including a status outside 100-599, goes through `check_status`.
+RELAYED_AS_IS = frozenset(
+    status for status in range(100, 600) if status != 400 and status_result(status) is None
+)
+
 
 class PolicyFailed(Exception):
     """An attempt's answer was a failure and the policy already chose the next step."""

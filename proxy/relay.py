@@ -23,7 +23,7 @@ from aiohttp import web
 
 from proxy.accounting import attempt_closed
 from proxy.admission import Plan, TargetPlan, admit
-from proxy.answer_status import PolicyFailed, check_status
+from proxy.answer_status import RELAYED_AS_IS, PolicyFailed, check_status
 from proxy.attempts import Attempt, AttemptResult
 from proxy.drain import open_upstream
 from proxy.edge.body import in_steps
@@ -137,7 +137,8 @@ class Exchange(EngineWork):
                 record.settle(err.outcome)
                 return self._error_response(err)
             self.plan, self.facts, self.route = plan, plan.facts, plan.route
-            watchdog = Watchdog(plan.deadlines, task)
+            # The client connection's timer, kept between its requests (None: one of its own).
+            watchdog = Watchdog(plan.deadlines, task, getattr(request.protocol, "alarm", None))
             try:
                 # What `with watchdog:` does, without the bound `__exit__` that a `with` keeps
                 # on this frame's stack for as long as a stream is held (64 B). Its arming is
@@ -240,13 +241,20 @@ class Exchange(EngineWork):
                 opened_at = loop.time()
                 try:
                     try:
-                        upstream = await open_upstream(self, opened, plan, watchdog)
+                        if options.on_disconnect == "drain":
+                            upstream = await open_upstream(self, opened, plan, watchdog)
+                        else:  # what `open_upstream` does for them, without its coroutine
+                            upstream = await opened.start()
                     finally:  # also when the wait ends in an error, a deadline or a hang-up
                         now = loop.time()
                         record.upstream_wait_s += now - opened_at
                     attempt.headers_at, attempt.status = now, upstream.status
                     attempt.resent = opened.resent
-                    prefix = await check_status(chooser, record, index, attempt, upstream)
+                    prefix = (
+                        b""
+                        if upstream.status in RELAYED_AS_IS  # (no coroutine for a 200)
+                        else await check_status(chooser, record, index, attempt, upstream)
+                    )
                     return await self._relay_response(
                         plan, upstream, watchdog, attempt, prefix, chooser.can_switch(index)
                     )

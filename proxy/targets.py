@@ -33,12 +33,16 @@ class Chooser:
     def first(self) -> int:
         """The primary, unless its circuit is open and a later target's is not; when every
         circuit is open, the primary all the same (skipping would make the error certain)."""
+        if len(self.plan.targets) == 1:  # (most routes: the primary, whatever its circuit)
+            return 0
         return self.next_available(-1) or 0
 
     def next_available(self, index: int) -> int | None:
         """The first target after `index` whose circuit lets a request through."""
-        now = self._loop.time()
         targets = self.plan.targets
+        if index + 1 >= len(targets):  # none after it (the last, or a route's only one)
+            return None
+        now = self._loop.time()
         for j in range(index + 1, len(targets)):
             if self.circuit(targets[j].upstream_name).would_allow(now):
                 return j

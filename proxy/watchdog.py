@@ -7,6 +7,12 @@ socket. The relay then asks `consume()` whether the CancelledError was ours.
 The timer is lazy: moving a deadline later (every content chunk resets `idle`) is one float
 store; the timer re-arms itself only when it fires early. A deadline moving earlier (a phase
 change) needs `rearm()`.
+
+The timer itself is an `Alarm`, and a client connection keeps one for its requests, which it
+serves one after another: a request that ends leaves the timer armed rather than cancelling
+it, and the next request's watchdog finds it armed no later than its own first deadline, so
+it stands (as any too-early timer does, it re-arms itself for that deadline when it fires).
+A timer made and cancelled per request becomes one every connect_s per busy connection.
 """
 
 from __future__ import annotations
@@ -19,14 +25,69 @@ from proxy.outcome import TimeoutKind
 from proxy.timeouts import Deadlines
 
 
-class Watchdog:
-    __slots__ = ("_deadlines", "_handle", "_loop", "_task", "fired")
+class Alarm:
+    """The timer behind watchdogs: a watchdog's own, or a client connection's (`kept`), which
+    outlives each request's watchdog and serves the next one's; `close()` when the connection
+    is gone. At most one watchdog is attached at a time: the one it wakes."""
 
-    def __init__(self, deadlines: Deadlines, task: asyncio.Task[object]) -> None:
+    __slots__ = ("handle", "kept", "loop", "watchdog")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, kept: bool) -> None:
+        self.loop = loop
+        self.kept = kept
+        self.handle: asyncio.TimerHandle | None = None
+        self.watchdog: Watchdog | None = None
+
+    def arm(self, when: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.handle = self.loop.call_at(when, self._rang, context=BARE_CONTEXT)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def idle(self) -> None:
+        """No deadline is in force: a kept timer may stay armed (it lapses when it rings),
+        a watchdog's own is cancelled."""
+        if not self.kept:
+            self.cancel()
+
+    def release(self, watchdog: Watchdog) -> None:
+        """`watchdog` stops: it is never woken again."""
+        if self.watchdog is watchdog:
+            self.watchdog = None
+        self.idle()
+
+    def close(self) -> None:
+        """The connection is gone: no next request. A watchdog still attached (a drain after
+        the client left, say) keeps the timer until it stops."""
+        self.kept = False
+        if self.watchdog is None:
+            self.cancel()
+
+    def _rang(self) -> None:
+        self.handle = None
+        watchdog = self.watchdog
+        if watchdog is not None:
+            watchdog._on_timer()
+
+
+class Watchdog:
+    __slots__ = ("_alarm", "_deadlines", "_task", "fired")
+
+    def __init__(
+        self, deadlines: Deadlines, task: asyncio.Task[object], alarm: Alarm | None = None
+    ) -> None:
+        """`alarm`: the client connection's (kept between its requests), or None for one of
+        the watchdog's own."""
         self._deadlines = deadlines
         self._task = task
-        self._loop = asyncio.get_running_loop()
-        self._handle: asyncio.TimerHandle | None = None
+        if alarm is None or alarm.watchdog is not None:  # (taken: an earlier one re-armed)
+            alarm = Alarm(asyncio.get_running_loop(), kept=False)
+        alarm.watchdog = self
+        self._alarm = alarm
         self.fired: TimeoutKind | None = None
 
     def __enter__(self) -> Watchdog:
@@ -44,29 +105,33 @@ class Watchdog:
         self.stop()
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        """Never cancel the task from now on (a kept timer stays armed for the next request)."""
+        self._alarm.release(self)
 
     def rearm(self) -> None:
         """Re-arm if the earliest deadline is now sooner than the armed timer (or none is)."""
         if self.fired is not None:
             return
         nxt = self._deadlines.next()
+        alarm = self._alarm
         if nxt is None:
-            self.stop()
+            alarm.idle()
             return
-        if self._handle is not None:
-            if self._handle.when() <= nxt[0]:
-                return
-            self._handle.cancel()
-        self._handle = self._loop.call_at(nxt[0], self._on_timer, context=BARE_CONTEXT)
+        if alarm.watchdog is not self:  # it stopped, and is armed again
+            if alarm.watchdog is not None:  # the connection's next request has the alarm
+                alarm = self._alarm = Alarm(alarm.loop, kept=False)
+            alarm.watchdog = self
+        handle = alarm.handle
+        if handle is not None and handle.when() <= nxt[0]:
+            return
+        alarm.arm(nxt[0])
 
     def headers_sent(self) -> None:
         """The attempt's request went out: its deadline moves from connect to headers. Only the
         phase's deadline changed: the timer stands unless that one is sooner."""
-        at = self._deadlines.headers_sent(self._loop.time())
-        handle = self._handle
+        alarm = self._alarm
+        at = self._deadlines.headers_sent(alarm.loop.time())
+        handle = alarm.handle
         if at is None or (handle is not None and handle.when() <= at):
             return
         self.rearm()
@@ -76,19 +141,21 @@ class Watchdog:
         (a stream not watched for it yet) begins. Called on every answer: the timer stands
         unless the new deadline is sooner (no `Deadlines.next` when it is not)."""
         at = self._deadlines.response_started(now, sse=sse)
-        handle = self._handle
+        handle = self._alarm.handle
         if handle is not None and (at is None or handle.when() <= at):
             return
         self.rearm()
 
     def _on_timer(self) -> None:
-        self._handle = None
+        """The alarm rang (its handle is gone): cancel the task if a deadline passed, else
+        re-arm for the earliest one (the timer was early, or armed for someone before)."""
         nxt = self._deadlines.next()
         if nxt is None:
             return
         when, kind = nxt
-        if when > self._loop.time():
-            self._handle = self._loop.call_at(when, self._on_timer, context=BARE_CONTEXT)
+        alarm = self._alarm
+        if when > alarm.loop.time():
+            alarm.arm(when)
             return
         self.fired = kind
         self._task.cancel(msg=f"hangup: {kind.value} timeout")
@@ -97,7 +164,7 @@ class Watchdog:
         """A fired per-attempt deadline was handled (the next attempt has its own): watch
         again. Until then `rearm()` does nothing, so the next attempt would have no deadline."""
         self.fired = None
-        self.stop()
+        self._alarm.cancel()
 
     def consume(self) -> TimeoutKind | None:
         """In an `except CancelledError`: the timeout kind if the cancellation was only ours

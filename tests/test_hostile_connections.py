@@ -361,6 +361,30 @@ async def test_a_slow_head_gets_408_on_its_deadline(
     clean_log(caplog, 1 if kept_alive else 0)  # no request was made: its head never completed
 
 
+async def test_a_kept_alive_slow_head_outlives_the_keepalive_timeout(
+    sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp's keep-alive timer stays armed across requests and fires while a later head
+    is arriving: from a head's first byte the connection is not idle, so it gets its 408 on
+    header_timeout_s, not a quiet close on keepalive_timeout_s."""
+    connections = {"header_timeout_s": 0.9, "keepalive_timeout_s": 0.2}
+    server = await start(start_proxy, sim, connections=connections)
+    conn = await Conn.open(server.port)
+    await conn.send(head(length=len(BODY)) + BODY)
+    assert (await conn.response()).status == 200
+    began = time.monotonic()
+    await conn.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(4):  # through the keep-alive deadline, never a complete head
+        await asyncio.sleep(0.1)
+        await conn.send(b"X-Slow: a\r\n")
+    response = await conn.response()
+    took = await conn.eof() - began
+    assert response.status == 408
+    assert "header_timeout_s" in response.error()["message"]
+    assert 0.85 < took < 2.0
+    clean_log(caplog, 1)
+
+
 async def test_silent_and_idle_connections_are_closed_on_their_deadlines(
     sim: SimulatedProvider, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -88,6 +88,45 @@ async def test_headers_timeout(sim: SimulatedProvider, start_proxy: StartProxy) 
     assert record.timeout_kind is TimeoutKind.HEADERS
 
 
+async def test_headers_timeout_of_a_kept_alive_connections_second_request(
+    sim: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    """The connection's watchdog timer, left armed by its first request (for that one's
+    connect_s), rings before the second request's headers deadline: it re-arms for it, and
+    the second request gets its 504 on time."""
+    server, sink = await start_proxy(
+        make_config(sim.base_url, **timeouts(connect_s=0.3, headers_s=0.6))
+    )
+    connections_made: list[object] = []
+
+    async def made(
+        session: aiohttp.ClientSession,
+        context: object,
+        params: aiohttp.TraceConnectionCreateEndParams,
+    ) -> None:
+        connections_made.append(params)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_connection_create_end.append(made)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1), trace_configs=[trace]
+    ) as session:
+        for request_id, model in (("t-kept-1", "m"), ("t-kept-2", "slow-headers:delay=30")):
+            started = time.monotonic()
+            async with session.post(
+                f"{server.base_url}{CHAT}",
+                json=chat(model, stream=False),
+                headers={"x-request-id": request_id},
+            ) as r:
+                status, headers, body = r.status, dict(r.headers), await r.read()
+            elapsed = time.monotonic() - started
+    assert len(connections_made) == 1  # one connection: its timer served both requests
+    _assert_within(elapsed, 0.6)
+    _assert_504(status, headers, body, "timeouts.headers_s=0.6")
+    record = await sink.wait_for("t-kept-2")
+    assert record.timeout_kind is TimeoutKind.HEADERS
+
+
 async def test_first_token_timeout_before_headers_is_a_504(
     sim: SimulatedProvider, start_proxy: StartProxy
 ) -> None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from proxy.outcome import TimeoutKind
 from proxy.route_options import TimeoutsConfig
 from proxy.timeouts import Budget, Deadlines
-from proxy.watchdog import Watchdog
+from proxy.watchdog import Alarm, Watchdog
 
 
 def make(loop_now: float, **timeouts: float | None) -> Deadlines:
@@ -174,3 +176,126 @@ async def test_response_started_arms_a_newly_watched_first_token() -> None:
     )
     assert kind is TimeoutKind.FIRST_TOKEN
     assert 0.05 <= after < 1.0
+
+
+# --- a connection's kept alarm, shared by its requests one after another ---------------------
+
+
+async def _fired_within(wd: Watchdog, bound_s: float) -> tuple[TimeoutKind | None, float]:
+    """Wait (bounded) under `wd` for its cancellation: the kind it reports, and when."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(bound_s):  # a watchdog that never fires fails here
+        try:
+            with wd:
+                await loop.create_future()  # only a cancellation ends this
+        except asyncio.CancelledError:
+            return wd.consume(), loop.time()
+    return None, loop.time()
+
+
+async def test_a_kept_alarm_stays_armed_and_serves_the_next_watchdog_on_its_deadline() -> None:
+    """A stopped watchdog leaves the connection's timer armed (no cancel) and never cancels
+    its task; the next request's later deadline fires on time all the same (the early timer
+    re-arms for it), the same kind at the same time as a watchdog with a timer of its own."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    earlier = asyncio.create_task(asyncio.sleep(5))  # the first request's task
+    alarm = Alarm(loop, kept=True)
+    first = Watchdog(make(loop.time(), connect_s=0.05), earlier, alarm)
+    first.rearm()
+    armed = alarm.handle
+    first.stop()
+    assert alarm.handle is armed and armed is not None  # kept: not cancelled
+    began = loop.time()
+    second = Watchdog(make(began, connect_s=0.15), me, alarm)
+    kind, fired_at = await _fired_within(second, 2)
+    assert kind is TimeoutKind.CONNECT
+    assert fired_at >= began + 0.15  # not at the first request's 0.05
+    assert not earlier.cancelled() and earlier.cancelling() == 0  # stopped: never cancelled
+    earlier.cancel()
+    # The general path: a watchdog with a timer of its own, the same deadline.
+    began = loop.time()
+    kind, own_at = await _fired_within(Watchdog(make(began, connect_s=0.15), me), 2)
+    assert kind is TimeoutKind.CONNECT and own_at >= began + 0.15
+    assert me.cancelling() == 0
+
+
+async def test_a_kept_alarm_armed_later_than_the_next_deadline_is_moved_sooner() -> None:
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    alarm = Alarm(loop, kept=True)
+    first = Watchdog(make(loop.time(), connect_s=5.0), me, alarm)
+    first.rearm()
+    first.stop()
+    began = loop.time()
+    kind, fired_at = await _fired_within(Watchdog(make(began, connect_s=0.05), me, alarm), 2)
+    assert kind is TimeoutKind.CONNECT
+    assert began + 0.05 <= fired_at < began + 1.0
+    last = Watchdog(make(loop.time(), connect_s=5.0), me, alarm)
+    last.rearm()
+    last.stop()
+    assert alarm.handle is not None  # kept for a next request...
+    alarm.close()
+    assert alarm.handle is None  # ...until the connection is gone: nothing left armed
+
+
+async def test_a_closed_alarm_is_cancelled_when_its_watchdog_stops() -> None:
+    """The connection went while a request still runs (a drain after the client left): its
+    deadline stays watched, and the timer goes when the watchdog stops."""
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    assert me is not None
+    alarm = Alarm(loop, kept=True)
+    began = loop.time()
+    wd = Watchdog(make(began, connect_s=0.05), me, alarm)
+    wd.rearm()
+    alarm.close()
+    assert alarm.handle is not None
+    kind, fired_at = await _fired_within(wd, 2)  # `with` re-arms (the same timer stands)
+    assert kind is TimeoutKind.CONNECT and fired_at >= began + 0.05
+    wd.rearm()  # fired: nothing armed
+    assert alarm.handle is None
+    wd2 = Watchdog(make(loop.time(), connect_s=5.0), me, alarm)
+    wd2.rearm()
+    assert alarm.handle is not None
+    wd2.stop()
+    assert alarm.handle is None
+
+
+@pytest.mark.parametrize("earlier_rearms_first", [False, True])
+async def test_a_stopped_watchdog_armed_again_takes_a_timer_of_its_own(
+    earlier_rearms_first: bool,
+) -> None:
+    """Re-armed after it stopped while the connection's next request has the alarm (and,
+    the other way round, made while an earlier one re-armed it): each is watched on its own
+    deadline."""
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    alarm = Alarm(loop, kept=True)
+    stopped, made = asyncio.Event(), asyncio.Event()
+
+    async def earlier() -> tuple[TimeoutKind | None, float]:
+        me = asyncio.current_task()
+        assert me is not None
+        wd = Watchdog(make(began, connect_s=0.1), me, alarm)
+        wd.rearm()
+        wd.stop()
+        stopped.set()
+        if not earlier_rearms_first:
+            await made.wait()
+        return await _fired_within(wd, 2)  # `with` arms it again
+
+    async def later() -> tuple[TimeoutKind | None, float]:
+        me = asyncio.current_task()
+        assert me is not None
+        await stopped.wait()
+        await asyncio.sleep(0)  # (the earlier one re-arms here, if first)
+        wd = Watchdog(make(began, connect_s=0.05), me, alarm)
+        made.set()
+        return await _fired_within(wd, 2)
+
+    (kind1, at1), (kind2, at2) = await asyncio.gather(earlier(), later())
+    assert kind1 is kind2 is TimeoutKind.CONNECT
+    assert at1 >= began + 0.1 and at2 >= began + 0.05

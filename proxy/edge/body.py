@@ -118,12 +118,13 @@ def _too_slow(exc: BodyTimeout) -> RequestTimeout:
 
 
 async def read_body(
-    request: web.Request, limits: LimitsConfig, encoding: str | None
+    request: web.Request, limits: LimitsConfig, encoding: str | None, length: int | None
 ) -> tuple[RequestBody, int, BodyScan | None]:
     """The request body, decoded, its size on the wire, and for a large body its scan
-    (`proxy/body_scan.py`: what request_fields would otherwise learn in one long step)."""
+    (`proxy/body_scan.py`: what request_fields would otherwise learn in one long step).
+    `length`: `request.content_length`, which the caller has (a property that parses the
+    header at each access)."""
     if encoding is None:
-        length = request.content_length  # (a property that parses the header each time)
         if length is not None and length < SCAN_FROM_BYTES:
             small = await read_plain(request, limits.max_request_body_mb)
             return small, len(small), None

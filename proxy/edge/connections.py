@@ -32,6 +32,7 @@ from proxy.edge.body import BodyTimeout
 from proxy.edge.capacity import ConnectionGuard, Tier, over_capacity
 from proxy.errors import HeadTooLarge, Overloaded, ProxyError, RequestTimeout, render_body
 from proxy.unparsed import OpenAIErrorHandler
+from proxy.watchdog import Alarm
 
 _REASONS = {
     408: "Request Timeout",
@@ -77,6 +78,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         "_lingering",
         "_parsing_stopped",
         "_payload",
+        "alarm",
         "guard",
         "phase",
         "tier",
@@ -96,6 +98,8 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         self._body_seen_at = 0.0
         self._lingering: asyncio.Transport | None = None
         self._parsing_stopped = False
+        # Its requests' watchdog timer, which one request leaves armed for the next.
+        self.alarm = Alarm(self._loop, kept=True)
 
     # --- connection lifetime ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -120,6 +124,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        self.alarm.close()
         self._release()
         super().connection_lost(exc)
 
@@ -268,6 +273,19 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         payload.set_exception(BodyTimeout(key))
         self._arm(_BODY_BACKSTOP_S, self.force_close)
 
+    def _process_keepalive(self) -> None:
+        """aiohttp's keep-alive timer, which closes a connection idle between requests.
+
+        It is lazy: armed once, re-armed when it fires before the idle connection is due, and
+        armed again after a response if it lapsed. Only the waiting phase is idle: from a
+        head's first byte the connection's own deadlines govern (header_timeout_s, then the
+        body's and the route's), so in any other phase it lapses here. Cancelling it at each
+        head's first byte instead made aiohttp arm a new timer after every response."""
+        if self.phase is not Phase.WAITING:
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
+
     # --- bytes in -----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
         if self._lingering is not None or self._parsing_stopped:
@@ -282,9 +300,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
             # A kept-alive connection: the head is due from now, armed below unless this read
             # completes it (most do: no timer made and cancelled for them).
             head_due = self._deadline is None
-            if self._keepalive_handle is not None:  # ours from here: the head deadline
-                self._keepalive_handle.cancel()
-                self._keepalive_handle = None
+            # aiohttp's keep-alive timer stays armed: it lapses in `_process_keepalive`.
         if self.phase is Phase.HEAD and not self._head_fits(data):
             limit_kb = self.guard.config.max_head_kb
             self.guard.closed(

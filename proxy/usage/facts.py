@@ -58,6 +58,9 @@ class RequestFacts(msgspec.Struct, frozen=True, gc=False):
 _NO_OPTIONS: Final[Mapping[str, Any]] = {}
 
 
+_LIMIT_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")  # the first set wins
+
+
 def as_int(value: object) -> int | None:
     # bool is an int subclass; `"max_tokens": true` is not a limit.
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -73,13 +76,16 @@ def inspect_request(path: str, body: Mapping[str, Any] | None) -> RequestFacts:
     # None first: most requests have no options, and None's ABC check costs ~0.3 us.
     if options is None or (type(options) is not dict and not isinstance(options, Mapping)):
         options = _NO_OPTIONS
+    # `as_int` inline: most bodies set none of these, and an absent one then costs no call.
     max_tokens = None
-    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        limit = as_int(body.get(key))
-        if limit is not None and limit > 0:
+    for key in _LIMIT_KEYS:
+        limit = body.get(key)
+        if limit is not None and type(limit) is not bool and isinstance(limit, int) and limit > 0:
             max_tokens = limit
             break
-    n = as_int(body.get("n"))
+    n = body.get("n")
+    if n is not None and (type(n) is bool or not isinstance(n, int)):
+        n = None
     return RequestFacts(
         endpoint=endpoint,
         model=model if isinstance(model, str) else None,
