@@ -43,7 +43,13 @@ from proxy.timeouts import Phase
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
-from proxy.usage.filter import CLOSED_END, CUT_INLINE_BELOW, NULL_USAGE_CUT, cut_null_usage
+from proxy.usage.filter import (
+    CLOSED_END,
+    CUT_INLINE_BELOW,
+    NULL_USAGE_CUT,
+    cut_null_usage,
+    cut_null_usages,
+)
 from proxy.watchdog import Watchdog
 
 # The CR byte as an int: `int in bytes` is one memchr, while a one-byte bytes operand is
@@ -326,7 +332,7 @@ class SSERelay(LargeEventRelay):
                     stream.steady = True
                     scrubber = self.scrubber
                     return scrubber.feed(chunk) if scrubber.active else chunk
-                taken, contents = tracker.feed_plain(chunk)
+                taken, contents, ends = tracker.feed_plain(chunk)
                 if taken:
                     if contents:
                         record.content_chunks += contents
@@ -335,10 +341,18 @@ class SSERelay(LargeEventRelay):
                     if taken == len(chunk):  # all of it (the usual read): nothing else to do
                         stream.steady = True
                         if chunk_filter is not None:
-                            chunk = chunk_filter.plain_bytes(chunk)
+                            if ends is None:
+                                chunk = chunk_filter.plain_bytes(chunk)
+                            else:  # shaped blocks: cut where they end, no search
+                                chunk = cut_null_usages(chunk, ends)
                         return self.scrubber.feed(chunk)
                     run = chunk[:taken]
-                    out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
+                    if chunk_filter is not None:
+                        if ends is None:
+                            run = chunk_filter.plain_bytes(run)
+                        else:
+                            run = cut_null_usages(run, ends)
+                    out.append(run)
             stream.steady = False
             events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > MAX_SSE_EVENT:

@@ -39,6 +39,7 @@ from proxy.usage import (
 )
 from proxy.usage import stream as stream_module
 from proxy.usage.fast import content_sizes
+from proxy.usage.filter import cut_null_usages
 from tests.test_usage_fast import FIXTURE_FILES, _path_for, _serialised, _state
 
 _FILTERS: list[UsageChunkFilter | None] = [
@@ -420,7 +421,7 @@ def test_the_reference_tracker_takes_no_read_the_plain_way_and_ends_the_same() -
     events = stream_events(8)
     read = b"".join(events)
     reference = StreamUsageTracker(facts, fast=False)
-    assert reference.feed_plain(read) == (0, 0)
+    assert reference.feed_plain(read) == (0, 0, None)
     fast = StreamUsageTracker(facts)
     for tracker in (reference, fast):
         decoder = SSEDecoder()
@@ -428,3 +429,50 @@ def test_the_reference_tracker_takes_no_read_the_plain_way_and_ends_the_same() -
             tracker.feed(event)
     assert reference.terminated and fast.terminated
     assert reference.generated_tokens == fast.generated_tokens > 0
+
+
+def test_reads_of_shaped_blocks_are_cut_where_they_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: reads of several blocks of the stream's shape (the benchmark's stream,
+    five events a read) are cut at the ends `feed_plain` found, without `plain_bytes`'
+    searches: all but the first read (the role chunk: no shape yet), the last one's shaped
+    blocks before the finish and usage chunks (which the decoder takes) included. The
+    client's bytes are the full path's."""
+    events = stream_events(20)
+    reads = [b"".join(events[i : i + 5]) for i in range(0, len(events), 5)]
+    searched: list[bytes] = []
+    plain_bytes = UsageChunkFilter.plain_bytes
+
+    def counting(run: bytes) -> bytes:
+        searched.append(run)
+        return plain_bytes(run)
+
+    monkeypatch.setattr(UsageChunkFilter, "plain_bytes", staticmethod(counting))
+    plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
+    assert searched == [reads[0]], searched  # reads 1 and 2 went by their ends
+    assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+    tracker = StreamUsageTracker(inspect_request("/v1/chat/completions", {"stream": True}))
+    assert tracker.feed_plain(reads[0])[2] is None
+    taken, contents, ends = tracker.feed_plain(reads[1])
+    assert (taken, contents) == (len(reads[1]), 5)
+    assert ends == [len(b"".join(events[5 : 5 + i])) for i in range(1, 6)]
+
+
+_shaped_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters='"\\'), max_size=12
+).filter(lambda t: not any(ord(c) < 0x20 for c in t))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_shaped_text, st.booleans()), min_size=1, max_size=8))
+def test_cutting_at_the_ends_is_what_plain_bytes_does(texts: list[tuple[str, bool]]) -> None:
+    """`cut_null_usages` against `plain_bytes` on runs of blocks that close with
+    `,"usage":null}` (texts of any characters a shape can carry, ASCII-escaped or not)."""
+    blocks = [
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":'
+        + json.dumps(text, ensure_ascii=escaped).encode()
+        + b'},"finish_reason":null}],"usage":null}\n\n'
+        for text, escaped in texts
+    ]
+    run = b"".join(blocks)
+    ends = [len(b"".join(blocks[: i + 1])) for i in range(len(blocks))]
+    assert cut_null_usages(run, ends) == UsageChunkFilter.plain_bytes(run)

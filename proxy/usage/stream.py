@@ -242,35 +242,43 @@ class StreamUsageTracker(ResponsesEvents):
         self.content_chunks += 1
         return shape
 
-    def feed_plain(self, chunk: bytes) -> tuple[int, int]:
+    def feed_plain(self, chunk: bytes) -> tuple[int, int, list[int] | None]:
         """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
         one `data: ...` line ended by LF LF, whose data is `[DONE]` or a chunk `content_sizes`
-        reads. Returns where they end (0: none taken) and how many carried content.
+        reads. Returns where they end (0: none taken), how many carried content, and, when
+        every block taken was of the last content chunk's `Shape` with `,"usage":null}` as
+        its one `"usage"` (`Shape.null_usage`), where each of them ends (else None): a usage
+        filter then cuts there without searching the run (`cut_null_usages`).
 
         The caller passes a read that begins a block (`SSEDecoder.at_boundary`) and holds no
         CR, and gives the decoder only the rest: each block taken here is an event with just
         `data` set (the decoder's fast path), fed exactly as `feed` would take it, without
         decoding its text first. tests/test_usage_plain.py holds the two paths equal."""
         if not self._fast:
-            return 0, 0
+            return 0, 0, None
         pos, n, contents = 0, len(chunk), 0
         estimated = estimated_reasoning = 0
         chunks0 = chars0 = 0  # choice 0's, added once at the end
         ascii = chunk.isascii()  # once for the read: then a text's size is its length
-        while chunk.startswith(b"data: ", pos):
-            shape = self._shape
-            if shape is not None and chunk.startswith(shape.lead, pos):
+        # The shaped blocks' ends (None once a block of any other kind is taken).
+        ends: list[int] | None = []
+        shape = self._shape
+        if shape is not None:  # its fields in locals: read once per read, not per block
+            lead, trail, index, cut = shape.lead, shape.trail, shape.index, shape.null_usage
+        while True:
+            if shape is not None and chunk.startswith(lead, pos):
                 # The last content chunk's bytes around a new text: no parse (see `Shape`).
                 # The text ends at the first quote, where the trail (`"` + tail + LF LF) must
                 # begin; a text with no control character either, and no LF in the lead or
                 # the tail: the block is the lead, the text and the trail (what finding the
                 # block's end and matching its two ends would say). The quote is found before
                 # the next block's lead ends (a lead holds quotes): one pass over a read.
-                start = pos + len(shape.lead)
+                # (The lead begins with `data: `: no separate test of that here.)
+                start = pos + len(lead)
                 stop = chunk.find(0x22, start)  # `"` as an int: one memchr
                 if (
                     stop >= 0
-                    and chunk.startswith(shape.trail, stop)
+                    and chunk.startswith(trail, stop)
                     and TEXT_BREAK(chunk, start, stop) is None
                 ):
                     if ascii:
@@ -282,17 +290,29 @@ class StreamUsageTracker(ResponsesEvents):
                             chars = -1  # invalid UTF-8: the parse below refuses it too
                     if chars > 0:
                         estimated += 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
-                        if shape.index:
-                            self._tally(shape.index, chars)
+                        if index:
+                            self._tally(index, chars)
                         else:
                             chunks0 += 1
                             chars0 += chars
                         contents += 1
-                        pos = stop + len(shape.trail)
+                        pos = stop + len(trail)
+                        if ends is not None:
+                            if cut:
+                                ends.append(pos)
+                            else:
+                                ends = None
                         continue
                     if chars == 0:  # an empty text: no output, as `content_sizes` says
-                        pos = stop + len(shape.trail)
+                        pos = stop + len(trail)
+                        if ends is not None:
+                            if cut:
+                                ends.append(pos)
+                            else:
+                                ends = None
                         continue
+            elif not chunk.startswith(b"data: ", pos):
+                break
             eol = chunk.find(b"\n", pos + 6)
             if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
                 break
@@ -307,22 +327,26 @@ class StreamUsageTracker(ResponsesEvents):
                 if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
                     if shape is not None:
                         self._shape_misses += 1
-                    self._shape = shape_of(data)
+                    shape = self._shape = shape_of(data)
+                    if shape is not None:
+                        lead, trail, index = shape.lead, shape.trail, shape.index
+                        cut = shape.null_usage
                 if sizes:
                     # `_count` of each, inline (this runs for nearly every event of a stream)
-                    for index, chars, reasoning in sizes:
+                    for choice, chars, reasoning in sizes:
                         total = chars + reasoning
                         tokens = chunk_tokens(total)
                         estimated += tokens
                         if reasoning and not chars:
                             estimated_reasoning += tokens
-                        if index:
-                            self._tally(index, total)
+                        if choice:
+                            self._tally(choice, total)
                         else:
                             chunks0 += 1
                             chars0 += total
                     contents += 1
             pos = eol + 2
+            ends = None
         if contents:
             self._chunks0 += chunks0
             self._chars0 += chars0
@@ -331,7 +355,7 @@ class StreamUsageTracker(ResponsesEvents):
             self.generated += estimated
             self._estimated_reasoning += estimated_reasoning
             self.content_chunks += contents
-        return pos, contents
+        return pos, contents, ends or None
 
     def _content(self, sizes: Sizes) -> EventKind:
         if not sizes:
