@@ -36,6 +36,7 @@ from proxy.usage import (
     StreamUsageTracker,
     UsageChunkFilter,
     inspect_request,
+    plain_reads,
 )
 from proxy.usage import stream as stream_module
 from proxy.usage.fast import content_sizes
@@ -315,7 +316,8 @@ def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -
         parsed.append(data if isinstance(data, bytes) else data.encode())
         return content_sizes(data)
 
-    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    monkeypatch.setattr(stream_module, "content_sizes", counting)  # `feed`
+    monkeypatch.setattr(plain_reads, "content_sizes", counting)  # `feed_plain`
     reads = stream_events(20)
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     assert len([d for d in parsed if b'"content":"' in d]) == 2, parsed
@@ -399,7 +401,8 @@ def test_a_declined_block_is_not_decoded_twice(monkeypatch: pytest.MonkeyPatch) 
         parsed.append(data if isinstance(data, bytes) else data.encode())
         return content_sizes(data)
 
-    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    monkeypatch.setattr(stream_module, "content_sizes", counting)  # `feed`
+    monkeypatch.setattr(plain_reads, "content_sizes", counting)  # `feed_plain`
     reads = stream_events(20)
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     finish, usage = reads[-3][6:-2], reads[-2][6:-2]
@@ -458,7 +461,7 @@ def test_reads_of_shaped_blocks_are_cut_where_they_end(monkeypatch: pytest.Monke
 
 
 _shaped_text = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters='"\\'), max_size=12
+    st.characters(exclude_categories=["Cs"], exclude_characters='"\\'), max_size=12
 ).filter(lambda t: not any(ord(c) < 0x20 for c in t))
 
 
