@@ -41,6 +41,7 @@ from proxy.usage import (
 from proxy.usage import stream as stream_module
 from proxy.usage.fast import content_sizes
 from proxy.usage.filter import cut_null_usages
+from proxy.usage.stream import delta_chars
 from tests.test_usage_fast import FIXTURE_FILES, _path_for, _serialised, _state
 
 _FILTERS: list[UsageChunkFilter | None] = [
@@ -479,3 +480,27 @@ def test_cutting_at_the_ends_is_what_plain_bytes_does(texts: list[tuple[str, boo
     run = b"".join(blocks)
     ends = [len(b"".join(blocks[: i + 1])) for i in range(len(blocks))]
     assert cut_null_usages(run, ends) == UsageChunkFilter.plain_bytes(run)
+
+
+def test_the_full_parse_reads_each_kind_of_delta() -> None:
+    """`delta_chars` and `_chunk` (the dict-first type tests): a legacy `function_call`
+    counts its name and arguments, a null one and a null delta nothing; tool calls count
+    their function's; a usage-only chunk is told by its shape."""
+    assert delta_chars({"function_call": {"name": "get", "arguments": '{"a":1}'}}) == (10, 0)
+    assert delta_chars({"function_call": None, "content": "ab"}) == (2, 0)
+    assert delta_chars({"function_call": None}) is None
+    assert delta_chars({"tool_calls": [{"function": {"name": "f", "arguments": "xy"}}]}) == (3, 0)
+    assert delta_chars({"tool_calls": [None, {"function": None}]}) == (0, 0)
+    tracker = StreamUsageTracker(inspect_request("/v1/chat/completions", {"stream": True}))
+    kinds = [
+        tracker.feed(event)
+        for event in SSEDecoder().feed(
+            b'data: {"choices":[{"index":0,"delta":{"function_call":{"name":"get"}}}]}\n\n'
+            b'data: {"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+            b'data: {"choices":[null],"usage":null}\n\n'
+        )
+    ]
+    assert kinds == [EventKind.CONTENT, EventKind.OTHER, EventKind.USAGE_ONLY, EventKind.OTHER]
+    assert tracker.content_chunks == 1 and tracker.finish_reason == "stop"
+    assert tracker.generated == 2 and tracker.reported

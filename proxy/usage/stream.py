@@ -23,7 +23,11 @@ __all__ = ["SINGLE_TOKEN_MAX_CHARS", "StreamUsageTracker", "chunk_tokens", "delt
 
 
 def delta_chars(delta: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(output chars, reasoning chars) of a chat delta, or None when it carries no output."""
+    """(output chars, reasoning chars) of a chat delta, or None when it carries no output.
+
+    (Here and in `_chunk`, `type(x) is dict or isinstance(x, Mapping)`: a parsed JSON object
+    is a dict, and `isinstance` against the ABC is a Python-level `__instancecheck__` frame;
+    None is never a Mapping.)"""
     chars = reasoning = 0
     found = False
     for key in ("content", "refusal"):
@@ -40,17 +44,17 @@ def delta_chars(delta: Mapping[str, Any]) -> tuple[int, int] | None:
     if isinstance(calls, list) and calls:
         found = True  # even the first fragment (id and name only) is generated output
         for call in calls:
-            if isinstance(call, Mapping):
+            if type(call) is dict or isinstance(call, Mapping):
                 chars += _function_chars(call.get("function"))
     legacy = delta.get("function_call")  # the deprecated single-function form
-    if isinstance(legacy, Mapping):
+    if legacy is not None and (type(legacy) is dict or isinstance(legacy, Mapping)):
         found = True
         chars += _function_chars(legacy)
     return (chars, reasoning) if found else None
 
 
 def _function_chars(fn: object) -> int:
-    if not isinstance(fn, Mapping):
+    if type(fn) is not dict and not isinstance(fn, Mapping):
         return 0
     return sum(len(v) for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
 
@@ -210,13 +214,13 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
-                if not isinstance(choice, Mapping):
+                if type(choice) is not dict and not isinstance(choice, Mapping):
                     continue
                 finish = choice.get("finish_reason")
                 if isinstance(finish, str):
                     self.finish_reason = finish
                 delta = choice.get("delta")
-                if isinstance(delta, Mapping):
+                if type(delta) is dict or isinstance(delta, Mapping):
                     sizes = delta_chars(delta)
                 else:  # legacy completions: {"text": ...}
                     text = choice.get("text")
@@ -233,7 +237,7 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         reported = parse_usage(usage)
         if reported is not None:
             self._report(reported)
-        if not choices and isinstance(usage, Mapping):
+        if not choices and (type(usage) is dict or isinstance(usage, Mapping)):
             # choices [] (OpenAI, llama.cpp), null or absent (some vLLM versions): by its shape,
             # so that the filter drops it even when its figures are not ones we can read.
             return EventKind.USAGE_ONLY
