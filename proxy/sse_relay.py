@@ -292,7 +292,7 @@ class SSERelay(ClientWrites, LargeEventRelay):
                     stream.steady = True
                     scrubber = self.scrubber
                     return scrubber.feed(chunk) if scrubber.active else chunk
-                taken, contents, ends = tracker.feed_plain(chunk)
+                taken, contents, ends, usage_only = tracker.feed_plain(chunk)
                 if taken:
                     if contents:
                         record.content_chunks += contents
@@ -301,17 +301,21 @@ class SSERelay(ClientWrites, LargeEventRelay):
                     if taken == len(chunk):  # all of it (the usual read): nothing else to do
                         stream.steady = True
                         if chunk_filter is not None:
-                            if ends is None:
-                                chunk = chunk_filter.plain_bytes(chunk)
-                            else:  # shaped blocks: cut where they end, no search
+                            if ends is not None:  # shaped blocks: cut where they end
                                 chunk = cut_null_usages(chunk, ends)
+                            elif usage_only is None:
+                                chunk = chunk_filter.plain_bytes(chunk)
+                            else:  # the stream's usage chunk among them
+                                chunk = chunk_filter.plain_bytes_around(chunk, usage_only)
                         return self.scrubber.feed(chunk)
                     run = chunk[:taken]
                     if chunk_filter is not None:
-                        if ends is None:
+                        if ends is not None:
+                            run = cut_null_usages(run, ends)
+                        elif usage_only is None:
                             run = chunk_filter.plain_bytes(run)
                         else:
-                            run = cut_null_usages(run, ends)
+                            run = chunk_filter.plain_bytes_around(run, usage_only)
                     out.append(run)
             stream.steady = False
             events = decoder.feed(chunk[taken:] if taken else chunk)

@@ -199,23 +199,34 @@ def test_every_fixture_agrees_however_it_is_cut(fixture: Any, cuts: list[int]) -
 
 
 def test_the_plain_path_takes_the_ordinary_events() -> None:
-    """Not vacuous: on the benchmark's streams every role and content chunk goes the plain way;
-    the finish and usage chunks go to `feed`, and so does the rest of their read ([DONE] after
-    them in a burst)."""
-    for reads, contents, full in (
-        (stream_events(20), 16, 2),
-        ([b"".join(stream_events(200))], 196, 3),
+    """Not vacuous: on the benchmark's streams every event goes the plain way, the finish
+    and usage chunks (parsed in full from their bytes) and [DONE] included, read one by one
+    or all at once, with each usage filter; what is not a chat chunk's JSON object (a
+    Responses event, data that is not JSON) still goes to `feed`."""
+    for reads, contents in (
+        (stream_events(20), 16),
+        ([b"".join(stream_events(200))], 196),
     ):
-        pump, stream, _ = _pump("/v1/chat/completions", UsageChunkFilter(), plain=True)
-        tracker = pump.tracker = _Counting(pump.tracker.facts)
-        upstream = _Upstream()
-        steps = [pump._sse_step(stream, upstream, c, 0.0) for c in [*reads, b""]]
-        out = b"".join(s if isinstance(s, bytes) else s.join() for s in steps)
-        fed = tracker.fed
-        assert len(fed) == full, fed
-        assert '"finish_reason":"stop"' in (fed[0] or "") and '"usage":{' in (fed[1] or "")
-        assert pump.record.content_chunks == contents and pump.tracker.done
-        assert b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n")
+        for chunk_filter in _FILTERS:
+            pump, stream, _ = _pump("/v1/chat/completions", chunk_filter, plain=True)
+            tracker = pump.tracker = _Counting(pump.tracker.facts)
+            upstream = _Upstream()
+            steps = [pump._sse_step(stream, upstream, c, 0.0) for c in [*reads, b""]]
+            out = b"".join(s if isinstance(s, bytes) else s.join() for s in steps)
+            assert tracker.fed == [], tracker.fed
+            assert pump.record.content_chunks == contents and tracker.done
+            assert tracker.finish_reason == "stop" and tracker.reported
+            assert out.endswith(b"data: [DONE]\n\n")
+            usage = b'"usage":{' in out
+            assert usage == (chunk_filter is None or not chunk_filter.drops_usage_chunk)
+            assert (b'"usage":null' in out) == (chunk_filter is None)
+    pump, stream, _ = _pump("/v1/chat/completions", UsageChunkFilter(), plain=True)
+    tracker = pump.tracker = _Counting(pump.tracker.facts)
+    events = stream_events(5)
+    others = [b'data: {"type":"response.created","response":{"id":"r"}}\n\n', b"data: {x\n\n"]
+    read = b"".join([*events[:2], *others, *events[2:]])
+    pump._sse_step(stream, _Upstream(), read, 0.0)
+    assert tracker.fed[:2] == ['{"type":"response.created","response":{"id":"r"}}', "{x"]
 
 
 # --- generated streams -------------------------------------------------------------------
@@ -242,6 +253,16 @@ _raw_event = st.one_of(
             b"\xef\xbb\xbfdata: [DONE]\n\n",
             b"data: \n\n",
             b"id: 7\n\n",
+            # JSON that is not an object (malformed: dropped), and nesting too deep to read
+            b'data: [1,{"usage":null}]\n\n',
+            b'data: "text"\n\n',
+            b"data: null\n\n",
+            b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n",
+            # the stream's end: a finish with text, an in-band error, usage with choices
+            b'data: {"choices":[{"index":0,"delta":{"content":"end"},"finish_reason":"stop"}]}\n\n',
+            b'data: {"error":{"message":"overloaded"},"usage":null}\n\n',
+            b'data: {"choices":[{"index":1,"delta":{}}],"usage":{"completion_tokens":2}}\n\n',
+            b'data: {"type":"response.output_text.delta","delta":"x"}\n\n',
             # the usual chunk's shape (below) around texts the shape must not read itself
             b'data: {"choices":[{"index":0,"delta":{"content":"\xff\xfe"},'
             b'"finish_reason":null}],"usage":null}\n\n',
@@ -425,7 +446,7 @@ def test_the_reference_tracker_takes_no_read_the_plain_way_and_ends_the_same() -
     events = stream_events(8)
     read = b"".join(events)
     reference = StreamUsageTracker(facts, fast=False)
-    assert reference.feed_plain(read) == (0, 0, None)
+    assert reference.feed_plain(read) == (0, 0, None, None)
     fast = StreamUsageTracker(facts)
     for tracker in (reference, fast):
         decoder = SSEDecoder()
@@ -438,9 +459,9 @@ def test_the_reference_tracker_takes_no_read_the_plain_way_and_ends_the_same() -
 def test_reads_of_shaped_blocks_are_cut_where_they_end(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not vacuous: reads of several blocks of the stream's shape (the benchmark's stream,
     five events a read) are cut at the ends `feed_plain` found, without `plain_bytes`'
-    searches: all but the first read (the role chunk: no shape yet), the last one's shaped
-    blocks before the finish and usage chunks (which the decoder takes) included. The
-    client's bytes are the full path's."""
+    searches: the middle two reads (the first holds the role chunk, before any shape; the
+    last the finish and usage chunks, edited around the usage chunk). The client's bytes
+    are the full path's."""
     events = stream_events(20)
     reads = [b"".join(events[i : i + 5]) for i in range(0, len(events), 5)]
     searched: list[bytes] = []
@@ -452,11 +473,12 @@ def test_reads_of_shaped_blocks_are_cut_where_they_end(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(UsageChunkFilter, "plain_bytes", staticmethod(counting))
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
-    assert searched == [reads[0]], searched  # reads 1 and 2 went by their ends
+    assert searched[0] == reads[0], searched  # no shape yet
+    assert reads[1] not in searched and reads[2] not in searched  # they went by their ends
     assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
     tracker = StreamUsageTracker(inspect_request("/v1/chat/completions", {"stream": True}))
     assert tracker.feed_plain(reads[0])[2] is None
-    taken, contents, ends = tracker.feed_plain(reads[1])
+    taken, contents, ends, _ = tracker.feed_plain(reads[1])
     assert (taken, contents) == (len(reads[1]), 5)
     assert ends == [len(b"".join(events[5 : 5 + i])) for i in range(1, 6)]
 

@@ -115,6 +115,19 @@ class UsageChunkFilter:
         blocks.pop()  # the run ends with a block's end: the last piece is empty
         return b"".join([_data_bytes(block + _BLOCK_END) for block in blocks])
 
+    def plain_bytes_around(self, run: bytes, usage_only: list[tuple[int, int]]) -> bytes:
+        """`client_bytes` of each event of `run` (what `StreamUsageTracker.feed_plain` took),
+        joined, where the blocks at the spans `usage_only` are usage-only chunks: those
+        dropped or left as they are, the others as `plain_bytes` edits them."""
+        parts, at = [], 0
+        for start, end in usage_only:
+            parts.append(self.plain_bytes(run[at:start]))
+            if not self._drop_usage_chunk:
+                parts.append(run[start:end])
+            at = end
+        parts.append(self.plain_bytes(run[at:]))
+        return b"".join(parts)
+
 
 def _data_bytes(raw: bytes) -> bytes:
     """A data event without its usage member."""

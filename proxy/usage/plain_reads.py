@@ -10,9 +10,10 @@ tests/test_usage_plain.py, which holds the two equal, are there.
 
 from __future__ import annotations
 
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
-from proxy.usage.fast import TEXT_BREAK, Shape, content_sizes, shape_of
+from proxy.usage.event_kind import EventKind
+from proxy.usage.fast import TEXT_BREAK, Shape, content_sizes, parse_object, shape_of
 from proxy.usage.prompt import CHARS_PER_TOKEN
 
 # Streamed completion estimate: see `chunk_tokens`.
@@ -36,6 +37,17 @@ def chunk_tokens(chars: int) -> int:
     return 1 + -(-(chars - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
 
 
+# What `feed_plain` took: where it ends, content blocks, the shaped blocks' ends, the spans
+# of the usage-only blocks.
+PlainRun = tuple[int, int, list[int] | None, list[tuple[int, int]] | None]
+
+
+def _responses_event(obj: dict[str, Any]) -> bool:
+    """A Responses API event (or its error): `feed` reads those its own way."""
+    kind = obj.get("type")
+    return isinstance(kind, str) and (kind.startswith("response.") or kind == "error")
+
+
 class _Tracker(Protocol):
     """What a plain read reads and moves: `StreamUsageTracker`'s state."""
 
@@ -53,7 +65,9 @@ class _Tracker(Protocol):
     content_chunks: int
     done: bool
 
-    def _tally(self: _Tracker, index: int, chars: int) -> None: ...
+    def _tally(self, index: int, chars: int) -> None: ...
+
+    def _chunk(self, obj: dict[str, Any]) -> EventKind: ...
 
 
 class PlainReads:
@@ -103,21 +117,26 @@ class PlainReads:
         self.content_chunks += 1
         return shape
 
-    def feed_plain(self: _Tracker, chunk: bytes) -> tuple[int, int, list[int] | None]:
+    def feed_plain(self: _Tracker, chunk: bytes) -> PlainRun:
         """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
-        one `data: ...` line ended by LF LF, whose data is `[DONE]` or a chunk `content_sizes`
-        reads. Returns where they end (0: none taken), how many carried content, and, when
-        every block taken was of the last content chunk's `Shape` with `,"usage":null}` as
-        its one `"usage"` (`Shape.null_usage`), where each of them ends (else None): a usage
-        filter then cuts there without searching the run (`cut_null_usages`).
+        one `data: ...` line ended by LF LF, whose data is `[DONE]`, a chunk `content_sizes`
+        reads, or any other JSON object msgspec reads from the bytes that is not a Responses
+        event (the stream's finish and usage chunks: `_chunk` of it, as `feed` would do).
+        Returns where they end (0: none taken), how many carried content, when every block
+        taken was of the last content chunk's `Shape` with `,"usage":null}` as its one
+        `"usage"` (`Shape.null_usage`) where each of them ends (else None: a usage filter
+        then cuts there without searching the run, `cut_null_usages`), and the spans of the
+        usage-only blocks among them (None: none), which a usage filter may drop.
 
         The caller passes a read that begins a block (`SSEDecoder.at_boundary`) and holds no
         CR, and gives the decoder only the rest: each block taken here is an event with just
         `data` set (the decoder's fast path), fed exactly as `feed` would take it, without
         decoding its text first. tests/test_usage_plain.py holds the two paths equal."""
         if not self._fast:
-            return 0, 0, None
+            return 0, 0, None, None
         pos, n, contents = 0, len(chunk), 0
+        parsed = 0  # blocks of the full parse that carried content (counted by `_chunk`)
+        usage_only: list[tuple[int, int]] | None = None
         estimated = estimated_reasoning = 0
         chunks0 = chars0 = 0  # choice 0's, added once at the end
         ascii = chunk.isascii()  # once for the read: then a text's size is its length
@@ -183,8 +202,32 @@ class PlainReads:
             else:
                 sizes = content_sizes(data)
                 if sizes is None:
-                    self._declined = data
-                    break  # this one needs the full parse: the decoder and `feed` take over
+                    # The full parse, from the bytes: what `feed` would parse from their text
+                    # (msgspec reads both alike, and refuses invalid UTF-8).
+                    obj = parse_object(data)
+                    if obj is None or _responses_event(obj):
+                        self._declined = data
+                        break  # not a chat chunk, or not JSON: the decoder and `feed` decide
+                    if contents:  # the counts so far first: `_chunk` may report usage
+                        self._chunks0 += chunks0
+                        self._chars0 += chars0
+                        self._estimated += estimated
+                        self._est_since_report += estimated
+                        self.generated += estimated
+                        self._estimated_reasoning += estimated_reasoning
+                        self.content_chunks += contents
+                        parsed += contents
+                        contents = estimated = estimated_reasoning = chunks0 = chars0 = 0
+                    kind = self._chunk(obj)
+                    if kind is EventKind.CONTENT:
+                        parsed += 1
+                    elif kind is EventKind.USAGE_ONLY:
+                        if usage_only is None:
+                            usage_only = []
+                        usage_only.append((pos, eol + 2))
+                    pos = eol + 2
+                    ends = None
+                    continue
                 if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
                     if shape is not None:
                         self._shape_misses += 1
@@ -216,7 +259,7 @@ class PlainReads:
             self.generated += estimated
             self._estimated_reasoning += estimated_reasoning
             self.content_chunks += contents
-        return pos, contents, ends or None
+        return pos, contents + parsed, ends or None, usage_only
 
     def _tally(self: _Tracker, index: int, chars: int) -> None:
         """One content chunk of a choice other than 0."""
