@@ -307,15 +307,25 @@ def test_generated_streams_agree(events: list[bytes], cuts: list[int]) -> None:
     _agree("/v1/chat/completions", _cut(data, cuts))
 
 
-def _choice_chunk(text: str, index: int, ascii: bool) -> bytes:
-    obj = {"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
-    return b"data: " + json.dumps(obj | {"usage": None}, ensure_ascii=ascii).encode() + b"\n\n"
+def _choice_chunk(text: str, index: int, ascii: bool, usage: bool = True) -> bytes:
+    obj: dict[str, object] = {
+        "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]
+    }
+    if usage:
+        obj["usage"] = None
+    return b"data: " + json.dumps(obj, ensure_ascii=ascii).encode() + b"\n\n"
 
 
 _one_read_event = st.one_of(
     _raw_event,
-    # the usual chunk of a second choice (n=2), whose texts are tallied by index
-    st.builds(_choice_chunk, st.text(max_size=12), st.integers(0, 2), st.booleans()),
+    # the usual chunk of other choices, whose texts are tallied by index (12: a longer lead)
+    st.builds(
+        _choice_chunk,
+        st.text(max_size=12),
+        st.sampled_from([0, 1, 2, 12]),
+        st.booleans(),
+        st.booleans(),  # with the closing usage or without (another trail)
+    ),
 )
 
 
@@ -324,8 +334,10 @@ _one_read_event = st.one_of(
 def test_generated_streams_agree_an_event_a_read(events: list[bytes]) -> None:
     """Each event its own read, as a generating model sends them: once a chunk's shape is
     known the next one of that shape takes the one-step path (`feed_shaped`), with whatever
-    text, choice index or broken bytes it carries."""
+    text, choice index or broken bytes it carries. The same events in one read: chunks of
+    other choices change the stream's shape between blocks of one read (`feed_plain`)."""
     _agree("/v1/chat/completions", events)
+    _agree("/v1/chat/completions", [b"".join(events)])
 
 
 def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -145,6 +145,7 @@ class PlainReads:
         shape = self._shape
         if shape is not None:  # its fields in locals: read once per read, not per block
             lead, trail, index, cut = shape.lead, shape.trail, shape.index, shape.null_usage
+            lead_size, trail_size = len(lead), len(trail)
         while True:
             if shape is not None and chunk.startswith(lead, pos):
                 # The last content chunk's bytes around a new text: no parse (see `Shape`).
@@ -154,7 +155,7 @@ class PlainReads:
                 # block's end and matching its two ends would say). The quote is found before
                 # the next block's lead ends (a lead holds quotes): one pass over a read.
                 # (The lead begins with `data: `: no separate test of that here.)
-                start = pos + len(lead)
+                start = pos + lead_size
                 stop = chunk.find(0x22, start)  # `"` as an int: one memchr
                 if (
                     stop >= 0
@@ -176,7 +177,7 @@ class PlainReads:
                             chunks0 += 1
                             chars0 += chars
                         contents += 1
-                        pos = stop + len(trail)
+                        pos = stop + trail_size
                         if ends is not None:
                             if cut:
                                 ends.append(pos)
@@ -184,7 +185,7 @@ class PlainReads:
                                 ends = None
                         continue
                     if chars == 0:  # an empty text: no output, as `content_sizes` says
-                        pos = stop + len(trail)
+                        pos = stop + trail_size
                         if ends is not None:
                             if cut:
                                 ends.append(pos)
@@ -234,6 +235,7 @@ class PlainReads:
                     shape = self._shape = shape_of(data)
                     if shape is not None:
                         lead, trail, index = shape.lead, shape.trail, shape.index
+                        lead_size, trail_size = len(lead), len(trail)
                         cut = shape.null_usage
                 if sizes:
                     # `_count` of each, inline (this runs for nearly every event of a stream)
