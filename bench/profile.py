@@ -41,7 +41,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     # (the pumps moved from relay.Exchange to downstream.Downstream: both names count)
     "SSE pipeline (_pump_sse)": ("Exchange._pump_sse", "Downstream._pump_sse"),
     "  SSE decode": ("SSEDecoder.",),
-    "  usage tracking": ("StreamUsageTracker.feed",),  # feed and feed_plain
+    "  usage tracking": ("StreamUsageTracker.feed", "PlainReads.feed"),  # feed, feed_plain
     "  usage filter": ("UsageChunkFilter.",),
     "body relay (_pump_body)": ("Exchange._pump_body", "Downstream._pump_body"),
     "access log": ("Logger.log",),

@@ -25,6 +25,7 @@ from proxy.accounting import attempt_closed
 from proxy.admission import Plan, TargetPlan, admit
 from proxy.answer_status import RELAYED_AS_IS, PolicyFailed, check_status
 from proxy.attempts import Attempt, AttemptResult
+from proxy.client_writes import ClientGone
 from proxy.drain import open_upstream
 from proxy.edge.body import in_steps
 from proxy.edge.gate import edge_answer
@@ -40,7 +41,6 @@ from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
-from proxy.sse_relay import ClientGone
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser, Resume, ResumeSteps
 from proxy.upstream import OpenAttempt

@@ -18,6 +18,7 @@ from proxy import relaying
 from proxy.admission import Plan, TargetPlan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.chunked_write import DIRECT_MAX, direct_writer, write_chunk
+from proxy.client_writes import ClientGone, ClientWrites
 from proxy.errors import UpstreamFailed
 from proxy.outcome import Outcome, RequestRecord, settle_relayed
 from proxy.resilience.classify import status_result
@@ -43,7 +44,13 @@ from proxy.timeouts import Phase
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
-from proxy.usage.filter import CLOSED_END, CUT_INLINE_BELOW, NULL_USAGE_CUT, cut_null_usage
+from proxy.usage.filter import (
+    CLOSED_END,
+    CUT_INLINE_BELOW,
+    NULL_USAGE_CUT,
+    cut_null_usage,
+    cut_null_usages,
+)
 from proxy.watchdog import Watchdog
 
 # The CR byte as an int: `int in bytes` is one memchr, while a one-byte bytes operand is
@@ -51,15 +58,10 @@ from proxy.watchdog import Watchdog
 _CR = 0x0D
 
 
-class ClientGone(Exception):
-    """A write to the client failed: its socket is gone (seen without handler cancellation,
-    or when the kernel reports the broken pipe before the server does)."""
-
-
-class SSERelay(LargeEventRelay):
+class SSERelay(ClientWrites, LargeEventRelay):
     """The base of `Downstream` (and so of `relay.Exchange`): the exchange's fields (slots
     here, set in `relay.Exchange.__init__`; accounting reads tracker, json_body and
-    delivered_tokens), the response head's commit, writes to the client, and the SSE pump."""
+    delivered_tokens) and the SSE pump."""
 
     # One per held stream: slots keep it small (no per-instance dict).
     __slots__ = (
@@ -105,29 +107,6 @@ class SSERelay(LargeEventRelay):
     scrubber: StreamScrubber
     delivered_text: list[str] | None
     continuing: bool
-
-    async def _commit(self) -> web.StreamResponse:
-        """Send the response headers held for the current attempt (once per request)."""
-        if self.response is None:
-            pending = self._pending
-            assert pending is not None
-            self.record.status = pending.status
-            self.response = pending  # before prepare: a client gone mid-head still has one
-            await self._client_io(pending.prepare(self.request))
-            if self.plan is not None:
-                self.plan.deadlines.client_committed()
-        return self.response
-
-    async def _client_io(self, write: object) -> None:
-        """Await a write to the client; a failed write means the client is gone."""
-        before = self.loop.time()
-        try:
-            await write  # type: ignore[misc]
-        except ConnectionError as exc:
-            self.record.client_gone_at = before
-            raise ClientGone from exc
-        finally:
-            self.record.client_wait_s += self.loop.time() - before
 
     async def _pump_sse(
         self,
@@ -261,19 +240,6 @@ class SSERelay(LargeEventRelay):
         attempt.end(AttemptResult.OK if ok else result, self.loop.time())
         return response
 
-    @staticmethod
-    async def _write_pieces(response: web.StreamResponse, data: bytes) -> None:
-        """A large output (a huge event) in pieces: each write copies one piece, and once the
-        client's socket is full the write waits, so the loop runs between pieces instead of
-        copying the whole output in one step. The client gets the same bytes."""
-        if len(data) <= WRITE_PIECE:
-            if data:
-                await response.write(data)
-            return
-        view = memoryview(data)  # not released here: a transport may still hold a slice
-        for start in range(0, len(data), WRITE_PIECE):
-            await response.write(view[start : start + WRITE_PIECE])
-
     def _sse_step(
         self, stream: StreamState, upstream: UpstreamResponse, chunk: bytes, now: float
     ) -> bytes | Pieces:
@@ -326,7 +292,7 @@ class SSERelay(LargeEventRelay):
                     stream.steady = True
                     scrubber = self.scrubber
                     return scrubber.feed(chunk) if scrubber.active else chunk
-                taken, contents = tracker.feed_plain(chunk)
+                taken, contents, ends, usage_only = tracker.feed_plain(chunk)
                 if taken:
                     if contents:
                         record.content_chunks += contents
@@ -335,10 +301,22 @@ class SSERelay(LargeEventRelay):
                     if taken == len(chunk):  # all of it (the usual read): nothing else to do
                         stream.steady = True
                         if chunk_filter is not None:
-                            chunk = chunk_filter.plain_bytes(chunk)
+                            if ends is not None:  # shaped blocks: cut where they end
+                                chunk = cut_null_usages(chunk, ends)
+                            elif usage_only is None:
+                                chunk = chunk_filter.plain_bytes(chunk)
+                            else:  # the stream's usage chunk among them
+                                chunk = chunk_filter.plain_bytes_around(chunk, usage_only)
                         return self.scrubber.feed(chunk)
                     run = chunk[:taken]
-                    out.append(run if chunk_filter is None else chunk_filter.plain_bytes(run))
+                    if chunk_filter is not None:
+                        if ends is not None:
+                            run = cut_null_usages(run, ends)
+                        elif usage_only is None:
+                            run = chunk_filter.plain_bytes(run)
+                        else:
+                            run = chunk_filter.plain_bytes_around(run, usage_only)
+                    out.append(run)
             stream.steady = False
             events = decoder.feed(chunk[taken:] if taken else chunk)
             if decoder.buffered > MAX_SSE_EVENT:

@@ -36,9 +36,12 @@ from proxy.usage import (
     StreamUsageTracker,
     UsageChunkFilter,
     inspect_request,
+    plain_reads,
 )
 from proxy.usage import stream as stream_module
 from proxy.usage.fast import content_sizes
+from proxy.usage.filter import cut_null_usages
+from proxy.usage.stream import delta_chars
 from tests.test_usage_fast import FIXTURE_FILES, _path_for, _serialised, _state
 
 _FILTERS: list[UsageChunkFilter | None] = [
@@ -196,23 +199,34 @@ def test_every_fixture_agrees_however_it_is_cut(fixture: Any, cuts: list[int]) -
 
 
 def test_the_plain_path_takes_the_ordinary_events() -> None:
-    """Not vacuous: on the benchmark's streams every role and content chunk goes the plain way;
-    the finish and usage chunks go to `feed`, and so does the rest of their read ([DONE] after
-    them in a burst)."""
-    for reads, contents, full in (
-        (stream_events(20), 16, 2),
-        ([b"".join(stream_events(200))], 196, 3),
+    """Not vacuous: on the benchmark's streams every event goes the plain way, the finish
+    and usage chunks (parsed in full from their bytes) and [DONE] included, read one by one
+    or all at once, with each usage filter; what is not a chat chunk's JSON object (a
+    Responses event, data that is not JSON) still goes to `feed`."""
+    for reads, contents in (
+        (stream_events(20), 16),
+        ([b"".join(stream_events(200))], 196),
     ):
-        pump, stream, _ = _pump("/v1/chat/completions", UsageChunkFilter(), plain=True)
-        tracker = pump.tracker = _Counting(pump.tracker.facts)
-        upstream = _Upstream()
-        steps = [pump._sse_step(stream, upstream, c, 0.0) for c in [*reads, b""]]
-        out = b"".join(s if isinstance(s, bytes) else s.join() for s in steps)
-        fed = tracker.fed
-        assert len(fed) == full, fed
-        assert '"finish_reason":"stop"' in (fed[0] or "") and '"usage":{' in (fed[1] or "")
-        assert pump.record.content_chunks == contents and pump.tracker.done
-        assert b'"usage"' not in out and out.endswith(b"data: [DONE]\n\n")
+        for chunk_filter in _FILTERS:
+            pump, stream, _ = _pump("/v1/chat/completions", chunk_filter, plain=True)
+            tracker = pump.tracker = _Counting(pump.tracker.facts)
+            upstream = _Upstream()
+            steps = [pump._sse_step(stream, upstream, c, 0.0) for c in [*reads, b""]]
+            out = b"".join(s if isinstance(s, bytes) else s.join() for s in steps)
+            assert tracker.fed == [], tracker.fed
+            assert pump.record.content_chunks == contents and tracker.done
+            assert tracker.finish_reason == "stop" and tracker.reported
+            assert out.endswith(b"data: [DONE]\n\n")
+            usage = b'"usage":{' in out
+            assert usage == (chunk_filter is None or not chunk_filter.drops_usage_chunk)
+            assert (b'"usage":null' in out) == (chunk_filter is None)
+    pump, stream, _ = _pump("/v1/chat/completions", UsageChunkFilter(), plain=True)
+    tracker = pump.tracker = _Counting(pump.tracker.facts)
+    events = stream_events(5)
+    others = [b'data: {"type":"response.created","response":{"id":"r"}}\n\n', b"data: {x\n\n"]
+    read = b"".join([*events[:2], *others, *events[2:]])
+    pump._sse_step(stream, _Upstream(), read, 0.0)
+    assert tracker.fed[:2] == ['{"type":"response.created","response":{"id":"r"}}', "{x"]
 
 
 # --- generated streams -------------------------------------------------------------------
@@ -239,6 +253,16 @@ _raw_event = st.one_of(
             b"\xef\xbb\xbfdata: [DONE]\n\n",
             b"data: \n\n",
             b"id: 7\n\n",
+            # JSON that is not an object (malformed: dropped), and nesting too deep to read
+            b'data: [1,{"usage":null}]\n\n',
+            b'data: "text"\n\n',
+            b"data: null\n\n",
+            b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n",
+            # the stream's end: a finish with text, an in-band error, usage with choices
+            b'data: {"choices":[{"index":0,"delta":{"content":"end"},"finish_reason":"stop"}]}\n\n',
+            b'data: {"error":{"message":"overloaded"},"usage":null}\n\n',
+            b'data: {"choices":[{"index":1,"delta":{}}],"usage":{"completion_tokens":2}}\n\n',
+            b'data: {"type":"response.output_text.delta","delta":"x"}\n\n',
             # the usual chunk's shape (below) around texts the shape must not read itself
             b'data: {"choices":[{"index":0,"delta":{"content":"\xff\xfe"},'
             b'"finish_reason":null}],"usage":null}\n\n',
@@ -283,15 +307,25 @@ def test_generated_streams_agree(events: list[bytes], cuts: list[int]) -> None:
     _agree("/v1/chat/completions", _cut(data, cuts))
 
 
-def _choice_chunk(text: str, index: int, ascii: bool) -> bytes:
-    obj = {"choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]}
-    return b"data: " + json.dumps(obj | {"usage": None}, ensure_ascii=ascii).encode() + b"\n\n"
+def _choice_chunk(text: str, index: int, ascii: bool, usage: bool = True) -> bytes:
+    obj: dict[str, object] = {
+        "choices": [{"index": index, "delta": {"content": text}, "finish_reason": None}]
+    }
+    if usage:
+        obj["usage"] = None
+    return b"data: " + json.dumps(obj, ensure_ascii=ascii).encode() + b"\n\n"
 
 
 _one_read_event = st.one_of(
     _raw_event,
-    # the usual chunk of a second choice (n=2), whose texts are tallied by index
-    st.builds(_choice_chunk, st.text(max_size=12), st.integers(0, 2), st.booleans()),
+    # the usual chunk of other choices, whose texts are tallied by index (12: a longer lead)
+    st.builds(
+        _choice_chunk,
+        st.text(max_size=12),
+        st.sampled_from([0, 1, 2, 12]),
+        st.booleans(),
+        st.booleans(),  # with the closing usage or without (another trail)
+    ),
 )
 
 
@@ -300,8 +334,10 @@ _one_read_event = st.one_of(
 def test_generated_streams_agree_an_event_a_read(events: list[bytes]) -> None:
     """Each event its own read, as a generating model sends them: once a chunk's shape is
     known the next one of that shape takes the one-step path (`feed_shaped`), with whatever
-    text, choice index or broken bytes it carries."""
+    text, choice index or broken bytes it carries. The same events in one read: chunks of
+    other choices change the stream's shape between blocks of one read (`feed_plain`)."""
     _agree("/v1/chat/completions", events)
+    _agree("/v1/chat/completions", [b"".join(events)])
 
 
 def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,7 +350,8 @@ def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -
         parsed.append(data if isinstance(data, bytes) else data.encode())
         return content_sizes(data)
 
-    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    monkeypatch.setattr(stream_module, "content_sizes", counting)  # `feed`
+    monkeypatch.setattr(plain_reads, "content_sizes", counting)  # `feed_plain`
     reads = stream_events(20)
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     assert len([d for d in parsed if b'"content":"' in d]) == 2, parsed
@@ -398,7 +435,8 @@ def test_a_declined_block_is_not_decoded_twice(monkeypatch: pytest.MonkeyPatch) 
         parsed.append(data if isinstance(data, bytes) else data.encode())
         return content_sizes(data)
 
-    monkeypatch.setattr(stream_module, "content_sizes", counting)
+    monkeypatch.setattr(stream_module, "content_sizes", counting)  # `feed`
+    monkeypatch.setattr(plain_reads, "content_sizes", counting)  # `feed_plain`
     reads = stream_events(20)
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     finish, usage = reads[-3][6:-2], reads[-2][6:-2]
@@ -420,7 +458,7 @@ def test_the_reference_tracker_takes_no_read_the_plain_way_and_ends_the_same() -
     events = stream_events(8)
     read = b"".join(events)
     reference = StreamUsageTracker(facts, fast=False)
-    assert reference.feed_plain(read) == (0, 0)
+    assert reference.feed_plain(read) == (0, 0, None, None)
     fast = StreamUsageTracker(facts)
     for tracker in (reference, fast):
         decoder = SSEDecoder()
@@ -428,3 +466,75 @@ def test_the_reference_tracker_takes_no_read_the_plain_way_and_ends_the_same() -
             tracker.feed(event)
     assert reference.terminated and fast.terminated
     assert reference.generated_tokens == fast.generated_tokens > 0
+
+
+def test_reads_of_shaped_blocks_are_cut_where_they_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: reads of several blocks of the stream's shape (the benchmark's stream,
+    five events a read) are cut at the ends `feed_plain` found, without `plain_bytes`'
+    searches: the middle two reads (the first holds the role chunk, before any shape; the
+    last the finish and usage chunks, edited around the usage chunk). The client's bytes
+    are the full path's."""
+    events = stream_events(20)
+    reads = [b"".join(events[i : i + 5]) for i in range(0, len(events), 5)]
+    searched: list[bytes] = []
+    plain_bytes = UsageChunkFilter.plain_bytes
+
+    def counting(run: bytes) -> bytes:
+        searched.append(run)
+        return plain_bytes(run)
+
+    monkeypatch.setattr(UsageChunkFilter, "plain_bytes", staticmethod(counting))
+    plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
+    assert searched[0] == reads[0], searched  # no shape yet
+    assert reads[1] not in searched and reads[2] not in searched  # they went by their ends
+    assert plain == _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=False)
+    tracker = StreamUsageTracker(inspect_request("/v1/chat/completions", {"stream": True}))
+    assert tracker.feed_plain(reads[0])[2] is None
+    taken, contents, ends, _ = tracker.feed_plain(reads[1])
+    assert (taken, contents) == (len(reads[1]), 5)
+    assert ends == [len(b"".join(events[5 : 5 + i])) for i in range(1, 6)]
+
+
+_shaped_text = st.text(
+    st.characters(exclude_categories=["Cs"], exclude_characters='"\\'), max_size=12
+).filter(lambda t: not any(ord(c) < 0x20 for c in t))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_shaped_text, st.booleans()), min_size=1, max_size=8))
+def test_cutting_at_the_ends_is_what_plain_bytes_does(texts: list[tuple[str, bool]]) -> None:
+    """`cut_null_usages` against `plain_bytes` on runs of blocks that close with
+    `,"usage":null}` (texts of any characters a shape can carry, ASCII-escaped or not)."""
+    blocks = [
+        b'data: {"id":"c","choices":[{"index":0,"delta":{"content":'
+        + json.dumps(text, ensure_ascii=escaped).encode()
+        + b'},"finish_reason":null}],"usage":null}\n\n'
+        for text, escaped in texts
+    ]
+    run = b"".join(blocks)
+    ends = [len(b"".join(blocks[: i + 1])) for i in range(len(blocks))]
+    assert cut_null_usages(run, ends) == UsageChunkFilter.plain_bytes(run)
+
+
+def test_the_full_parse_reads_each_kind_of_delta() -> None:
+    """`delta_chars` and `_chunk` (the dict-first type tests): a legacy `function_call`
+    counts its name and arguments, a null one and a null delta nothing; tool calls count
+    their function's; a usage-only chunk is told by its shape."""
+    assert delta_chars({"function_call": {"name": "get", "arguments": '{"a":1}'}}) == (10, 0)
+    assert delta_chars({"function_call": None, "content": "ab"}) == (2, 0)
+    assert delta_chars({"function_call": None}) is None
+    assert delta_chars({"tool_calls": [{"function": {"name": "f", "arguments": "xy"}}]}) == (3, 0)
+    assert delta_chars({"tool_calls": [None, {"function": None}]}) == (0, 0)
+    tracker = StreamUsageTracker(inspect_request("/v1/chat/completions", {"stream": True}))
+    kinds = [
+        tracker.feed(event)
+        for event in SSEDecoder().feed(
+            b'data: {"choices":[{"index":0,"delta":{"function_call":{"name":"get"}}}]}\n\n'
+            b'data: {"choices":[{"index":0,"delta":null,"finish_reason":"stop"}]}\n\n'
+            b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+            b'data: {"choices":[null],"usage":null}\n\n'
+        )
+    ]
+    assert kinds == [EventKind.CONTENT, EventKind.OTHER, EventKind.USAGE_ONLY, EventKind.OTHER]
+    assert tracker.content_chunks == 1 and tracker.finish_reason == "stop"
+    assert tracker.generated == 2 and tracker.reported

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 
-__all__ = ["Shape", "content_sizes", "parse_json", "shape_of"]
+__all__ = ["Shape", "content_sizes", "parse_json", "parse_object", "shape_of"]
 
 # A field typed `None` may be absent or null; any other value fails the typed decode, and the
 # event goes to the full parse: that is how usage, errors, Responses types and tool calls leave
@@ -68,6 +68,17 @@ def parse_json(data: str) -> Any:
         return _decode_any(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return json.loads(data)
+
+
+def parse_object(data: bytes) -> dict[str, Any] | None:
+    """`parse_json` of the text of `data` when msgspec's decoder reads the bytes (strict JSON
+    in valid UTF-8: then the text is read alike) and they hold an object; None otherwise,
+    whatever `parse_json` would say (the caller's general path then decides)."""
+    try:
+        obj = _decode_any(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return obj if type(obj) is dict else None
 
 
 Sizes = list[tuple[int, int, int]]

@@ -115,6 +115,19 @@ class UsageChunkFilter:
         blocks.pop()  # the run ends with a block's end: the last piece is empty
         return b"".join([_data_bytes(block + _BLOCK_END) for block in blocks])
 
+    def plain_bytes_around(self, run: bytes, usage_only: list[tuple[int, int]]) -> bytes:
+        """`client_bytes` of each event of `run` (what `StreamUsageTracker.feed_plain` took),
+        joined, where the blocks at the spans `usage_only` are usage-only chunks: those
+        dropped or left as they are, the others as `plain_bytes` edits them."""
+        parts, at = [], 0
+        for start, end in usage_only:
+            parts.append(self.plain_bytes(run[at:start]))
+            if not self._drop_usage_chunk:
+                parts.append(run[start:end])
+            at = end
+        parts.append(self.plain_bytes(run[at:]))
+        return b"".join(parts)
+
 
 def _data_bytes(raw: bytes) -> bytes:
     """A data event without its usage member."""
@@ -131,6 +144,19 @@ def _cut_null_usage(raw: bytes) -> bytes:
         return raw[:NULL_USAGE_CUT] + _CLOSED_END
     with memoryview(raw) as view:  # one copy of a large event, not two (slice, then concat)
         return b"".join((view[: -len(_NULL_USAGE_END)], _CLOSED_END))
+
+
+def cut_null_usages(run: bytes, ends: list[int]) -> bytes:
+    """`UsageChunkFilter.plain_bytes(run)` of a run of blocks ending at `ends` (its last
+    one is the run's end), each of which has `,"usage":null}` as its one `"usage"`, known
+    from its `Shape` (`StreamUsageTracker.feed_plain`): each block cut where it ends, without
+    the searches and counts over the whole run that `plain_bytes` needs to know that."""
+    parts, start = [], 0
+    for end in ends:
+        parts.append(run[start : end - len(_NULL_USAGE_END)])
+        start = end
+    parts.append(b"")  # so that the join ends with the last block's `}` LF LF
+    return _CLOSED_END.join(parts)
 
 
 # `client_bytes` of a data event whose one `"usage"` is its closing `,"usage":null}` (known

@@ -1,46 +1,33 @@
 """Streamed usage: what each SSE event means to the relay (`EventKind`, proxy/usage/event_kind.py),
 and what a stream generated. Chat and completions chunks are read here; the Responses API's
-events in proxy/usage/responses_events.py."""
+events in proxy/usage/responses_events.py; the plain reads (`feed_plain`, `feed_shaped`, the
+path of nearly every read) in proxy/usage/plain_reads.py."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import Any
 
 from proxy.errors import UpstreamFailed
 from proxy.outcome import Usage
 from proxy.sse import SSEEvent
 from proxy.usage.event_kind import EventKind, error_message
 from proxy.usage.facts import RequestFacts, as_int
-from proxy.usage.fast import TEXT_BREAK, Shape, Sizes, content_sizes, parse_json, shape_of
-from proxy.usage.prompt import CHARS_PER_TOKEN
+from proxy.usage.fast import Shape, Sizes, content_sizes, parse_json
+from proxy.usage.plain_reads import SINGLE_TOKEN_MAX_CHARS, PlainReads, chunk_tokens
 from proxy.usage.reported import Reported, parse_usage
 from proxy.usage.responses_events import ResponsesEvents, repeats_text
 
-# Streamed completion estimate: see `chunk_tokens`.
-SINGLE_TOKEN_MAX_CHARS: Final = 12
-# A stream whose chunks keep changing around their text (a per-chunk timestamp or padding)
-# stops looking for a `Shape` after this many misses.
-_SHAPE_MISSES: Final = 4
-
-
-def chunk_tokens(chars: int) -> int:
-    """Completion tokens one content chunk stands for, when the upstream does not say.
-
-    OpenAI, vLLM and llama.cpp send one token per chunk, and a single token is rarely longer than
-    12 characters (" Information" is one token); so a chunk counts one token, plus one per further
-    4 characters or part when it is longer than that (upstreams that batch several tokens per
-    chunk). Chunks are counted, not characters overall, because word-salad and code have long
-    tokens: on the llama.cpp completions fixture ceil(chars / 4) says 17 where the truth is 12.
-    """
-    if chars <= SINGLE_TOKEN_MAX_CHARS:
-        return 1
-    return 1 + -(-(chars - SINGLE_TOKEN_MAX_CHARS) // CHARS_PER_TOKEN)
+__all__ = ["SINGLE_TOKEN_MAX_CHARS", "StreamUsageTracker", "chunk_tokens", "delta_chars"]
 
 
 def delta_chars(delta: Mapping[str, Any]) -> tuple[int, int] | None:
-    """(output chars, reasoning chars) of a chat delta, or None when it carries no output."""
+    """(output chars, reasoning chars) of a chat delta, or None when it carries no output.
+
+    (Here and in `_chunk`, `type(x) is dict or isinstance(x, Mapping)`: a parsed JSON object
+    is a dict, and `isinstance` against the ABC is a Python-level `__instancecheck__` frame;
+    None is never a Mapping.)"""
     chars = reasoning = 0
     found = False
     for key in ("content", "refusal"):
@@ -57,22 +44,22 @@ def delta_chars(delta: Mapping[str, Any]) -> tuple[int, int] | None:
     if isinstance(calls, list) and calls:
         found = True  # even the first fragment (id and name only) is generated output
         for call in calls:
-            if isinstance(call, Mapping):
+            if type(call) is dict or isinstance(call, Mapping):
                 chars += _function_chars(call.get("function"))
     legacy = delta.get("function_call")  # the deprecated single-function form
-    if isinstance(legacy, Mapping):
+    if legacy is not None and (type(legacy) is dict or isinstance(legacy, Mapping)):
         found = True
         chars += _function_chars(legacy)
     return (chars, reasoning) if found else None
 
 
 def _function_chars(fn: object) -> int:
-    if not isinstance(fn, Mapping):
+    if type(fn) is not dict and not isinstance(fn, Mapping):
         return 0
     return sum(len(v) for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
 
 
-class StreamUsageTracker(ResponsesEvents):
+class StreamUsageTracker(PlainReads, ResponsesEvents):
     """Classifies the events of one streamed answer and counts what was generated.
 
     Estimated figures (no usage reported) come from `chunk_tokens` per content chunk and per
@@ -206,133 +193,6 @@ class StreamUsageTracker(ResponsesEvents):
             return self._responses_event(kind, restored)
         return self._chunk(restored)
 
-    def feed_shaped(self, chunk: bytes) -> Shape | None:
-        """`feed_plain` of a read that is one block of the last content chunk's `Shape` with
-        some text (the usual read of a generating stream), in one step: its shape, or None
-        (nothing fed) when the read is anything else. The caller's conditions are
-        `feed_plain`'s."""
-        shape = self._shape
-        if shape is None:
-            return None
-        lead, trail = shape.lead, shape.trail  # `data: ` + head, tail + LF LF
-        start, stop = len(lead), len(chunk) - len(trail)
-        if (
-            start >= stop
-            or not chunk.startswith(lead)
-            or not chunk.endswith(trail)
-            or TEXT_BREAK(chunk, start, stop) is not None
-        ):
-            return None  # (no LF in the text or its shape: one block, ended where it ends)
-        if chunk.isascii():
-            chars = stop - start
-        else:
-            try:
-                chars = len(chunk[start:stop].decode())
-            except UnicodeDecodeError:
-                return None  # invalid UTF-8: the full parse reads it
-        tokens = 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
-        self._estimated += tokens
-        self._est_since_report += tokens
-        self.generated += tokens
-        if shape.index:
-            self._tally(shape.index, chars)
-        else:
-            self._chunks0 += 1
-            self._chars0 += chars
-        self.content_chunks += 1
-        return shape
-
-    def feed_plain(self, chunk: bytes) -> tuple[int, int]:
-        """`feed` the events at the front of `chunk` that need no `SSEEvent`: whole blocks of
-        one `data: ...` line ended by LF LF, whose data is `[DONE]` or a chunk `content_sizes`
-        reads. Returns where they end (0: none taken) and how many carried content.
-
-        The caller passes a read that begins a block (`SSEDecoder.at_boundary`) and holds no
-        CR, and gives the decoder only the rest: each block taken here is an event with just
-        `data` set (the decoder's fast path), fed exactly as `feed` would take it, without
-        decoding its text first. tests/test_usage_plain.py holds the two paths equal."""
-        if not self._fast:
-            return 0, 0
-        pos, n, contents = 0, len(chunk), 0
-        estimated = estimated_reasoning = 0
-        chunks0 = chars0 = 0  # choice 0's, added once at the end
-        ascii = chunk.isascii()  # once for the read: then a text's size is its length
-        while chunk.startswith(b"data: ", pos):
-            shape = self._shape
-            if shape is not None and chunk.startswith(shape.lead, pos):
-                # The last content chunk's bytes around a new text: no parse (see `Shape`).
-                # The text ends at the first quote, where the trail (`"` + tail + LF LF) must
-                # begin; a text with no control character either, and no LF in the lead or
-                # the tail: the block is the lead, the text and the trail (what finding the
-                # block's end and matching its two ends would say). The quote is found before
-                # the next block's lead ends (a lead holds quotes): one pass over a read.
-                start = pos + len(shape.lead)
-                stop = chunk.find(0x22, start)  # `"` as an int: one memchr
-                if (
-                    stop >= 0
-                    and chunk.startswith(shape.trail, stop)
-                    and TEXT_BREAK(chunk, start, stop) is None
-                ):
-                    if ascii:
-                        chars = stop - start
-                    else:
-                        try:
-                            chars = len(chunk[start:stop].decode())
-                        except UnicodeDecodeError:
-                            chars = -1  # invalid UTF-8: the parse below refuses it too
-                    if chars > 0:
-                        estimated += 1 if chars <= SINGLE_TOKEN_MAX_CHARS else chunk_tokens(chars)
-                        if shape.index:
-                            self._tally(shape.index, chars)
-                        else:
-                            chunks0 += 1
-                            chars0 += chars
-                        contents += 1
-                        pos = stop + len(shape.trail)
-                        continue
-                    if chars == 0:  # an empty text: no output, as `content_sizes` says
-                        pos = stop + len(shape.trail)
-                        continue
-            eol = chunk.find(b"\n", pos + 6)
-            if eol < 0 or eol + 1 >= n or chunk[eol + 1] != 0x0A:
-                break
-            data = chunk[pos + 6 : eol]
-            if data == b"[DONE]":
-                self.done = True
-            else:
-                sizes = content_sizes(data)
-                if sizes is None:
-                    self._declined = data
-                    break  # this one needs the full parse: the decoder and `feed` take over
-                if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
-                    if shape is not None:
-                        self._shape_misses += 1
-                    self._shape = shape_of(data)
-                if sizes:
-                    # `_count` of each, inline (this runs for nearly every event of a stream)
-                    for index, chars, reasoning in sizes:
-                        total = chars + reasoning
-                        tokens = chunk_tokens(total)
-                        estimated += tokens
-                        if reasoning and not chars:
-                            estimated_reasoning += tokens
-                        if index:
-                            self._tally(index, total)
-                        else:
-                            chunks0 += 1
-                            chars0 += total
-                    contents += 1
-            pos = eol + 2
-        if contents:
-            self._chunks0 += chunks0
-            self._chars0 += chars0
-            self._estimated += estimated
-            self._est_since_report += estimated
-            self.generated += estimated
-            self._estimated_reasoning += estimated_reasoning
-            self.content_chunks += contents
-        return pos, contents
-
     def _content(self, sizes: Sizes) -> EventKind:
         if not sizes:
             return EventKind.OTHER
@@ -354,13 +214,13 @@ class StreamUsageTracker(ResponsesEvents):
         choices = obj.get("choices")
         if isinstance(choices, list):
             for choice in choices:
-                if not isinstance(choice, Mapping):
+                if type(choice) is not dict and not isinstance(choice, Mapping):
                     continue
                 finish = choice.get("finish_reason")
                 if isinstance(finish, str):
                     self.finish_reason = finish
                 delta = choice.get("delta")
-                if isinstance(delta, Mapping):
+                if type(delta) is dict or isinstance(delta, Mapping):
                     sizes = delta_chars(delta)
                 else:  # legacy completions: {"text": ...}
                     text = choice.get("text")
@@ -377,7 +237,7 @@ class StreamUsageTracker(ResponsesEvents):
         reported = parse_usage(usage)
         if reported is not None:
             self._report(reported)
-        if not choices and isinstance(usage, Mapping):
+        if not choices and (type(usage) is dict or isinstance(usage, Mapping)):
             # choices [] (OpenAI, llama.cpp), null or absent (some vLLM versions): by its shape,
             # so that the filter drops it even when its figures are not ones we can read.
             return EventKind.USAGE_ONLY
@@ -402,18 +262,6 @@ class StreamUsageTracker(ResponsesEvents):
         self._est_since_report = 0
         completion = reported.completion
         self.generated = self._estimated if completion is None else completion
-
-    def _tally(self, index: int, chars: int) -> None:
-        """One content chunk of a choice other than 0."""
-        others = self._others
-        if others is None:
-            others = self._others = {}
-        counts = others.get(index)
-        if counts is None:
-            others[index] = [1, chars]
-        else:
-            counts[0] += 1
-            counts[1] += chars
 
     @property
     def chunks_by_choice(self) -> dict[int, int]:
