@@ -110,7 +110,9 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
         opened += body.count(b"{", end, after)
         end = after
     try:
-        usage = _decode_usage(memoryview(body)[start : end + 1])
+        # A copy of the object's bytes (a few hundred): msgspec reads a bytes-like slice
+        # ~0.1 us sooner than a memoryview of it.
+        usage = _decode_usage(body[start : end + 1])
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return UNREAD
     top = MAX_REPORTED_TOKENS
