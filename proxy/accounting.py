@@ -289,7 +289,8 @@ class Accountant:
         model, route_name = record.model, record.route or ""
         answer: int | None
         answering: Attempt | None
-        if len(attempts) == 1 and attempts[0].delivered:
+        single = len(attempts) == 1 and attempts[0].delivered
+        if single:
             # The usual record: one attempt, whose answer the client got.
             answer, answering = 0, attempts[0]
             self._bill_single(record, answering)
@@ -337,14 +338,35 @@ class Accountant:
             and record.endpoint in _GENERATING
             and record.upstream_status is not None
             and record.upstream_status < 300
-            and not any(a.reason == "continue" for a in record.attempts)
+            and (
+                attempts[0].reason != "continue"  # one attempt: no generator for `any`
+                if single
+                else not any(a.reason == "continue" for a in attempts)
+            )
         ):
             # The answer's own length (not a hedge loser's); a continued answer's is the sum
             # of parts cut short, not a natural length.
             bill = answering.bill if answering is not None else None
             usage = bill.usage if bill is not None else record.usage
             self.typical.observe(route_name, model, usage.completion_tokens)
-        record.cost = self._cost(record, answering)
+        if single and record.savings is None and answering is not None:
+            record.cost = self._cost_single(record, answering)
+        else:
+            record.cost = self._cost(record, answering)
+
+    def _cost_single(self, record: RequestRecord, answering: Attempt) -> Cost:
+        """`_cost` of the usual record (its one attempt delivered, billed by `_bill_single`,
+        nothing cut), without its three lists: one bill, which saved nothing (`saved_usd` None).
+        tests/test_accounting_single.py checks the two agree."""
+        bill = answering.bill
+        if bill is None or bill.saved_usd is not None:
+            return self._cost(record, answering)
+        used = bill.used_usd
+        if used is None:
+            if self.prices.price(answering.model or record.model) is None:
+                return Cost()
+            return Cost(used_usd=0.0, saved_usd=0.0, wasted_usd=0.0)
+        return Cost(used_usd=0 + used, saved_usd=0.0, wasted_usd=0.0)  # 0 +: as `sum` adds
 
     def _cost(self, record: RequestRecord, answering: Attempt | None) -> Cost:
         """USD used (every billed attempt), saved and wasted (the answering attempt's cut)."""
