@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import replace
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -115,7 +116,7 @@ def _records(draw: st.DrawFn) -> RequestRecord:
 
 def _copy(record: RequestRecord) -> RequestRecord:
     """A copy sharing nothing settle writes to or reads from another record."""
-    return replace(
+    return msgspec.structs.replace(
         record,
         seen_usage=None if record.seen_usage is None else replace(record.seen_usage),
         attempts=[
