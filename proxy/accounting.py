@@ -110,13 +110,21 @@ class Facts:
 
 def _needs_prompt_count(record: RequestRecord) -> bool:
     """The upstream saw the prompt but its count was not reported."""
+    seen = record.seen_usage
+    if seen is not None and not seen.prompt_estimated:
+        # The usual answer: the prompt was reported, for the request and each of its attempts.
+        # Every test below then ends in False: answered without asking them.
+        for a in record.attempts:
+            if a.usage is None or a.usage.prompt_estimated:
+                break
+        else:
+            return False
     if not record.sent_upstream or record.outcome not in _UPSTREAM_HAD_IT:
         return False
     if _refused(record) or (record.outcome is Outcome.UPSTREAM_ERROR and _no_answer(record)):
         return False
     if record.endpoint not in _COUNTED_ENDPOINTS:
         return False
-    seen = record.seen_usage
     if seen is None or seen.prompt_estimated:
         return True
     # An attempt on the primary target whose prompt was not reported (a hedge loser, a failed
@@ -176,8 +184,9 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
         record.outcome is Outcome.COMPLETED or exchange.drained
     ):
         body = exchange.json_body  # not copied: only its tail is read
-        if is_identity(exchange.content_encoding) or len(body) <= FULL_PARSE_MAX // 4:
-            record.seen_usage = body_usage(body, facts, exchange.content_encoding)
+        encoding = exchange.content_encoding
+        if encoding is None or is_identity(encoding) or len(body) <= FULL_PARSE_MAX // 4:
+            record.seen_usage = body_usage(body, facts, encoding)
             record.generated_tokens = record.seen_usage.completion_tokens
         else:
             pending_body = bytes(body)
