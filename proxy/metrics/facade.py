@@ -32,7 +32,7 @@ from proxy.outcome import EngineAbort, RequestRecord, Usage
 from proxy.resilience.circuit import CircuitState
 
 from . import schema
-from .labels import NONE, BoundedLabel, endpoint_shaped, model_shaped, status_class
+from .labels import CLASS_OF_STATUS, NONE, BoundedLabel, endpoint_shaped, model_shaped
 from .loopvalue import Buckets, Value, count_of
 from .schema import Spec
 
@@ -228,7 +228,10 @@ class Metrics:
     def request_finished(self, record: RequestRecord) -> None:
         """Account one finished request from its sealed record (after accounting)."""
         route = record.route if record.route in self._routes else NONE
-        model = self._model_for(record)
+        # A known model is its own label (`BoundedLabel.known`): no `_model_for` to ask.
+        model = record.model
+        if model not in self._models.known:
+            model = self._model_for(record)
         rm = (route, model)
         client = record.client if record.client in self._clients else NONE
         rmc = (*rm, client)
@@ -239,8 +242,10 @@ class Metrics:
             # `_value_`, not `.value`: the same string without enum's property (~0.3 us).
             outcome = record.outcome._value_
         count = self._count
-        endpoint = self._endpoints.admit(record.endpoint)
-        status = status_class(record.status)
+        endpoint = record.endpoint
+        if endpoint not in self._endpoints.known:
+            endpoint = self._endpoints.admit(endpoint)
+        status = CLASS_OF_STATUS.get(record.status, NONE)  # `status_class`, inline
         key = (route, model, outcome, client, endpoint, status)
         common = self._finished.get(key)
         if common is None:
