@@ -440,7 +440,7 @@ class Accountant:
             usage=usage, billing=self._billing.get((attempt.upstream, record.stream), "full")
         )
         if usage.total_tokens > 0:
-            bill.used_usd = self.prices.cost(attempt.model or record.model, usage).used_usd
+            bill.used_usd = self.prices.used_usd(attempt.model or record.model, usage)
         attempt.bill = bill
         record.waste = {}
         prompt_estimated = usage.prompt_estimated and usage.prompt_tokens > 0
