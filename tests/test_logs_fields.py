@@ -179,3 +179,28 @@ def test_the_timings_are_the_record_properties() -> None:
     assert fields["duration_ms"] == _ms(record.duration_s) == 2500.0
     assert fields["ttft_ms"] == _ms(record.ttft_s) == 250.0
     assert fields["overhead_ms"] == _ms(record.overhead_s) == 1500.0
+
+
+# Seconds whose milliseconds sit on or next to a tie at the third decimal, as well as any float.
+_near_ties = st.builds(
+    lambda k, nudge: (k + 0.5) / 1e6 + nudge,
+    st.integers(-(10**9), 10**9),
+    st.sampled_from([0.0, 5e-324, -5e-324, 1e-15, -1e-15, 1e-12, -1e-12]),
+)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.floats() | _near_ties | st.floats(-1e-6, 1e-6) | st.floats(1e6, 1e9))
+def test_ms_is_round_to_three_decimals(seconds: float) -> None:
+    want = round(seconds * 1000, 3)
+    got = _ms(seconds)
+    assert repr(got) == repr(want), seconds  # repr: also NaN, and -0.0 apart from 0.0
+
+
+def test_ms_on_the_usual_durations_and_its_edges() -> None:
+    """Not vacuous: the way without `round` is taken, and the edges are kept."""
+    assert _ms(0.0002783456789) == 0.278 and _ms(2.5) == 2500.0
+    assert repr(_ms(-1e-10)) == "-0.0" and _ms(0.0015) == round(1.5, 3)
+    assert _ms(None) is None
+    # Past 2**40 the float product can round to an integer the exact one does not: `round`.
+    assert repr(_ms(54889503931.214836)) == "54889503931214.836"
