@@ -27,6 +27,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.attempts import AttemptResult
 from proxy.config import MetricsConfig
 from proxy.outcome import EngineAbort, RequestRecord, Usage
 from proxy.resilience.circuit import CircuitState
@@ -139,6 +140,7 @@ class Metrics:
         self._counts: dict[tuple[int, tuple[str, ...]], Value] = {}
         self._buckets: dict[tuple[int, tuple[str, ...]], Buckets] = {}
         self._circuit_states: dict[str, CircuitState] = {}
+        self._attempt_counts: dict[tuple[str, AttemptResult], Value] = {}
         # Per label set of a finished request, the series it always writes (`_Finished`).
         self._finished: dict[tuple[str, ...], _Finished] = {}
         self._max_finished = _MAX_FINISHED
@@ -266,7 +268,15 @@ class Metrics:
         for attempt in record.attempts:
             # Configured upstream names only: a closed label set.
             if attempt.result is not None and attempt.upstream in self._upstreams:
-                count(self._attempts, (attempt.upstream, attempt.result._value_)).inc(1)
+                # `count(self._attempts, ...)`'s value, kept by (upstream, result): no key of
+                # the counter's id and labels built, no call (bounded as both label sets).
+                per = (attempt.upstream, attempt.result)
+                value = self._attempt_counts.get(per)
+                if value is None:
+                    value = self._attempt_counts[per] = count(
+                        self._attempts, (attempt.upstream, attempt.result._value_)
+                    )
+                value.inc(1)
             if route not in self._routes:
                 continue
             if attempt.reason == "fallback":
