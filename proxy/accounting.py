@@ -110,13 +110,21 @@ class Facts:
 
 def _needs_prompt_count(record: RequestRecord) -> bool:
     """The upstream saw the prompt but its count was not reported."""
+    seen = record.seen_usage
+    if seen is not None and not seen.prompt_estimated:
+        # The usual answer: the prompt was reported, for the request and each of its attempts.
+        # Every test below then ends in False: answered without asking them.
+        for a in record.attempts:
+            if a.usage is None or a.usage.prompt_estimated:
+                break
+        else:
+            return False
     if not record.sent_upstream or record.outcome not in _UPSTREAM_HAD_IT:
         return False
     if _refused(record) or (record.outcome is Outcome.UPSTREAM_ERROR and _no_answer(record)):
         return False
     if record.endpoint not in _COUNTED_ENDPOINTS:
         return False
-    seen = record.seen_usage
     if seen is None or seen.prompt_estimated:
         return True
     # An attempt on the primary target whose prompt was not reported (a hedge loser, a failed
@@ -176,8 +184,9 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
         record.outcome is Outcome.COMPLETED or exchange.drained
     ):
         body = exchange.json_body  # not copied: only its tail is read
-        if is_identity(exchange.content_encoding) or len(body) <= FULL_PARSE_MAX // 4:
-            record.seen_usage = body_usage(body, facts, exchange.content_encoding)
+        encoding = exchange.content_encoding
+        if encoding is None or is_identity(encoding) or len(body) <= FULL_PARSE_MAX // 4:
+            record.seen_usage = body_usage(body, facts, encoding)
             record.generated_tokens = record.seen_usage.completion_tokens
         else:
             pending_body = bytes(body)
@@ -289,7 +298,8 @@ class Accountant:
         model, route_name = record.model, record.route or ""
         answer: int | None
         answering: Attempt | None
-        if len(attempts) == 1 and attempts[0].delivered:
+        single = len(attempts) == 1 and attempts[0].delivered
+        if single:
             # The usual record: one attempt, whose answer the client got.
             answer, answering = 0, attempts[0]
             self._bill_single(record, answering)
@@ -337,14 +347,35 @@ class Accountant:
             and record.endpoint in _GENERATING
             and record.upstream_status is not None
             and record.upstream_status < 300
-            and not any(a.reason == "continue" for a in record.attempts)
+            and (
+                attempts[0].reason != "continue"  # one attempt: no generator for `any`
+                if single
+                else not any(a.reason == "continue" for a in attempts)
+            )
         ):
             # The answer's own length (not a hedge loser's); a continued answer's is the sum
             # of parts cut short, not a natural length.
             bill = answering.bill if answering is not None else None
             usage = bill.usage if bill is not None else record.usage
             self.typical.observe(route_name, model, usage.completion_tokens)
-        record.cost = self._cost(record, answering)
+        if single and record.savings is None and answering is not None:
+            record.cost = self._cost_single(record, answering)
+        else:
+            record.cost = self._cost(record, answering)
+
+    def _cost_single(self, record: RequestRecord, answering: Attempt) -> Cost:
+        """`_cost` of the usual record (its one attempt delivered, billed by `_bill_single`,
+        nothing cut), without its three lists: one bill, which saved nothing (`saved_usd` None).
+        tests/test_accounting_single.py checks the two agree."""
+        bill = answering.bill
+        if bill is None or bill.saved_usd is not None:
+            return self._cost(record, answering)
+        used = bill.used_usd
+        if used is None:
+            if self.prices.price(answering.model or record.model) is None:
+                return Cost()
+            return Cost(used_usd=0.0, saved_usd=0.0, wasted_usd=0.0)
+        return Cost(used_usd=0 + used, saved_usd=0.0, wasted_usd=0.0)  # 0 +: as `sum` adds
 
     def _cost(self, record: RequestRecord, answering: Attempt | None) -> Cost:
         """USD used (every billed attempt), saved and wasted (the answering attempt's cut)."""
@@ -409,7 +440,7 @@ class Accountant:
             usage=usage, billing=self._billing.get((attempt.upstream, record.stream), "full")
         )
         if usage.total_tokens > 0:
-            bill.used_usd = self.prices.cost(attempt.model or record.model, usage).used_usd
+            bill.used_usd = self.prices.used_usd(attempt.model or record.model, usage)
         attempt.bill = bill
         record.waste = {}
         prompt_estimated = usage.prompt_estimated and usage.prompt_tokens > 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import FrozenInstanceError, dataclass, field, fields
+from dataclasses import FrozenInstanceError, dataclass, fields
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
+
+import msgspec
 
 if TYPE_CHECKING:
     from proxy.tracing.context import TraceIds
@@ -247,9 +249,12 @@ NO_USAGE: Final[Usage] = _no_usage()
 NO_WASTE: Final[Mapping[str, Waste]] = MappingProxyType({})
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """Everything known about one request when it ends. Times are `loop.time()` seconds."""
+class RequestRecord(msgspec.Struct):
+    """Everything known about one request when it ends. Times are `loop.time()` seconds.
+
+    A msgspec Struct, not a slotted dataclass: one is made for every request, and the
+    dataclass's generated `__init__` set its 56 fields one bytecode store at a time (~0.7 us;
+    the Struct's, in C, ~0.4 us). Attribute reads cost the same (both are slots)."""
 
     request_id: str
     method: str
@@ -311,11 +316,11 @@ class RequestRecord:
     cost: Cost | None = None
     # Attempt waste by reason ("hedge", "failover"): what attempts whose output never reached
     # the client cost (proxy/bills.py). Empty when every billed attempt was delivered.
-    waste: Mapping[str, Waste] = field(default_factory=lambda: NO_WASTE)
+    waste: Mapping[str, Waste] = NO_WASTE
     background: BackgroundCancel | None = None
     background_response_id: str | None = None
     # Every upstream attempt, in the order they began (see proxy/attempts.py).
-    attempts: list[Attempt] = field(default_factory=list)
+    attempts: list[Attempt] = msgspec.field(default_factory=list)
     # The id hangup gave the request at the engine (`engine: sglang | vllm`), and what came of
     # the abort sent for it: result, and seconds from the decision to abort to the answer.
     engine_request_id: str | None = None

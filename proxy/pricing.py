@@ -122,20 +122,18 @@ class PriceBook:
                     return price
         return None
 
+    def used_usd(self, model: str | None, usage: Usage) -> float | None:
+        """`cost(model, usage).used_usd`, without the `Cost` (an attempt's bill needs no more)."""
+        price = self.price(model)
+        return None if price is None else _used(price, usage) / _PER_MTOK
+
     def cost(self, model: str | None, usage: Usage, savings: Savings | None = None) -> Cost:
         """USD used, saved and wasted; `Cost()` (unpriced) when the model has no price."""
         price = self.price(model)
         if price is None:
             return Cost()
-        prompt = max(0, usage.prompt_tokens)
-        cached = min(max(0, usage.cached_tokens), prompt)
-        cached_rate = price.cached_input_per_mtok
-        if cached_rate is None:
-            cached_rate = price.input_per_mtok
+        used = _used(price, usage)
         out = price.output_per_mtok
-        # Reasoning tokens are part of completion_tokens and billed as output: not added again.
-        used = (prompt - cached) * price.input_per_mtok + cached * cached_rate
-        used += max(0, usage.completion_tokens) * out
         saved = wasted = 0.0
         if savings is not None:
             # Dollars are saved only where the bill stops at the hang-up; a self-hosted engine
@@ -145,3 +143,15 @@ class PriceBook:
             if savings.billing != "self_hosted":
                 wasted = savings.tokens_wasted * out / _PER_MTOK
         return Cost(used_usd=used / _PER_MTOK, saved_usd=saved, wasted_usd=wasted)
+
+
+def _used(price: Price, usage: Usage) -> float:
+    """USD per million tokens times the tokens `usage` bills at `price` (divide by a million)."""
+    prompt = max(0, usage.prompt_tokens)
+    cached = min(max(0, usage.cached_tokens), prompt)
+    cached_rate = price.cached_input_per_mtok
+    if cached_rate is None:
+        cached_rate = price.input_per_mtok
+    # Reasoning tokens are part of completion_tokens and billed as output: not added again.
+    used = (prompt - cached) * price.input_per_mtok + cached * cached_rate
+    return used + max(0, usage.completion_tokens) * price.output_per_mtok

@@ -180,10 +180,11 @@ class ProxyState:
             log.exception("metrics failed for request %s", record.request_id)
         if self.config.logging.access_log:
             log_access(access_fields(record), error=record.outcome is Outcome.INTERNAL_ERROR)
-        try:
-            self.tracing.finished(record)
-        except Exception:
-            log.exception("tracing failed for request %s", record.request_id)
+        if record.trace is not None:  # an untraced record is nothing to any tracing's `finished`
+            try:
+                self.tracing.finished(record)
+            except Exception:
+                log.exception("tracing failed for request %s", record.request_id)
         for listener in self.listeners:
             try:
                 listener(record)

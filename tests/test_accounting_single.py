@@ -11,9 +11,11 @@ models, cut short or not, streamed or not.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import replace
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,7 +116,7 @@ def _records(draw: st.DrawFn) -> RequestRecord:
 
 def _copy(record: RequestRecord) -> RequestRecord:
     """A copy sharing nothing settle writes to or reads from another record."""
-    return replace(
+    return msgspec.structs.replace(
         record,
         seen_usage=None if record.seen_usage is None else replace(record.seen_usage),
         attempts=[
@@ -130,6 +132,7 @@ def _general() -> Accountant:
         accountant._bill(record, accountant._routes.get(record.route or ""))
 
     accountant._bill_single = general  # type: ignore[method-assign]
+    accountant._cost_single = accountant._cost  # type: ignore[method-assign]
     return accountant
 
 
@@ -142,6 +145,8 @@ def test_the_single_attempt_way_settles_as_the_general_one(records: list[Request
         fast.settle(mine)
         general.settle(theirs)
         assert mine == theirs
+    # The typical lengths learned (read only once 20 answers of one route and model are in).
+    assert fast.typical._lengths == general.typical._lengths
 
 
 def test_the_usual_record_takes_the_single_attempt_way() -> None:
@@ -152,6 +157,7 @@ def test_the_usual_record_takes_the_single_attempt_way() -> None:
         raise AssertionError("the general way was taken")
 
     accountant._bill = no_general  # type: ignore[method-assign]
+    accountant._cost = no_general  # type: ignore[assignment]
     usage = Usage(prompt_tokens=14, completion_tokens=16)
     attempt = Attempt("hosted", "m", 0.0, status=200, result=AttemptResult.OK, delivered=True)
     attempt.usage = usage
@@ -174,3 +180,28 @@ def test_the_usual_record_takes_the_single_attempt_way() -> None:
     )
     accountant.settle(record)
     assert record.usage == usage and record.cost is not None and record.cost.priced
+
+
+def test_a_continued_answer_teaches_no_typical_length_either_way() -> None:
+    """The single-attempt way's own test for a continuation (rare in the generated records):
+    a continued answer's length is not a natural one, so neither way learns it."""
+    for accountant in (Accountant(_CONFIG), _general()):
+        for reason in ("continue", "primary"):
+            attempt = Attempt("hosted", "m", 0.0, reason=reason, status=200, delivered=True)
+            attempt.result, attempt.usage = AttemptResult.OK, Usage(14, 16)
+            record = RequestRecord(
+                request_id="r",
+                method="POST",
+                path="/v1/chat/completions",
+                started_at=0.0,
+                wall_started_at=0.0,
+                route="hosted",
+                model="m",
+                endpoint="chat.completions",
+                upstream_status=200,
+                outcome=Outcome.COMPLETED,
+                sent_upstream=True,
+                attempts=[attempt],
+            )
+            accountant.settle(record)
+        assert list(accountant.typical._lengths.items()) == [(("hosted", "m"), deque([16]))]

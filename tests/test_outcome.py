@@ -123,3 +123,28 @@ def test_settle_relayed_says_why_a_200_failed() -> None:
     fine = record()
     settle_relayed(fine, 200, stream_error=None, stream_terminated=True)
     assert (fine.outcome, fine.error_type, fine.error_message) == (Outcome.COMPLETED, None, None)
+
+
+def test_a_new_record_holds_its_defaults_and_shares_nothing_it_writes() -> None:
+    """What the record's construction promises (a msgspec Struct since round 7, a slotted
+    dataclass before): every field not given is its default, the attempts list is each
+    record's own, the shared empties (`NO_USAGE`, `NO_WASTE`) refuse writes, and no other
+    attribute can be set."""
+    from proxy.attempts import Attempt
+    from proxy.outcome import NO_USAGE, NO_WASTE
+
+    a, b = record(), record()
+    assert a == b and a is not b
+    a.attempts.append(Attempt("up", "m", 0.0))
+    assert b.attempts == [] and a != b
+    assert b.usage is NO_USAGE and b.waste is NO_WASTE and b.savings is None
+    assert (b.endpoint, b.stream, b.upstream_wait_s, b.stream_terminated) == (
+        "other",
+        False,
+        0.0,
+        None,
+    )
+    assert a.settle(Outcome.COMPLETED) and a.outcome is Outcome.COMPLETED
+    with pytest.raises(AttributeError):
+        a.no_such_field = 1  # type: ignore[attr-defined]
+    assert RequestRecord("r", "POST", "/v1/x", 100.0, 0.0) == b  # positional, in field order

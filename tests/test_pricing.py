@@ -3,6 +3,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.config import PriceConfig
 from proxy.outcome import Cost, Savings, Usage
@@ -103,3 +105,21 @@ def test_remembered_prices_are_the_ones_looked_up() -> None:
         assert len(book._found) <= 1024
     for model, price in expected.items():
         assert book.price(model) is price, model
+
+
+@given(
+    st.sampled_from(["gpt-4o", "m", "unpriced", None]),
+    st.builds(
+        Usage,
+        prompt_tokens=st.integers(-5, 10**6),
+        completion_tokens=st.integers(-5, 10**6),
+        cached_tokens=st.integers(-5, 10**6),
+        reasoning_tokens=st.integers(0, 10),
+    ),
+)
+def test_used_usd_is_what_cost_says_was_used(model: str | None, usage: Usage) -> None:
+    """An attempt's bill reads `used_usd` (no `Cost` made): the same float `cost` gives."""
+    book = PriceBook({"gpt-4o": Price(2.5, 10.0, 1.25), "m": Price(0.15, 0.6)})
+    assert book.used_usd(model, usage) == book.cost(model, usage).used_usd
+    if model in ("gpt-4o", "m") and usage.completion_tokens > 0:
+        assert book.used_usd(model, usage) is not None

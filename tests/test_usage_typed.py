@@ -212,3 +212,15 @@ def test_the_byte_before_the_window_is_not_looked_at() -> None:
     assert tail_usage(body, edge) is None
     found = tail_usage(body, edge + 1)
     assert found is not None and found.completion == 3
+
+
+def test_the_first_look_takes_only_a_member_named_usage() -> None:
+    """`tail_usage`'s first look (compact `,"usage":{`) refuses what the general way refuses: a
+    `"usage"` after anything but `,` or `{` (no member name), or at the window's first byte
+    (what came before it is not known)."""
+    usage = b'"usage":{"prompt_tokens":1,"completion_tokens":2}'
+    for body in (b"[" + usage + b"]", b'{"a":' + usage + b"}", b" " + usage, usage):
+        assert tail_usage(body) is None, body
+        assert _reference(body) is None, body
+    assert tail_usage(b"{" + usage + b"}") == Reported(1, 2, None, None)
+    assert tail_usage(b"{" + usage + b"}", len(usage) + 1) is None

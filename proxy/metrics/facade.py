@@ -19,7 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -27,12 +27,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.attempts import AttemptResult
 from proxy.config import MetricsConfig
-from proxy.outcome import EngineAbort, RequestRecord
+from proxy.outcome import EngineAbort, RequestRecord, Usage
 from proxy.resilience.circuit import CircuitState
 
 from . import schema
-from .labels import NONE, BoundedLabel, endpoint_shaped, model_shaped, status_class
+from .labels import CLASS_OF_STATUS, NONE, BoundedLabel, endpoint_shaped, model_shaped
 from .loopvalue import Buckets, Value, count_of
 from .schema import Spec
 
@@ -86,12 +87,13 @@ class _Finished:
     duration and overhead. One lookup for six, on every request; the values are the ones
     `_count` and `_buckets_of` hold."""
 
-    __slots__ = ("completion", "duration", "overhead", "prompt", "requests", "responses")
+    __slots__ = ("completion", "cost", "duration", "overhead", "prompt", "requests", "responses")
 
     def __init__(self, requests: Value, responses: Value) -> None:
         self.requests, self.responses = requests, responses
         self.prompt: Value | None = None
         self.completion: Value | None = None
+        self.cost: Value | None = None  # USD used, by (route, model, client)
         self.duration: Buckets | None = None
         self.overhead: Buckets | None = None
 
@@ -138,6 +140,7 @@ class Metrics:
         self._counts: dict[tuple[int, tuple[str, ...]], Value] = {}
         self._buckets: dict[tuple[int, tuple[str, ...]], Buckets] = {}
         self._circuit_states: dict[str, CircuitState] = {}
+        self._attempt_counts: dict[tuple[str, AttemptResult], Value] = {}
         # Per label set of a finished request, the series it always writes (`_Finished`).
         self._finished: dict[tuple[str, ...], _Finished] = {}
         self._max_finished = _MAX_FINISHED
@@ -227,7 +230,10 @@ class Metrics:
     def request_finished(self, record: RequestRecord) -> None:
         """Account one finished request from its sealed record (after accounting)."""
         route = record.route if record.route in self._routes else NONE
-        model = self._model_for(record)
+        # A known model is its own label (`BoundedLabel.known`): no `_model_for` to ask.
+        model = record.model
+        if model not in self._models.known:
+            model = self._model_for(record)
         rm = (route, model)
         client = record.client if record.client in self._clients else NONE
         rmc = (*rm, client)
@@ -238,8 +244,10 @@ class Metrics:
             # `_value_`, not `.value`: the same string without enum's property (~0.3 us).
             outcome = record.outcome._value_
         count = self._count
-        endpoint = self._endpoints.admit(record.endpoint)
-        status = status_class(record.status)
+        endpoint = record.endpoint
+        if endpoint not in self._endpoints.known:
+            endpoint = self._endpoints.admit(endpoint)
+        status = CLASS_OF_STATUS.get(record.status, NONE)  # `status_class`, inline
         key = (route, model, outcome, client, endpoint, status)
         common = self._finished.get(key)
         if common is None:
@@ -260,7 +268,15 @@ class Metrics:
         for attempt in record.attempts:
             # Configured upstream names only: a closed label set.
             if attempt.result is not None and attempt.upstream in self._upstreams:
-                count(self._attempts, (attempt.upstream, attempt.result._value_)).inc(1)
+                # `count(self._attempts, ...)`'s value, kept by (upstream, result): no key of
+                # the counter's id and labels built, no call (bounded as both label sets).
+                per = (attempt.upstream, attempt.result)
+                value = self._attempt_counts.get(per)
+                if value is None:
+                    value = self._attempt_counts[per] = count(
+                        self._attempts, (attempt.upstream, attempt.result._value_)
+                    )
+                value.inc(1)
             if route not in self._routes:
                 continue
             if attempt.reason == "fallback":
@@ -271,6 +287,7 @@ class Metrics:
                     count(self._hedges, (route, "won")).inc(1)
 
         usage = record.usage
+        attempts = record.attempts
         if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
             if common.prompt is None:
                 common.prompt = count(self._tokens, (*rm, "prompt", client))
@@ -281,7 +298,11 @@ class Metrics:
             common.completion.inc(usage.completion_tokens)
         # Each attempt's counts say how they were obtained: the estimated and tokenized parts
         # are summed over attempts (a reported answer beside an estimated hedge loser).
-        parts = [a.bill.usage for a in record.attempts if a.bill is not None] or [usage]
+        parts: Sequence[Usage]
+        if len(attempts) == 1 and attempts[0].bill is not None:  # the usual record: no list
+            parts = (attempts[0].bill.usage,)
+        else:
+            parts = [a.bill.usage for a in attempts if a.bill is not None] or [usage]
         for part in parts:
             if part.prompt_estimated:
                 self._add(self._tokens_estimated, (*rm, "prompt"), part.prompt_tokens)
@@ -298,8 +319,11 @@ class Metrics:
                 self._add(self._waste_cost, (route, reason), waste.usd)
                 # A hedge loser closed early saved what it did not generate (proxy/bills.py).
                 self._add(self._saved, rmc, waste.tokens_saved)
-        self._add(self._cached, rm, usage.cached_tokens)
-        self._add(self._reasoning, rm, usage.reasoning_tokens)
+        # `_add`'s test first: most answers have neither (no call for nothing).
+        if usage.cached_tokens > 0:
+            self._add(self._cached, rm, usage.cached_tokens)
+        if usage.reasoning_tokens > 0:
+            self._add(self._reasoning, rm, usage.reasoning_tokens)
 
         savings = record.savings
         if savings is not None:
@@ -309,24 +333,38 @@ class Metrics:
             self._add(self._wasted, rm, savings.tokens_wasted)
         cost = record.cost
         if cost is not None and cost.priced:
-            self._add(self._cost, rmc, cost.used_usd)
-            self._add(self._cost_saved, rmc, cost.saved_usd)
-            self._add(self._cost_wasted, rm, cost.wasted_usd)
+            used = cost.used_usd
+            if used is not None and used > 0:  # as `_add`, from the label set's own series
+                if common.cost is None:
+                    common.cost = count(self._cost, rmc)
+                common.cost.inc(used)
+            if cost.saved_usd:
+                self._add(self._cost_saved, rmc, cost.saved_usd)
+            if cost.wasted_usd:
+                self._add(self._cost_wasted, rm, cost.wasted_usd)
         elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
             count(self._unpriced, rm).inc(1)
 
-        duration = record.duration_s
-        if duration is not None:
+        # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
+        # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
+        ended = record.ended_at
+        if ended is not None:
+            duration = ended - record.started_at
             if common.duration is None:
                 common.duration = self._buckets_of(self._duration, (route, outcome))
             common.duration.observe(duration)
-        self._observe(self._ttft, rm, record.ttft_s)
-        overhead = record.overhead_s
-        if overhead is not None:
+        if record.first_token_at is not None:
+            self._observe(self._ttft, rm, record.first_token_at - record.started_at)
+        if ended is not None:
+            overhead = max(
+                0.0,
+                duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s,
+            )
             if common.overhead is None:
                 common.overhead = self._buckets_of(self._overhead, (route,))
             common.overhead.observe(overhead)
-        self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
+        if record.client_gone_at is not None and record.upstream_closed_at is not None:
+            self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
 
     def circuit_changed(self, upstream: str, state: CircuitState) -> None:
         # Called after every attempt; the gauge's three series change only with the state.

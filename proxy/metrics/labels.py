@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from typing import Final
 
 OTHER = "other"
 NONE = "none"
@@ -75,13 +76,16 @@ class BoundedLabel:
     def __init__(self, preset: Iterable[str], capacity: int, shaped: Callable[[str], bool]) -> None:
         self._preset = frozenset(preset)
         self._seen: set[str] = set()
+        # The preset and the admitted values: each is its own label for good (nothing leaves
+        # either set), so a caller that finds a value here needs neither `label` nor `admit`.
+        self.known: set[str] = set(self._preset)
         self._capacity = capacity
         self._shaped = shaped
 
     def label(self, value: str | None) -> str:
         if value is None:
             return NONE
-        if value in self._preset or value in self._seen:
+        if value in self.known:
             return value
         return OTHER
 
@@ -89,10 +93,11 @@ class BoundedLabel:
         """The label for `value`, taking a free slot for it if it is well shaped."""
         if value is None:
             return NONE
-        if value in self._preset or value in self._seen:
+        if value in self.known:
             return value
         if len(self._seen) < self._capacity and self._shaped(value):
             self._seen.add(value)
+            self.known.add(value)
             return value
         return OTHER
 
@@ -104,9 +109,11 @@ class BoundedLabel:
 
 def status_class(status: int | None) -> str:
     """ "2xx".."5xx" for the status the client got; "none" when no response was sent."""
-    if status is None or not 200 <= status <= 599:
-        return NONE
-    return STATUS_CLASSES[status // 100 - 2]
+    return CLASS_OF_STATUS.get(status, NONE)
 
 
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", NONE)
+# Every status with a class, looked up (the facade reads it inline, without a call).
+CLASS_OF_STATUS: Final[dict[int | None, str]] = {
+    status: STATUS_CLASSES[status // 100 - 2] for status in range(200, 600)
+}

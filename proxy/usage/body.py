@@ -83,6 +83,14 @@ def tail_usage(body: bytes | bytearray, tail: int = TAIL_BYTES) -> Reported | No
     """
     start = max(0, len(body) - tail)
     size = end = len(body)
+    # The usual answer ends `,"usage":{...}...` (compact JSON): its last candidate is tried in
+    # one look, before the loop below walks blanks byte by byte (and tries it again when this
+    # one finds nothing there). tests/test_usage_typed.py checks the two ways agree.
+    i = body.rfind(_USAGE_KEY, start)
+    if i > start and body[i - 1] in b",{" and body[i + 7 : i + 9] == b":{":
+        reported = read_usage_at(body, i + 8)
+        if reported is not None and reported is not UNREAD:
+            return reported
     while True:
         i = body.rfind(_USAGE_KEY, start, end)
         if i < 0:
