@@ -177,14 +177,7 @@ class PlainReads:
                             chunks0 += 1
                             chars0 += chars
                         contents += 1
-                        pos = stop + trail_size
-                        if ends is not None:
-                            if cut:
-                                ends.append(pos)
-                            else:
-                                ends = None
-                        continue
-                    if chars == 0:  # an empty text: no output, as `content_sizes` says
+                    if chars >= 0:  # (0: an empty text, no output, as `content_sizes` says)
                         pos = stop + trail_size
                         if ends is not None:
                             if cut:
