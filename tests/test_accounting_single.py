@@ -104,6 +104,11 @@ def _records(draw: st.DrawFn) -> RequestRecord:
         "background": draw(st.none() | st.sampled_from(list(BackgroundCancel))),
         "attempts": attempts,
     }
+    return _chat_record(**fields)
+
+
+def _chat_record(**fields: Any) -> RequestRecord:
+    """A chat completion's record with `fields` set (the identity fields are fixed)."""
     return RequestRecord(
         request_id="r",
         method="POST",
@@ -161,12 +166,7 @@ def test_the_usual_record_takes_the_single_attempt_way() -> None:
     usage = Usage(prompt_tokens=14, completion_tokens=16)
     attempt = Attempt("hosted", "m", 0.0, status=200, result=AttemptResult.OK, delivered=True)
     attempt.usage = usage
-    record = RequestRecord(
-        request_id="r",
-        method="POST",
-        path="/v1/chat/completions",
-        started_at=0.0,
-        wall_started_at=0.0,
+    record = _chat_record(
         route="hosted",
         upstream="hosted",
         model="m",
@@ -189,12 +189,7 @@ def test_a_continued_answer_teaches_no_typical_length_either_way() -> None:
         for reason in ("continue", "primary"):
             attempt = Attempt("hosted", "m", 0.0, reason=reason, status=200, delivered=True)
             attempt.result, attempt.usage = AttemptResult.OK, Usage(14, 16)
-            record = RequestRecord(
-                request_id="r",
-                method="POST",
-                path="/v1/chat/completions",
-                started_at=0.0,
-                wall_started_at=0.0,
+            record = _chat_record(
                 route="hosted",
                 model="m",
                 endpoint="chat.completions",
