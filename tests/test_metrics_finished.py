@@ -1,5 +1,5 @@
 """The series a finished request always writes are kept together per label set
-(proxy/metrics/facade.py `_Finished`): the scrape is the one the facade gives when it keeps
+(proxy/metrics/finished.py `_Finished`): the scrape is the one the facade gives when it keeps
 no label set (each request's series looked up anew), for any sequence of records. That
 comparison catches a kept set shared by requests it does not belong to; what a set's lazily
 taken series must do (appear with their first write, each under its own labels) is pinned by

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from proxy.attempts import Attempt, AttemptResult
 from proxy.metrics import Metrics, schema
-from proxy.metrics.facade import _Finished
+from proxy.metrics.finished import _Finished
 from proxy.metrics.labels import NONE, status_class
 from proxy.outcome import (
     AttemptBill,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -29,11 +29,12 @@ from prometheus_client.registry import Collector
 from proxy import __version__
 from proxy.attempts import AttemptResult
 from proxy.config import MetricsConfig
-from proxy.outcome import EngineAbort, RequestRecord, Usage
+from proxy.outcome import EngineAbort, RequestRecord
 from proxy.resilience.circuit import CircuitState
 
-from . import schema
-from .labels import CLASS_OF_STATUS, NONE, BoundedLabel, endpoint_shaped, model_shaped
+from . import finished, schema
+from .finished import _MAX_FINISHED, _Finished
+from .labels import BoundedLabel, endpoint_shaped, model_shaped
 from .loopvalue import Buckets, Value, count_of
 from .schema import Spec
 
@@ -73,29 +74,6 @@ class _WithoutCreated:
         for metric in self._inner.collect():
             metric.samples = [s for s in metric.samples if not s.name.endswith("_created")]
             yield metric
-
-
-# Label sets of finished requests whose series are kept together (`_Finished`); past this
-# many, a new label set's series are looked up one by one, as any other series.
-_MAX_FINISHED = 4096
-
-
-class _Finished:
-    """The series every finished request with one (route, model, outcome, client, endpoint,
-    status class) writes: its request and response counts, and (once written, so that a
-    series never written stays out of the scrape) its prompt and completion tokens and its
-    duration and overhead. One lookup for six, on every request; the values are the ones
-    `_count` and `_buckets_of` hold."""
-
-    __slots__ = ("completion", "cost", "duration", "overhead", "prompt", "requests", "responses")
-
-    def __init__(self, requests: Value, responses: Value) -> None:
-        self.requests, self.responses = requests, responses
-        self.prompt: Value | None = None
-        self.completion: Value | None = None
-        self.cost: Value | None = None  # USD used, by (route, model, client)
-        self.duration: Buckets | None = None
-        self.overhead: Buckets | None = None
 
 
 class Metrics:
@@ -227,144 +205,9 @@ class Metrics:
         `request_started`, at once: its record may wait for accounting (a prompt to count)."""
         self._in_flight_count.inc(-1)
 
-    def request_finished(self, record: RequestRecord) -> None:
-        """Account one finished request from its sealed record (after accounting)."""
-        route = record.route if record.route in self._routes else NONE
-        # A known model is its own label (`BoundedLabel.known`): no `_model_for` to ask.
-        model = record.model
-        if model not in self._models.known:
-            model = self._model_for(record)
-        rm = (route, model)
-        client = record.client if record.client in self._clients else NONE
-        rmc = (*rm, client)
-        if record.outcome is None:
-            log.error("request %s finished without an outcome", record.request_id)
-            outcome = schema.UNSETTLED
-        else:
-            # `_value_`, not `.value`: the same string without enum's property (~0.3 us).
-            outcome = record.outcome._value_
-        count = self._count
-        endpoint = record.endpoint
-        if endpoint not in self._endpoints.known:
-            endpoint = self._endpoints.admit(endpoint)
-        status = CLASS_OF_STATUS.get(record.status, NONE)  # `status_class`, inline
-        key = (route, model, outcome, client, endpoint, status)
-        common = self._finished.get(key)
-        if common is None:
-            common = _Finished(
-                count(self._requests, (route, model, outcome, client)),
-                count(self._responses, (route, endpoint, status)),
-            )
-            if len(self._finished) < self._max_finished:
-                self._finished[key] = common
-        common.requests.inc(1)
-        common.responses.inc(1)
-        if record.timeout_kind is not None:
-            count(self._timeouts, (route, record.timeout_kind.value)).inc(1)
-        if record.sdk_retry_count > 0:
-            count(self._sdk_retries, (route,)).inc(1)
-        if record.background is not None:
-            count(self._background, (route, record.background.value)).inc(1)
-        for attempt in record.attempts:
-            # Configured upstream names only: a closed label set.
-            if attempt.result is not None and attempt.upstream in self._upstreams:
-                # `count(self._attempts, ...)`'s value, kept by (upstream, result): no key of
-                # the counter's id and labels built, no call (bounded as both label sets).
-                per = (attempt.upstream, attempt.result)
-                value = self._attempt_counts.get(per)
-                if value is None:
-                    value = self._attempt_counts[per] = count(
-                        self._attempts, (attempt.upstream, attempt.result._value_)
-                    )
-                value.inc(1)
-            if route not in self._routes:
-                continue
-            if attempt.reason == "fallback":
-                count(self._fallbacks, (route,)).inc(1)
-            elif attempt.reason == "hedge":
-                count(self._hedges, (route, "started")).inc(1)
-                if attempt.delivered:
-                    count(self._hedges, (route, "won")).inc(1)
-
-        usage = record.usage
-        attempts = record.attempts
-        if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
-            if common.prompt is None:
-                common.prompt = count(self._tokens, (*rm, "prompt", client))
-            common.prompt.inc(usage.prompt_tokens)
-        if usage.completion_tokens > 0:
-            if common.completion is None:
-                common.completion = count(self._tokens, (*rm, "completion", client))
-            common.completion.inc(usage.completion_tokens)
-        # Each attempt's counts say how they were obtained: the estimated and tokenized parts
-        # are summed over attempts (a reported answer beside an estimated hedge loser).
-        parts: Sequence[Usage]
-        if len(attempts) == 1 and attempts[0].bill is not None:  # the usual record: no list
-            parts = (attempts[0].bill.usage,)
-        else:
-            parts = [a.bill.usage for a in attempts if a.bill is not None] or [usage]
-        for part in parts:
-            if part.prompt_estimated:
-                self._add(self._tokens_estimated, (*rm, "prompt"), part.prompt_tokens)
-            if part.completion_estimated:
-                self._add(self._tokens_estimated, (*rm, "completion"), part.completion_tokens)
-            if part.prompt_tokenized:
-                self._add(self._tokens_tokenized, rm, part.prompt_tokens)
-        if route in self._routes:
-            for reason, waste in record.waste.items():
-                self._add(self._waste_tokens, (route, reason, "prompt"), waste.prompt_tokens)
-                self._add(
-                    self._waste_tokens, (route, reason, "completion"), waste.completion_tokens
-                )
-                self._add(self._waste_cost, (route, reason), waste.usd)
-                # A hedge loser closed early saved what it did not generate (proxy/bills.py).
-                self._add(self._saved, rmc, waste.tokens_saved)
-        # `_add`'s test first: most answers have neither (no call for nothing).
-        if usage.cached_tokens > 0:
-            self._add(self._cached, rm, usage.cached_tokens)
-        if usage.reasoning_tokens > 0:
-            self._add(self._reasoning, rm, usage.reasoning_tokens)
-
-        savings = record.savings
-        if savings is not None:
-            self._add(self._saved, rmc, savings.tokens_saved)
-            if savings.tokens_saved_upper is not None:
-                self._add(self._saved_upper, rm, savings.tokens_saved_upper)
-            self._add(self._wasted, rm, savings.tokens_wasted)
-        cost = record.cost
-        if cost is not None and cost.priced:
-            used = cost.used_usd
-            if used is not None and used > 0:  # as `_add`, from the label set's own series
-                if common.cost is None:
-                    common.cost = count(self._cost, rmc)
-                common.cost.inc(used)
-            if cost.saved_usd:
-                self._add(self._cost_saved, rmc, cost.saved_usd)
-            if cost.wasted_usd:
-                self._add(self._cost_wasted, rm, cost.wasted_usd)
-        elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
-            count(self._unpriced, rm).inc(1)
-
-        # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
-        # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
-        ended = record.ended_at
-        if ended is not None:
-            duration = ended - record.started_at
-            if common.duration is None:
-                common.duration = self._buckets_of(self._duration, (route, outcome))
-            common.duration.observe(duration)
-        if record.first_token_at is not None:
-            self._observe(self._ttft, rm, record.first_token_at - record.started_at)
-        if ended is not None:
-            overhead = max(
-                0.0,
-                duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s,
-            )
-            if common.overhead is None:
-                common.overhead = self._buckets_of(self._overhead, (route,))
-            common.overhead.observe(overhead)
-        if record.client_gone_at is not None and record.upstream_closed_at is not None:
-            self._observe(self._cancel_propagation, (route,), record.cancel_propagation_s)
+    # Account one finished request from its sealed record (after accounting); in its own
+    # module, bound here as a method (no extra call).
+    request_finished = finished.request_finished
 
     def circuit_changed(self, upstream: str, state: CircuitState) -> None:
         # Called after every attempt; the gauge's three series change only with the state.

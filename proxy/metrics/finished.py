@@ -1,0 +1,183 @@
+"""The metrics of a finished request: everything `Metrics` exports from one sealed
+`RequestRecord` (`request_finished`, which `Metrics` takes as its method of that name), apart
+from the rest of the facade because it is the one part run for every request, with its own
+per-label-set series cache (`_Finished`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from proxy.outcome import RequestRecord, Usage
+
+from . import schema
+from .labels import CLASS_OF_STATUS, NONE
+
+if TYPE_CHECKING:
+    from .facade import Metrics
+    from .loopvalue import Buckets, Value
+
+log = logging.getLogger("proxy.metrics.facade")  # the facade's logger, as before the split
+
+# Label sets of finished requests whose series are kept together (`_Finished`); past this
+# many, a new label set's series are looked up one by one, as any other series.
+_MAX_FINISHED = 4096
+
+
+class _Finished:
+    """The series every finished request with one (route, model, outcome, client, endpoint,
+    status class) writes: its request and response counts, and (once written, so that a
+    series never written stays out of the scrape) its prompt and completion tokens and its
+    duration and overhead. One lookup for six, on every request; the values are the ones
+    `_count` and `_buckets_of` hold."""
+
+    __slots__ = ("completion", "cost", "duration", "overhead", "prompt", "requests", "responses")
+
+    def __init__(self, requests: Value, responses: Value) -> None:
+        self.requests, self.responses = requests, responses
+        self.prompt: Value | None = None
+        self.completion: Value | None = None
+        self.cost: Value | None = None  # USD used, by (route, model, client)
+        self.duration: Buckets | None = None
+        self.overhead: Buckets | None = None
+
+
+def request_finished(metrics: Metrics, record: RequestRecord) -> None:
+    """Account one finished request from its sealed record (after accounting)."""
+    route = record.route if record.route in metrics._routes else NONE
+    # A known model is its own label (`BoundedLabel.known`): no `_model_for` to ask.
+    model = record.model
+    if model not in metrics._models.known:
+        model = metrics._model_for(record)
+    rm = (route, model)
+    client = record.client if record.client in metrics._clients else NONE
+    rmc = (*rm, client)
+    if record.outcome is None:
+        log.error("request %s finished without an outcome", record.request_id)
+        outcome = schema.UNSETTLED
+    else:
+        # `_value_`, not `.value`: the same string without enum's property (~0.3 us).
+        outcome = record.outcome._value_
+    count = metrics._count
+    endpoint = record.endpoint
+    if endpoint not in metrics._endpoints.known:
+        endpoint = metrics._endpoints.admit(endpoint)
+    status = CLASS_OF_STATUS.get(record.status, NONE)  # `status_class`, inline
+    key = (route, model, outcome, client, endpoint, status)
+    common = metrics._finished.get(key)
+    if common is None:
+        common = _Finished(
+            count(metrics._requests, (route, model, outcome, client)),
+            count(metrics._responses, (route, endpoint, status)),
+        )
+        if len(metrics._finished) < metrics._max_finished:
+            metrics._finished[key] = common
+    common.requests.inc(1)
+    common.responses.inc(1)
+    if record.timeout_kind is not None:
+        count(metrics._timeouts, (route, record.timeout_kind.value)).inc(1)
+    if record.sdk_retry_count > 0:
+        count(metrics._sdk_retries, (route,)).inc(1)
+    if record.background is not None:
+        count(metrics._background, (route, record.background.value)).inc(1)
+    for attempt in record.attempts:
+        # Configured upstream names only: a closed label set.
+        if attempt.result is not None and attempt.upstream in metrics._upstreams:
+            # `count(metrics._attempts, ...)`'s value, kept by (upstream, result): no key of
+            # the counter's id and labels built, no call (bounded as both label sets).
+            per = (attempt.upstream, attempt.result)
+            value = metrics._attempt_counts.get(per)
+            if value is None:
+                value = metrics._attempt_counts[per] = count(
+                    metrics._attempts, (attempt.upstream, attempt.result._value_)
+                )
+            value.inc(1)
+        if route not in metrics._routes:
+            continue
+        if attempt.reason == "fallback":
+            count(metrics._fallbacks, (route,)).inc(1)
+        elif attempt.reason == "hedge":
+            count(metrics._hedges, (route, "started")).inc(1)
+            if attempt.delivered:
+                count(metrics._hedges, (route, "won")).inc(1)
+
+    usage = record.usage
+    attempts = record.attempts
+    if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
+        if common.prompt is None:
+            common.prompt = count(metrics._tokens, (*rm, "prompt", client))
+        common.prompt.inc(usage.prompt_tokens)
+    if usage.completion_tokens > 0:
+        if common.completion is None:
+            common.completion = count(metrics._tokens, (*rm, "completion", client))
+        common.completion.inc(usage.completion_tokens)
+    # Each attempt's counts say how they were obtained: the estimated and tokenized parts
+    # are summed over attempts (a reported answer beside an estimated hedge loser).
+    parts: Sequence[Usage]
+    if len(attempts) == 1 and attempts[0].bill is not None:  # the usual record: no list
+        parts = (attempts[0].bill.usage,)
+    else:
+        parts = [a.bill.usage for a in attempts if a.bill is not None] or [usage]
+    for part in parts:
+        if part.prompt_estimated:
+            metrics._add(metrics._tokens_estimated, (*rm, "prompt"), part.prompt_tokens)
+        if part.completion_estimated:
+            metrics._add(metrics._tokens_estimated, (*rm, "completion"), part.completion_tokens)
+        if part.prompt_tokenized:
+            metrics._add(metrics._tokens_tokenized, rm, part.prompt_tokens)
+    if route in metrics._routes:
+        for reason, waste in record.waste.items():
+            metrics._add(metrics._waste_tokens, (route, reason, "prompt"), waste.prompt_tokens)
+            metrics._add(
+                metrics._waste_tokens, (route, reason, "completion"), waste.completion_tokens
+            )
+            metrics._add(metrics._waste_cost, (route, reason), waste.usd)
+            # A hedge loser closed early saved what it did not generate (proxy/bills.py).
+            metrics._add(metrics._saved, rmc, waste.tokens_saved)
+    # `_add`'s test first: most answers have neither (no call for nothing).
+    if usage.cached_tokens > 0:
+        metrics._add(metrics._cached, rm, usage.cached_tokens)
+    if usage.reasoning_tokens > 0:
+        metrics._add(metrics._reasoning, rm, usage.reasoning_tokens)
+
+    savings = record.savings
+    if savings is not None:
+        metrics._add(metrics._saved, rmc, savings.tokens_saved)
+        if savings.tokens_saved_upper is not None:
+            metrics._add(metrics._saved_upper, rm, savings.tokens_saved_upper)
+        metrics._add(metrics._wasted, rm, savings.tokens_wasted)
+    cost = record.cost
+    if cost is not None and cost.priced:
+        used = cost.used_usd
+        if used is not None and used > 0:  # as `_add`, from the label set's own series
+            if common.cost is None:
+                common.cost = count(metrics._cost, rmc)
+            common.cost.inc(used)
+        if cost.saved_usd:
+            metrics._add(metrics._cost_saved, rmc, cost.saved_usd)
+        if cost.wasted_usd:
+            metrics._add(metrics._cost_wasted, rm, cost.wasted_usd)
+    elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
+        count(metrics._unpriced, rm).inc(1)
+
+    # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
+    # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
+    ended = record.ended_at
+    if ended is not None:
+        duration = ended - record.started_at
+        if common.duration is None:
+            common.duration = metrics._buckets_of(metrics._duration, (route, outcome))
+        common.duration.observe(duration)
+    if record.first_token_at is not None:
+        metrics._observe(metrics._ttft, rm, record.first_token_at - record.started_at)
+    if ended is not None:
+        overhead = max(
+            0.0,
+            duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s,
+        )
+        if common.overhead is None:
+            common.overhead = metrics._buckets_of(metrics._overhead, (route,))
+        common.overhead.observe(overhead)
+    if record.client_gone_at is not None and record.upstream_closed_at is not None:
+        metrics._observe(metrics._cancel_propagation, (route,), record.cancel_propagation_s)
