@@ -143,6 +143,15 @@ async def test_two_workers_share_the_port_and_the_metrics(
             assert total(series, "hangup_requests_total", outcome="completed") == 8
             assert value(series, "hangup_requests_in_flight") == len(streams)
 
+        # Every short request's line is out before the kill: under load a worker writes its
+        # lines in batches up to 50 ms apart, and SIGKILL loses what it had not written yet.
+        shorts = {f"short-{i}" for i in range(8)}
+        await proc.wait_line(
+            lambda _: shorts <= {ln.get("request_id") for ln in proc.access_lines()},
+            5,
+            "the short requests' access lines",
+        )
+
         # Kill one worker: it is replaced, and its live gauges leave the sum.
         victim = pids[0]
         lost = held[victim]
