@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from aiohttp import ClientOSError, ClientRequest, ClientResponse, ClientSession, hdrs
 from aiohttp.client_exceptions import ClientError, ConnectionTimeoutError
+from aiohttp.client_reqrep import _CONTAINS_CONTROL_CHAR_RE
 from aiohttp.connector import Connection
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion11, StreamWriter
@@ -43,6 +44,7 @@ _ADDED_NONE: Final[CIMultiDict[None]] = CIMultiDict(
     (name, None) for name in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE, hdrs.USER_AGENT)
 )
 _NO_TIMER: Final = TimerNoop()
+_BYTES: Final = (bytes, bytearray)
 # A request whose head and body together are no larger than this is written in `send` itself
 # rather than by a task of its own: aiohttp's writer drains above 64 KiB written, and an
 # asyncio transport pauses (makes a drain wait) only above 64 KiB buffered, so such a write
@@ -57,6 +59,83 @@ class UpstreamRequest(ClientRequest):
     What aiohttp 3.x's own method does with a skip list of exactly these names: it adds no
     default header, and keeps the list where its payload and send steps look for it.
     tests/test_headers.py checks on the wire that nothing is added."""
+
+    def __init__(
+        self,
+        method: str,
+        url: URL,
+        *,
+        headers: Any = None,
+        data: Any = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+        response_class: type[ClientResponse] | None = None,
+        timer: Any = None,
+        session: ClientSession | None = None,
+        traces: list[Any] | None = None,
+        **options: Any,
+    ) -> None:
+        """aiohttp's `__init__` for what `send` builds: ours headers (`CIMultiDict`, no
+        `Host`, no `Expect`), a body of bytes or none, no option. Its ten `update_*` steps
+        decide nothing for such a request but the `Host` field, the body's payload and its
+        `Content-Length`: those are set here at once, the rest as aiohttp leaves them
+        (tests/test_upstream_request_inline.py compares every attribute with aiohttp's).
+        Anything else (a session's own `request`, which passes every option) is aiohttp's."""
+        if (
+            options
+            or loop is None
+            or type(headers) is not CIMultiDict
+            or hdrs.HOST in headers
+            or hdrs.EXPECT in headers
+            or (data is not None and type(data) not in _BYTES)
+            or not url.raw_host
+            or url.raw_user
+            or url.raw_password
+            or url.raw_fragment
+            or _CONTAINS_CONTROL_CHAR_RE.search(method)
+            or loop.get_debug()
+        ):
+            super().__init__(
+                method,
+                url,
+                headers=headers,
+                data=data,
+                loop=loop,
+                response_class=response_class,
+                timer=timer,
+                session=session,
+                traces=traces,
+                **options,
+            )
+            return
+        assert session is not None
+        self._session = session
+        self.original_url = self.url = url
+        self.method = method = method.upper()
+        self.chunked = None
+        self.compress = None
+        self.loop = loop
+        self.length = None
+        self.response_class = ClientResponse if response_class is None else response_class
+        self._timer = timer if timer is not None else TimerNoop()
+        self._ssl = True
+        self.server_hostname = None
+        self.version = HttpVersion11
+        self.headers = fields = CIMultiDict[str]()
+        fields[hdrs.HOST] = url.host_port_subcomponent  # type: ignore[assignment]  # absolute
+        fields.extend(headers)
+        self._skip_auto_headers = _ADDED_NONE
+        self.proxy = None
+        self.proxy_auth = None
+        self.proxy_headers = None
+        if data is None:
+            if method not in self.GET_METHODS and hdrs.CONTENT_LENGTH not in fields:
+                fields[hdrs.CONTENT_LENGTH] = "0"
+        else:
+            # The registry's payload for bytes: its only header, Content-Type, is skipped.
+            self._body = body = BytesPayload(data, disposition=None)
+            if hdrs.CONTENT_LENGTH not in fields:
+                fields[hdrs.CONTENT_LENGTH] = str(body.size)
+        self._traces = [] if traces is None else traces
 
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         self._skip_auto_headers = _ADDED_NONE

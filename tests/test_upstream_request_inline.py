@@ -96,6 +96,19 @@ def count_aiohttp_sends(
     return calls
 
 
+def count_aiohttp_inits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the requests built by aiohttp's own `__init__`."""
+    calls: list[int] = []
+    original = ClientRequest.__init__
+
+    def counted(self: ClientRequest, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientRequest, "__init__", counted)
+    return calls
+
+
 async def exchange(
     session: aiohttp.ClientSession, url: URL, body: Any
 ) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -198,3 +211,78 @@ async def test_a_failed_write_raises_what_aiohttps_send_raises(
     resendable = aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
     assert isinstance(inline, resendable) and isinstance(general, resendable), (inline, general)
     assert map_open_error(inline, "u").result is map_open_error(general, "u").result
+
+
+def request_state(request: ClientRequest) -> dict[str, Any]:
+    """Everything a request holds, the payload and the headers by value."""
+    state = dict(vars(request))
+    state["headers"] = list(request.headers.items())
+    state["_body"] = body = request._body
+    if body is not None:
+        state["_body"] = (type(body), body._value, body.size, list(body.headers.items()))
+    state.pop("_traces")  # a new empty list each: compared below
+    if "_continue" in state:  # a new future each
+        state["_continue"] = type(state["_continue"])
+    return state
+
+
+@pytest.mark.parametrize(
+    ("method", "body", "fields"),
+    [
+        ("POST", b'{"model":"m"}', [("Content-Type", "application/json"), ("X-A", "1")]),
+        ("post", bytearray(b"abc"), [("X-Multi", "one"), ("x-multi", "two")]),
+        ("POST", None, [("Via", "1.1 hangup")]),
+        ("GET", None, []),
+        ("POST", b"", [("Content-Length", "7")]),
+    ],
+)
+async def test_built_as_aiohttps_init_builds_it(
+    capture: tuple[CaptureUpstream, URL, aiohttp.ClientSession],
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    body: bytes | bytearray | None,
+    fields: list[tuple[str, str]],
+) -> None:
+    _, url, session = capture
+    loop = asyncio.get_running_loop()
+    common: dict[str, Any] = {
+        "data": body,
+        "loop": loop,
+        "response_class": ClientResponse,
+        "timer": upstream_request._NO_TIMER,
+        "session": session,
+        "traces": [],
+    }
+    aiohttp_inits = count_aiohttp_inits(monkeypatch)
+    ours = UpstreamRequest(method, url, headers=CIMultiDict(fields), **common)
+    assert aiohttp_inits == []
+    # An option, even at its default, takes aiohttp's own __init__.
+    aiohttps = UpstreamRequest(method, url, headers=CIMultiDict(fields), chunked=None, **common)
+    assert aiohttp_inits == [1]
+    assert request_state(ours) == request_state(aiohttps)
+    assert ours._traces == aiohttps._traces == []
+    assert next(iter(ours.headers)) == "Host"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [[("Host", "elsewhere")], [("Expect", "100-continue")], [("Expect", "other")]],
+)
+async def test_host_or_expect_in_the_fields_is_aiohttps_to_build(
+    capture: tuple[CaptureUpstream, URL, aiohttp.ClientSession],
+    monkeypatch: pytest.MonkeyPatch,
+    fields: list[tuple[str, str]],
+) -> None:
+    _, url, session = capture
+    common: dict[str, Any] = {
+        "data": b"x",
+        "loop": asyncio.get_running_loop(),
+        "timer": upstream_request._NO_TIMER,
+    }
+    aiohttp_inits = count_aiohttp_inits(monkeypatch)
+    ours = UpstreamRequest("POST", url, headers=CIMultiDict(fields), session=session, **common)
+    aiohttps = UpstreamRequest(
+        "POST", url, headers=CIMultiDict(fields), session=session, chunked=None, **common
+    )
+    assert aiohttp_inits == [1, 1]
+    assert request_state(ours) == request_state(aiohttps)
