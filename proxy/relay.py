@@ -153,8 +153,8 @@ class Exchange(EngineWork):
                 if kind is None:
                     raise
                 return await self._timed_out(plan, kind)
-            except _DeadlineFired as fired:
-                return await self._timed_out(plan, fired.kind)
+            except _DeadlineFired as err:  # (one name for every error: a smaller frame)
+                return await self._timed_out(plan, err.kind)
             except ClientGone:
                 if record.client_gone_at is None:
                     record.client_gone_at = self.loop.time()
@@ -171,27 +171,29 @@ class Exchange(EngineWork):
             record.settle(Outcome.SHUTDOWN if state.hard_stopping else Outcome.CLIENT_CANCELLED)
             await self._stop_background_work()
             raise
-        except Exception as exc:
+        except Exception as err:
             # A bug of ours. The client gets a plain 500, never the traceback; the log gets it.
             log.exception("internal error in request %s", record.request_id)
             record.settle(Outcome.INTERNAL_ERROR)
-            record.error_type = type(exc).__name__
+            record.error_type = type(err).__name__
             return self._internal_error_response()
         finally:
             record.ended_at = self.loop.time()
             state.request_ended(task)
-            ended = self.plan
-            if ended is not None and len(ended.body) >= LARGE_RELEASE_BYTES:
-                # The client's body and a fallback's or an engine's copy: not in one step.
-                targets, sent = ended.targets, self._sent
-                bodies = (ended.body, *(t.body for t in targets), *(s[2].body for s in sent))
-                release_in_turns(self.loop, bodies)
+            if self.plan is not None and len(self.plan.body) >= LARGE_RELEASE_BYTES:
+                self._release_large_bodies(self.plan)
             if record.client_gone_at is not None:
                 # The upstream socket's close is queued for the loop's next step; accounting,
                 # metrics and the log can wait one step so its FIN goes out first.
                 self.loop.call_soon(state.finish, record, self)
             else:
                 state.finish(record, self)
+
+    def _release_large_bodies(self, plan: Plan) -> None:
+        """The client's body and a fallback's or an engine's copy: not freed in one step."""
+        targets, sent = plan.targets, self._sent
+        bodies = (plan.body, *(t.body for t in targets), *(s[2].body for s in sent))
+        release_in_turns(self.loop, bodies)
 
     async def _timed_out(self, plan: Plan, kind: TimeoutKind) -> web.StreamResponse:
         self.record.settle(Outcome.TIMEOUT, timeout_kind=kind)
