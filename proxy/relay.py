@@ -43,6 +43,7 @@ from proxy.routing import Route
 from proxy.secrets import stream_scrubber
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser, Resume, ResumeSteps
+from proxy.timeouts import Deadlines
 from proxy.upstream import OpenAttempt
 from proxy.upstream_errors import AttemptFailed
 from proxy.usage import (
@@ -152,8 +153,8 @@ class Exchange(EngineWork):
                 if kind is None:
                     raise
                 return await self._timed_out(plan, kind)
-            except _DeadlineFired as fired:
-                return await self._timed_out(plan, fired.kind)
+            except _DeadlineFired as err:  # (one name for every error: a smaller frame)
+                return await self._timed_out(plan, err.kind)
             except ClientGone:
                 if record.client_gone_at is None:
                     record.client_gone_at = self.loop.time()
@@ -170,27 +171,29 @@ class Exchange(EngineWork):
             record.settle(Outcome.SHUTDOWN if state.hard_stopping else Outcome.CLIENT_CANCELLED)
             await self._stop_background_work()
             raise
-        except Exception as exc:
+        except Exception as err:
             # A bug of ours. The client gets a plain 500, never the traceback; the log gets it.
             log.exception("internal error in request %s", record.request_id)
             record.settle(Outcome.INTERNAL_ERROR)
-            record.error_type = type(exc).__name__
+            record.error_type = type(err).__name__
             return self._internal_error_response()
         finally:
             record.ended_at = self.loop.time()
             state.request_ended(task)
-            ended = self.plan
-            if ended is not None and len(ended.body) >= LARGE_RELEASE_BYTES:
-                # The client's body and a fallback's or an engine's copy: not in one step.
-                targets, sent = ended.targets, self._sent
-                bodies = (ended.body, *(t.body for t in targets), *(s[2].body for s in sent))
-                release_in_turns(self.loop, bodies)
+            if self.plan is not None and len(self.plan.body) >= LARGE_RELEASE_BYTES:
+                self._release_large_bodies(self.plan)
             if record.client_gone_at is not None:
                 # The upstream socket's close is queued for the loop's next step; accounting,
                 # metrics and the log can wait one step so its FIN goes out first.
                 self.loop.call_soon(state.finish, record, self)
             else:
                 state.finish(record, self)
+
+    def _release_large_bodies(self, plan: Plan) -> None:
+        """The client's body and a fallback's or an engine's copy: not freed in one step."""
+        targets, sent = plan.targets, self._sent
+        bodies = (plan.body, *(t.body for t in targets), *(s[2].body for s in sent))
+        release_in_turns(self.loop, bodies)
 
     async def _timed_out(self, plan: Plan, kind: TimeoutKind) -> web.StreamResponse:
         self.record.settle(Outcome.TIMEOUT, timeout_kind=kind)
@@ -205,12 +208,7 @@ class Exchange(EngineWork):
     # --- attempts: which target, and what next when one fails --------------------------------
     async def _attempts(self, plan: Plan, watchdog: Watchdog) -> web.StreamResponse:
         """Try the route's targets until one answers, as `proxy.resilience.policy` directs."""
-        record, loop, deadlines, options = (
-            self.record,
-            self.loop,
-            plan.deadlines,
-            plan.route.options,
-        )
+        record, loop, deadlines = self.record, self.loop, plan.deadlines
         chooser = self.chooser = Chooser(plan, self.state.circuits, loop)
         index = self._first_target()
         retries_here, reason = 0, "primary"
@@ -232,16 +230,18 @@ class Exchange(EngineWork):
             try:
                 if hedges(self, plan, index):
                     return await relay_hedged(self, plan, index, attempt, watchdog)
-                named = None  # a large body an engine names is named a step at a time
-                if self.state.aborts.names_in_steps(target):
-                    named = await self.state.aborts.name_attempt_in_steps(plan, target, record)
                 # The attempt runs inline, not in a coroutine of its own: that frame would
-                # stay alive under every held stream (~400 B each).
-                opened = self._send(plan, index, attempt, watchdog, override, named)
+                # stay alive under every held stream (~400 B each). A large body an engine
+                # names is named a step at a time.
+                opened = (
+                    await self._send_named_in_steps(plan, index, attempt, watchdog, override)
+                    if self.state.aborts.names_in_steps(target)
+                    else self._send(plan, index, attempt, watchdog, override)
+                )
                 opened_at = loop.time()
                 try:
                     try:
-                        if options.on_disconnect == "drain":
+                        if plan.route.options.on_disconnect == "drain":
                             upstream = await open_upstream(self, opened, plan, watchdog)
                         else:  # what `open_upstream` does for them, without its coroutine
                             upstream = await opened.start()
@@ -262,60 +262,27 @@ class Exchange(EngineWork):
                     await opened.close()
                     attempt.closed_at = record.upstream_closed_at = loop.time()
                     attempt_closed(attempt, self.tracker)
-            except PolicyFailed as failed:
-                failure, error, decision = failed.failure, failed.error, failed.decision
+            # The failures are handled in methods of their own, not here: each name this
+            # frame binds is 8 B more under every held stream (this frame waits under it).
+            except PolicyFailed as exc:
+                failure, error, decision = exc.failure, exc.error, exc.decision
             except AttemptFailed as exc:
-                result = AttemptResult.CUT if self.content_sent else exc.result
-                attempt.end(result, loop.time(), exc.error.message)
-                failure = Failure(result, content_sent=self.content_sent)
-                error = exc.error
-            except asyncio.CancelledError:
-                kind = watchdog.consume()
-                if kind is None:
-                    self._abandon(attempt, "client gone")
-                    raise
-                # A stall after content may be resumed elsewhere (continue_cut_streams).
-                resumable = kind is TimeoutKind.IDLE and self._continuation(plan, index) is not None
-                # A plain answer whose held body stalled: nothing reached the client yet.
-                held_body = kind is TimeoutKind.IDLE and self.response is None
-                if not resumable and (
-                    (kind not in _PER_ATTEMPT and not held_body)
-                    or self.content_sent
-                    or deadlines.client_headers_expired(loop.time())
-                ):
-                    self._abandon(attempt, f"{kind.value} deadline")
-                    raise _DeadlineFired(kind) from None
-                # Given up for the next target: its engine may still be generating it.
-                self._abandon(attempt, f"{kind.value} deadline", AttemptResult.TIMEOUT)
-                watchdog.resume()  # the next attempt (or the answer) is watched again
-                failure = Failure(AttemptResult.TIMEOUT, content_sent=self.content_sent)
-                error = GatewayTimeout(
-                    deadlines.describe(kind, plan.route.name), kind, retry=options.sdk_retry
+                failure, error = self._attempt_failed(attempt, exc)
+            except asyncio.CancelledError:  # (re-raised there when it is the client's)
+                failure, error, timeout_kind = self._attempt_timed_out(
+                    plan, index, attempt, watchdog
                 )
-                timeout_kind = kind
             finally:
                 circuit.report(attempt.result or AttemptResult.ABANDONED, loop.time())
                 self.state.resilience_observed(plan.route.name, attempt, circuit)
             if self._raced_to is not None:
                 index, self._raced_to = max(index, self._raced_to), None
             if failure.content_sent:
-                if attempt.first_token_at is not None:
-                    attempt.delivered = True  # its content is part of the client's answer
                 if self._cut is None:
                     self._cut = (error, timeout_kind)  # the error the client gets if all fails
-                resume = self._continuation(plan, index)
-                if resume is not None and not isinstance(resume, tuple):
-                    resume = await in_steps(resume)  # a large body's, a step at a time
-                if resume is not None:
-                    index, override = resume
+                index, override = await self._resumed(plan, index, attempt)
+                if override is not None:
                     reason, self.continuing = "continue", True
-                    self._continuations += 1
-                    log.info(
-                        "request %s: %s; continuing the answer on %s",
-                        record.request_id,
-                        attempt.describe(),
-                        override.upstream_name,
-                    )
                     continue
                 error, timeout_kind = self._cut
             override = None
@@ -337,14 +304,73 @@ class Exchange(EngineWork):
             else:
                 index, retries_here, reason = decision.index, 0, "fallback"
             if decision.delay_s > 0:
-                # Backing off: a client that leaves now cancels this sleep; nothing is open.
-                deadlines.backing_off()
-                watchdog.rearm()
-                backoff_at = loop.time()
-                try:
-                    await asyncio.sleep(decision.delay_s)
-                finally:
-                    record.backoff_wait_s += loop.time() - backoff_at
+                await self._back_off(deadlines, watchdog, decision.delay_s)
+
+    def _attempt_failed(self, attempt: Attempt, exc: AttemptFailed) -> tuple[Failure, ProxyError]:
+        result = AttemptResult.CUT if self.content_sent else exc.result
+        attempt.end(result, self.loop.time(), exc.error.message)
+        return Failure(result, content_sent=self.content_sent), exc.error
+
+    def _attempt_timed_out(
+        self, plan: Plan, index: int, attempt: Attempt, watchdog: Watchdog
+    ) -> tuple[Failure, ProxyError, TimeoutKind]:
+        """The attempt was cancelled (called in the `except` that caught it): the client's
+        cancel is re-raised; a deadline's is a failure when the next target may still answer
+        in time, otherwise `_DeadlineFired`."""
+        kind = watchdog.consume()
+        if kind is None:
+            self._abandon(attempt, "client gone")
+            raise  # the CancelledError being handled
+        # A stall after content may be resumed elsewhere (continue_cut_streams).
+        resumable = kind is TimeoutKind.IDLE and self._continuation(plan, index) is not None
+        # A plain answer whose held body stalled: nothing reached the client yet.
+        held_body = kind is TimeoutKind.IDLE and self.response is None
+        deadlines = plan.deadlines
+        if not resumable and (
+            (kind not in _PER_ATTEMPT and not held_body)
+            or self.content_sent
+            or deadlines.client_headers_expired(self.loop.time())
+        ):
+            self._abandon(attempt, f"{kind.value} deadline")
+            raise _DeadlineFired(kind) from None
+        # Given up for the next target: its engine may still be generating it.
+        self._abandon(attempt, f"{kind.value} deadline", AttemptResult.TIMEOUT)
+        watchdog.resume()  # the next attempt (or the answer) is watched again
+        failure = Failure(AttemptResult.TIMEOUT, content_sent=self.content_sent)
+        retry = plan.route.options.sdk_retry
+        error = GatewayTimeout(deadlines.describe(kind, plan.route.name), kind, retry=retry)
+        return failure, error, kind
+
+    async def _resumed(
+        self, plan: Plan, index: int, attempt: Attempt
+    ) -> tuple[int, TargetPlan | None]:
+        """After a cut with content sent: the target and request to continue the answer on,
+        or (index, None) to end it."""
+        if attempt.first_token_at is not None:
+            attempt.delivered = True  # its content is part of the client's answer
+        resume = self._continuation(plan, index)
+        if resume is not None and not isinstance(resume, tuple):
+            resume = await in_steps(resume)  # a large body's, a step at a time
+        if resume is None:
+            return index, None
+        self._continuations += 1
+        log.info(
+            "request %s: %s; continuing the answer on %s",
+            self.record.request_id,
+            attempt.describe(),
+            resume[1].upstream_name,
+        )
+        return resume
+
+    async def _back_off(self, deadlines: Deadlines, watchdog: Watchdog, delay_s: float) -> None:
+        """Backing off: a client that leaves now cancels this sleep; nothing is open."""
+        deadlines.backing_off()
+        watchdog.rearm()
+        backoff_at = self.loop.time()
+        try:
+            await asyncio.sleep(delay_s)
+        finally:
+            self.record.backoff_wait_s += self.loop.time() - backoff_at
 
     def _continuation(self, plan: Plan, index: int) -> Resume | ResumeSteps | None:
         """Where and how to continue a chat stream cut after content, if the route asks to
@@ -375,6 +401,19 @@ class Exchange(EngineWork):
         return index
 
     # --- one attempt ------------------------------------------------------------------------
+    async def _send_named_in_steps(
+        self,
+        plan: Plan,
+        index: int,
+        attempt: Attempt,
+        watchdog: Watchdog,
+        target: TargetPlan | None,
+    ) -> OpenAttempt:
+        """`_send`, for a large body its engine names: named a step at a time first."""
+        aborts, sent_to = self.state.aborts, target or plan.targets[index]
+        named = await aborts.name_attempt_in_steps(plan, sent_to, self.record)
+        return self._send(plan, index, attempt, watchdog, target, named)
+
     def _send(
         self,
         plan: Plan,

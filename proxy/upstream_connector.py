@@ -8,15 +8,17 @@ proxy/upstream.py's module doc); `AttemptHooks` also resets a send's socket at o
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import select
 import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
+from aiohttp.client_proto import ResponseHandler
 
 log = logging.getLogger("hangup.upstream")
 
@@ -102,9 +104,30 @@ def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
 _USED: Final = "_hangup_used"
 
 
+class UpstreamProtocol(ResponseHandler):
+    """aiohttp's client protocol, resuming reading only when it is paused: aiohttp's body
+    reader calls `resume_reading` after every read that leaves its buffer under the
+    low-water mark, paused or not, and unpaused that call reparses nothing (the parser holds
+    unparsed bytes only while one of the two pauses holds) and resumes a transport that is
+    not paused. The client side's twin of `GuardedRequestHandler.resume_reading`."""
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused or self._buffer_paused:
+            super().resume_reading(resume_parser)
+
+
 class Connector(aiohttp.TCPConnector):
     """A TCPConnector that checks a pooled connection before reuse and tells the current
-    attempt which transport it got and whether it was reused."""
+    attempt which transport it got and whether it was reused; its connections' protocol is
+    `UpstreamProtocol`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # (typeshed's `partial` is invariant: a factory of the subclass is one of the class)
+        self._factory = cast(
+            "functools.partial[ResponseHandler]",
+            functools.partial(UpstreamProtocol, loop=self._loop),
+        )
 
     async def connect(
         self,

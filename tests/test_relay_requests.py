@@ -3,17 +3,21 @@ headers, and the OpenAI-shaped answers to requests the proxy refuses."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import logging
 import socket
+from collections.abc import Iterable
 
 import aiohttp
 import pytest
 from aiohttp import web
 
+from proxy import relay
 from proxy.outcome import Outcome
+from proxy.request_body import RequestBody, release_in_turns
 from proxy.routing import Router
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy, chat
@@ -27,8 +31,18 @@ def _port(url: str) -> int:
 
 
 async def test_a_prompt_far_above_aiohttp_s_1_mib_default_is_relayed(
-    sim: SimulatedProvider, start_proxy: StartProxy
+    sim: SimulatedProvider, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    released: list[RequestBody] = []
+
+    def release_in_turns_seen(
+        loop: asyncio.AbstractEventLoop, bodies: Iterable[RequestBody]
+    ) -> None:
+        bodies = list(bodies)
+        released.extend(bodies)
+        release_in_turns(loop, bodies)
+
+    monkeypatch.setattr(relay, "release_in_turns", release_in_turns_seen)
     server, sink = await start_proxy(make_config(sim.base_url))
     body = chat("normal:tokens=3", stream=False)
     body["messages"] = [{"role": "user", "content": "word " * (4 * 1024 * 1024)}]  # 20 MiB
@@ -43,6 +57,10 @@ async def test_a_prompt_far_above_aiohttp_s_1_mib_default_is_relayed(
     request = await sim.wait_finished("big", timeout=10.0)
     assert request.body_bytes == len(raw)
     assert (await sink.wait_for("big")).bytes_from_client == len(raw)
+    # The relay handed the large body it ended holding to be freed in turns (one per loop
+    # iteration): the request's, the primary target's and the attempt's, here one object.
+    assert len(released) == 3 and all(body is released[0] for body in released)
+    assert len(released[0]) == len(raw)
 
 
 async def test_a_body_over_the_limit_is_refused_413_before_any_upstream_work(

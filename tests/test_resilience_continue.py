@@ -132,3 +132,24 @@ def test_continuation_body_shapes_and_refusals() -> None:
     assert continuation_target(styles, names, 1, lambda _: True) == 1  # the same one first
     assert continuation_target(styles, names, 0, lambda n: n != "b") == 2
     assert continuation_target(["none"], ["a"], 0, lambda _: True) is None
+
+
+async def test_a_stream_that_keeps_breaking_is_continued_twice_then_ends_in_band(
+    sim: SimulatedProvider, backup: SimulatedProvider, start_proxy: StartProxy
+) -> None:
+    """At most two continuations a request (relay's `_MAX_CONTINUATIONS`): a backup that
+    cuts its continuations too is asked twice, then the client gets the in-band error."""
+    config = continue_config(sim, backup, backup_model="reset:after=2")
+    server, sink = await start_proxy(config)
+    answer = await post(server.base_url, chat("reset:after=5", stream=True), "c-again")
+    assert answer.status == 200
+    error = answer.events()[-1]["error"]
+    assert error["code"] == "upstream_failed" and "cut off" in error["message"]
+    assert len(seen(backup, "c-again")) == 2
+    record = await sink.wait_for("c-again")
+    assert record.outcome is Outcome.UPSTREAM_ERROR
+    assert [(a.upstream, a.reason, a.result) for a in record.attempts] == [
+        ("primary", "primary", AttemptResult.CUT),
+        ("backup", "continue", AttemptResult.CUT),
+        ("backup", "continue", AttemptResult.CUT),
+    ]
