@@ -194,7 +194,8 @@ class SSERelay(ClientWrites, LargeEventRelay):
                             chunk = cut_null_usage(chunk)
                     data = self.scrubber.feed(chunk) if self.scrubber.active else chunk
                 else:
-                    data = self._sse_step(stream, upstream, chunk, now)
+                    # (A steady stream's read was tried as a shaped one already.)
+                    data = self._sse_step(stream, upstream, chunk, now, stream.steady)
                 chunk = None
                 if data:
                     response = self.response
@@ -268,10 +269,16 @@ class SSERelay(ClientWrites, LargeEventRelay):
         return response
 
     def _sse_step(
-        self, stream: StreamState, upstream: UpstreamResponse, chunk: bytes, now: float
+        self,
+        stream: StreamState,
+        upstream: UpstreamResponse,
+        chunk: bytes,
+        now: float,
+        tried: bool = False,
     ) -> bytes | Pieces:
         """One upstream read of a stream (b"": its end): the bytes for the client, if any
-        (in `Pieces` when they hold a huge event among others)."""
+        (in `Pieces` when they hold a huge event among others). `tried`: the pump found the
+        read is not a shaped one (`feed_shaped` said None), so not again."""
         if stream.large is not None:
             return self._large_step(stream, upstream, chunk, now, stream.large)
         record, attempt, decoder = self.record, stream.attempt, self.decoder
@@ -297,7 +304,7 @@ class SSERelay(ClientWrites, LargeEventRelay):
                 # search (`feed_shaped`); or whole `data: {...}` events, classified from their
                 # bytes (no SSEEvent, no text decode) and edited in one pass, the decoder
                 # getting the rest.
-                shape = tracker.feed_shaped(chunk)
+                shape = None if tried else tracker.feed_shaped(chunk)
                 if shape is not None:
                     record.content_chunks += 1
                     if record.first_token_at is None or attempt.first_token_at is None:
