@@ -10,7 +10,15 @@ dumps count `recv` calls to show it). Instructions per event: (long - short) / (
 20) / streams. What it does not see: cache misses, the kernel, time spent waiting; it is an
 instruction count, not CPU time (the target of issue 17 is CPU time: `bench.perevent`).
 
-`python -m bench.event_instructions [--streams 3] [--long 200] [--gap-ms 20] [--compare DIR]`
+The long streams last longer, and work a target does by the clock rather than by the event
+(hangup's loop-lag probe: a timer 20 times a second, ~40k instructions a tick under callgrind,
+~0.4 ticks an event at 20 ms) is counted with their events. So, after the streams, the target
+idles `--idle-s` seconds and a third dump gives its instructions a second with no request;
+"idle excluded" takes that rate times the long streams' extra wall time off (the raw figure
+stays beside it). The relay idles at ~0.
+
+`python -m bench.event_instructions [--streams 3] [--long 200] [--gap-ms 20] [--idle-s 5]
+[--compare DIR]`
 """
 
 from __future__ import annotations
@@ -117,17 +125,33 @@ def measure(procs: Procs, name: str, upstream: str, args: argparse.Namespace) ->
     callgrind_control("--zero", str(child.pid))
     seen: set[Path] = set()
     counts: dict[str, dict[str, int]] = {}
+    walls: dict[str, float] = {}
+    began = time.monotonic()
     for events in (SHORT, args.long):
         for _ in range(args.streams):
             stream(conn, events, args.gap_ms)
+        ended = time.monotonic()  # (the dump's own wait counts in the next window)
         counts[str(events)] = dump(child, outdir, seen)
+        walls[str(events)], began = ended - began, ended
+    # The target's work per second with no request (timers: hangup's loop-lag probe ticks
+    # 20 times a second): the long streams last longer, and that work is not per event.
+    time.sleep(args.idle_s)
+    ended = time.monotonic()
+    counts["idle"] = dump(child, outdir, seen)
+    walls["idle"] = ended - began
     conn.close()
     procs.stop(child, timeout=120)
     short, long_ = counts[str(SHORT)], counts[str(args.long)]
     extra_events = (args.long - SHORT) * args.streams
+    per_event = (long_["instructions"] - short["instructions"]) / extra_events
+    idle_per_s = counts["idle"]["instructions"] / walls["idle"]
+    extra_wall = walls[str(args.long)] - walls[str(SHORT)]
     return {
         "counts": counts,
-        "instructions_per_event": (long_["instructions"] - short["instructions"]) / extra_events,
+        "walls_s": walls,
+        "instructions_per_event": per_event,
+        "idle_instructions_per_s": idle_per_s,
+        "instructions_per_event_without_idle": per_event - idle_per_s * extra_wall / extra_events,
         "recv_per_event": (long_["recv_calls"] - short["recv_calls"]) / extra_events,
         "instructions_per_short_stream": short["instructions"] / args.streams,
     }
@@ -140,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gap-ms", type=float, default=20.0)
     p.add_argument("--targets", default="relay,hangup,compare")
     p.add_argument("--compare", type=Path, metavar="DIR", help="also the hangup CLI from DIR")
+    p.add_argument("--idle-s", type=float, default=5.0, help="idle window after the streams")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -158,16 +183,18 @@ def main(argv: list[str] | None = None) -> int:
     relay = results.get("relay")
     rows = []
     for name, r in results.items():
-        ratio = (
-            r["instructions_per_event"] / relay["instructions_per_event"]
-            if relay is not None
-            else None
-        )
+        ratios = [
+            "-" if relay is None else f"{r[key] / relay[key]:.3f}x"
+            for key in ("instructions_per_event", "instructions_per_event_without_idle")
+        ]
         rows.append(
             [
                 name,
                 round(r["instructions_per_event"]),
-                "-" if ratio is None else f"{ratio:.3f}x",
+                ratios[0],
+                round(r["idle_instructions_per_s"]),
+                round(r["instructions_per_event_without_idle"]),
+                ratios[1],
                 r["recv_per_event"],
                 round(r["instructions_per_short_stream"]),
             ]
@@ -179,7 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         table(
-            ["target", "instructions/event", "vs relay", "recv calls/event", "per 20-event stream"],
+            [
+                "target",
+                "instructions/event",
+                "vs relay",
+                "idle/s",
+                "/event, idle excluded",
+                "vs relay",
+                "recv calls/event",
+                "per 20-event stream",
+            ],
             rows,
         )
     )
