@@ -23,10 +23,12 @@ counted (`malformed_events`) as before. While nothing may go out (headers held f
 fallback, a continuation's first chunk), nothing goes out: the event is kept in its pieces
 and decided at its end exactly as a smaller one, without joining it.
 
-Not passed through (read whole at their end, as before): a huge `event:`, `id:` or other
-field line, a second huge line in one block, and a skeleton that cannot answer (a marker
-where accounting reads a value, a long run of JSON structure outside strings): the whole
-event is then decoded and parsed in one step.
+Not passed through, read whole at their end: a huge `event:`, `id:` or other field line, a
+second huge line in one block, many data lines (at most `MAX_WHOLE_EVENT`, 1 MiB, in all: over
+it the stream fails, proxy/sse_stream.py), and a skeleton that cannot answer (a marker where
+accounting reads a value, a long run of JSON structure outside strings): the whole event is
+then decoded and parsed in one step (up to 16 MiB: the one leftover, To do in
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ class LargeEvent:
             value = 6 if line.startswith(b"data: ") else 5
             self.skeleton = Skeleton(run, keep_text=keep_text)
             self.skeleton.feed(line[value:])
+
+    def block_rest(self, decoder: SSEDecoder) -> int:
+        """Bytes of the block after the huge line that the decoder holds (0 while the line
+        lasts; its stand-in, however long, not counted)."""
+        return 0 if self._line_end < 0 else decoder.buffered - len(self._stand_in)
 
     def start(self) -> bytes:
         """The bytes that may go out at once (the event so far, less its held tail)."""

@@ -25,6 +25,7 @@ from proxy.sse_stream import (
     failed_before_content,
     held_too_much,
     too_large,
+    too_large_whole,
 )
 from proxy.upstream import UpstreamResponse
 from proxy.usage import EventKind, StreamUsageTracker, strip_usage_member
@@ -83,6 +84,9 @@ class LargeEventRelay:
             if done is None:
                 if large.size > MAX_SSE_EVENT:
                     raise too_large(stream.attempt.upstream)
+                if large.block_rest(decoder) > stream.whole_max:
+                    # The block's lines after the huge one (another huge one): read whole.
+                    raise too_large_whole(stream.attempt.upstream)
                 if stream.raw_mode:
                     return self.scrubber.feed(chunk)
                 return self.scrubber.feed(forward) if large.forward and forward else b""

@@ -38,6 +38,7 @@ from proxy.sse_stream import (
     held_too_much,
     loop_clock,
     too_large,
+    too_large_whole,
 )
 from proxy.state import ProxyState
 from proxy.timeouts import Phase
@@ -429,6 +430,8 @@ class SSERelay(ClientWrites, LargeEventRelay):
             first = large.start()
             if forward:
                 out.append(first)
+        elif chunk and decoder.buffered > stream.whole_max:
+            raise too_large_whole(attempt.upstream)  # it would be read whole, in one step
         scrubber = self.scrubber
         if stream.raw_mode:
             return scrubber.feed(chunk) + (b"" if chunk else scrubber.flush())
