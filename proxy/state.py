@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -34,6 +34,11 @@ if TYPE_CHECKING:
     from proxy.relay import Exchange
 
 log = logging.getLogger("hangup")
+
+# An enum member read from its class (`Outcome.INTERNAL_ERROR`) goes through `EnumType`'s
+# `__getattr__` hook on Python 3.11 (~0.1 us, ~1.1k instructions); a module global is a cached
+# load. Members are singletons: `is` against the global is the same test.
+_INTERNAL_ERROR: Final = Outcome.INTERNAL_ERROR
 
 
 RecordListener = Callable[[RequestRecord], None]
@@ -179,7 +184,7 @@ class ProxyState:
         except Exception:
             log.exception("metrics failed for request %s", record.request_id)
         if self.config.logging.access_log:
-            log_access(access_fields(record), error=record.outcome is Outcome.INTERNAL_ERROR)
+            log_access(access_fields(record), error=record.outcome is _INTERNAL_ERROR)
         if record.trace is not None:  # an untraced record is nothing to any tracing's `finished`
             try:
                 self.tracing.finished(record)

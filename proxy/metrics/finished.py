@@ -172,10 +172,11 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     if record.first_token_at is not None:
         metrics._observe(metrics._ttft, rm, record.first_token_at - record.started_at)
     if ended is not None:
-        overhead = max(
-            0.0,
-            duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s,
-        )
+        overhead = duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s
+        # `max(0.0, overhead)` without the call (~1k instructions: `min_max` parses its
+        # arguments): the same value for NaN and -0.0 too (both give 0.0).
+        if not overhead > 0.0:
+            overhead = 0.0
         if common.overhead is None:
             common.overhead = metrics._buckets_of(metrics._overhead, (route,))
         common.overhead.observe(overhead)
