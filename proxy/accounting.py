@@ -440,7 +440,7 @@ class Accountant:
         bill = AttemptBill(
             usage=usage, billing=self._billing.get((attempt.upstream, record.stream), "full")
         )
-        if usage.total_tokens > 0:
+        if usage.prompt_tokens + usage.completion_tokens > 0:  # `total_tokens`, no property
             bill.used_usd = self.prices.used_usd(attempt.model or record.model, usage)
         attempt.bill = bill
         record.waste = {}

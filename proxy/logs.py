@@ -375,7 +375,7 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
         fields["billing"] = rec.savings.billing
     if rec.tokenizer is not None and u.prompt_tokenized:
         fields["tokens"]["tokenizer"] = rec.tokenizer
-    if rec.cost is not None and rec.cost.priced:
+    if rec.cost is not None and rec.cost.used_usd is not None:  # `priced`, without its property
         fields["cost_usd"] = {
             "used": rec.cost.used_usd,
             "saved": rec.cost.saved_usd,

@@ -138,7 +138,9 @@ class ProxyState:
         request is still in flight (proxy.engines), this runs again once it settles, so the
         record carries it.
         """
-        if self.aborts.hold(record, lambda: self.finish(record, exchange)):
+        # The closure only when an abort is in flight at all: a lambda here would make
+        # `record`, `exchange` and `self` cells on every call (MAKE_CELL at entry).
+        if self.aborts.in_flight and self._held(record, exchange):
             return
         if record.outcome is None:  # defensive: the relay settles every path
             record.settle(Outcome.INTERNAL_ERROR)
@@ -160,6 +162,10 @@ class ProxyState:
         task = asyncio.get_running_loop().create_task(self._publish_after(record, pending))
         self.accounting_tasks.add(task)
         task.add_done_callback(self.accounting_tasks.discard)
+
+    def _held(self, record: RequestRecord, exchange: Exchange | None) -> bool:
+        """`aborts.hold` with this request's finish, run again once its abort settles."""
+        return self.aborts.hold(record, lambda: self.finish(record, exchange))
 
     async def _publish_after(self, record: RequestRecord, pending: Facts) -> None:
         try:

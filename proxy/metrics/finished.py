@@ -32,13 +32,25 @@ class _Finished:
     duration and overhead. One lookup for six, on every request; the values are the ones
     `_count` and `_buckets_of` hold."""
 
-    __slots__ = ("completion", "cost", "duration", "overhead", "prompt", "requests", "responses")
+    __slots__ = (
+        "completion",
+        "cost",
+        "duration",
+        "overhead",
+        "prompt",
+        "requests",
+        "responses",
+        "ttft",
+        "unpriced",
+    )
 
     def __init__(self, requests: Value, responses: Value) -> None:
         self.requests, self.responses = requests, responses
         self.prompt: Value | None = None
         self.completion: Value | None = None
         self.cost: Value | None = None  # USD used, by (route, model, client)
+        self.unpriced: Value | None = None  # requests without a price, by (route, model)
+        self.ttft: Buckets | None = None  # by (route, model)
         self.duration: Buckets | None = None
         self.overhead: Buckets | None = None
 
@@ -148,9 +160,9 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             metrics._add(metrics._saved_upper, rm, savings.tokens_saved_upper)
         metrics._add(metrics._wasted, rm, savings.tokens_wasted)
     cost = record.cost
-    if cost is not None and cost.priced:
-        used = cost.used_usd
-        if used is not None and used > 0:  # as `_add`, from the label set's own series
+    # `cost.priced` and `usage.total_tokens` without their properties (a call each).
+    if cost is not None and (used := cost.used_usd) is not None:
+        if used > 0:  # as `_add`, from the label set's own series
             if common.cost is None:
                 common.cost = count(metrics._cost, rmc)
             common.cost.inc(used)
@@ -158,8 +170,12 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             metrics._add(metrics._cost_saved, rmc, cost.saved_usd)
         if cost.wasted_usd:
             metrics._add(metrics._cost_wasted, rm, cost.wasted_usd)
-    elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
-        count(metrics._unpriced, rm).inc(1)
+    elif usage.prompt_tokens + usage.completion_tokens > 0 or (
+        savings is not None and savings.tokens_saved > 0
+    ):
+        if common.unpriced is None:
+            common.unpriced = count(metrics._unpriced, rm)
+        common.unpriced.inc(1)
 
     # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
     # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
@@ -170,7 +186,9 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             common.duration = metrics._buckets_of(metrics._duration, (route, outcome))
         common.duration.observe(duration)
     if record.first_token_at is not None:
-        metrics._observe(metrics._ttft, rm, record.first_token_at - record.started_at)
+        if common.ttft is None:
+            common.ttft = metrics._buckets_of(metrics._ttft, rm)
+        common.ttft.observe(record.first_token_at - record.started_at)
     if ended is not None:
         overhead = duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s
         # `max(0.0, overhead)` without the call (~1k instructions: `min_max` parses its
