@@ -39,8 +39,39 @@ def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int 
 def parse_usage(usage: object) -> Reported | None:
     """Chat/completions (`prompt_tokens`...) and Responses (`input_tokens`...) usage objects."""
     # A parsed answer's objects are dicts: the exact type test skips the ABC's check.
-    if type(usage) is not dict and not isinstance(usage, Mapping):
-        return None
+    if type(usage) is not dict:
+        return _parse_usage(usage) if isinstance(usage, Mapping) else None
+    # The usual chat usage (a stream's last chunk): both counts plain ints in range, each
+    # details object a dict with its count. Read here without the dozen calls of `_count`,
+    # `as_int` and `_detail`; anything else (a missing or odd count, Responses' names) takes
+    # the general way. tests/test_usage_parse.py checks the two agree.
+    get = usage.get
+    prompt = get("prompt_tokens")
+    completion = get("completion_tokens")
+    if not (
+        type(prompt) is int
+        and type(completion) is int
+        and 0 <= prompt <= MAX_REPORTED_TOKENS
+        and 0 <= completion <= MAX_REPORTED_TOKENS
+    ):
+        return _parse_usage(usage)
+    details = get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if type(details) is dict else None
+    if not (type(cached) is int and 0 <= cached <= MAX_REPORTED_TOKENS):
+        cached = _detail(usage, _PROMPT_DETAILS, "cached_tokens")
+    details = get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if type(details) is dict else None
+    if not (type(reasoning) is int and 0 <= reasoning <= MAX_REPORTED_TOKENS):
+        reasoning = _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens")
+    return Reported(prompt, completion, cached, reasoning)
+
+
+_PROMPT_DETAILS: Final = ("prompt_tokens_details", "input_tokens_details")
+_COMPLETION_DETAILS: Final = ("completion_tokens_details", "output_tokens_details")
+
+
+def _parse_usage(usage: Mapping[str, Any]) -> Reported | None:
+    """`parse_usage`'s general way, for any mapping."""
     prompt = _count(usage.get("prompt_tokens"))
     if prompt is None:
         prompt = _count(usage.get("input_tokens"))
@@ -52,8 +83,8 @@ def parse_usage(usage: object) -> Reported | None:
     return Reported(
         prompt,
         completion,
-        _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens"),
-        _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"),
+        _detail(usage, _PROMPT_DETAILS, "cached_tokens"),
+        _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens"),
     )
 
 
