@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, Final, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Final, NamedTuple, cast
 
 import msgspec
 
@@ -24,6 +24,15 @@ class Reported(NamedTuple):
     completion: int | None
     cached: int | None
     reasoning: int | None
+
+
+# `Reported(a, b, c, d)` runs the NamedTuple's generated Python `__new__`, which calls
+# `tuple.__new__(Reported, (a, b, c, d))`: called here directly, the same tuple of the same
+# type for a third of the cost (~0.15 us less; once a request).
+_reported: Final = cast(
+    "Callable[[type[Reported], tuple[int | None, int | None, int | None, int | None]], Reported]",
+    tuple.__new__,
+)
 
 
 def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int | None:
@@ -63,7 +72,7 @@ def parse_usage(usage: object) -> Reported | None:
     reasoning = details.get("reasoning_tokens") if type(details) is dict else None
     if not (type(reasoning) is int and 0 <= reasoning <= MAX_REPORTED_TOKENS):
         reasoning = _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens")
-    return Reported(prompt, completion, cached, reasoning)
+    return _reported(Reported, (prompt, completion, cached, reasoning))
 
 
 _PROMPT_DETAILS: Final = ("prompt_tokens_details", "input_tokens_details")
@@ -80,11 +89,14 @@ def _parse_usage(usage: Mapping[str, Any]) -> Reported | None:
         completion = _count(usage.get("output_tokens"))
     if prompt is None and completion is None:
         return None
-    return Reported(
-        prompt,
-        completion,
-        _detail(usage, _PROMPT_DETAILS, "cached_tokens"),
-        _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens"),
+    return _reported(
+        Reported,
+        (
+            prompt,
+            completion,
+            _detail(usage, _PROMPT_DETAILS, "cached_tokens"),
+            _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens"),
+        ),
     )
 
 
@@ -168,4 +180,4 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
     reasoning = None if details is None else details.reasoning_tokens
     if reasoning is None and (details := usage.output_tokens_details) is not None:
         reasoning = details.reasoning_tokens
-    return Reported(prompt, completion, cached, reasoning)
+    return _reported(Reported, (prompt, completion, cached, reasoning))
