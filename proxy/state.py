@@ -14,13 +14,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry
 
+from proxy.access_line import log_record
 from proxy.accounting import Accountant
 from proxy.attempts import Attempt
 from proxy.auth import Auth
 from proxy.callers import note_caller
 from proxy.config import HangupConfig
 from proxy.engines import EngineAborts, engine_for
-from proxy.logs import access_fields, log_access
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome, RequestRecord
 from proxy.resilience.circuit import Circuit, Circuits
@@ -190,7 +190,7 @@ class ProxyState:
         except Exception:
             log.exception("metrics failed for request %s", record.request_id)
         if self.config.logging.access_log:
-            log_access(access_fields(record), error=record.outcome is _INTERNAL_ERROR)
+            log_record(record, error=record.outcome is _INTERNAL_ERROR)
         if record.trace is not None:  # an untraced record is nothing to any tracing's `finished`
             try:
                 self.tracing.finished(record)
