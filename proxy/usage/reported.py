@@ -144,6 +144,18 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
     The object's end is guessed as the first `}` after which braces balance; the guess needs no
     care about strings, because only a decode of exactly one object from `start` to it is
     accepted, and an object can close at one place only."""
+    # The usual usage object (OpenAI's compact one, llama.cpp's) ends with a details object:
+    # `...,"completion_tokens_details":{...}}`. Its first `}}` is then the end, guessed in one
+    # look instead of the walk below (3 finds and 3 counts); the guess is taken only when the
+    # object has a `{` inside, and only a decode of exactly one object accepts it.
+    end = body.find(b"}}", start)
+    if end > 0 and body.find(b"{", start + 1, end) > 0:
+        try:
+            usage = _decode_usage(body[start : end + 2])
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            pass  # another shape: the walk below decides
+        else:
+            return _read(usage)
     end = body.find(b"}", start)
     if end < 0:
         return UNREAD
@@ -163,6 +175,11 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
         usage = _decode_usage(body[start : end + 1])
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return UNREAD
+    return _read(usage)
+
+
+def _read(usage: _Usage) -> Reported | None:
+    """`parse_usage` of a decoded usage object."""
     # Every count is in range (`_Count`): the first of each pair that is there wins.
     prompt = usage.prompt_tokens
     if prompt is None:
