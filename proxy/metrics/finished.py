@@ -13,6 +13,7 @@ from proxy.outcome import RequestRecord, Usage
 
 from . import schema
 from .labels import CLASS_OF_STATUS, NONE
+from .loopvalue import LoopValue
 
 if TYPE_CHECKING:
     from .facade import Metrics
@@ -36,6 +37,7 @@ class _Finished:
         "completion",
         "cost",
         "duration",
+        "inplace",
         "overhead",
         "prompt",
         "requests",
@@ -46,6 +48,9 @@ class _Finished:
 
     def __init__(self, requests: Value, responses: Value) -> None:
         self.requests, self.responses = requests, responses
+        # Every count kept here so far is a `LoopValue` (single-process storage): the usual
+        # ones are added to in place, without a call to `LoopValue.inc` each.
+        self.inplace = type(requests) is LoopValue and type(responses) is LoopValue
         self.prompt: Value | None = None
         self.completion: Value | None = None
         self.cost: Value | None = None  # USD used, by (route, model, client)
@@ -85,8 +90,13 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         )
         if len(metrics._finished) < metrics._max_finished:
             metrics._finished[key] = common
-    common.requests.inc(1)
-    common.responses.inc(1)
+    inplace = common.inplace
+    if inplace:
+        common.requests._value += 1  # type: ignore[attr-defined]  # LoopValue.inc, inline
+        common.responses._value += 1  # type: ignore[attr-defined]
+    else:
+        common.requests.inc(1)
+        common.responses.inc(1)
     if record.timeout_kind is not None:
         count(metrics._timeouts, (route, record.timeout_kind.value)).inc(1)
     if record.sdk_retry_count > 0:
@@ -119,11 +129,19 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
         if common.prompt is None:
             common.prompt = count(metrics._tokens, (*rm, "prompt", client))
-        common.prompt.inc(usage.prompt_tokens)
+            inplace = common.inplace = inplace and type(common.prompt) is LoopValue
+        if inplace:
+            common.prompt._value += usage.prompt_tokens  # type: ignore[attr-defined]
+        else:
+            common.prompt.inc(usage.prompt_tokens)
     if usage.completion_tokens > 0:
         if common.completion is None:
             common.completion = count(metrics._tokens, (*rm, "completion", client))
-        common.completion.inc(usage.completion_tokens)
+            inplace = common.inplace = inplace and type(common.completion) is LoopValue
+        if inplace:
+            common.completion._value += usage.completion_tokens  # type: ignore[attr-defined]
+        else:
+            common.completion.inc(usage.completion_tokens)
     # Each attempt's counts say how they were obtained: the estimated and tokenized parts
     # are summed over attempts (a reported answer beside an estimated hedge loser).
     parts: Sequence[Usage]
