@@ -77,7 +77,6 @@ def _record(i: int) -> RequestRecord:
         upstream_attempts=1,
         finish_reason="stop",
         response_model="gpt-4o-mini",
-        upstream_headers_at=1000.05,
         first_token_at=1000.1,
         upstream_closed_at=1000.9,
         ended_at=1001.0,

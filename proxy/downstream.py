@@ -60,7 +60,6 @@ class Downstream(SSERelay):
         stream is held: returned, not awaited here, so this frame is not kept under it."""
         record, loop = self.record, self.loop
         now = loop.time()
-        record.upstream_headers_at = now
         record.upstream_status = upstream.status
         record.upstream = attempt.upstream
         try:

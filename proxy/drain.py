@@ -65,7 +65,6 @@ async def _drain_unanswered(
         async with asyncio.timeout(plan.route.options.drain_max_s):
             upstream = await opening
             exchange.record.upstream_status = upstream.status
-            exchange.record.upstream_headers_at = exchange.loop.time()
             if upstream.event_stream:
                 exchange.tracker = StreamUsageTracker(plan.facts)
                 exchange.decoder = SSEDecoder()

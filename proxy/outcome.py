@@ -284,7 +284,6 @@ class RequestRecord(msgspec.Struct):
     response_model: str | None = None  # the model the upstream says answered (for traces)
     trace: TraceIds | None = None  # set when tracing is on (proxy/tracing)
     # timings
-    upstream_headers_at: float | None = None
     first_token_at: float | None = None
     client_gone_at: float | None = None
     upstream_closed_at: float | None = None

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
-from proxy.metrics.loopvalue import Buckets, count_of
+from proxy.metrics.loopvalue import Buckets, LoopBuckets, buckets_of, count_of
 from proxy.outcome import Outcome, Usage
 from tests.metrics_support import make_record, new_metrics
 
@@ -59,14 +59,17 @@ def test_lock_free_values_export_what_prometheus_client_would() -> None:
     `dec`, bucket edges, infinities, NaN and negatives included."""
     amounts = [0.0, 0.005, 0.0050001, 0.1, 2.5, 10.0, 11.0, math.inf, -math.inf, -1.0, math.nan]
     registries = []
-    for lock_free in (False, True):
+    for lock_free in (False, True, "in place"):
         registry = CollectorRegistry()
         histogram = Histogram("h", "h", ["route"], registry=registry).labels("chat")
         counter = Counter("c", "c", ["route"], registry=registry).labels("chat")
         gauge = Gauge("g", "g", registry=registry)
         counter.inc(2)  # before the value is made lock-free: it keeps the figure
         if lock_free:
-            buckets, count, level = Buckets(histogram), count_of(counter), count_of(gauge)
+            # `buckets_of` gives the `LoopBuckets` the facade uses (observe in place).
+            buckets = buckets_of(histogram) if lock_free == "in place" else Buckets(histogram)
+            assert (type(buckets) is LoopBuckets) is (lock_free == "in place")
+            count, level = count_of(counter), count_of(gauge)
             for amount in amounts:
                 buckets.observe(amount)
                 count.inc(3.5)
@@ -79,7 +82,8 @@ def test_lock_free_values_export_what_prometheus_client_would() -> None:
                 gauge.inc()
             gauge.dec()
         registries.append(registry)
-    locked, lock_free_samples = (_samples(r) for r in registries)
-    assert [s[:2] for s in locked] == [s[:2] for s in lock_free_samples]
-    for (name, labels, want), (_, _, got) in zip(locked, lock_free_samples, strict=True):
-        assert want == got or (math.isnan(want) and math.isnan(got)), (name, labels)
+    locked, *lock_free_ways = (_samples(r) for r in registries)
+    for lock_free_samples in lock_free_ways:
+        assert [s[:2] for s in locked] == [s[:2] for s in lock_free_samples]
+        for (name, labels, want), (_, _, got) in zip(locked, lock_free_samples, strict=True):
+            assert want == got or (math.isnan(want) and math.isnan(got)), (name, labels)

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -224,3 +225,23 @@ def test_the_first_look_takes_only_a_member_named_usage() -> None:
         assert _reference(body) is None, body
     assert tail_usage(b"{" + usage + b"}") == Reported(1, 2, None, None)
     assert tail_usage(b"{" + usage + b"}", len(usage) + 1) is None
+
+
+class _NoCount(bytes):
+    """An answer whose `count` fails: read without the walk's brace counts."""
+
+    def count(self, *args: Any) -> int:
+        raise AssertionError("walked")
+
+
+def test_the_usual_usage_is_read_in_one_look() -> None:
+    """OpenAI's compact usage and llama.cpp's end with a details object: their end is found
+    at their first `}}`, without the walk (`_NoCount`); a usage without one is walked."""
+    for body in [chat_body(), (FIXTURES / "llama-cpp" / "chat.json").read_bytes()]:
+        at = body.rindex(b"{", 0, body.rindex(b'"usage"') + 12)
+        found = read_usage_at(_NoCount(body), at)
+        assert found == parse_usage(json.loads(body)["usage"]) and found is not None
+    flat = b'{"usage":{"prompt_tokens":1,"completion_tokens":2},"x":{"y":1}}'
+    with pytest.raises(AssertionError, match="walked"):
+        read_usage_at(_NoCount(flat), 9)
+    assert read_usage_at(flat, 9) == Reported(1, 2, None, None)

@@ -35,7 +35,7 @@ from proxy.resilience.circuit import CircuitState
 from . import finished, schema
 from .finished import _MAX_FINISHED, _Finished
 from .labels import BoundedLabel, endpoint_shaped, model_shaped
-from .loopvalue import Buckets, Value, count_of
+from .loopvalue import Buckets, Value, buckets_of, count_of
 from .schema import Spec
 
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ class Metrics:
         key = (id(histogram), labels)
         found = self._buckets.get(key)
         if found is None:
-            found = self._buckets[key] = Buckets(histogram.labels(*labels))
+            found = self._buckets[key] = buckets_of(histogram.labels(*labels))
         return found
 
 

@@ -13,6 +13,7 @@ from proxy.outcome import RequestRecord, Usage
 
 from . import schema
 from .labels import CLASS_OF_STATUS, NONE
+from .loopvalue import LoopValue
 
 if TYPE_CHECKING:
     from .facade import Metrics
@@ -32,13 +33,29 @@ class _Finished:
     duration and overhead. One lookup for six, on every request; the values are the ones
     `_count` and `_buckets_of` hold."""
 
-    __slots__ = ("completion", "cost", "duration", "overhead", "prompt", "requests", "responses")
+    __slots__ = (
+        "completion",
+        "cost",
+        "duration",
+        "inplace",
+        "overhead",
+        "prompt",
+        "requests",
+        "responses",
+        "ttft",
+        "unpriced",
+    )
 
     def __init__(self, requests: Value, responses: Value) -> None:
         self.requests, self.responses = requests, responses
+        # Every count kept here so far is a `LoopValue` (single-process storage): the usual
+        # ones are added to in place, without a call to `LoopValue.inc` each.
+        self.inplace = type(requests) is LoopValue and type(responses) is LoopValue
         self.prompt: Value | None = None
         self.completion: Value | None = None
         self.cost: Value | None = None  # USD used, by (route, model, client)
+        self.unpriced: Value | None = None  # requests without a price, by (route, model)
+        self.ttft: Buckets | None = None  # by (route, model)
         self.duration: Buckets | None = None
         self.overhead: Buckets | None = None
 
@@ -73,8 +90,13 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         )
         if len(metrics._finished) < metrics._max_finished:
             metrics._finished[key] = common
-    common.requests.inc(1)
-    common.responses.inc(1)
+    inplace = common.inplace
+    if inplace:
+        common.requests._value += 1  # type: ignore[attr-defined]  # LoopValue.inc, inline
+        common.responses._value += 1  # type: ignore[attr-defined]
+    else:
+        common.requests.inc(1)
+        common.responses.inc(1)
     if record.timeout_kind is not None:
         count(metrics._timeouts, (route, record.timeout_kind.value)).inc(1)
     if record.sdk_retry_count > 0:
@@ -107,11 +129,19 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
         if common.prompt is None:
             common.prompt = count(metrics._tokens, (*rm, "prompt", client))
-        common.prompt.inc(usage.prompt_tokens)
+            inplace = common.inplace = inplace and type(common.prompt) is LoopValue
+        if inplace:
+            common.prompt._value += usage.prompt_tokens  # type: ignore[attr-defined]
+        else:
+            common.prompt.inc(usage.prompt_tokens)
     if usage.completion_tokens > 0:
         if common.completion is None:
             common.completion = count(metrics._tokens, (*rm, "completion", client))
-        common.completion.inc(usage.completion_tokens)
+            inplace = common.inplace = inplace and type(common.completion) is LoopValue
+        if inplace:
+            common.completion._value += usage.completion_tokens  # type: ignore[attr-defined]
+        else:
+            common.completion.inc(usage.completion_tokens)
     # Each attempt's counts say how they were obtained: the estimated and tokenized parts
     # are summed over attempts (a reported answer beside an estimated hedge loser).
     parts: Sequence[Usage]
@@ -148,9 +178,9 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             metrics._add(metrics._saved_upper, rm, savings.tokens_saved_upper)
         metrics._add(metrics._wasted, rm, savings.tokens_wasted)
     cost = record.cost
-    if cost is not None and cost.priced:
-        used = cost.used_usd
-        if used is not None and used > 0:  # as `_add`, from the label set's own series
+    # `cost.priced` and `usage.total_tokens` without their properties (a call each).
+    if cost is not None and (used := cost.used_usd) is not None:
+        if used > 0:  # as `_add`, from the label set's own series
             if common.cost is None:
                 common.cost = count(metrics._cost, rmc)
             common.cost.inc(used)
@@ -158,8 +188,12 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             metrics._add(metrics._cost_saved, rmc, cost.saved_usd)
         if cost.wasted_usd:
             metrics._add(metrics._cost_wasted, rm, cost.wasted_usd)
-    elif usage.total_tokens > 0 or (savings is not None and savings.tokens_saved > 0):
-        count(metrics._unpriced, rm).inc(1)
+    elif usage.prompt_tokens + usage.completion_tokens > 0 or (
+        savings is not None and savings.tokens_saved > 0
+    ):
+        if common.unpriced is None:
+            common.unpriced = count(metrics._unpriced, rm)
+        common.unpriced.inc(1)
 
     # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
     # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
@@ -170,12 +204,15 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             common.duration = metrics._buckets_of(metrics._duration, (route, outcome))
         common.duration.observe(duration)
     if record.first_token_at is not None:
-        metrics._observe(metrics._ttft, rm, record.first_token_at - record.started_at)
+        if common.ttft is None:
+            common.ttft = metrics._buckets_of(metrics._ttft, rm)
+        common.ttft.observe(record.first_token_at - record.started_at)
     if ended is not None:
-        overhead = max(
-            0.0,
-            duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s,
-        )
+        overhead = duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s
+        # `max(0.0, overhead)` without the call (~1k instructions: `min_max` parses its
+        # arguments): the same value for NaN and -0.0 too (both give 0.0).
+        if not overhead > 0.0:
+            overhead = 0.0
         if common.overhead is None:
             common.overhead = metrics._buckets_of(metrics._overhead, (route,))
         common.overhead.observe(overhead)

@@ -95,3 +95,26 @@ class Buckets:
         i = bisect_left(bounds, amount)
         if i < len(bounds) and amount <= bounds[i]:
             self._buckets[i].inc(1)
+
+
+class LoopBuckets(Buckets):
+    """`Buckets` whose values are all `LoopValue`s (single-process storage): `observe` adds
+    to their floats in place, without a call to each value's `inc` (two calls less an
+    observation, three observations a streamed request)."""
+
+    __slots__ = ()
+
+    def observe(self, amount: float) -> None:
+        self._sum._value += amount  # a LoopValue (buckets_of)
+        bounds = self._bounds
+        i = bisect_left(bounds, amount)
+        if i < len(bounds) and amount <= bounds[i]:
+            self._buckets[i]._value += 1
+
+
+def buckets_of(child: Histogram) -> Buckets:
+    """A histogram child's `Buckets`; a `LoopBuckets` when all its values are lock-free."""
+    buckets = Buckets(child)
+    if type(buckets._sum) is LoopValue and all(type(b) is LoopValue for b in buckets._buckets):
+        buckets.__class__ = LoopBuckets
+    return buckets

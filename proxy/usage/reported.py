@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Annotated, Any, Final, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any, Final, NamedTuple, cast
 
 import msgspec
 
@@ -26,6 +26,15 @@ class Reported(NamedTuple):
     reasoning: int | None
 
 
+# `Reported(a, b, c, d)` runs the NamedTuple's generated Python `__new__`, which calls
+# `tuple.__new__(Reported, (a, b, c, d))`: called here directly, the same tuple of the same
+# type for a third of the cost (~0.15 us less; once a request).
+_reported: Final = cast(
+    "Callable[[type[Reported], tuple[int | None, int | None, int | None, int | None]], Reported]",
+    tuple.__new__,
+)
+
+
 def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int | None:
     for key in keys:
         details = usage.get(key)
@@ -39,8 +48,39 @@ def _detail(usage: Mapping[str, Any], keys: tuple[str, str], field: str) -> int 
 def parse_usage(usage: object) -> Reported | None:
     """Chat/completions (`prompt_tokens`...) and Responses (`input_tokens`...) usage objects."""
     # A parsed answer's objects are dicts: the exact type test skips the ABC's check.
-    if type(usage) is not dict and not isinstance(usage, Mapping):
-        return None
+    if type(usage) is not dict:
+        return _parse_usage(usage) if isinstance(usage, Mapping) else None
+    # The usual chat usage (a stream's last chunk): both counts plain ints in range, each
+    # details object a dict with its count. Read here without the dozen calls of `_count`,
+    # `as_int` and `_detail`; anything else (a missing or odd count, Responses' names) takes
+    # the general way. tests/test_usage_parse.py checks the two agree.
+    get = usage.get
+    prompt = get("prompt_tokens")
+    completion = get("completion_tokens")
+    if not (
+        type(prompt) is int
+        and type(completion) is int
+        and 0 <= prompt <= MAX_REPORTED_TOKENS
+        and 0 <= completion <= MAX_REPORTED_TOKENS
+    ):
+        return _parse_usage(usage)
+    details = get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if type(details) is dict else None
+    if not (type(cached) is int and 0 <= cached <= MAX_REPORTED_TOKENS):
+        cached = _detail(usage, _PROMPT_DETAILS, "cached_tokens")
+    details = get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if type(details) is dict else None
+    if not (type(reasoning) is int and 0 <= reasoning <= MAX_REPORTED_TOKENS):
+        reasoning = _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens")
+    return _reported(Reported, (prompt, completion, cached, reasoning))
+
+
+_PROMPT_DETAILS: Final = ("prompt_tokens_details", "input_tokens_details")
+_COMPLETION_DETAILS: Final = ("completion_tokens_details", "output_tokens_details")
+
+
+def _parse_usage(usage: Mapping[str, Any]) -> Reported | None:
+    """`parse_usage`'s general way, for any mapping."""
     prompt = _count(usage.get("prompt_tokens"))
     if prompt is None:
         prompt = _count(usage.get("input_tokens"))
@@ -49,11 +89,14 @@ def parse_usage(usage: object) -> Reported | None:
         completion = _count(usage.get("output_tokens"))
     if prompt is None and completion is None:
         return None
-    return Reported(
-        prompt,
-        completion,
-        _detail(usage, ("prompt_tokens_details", "input_tokens_details"), "cached_tokens"),
-        _detail(usage, ("completion_tokens_details", "output_tokens_details"), "reasoning_tokens"),
+    return _reported(
+        Reported,
+        (
+            prompt,
+            completion,
+            _detail(usage, _PROMPT_DETAILS, "cached_tokens"),
+            _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens"),
+        ),
     )
 
 
@@ -101,6 +144,18 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
     The object's end is guessed as the first `}` after which braces balance; the guess needs no
     care about strings, because only a decode of exactly one object from `start` to it is
     accepted, and an object can close at one place only."""
+    # The usual usage object (OpenAI's compact one, llama.cpp's) ends with a details object:
+    # `...,"completion_tokens_details":{...}}`. Its first `}}` is then the end, guessed in one
+    # look instead of the walk below (3 finds and 3 counts); the guess is taken only when the
+    # object has a `{` inside, and only a decode of exactly one object accepts it.
+    end = body.find(b"}}", start)
+    if end > 0 and body.find(b"{", start + 1, end) > 0:
+        try:
+            usage = _decode_usage(body[start : end + 2])
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            pass  # another shape: the walk below decides
+        else:
+            return _read(usage)
     end = body.find(b"}", start)
     if end < 0:
         return UNREAD
@@ -120,6 +175,11 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
         usage = _decode_usage(body[start : end + 1])
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return UNREAD
+    return _read(usage)
+
+
+def _read(usage: _Usage) -> Reported | None:
+    """`parse_usage` of a decoded usage object."""
     # Every count is in range (`_Count`): the first of each pair that is there wins.
     prompt = usage.prompt_tokens
     if prompt is None:
@@ -137,4 +197,4 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
     reasoning = None if details is None else details.reasoning_tokens
     if reasoning is None and (details := usage.output_tokens_details) is not None:
         reasoning = details.reasoning_tokens
-    return Reported(prompt, completion, cached, reasoning)
+    return _reported(Reported, (prompt, completion, cached, reasoning))
