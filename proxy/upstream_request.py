@@ -189,7 +189,7 @@ class UpstreamRequest(ClientRequest):
             session=self._session,
             stream_writer=writer,
         )
-        self.response = response  # type: ignore[assignment]  # aiohttp's stub says None
+        self.response = response
         return response
 
 
