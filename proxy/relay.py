@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import time
+from typing import Final
 
 from aiohttp import web
 
@@ -51,6 +52,11 @@ from proxy.usage import (
     StreamUsageTracker,
 )
 from proxy.watchdog import Watchdog
+
+# Members read on every request, bound once: on Python 3.11 a member read from its class
+# goes through `EnumType.__getattr__`'s hook (~0.11 us, a module global ~0.01 us).
+_OUTCOME_CLIENT_CANCELLED: Final = Outcome.CLIENT_CANCELLED
+
 
 log = logging.getLogger("hangup.relay")
 
@@ -168,7 +174,7 @@ class Exchange(EngineWork):
         except asyncio.CancelledError:
             if record.client_gone_at is None:
                 record.client_gone_at = self.loop.time()
-            record.settle(Outcome.SHUTDOWN if state.hard_stopping else Outcome.CLIENT_CANCELLED)
+            record.settle(Outcome.SHUTDOWN if state.hard_stopping else _OUTCOME_CLIENT_CANCELLED)
             await self._stop_background_work()
             raise
         except Exception as err:

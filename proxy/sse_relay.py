@@ -10,6 +10,7 @@ reads of a huge event passed through are its mixin's, `sse_large_relay.LargeEven
 from __future__ import annotations
 
 import asyncio
+from typing import Final
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
@@ -53,6 +54,14 @@ from proxy.usage.filter import (
     cut_null_usages,
 )
 from proxy.watchdog import Watchdog
+
+# Members read on every request, bound once: on Python 3.11 a member read from its class
+# goes through `EnumType.__getattr__`'s hook (~0.11 us, a module global ~0.01 us).
+_OUTCOME_COMPLETED: Final = Outcome.COMPLETED
+_PHASE_STREAMING: Final = Phase.STREAMING
+_RESULT_CUT: Final = AttemptResult.CUT
+_RESULT_OK: Final = AttemptResult.OK
+
 
 # The CR byte as an int: `int in bytes` is one memchr, while a one-byte bytes operand is
 # first tried as an int, which raises and formats a TypeError (~2k instructions, every read).
@@ -182,7 +191,7 @@ class SSERelay(ClientWrites, LargeEventRelay):
                     record.content_chunks += 1
                     if record.first_token_at is None or attempt.first_token_at is None:
                         self._content_came(stream, now)
-                    elif deadlines.phase is Phase.STREAMING:
+                    elif deadlines.phase is _PHASE_STREAMING:
                         deadlines.last_progress = now  # `Deadlines.content`, no frame
                     else:
                         deadlines.content(now)
@@ -264,9 +273,9 @@ class SSERelay(ClientWrites, LargeEventRelay):
             stream_terminated=None if tracker is None else tracker.terminated,
         )
         attempt.delivered = True
-        ok = self.record.outcome is Outcome.COMPLETED
-        result = status_result(upstream.status) or AttemptResult.CUT
-        attempt.end(AttemptResult.OK if ok else result, self.loop.time())
+        ok = self.record.outcome is _OUTCOME_COMPLETED
+        result = status_result(upstream.status) or _RESULT_CUT
+        attempt.end(_RESULT_OK if ok else result, self.loop.time())
         return response
 
     def _sse_step(

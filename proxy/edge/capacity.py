@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.config import ConnectionsConfig
 from proxy.edge.ratelog import RateLimitedLog
@@ -25,6 +25,11 @@ class Tier(enum.Enum):
     NORMAL = "normal"
     PROBES_ONLY = "probes_only"  # over max_connections, within probe_headroom
     REFUSED = "refused"  # past the headroom too: 503 at once, nothing read
+
+
+# Members read on every request, bound once: on Python 3.11 a member read from its class
+# goes through `EnumType.__getattr__`'s hook (~0.11 us, a module global ~0.01 us).
+_TIER_NORMAL: Final = Tier.NORMAL
 
 
 class ConnectionGuard:
@@ -57,7 +62,7 @@ class ConnectionGuard:
         if self.open > self.max_connections:
             self._reclaim(self.idle, "idle keep-alive")
         if self.open <= self.max_connections:
-            return Tier.NORMAL
+            return _TIER_NORMAL
         ceiling = self.max_connections + self.config.probe_headroom
         if self.open > ceiling:
             self._reclaim(self.probation, "silent probes-only")

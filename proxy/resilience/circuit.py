@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Final
 
 from proxy.attempts import AttemptResult
 
@@ -36,6 +37,16 @@ class CircuitState(enum.StrEnum):
     HALF_OPEN = "half_open"
 
 
+# Members read on every request, bound once: on Python 3.11 a member read from its class
+# goes through `EnumType.__getattr__`'s hook (~0.11 us, a module global ~0.01 us).
+_CIRCUIT_CLOSED: Final = CircuitState.CLOSED
+_CIRCUIT_HALF_OPEN: Final = CircuitState.HALF_OPEN
+_CIRCUIT_OPEN: Final = CircuitState.OPEN
+_RESULT_CLIENT_ERROR: Final = AttemptResult.CLIENT_ERROR
+_RESULT_CUT: Final = AttemptResult.CUT
+_RESULT_OK: Final = AttemptResult.OK
+
+
 @dataclass(slots=True)
 class Circuit:
     failures_to_open: int  # 0: never opens
@@ -49,11 +60,11 @@ class Circuit:
     def allows(self, now: float) -> bool:
         """May an attempt go to this upstream now? In half-open, only one at a time (the
         probe); the caller must then report its result."""
-        if self.state is CircuitState.OPEN:
+        if self.state is _CIRCUIT_OPEN:
             if now - self.opened_at < self.cooldown_s:
                 return False
             self._to(CircuitState.HALF_OPEN)
-        if self.state is CircuitState.HALF_OPEN:
+        if self.state is _CIRCUIT_HALF_OPEN:
             if self.probing:
                 return False
             self.probing = True
@@ -77,13 +88,9 @@ class Circuit:
             ):
                 self.opened_at = now
                 self._to(CircuitState.OPEN)
-        elif (
-            result is AttemptResult.OK
-            or result is AttemptResult.CLIENT_ERROR
-            or result is AttemptResult.CUT
-        ):
+        elif result is _RESULT_OK or result is _RESULT_CLIENT_ERROR or result is _RESULT_CUT:
             self.failures = 0
-            if self.state is not CircuitState.CLOSED:
+            if self.state is not _CIRCUIT_CLOSED:
                 self._to(CircuitState.CLOSED)
         # ABANDONED / SKIPPED say nothing about the upstream's health.
 
