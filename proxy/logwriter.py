@@ -5,7 +5,8 @@ loop) and a writer thread formats it with the wrapped handler's formatter and wr
 batches: one `write` and one flush for all lines waiting when it wakes, not one each. It wakes
 at most once every 50 ms while lines keep coming, so that under load it wakes ~20 times a
 second whatever the request rate; a line after a quiet spell is written at once. Access lines
-come already formatted (`emit_line`, from `proxy.logs.log_access`).
+come already formatted (`emit_line`, from `proxy.access_line.log_record` or
+`proxy.logs.log_access`).
 Every line of the process goes through the same queue, so lines keep their order.
 
 Bounded: at most `max_pending` records wait; past that, records are dropped (never the loop
