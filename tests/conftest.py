@@ -12,7 +12,7 @@ from hypothesis import settings
 from proxy.config import HangupConfig
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
-from tests.hostile_support import Witness
+from tests.hostile_support import ScriptedUpstream, Witness
 from tests.real_upstream import LlamaServer
 from tests.real_upstream import require as require_real_upstream
 from tests.support import RecordSink, make_config
@@ -39,6 +39,15 @@ async def sim(sim_tokens_per_s: float) -> AsyncIterator[SimulatedProvider]:
         yield provider
     finally:
         await provider.stop()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[list[ScriptedUpstream]]:
+    """Scripted upstreams (tests/hostile_support.py) a test started; stopped after it."""
+    started: list[ScriptedUpstream] = []
+    yield started
+    for server in started:
+        await server.stop()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import asyncio
 import gzip
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -42,14 +41,6 @@ HEADER_SECRET = "org-header-secret-K8p3Zt"
 @pytest.fixture(autouse=True)
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[list[ScriptedUpstream]]:
-    started: list[ScriptedUpstream] = []
-    yield started
-    for server in started:
-        await server.stop()
 
 
 async def proxy_before(

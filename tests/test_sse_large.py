@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -59,14 +58,6 @@ EXPECTED = (
     b"".join(EVENTS[:-2]).replace(b',"usage":null}', b"}").replace(KEY.encode(), b"*" * len(KEY))
     + EVENTS[-1]
 )
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[list[ScriptedUpstream]]:
-    started: list[ScriptedUpstream] = []
-    yield started
-    for server in started:
-        await server.stop()
 
 
 @pytest.mark.parametrize("writes", ["one write", "64 KiB writes"])

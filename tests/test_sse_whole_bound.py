@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 
 import pytest
 
 from proxy.outcome import Outcome
+from proxy.server import ProxyServer
 from proxy.sse_stream import MAX_WHOLE_EVENT
 from tests.conftest import StartProxy
 from tests.hostile_support import (
+    Reply,
     ScriptedUpstream,
     SeenRequest,
     assert_clean_log,
@@ -29,7 +30,7 @@ from tests.hostile_support import (
     request_bytes,
     sse_head,
 )
-from tests.support import RawClient, config_from
+from tests.support import RawClient, RecordSink, config_from
 
 GOOD = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 OVER = MAX_WHOLE_EVENT + 512 * 1024  # 1.5 MiB
@@ -58,12 +59,22 @@ SHAPES = {
 }
 
 
-@pytest.fixture
-async def scripted() -> AsyncIterator[list[ScriptedUpstream]]:
-    started: list[ScriptedUpstream] = []
-    yield started
-    for server in started:
-        await server.stop()
+async def proxy_before(
+    reply: Reply,
+    scripted: list[ScriptedUpstream],
+    start_proxy: StartProxy,
+    **extra: object,
+) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
+    """The production runner with one route to a scripted upstream answering with `reply`."""
+    upstream = await ScriptedUpstream(reply).start()
+    scripted.append(upstream)
+    data: dict[str, object] = {
+        "upstreams": {"up": {"base_url": upstream.base_url}},
+        "routes": [{"name": "default", "upstream": "up"}],
+        **extra,
+    }
+    server, sink = await start_proxy(config_from(data))
+    return server, sink, upstream
 
 
 def test_each_shape_is_over_the_bound_and_valid_sse() -> None:
@@ -100,16 +111,7 @@ async def test_an_event_read_whole_over_1_mib_ends_the_stream_in_band(
         writer.write(GOOD + b"data: [DONE]\n\n")
         await writer.drain()
 
-    upstream = await ScriptedUpstream(reply).start()
-    scripted.append(upstream)
-    server, sink = await start_proxy(
-        config_from(
-            {
-                "upstreams": {"up": {"base_url": upstream.base_url}},
-                "routes": [{"name": "default", "upstream": "up"}],
-            }
-        )
-    )
+    server, sink, upstream = await proxy_before(reply, scripted, start_proxy)
     client = await RawClient.connect("127.0.0.1", server.port)
     await client.post_json("/v1/chat/completions", json.loads(chat_body(stream=True)))
     await client.read_until(lambda got: GOOD in got)
@@ -169,16 +171,8 @@ async def test_one_huge_data_line_of_json_structure_is_still_relayed_whole(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(reply).start()
-    scripted.append(upstream)
-    server, sink = await start_proxy(
-        config_from(
-            {
-                "upstreams": {"up": {"base_url": upstream.base_url}},
-                "routes": [{"name": "default", "upstream": "up"}],
-                "defaults": {"include_usage": False},
-            }
-        )
+    server, sink, _ = await proxy_before(
+        reply, scripted, start_proxy, defaults={"include_usage": False}
     )
     client = await RawClient.connect("127.0.0.1", server.port)
     await client.post_json("/v1/chat/completions", json.loads(chat_body(stream=True)))
