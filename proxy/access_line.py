@@ -35,6 +35,7 @@ from proxy.logs import (
     _sole_writer,
     access_fields,
     log_access,
+    waste_fields,
 )
 from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets
@@ -170,17 +171,7 @@ def _line(rec: RequestRecord) -> _Line:
     if cost is not None and cost.used_usd is not None:
         line.cost_usd = {"used": cost.used_usd, "saved": cost.saved_usd, "wasted": cost.wasted_usd}
     if rec.waste:
-        line.waste = {
-            reason: {
-                "attempts": w.attempts,
-                "prompt_tokens": w.prompt_tokens,
-                "completion_tokens": w.completion_tokens,
-                "usd": w.usd,
-                "tokens_saved": w.tokens_saved,
-                "saved_usd": w.saved_usd,
-            }
-            for reason, w in rec.waste.items()
-        }
+        line.waste = waste_fields(rec)
     if rec.background is not None:
         line.background = rec.background.value
     if rec.background_response_id is not None:

@@ -301,6 +301,22 @@ def _ms(seconds: float | None) -> float | None:
     return round(ms, 3)
 
 
+def waste_fields(rec: RequestRecord) -> dict[str, dict[str, Any]]:
+    """Attempts whose output never reached the client (proxy/bills.py), by reason: the access
+    line's `waste` member (both encodings of the line, `access_fields` and proxy/access_line.py)."""
+    return {
+        reason: {
+            "attempts": w.attempts,
+            "prompt_tokens": w.prompt_tokens,
+            "completion_tokens": w.completion_tokens,
+            "usd": w.usd,
+            "tokens_saved": w.tokens_saved,
+            "saved_usd": w.saved_usd,
+        }
+        for reason, w in rec.waste.items()
+    }
+
+
 def access_fields(rec: RequestRecord) -> dict[str, Any]:
     """The access-log line of one request: what happened and who asked (the client's name,
     address and user agent, never its key), never headers or bodies."""
@@ -382,18 +398,7 @@ def access_fields(rec: RequestRecord) -> dict[str, Any]:
             "wasted": rec.cost.wasted_usd,
         }
     if rec.waste:
-        # Attempts whose output never reached the client (proxy/bills.py), by reason.
-        fields["waste"] = {
-            reason: {
-                "attempts": w.attempts,
-                "prompt_tokens": w.prompt_tokens,
-                "completion_tokens": w.completion_tokens,
-                "usd": w.usd,
-                "tokens_saved": w.tokens_saved,
-                "saved_usd": w.saved_usd,
-            }
-            for reason, w in rec.waste.items()
-        }
+        fields["waste"] = waste_fields(rec)
     if rec.background is not None:
         fields["background"] = rec.background.value
     if rec.background_response_id is not None:
