@@ -21,11 +21,11 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 
+from proxy.attempts import RESULT_OK
 from proxy.logs import (
     _ACCESS_HEADS,
     _ESTIMATED,
     _MILLIS,
-    _OK,
     _REPORTED,
     _TOKENIZED,
     JsonFormatter,
@@ -145,7 +145,7 @@ def _line(rec: RequestRecord) -> _Line:
     if rec.upstream is not None:
         line.upstream = rec.upstream
     attempts = rec.attempts
-    if len(attempts) > 1 or (attempts and attempts[0].result is not _OK):
+    if len(attempts) > 1 or (attempts and attempts[0].result is not RESULT_OK):
         line.attempts = " > ".join(a.describe() for a in attempts)
         if rec.attempt_waste_tokens:
             line.attempt_waste_tokens = rec.attempt_waste_tokens

@@ -37,7 +37,15 @@ from proxy.bills import (
     sum_usage,
 )
 from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
-from proxy.outcome import AttemptBill, BackgroundCancel, Cost, Outcome, RequestRecord, Usage
+from proxy.outcome import (
+    OUTCOME_COMPLETED,
+    AttemptBill,
+    BackgroundCancel,
+    Cost,
+    Outcome,
+    RequestRecord,
+    Usage,
+)
 from proxy.pricing import PriceBook
 from proxy.request_body import RequestBody
 from proxy.savings import TypicalLengths, estimate_savings
@@ -60,9 +68,6 @@ _UPSTREAM_HAD_IT: Final = _CUT_SHORT | {Outcome.COMPLETED, Outcome.UPSTREAM_ERRO
 # The upstream refused the request: nothing was generated or billed.
 _NOT_BILLED: Final = frozenset({Outcome.UPSTREAM_REJECTED, Outcome.RATE_LIMITED})
 _COUNTED_ENDPOINTS: Final = _GENERATING | {"embeddings"}
-# `Outcome.COMPLETED` read once: a member read from its class goes through `EnumType`'s
-# `__getattr__` hook on Python 3.11 (~0.1 us each); the usual record tests it twice.
-_COMPLETED: Final = Outcome.COMPLETED
 
 
 @dataclass(slots=True)
@@ -183,7 +188,9 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
         if record.client_gone_at is None:
             record.delivered_tokens = record.generated_tokens
         record.stream_terminated = tracker.terminated
-    elif exchange.json_body is not None and (record.outcome is _COMPLETED or exchange.drained):
+    elif exchange.json_body is not None and (
+        record.outcome is OUTCOME_COMPLETED or exchange.drained
+    ):
         body = exchange.json_body  # not copied: only its tail is read
         encoding = exchange.content_encoding
         if encoding is None or is_identity(encoding) or len(body) <= FULL_PARSE_MAX // 4:
@@ -344,7 +351,7 @@ class Accountant:
                 billing=billing,
             )
         elif (
-            record.outcome is _COMPLETED
+            record.outcome is OUTCOME_COMPLETED
             and record.endpoint in _GENERATING
             and record.upstream_status is not None
             and record.upstream_status < 300

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from proxy.outcome import AttemptBill, Usage
@@ -32,6 +32,14 @@ class AttemptResult(enum.StrEnum):
     CUT = "cut"  # the stream failed after its content had reached the client
     ABANDONED = "abandoned"  # we closed it: client gone, request deadline, hedge loser
     SKIPPED = "skipped"  # never opened: the target's circuit is open
+
+
+# Members read on every request, bound once: on Python 3.11 a member read from its class
+# goes through `EnumType.__getattr__`'s hook (~0.11 us, a module global ~0.01 us). Modules
+# that test them import these names.
+RESULT_OK: Final = AttemptResult.OK
+RESULT_CUT: Final = AttemptResult.CUT
+RESULT_CLIENT_ERROR: Final = AttemptResult.CLIENT_ERROR
 
 
 @dataclass(slots=True)

@@ -205,7 +205,7 @@ _PHASE_BODY: Final = Phase.BODY
 _PHASE_CONNECT: Final = Phase.CONNECT
 _PHASE_DONE: Final = Phase.DONE
 _PHASE_HEADERS: Final = Phase.HEADERS
-_PHASE_STREAMING: Final = Phase.STREAMING
+PHASE_STREAMING: Final = Phase.STREAMING
 _TIMEOUT_CONNECT: Final = TimeoutKind.CONNECT
 _TIMEOUT_HEADERS: Final = TimeoutKind.HEADERS
 _TIMEOUT_IDLE: Final = TimeoutKind.IDLE
@@ -298,7 +298,7 @@ class Deadlines:
         """A content-bearing event (SSE) or any body bytes (non-SSE) arrived."""
         self.last_progress = now
         if self.phase is _PHASE_AWAIT_CONTENT:
-            self.phase = _PHASE_STREAMING
+            self.phase = PHASE_STREAMING
 
     def done(self) -> None:
         self.phase = _PHASE_DONE
@@ -337,7 +337,7 @@ class Deadlines:
             at = self._first_token_at
             if at is not None and (when is None or at < when):
                 when, kind = at, TimeoutKind.FIRST_TOKEN
-        if phase is _PHASE_STREAMING or phase is _PHASE_BODY:
+        if phase is PHASE_STREAMING or phase is _PHASE_BODY:
             idle = self.budget.idle_s
             if idle is not None:
                 at = self.last_progress + idle

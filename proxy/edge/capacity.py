@@ -28,8 +28,11 @@ class Tier(enum.Enum):
 
 
 # Members read on every request, bound once: on Python 3.11 a member read from its class
-# goes through `EnumType.__getattr__`'s hook (~0.11 us, a module global ~0.01 us).
-_TIER_NORMAL: Final = Tier.NORMAL
+# goes through `EnumType.__getattr__`'s hook (~0.11 us, a module global ~0.01 us). Modules
+# that test them import these names.
+TIER_NORMAL: Final = Tier.NORMAL
+TIER_PROBES_ONLY: Final = Tier.PROBES_ONLY
+TIER_REFUSED: Final = Tier.REFUSED
 
 
 class ConnectionGuard:
@@ -62,7 +65,7 @@ class ConnectionGuard:
         if self.open > self.max_connections:
             self._reclaim(self.idle, "idle keep-alive")
         if self.open <= self.max_connections:
-            return _TIER_NORMAL
+            return TIER_NORMAL
         ceiling = self.max_connections + self.config.probe_headroom
         if self.open > ceiling:
             self._reclaim(self.probation, "silent probes-only")

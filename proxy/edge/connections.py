@@ -29,7 +29,14 @@ from aiohttp.web_protocol import RequestHandler
 
 from proxy.config import ConnectionsConfig
 from proxy.edge.body import BodyTimeout
-from proxy.edge.capacity import ConnectionGuard, Tier, over_capacity
+from proxy.edge.capacity import (
+    TIER_NORMAL,
+    TIER_PROBES_ONLY,
+    TIER_REFUSED,
+    ConnectionGuard,
+    Tier,
+    over_capacity,
+)
 from proxy.errors import HeadTooLarge, Overloaded, ProxyError, RequestTimeout, render_body
 from proxy.unparsed import OpenAIErrorHandler
 from proxy.watchdog import Alarm
@@ -57,9 +64,6 @@ _PHASE_BODY: Final = Phase.BODY
 _PHASE_BUSY: Final = Phase.BUSY
 _PHASE_HEAD: Final = Phase.HEAD
 _PHASE_WAITING: Final = Phase.WAITING
-_TIER_NORMAL: Final = Tier.NORMAL
-_TIER_PROBES_ONLY: Final = Tier.PROBES_ONLY
-_TIER_REFUSED: Final = Tier.REFUSED
 
 
 def canned_response(err: ProxyError) -> bytes:
@@ -98,7 +102,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
     def __init__(self, manager: web.Server, *, guard: ConnectionGuard, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.guard = guard
-        self.tier = _TIER_NORMAL
+        self.tier = TIER_NORMAL
         self.phase = _PHASE_WAITING
         self._counted = False
         self._deadline: asyncio.TimerHandle | None = None
@@ -127,7 +131,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         self.tier = guard.admit()
         self._counted = True
         super().connection_made(transport)
-        if self.tier is _TIER_REFUSED:
+        if self.tier is TIER_REFUSED:
             guard.closed(
                 "connection_refused_over_capacity",
                 "refused a client connection: %d open, over connections.max_connections (%d) "
@@ -171,7 +175,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         guard = self.guard
         if not self._counted:
             return
-        if self.tier is _TIER_NORMAL:
+        if self.tier is TIER_NORMAL:
             if phase is _PHASE_WAITING and not self._messages:
                 guard.idle[self] = None
             else:
@@ -379,7 +383,7 @@ class GuardedRequestHandler(OpenAIErrorHandler):
     def _head_done(self, queued_before: int) -> None:
         self._disarm()
         new = list(self._messages)[queued_before:]
-        if self.tier is _TIER_PROBES_ONLY:
+        if self.tier is TIER_PROBES_ONLY:
             # One request per connection over the cap: the slot goes back at once.
             self.close()
         if not new:  # already taken by the handler (cannot happen within data_received)
@@ -482,7 +486,7 @@ def oversized_head_refusal(request: web.Request) -> HeadTooLarge | None:
 def probe_only_refusal(request: web.Request) -> Overloaded | None:
     """For a request on a connection over the cap: 503 unless it asks a probe path."""
     protocol = request.protocol
-    if not isinstance(protocol, GuardedRequestHandler) or protocol.tier is not _TIER_PROBES_ONLY:
+    if not isinstance(protocol, GuardedRequestHandler) or protocol.tier is not TIER_PROBES_ONLY:
         return None
     if request.method in ("GET", "HEAD") and request.path in protocol.guard.probe_paths:
         return None

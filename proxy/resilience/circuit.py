@@ -16,7 +16,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Final
 
-from proxy.attempts import AttemptResult
+from proxy.attempts import RESULT_CLIENT_ERROR, RESULT_CUT, RESULT_OK, AttemptResult
 
 UNWELL = frozenset(
     {
@@ -42,9 +42,6 @@ class CircuitState(enum.StrEnum):
 _CIRCUIT_CLOSED: Final = CircuitState.CLOSED
 _CIRCUIT_HALF_OPEN: Final = CircuitState.HALF_OPEN
 _CIRCUIT_OPEN: Final = CircuitState.OPEN
-_RESULT_CLIENT_ERROR: Final = AttemptResult.CLIENT_ERROR
-_RESULT_CUT: Final = AttemptResult.CUT
-_RESULT_OK: Final = AttemptResult.OK
 
 
 @dataclass(slots=True)
@@ -88,7 +85,7 @@ class Circuit:
             ):
                 self.opened_at = now
                 self._to(CircuitState.OPEN)
-        elif result is _RESULT_OK or result is _RESULT_CLIENT_ERROR or result is _RESULT_CUT:
+        elif result is RESULT_OK or result is RESULT_CLIENT_ERROR or result is RESULT_CUT:
             self.failures = 0
             if self.state is not _CIRCUIT_CLOSED:
                 self._to(CircuitState.CLOSED)
