@@ -333,8 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         ours = sorted({up.pid, *(c.pid for c in procs.children)})
         scripts = {w: lua_script(procs.workdir, w) for w in workloads}
         for rnd in range(args.rounds):
+            # Every other round in the reverse order: a host whose speed drifts during a round
+            # favours neither the first target nor the last (the per-round ratios pair them).
+            order = targets if rnd % 2 == 0 else targets[::-1]
             for workload in workloads:
-                for target in targets:
+                for target in order:
                     r = measure(
                         wrk,
                         target,
@@ -384,10 +387,19 @@ def main(argv: list[str] | None = None) -> int:
     for w, by_target in s.items():
         for n, row in by_target.items():
             base = relay_of.get(n)
-            ratio = None
+            ratio = paired = None
             if base is not None and base in by_target:
                 ratio = row["cpu_us_per_req"] / by_target[base]["cpu_us_per_req"]
                 row["cpu_vs_relay"] = ratio
+                # Each round's ratio to the relay measured beside it, then their median: what
+                # the host's drift between rounds moves least.
+                paired = median(
+                    [
+                        a["cpu_us_per_req"] / b["cpu_us_per_req"]
+                        for a, b in zip(runs[(w, n)], runs[(w, base)], strict=False)
+                    ]
+                )
+                row["cpu_vs_relay_per_round"] = paired
             rows.append(
                 [
                     w,
@@ -395,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                     round(row["rps"]),
                     round(row["cpu_us_per_req"]),
                     "-" if ratio is None else f"{ratio:.2f}x",
+                    "-" if paired is None else f"{paired:.2f}x",
                     round(row["user_us_per_req"]),
                     round(row["system_us_per_req"]),
                     row["p50_ms"],
@@ -434,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 "req/s",
                 "CPU us/req",
                 "vs relay",
+                "per round",
                 "user us",
                 "sys us",
                 "p50 ms",

@@ -10,14 +10,16 @@ reads of a huge event passed through are its mixin's, `sse_large_relay.LargeEven
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
+from aiohttp.streams import StreamReader
 
 from proxy import relaying
 from proxy.admission import Plan, TargetPlan
 from proxy.attempts import RESULT_CUT, RESULT_OK, Attempt, AttemptResult
-from proxy.chunked_write import DIRECT_MAX, direct_writer, write_chunk
+from proxy.chunked_write import DIRECT_MAX, DRAIN_PAST, direct_writer, write_chunk
 from proxy.client_writes import ClientGone, ClientWrites
 from proxy.errors import UpstreamFailed
 from proxy.outcome import OUTCOME_COMPLETED, RequestRecord, settle_relayed
@@ -41,10 +43,13 @@ from proxy.sse_stream import (
     too_large_whole,
 )
 from proxy.state import ProxyState
+from proxy.steady_reader import SteadyReader
 from proxy.timeouts import PHASE_STREAMING, Phase
 from proxy.upstream import UpstreamResponse
+from proxy.upstream_connector import UpstreamProtocol
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
+from proxy.usage.fast import Shape
 from proxy.usage.filter import (
     CLOSED_END,
     CUT_INLINE_BELOW,
@@ -84,6 +89,7 @@ class SSERelay(ClientWrites, LargeEventRelay):
         "route",
         "scrubber",
         "state",
+        "steady_stream",
         "target",
         "tracker",
     )
@@ -106,6 +112,7 @@ class SSERelay(ClientWrites, LargeEventRelay):
     drained: bool
     content_sent: bool
     scrubber: StreamScrubber
+    steady_stream: StreamState | None  # while `take_steady` may take reads (the pump's)
     delivered_text: list[str] | None
     continuing: bool
 
@@ -134,11 +141,15 @@ class SSERelay(ClientWrites, LargeEventRelay):
         data: bytes | Pieces
         direct: StreamWriter | None = None  # the client's writer, once writes may skip to it
         probe = True
+        # Whether reads may be taken by `take_steady` (once the stream is steady and writes
+        # skip to the client's writer); asked once.
+        inline = asked = False
         await relaying.begin(self, holding)
         try:
             # Three clock reads a read: when it came, and around the write to the client. The
-            # next read's wait begins when the write (or the step) ended.
-            before = clock()
+            # next read's wait begins when the write (or the step) ended: `stream.before`,
+            # which `take_steady` moves on for the reads it takes while the pump waits.
+            stream.before = clock()
             while True:
                 commit_at = deadlines.client_commit_at() if stream.held is not None else None
                 try:
@@ -161,12 +172,12 @@ class SSERelay(ClientWrites, LargeEventRelay):
                     chunk = None
                 finally:  # a read cut by a deadline, a hang-up or an error was a wait all the same
                     now = clock()
-                    record.upstream_wait_s += now - before
+                    record.upstream_wait_s += now - stream.before
                 if chunk is None:
                     # The client's SDK gives up without response headers soon: send them now.
                     # A switch stays invisible (it has seen headers only), so holding goes on.
                     await self._commit()
-                    before = clock()
+                    stream.before = clock()
                     continue
                 end = not chunk
                 if (
@@ -175,25 +186,10 @@ class SSERelay(ClientWrites, LargeEventRelay):
                     and (shape := tracker.feed_shaped(chunk)) is not None
                 ):
                     # The usual read of a steady stream (one block of the last content chunk's
-                    # shape): `_sse_step`'s shaped read, here, without the call and its setup
-                    # (this runs once per event of nearly every stream). A steady stream has no
-                    # huge event in progress, nothing held, and a decoder holding nothing.
-                    # tests/test_sse_steady.py holds it to `_sse_step`'s.
-                    record.content_chunks += 1
-                    if record.first_token_at is None or attempt.first_token_at is None:
-                        self._content_came(stream, now)
-                    elif deadlines.phase is PHASE_STREAMING:
-                        deadlines.last_progress = now  # `Deadlines.content`, no frame
-                    else:
-                        deadlines.content(now)
-                    if shape.null_usage is not None and stream.chunk_filter is not None:
-                        if not shape.null_usage:
-                            chunk = stream.chunk_filter.plain_bytes(chunk)
-                        elif len(chunk) < CUT_INLINE_BELOW:  # `cut_null_usage`, no frame
-                            chunk = chunk[:NULL_USAGE_CUT] + CLOSED_END
-                        else:
-                            chunk = cut_null_usage(chunk)
-                    data = self.scrubber.feed(chunk) if self.scrubber.active else chunk
+                    # shape), one that `take_steady` left: `_sse_step`'s shaped read without its
+                    # setup. A steady stream has no huge event in progress, nothing held, and a
+                    # decoder holding nothing. tests/test_sse_steady.py holds it to `_sse_step`'s.
+                    data = self._shaped_read(stream, chunk, shape, now)
                 else:
                     # (A steady stream's read was tried as a shaped one already.)
                     data = self._sse_step(stream, upstream, chunk, now, stream.steady)
@@ -230,22 +226,124 @@ class SSERelay(ClientWrites, LargeEventRelay):
                         record.client_gone_at = written_at
                         raise ClientGone from exc
                     finally:
-                        before = clock()
-                        record.client_wait_s += before - written_at
+                        stream.before = clock()
+                        record.client_wait_s += stream.before - written_at
                     self.delivered_tokens = tracker.generated  # (an attribute: no frame)
                     if attempt.first_token_at is not None:
                         self.content_sent = True
                     data = b""
                 else:
-                    before = clock()
+                    stream.before = clock()
                 if end:
                     break
+                if not asked and stream.steady and direct is not None and content is not None:
+                    asked = True
+                    inline = self._begin_steady(content, stream, direct, clock)
         except asyncio.CancelledError:
+            if inline:
+                inline = self._end_steady(content)
             await relaying.client_left(self, plan, upstream, watchdog)
             raise
         finally:
+            if inline:
+                self._end_steady(content)
             relaying.end(self)
         return await self._relayed(plan, upstream, attempt)
+
+    def _begin_steady(
+        self,
+        content: StreamReader,
+        stream: StreamState,
+        direct: StreamWriter,
+        clock: Callable[[], float],
+    ) -> bool:
+        """Let the reads the pump would take next come to `take_steady` (proxy/steady_reader.py):
+        whether they will (a reader and a connection of ours)."""
+        protocol = content._protocol
+        if not isinstance(protocol, UpstreamProtocol):
+            return False
+        if type(content) is StreamReader:
+            content.__class__ = SteadyReader  # the same slots: the parser's reader, extended
+        elif type(content) is not SteadyReader:
+            return False
+        stream.direct, stream.clock = direct, clock
+        self.steady_stream = stream
+        protocol.steady_sink = self
+        return True
+
+    def _end_steady(self, content: StreamReader | None) -> bool:
+        """No more reads to `take_steady`: before the pump leaves, and before a client gone
+        is drained (its reads are the drain's). False, for the pump's flag."""
+        if content is not None:
+            content._protocol.steady_sink = None  # type: ignore[attr-defined]
+        self.steady_stream = None
+        return False
+
+    def take_steady(self, chunk: bytes) -> bool:
+        """A read the waiting pump would take next, offered by its reader: relayed now (True)
+        when it is the usual read of a steady stream (`feed_shaped` takes it) and the client's
+        writer takes it without a wait; else False with nothing changed, and the pump relays
+        it. The pump's steady read and write, without waking it."""
+        stream = self.steady_stream
+        if stream is None or not stream.steady or len(chunk) > DIRECT_MAX or _CR in chunk:
+            return False
+        writer = stream.direct
+        assert writer is not None
+        protocol = writer._protocol
+        transport = protocol.transport
+        # Not paused: so `write_chunk`'s drain, when it asks for one, would not wait (the
+        # transport pauses above 64 KiB buffered; this write adds at most DIRECT_MAX and a
+        # frame), and the pump's write would have gone on at once as this one does.
+        if transport is None or protocol._paused or transport.is_closing():
+            return False
+        tracker = self.tracker
+        assert tracker is not None
+        shape = tracker.feed_shaped(chunk)
+        if shape is None:
+            return False
+        clock = stream.clock
+        now = clock()
+        record = self.record
+        record.upstream_wait_s += now - stream.before
+        data = self._shaped_read(stream, chunk, shape, now)
+        if data:
+            written_at = clock()
+            if write_chunk(writer, data) and protocol._paused:
+                # The drain this write asks for would wait: it is owed, and aiohttp's count
+                # says so again at the pump's next write (which takes the reads from here
+                # on, the client being paused), which pays it.
+                writer.buffer_size = DRAIN_PAST + 1
+            record.bytes_to_client += len(data)
+            stream.before = clock()
+            record.client_wait_s += stream.before - written_at
+            self.delivered_tokens = tracker.generated
+            if stream.attempt.first_token_at is not None:
+                self.content_sent = True
+        else:
+            stream.before = clock()
+        return True
+
+    def _shaped_read(self, stream: StreamState, chunk: bytes, shape: Shape, now: float) -> bytes:
+        """A steady stream's usual read, fed to the tracker already (`feed_shaped` said
+        `shape`): its marks, and the bytes for the client (the pump's and `take_steady`'s)."""
+        record = self.record
+        record.content_chunks += 1
+        if record.first_token_at is None or stream.attempt.first_token_at is None:
+            self._content_came(stream, now)
+        elif (deadlines := stream.deadlines).phase is PHASE_STREAMING:
+            deadlines.last_progress = now  # `Deadlines.content`, no frame
+        else:
+            deadlines.content(now)
+        chunk_filter = stream.chunk_filter
+        if shape.null_usage is not None and chunk_filter is not None:
+            if not shape.null_usage:
+                chunk = chunk_filter.plain_bytes(chunk)
+            elif len(chunk) < CUT_INLINE_BELOW:  # `cut_null_usage`, no frame
+                chunk = chunk[:NULL_USAGE_CUT] + CLOSED_END
+            else:
+                chunk = cut_null_usage(chunk)
+        scrubber = self.scrubber
+        return scrubber.feed(chunk) if scrubber.active else chunk
 
     async def _relayed(
         self, plan: Plan, upstream: UpstreamResponse, attempt: Attempt

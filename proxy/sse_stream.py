@@ -9,6 +9,8 @@ import json
 import time
 from collections.abc import Callable, Iterator
 
+from aiohttp.http_writer import StreamWriter
+
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.errors import UpstreamFailed
@@ -104,9 +106,12 @@ class StreamState:
 
     __slots__ = (
         "attempt",
+        "before",
         "chunk_filter",
+        "clock",
         "collect_text",
         "deadlines",
+        "direct",
         "held",
         "held_bytes",
         "large",
@@ -139,6 +144,12 @@ class StreamState:
         # (a slow event is not delayed until its end). Otherwise the stream is relayed event
         # by event, and malformed events are dropped.
         self.raw_mode = self.chunk_filter is None and not holding and not continuing
+        # When the pump's wait for the next read began (the end of its last write or step).
+        self.before = 0.0
+        # Set once reads may be taken while the pump waits (`SSERelay.take_steady`): the
+        # client's writer and the loop's clock.
+        self.direct: StreamWriter | None = None
+        self.clock: Callable[[], float] = time.monotonic
 
 
 class Pieces:

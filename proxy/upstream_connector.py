@@ -20,6 +20,8 @@ from typing import Any, Final, cast
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 
+from proxy.steady_reader import SteadySink
+
 log = logging.getLogger("hangup.upstream")
 
 # A close that comes this soon after our request was written crossed it on the wire: the
@@ -110,6 +112,11 @@ class UpstreamProtocol(ResponseHandler):
     low-water mark, paused or not, and unpaused that call reparses nothing (the parser holds
     unparsed bytes only while one of the two pauses holds) and resumes a transport that is
     not paused. The client side's twin of `GuardedRequestHandler.resume_reading`."""
+
+    # The exchange relaying a steady stream on this connection, offered each read of its body
+    # first (proxy/steady_reader.py); None otherwise (a class default: no bytes per connection
+    # until a stream sets it).
+    steady_sink: SteadySink | None = None
 
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:

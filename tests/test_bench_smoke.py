@@ -160,6 +160,11 @@ def test_wrk_benchmark_reports_cpu_ratios_and_contention(tmp_path: Path) -> None
         assert rows["hangup"]["cpu_vs_relay"] == pytest.approx(
             rows["hangup"]["cpu_us_per_req"] / rows["relay"]["cpu_us_per_req"]
         )
+        # One round: the per-round ratio is that round's.
+        assert rows["hangup"]["cpu_vs_relay_per_round"] == pytest.approx(
+            rows["hangup"]["cpu_us_per_req_rounds"][0] / rows["relay"]["cpu_us_per_req_rounds"][0],
+            rel=1e-3,
+        )
     assert math.isfinite(data["per_target"]["hangup"]["event_us"])
     assert data["others_cpus_in_windows"]["median"] >= 0
     assert 0 <= data["contention"]["others_cpus"] <= data["machine"]["cpus"]

@@ -201,16 +201,23 @@ async def test_steady_reads_agree_with_the_step(
     name: str, ask: str, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     steps: list[int] = []
-    real_step = Downstream._sse_step
+    taken: list[int] = []
+    real_step, real_take = Downstream._sse_step, Downstream.take_steady
 
     def counted(self: Downstream, *args: Any) -> Any:
         steps.append(1)
         return real_step(self, *args)
 
+    def counted_take(self: Downstream, chunk: bytes) -> bool:
+        took = real_take(self, chunk)
+        taken.append(took)
+        return took
+
     monkeypatch.setattr(Downstream, "_sse_step", counted)
+    monkeypatch.setattr(Downstream, "take_steady", counted_take)
     async with scripted(STREAMS[name]) as upstream:
         body, figures = await _relay(start_proxy, upstream, USAGE_ASKS[ask])
-        stepped = len(steps)
+        stepped, took = len(steps), sum(taken)
         steps.clear()
         monkeypatch.setattr(sse_relay, "StreamState", _NeverSteady)
         ref_body, ref_figures = await _relay(start_proxy, upstream, USAGE_ASKS[ask])
@@ -221,3 +228,5 @@ async def test_steady_reads_agree_with_the_step(
     # The steady path was taken (every read reached `_sse_step` in the reference run), for
     # most of the stream's content reads.
     assert stepped < len(steps) - 20
+    # Most of them without waking the pump (`take_steady`, proxy/steady_reader.py).
+    assert took > 20, (took, stepped, len(steps))
