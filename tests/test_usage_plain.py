@@ -516,6 +516,92 @@ def test_cutting_at_the_ends_is_what_plain_bytes_does(texts: list[tuple[str, boo
     assert cut_null_usages(run, ends) == UsageChunkFilter.plain_bytes(run)
 
 
+_run_text = st.one_of(
+    st.text(max_size=30),  # any text: quotes, backslashes, controls, long ones, empty ones
+    _shaped_text,
+    st.sampled_from(["", "a" * 12, "b" * 13, "\u00e9" * 13, "\U0001f600", "x" * 200]),
+)
+# Bytes a text may hold that no JSON encoder writes: invalid UTF-8, a surrogate's bytes.
+_RAW_TEXTS = [b"\xff\xfe", b"\xed\xa0\x80", b"ok\xc3", b"\xc3\xa9"]
+
+
+def _run_block(text: str | bytes, ascii: bool, usage: bool) -> bytes:
+    """The usual chunk, compact as the engines write it (a shape is taken from such)."""
+    raw = isinstance(text, bytes)
+    obj: dict[str, object] = {
+        "id": "chatcmpl-1",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {"content": "\x00placeholder" if raw else text},
+                "finish_reason": None,
+            }
+        ],
+    }
+    if usage:
+        obj["usage"] = None
+    block = b"data: " + json.dumps(obj, ensure_ascii=ascii, separators=(",", ":")).encode()
+    if isinstance(text, bytes):  # raw bytes where the text goes
+        block = block.replace(b"\\u0000placeholder", text).replace(b"\x00placeholder", text)
+    return block + b"\n\n"
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.one_of(_run_text, st.sampled_from(_RAW_TEXTS)), min_size=1, max_size=12),
+    st.booleans(),
+    st.booleans(),
+    st.lists(st.integers(0, 11), max_size=3),
+)
+def test_reads_of_many_blocks_of_one_shape_agree(
+    texts: list[str | bytes], ascii: bool, usage: bool, splits: list[int]
+) -> None:
+    """A busy proxy reads several events at once: reads made of blocks of the stream's
+    shape (`feed_plain`'s runs, `_shaped_run`), whatever their texts (long ones,
+    empty ones, non-ASCII, escapes, invalid UTF-8: those the shape cannot take go to the
+    block loop and the parse), against the full path; the first read gives the shape."""
+    blocks = [_run_block(t, ascii, usage) for t in texts]
+    reads = [_run_block("first", ascii, usage)]
+    start = 0
+    for split in [*sorted({s % len(blocks) for s in splits}), len(blocks)]:
+        if split > start:
+            reads.append(b"".join(blocks[start:split]))
+            start = split
+    _agree("/v1/chat/completions", reads)
+
+
+def test_runs_of_shaped_blocks_are_taken_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: in reads of several events (the benchmark's stream, five a read) the
+    blocks of the stream's shape go as runs (`_shaped_run`), not one by one: in the first
+    read after the block that gives the shape, in the last one before the finish and usage
+    chunks. A block the shape cannot take (an escape in its text) is the loop's, and a run
+    begins after it."""
+    events = stream_events(20)
+    reads = [b"".join(events[i : i + 5]) for i in range(0, len(events), 5)]
+    runs: list[int] = []
+    shaped_run = plain_reads._shaped_run
+
+    def counted(*args: Any) -> Any:
+        run = shaped_run(*args)
+        runs.append(0 if run is None else len(run[0]))
+        return run
+
+    monkeypatch.setattr(plain_reads, "_shaped_run", counted)
+    assert _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True) == _run(
+        "/v1/chat/completions", reads, UsageChunkFilter(), plain=False
+    )
+    # role, the first content (the shape), three in a run; five; five; two, then the end
+    assert runs == [3, 5, 5, 2], runs
+    tracker = StreamUsageTracker(inspect_request("/v1/chat/completions", {"stream": True}))
+    tracker.feed_plain(reads[0])
+    runs.clear()
+    escaped = reads[1].replace(b'"content":"', b'"content":"\\u0041', 1)  # an escape
+    taken, contents, _, _ = tracker.feed_plain(escaped)
+    # The escaped block is parsed (and its shape taken: none, with an escape), the next one
+    # gives the shape again, and the three after it go as a run.
+    assert runs == [0, 3] and (taken, contents) == (len(escaped), 5)
+
+
 def test_the_full_parse_reads_each_kind_of_delta() -> None:
     """`delta_chars` and `_chunk` (the dict-first type tests): a legacy `function_call`
     counts its name and arguments, a null one and a null delta nothing; tool calls count

@@ -10,6 +10,9 @@ tests/test_usage_plain.py, which holds the two equal, are there.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate
+from operator import add
 from typing import Any, Final, Protocol
 
 from proxy.usage.event_kind import EVENT_CONTENT, EVENT_USAGE_ONLY, EventKind
@@ -21,6 +24,10 @@ SINGLE_TOKEN_MAX_CHARS: Final = 12
 # A stream whose chunks keep changing around their text (a per-chunk timestamp or padding)
 # stops looking for a `Shape` after this many misses.
 _SHAPE_MISSES: Final = 4
+# Each `_shaped_run` goes over the rest of the read: a read tries at most this many (a read
+# whose shaped blocks alternate with others, which only a hostile upstream sends, is not
+# gone over once a block).
+_RUN_TRIES: Final = 4
 
 
 def chunk_tokens(chars: int) -> int:
@@ -40,6 +47,42 @@ def chunk_tokens(chars: int) -> int:
 # What `feed_plain` took: where it ends, content blocks, the shaped blocks' ends, the spans
 # of the usage-only blocks.
 PlainRun = tuple[int, int, list[int] | None, list[tuple[int, int]] | None]
+
+
+def _shaped_run(
+    chunk: bytes, pos: int, lead: bytes, trail: bytes, ascii: bool
+) -> tuple[list[bytes], list[int]] | None:
+    """The run of blocks of one shape (`lead text trail`, each text with no quote,
+    backslash or control character, and valid UTF-8) at `pos` of `chunk`, found in a few
+    calls over the read rather than a round of `feed_plain`'s block loop each (a busy proxy
+    reads several events at once): their texts and the texts' sizes in characters; None
+    when the block at `pos` is not one.
+
+    Split where each `trail + lead` begins: a text holds no quote and a trail begins with
+    one, so the first such place after a text is where its trail is; the texts are checked
+    at once, and the run ends before the first that fails (the loop takes that block). What
+    follows the last separator is a last block when a trail stands at its first quote."""
+    pieces = chunk[pos + len(lead) :].split(trail + lead)
+    last = pieces.pop()  # what follows the last separator (everything, without one)
+    stop = last.find(0x22)  # `"` as an int: one memchr
+    if stop >= 0 and last.startswith(trail, stop):
+        pieces.append(last[:stop])
+    if not pieces:
+        return None
+    broken = TEXT_BREAK(b"".join(pieces))
+    if broken is not None:  # the run ends before the text that holds it
+        pieces = pieces[: bisect_right(list(accumulate(map(len, pieces))), broken.start())]
+        if not pieces:
+            return None
+    if ascii:
+        return pieces, list(map(len, pieces))
+    sizes = []
+    for text in pieces:
+        try:
+            sizes.append(len(text.decode()))
+        except UnicodeDecodeError:  # invalid UTF-8: the run ends before it (the parse reads it)
+            break
+    return (pieces[: len(sizes)], sizes) if sizes else None
 
 
 def _responses_event(obj: dict[str, Any]) -> bool:
@@ -146,8 +189,38 @@ class PlainReads:
         if shape is not None:  # its fields in locals: read once per read, not per block
             lead, trail, index, cut = shape.lead, shape.trail, shape.index, shape.null_usage
             lead_size, trail_size = len(lead), len(trail)
+        run_tries = _RUN_TRIES  # `_shaped_run`s left for this read
         while True:
             if shape is not None and chunk.startswith(lead, pos):
+                if run_tries and not index:
+                    run_tries -= 1
+                    run = _shaped_run(chunk, pos, lead, trail, ascii)
+                    if run is not None:
+                        run_texts, run_sizes = run
+                        blank = run_sizes.count(0)
+                        contents += len(run_sizes) - blank
+                        chunks0 += len(run_sizes) - blank
+                        chars0 += sum(run_sizes)
+                        if max(run_sizes) <= SINGLE_TOKEN_MAX_CHARS:
+                            estimated += len(run_sizes) - blank
+                        else:
+                            estimated += sum(map(chunk_tokens, filter(None, run_sizes)))
+                        block = lead_size + trail_size
+                        # where each block ends: its start, its text, the trail
+                        run_ends = map(
+                            add,
+                            accumulate(map(len, run_texts)),
+                            range(pos + block, pos + block * len(run_texts) + 1, block),
+                        )
+                        if ends is not None:
+                            if cut:
+                                ends.extend(run_ends)
+                                pos = ends[-1]
+                            else:
+                                ends = None
+                        if ends is None:
+                            pos += block * len(run_texts) + sum(map(len, run_texts))
+                        continue
                 # The last content chunk's bytes around a new text: no parse (see `Shape`).
                 # The text ends at the first quote, where the trail (`"` + tail + LF LF) must
                 # begin; a text with no control character either, and no LF in the lead or
