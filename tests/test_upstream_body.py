@@ -25,7 +25,16 @@ from proxy.upstream import OpenAttempt, Upstreams
 from proxy.upstream_body import BodyReader, lean_body
 from proxy.upstream_connector import UpstreamProtocol
 from proxy.upstream_request import send
-from tests.hostile_support import ScriptedUpstream, SeenRequest, reset
+from tests.conftest import StartProxy
+from tests.hostile_support import (
+    ScriptedUpstream,
+    SeenRequest,
+    chat_body,
+    exchange_raw,
+    request_bytes,
+    reset,
+)
+from tests.support import config_from
 
 Framing = Literal["length", "chunked", "eof"]
 Ending = Literal["close", "reset"]
@@ -377,3 +386,89 @@ async def test_chunk_boundaries_are_refused_rather_than_made_up() -> None:
             async for _ in content.iter_chunks():
                 pass
         assert await read_all(content) == b"abc"
+
+
+# Through the production runner: the proxy relays what either reader reads, alike.
+
+EVENT = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,'
+    b'"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+)
+DONE = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":{},'
+    b'"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,'
+    b'"total_tokens":7}}\n\ndata: [DONE]\n\n'
+)
+COMPLETION = (
+    b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",'
+    b'"content":"' + b"word " * 2000 + b'"},"finish_reason":"stop"}],'
+    b'"usage":{"prompt_tokens":3,"completion_tokens":2000,"total_tokens":2003}}'
+)
+SSE_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+JSON_CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+def one_byte_chunks(data: bytes) -> bytes:
+    return b"".join(b"1\r\n%c\r\n" % byte for byte in data)
+
+
+SCRIPTS: dict[str, tuple[bool, list[bytes]]] = {
+    # a stream whose every byte is an HTTP chunk of its own (in three writes)
+    "stream in 1-byte chunks": (
+        True,
+        [SSE_CHUNKED, one_byte_chunks(EVENT * 3), one_byte_chunks(DONE) + b"0\r\n\r\n"],
+    ),
+    # a completion of 10 KB in 2,500 chunks, then its end
+    "completion in chunks": (
+        False,
+        [JSON_CHUNKED, chunked([COMPLETION[i : i + 4] for i in range(0, len(COMPLETION), 4)])],
+    ),
+    # a completion cut in its middle chunk (the connection closes)
+    "completion cut": (
+        False,
+        [JSON_CHUNKED, chunked([COMPLETION])[: len(COMPLETION) // 2]],
+    ),
+}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+async def test_the_proxy_relays_alike_with_either_reader(
+    script: str, scripted: list[ScriptedUpstream], start_proxy: StartProxy
+) -> None:
+    stream, writes = SCRIPTS[script]
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        for data in writes:
+            writer.write(data)
+            await writer.drain()
+            await asyncio.sleep(0.005)
+
+    upstream = await ScriptedUpstream(reply).start()
+    scripted.append(upstream)
+    config = config_from(
+        {
+            "upstreams": {"up": {"base_url": upstream.base_url}},
+            "routes": [{"name": "default", "upstream": "up"}],
+        }
+    )
+    server, sink = await start_proxy(config)
+    seen: list[tuple[int, bytes, str | None]] = []
+    for reader in ("aiohttp", "lean"):
+        with no_lean_body() if reader == "aiohttp" else contextlib.nullcontext():
+            response = await exchange_raw(
+                server.port,
+                request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=stream)),
+            )
+        await sink.wait(lambda: len(sink.records) == len(seen) + 1, 5.0, "no record")
+        record = sink.records[-1]
+        seen.append((response.status, response.body, record.outcome))
+    assert seen[0] == seen[1]
+    if script == "completion cut":
+        assert seen[1][2] == "upstream_error"
+    else:
+        assert seen[1][:1] == (200,) and seen[1][2] == "completed"
+        assert (EVENT in seen[1][1]) if stream else (seen[1][1] == COMPLETION)
