@@ -22,9 +22,8 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import DataQueue, StreamReader
 
-from proxy.upstream_body import lean_body
-
 from proxy.steady_reader import SteadySink
+from proxy.upstream_body import lean_body
 
 log = logging.getLogger("hangup.upstream")
 
