@@ -378,6 +378,22 @@ async def test_a_second_reader_at_once_is_refused_alike(reader: Reader) -> None:
             await first
 
 
+@READERS
+async def test_a_read_of_part_then_readany_and_read_alike(reader: Reader) -> None:
+    """`read(n)` (a control call's bounded read) leaves part of a piece: `readany` and `read`
+    give the rest, once."""
+    body = b"".join(b"piece %d;" % i for i in range(50))
+    async with held_answer(chunked([body[:200], body[200:]]), CHUNKED_HEAD, reader) as (
+        content,
+        _,
+    ):
+        await wait_for(content.is_eof, "the answer never ended")
+        assert await content.read(3) == body[:3]
+        assert await content.readany() == body[3:]
+        assert content._size == 0 and await content.readany() == b""
+        assert await content.read() == b""
+
+
 async def test_chunk_boundaries_are_refused_rather_than_made_up() -> None:
     async with held_answer(chunked([b"ab", b"c"]), CHUNKED_HEAD, "lean") as (content, _):
         with pytest.raises(RuntimeError, match="no HTTP chunk boundaries"):
