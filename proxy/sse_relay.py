@@ -46,6 +46,7 @@ from proxy.state import ProxyState
 from proxy.steady_reader import SteadyReader
 from proxy.timeouts import PHASE_STREAMING, Phase
 from proxy.upstream import UpstreamResponse
+from proxy.upstream_body import BodyReader
 from proxy.upstream_connector import UpstreamProtocol
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed
 from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
@@ -262,8 +263,8 @@ class SSERelay(ClientWrites, LargeEventRelay):
         protocol = content._protocol
         if not isinstance(protocol, UpstreamProtocol):
             return False
-        if type(content) is StreamReader:
-            content.__class__ = SteadyReader  # the same slots: the parser's reader, extended
+        if type(content) is BodyReader:
+            content.__class__ = SteadyReader  # the same slots: the body's reader, extended
         elif type(content) is not SteadyReader:
             return False
         stream.direct, stream.clock = direct, clock

@@ -13,7 +13,8 @@ but the usual read, a client not keeping up, a deadline's phase change) and the 
 buffered as aiohttp buffers it, to wake the pump as before. Reads keep their order: one taken
 here is never behind a buffered one.
 
-The parser makes aiohttp's `StreamReader`; the exchange turns it into this class (`__class__`,
+The parser makes aiohttp's `StreamReader`, which the upstream protocol turns into
+proxy/upstream_body.py's `BodyReader`; the exchange turns that into this class (`__class__`,
 the same slots) once its stream is steady. tests/test_sse_steady.py holds the two ways equal.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from aiohttp.streams import StreamReader
+from proxy.upstream_body import BodyReader
 
 __all__ = ["SteadyReader", "SteadySink"]
 
@@ -34,8 +35,9 @@ class SteadySink(Protocol):
         ...
 
 
-class SteadyReader(StreamReader):
-    """aiohttp's reader, offering a read the pump would take next to the exchange first."""
+class SteadyReader(BodyReader):
+    """hangup's body reader, offering a read the pump would take next to the exchange first.
+    (`BodyReader` keeps no HTTP chunk boundaries, so a chunk taken here wakes nobody.)"""
 
     __slots__ = ()  # aiohttp's slots only: an instance may be turned into this class
 
@@ -44,16 +46,7 @@ class SteadyReader(StreamReader):
         if sink is not None and not self._buffer:
             waiter = self._waiter
             if waiter is not None and not waiter.done() and data and sink.take_steady(data):
-                # As if fed and read at once: the counts aiohttp keeps of both move alike.
-                taken = len(data)
-                self.total_bytes += taken
-                self._cursor += taken
+                # As if fed and read at once: the count aiohttp keeps of both moves alike.
+                self.total_bytes += len(data)
                 return False
         return super().feed_data(data, size)
-
-    def end_http_chunk_receiving(self) -> None:
-        """aiohttp's notes where an HTTP chunk ended (for `readchunk`, which hangup never
-        calls) and wakes a waiting reader, for a chunk taken by the exchange too: with nothing
-        buffered there is nothing to note, and a woken `readany` would only wait again."""
-        if self._buffer:
-            super().end_http_chunk_receiving()

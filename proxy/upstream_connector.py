@@ -19,8 +19,11 @@ from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_parser import RawResponseMessage
+from aiohttp.streams import DataQueue, StreamReader
 
 from proxy.steady_reader import SteadySink
+from proxy.upstream_body import lean_body
 
 log = logging.getLogger("hangup.upstream")
 
@@ -121,6 +124,14 @@ class UpstreamProtocol(ResponseHandler):
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
+
+    def feed_data(self, data: tuple[RawResponseMessage, StreamReader], size: int = 0) -> None:
+        """A response's head was parsed: its body's reader becomes hangup's lean one
+        (proxy/upstream_body.py) before anything reads it. Here rather than once the response
+        is handed over: the reads between (the rest of this one, and any before the waiting
+        task resumes) are fed to the lean reader already."""
+        lean_body(data[1])
+        DataQueue.feed_data(self, data, size)
 
 
 class Connector(aiohttp.TCPConnector):
