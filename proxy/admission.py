@@ -81,8 +81,14 @@ class Plan:
     continuable: bool | None = None
 
 
-async def admit(state: ProxyState, request: web.Request, record: RequestRecord) -> Plan:
-    """Read and check the request; decide route, deadlines, headers and body."""
+async def admit(
+    state: ProxyState,
+    request: web.Request,
+    record: RequestRecord,
+    loop: asyncio.AbstractEventLoop,
+) -> Plan:
+    """Read and check the request; decide route, deadlines, headers and body. `loop`: the
+    running one (the exchange's; `asyncio.get_running_loop()` is a getpid() syscall on 3.11)."""
     state.arrived(record, request)
     if state.draining:
         raise Draining("hangup is shutting down; retry on another instance")
@@ -103,7 +109,7 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         encoding = request_encoding(request, state.router.encodings_for(request.path))
     if "expect" in request.headers:  # (no coroutine for the others: nothing to send them)
         await send_continue(request)
-    clock = asyncio.get_running_loop().time
+    clock = loop.time
     read_at = clock()
     try:
         body, record.bytes_from_client, scan = await read_body(

@@ -76,7 +76,10 @@ class Exchange(EngineWork):
     def __init__(self, state: ProxyState, request: web.Request) -> None:
         self.state = state
         self.request = request
-        self.loop = asyncio.get_running_loop()
+        # aiohttp's loop for the request, the running one: on Python 3.11
+        # `asyncio.get_running_loop()` (and `current_task()` without a loop) is a getpid()
+        # syscall, and this request needs the loop everywhere.
+        self.loop = request._loop
         # 128 random bits as 32 hex digits, like uuid4().hex but a quarter of its cost.
         request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
         if len(request_id) > 200:  # it is echoed and logged: keep it bounded
@@ -128,12 +131,12 @@ class Exchange(EngineWork):
             return answer
         self = cls(request.app[STATE], request)
         state, record = self.state, self.record
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)
         assert task is not None
         state.request_began(task)
         try:
             try:
-                plan = await admit(state, self.request, record)
+                plan = await admit(state, self.request, record, self.loop)
             except ProxyError as err:
                 record.settle(err.outcome)
                 return self._error_response(err)

@@ -46,7 +46,7 @@ from proxy.body_payload import BodyInSlices
 from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.request_body import RequestBody
 from proxy.upstream_checks import FramingWatch
-from proxy.upstream_connector import SENDING, AttemptHooks, Connector
+from proxy.upstream_connector import AttemptHooks, Connector
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed, map_open_error
 from proxy.upstream_request import UpstreamRequest
 from proxy.upstream_request import send as send_upstream
@@ -191,11 +191,12 @@ class OpenAttempt:
         headers: CIMultiDict[str],
         body: RequestBody,
         on_headers_sent: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self._session = session
         self.upstream = upstream
         self._method, self._url, self._headers, self._body = method, url, headers, body
-        self._hooks = AttemptHooks(on_headers_sent, asyncio.get_running_loop())
+        self._hooks = AttemptHooks(on_headers_sent, loop)
         self._response: aiohttp.ClientResponse | None = None
         self._answer: UpstreamResponse | None = None
         self.resent = False
@@ -227,21 +228,16 @@ class OpenAttempt:
     async def _send(self) -> aiohttp.ClientResponse:
         hooks = self._hooks
         hooks.reset()
-        task = asyncio.current_task()
-        assert task is not None
         body = self._body
         data: RequestBody | BodyInSlices | None = body or None
         if len(body) > _LARGE_BODY:
             # Written in slices rather than in one transport write that holds up the loop.
             data = BodyInSlices(body)
-        SENDING[task] = hooks  # removed in the finally below, whatever ends the send
-        try:
-            response = await send_upstream(
-                self._session, self._method, self._url, self._headers, data
-            )
-        finally:  # a later control call in this task (a background cancel) is not this send
-            del SENDING[task]
-        return response
+        # The hooks go with this send's request, and only with it: a later control call in
+        # this task (a background cancel) is not this send.
+        return await send_upstream(
+            self._session, self._method, self._url, self._headers, data, hooks.loop, hooks
+        )
 
     def close_now(self) -> None:
         """Close at once, from synchronous code: an answer in progress gets its FIN in this
@@ -281,8 +277,12 @@ class OpenAttempt:
 class Upstreams:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        # The session's loop, known once: `asyncio.get_running_loop()` is a getpid() syscall
+        # on Python 3.11, and every attempt needs the loop.
+        self._loop = asyncio.get_running_loop()
         self._session = aiohttp.ClientSession(
             # limit=0: the default of 100 would queue the 101st concurrent stream.
             connector=Connector(limit=0, ttl_dns_cache=60),
@@ -317,12 +317,14 @@ class Upstreams:
         on_headers_sent: Callable[[], None],
     ) -> OpenAttempt:
         """A new attempt at `upstream` (its name, for messages); nothing is sent until start()."""
-        if self._session is None:
+        if self._session is None or self._loop is None:
             raise AttemptFailed(
                 AttemptResult.CONNECT_ERROR,
                 UpstreamUnreachable("the upstream client is not running"),
             )
-        return OpenAttempt(self._session, upstream, method, url, headers, body, on_headers_sent)
+        return OpenAttempt(
+            self._session, upstream, method, url, headers, body, on_headers_sent, self._loop
+        )
 
     async def post_empty(self, url: URL, headers: CIMultiDict[str]) -> tuple[int, bytes]:
         """A small control call (e.g. a background cancel): status and body."""

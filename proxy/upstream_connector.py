@@ -1,6 +1,7 @@
 """The connector under `Upstreams`' session: it checks a pooled connection before reuse and
-tells the current attempt what happened on the wire during its send (`AttemptHooks`, found in
-`SENDING` by task): which transport it got, whether it was reused, when the request went out.
+tells the current attempt what happened on the wire during its send (`AttemptHooks`, carried by
+the request it connects for): which transport it got, whether it was reused, when the request
+went out.
 Those facts decide the one case where a request may be sent again (the rule, and why, is in
 proxy/upstream.py's module doc); `AttemptHooks` also resets a send's socket at once.
 """
@@ -33,7 +34,8 @@ RESEND_WINDOW_S = 0.05
 
 @dataclass(slots=True)
 class AttemptHooks:
-    """Handed to the connector (`SENDING`): what happened on the wire during one send."""
+    """Handed to the connector (as the request's `hooks`): what happened on the wire during
+    one send."""
 
     on_headers_sent: Callable[[], None]
     loop: asyncio.AbstractEventLoop
@@ -79,12 +81,6 @@ class AttemptHooks:
         if not isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
             return False
         return self.sent_at is None or self.loop.time() - self.sent_at <= RESEND_WINDOW_S
-
-
-# The send each task is making: lets the connector hand its transport to the attempt. Keyed
-# by task rather than held in a context variable: setting and resetting a variable leaves each
-# task's context a new mapping (~120 B) kept for as long as a stream is held.
-SENDING: dict[asyncio.Task[Any], AttemptHooks] = {}
 
 
 def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
@@ -153,8 +149,9 @@ class Connector(aiohttp.TCPConnector):
             break
         if protocol is not None and not reused:
             setattr(protocol, _USED, True)
-        task = asyncio.current_task()
-        hooks = SENDING.get(task) if task is not None else None
+        # The attempt's hooks ride on its request (`UpstreamRequest.hooks`; None for a control
+        # call's): no registry keyed by `asyncio.current_task()`, a getpid() syscall on 3.11.
+        hooks: AttemptHooks | None = getattr(req, "hooks", None)
         if hooks is not None:
             hooks.transport = connection.transport
             hooks.reused = reused

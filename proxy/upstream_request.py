@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import ClientOSError, ClientRequest, ClientResponse, ClientSession, hdrs
 from aiohttp.client_exceptions import ClientError, ConnectionTimeoutError
@@ -38,6 +38,9 @@ from aiohttp.http import HttpVersion11, StreamWriter
 from aiohttp.payload import BytesPayload
 from multidict import CIMultiDict
 from yarl import URL
+
+if TYPE_CHECKING:
+    from proxy.upstream_connector import AttemptHooks
 
 # What aiohttp must not add: read by its payload and send steps (`Content-Type`), never changed.
 _ADDED_NONE: Final[CIMultiDict[None]] = CIMultiDict(
@@ -59,6 +62,10 @@ class UpstreamRequest(ClientRequest):
     What aiohttp 3.x's own method does with a skip list of exactly these names: it adds no
     default header, and keeps the list where its payload and send steps look for it.
     tests/test_headers.py checks on the wire that nothing is added."""
+
+    # The attempt's hooks, for the connector (`Connector.connect`): set by `send`; None for a
+    # request the session builds itself (a control call).
+    hooks: AttemptHooks | None = None
 
     def __init__(
         self,
@@ -194,10 +201,18 @@ class UpstreamRequest(ClientRequest):
 
 
 async def send(
-    session: ClientSession, method: str, url: URL, headers: CIMultiDict[str], data: Any
+    session: ClientSession,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    data: Any,
+    loop: asyncio.AbstractEventLoop,
+    hooks: AttemptHooks | None = None,
 ) -> ClientResponse:
     """The request on a connection of `session`'s pool, up to the response's head (as
-    `ClientSession._request`'s own connect-and-send step, with its errors)."""
+    `ClientSession._request`'s own connect-and-send step, with its errors). `loop`: the
+    running one, passed in (`asyncio.get_running_loop()` is a getpid() syscall on 3.11);
+    `hooks`: what the connector tells the attempt (proxy/upstream_connector.py)."""
     connector = session.connector
     if connector is None or session.closed:
         raise RuntimeError("Session is closed")
@@ -206,12 +221,14 @@ async def send(
         url,
         headers=headers,
         data=data,
-        loop=asyncio.get_running_loop(),
+        loop=loop,
         response_class=ClientResponse,
         timer=_NO_TIMER,
         session=session,
         traces=_NO_TRACES,
     )
+    if hooks is not None:
+        request.hooks = hooks
     try:
         try:
             connection = await connector.connect(

@@ -113,7 +113,9 @@ async def exchange(
     session: aiohttp.ClientSession, url: URL, body: Any
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": "r-1"})
-    response = await asyncio.wait_for(send(session, "POST", url, headers, body), timeout=5)
+    response = await asyncio.wait_for(
+        send(session, "POST", url, headers, body, asyncio.get_running_loop()), timeout=5
+    )
     try:
         payload = await asyncio.wait_for(response.read(), timeout=5)
         return response.status, list(response.headers.items()), payload
