@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from aiohttp import web
@@ -38,6 +37,7 @@ from proxy.errors import (
 from proxy.hedged import hedges, relay_hedged
 from proxy.outcome import OUTCOME_CLIENT_CANCELLED, Outcome, RequestRecord, TimeoutKind
 from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
+from proxy.request_ids import new_request_id
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
@@ -80,10 +80,9 @@ class Exchange(EngineWork):
         # `asyncio.get_running_loop()` (and `current_task()` without a loop) is a getpid()
         # syscall, and this request needs the loop everywhere.
         self.loop = request._loop
-        # 128 random bits as 32 hex digits, like uuid4().hex but a quarter of its cost.
-        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+        request_id = request.headers.get("x-request-id") or new_request_id()
         if len(request_id) > 200:  # it is echoed and logged: keep it bounded
-            request_id = os.urandom(16).hex()
+            request_id = new_request_id()
         self.record = RequestRecord(
             request_id=request_id,
             method=request.method,
