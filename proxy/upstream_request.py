@@ -35,6 +35,7 @@ from aiohttp.client_reqrep import _CONTAINS_CONTROL_CHAR_RE
 from aiohttp.connector import Connection
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion11, StreamWriter
+from aiohttp.http_writer import _serialize_headers
 from aiohttp.payload import BytesPayload
 from multidict import CIMultiDict
 from yarl import URL
@@ -154,20 +155,22 @@ class UpstreamRequest(ClientRequest):
         aiohttp writes every body in a task of its own (on Python < 3.12 the task waits for
         the next loop iteration), whose end a done callback records: two handles, a task
         step and the `_writer` bookkeeping per request. A small body's write never waits
-        (`INLINE_BODY_BYTES`), so it is written here, in the same step and by the same
-        `write_bytes` (its error handling included: a failed write is set on the protocol
-        and raised by the response's start), as aiohttp >= 3.12 does on Python >= 3.12 when
-        its eager task finishes at once; the response then has no writer to wait for.
-        Anything else takes aiohttp's own path."""
+        (`INLINE_WRITE_BYTES`), so it is written here, in the same step, as aiohttp >= 3.12
+        does on Python >= 3.12 when its eager task finishes at once; the response then has
+        no writer to wait for. On an open transport head and body go out in one write (what
+        `write_bytes` ends in, without its three coroutines); on a closing one `write_bytes`
+        itself fails it (set on the protocol, raised by the response's start), as its task
+        would. Anything else takes aiohttp's own path."""
         body = self._body
         protocol = conn.protocol
         assert protocol is not None
         if (
             type(body) is not BytesPayload
-            or body.size is None
-            or body.size > INLINE_WRITE_BYTES
+            or (size := body.size) is None
+            or size > INLINE_WRITE_BYTES
             or protocol.writing_paused
             or self._continue is not None
+            or self._upload_tracker is not None
             or self.chunked is not None
             or self.compress
             or self.proxy is not None
@@ -179,11 +182,27 @@ class UpstreamRequest(ClientRequest):
         writer = StreamWriter(protocol, self.loop)
         # No default Content-Type (the skip list) and no Connection header to add (HTTP/1.1
         # on a connector that keeps connections): as aiohttp's `send` decides for this case.
-        await writer.write_headers(f"{self.method} {self.url.raw_path_qs} HTTP/1.1", self.headers)
-        head = writer._headers_buf  # buffered until the body's write (one write for both)
-        if head is None or len(head) + body.size > INLINE_WRITE_BYTES:
+        # (`write_headers` without its coroutine: it only serializes and buffers the head.)
+        head = _serialize_headers(f"{self.method} {self.url.raw_path_qs} HTTP/1.1", self.headers)
+        if len(head) + size > INLINE_WRITE_BYTES:
             return await super().send(conn)  # nothing was written: aiohttp's own path
-        await self.write_bytes(writer, conn, self._get_content_length())
+        transport = protocol.transport
+        if transport is None or transport.is_closing() or self._get_content_length() != size:
+            # aiohttp's `write_bytes`, which fails such a write as its own task would (or
+            # writes the body cut to a Content-Length of the caller's).
+            writer._headers_buf, writer._headers_written = head, False
+            await self.write_bytes(writer, conn, self._get_content_length())
+        else:
+            # What `write_bytes` does for this body (`write_with_length`, `write`,
+            # `write_eof`) when the transport is open: head and body in one transport
+            # write, the writer's counts and end marked, the read timeout started; without
+            # its three coroutines. Nothing else reads the writer but the response
+            # (`output_size`).
+            data = head + body._value
+            writer._headers_written = writer._eof = True
+            writer.buffer_size = writer.output_size = len(data)
+            transport.write(data)
+            protocol.start_timeout()
         response = self.response_class(
             self.method,
             self.original_url,
