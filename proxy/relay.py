@@ -218,9 +218,11 @@ class Exchange(EngineWork):
         while True:
             target = override or plan.targets[index]
             now = loop.time()
-            attempt = Attempt(target.upstream_name, target.model, now, reason)
+            # (`target.target`'s name, not the property: no call; no name bound for it: each
+            # name this frame binds is 8 B more under every held stream)
+            attempt = Attempt(target.target.upstream_name, target.model, now, reason)
             record.attempts.append(attempt)
-            circuit = chooser.circuit(target.upstream_name)
+            circuit = chooser.circuit(attempt.upstream)
             circuit.allows(now)
             if reason in ("fallback", "continue"):
                 deadlines.next_target(now)
@@ -440,7 +442,7 @@ class Exchange(EngineWork):
             named = self.state.aborts.name_attempt(plan, target, record)
         self._sent += ((attempt, target, named),)
         return self.state.upstreams.attempt(
-            target.upstream_name,
+            target.target.upstream_name,
             self.request.method,
             target.url,
             headers=named.headers,

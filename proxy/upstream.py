@@ -67,12 +67,16 @@ class UpstreamResponse:
         "content_encoding",
         "content_type",
         "headers",
+        "status",
     )
 
     def __init__(self, response: aiohttp.ClientResponse, upstream: str) -> None:
         self._response = response
         self._upstream = upstream
         self._framing = FramingWatch(response)
+        # Read several times a request: an attribute, not a property (a call each). The
+        # status of a response whose head was read never changes.
+        self.status: int = response.status
         self.headers: CIMultiDictProxy[str] = response.headers
         # aiohttp's cached parse, not `response.content_type`: that property keeps a copy of
         # the parameters on the response (~180 B under every held stream).
@@ -104,10 +108,6 @@ class UpstreamResponse:
         if self._closed is not None:
             self._closed.remove_done_callback(self._connection_closed)
             self._closed = None
-
-    @property
-    def status(self) -> int:
-        return self._response.status
 
     @property
     def reason(self) -> str | None:
