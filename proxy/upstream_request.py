@@ -36,7 +36,7 @@ from aiohttp.connector import Connection
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion11, StreamWriter
 from aiohttp.http_writer import _serialize_headers
-from aiohttp.payload import BytesPayload
+from aiohttp.payload import TOO_LARGE_BYTES_BODY, BytesPayload
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -48,6 +48,7 @@ _ADDED_NONE: Final[CIMultiDict[None]] = CIMultiDict(
     (name, None) for name in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE, hdrs.USER_AGENT)
 )
 _NO_TIMER: Final = TimerNoop()
+_OCTET_STREAM: Final = "application/octet-stream"
 _BYTES: Final = (bytes, bytearray)
 # A request whose head and body together are no larger than this is written in `send` itself
 # rather than by a task of its own: aiohttp's writer drains above 64 KiB written, and an
@@ -67,6 +68,19 @@ class UpstreamRequest(ClientRequest):
     # The attempt's hooks, for the connector (`Connector.connect`): set by `send`; None for a
     # request the session builds itself (a control call).
     hooks: AttemptHooks | None = None
+    # What aiohttp's `__init__` sets to the same value for every request the lean `__init__`
+    # builds: read from the class instead of stored on each request (aiohttp's own
+    # `__init__`, for any other request, stores its values on the request as before).
+    chunked = None
+    compress = None
+    length = None
+    _ssl = True
+    server_hostname = None
+    version = HttpVersion11
+    _skip_auto_headers = _ADDED_NONE
+    proxy = None
+    proxy_auth = None
+    proxy_headers = None
 
     def __init__(
         self,
@@ -119,30 +133,20 @@ class UpstreamRequest(ClientRequest):
         self._session = session
         self.original_url = self.url = url
         self.method = method = method.upper()
-        self.chunked = None
-        self.compress = None
         self.loop = loop
-        self.length = None
         self.response_class = ClientResponse if response_class is None else response_class
         self._timer = timer if timer is not None else TimerNoop()
-        self._ssl = True
-        self.server_hostname = None
-        self.version = HttpVersion11
         self.headers = fields = CIMultiDict[str]()
         fields[hdrs.HOST] = url.host_port_subcomponent  # type: ignore[assignment]  # absolute
         fields.extend(headers)
-        self._skip_auto_headers = _ADDED_NONE
-        self.proxy = None
-        self.proxy_auth = None
-        self.proxy_headers = None
         if data is None:
             if method not in self.GET_METHODS and hdrs.CONTENT_LENGTH not in fields:
                 fields[hdrs.CONTENT_LENGTH] = "0"
         else:
             # The registry's payload for bytes: its only header, Content-Type, is skipped.
-            self._body = body = BytesPayload(data, disposition=None)
+            self._body = _bytes_payload(data)
             if hdrs.CONTENT_LENGTH not in fields:
-                fields[hdrs.CONTENT_LENGTH] = str(body.size)
+                fields[hdrs.CONTENT_LENGTH] = str(len(data))
         self._traces = [] if traces is None else traces
 
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
@@ -217,6 +221,22 @@ class UpstreamRequest(ClientRequest):
         )
         self.response = response
         return response
+
+
+def _bytes_payload(data: bytes | bytearray) -> BytesPayload:
+    """`BytesPayload(data, disposition=None)`, the payload aiohttp makes for bytes, with the
+    attributes its two `__init__`s set (tests/test_upstream_request_inline.py compares them),
+    without their calls; a body over aiohttp's large-body bound gets aiohttp's own (and its
+    warning)."""
+    if len(data) > TOO_LARGE_BYTES_BODY:
+        return BytesPayload(data, disposition=None)
+    payload = BytesPayload.__new__(BytesPayload)
+    payload._encoding = None
+    payload._filename = None
+    payload._headers = CIMultiDict({hdrs.CONTENT_TYPE: _OCTET_STREAM})
+    payload._value = data  # type: ignore[assignment]  # (aiohttp's own keeps a bytearray too)
+    payload._size = len(data)
+    return payload
 
 
 async def send(
