@@ -10,7 +10,7 @@ out, an error can only end the stream in band.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -46,6 +46,8 @@ class Downstream(SSERelay):
 
     __slots__ = ()
 
+    clock: Callable[[], float]  # the loop's clock (`Exchange.clock`, one of its slots)
+
     def _relay_response(
         self,
         plan: Plan,
@@ -58,8 +60,8 @@ class Downstream(SSERelay):
         """Accept the upstream's answer and return its relay, for the caller to await. The
         relay (`_pump_sse`, `_relay_body`) is the one coroutine that stays alive while a
         stream is held: returned, not awaited here, so this frame is not kept under it."""
-        record, loop = self.record, self.loop
-        now = loop.time()
+        record = self.record
+        now = self.clock()
         record.upstream_status = upstream.status
         record.upstream = attempt.upstream
         try:

@@ -41,6 +41,7 @@ from proxy.request_ids import new_request_id
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
+from proxy.sse_stream import loop_clock
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser, Resume, ResumeSteps
 from proxy.timeouts import Deadlines
@@ -71,7 +72,7 @@ class Exchange(EngineWork):
     """One request, from arrival to its record."""
 
     # Slots (one Exchange per held stream, no per-instance dict); the rest are Downstream's.
-    __slots__ = ("_continuations", "_cut", "_raced_to", "chooser")
+    __slots__ = ("_continuations", "_cut", "_raced_to", "chooser", "clock")
 
     def __init__(self, state: ProxyState, request: web.Request) -> None:
         self.state = state
@@ -80,6 +81,8 @@ class Exchange(EngineWork):
         # `asyncio.get_running_loop()` (and `current_task()` without a loop) is a getpid()
         # syscall, and this request needs the loop everywhere.
         self.loop = request._loop
+        # `loop.time` as a plain callable (`time.monotonic` on asyncio's loops: no frame).
+        self.clock = clock = loop_clock(self.loop)
         request_id = request.headers.get("x-request-id") or new_request_id()
         if len(request_id) > 200:  # it is echoed and logged: keep it bounded
             request_id = new_request_id()
@@ -87,7 +90,7 @@ class Exchange(EngineWork):
             request_id=request_id,
             method=request.method,
             path=request.path,
-            started_at=self.loop.time(),
+            started_at=clock(),
             wall_started_at=time.time(),
         )
         self.response: web.StreamResponse | None = None
@@ -135,7 +138,7 @@ class Exchange(EngineWork):
         state.request_began(task)
         try:
             try:
-                plan = await admit(state, self.request, record, self.loop)
+                plan = await admit(state, self.request, record, self.clock)
             except ProxyError as err:
                 record.settle(err.outcome)
                 return self._error_response(err)
@@ -180,7 +183,7 @@ class Exchange(EngineWork):
             record.error_type = type(err).__name__
             return self._internal_error_response()
         finally:
-            record.ended_at = self.loop.time()
+            record.ended_at = self.clock()
             state.request_ended(task)
             if self.plan is not None and len(self.plan.body) >= LARGE_RELEASE_BYTES:
                 self._release_large_bodies(self.plan)
@@ -210,14 +213,14 @@ class Exchange(EngineWork):
     # --- attempts: which target, and what next when one fails --------------------------------
     async def _attempts(self, plan: Plan, watchdog: Watchdog) -> web.StreamResponse:
         """Try the route's targets until one answers, as `proxy.resilience.policy` directs."""
-        record, loop, deadlines = self.record, self.loop, plan.deadlines
-        chooser = self.chooser = Chooser(plan, self.state.circuits, loop)
+        record, clock, deadlines = self.record, self.clock, plan.deadlines
+        chooser = self.chooser = Chooser(plan, self.state.circuits, self.loop)
         index = self._first_target()
         retries_here, reason = 0, "primary"
         override: TargetPlan | None = None  # a continuation's request (its own body)
         while True:
             target = override or plan.targets[index]
-            now = loop.time()
+            now = clock()
             # (`target.target`'s name, not the property: no call; no name bound for it: each
             # name this frame binds is 8 B more under every held stream)
             attempt = Attempt(target.target.upstream_name, target.model, now, reason)
@@ -242,7 +245,7 @@ class Exchange(EngineWork):
                     if self.state.aborts.names_in_steps(target)
                     else self._send(plan, index, attempt, watchdog, override)
                 )
-                opened_at = loop.time()
+                opened_at = clock()
                 try:
                     try:
                         if plan.route.options.on_disconnect == "drain":
@@ -250,7 +253,7 @@ class Exchange(EngineWork):
                         else:  # what `open_upstream` does for them, without its coroutine
                             upstream = await opened.start()
                     finally:  # also when the wait ends in an error, a deadline or a hang-up
-                        now = loop.time()
+                        now = clock()
                         record.upstream_wait_s += now - opened_at
                     attempt.headers_at, attempt.status = now, upstream.status
                     attempt.resent = opened.resent
@@ -264,7 +267,7 @@ class Exchange(EngineWork):
                     )
                 finally:
                     await opened.close()
-                    attempt.closed_at = record.upstream_closed_at = loop.time()
+                    attempt.closed_at = record.upstream_closed_at = clock()
                     attempt_closed(attempt, self.tracker)
             # The failures are handled in methods of their own, not here: each name this
             # frame binds is 8 B more under every held stream (this frame waits under it).
@@ -277,7 +280,7 @@ class Exchange(EngineWork):
                     plan, index, attempt, watchdog
                 )
             finally:
-                circuit.report(attempt.result or AttemptResult.ABANDONED, loop.time())
+                circuit.report(attempt.result or AttemptResult.ABANDONED, clock())
                 self.state.resilience_observed(plan.route.name, attempt, circuit)
             if self._raced_to is not None:
                 index, self._raced_to = max(index, self._raced_to), None

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -192,11 +193,12 @@ class OpenAttempt:
         body: RequestBody,
         on_headers_sent: Callable[[], None],
         loop: asyncio.AbstractEventLoop,
+        clock: Callable[[], float],
     ) -> None:
         self._session = session
         self.upstream = upstream
         self._method, self._url, self._headers, self._body = method, url, headers, body
-        self._hooks = AttemptHooks(on_headers_sent, loop)
+        self._hooks = AttemptHooks(on_headers_sent, loop, clock)
         self._response: aiohttp.ClientResponse | None = None
         self._answer: UpstreamResponse | None = None
         self.resent = False
@@ -278,11 +280,15 @@ class Upstreams:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = time.monotonic
 
     async def start(self) -> None:
         # The session's loop, known once: `asyncio.get_running_loop()` is a getpid() syscall
         # on Python 3.11, and every attempt needs the loop.
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        # Its clock as `sse_stream.loop_clock` reads it: `time.monotonic` itself where
+        # `loop.time()` is asyncio's (a frame less a reading), else the loop's own.
+        self._clock = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         self._session = aiohttp.ClientSession(
             # limit=0: the default of 100 would queue the 101st concurrent stream.
             connector=Connector(limit=0, ttl_dns_cache=60),
@@ -323,7 +329,15 @@ class Upstreams:
                 UpstreamUnreachable("the upstream client is not running"),
             )
         return OpenAttempt(
-            self._session, upstream, method, url, headers, body, on_headers_sent, self._loop
+            self._session,
+            upstream,
+            method,
+            url,
+            headers,
+            body,
+            on_headers_sent,
+            self._loop,
+            self._clock,
         )
 
     async def post_empty(self, url: URL, headers: CIMultiDict[str]) -> tuple[int, bytes]:

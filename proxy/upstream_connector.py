@@ -39,6 +39,7 @@ class AttemptHooks:
 
     on_headers_sent: Callable[[], None]
     loop: asyncio.AbstractEventLoop
+    clock: Callable[[], float]  # the loop's (`sse_stream.loop_clock`)
     transport: asyncio.Transport | None = None  # of the current send, once connected
     reused: bool = False  # the connection came from the pool
     sent_at: float | None = None  # when the request headers were written
@@ -48,7 +49,7 @@ class AttemptHooks:
         (nothing is awaited between its connector and the write). Known here rather than from
         an aiohttp `TraceConfig`, whose signals (a dozen per request, all awaited) cost 1-2 %
         of a request's CPU for this one fact."""
-        self.sent_at = self.loop.time()
+        self.sent_at = self.clock()
         self.on_headers_sent()
 
     def reset(self) -> None:
@@ -80,7 +81,7 @@ class AttemptHooks:
             return False
         if not isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
             return False
-        return self.sent_at is None or self.loop.time() - self.sent_at <= RESEND_WINDOW_S
+        return self.sent_at is None or self.clock() - self.sent_at <= RESEND_WINDOW_S
 
 
 def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
