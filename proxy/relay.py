@@ -30,6 +30,7 @@ from proxy.edge.body import in_steps
 from proxy.edge.gate import edge_answer
 from proxy.engine_work import EngineWork, Sent
 from proxy.engines import Named
+from proxy.engines.naming import NAME_ONE_STEP_BYTES
 from proxy.errors import (
     GatewayTimeout,
     ProxyError,
@@ -215,7 +216,8 @@ class Exchange(EngineWork):
         """Try the route's targets until one answers, as `proxy.resilience.policy` directs."""
         record, clock, deadlines = self.record, self.clock, plan.deadlines
         chooser = self.chooser = Chooser(plan, self.state.circuits, self.loop)
-        index = self._first_target()
+        # (A route's only target is its first, whatever its circuit: `Chooser.first`.)
+        index = 0 if len(plan.targets) == 1 else self._first_target()
         retries_here, reason = 0, "primary"
         override: TargetPlan | None = None  # a continuation's request (its own body)
         while True:
@@ -235,14 +237,16 @@ class Exchange(EngineWork):
             decision: Decision | None = None
             timeout_kind: TimeoutKind | None = None
             try:
-                if hedges(self, plan, index):
+                # (`hedges`' first test inline: most routes do not hedge, and ask no more.)
+                if plan.route.options.hedge_after_s is not None and hedges(self, plan, index):
                     return await relay_hedged(self, plan, index, attempt, watchdog)
                 # The attempt runs inline, not in a coroutine of its own: that frame would
                 # stay alive under every held stream (~400 B each). A large body an engine
                 # names is named a step at a time.
                 opened = (
                     await self._send_named_in_steps(plan, index, attempt, watchdog, override)
-                    if self.state.aborts.names_in_steps(target)
+                    if len(target.body) >= NAME_ONE_STEP_BYTES  # (`names_in_steps`' first test)
+                    and self.state.aborts.names_in_steps(target)
                     else self._send(plan, index, attempt, watchdog, override)
                 )
                 opened_at = clock()
