@@ -86,12 +86,20 @@ class AttemptHooks:
 
 def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
     """Part 1 of the resend rule: an idle pooled socket with anything to read (EOF, a reset,
-    stray bytes) was closed or broken by the upstream while it sat in the pool."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return True
+    stray bytes) was closed or broken by the upstream while it sat in the pool.
+
+    An asyncio selector transport's descriptor is read from the transport itself (`_sock_fd`,
+    its socket's `fileno()` while it is open, as a pooled one handed out is): not through
+    `get_extra_info` and the socket wrapper's `fileno`, two calls. Any other transport
+    (uvloop's) is asked for its socket."""
+    fd = getattr(transport, "_sock_fd", None)
+    if fd is None:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        fd = sock.fileno()
     try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        readable, _, _ = select.select([fd], [], [], 0)
     except (OSError, ValueError):
         return True
     return bool(readable)
