@@ -10,7 +10,7 @@ out, an error can only end the stream in band.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -45,8 +45,6 @@ class Downstream(SSERelay):
     """What an exchange sends to its client (fields and the SSE pump: `SSERelay`)."""
 
     __slots__ = ()
-
-    clock: Callable[[], float]  # the loop's clock (`Exchange.clock`, one of its slots)
 
     def _relay_response(
         self,
