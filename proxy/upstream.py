@@ -90,9 +90,10 @@ class UpstreamResponse:
         # never ends or fails the body: a read would wait for the next deadline. Watch the
         # close and fail a body that has not ended (detach() when done with the response).
         self._closed: asyncio.Future[None] | None = None
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            closed = connection.protocol.closed
+        connection = response._connection  # (what the properties read: three calls fewer)
+        protocol = connection._protocol if connection is not None else None
+        if protocol is not None:
+            closed = protocol.closed
             if closed is not None:
                 closed.add_done_callback(self._connection_closed, context=BARE_CONTEXT)
                 self._closed = closed

@@ -149,7 +149,9 @@ class Connector(aiohttp.TCPConnector):
     ) -> aiohttp.connector.Connection:
         while True:
             connection = await super().connect(req, traces, timeout)
-            protocol, transport = connection.protocol, connection.transport
+            # (aiohttp's `protocol` and `transport` properties read these: two calls fewer)
+            protocol = connection._protocol
+            transport = protocol.transport if protocol is not None else None
             reused = getattr(protocol, _USED, False)
             if reused and transport is not None and _closed_while_idle(transport):
                 log.debug("dropping a pooled upstream connection the upstream closed while idle")
@@ -162,7 +164,7 @@ class Connector(aiohttp.TCPConnector):
         # call's): no registry keyed by `asyncio.current_task()`, a getpid() syscall on 3.11.
         hooks: AttemptHooks | None = getattr(req, "hooks", None)
         if hooks is not None:
-            hooks.transport = connection.transport
+            hooks.transport = transport
             hooks.reused = reused
             hooks.headers_going_out()
         return connection

@@ -166,7 +166,7 @@ class UpstreamRequest(ClientRequest):
         itself fails it (set on the protocol, raised by the response's start), as its task
         would. Anything else takes aiohttp's own path."""
         body = self._body
-        protocol = conn.protocol
+        protocol = conn._protocol  # (what the `protocol` property reads: a call fewer)
         assert protocol is not None
         if (
             type(body) is not BytesPayload
@@ -275,7 +275,7 @@ async def send(
             )
         except TimeoutError as exc:
             raise ConnectionTimeoutError(f"Connection timeout to host {request.url}") from exc
-        protocol = connection.protocol
+        protocol = connection._protocol
         assert protocol is not None
         protocol.set_response_params(
             timer=_NO_TIMER,
