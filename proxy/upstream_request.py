@@ -17,10 +17,12 @@ started the work. Skipping the rest is ~4 % of a small completion's instructions
 ~58 k of ~1,460 k per request).
 
 `UpstreamRequest.send` writes a small body in the same step as the head instead of in a task
-of its own (another ~4 %: 1,105 k -> 1,059 k a completion). It uses the writer internals of
-the aiohttp it was measured on (3.14: `write_bytes`, `_get_content_length`, the writer's
-buffered head), hence pyproject's floor; tests/test_upstream_request_inline.py compares its
-bytes on the wire and its errors with aiohttp's own `send`.
+of its own (another ~4 %: 1,105 k -> 1,059 k a completion), and on an open transport in one
+transport write without `write_bytes`' three coroutines (~1.5 % more). It uses the writer
+and payload internals of the aiohttp it was measured on (3.14: `write_bytes`,
+`_get_content_length`, `_serialize_headers`, the writer's counts, `BytesPayload`'s fields),
+hence pyproject's floor; tests/test_upstream_request_inline.py compares its bytes on the
+wire, its errors and every attribute it sets with aiohttp's own.
 """
 
 from __future__ import annotations
