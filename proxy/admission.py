@@ -4,7 +4,7 @@ first upstream byte: route, deadlines, upstream URL, headers and body. Every ref
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -81,8 +81,15 @@ class Plan:
     continuable: bool | None = None
 
 
-async def admit(state: ProxyState, request: web.Request, record: RequestRecord) -> Plan:
-    """Read and check the request; decide route, deadlines, headers and body."""
+async def admit(
+    state: ProxyState,
+    request: web.Request,
+    record: RequestRecord,
+    clock: Callable[[], float],
+) -> Plan:
+    """Read and check the request; decide route, deadlines, headers and body. `clock`: the
+    running loop's (`Exchange.clock`; `asyncio.get_running_loop()` is a getpid() syscall on
+    Python 3.11)."""
     state.arrived(record, request)
     if state.draining:
         raise Draining("hangup is shutting down; retry on another instance")
@@ -103,7 +110,6 @@ async def admit(state: ProxyState, request: web.Request, record: RequestRecord) 
         encoding = request_encoding(request, state.router.encodings_for(request.path))
     if "expect" in request.headers:  # (no coroutine for the others: nothing to send them)
         await send_continue(request)
-    clock = asyncio.get_running_loop().time
     read_at = clock()
     try:
         body, record.bytes_from_client, scan = await read_body(

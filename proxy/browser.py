@@ -154,6 +154,24 @@ def preflight_response(request: web.Request, origin: str) -> web.Response:
 def refusal(policy: BrowserPolicy, request: web.Request) -> web.StreamResponse | None:
     """The answer to a request a browser must not get through (a Host not served, an Origin
     not allowed), or to a CORS preflight; None for a request to serve."""
+    # The usual request: one Host value already found allowed, an origin-form target, no
+    # Origin, not OPTIONS. What `checked_refusal` finds for it (None), without its calls and
+    # lists (tests/test_browser_refusal.py draws requests and compares the two).
+    headers = request.headers
+    hosts = headers.getall("host", ())
+    if (
+        len(hosts) == 1
+        and hosts[0] in policy._allowed_values
+        and "origin" not in headers
+        and request.raw_path[:1] == "/"
+        and request.method != "OPTIONS"
+    ):
+        return None
+    return checked_refusal(policy, request)
+
+
+def checked_refusal(policy: BrowserPolicy, request: web.Request) -> web.StreamResponse | None:
+    """`refusal`, every check made."""
     try:
         policy.check_host(request)
         origin = policy.check_origin(request)

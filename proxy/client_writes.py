@@ -10,6 +10,7 @@ its own: the fields it uses are `SSERelay`'s.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 from aiohttp import web
@@ -30,6 +31,7 @@ class _Exchange(Protocol):
     request: web.Request
     record: RequestRecord
     loop: asyncio.AbstractEventLoop
+    clock: Callable[[], float]  # the loop's (`Exchange.clock`)
     plan: Plan | None
     response: web.StreamResponse | None
     _pending: web.StreamResponse | None
@@ -60,14 +62,14 @@ class ClientWrites:
 
     async def _client_io(self: _Exchange, write: object) -> None:
         """Await a write to the client; a failed write means the client is gone."""
-        before = self.loop.time()
+        before = self.clock()
         try:
             await write  # type: ignore[misc]
         except ConnectionError as exc:
             self.record.client_gone_at = before
             raise ClientGone from exc
         finally:
-            self.record.client_wait_s += self.loop.time() - before
+            self.record.client_wait_s += self.clock() - before
 
     @staticmethod
     async def _write_pieces(response: web.StreamResponse, data: bytes) -> None:

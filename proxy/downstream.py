@@ -58,8 +58,8 @@ class Downstream(SSERelay):
         """Accept the upstream's answer and return its relay, for the caller to await. The
         relay (`_pump_sse`, `_relay_body`) is the one coroutine that stays alive while a
         stream is held: returned, not awaited here, so this frame is not kept under it."""
-        record, loop = self.record, self.loop
-        now = loop.time()
+        record = self.record
+        now = self.clock()
         record.upstream_status = upstream.status
         record.upstream = attempt.upstream
         try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 from aiohttp import web
 
 from proxy.errors import ProxyError, render_body
 from proxy.outcome import Outcome, RequestRecord
+from proxy.request_ids import new_request_id
 from proxy.state import STATE, ProxyState
 
 
@@ -20,7 +20,7 @@ def rejected_record(
     """Record a refusal (settled, counted, logged) and return its record."""
     loop = asyncio.get_running_loop()
     record = RequestRecord(
-        request_id=(request_id or "")[:200] or uuid.uuid4().hex,
+        request_id=(request_id or "")[:200] or new_request_id(),
         method=method[:32],
         path=path,
         started_at=loop.time(),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
 from aiohttp import web
@@ -31,6 +30,7 @@ from proxy.edge.body import in_steps
 from proxy.edge.gate import edge_answer
 from proxy.engine_work import EngineWork, Sent
 from proxy.engines import Named
+from proxy.engines.naming import NAME_ONE_STEP_BYTES
 from proxy.errors import (
     GatewayTimeout,
     ProxyError,
@@ -38,9 +38,11 @@ from proxy.errors import (
 from proxy.hedged import hedges, relay_hedged
 from proxy.outcome import OUTCOME_CLIENT_CANCELLED, Outcome, RequestRecord, TimeoutKind
 from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
+from proxy.request_ids import new_request_id
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
 from proxy.secrets import stream_scrubber
+from proxy.sse_stream import loop_clock
 from proxy.state import STATE, ProxyState
 from proxy.targets import Chooser, Resume, ResumeSteps
 from proxy.timeouts import Deadlines
@@ -71,21 +73,25 @@ class Exchange(EngineWork):
     """One request, from arrival to its record."""
 
     # Slots (one Exchange per held stream, no per-instance dict); the rest are Downstream's.
-    __slots__ = ("_continuations", "_cut", "_raced_to", "chooser")
+    __slots__ = ("_continuations", "_cut", "_raced_to", "chooser", "clock")
 
     def __init__(self, state: ProxyState, request: web.Request) -> None:
         self.state = state
         self.request = request
-        self.loop = asyncio.get_running_loop()
-        # 128 random bits as 32 hex digits, like uuid4().hex but a quarter of its cost.
-        request_id = request.headers.get("x-request-id") or os.urandom(16).hex()
+        # aiohttp's loop for the request, the running one: on Python 3.11
+        # `asyncio.get_running_loop()` (and `current_task()` without a loop) is a getpid()
+        # syscall, and this request needs the loop everywhere.
+        self.loop = request._loop
+        # `loop.time` as a plain callable (`time.monotonic` on asyncio's loops: no frame).
+        self.clock = clock = loop_clock(self.loop)
+        request_id = request.headers.get("x-request-id") or new_request_id()
         if len(request_id) > 200:  # it is echoed and logged: keep it bounded
-            request_id = os.urandom(16).hex()
+            request_id = new_request_id()
         self.record = RequestRecord(
             request_id=request_id,
             method=request.method,
             path=request.path,
-            started_at=self.loop.time(),
+            started_at=clock(),
             wall_started_at=time.time(),
         )
         self.response: web.StreamResponse | None = None
@@ -128,12 +134,12 @@ class Exchange(EngineWork):
             return answer
         self = cls(request.app[STATE], request)
         state, record = self.state, self.record
-        task = asyncio.current_task()
+        task = asyncio.current_task(self.loop)
         assert task is not None
         state.request_began(task)
         try:
             try:
-                plan = await admit(state, self.request, record)
+                plan = await admit(state, self.request, record, self.clock)
             except ProxyError as err:
                 record.settle(err.outcome)
                 return self._error_response(err)
@@ -178,7 +184,7 @@ class Exchange(EngineWork):
             record.error_type = type(err).__name__
             return self._internal_error_response()
         finally:
-            record.ended_at = self.loop.time()
+            record.ended_at = self.clock()
             state.request_ended(task)
             if self.plan is not None and len(self.plan.body) >= LARGE_RELEASE_BYTES:
                 self._release_large_bodies(self.plan)
@@ -208,17 +214,20 @@ class Exchange(EngineWork):
     # --- attempts: which target, and what next when one fails --------------------------------
     async def _attempts(self, plan: Plan, watchdog: Watchdog) -> web.StreamResponse:
         """Try the route's targets until one answers, as `proxy.resilience.policy` directs."""
-        record, loop, deadlines = self.record, self.loop, plan.deadlines
-        chooser = self.chooser = Chooser(plan, self.state.circuits, loop)
-        index = self._first_target()
+        record, clock, deadlines = self.record, self.clock, plan.deadlines
+        chooser = self.chooser = Chooser(plan, self.state.circuits, self.loop)
+        # (A route's only target is its first, whatever its circuit: `Chooser.first`.)
+        index = 0 if len(plan.targets) == 1 else self._first_target()
         retries_here, reason = 0, "primary"
         override: TargetPlan | None = None  # a continuation's request (its own body)
         while True:
             target = override or plan.targets[index]
-            now = loop.time()
-            attempt = Attempt(target.upstream_name, target.model, now, reason)
+            now = clock()
+            # (`target.target`'s name, not the property: no call; no name bound for it: each
+            # name this frame binds is 8 B more under every held stream)
+            attempt = Attempt(target.target.upstream_name, target.model, now, reason)
             record.attempts.append(attempt)
-            circuit = chooser.circuit(target.upstream_name)
+            circuit = chooser.circuit(attempt.upstream)
             circuit.allows(now)
             if reason in ("fallback", "continue"):
                 deadlines.next_target(now)
@@ -228,17 +237,19 @@ class Exchange(EngineWork):
             decision: Decision | None = None
             timeout_kind: TimeoutKind | None = None
             try:
-                if hedges(self, plan, index):
+                # (`hedges`' first test inline: most routes do not hedge, and ask no more.)
+                if plan.route.options.hedge_after_s is not None and hedges(self, plan, index):
                     return await relay_hedged(self, plan, index, attempt, watchdog)
                 # The attempt runs inline, not in a coroutine of its own: that frame would
                 # stay alive under every held stream (~400 B each). A large body an engine
                 # names is named a step at a time.
                 opened = (
                     await self._send_named_in_steps(plan, index, attempt, watchdog, override)
-                    if self.state.aborts.names_in_steps(target)
+                    if len(target.body) >= NAME_ONE_STEP_BYTES  # (`names_in_steps`' first test)
+                    and self.state.aborts.names_in_steps(target)
                     else self._send(plan, index, attempt, watchdog, override)
                 )
-                opened_at = loop.time()
+                opened_at = clock()
                 try:
                     try:
                         if plan.route.options.on_disconnect == "drain":
@@ -246,7 +257,7 @@ class Exchange(EngineWork):
                         else:  # what `open_upstream` does for them, without its coroutine
                             upstream = await opened.start()
                     finally:  # also when the wait ends in an error, a deadline or a hang-up
-                        now = loop.time()
+                        now = clock()
                         record.upstream_wait_s += now - opened_at
                     attempt.headers_at, attempt.status = now, upstream.status
                     attempt.resent = opened.resent
@@ -260,7 +271,7 @@ class Exchange(EngineWork):
                     )
                 finally:
                     await opened.close()
-                    attempt.closed_at = record.upstream_closed_at = loop.time()
+                    attempt.closed_at = record.upstream_closed_at = clock()
                     attempt_closed(attempt, self.tracker)
             # The failures are handled in methods of their own, not here: each name this
             # frame binds is 8 B more under every held stream (this frame waits under it).
@@ -273,7 +284,7 @@ class Exchange(EngineWork):
                     plan, index, attempt, watchdog
                 )
             finally:
-                circuit.report(attempt.result or AttemptResult.ABANDONED, loop.time())
+                circuit.report(attempt.result or AttemptResult.ABANDONED, clock())
                 self.state.resilience_observed(plan.route.name, attempt, circuit)
             if self._raced_to is not None:
                 index, self._raced_to = max(index, self._raced_to), None
@@ -438,7 +449,7 @@ class Exchange(EngineWork):
             named = self.state.aborts.name_attempt(plan, target, record)
         self._sent += ((attempt, target, named),)
         return self.state.upstreams.attempt(
-            target.upstream_name,
+            target.target.upstream_name,
             self.request.method,
             target.url,
             headers=named.headers,

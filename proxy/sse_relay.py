@@ -99,6 +99,7 @@ class SSERelay(ClientWrites, LargeEventRelay):
     request: web.Request
     record: RequestRecord
     loop: asyncio.AbstractEventLoop
+    clock: Callable[[], float]  # the loop's clock: a slot of `relay.Exchange`'s
     plan: Plan | None
     facts: RequestFacts | None
     route: Route | None

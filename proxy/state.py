@@ -82,8 +82,10 @@ class ProxyState:
         self.accounting_tasks: set[asyncio.Task[None]] = set()
 
     def request_began(self, task: asyncio.Task[object]) -> None:
-        self.inflight.add(task)
-        self._idle.clear()
+        inflight = self.inflight
+        if not inflight:  # (the event is set exactly while nothing is in flight)
+            self._idle.clear()
+        inflight.add(task)
         self.metrics.request_started()
 
     def request_ended(self, task: asyncio.Task[object]) -> None:

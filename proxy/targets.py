@@ -50,7 +50,8 @@ class Chooser:
 
     def can_switch(self, index: int) -> bool:
         """Would a failure of target `index` before content have somewhere else to go?"""
-        return self.next_available(index) is not None
+        # (None after the last target, or a route's only one: `next_available`'s first test)
+        return index + 1 < len(self.plan.targets) and self.next_available(index) is not None
 
     def continuation(
         self, index: int, last: Attempt, delivered_text: str, delivered_tokens: int

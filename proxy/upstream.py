@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable
 
 import aiohttp
@@ -46,7 +47,7 @@ from proxy.body_payload import BodyInSlices
 from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.request_body import RequestBody
 from proxy.upstream_checks import FramingWatch
-from proxy.upstream_connector import SENDING, AttemptHooks, Connector
+from proxy.upstream_connector import AttemptHooks, Connector
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed, map_open_error
 from proxy.upstream_request import UpstreamRequest
 from proxy.upstream_request import send as send_upstream
@@ -67,12 +68,16 @@ class UpstreamResponse:
         "content_encoding",
         "content_type",
         "headers",
+        "status",
     )
 
     def __init__(self, response: aiohttp.ClientResponse, upstream: str) -> None:
         self._response = response
         self._upstream = upstream
         self._framing = FramingWatch(response)
+        # Read several times a request: an attribute, not a property (a call each). The
+        # status of a response whose head was read never changes.
+        self.status: int = response.status
         self.headers: CIMultiDictProxy[str] = response.headers
         # aiohttp's cached parse, not `response.content_type`: that property keeps a copy of
         # the parameters on the response (~180 B under every held stream).
@@ -85,9 +90,10 @@ class UpstreamResponse:
         # never ends or fails the body: a read would wait for the next deadline. Watch the
         # close and fail a body that has not ended (detach() when done with the response).
         self._closed: asyncio.Future[None] | None = None
-        connection = response.connection
-        if connection is not None and connection.protocol is not None:
-            closed = connection.protocol.closed
+        connection = response._connection  # (what the properties read: three calls fewer)
+        protocol = connection._protocol if connection is not None else None
+        if protocol is not None:
+            closed = protocol.closed
             if closed is not None:
                 closed.add_done_callback(self._connection_closed, context=BARE_CONTEXT)
                 self._closed = closed
@@ -104,10 +110,6 @@ class UpstreamResponse:
         if self._closed is not None:
             self._closed.remove_done_callback(self._connection_closed)
             self._closed = None
-
-    @property
-    def status(self) -> int:
-        return self._response.status
 
     @property
     def reason(self) -> str | None:
@@ -191,11 +193,13 @@ class OpenAttempt:
         headers: CIMultiDict[str],
         body: RequestBody,
         on_headers_sent: Callable[[], None],
+        loop: asyncio.AbstractEventLoop,
+        clock: Callable[[], float],
     ) -> None:
         self._session = session
         self.upstream = upstream
         self._method, self._url, self._headers, self._body = method, url, headers, body
-        self._hooks = AttemptHooks(on_headers_sent, asyncio.get_running_loop())
+        self._hooks = AttemptHooks(on_headers_sent, loop, clock)
         self._response: aiohttp.ClientResponse | None = None
         self._answer: UpstreamResponse | None = None
         self.resent = False
@@ -227,21 +231,16 @@ class OpenAttempt:
     async def _send(self) -> aiohttp.ClientResponse:
         hooks = self._hooks
         hooks.reset()
-        task = asyncio.current_task()
-        assert task is not None
         body = self._body
         data: RequestBody | BodyInSlices | None = body or None
         if len(body) > _LARGE_BODY:
             # Written in slices rather than in one transport write that holds up the loop.
             data = BodyInSlices(body)
-        SENDING[task] = hooks  # removed in the finally below, whatever ends the send
-        try:
-            response = await send_upstream(
-                self._session, self._method, self._url, self._headers, data
-            )
-        finally:  # a later control call in this task (a background cancel) is not this send
-            del SENDING[task]
-        return response
+        # The hooks go with this send's request, and only with it: a later control call in
+        # this task (a background cancel) is not this send.
+        return await send_upstream(
+            self._session, self._method, self._url, self._headers, data, hooks.loop, hooks
+        )
 
     def close_now(self) -> None:
         """Close at once, from synchronous code: an answer in progress gets its FIN in this
@@ -281,8 +280,16 @@ class OpenAttempt:
 class Upstreams:
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock: Callable[[], float] = time.monotonic
 
     async def start(self) -> None:
+        # The session's loop, known once: `asyncio.get_running_loop()` is a getpid() syscall
+        # on Python 3.11, and every attempt needs the loop.
+        self._loop = loop = asyncio.get_running_loop()
+        # Its clock as `sse_stream.loop_clock` reads it: `time.monotonic` itself where
+        # `loop.time()` is asyncio's (a frame less a reading), else the loop's own.
+        self._clock = time.monotonic if type(loop).time is asyncio.BaseEventLoop.time else loop.time
         self._session = aiohttp.ClientSession(
             # limit=0: the default of 100 would queue the 101st concurrent stream.
             connector=Connector(limit=0, ttl_dns_cache=60),
@@ -317,12 +324,22 @@ class Upstreams:
         on_headers_sent: Callable[[], None],
     ) -> OpenAttempt:
         """A new attempt at `upstream` (its name, for messages); nothing is sent until start()."""
-        if self._session is None:
+        if self._session is None or self._loop is None:
             raise AttemptFailed(
                 AttemptResult.CONNECT_ERROR,
                 UpstreamUnreachable("the upstream client is not running"),
             )
-        return OpenAttempt(self._session, upstream, method, url, headers, body, on_headers_sent)
+        return OpenAttempt(
+            self._session,
+            upstream,
+            method,
+            url,
+            headers,
+            body,
+            on_headers_sent,
+            self._loop,
+            self._clock,
+        )
 
     async def post_empty(self, url: URL, headers: CIMultiDict[str]) -> tuple[int, bytes]:
         """A small control call (e.g. a background cancel): status and body."""

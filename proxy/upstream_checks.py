@@ -95,8 +95,10 @@ class FramingWatch:
         framed = (
             "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
         )
+        if framed:  # (most answers: the connection is not looked at)
+            return
         connection = response.connection
-        if framed or connection is None or connection.protocol is None:
+        if connection is None or connection.protocol is None:
             return
         closed = connection.protocol.closed
         if closed is not None:

@@ -1,6 +1,7 @@
 """The connector under `Upstreams`' session: it checks a pooled connection before reuse and
-tells the current attempt what happened on the wire during its send (`AttemptHooks`, found in
-`SENDING` by task): which transport it got, whether it was reused, when the request went out.
+tells the current attempt what happened on the wire during its send (`AttemptHooks`, carried by
+the request it connects for): which transport it got, whether it was reused, when the request
+went out.
 Those facts decide the one case where a request may be sent again (the rule, and why, is in
 proxy/upstream.py's module doc); `AttemptHooks` also resets a send's socket at once.
 """
@@ -36,10 +37,12 @@ RESEND_WINDOW_S = 0.05
 
 @dataclass(slots=True)
 class AttemptHooks:
-    """Handed to the connector (`SENDING`): what happened on the wire during one send."""
+    """Handed to the connector (as the request's `hooks`): what happened on the wire during
+    one send."""
 
     on_headers_sent: Callable[[], None]
     loop: asyncio.AbstractEventLoop
+    clock: Callable[[], float]  # the loop's (`sse_stream.loop_clock`)
     transport: asyncio.Transport | None = None  # of the current send, once connected
     reused: bool = False  # the connection came from the pool
     sent_at: float | None = None  # when the request headers were written
@@ -49,7 +52,7 @@ class AttemptHooks:
         (nothing is awaited between its connector and the write). Known here rather than from
         an aiohttp `TraceConfig`, whose signals (a dozen per request, all awaited) cost 1-2 %
         of a request's CPU for this one fact."""
-        self.sent_at = self.loop.time()
+        self.sent_at = self.clock()
         self.on_headers_sent()
 
     def reset(self) -> None:
@@ -81,23 +84,25 @@ class AttemptHooks:
             return False
         if not isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
             return False
-        return self.sent_at is None or self.loop.time() - self.sent_at <= RESEND_WINDOW_S
-
-
-# The send each task is making: lets the connector hand its transport to the attempt. Keyed
-# by task rather than held in a context variable: setting and resetting a variable leaves each
-# task's context a new mapping (~120 B) kept for as long as a stream is held.
-SENDING: dict[asyncio.Task[Any], AttemptHooks] = {}
+        return self.sent_at is None or self.clock() - self.sent_at <= RESEND_WINDOW_S
 
 
 def _closed_while_idle(transport: asyncio.BaseTransport) -> bool:
     """Part 1 of the resend rule: an idle pooled socket with anything to read (EOF, a reset,
-    stray bytes) was closed or broken by the upstream while it sat in the pool."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return True
+    stray bytes) was closed or broken by the upstream while it sat in the pool.
+
+    An asyncio selector transport's descriptor is read from the transport itself (`_sock_fd`,
+    its socket's `fileno()` while it is open, as a pooled one handed out is): not through
+    `get_extra_info` and the socket wrapper's `fileno`, two calls. Any other transport
+    (uvloop's) is asked for its socket."""
+    fd = getattr(transport, "_sock_fd", None)
+    if fd is None:
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        fd = sock.fileno()
     try:
-        readable, _, _ = select.select([sock.fileno()], [], [], 0)
+        readable, _, _ = select.select([fd], [], [], 0)
     except (OSError, ValueError):
         return True
     return bool(readable)
@@ -155,7 +160,9 @@ class Connector(aiohttp.TCPConnector):
     ) -> aiohttp.connector.Connection:
         while True:
             connection = await super().connect(req, traces, timeout)
-            protocol, transport = connection.protocol, connection.transport
+            # (aiohttp's `protocol` and `transport` properties read these: two calls fewer)
+            protocol = connection._protocol
+            transport = protocol.transport if protocol is not None else None
             reused = getattr(protocol, _USED, False)
             if reused and transport is not None and _closed_while_idle(transport):
                 log.debug("dropping a pooled upstream connection the upstream closed while idle")
@@ -164,10 +171,11 @@ class Connector(aiohttp.TCPConnector):
             break
         if protocol is not None and not reused:
             setattr(protocol, _USED, True)
-        task = asyncio.current_task()
-        hooks = SENDING.get(task) if task is not None else None
+        # The attempt's hooks ride on its request (`UpstreamRequest.hooks`; None for a control
+        # call's): no registry keyed by `asyncio.current_task()`, a getpid() syscall on 3.11.
+        hooks: AttemptHooks | None = getattr(req, "hooks", None)
         if hooks is not None:
-            hooks.transport = connection.transport
+            hooks.transport = transport
             hooks.reused = reused
             hooks.headers_going_out()
         return connection

@@ -17,17 +17,19 @@ started the work. Skipping the rest is ~4 % of a small completion's instructions
 ~58 k of ~1,460 k per request).
 
 `UpstreamRequest.send` writes a small body in the same step as the head instead of in a task
-of its own (another ~4 %: 1,105 k -> 1,059 k a completion). It uses the writer internals of
-the aiohttp it was measured on (3.14: `write_bytes`, `_get_content_length`, the writer's
-buffered head), hence pyproject's floor; tests/test_upstream_request_inline.py compares its
-bytes on the wire and its errors with aiohttp's own `send`.
+of its own (another ~4 %: 1,105 k -> 1,059 k a completion), and on an open transport in one
+transport write without `write_bytes`' three coroutines (~1.5 % more). It uses the writer
+and payload internals of the aiohttp it was measured on (3.14: `write_bytes`,
+`_get_content_length`, `_serialize_headers`, the writer's counts, `BytesPayload`'s fields),
+hence pyproject's floor; tests/test_upstream_request_inline.py compares its bytes on the
+wire, its errors and every attribute it sets with aiohttp's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import ClientOSError, ClientRequest, ClientResponse, ClientSession, hdrs
 from aiohttp.client_exceptions import ClientError, ConnectionTimeoutError
@@ -35,15 +37,20 @@ from aiohttp.client_reqrep import _CONTAINS_CONTROL_CHAR_RE
 from aiohttp.connector import Connection
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpVersion11, StreamWriter
-from aiohttp.payload import BytesPayload
+from aiohttp.http_writer import _serialize_headers
+from aiohttp.payload import TOO_LARGE_BYTES_BODY, BytesPayload
 from multidict import CIMultiDict
 from yarl import URL
+
+if TYPE_CHECKING:
+    from proxy.upstream_connector import AttemptHooks
 
 # What aiohttp must not add: read by its payload and send steps (`Content-Type`), never changed.
 _ADDED_NONE: Final[CIMultiDict[None]] = CIMultiDict(
     (name, None) for name in (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE, hdrs.USER_AGENT)
 )
 _NO_TIMER: Final = TimerNoop()
+_OCTET_STREAM: Final = "application/octet-stream"
 _BYTES: Final = (bytes, bytearray)
 # A request whose head and body together are no larger than this is written in `send` itself
 # rather than by a task of its own: aiohttp's writer drains above 64 KiB written, and an
@@ -59,6 +66,23 @@ class UpstreamRequest(ClientRequest):
     What aiohttp 3.x's own method does with a skip list of exactly these names: it adds no
     default header, and keeps the list where its payload and send steps look for it.
     tests/test_headers.py checks on the wire that nothing is added."""
+
+    # The attempt's hooks, for the connector (`Connector.connect`): set by `send`; None for a
+    # request the session builds itself (a control call).
+    hooks: AttemptHooks | None = None
+    # What aiohttp's `__init__` sets to the same value for every request the lean `__init__`
+    # builds: read from the class instead of stored on each request (aiohttp's own
+    # `__init__`, for any other request, stores its values on the request as before).
+    chunked = None
+    compress = None
+    length = None
+    _ssl = True
+    server_hostname = None
+    version = HttpVersion11
+    _skip_auto_headers = _ADDED_NONE
+    proxy = None
+    proxy_auth = None
+    proxy_headers = None
 
     def __init__(
         self,
@@ -111,30 +135,20 @@ class UpstreamRequest(ClientRequest):
         self._session = session
         self.original_url = self.url = url
         self.method = method = method.upper()
-        self.chunked = None
-        self.compress = None
         self.loop = loop
-        self.length = None
         self.response_class = ClientResponse if response_class is None else response_class
         self._timer = timer if timer is not None else TimerNoop()
-        self._ssl = True
-        self.server_hostname = None
-        self.version = HttpVersion11
         self.headers = fields = CIMultiDict[str]()
         fields[hdrs.HOST] = url.host_port_subcomponent  # type: ignore[assignment]  # absolute
         fields.extend(headers)
-        self._skip_auto_headers = _ADDED_NONE
-        self.proxy = None
-        self.proxy_auth = None
-        self.proxy_headers = None
         if data is None:
             if method not in self.GET_METHODS and hdrs.CONTENT_LENGTH not in fields:
                 fields[hdrs.CONTENT_LENGTH] = "0"
         else:
             # The registry's payload for bytes: its only header, Content-Type, is skipped.
-            self._body = body = BytesPayload(data, disposition=None)
+            self._body = _bytes_payload(data)
             if hdrs.CONTENT_LENGTH not in fields:
-                fields[hdrs.CONTENT_LENGTH] = str(body.size)
+                fields[hdrs.CONTENT_LENGTH] = str(len(data))
         self._traces = [] if traces is None else traces
 
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
@@ -147,20 +161,22 @@ class UpstreamRequest(ClientRequest):
         aiohttp writes every body in a task of its own (on Python < 3.12 the task waits for
         the next loop iteration), whose end a done callback records: two handles, a task
         step and the `_writer` bookkeeping per request. A small body's write never waits
-        (`INLINE_BODY_BYTES`), so it is written here, in the same step and by the same
-        `write_bytes` (its error handling included: a failed write is set on the protocol
-        and raised by the response's start), as aiohttp >= 3.12 does on Python >= 3.12 when
-        its eager task finishes at once; the response then has no writer to wait for.
-        Anything else takes aiohttp's own path."""
+        (`INLINE_WRITE_BYTES`), so it is written here, in the same step, as aiohttp >= 3.12
+        does on Python >= 3.12 when its eager task finishes at once; the response then has
+        no writer to wait for. On an open transport head and body go out in one write (what
+        `write_bytes` ends in, without its three coroutines); on a closing one `write_bytes`
+        itself fails it (set on the protocol, raised by the response's start), as its task
+        would. Anything else takes aiohttp's own path."""
         body = self._body
-        protocol = conn.protocol
+        protocol = conn._protocol  # (what the `protocol` property reads: a call fewer)
         assert protocol is not None
         if (
             type(body) is not BytesPayload
-            or body.size is None
-            or body.size > INLINE_WRITE_BYTES
+            or (size := body.size) is None
+            or size > INLINE_WRITE_BYTES
             or protocol.writing_paused
             or self._continue is not None
+            or self._upload_tracker is not None
             or self.chunked is not None
             or self.compress
             or self.proxy is not None
@@ -172,11 +188,27 @@ class UpstreamRequest(ClientRequest):
         writer = StreamWriter(protocol, self.loop)
         # No default Content-Type (the skip list) and no Connection header to add (HTTP/1.1
         # on a connector that keeps connections): as aiohttp's `send` decides for this case.
-        await writer.write_headers(f"{self.method} {self.url.raw_path_qs} HTTP/1.1", self.headers)
-        head = writer._headers_buf  # buffered until the body's write (one write for both)
-        if head is None or len(head) + body.size > INLINE_WRITE_BYTES:
+        # (`write_headers` without its coroutine: it only serializes and buffers the head.)
+        head = _serialize_headers(f"{self.method} {self.url.raw_path_qs} HTTP/1.1", self.headers)
+        if len(head) + size > INLINE_WRITE_BYTES:
             return await super().send(conn)  # nothing was written: aiohttp's own path
-        await self.write_bytes(writer, conn, self._get_content_length())
+        transport = protocol.transport
+        if transport is None or transport.is_closing() or self._get_content_length() != size:
+            # aiohttp's `write_bytes`, which fails such a write as its own task would (or
+            # writes the body cut to a Content-Length of the caller's).
+            writer._headers_buf, writer._headers_written = head, False
+            await self.write_bytes(writer, conn, self._get_content_length())
+        else:
+            # What `write_bytes` does for this body (`write_with_length`, `write`,
+            # `write_eof`) when the transport is open: head and body in one transport
+            # write, the writer's counts and end marked, the read timeout started; without
+            # its three coroutines. Nothing else reads the writer but the response
+            # (`output_size`).
+            data = head + body._value
+            writer._headers_written = writer._eof = True
+            writer.buffer_size = writer.output_size = len(data)
+            transport.write(data)
+            protocol.start_timeout()
         response = self.response_class(
             self.method,
             self.original_url,
@@ -193,11 +225,35 @@ class UpstreamRequest(ClientRequest):
         return response
 
 
+def _bytes_payload(data: bytes | bytearray) -> BytesPayload:
+    """`BytesPayload(data, disposition=None)`, the payload aiohttp makes for bytes, with the
+    attributes its two `__init__`s set (tests/test_upstream_request_inline.py compares them),
+    without their calls; a body over aiohttp's large-body bound gets aiohttp's own (and its
+    warning)."""
+    if len(data) > TOO_LARGE_BYTES_BODY:
+        return BytesPayload(data, disposition=None)
+    payload = BytesPayload.__new__(BytesPayload)
+    payload._encoding = None
+    payload._filename = None
+    payload._headers = CIMultiDict({hdrs.CONTENT_TYPE: _OCTET_STREAM})
+    payload._value = data  # type: ignore[assignment]  # (aiohttp's own keeps a bytearray too)
+    payload._size = len(data)
+    return payload
+
+
 async def send(
-    session: ClientSession, method: str, url: URL, headers: CIMultiDict[str], data: Any
+    session: ClientSession,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    data: Any,
+    loop: asyncio.AbstractEventLoop,
+    hooks: AttemptHooks | None = None,
 ) -> ClientResponse:
     """The request on a connection of `session`'s pool, up to the response's head (as
-    `ClientSession._request`'s own connect-and-send step, with its errors)."""
+    `ClientSession._request`'s own connect-and-send step, with its errors). `loop`: the
+    running one, passed in (`asyncio.get_running_loop()` is a getpid() syscall on 3.11);
+    `hooks`: what the connector tells the attempt (proxy/upstream_connector.py)."""
     connector = session.connector
     if connector is None or session.closed:
         raise RuntimeError("Session is closed")
@@ -206,12 +262,14 @@ async def send(
         url,
         headers=headers,
         data=data,
-        loop=asyncio.get_running_loop(),
+        loop=loop,
         response_class=ClientResponse,
         timer=_NO_TIMER,
         session=session,
         traces=_NO_TRACES,
     )
+    if hooks is not None:
+        request.hooks = hooks
     try:
         try:
             connection = await connector.connect(
@@ -219,7 +277,7 @@ async def send(
             )
         except TimeoutError as exc:
             raise ConnectionTimeoutError(f"Connection timeout to host {request.url}") from exc
-        protocol = connection.protocol
+        protocol = connection._protocol
         assert protocol is not None
         protocol.set_response_params(
             timer=_NO_TIMER,

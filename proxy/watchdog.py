@@ -106,7 +106,12 @@ class Watchdog:
 
     def stop(self) -> None:
         """Never cancel the task from now on (a kept timer stays armed for the next request)."""
-        self._alarm.release(self)
+        # `self._alarm.release(self)` inline (once a request: two calls fewer).
+        alarm = self._alarm
+        if alarm.watchdog is self:
+            alarm.watchdog = None
+        if not alarm.kept:
+            alarm.cancel()
 
     def rearm(self) -> None:
         """Re-arm if the earliest deadline is now sooner than the armed timer (or none is)."""

@@ -59,7 +59,7 @@ async def admitted(
         wall_started_at=0.0,
     )
     async with asyncio.timeout(2):  # a refusal that waits for a body nobody sends fails here
-        plan = await admit(state, req, record)
+        plan = await admit(state, req, record, asyncio.get_running_loop().time)
     return plan, record
 
 

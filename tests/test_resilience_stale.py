@@ -144,6 +144,19 @@ def test_an_idle_pooled_socket_the_peer_closed_is_seen_before_reuse() -> None:
         a.close()
 
 
+async def test_an_asyncio_transports_socket_the_peer_closed_is_seen_before_reuse() -> None:
+    """The same on asyncio's own transport (its descriptor read from the transport), before
+    the loop has read the FIN: the case the check is for."""
+    a, b = socket.socketpair()
+    transport, _ = await asyncio.get_running_loop().connect_accepted_socket(asyncio.Protocol, a)
+    try:
+        assert not _closed_while_idle(transport)
+        b.close()
+        assert _closed_while_idle(transport)  # nothing awaited: the loop has not read it
+    finally:
+        transport.close()
+
+
 class _Transport(asyncio.BaseTransport):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()

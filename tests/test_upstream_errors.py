@@ -19,7 +19,6 @@ from proxy.attempts import AttemptResult
 from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.outcome import Outcome
 from proxy.upstream import OpenAttempt, Upstreams
-from proxy.upstream_connector import SENDING
 from proxy.upstream_errors import AttemptFailed, map_open_error
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -169,32 +168,3 @@ def test_other_failures_name_only_the_exception_type(exc: Exception, message: st
     assert failed.result is AttemptResult.RESET
     assert failed.error.message == f'upstream "primary" {message}'
     assert "sk-secret" not in failed.error.message  # an exception's text never reaches a client
-
-
-@pytest.fixture
-async def never_answers() -> AsyncIterator[str]:
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.Event().wait()  # until the test's server closes
-
-    async for url in _serve(reply):
-        yield url
-
-
-async def test_no_send_stays_registered_for_the_connector_whatever_ends_it(
-    upstreams: Upstreams, silent_close: str, garbage: str, never_answers: str
-) -> None:
-    """The connector finds the current send's hooks in `SENDING`, keyed by task: each entry
-    must go when its send ends (refused, reset, garbage, cancelled), or it keeps the task."""
-    await _open_failure(upstreams, f"http://127.0.0.1:{_dead_port()}/v1/x")
-    assert SENDING == {}
-    await _open_failure(upstreams, silent_close)
-    assert SENDING == {}
-    await _open_failure(upstreams, garbage)
-    assert SENDING == {}
-    attempt = _attempt(upstreams, never_answers)
-    try:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(attempt.start(), 0.2)
-    finally:
-        await attempt.close()
-    assert SENDING == {}

@@ -29,7 +29,9 @@ async def test_a_paused_answer_is_read_to_its_end() -> None:
     session = aiohttp.ClientSession(connector=Connector(limit=0), request_class=UpstreamRequest)
     try:
         url = URL(f"http://127.0.0.1:{port}/big")
-        response = await asyncio.wait_for(send(session, "GET", url, CIMultiDict(), None), 5)
+        response = await asyncio.wait_for(
+            send(session, "GET", url, CIMultiDict(), None, asyncio.get_running_loop()), 5
+        )
         assert response.connection is not None
         protocol = response.connection.protocol
         assert type(protocol) is UpstreamProtocol

@@ -96,6 +96,19 @@ def count_aiohttp_sends(
     return calls
 
 
+def count_write_bytes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the bodies written by aiohttp's `write_bytes` (rather than `send`'s own write)."""
+    calls: list[int] = []
+    original = ClientRequest.write_bytes
+
+    async def counted(self: ClientRequest, *args: Any, **kwargs: Any) -> None:
+        calls.append(1)
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClientRequest, "write_bytes", counted)
+    return calls
+
+
 def count_aiohttp_inits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the requests built by aiohttp's own `__init__`."""
     calls: list[int] = []
@@ -110,10 +123,12 @@ def count_aiohttp_inits(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def exchange(
-    session: aiohttp.ClientSession, url: URL, body: Any
+    session: aiohttp.ClientSession, url: URL, body: Any, **more: str
 ) -> tuple[int, list[tuple[str, str]], bytes]:
-    headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": "r-1"})
-    response = await asyncio.wait_for(send(session, "POST", url, headers, body), timeout=5)
+    headers = CIMultiDict({"Content-Type": "application/json", "X-Request-Id": "r-1", **more})
+    response = await asyncio.wait_for(
+        send(session, "POST", url, headers, body, asyncio.get_running_loop()), timeout=5
+    )
     try:
         payload = await asyncio.wait_for(response.read(), timeout=5)
         return response.status, list(response.headers.items()), payload
@@ -129,12 +144,13 @@ async def test_inline_write_equals_aiohttps_send_on_the_wire(
 ) -> None:
     upstream, url, session = capture
     aiohttp_sends = count_aiohttp_sends(monkeypatch)
+    body_writes = count_write_bytes(monkeypatch)
     body = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
 
     inline = await exchange(session, url, body)
-    assert aiohttp_sends == []  # written in send itself
+    assert aiohttp_sends == [] and body_writes == []  # written by send itself, in one write
     inline_bytearray = await exchange(session, url, bytearray(body))
-    assert aiohttp_sends == []
+    assert aiohttp_sends == [] and body_writes == []
 
     monkeypatch.setattr(upstream_request, "INLINE_WRITE_BYTES", -1)  # everything to aiohttp
     general = await exchange(session, url, body)
@@ -210,20 +226,30 @@ async def test_a_failed_write_raises_what_aiohttps_send_raises(
     assert aiohttp_sends == [1]
     resendable = aiohttp.ServerDisconnectedError | aiohttp.ClientOSError
     assert isinstance(inline, resendable) and isinstance(general, resendable), (inline, general)
+    assert type(inline) is aiohttp.ClientOSError  # `write_bytes`' own error, as its task's
     assert map_open_error(inline, "u").result is map_open_error(general, "u").result
 
 
-def request_state(request: ClientRequest) -> dict[str, Any]:
-    """Everything a request holds, the payload and the headers by value."""
-    state = dict(vars(request))
+def request_state(request: ClientRequest, names: set[str]) -> dict[str, Any]:
+    """Everything a request holds (`names`: what either request stores on itself; a value
+    may come from its class), the payload and the headers by value."""
+    state = {name: getattr(request, name) for name in names}
     state["headers"] = list(request.headers.items())
     state["_body"] = body = request._body
     if body is not None:
-        state["_body"] = (type(body), body._value, body.size, list(body.headers.items()))
+        payload = {name: getattr(body, name) for name in vars(body)}
+        payload["_headers"] = list(body.headers.items())
+        state["_body"] = (type(body), payload, body._value, body.size)
     state.pop("_traces")  # a new empty list each: compared below
     if "_continue" in state:  # a new future each
         state["_continue"] = type(state["_continue"])
     return state
+
+
+def same_state(ours: ClientRequest, aiohttps: ClientRequest) -> bool:
+    names = set(vars(ours)) | set(vars(aiohttps))
+    assert ours._body is None or set(vars(ours._body)) == set(vars(aiohttps._body))
+    return request_state(ours, names) == request_state(aiohttps, names)
 
 
 @pytest.mark.parametrize(
@@ -259,7 +285,7 @@ async def test_built_as_aiohttps_init_builds_it(
     # An option, even at its default, takes aiohttp's own __init__.
     aiohttps = UpstreamRequest(method, url, headers=CIMultiDict(fields), chunked=None, **common)
     assert aiohttp_inits == [1]
-    assert request_state(ours) == request_state(aiohttps)
+    assert same_state(ours, aiohttps)
     assert ours._traces == aiohttps._traces == []
     assert next(iter(ours.headers)) == "Host"
 
@@ -285,4 +311,22 @@ async def test_host_or_expect_in_the_fields_is_aiohttps_to_build(
         "POST", url, headers=CIMultiDict(fields), session=session, chunked=None, **common
     )
     assert aiohttp_inits == [1, 1]
-    assert request_state(ours) == request_state(aiohttps)
+    assert same_state(ours, aiohttps)
+
+
+async def test_a_callers_content_length_is_written_as_aiohttp_writes_it(
+    capture: tuple[CaptureUpstream, URL, aiohttp.ClientSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Content-Length of the caller's that is not the body's size: aiohttp's `write_bytes`
+    writes the body cut to it (never the one-write path, which writes the whole body)."""
+    upstream, url, session = capture
+    body_writes = count_write_bytes(monkeypatch)
+    body = b'{"model":"m","x":"0123456789"}'
+    inline = await exchange(session, url, body, **{"Content-Length": "12"})
+    assert body_writes == [1]
+    monkeypatch.setattr(upstream_request, "INLINE_WRITE_BYTES", -1)  # everything to aiohttp
+    general = await exchange(session, url, body, **{"Content-Length": "12"})
+    assert inline == general
+    assert upstream.requests[0] == upstream.requests[1]
+    assert upstream.requests[0].endswith(b"\r\n\r\n" + body[:12])

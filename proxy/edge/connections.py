@@ -469,6 +469,18 @@ def head_size(path: str, raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
     return len(path) + 16 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
 
 
+def connection_refusal(request: web.Request) -> ProxyError | None:
+    """`probe_only_refusal(request) or oversized_head_refusal(request)`, the connection read
+    once: one in any tier but probes-only whose parsing never stopped (almost every one) gets
+    neither refusal, and neither function is called for it."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler) or (
+        protocol.tier is not TIER_PROBES_ONLY and not protocol._parsing_stopped
+    ):
+        return None
+    return probe_only_refusal(request) or oversized_head_refusal(request)
+
+
 def oversized_head_refusal(request: web.Request) -> HeadTooLarge | None:
     """431 for a request whose head passed the byte count unseen (see _check_parsed_heads)."""
     protocol = request.protocol

@@ -22,7 +22,7 @@ from aiohttp.web_urldispatcher import AbstractRoute, PlainResource, UrlMappingMa
 
 from proxy import browser, unparsed
 from proxy.browser import BrowserPolicy
-from proxy.edge.connections import oversized_head_refusal, probe_only_refusal
+from proxy.edge.connections import connection_refusal
 from proxy.refusal import refuse
 
 BROWSER_POLICY = web.AppKey("hangup_browser_policy", BrowserPolicy)
@@ -43,7 +43,7 @@ def edge_answer(request: web.Request) -> web.StreamResponse | None:
     """The answer to a request refused before routing's work, or None to serve it."""
     # A connection over connections.max_connections may only ask a probe path; a head over
     # connections.max_head_kb that the connection's byte count could not see gets 431.
-    refusal = probe_only_refusal(request) or oversized_head_refusal(request)
+    refusal = connection_refusal(request)
     if refusal is not None:
         response = refuse(request, refusal)
         response.force_close()
