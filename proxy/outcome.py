@@ -176,9 +176,11 @@ class Savings:
     billing: str = "stops"
 
 
-@dataclass(slots=True)
-class Cost:
-    """Money, in USD, from configured prices; `None` when the model has no price."""
+class Cost(msgspec.Struct, gc=False):
+    """Money, in USD, from configured prices; `None` when the model has no price.
+
+    A msgspec Struct, as `AttemptBill`: one is made for every request, in C (a dataclass's
+    generated `__init__` runs as Python)."""
 
     used_usd: float | None = None
     saved_usd: float | None = None
@@ -189,10 +191,10 @@ class Cost:
         return self.used_usd is not None
 
 
-@dataclass(slots=True)
-class AttemptBill:
+class AttemptBill(msgspec.Struct):
     """What one attempt costs (proxy/bills.py): what the provider bills for it, under its own
-    upstream's billing policy, at the price of the model sent to it.
+    upstream's billing policy, at the price of the model sent to it. A msgspec Struct: one is
+    made for every attempt, in C.
 
     usage: the attempt's billed tokens: its prompt (reported, tokenized or estimated) and the
         completion tokens it generated. Under `billing` "full" a cut attempt may be billed for
