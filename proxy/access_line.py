@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from msgspec import UNSET
@@ -209,6 +209,11 @@ def record_json_line(ts: str, error: bool, rec: RequestRecord) -> str | None:
     return _encode(_line(rec, ts, "error" if error else "info")).decode()
 
 
+_ERROR: Final = logging.ERROR
+_INFO: Final = logging.INFO
+_time: Final = time.time
+
+
 @functools.lru_cache(maxsize=8)
 def _found_in_json(secrets: Secrets) -> bool:
     """Each configured secret, where it is in a string, is in that string's JSON as it is:
@@ -223,9 +228,9 @@ def log_record(rec: RequestRecord, *, error: bool = False) -> None:
     A secret scrubber on the way (the app installs one for its configured keys) leaves the
     fields as they are when no string in them holds a secret; if one does, its JSON holds it
     too (`_found_in_json`), so a line without any is the scrubbed line."""
-    sole = _sole_writer(logging.ERROR if error else logging.INFO)
+    sole = _sole_writer(_ERROR if error else _INFO)
     if sole is not None and type(sole[0].target.formatter) is JsonFormatter:
-        now = time.time()
+        now = _time()
         line = record_json_line(_second(int(now)) + _MILLIS[int(now * 1000) % 1000], error, rec)
         if line is not None:
             for scrubber in sole[1]:

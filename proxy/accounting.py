@@ -195,13 +195,19 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
         body = exchange.json_body  # not copied: only its tail is read
         encoding = exchange.content_encoding
         if encoding is None or is_identity(encoding) or len(body) <= FULL_PARSE_MAX // 4:
-            record.seen_usage = body_usage(body, facts, encoding)
-            record.generated_tokens = record.seen_usage.completion_tokens
+            seen = record.seen_usage = body_usage(body, facts, encoding)
+            record.generated_tokens = seen.completion_tokens
+            if not exchange.drained:
+                record.delivered_tokens = record.generated_tokens
+            if record.attempts and not record.stream:  # `_answer_usage`, inline
+                answer = record.attempts[-1]
+                answer.usage = seen
+                answer.tokens_generated = record.generated_tokens
         else:
             pending_body = bytes(body)
-        if not exchange.drained:
-            record.delivered_tokens = record.generated_tokens
-        _answer_usage(record)
+            if not exchange.drained:
+                record.delivered_tokens = record.generated_tokens
+            _answer_usage(record)
     if plan is None:
         return None
     upstream = plan.route.upstream

@@ -115,7 +115,10 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
                 value = metrics._attempt_counts[per] = count(
                     metrics._attempts, (attempt.upstream, attempt.result._value_)
                 )
-            value.inc(1)
+            if type(value) is LoopValue:
+                value._value += 1  # LoopValue.inc, inline
+            else:
+                value.inc(1)
         if route not in metrics._routes:
             continue
         if attempt.reason == "fallback":
@@ -147,7 +150,10 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     # are summed over attempts (a reported answer beside an estimated hedge loser).
     parts: Sequence[Usage]
     if len(attempts) == 1 and attempts[0].bill is not None:  # the usual record: no list
-        parts = (attempts[0].bill.usage,)
+        part = attempts[0].bill.usage
+        # A reported usage (the usual one) adds to none of the three: no loop.
+        estimated = part.prompt_estimated or part.completion_estimated or part.prompt_tokenized
+        parts = (part,) if estimated else ()
     else:
         parts = [a.bill.usage for a in attempts if a.bill is not None] or [usage]
     for part in parts:
