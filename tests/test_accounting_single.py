@@ -120,13 +120,18 @@ def _chat_record(**fields: Any) -> RequestRecord:
     )
 
 
+def _usage_copy(usage: Usage) -> Usage:
+    return msgspec.structs.replace(usage)
+
+
 def _copy(record: RequestRecord) -> RequestRecord:
     """A copy sharing nothing settle writes to or reads from another record."""
     return msgspec.structs.replace(
         record,
-        seen_usage=None if record.seen_usage is None else replace(record.seen_usage),
+        seen_usage=None if record.seen_usage is None else _usage_copy(record.seen_usage),
         attempts=[
-            replace(a, usage=None if a.usage is None else replace(a.usage)) for a in record.attempts
+            replace(a, usage=None if a.usage is None else _usage_copy(a.usage))
+            for a in record.attempts
         ],
     )
 
