@@ -16,18 +16,18 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 from msgspec import UNSET
 
 from proxy.attempts import RESULT_OK
 from proxy.logs import (
-    _ACCESS_HEADS,
     _ESTIMATED,
     _MILLIS,
     _REPORTED,
     _TOKENIZED,
+    ACCESS_LOGGER,
     JsonFormatter,
     _encode,
     _ms,
@@ -60,8 +60,15 @@ class _Tokens(msgspec.Struct):
 
 
 class _Line(msgspec.Struct):
-    """`access_fields`' members in its order; those it adds only sometimes are `UNSET`."""
+    """The JSON writer's head members (as `logs._json_line` writes them: `msg` "request" has
+    nothing to redact), then `access_fields`' members in its order; those it adds only
+    sometimes are `UNSET`. The head in the Struct: the line is one encode and one decode, not
+    the encoded fields sliced, decoded and joined to the head (three copies of the line)."""
 
+    ts: Any
+    level: Any
+    logger: Any
+    msg: Any
     request_id: Any
     method: Any
     path: Any
@@ -101,8 +108,8 @@ class _Line(msgspec.Struct):
     engine_abort_ms: Any = UNSET
 
 
-def _line(rec: RequestRecord) -> _Line:
-    """`access_fields(rec)` as a `_Line` (the same values, step by step)."""
+def _line(rec: RequestRecord, ts: str, level: str) -> _Line:
+    """`access_fields(rec)` as a `_Line` (the same values, step by step), after the head."""
     started, ended, first = rec.started_at, rec.ended_at, rec.first_token_at
     duration = overhead = None
     if ended is not None:
@@ -111,6 +118,10 @@ def _line(rec: RequestRecord) -> _Line:
         if not overhead > 0.0:  # `max(0.0, overhead)`, as access_fields
             overhead = 0.0
     line = _Line(
+        ts,
+        level,
+        ACCESS_LOGGER,
+        "request",
         rec.request_id,
         rec.method,
         rec.path,
@@ -195,7 +206,12 @@ def record_json_line(ts: str, error: bool, rec: RequestRecord) -> str | None:
     ).casefold()
     if "bearer" in low or "sk-" in low or "key" in low:
         return None
-    return '{"ts":"' + ts + _ACCESS_HEADS[error] + _encode(_line(rec))[1:].decode()
+    return _encode(_line(rec, ts, "error" if error else "info")).decode()
+
+
+_ERROR: Final = logging.ERROR
+_INFO: Final = logging.INFO
+_time: Final = time.time
 
 
 @functools.lru_cache(maxsize=8)
@@ -212,9 +228,9 @@ def log_record(rec: RequestRecord, *, error: bool = False) -> None:
     A secret scrubber on the way (the app installs one for its configured keys) leaves the
     fields as they are when no string in them holds a secret; if one does, its JSON holds it
     too (`_found_in_json`), so a line without any is the scrubbed line."""
-    sole = _sole_writer(logging.ERROR if error else logging.INFO)
+    sole = _sole_writer(_ERROR if error else _INFO)
     if sole is not None and type(sole[0].target.formatter) is JsonFormatter:
-        now = time.time()
+        now = _time()
         line = record_json_line(_second(int(now)) + _MILLIS[int(now * 1000) % 1000], error, rec)
         if line is not None:
             for scrubber in sole[1]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 from multidict import CIMultiDict
 
-from proxy.attempts import Attempt
+from proxy.attempts import RESULT_OK, Attempt
 from proxy.billing import policy_for
 from proxy.bills import (
     answering_index,
@@ -38,6 +38,7 @@ from proxy.bills import (
 )
 from proxy.config import HangupConfig, RouteOptions, UpstreamConfig
 from proxy.outcome import (
+    NO_WASTE,
     OUTCOME_COMPLETED,
     AttemptBill,
     BackgroundCancel,
@@ -194,13 +195,19 @@ def seal(record: RequestRecord, exchange: Exchange, counter: PromptCounter) -> F
         body = exchange.json_body  # not copied: only its tail is read
         encoding = exchange.content_encoding
         if encoding is None or is_identity(encoding) or len(body) <= FULL_PARSE_MAX // 4:
-            record.seen_usage = body_usage(body, facts, encoding)
-            record.generated_tokens = record.seen_usage.completion_tokens
+            seen = record.seen_usage = body_usage(body, facts, encoding)
+            record.generated_tokens = seen.completion_tokens
+            if not exchange.drained:
+                record.delivered_tokens = record.generated_tokens
+            if record.attempts and not record.stream:  # `_answer_usage`, inline
+                answer = record.attempts[-1]
+                answer.usage = seen
+                answer.tokens_generated = record.generated_tokens
         else:
             pending_body = bytes(body)
-        if not exchange.drained:
-            record.delivered_tokens = record.generated_tokens
-        _answer_usage(record)
+            if not exchange.drained:
+                record.delivered_tokens = record.generated_tokens
+            _answer_usage(record)
     if plan is None:
         return None
     upstream = plan.route.upstream
@@ -301,8 +308,10 @@ class Accountant:
         Every attempt the provider bills is priced on its own (proxy/bills.py); the request's
         usage and cost are their sums. Savings of a request cut short are the answering
         attempt's, priced at its model and under its upstream's billing policy."""
-        route = self._routes.get(record.route or "")
         attempts = record.attempts
+        if len(attempts) == 1 and self._settle_usual(record, attempts[0]):
+            return
+        route = self._routes.get(record.route or "")
         model, route_name = record.model, record.route or ""
         answer: int | None
         answering: Attempt | None
@@ -370,6 +379,58 @@ class Accountant:
             record.cost = self._cost_single(record, answering)
         else:
             record.cost = self._cost(record, answering)
+
+    def _settle_usual(self, record: RequestRecord, attempt: Attempt) -> bool:
+        """`settle` of the usual record in one step, or False (nothing done) for any other:
+        a completed request whose one attempt answered (`ok`, status < 400: billed) and was
+        delivered, with the prompt reported (neither estimated nor tokenized), nothing cut
+        (no savings). Its bill is its reported usage as it is (`counts_of` would copy it with
+        the same fields, and `_bill_single`'s sum of one bill is that again): the record's
+        usage, the attempt's usage and its bill's share one `Usage`, which nothing changes
+        after settling. No waste (the shared empty mapping), the typical length learned
+        where `settle` learns it, the cost as `_cost_single` makes it.
+        tests/test_accounting_single.py checks this against the general way."""
+        seen = attempt.usage
+        status = attempt.status
+        if (
+            seen is None
+            or seen.prompt_estimated
+            or seen.prompt_tokenized
+            or status is None
+            or status >= 400
+            or attempt.result is not RESULT_OK
+            or not attempt.delivered
+            or record.outcome is not OUTCOME_COMPLETED
+            or record.savings is not None
+        ):
+            return False
+        model = attempt.model or record.model
+        bill = AttemptBill(seen, self._billing.get((attempt.upstream, record.stream), "full"))
+        used = None
+        if seen.prompt_tokens + seen.completion_tokens > 0:  # `total_tokens`, no property
+            used = bill.used_usd = self.prices.used_usd(model, seen)
+        attempt.bill = bill
+        record.waste = NO_WASTE
+        record.usage = seen
+        route_name = record.route or ""
+        upstream_status = record.upstream_status
+        if (
+            upstream_status is not None
+            and upstream_status < 300
+            and record.endpoint in _GENERATING
+            and record.sent_upstream
+            and attempt.reason != "continue"
+            and route_name in self._routes
+            and attempt.upstream in self._upstreams
+        ):
+            self.typical.observe(route_name, record.model, seen.completion_tokens)
+        if used is not None:
+            record.cost = Cost(0 + used, 0.0, 0.0)  # 0 +: as `sum` adds
+        elif self.prices.price(model) is None:
+            record.cost = Cost()
+        else:
+            record.cost = Cost(0.0, 0.0, 0.0)
+        return True
 
     def _cost_single(self, record: RequestRecord, answering: Attempt) -> Cost:
         """`_cost` of the usual record (its one attempt delivered, billed by `_bill_single`,

@@ -277,12 +277,14 @@ _REPORTED: Final = CountSource.REPORTED.value
 
 
 # `round(ms, 3)` takes ~0.3 us (a correctly rounded decimal conversion and back), twice a line.
-# Away from a tie, it is `round(ms * 1000) / 1000`: the exact product's nearest integer is the
-# float product's when the float is further than its rounding error (< 2**-13 below 2**40)
-# from a half, and int / int is the nearest float to the quotient, as `round` returns it. Ties,
-# zero (round keeps -0.0), huge or odd values take `round` itself. tests/test_logs_fields.py.
-_EXACT_BELOW: Final = 2.0**40
-_NOT_NEAR_A_TIE: Final = 0.4998
+# Away from a tie, it is `n / 1000` with n the nearest integer to the exact `ms * 1000`: the
+# float product is within its rounding error (< 2**-13 below 2**40) of the exact one, so when
+# the float is further than that from a half, its nearest integer is the exact product's; and
+# int / int is the nearest float to the quotient, as `round` returns it. For a positive float
+# below 2**40, `% 1.0` is exact (C's fmod) and so is `scaled - frac` (its floor), which gives
+# that integer without `round` and `abs` (two builtin calls): `n / 1000` with n a float equal
+# to the integer is the same division. Ties, zero and negatives (round keeps -0.0), huge or
+# odd values take `round` itself. tests/test_logs_fields.py.
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -291,10 +293,12 @@ def _ms(seconds: float | None) -> float | None:
         return None
     ms = seconds * 1000
     scaled = ms * 1000
-    if -_EXACT_BELOW < scaled < _EXACT_BELOW:  # also False for NaN
-        n = round(scaled)
-        if n and abs(scaled - n) < _NOT_NEAR_A_TIE:
-            return n / 1000
+    if 0.0 < scaled < 1099511627776.0:  # 2.0**40, a literal (no global); False for NaN
+        frac = scaled % 1.0
+        if frac < 0.4998:  # the nearest integer is the floor (0.0 below 0.4998: as round)
+            return (scaled - frac) / 1000
+        if frac > 0.5002:
+            return (scaled - frac + 1.0) / 1000
     return round(ms, 3)
 
 

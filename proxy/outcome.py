@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import FrozenInstanceError, dataclass, fields
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
@@ -122,12 +122,14 @@ class EngineAbort(enum.StrEnum):
     UNSUPPORTED = "unsupported"  # the upstream has no such endpoint (404/405): not called again
 
 
-@dataclass(slots=True)
-class Usage:
+class Usage(msgspec.Struct, gc=False):
     """Token counts of one request; each figure knows how it was obtained.
 
     `*_estimated` says a heuristic made the figure; `prompt_tokenized` says a tokenizer counted
     the prompt (then `prompt_estimated` is False). Neither: the upstream reported it.
+
+    A msgspec Struct (counts and flags only: not tracked by the garbage collector): one or two
+    are made for every request, in C (a dataclass's generated `__init__` runs as Python).
     """
 
     prompt_tokens: int = 0
@@ -176,9 +178,11 @@ class Savings:
     billing: str = "stops"
 
 
-@dataclass(slots=True)
-class Cost:
-    """Money, in USD, from configured prices; `None` when the model has no price."""
+class Cost(msgspec.Struct, gc=False):
+    """Money, in USD, from configured prices; `None` when the model has no price.
+
+    A msgspec Struct, as `AttemptBill`: one is made for every request, in C (a dataclass's
+    generated `__init__` runs as Python)."""
 
     used_usd: float | None = None
     saved_usd: float | None = None
@@ -189,10 +193,10 @@ class Cost:
         return self.used_usd is not None
 
 
-@dataclass(slots=True)
-class AttemptBill:
+class AttemptBill(msgspec.Struct):
     """What one attempt costs (proxy/bills.py): what the provider bills for it, under its own
-    upstream's billing policy, at the price of the model sent to it.
+    upstream's billing policy, at the price of the model sent to it. A msgspec Struct: one is
+    made for every attempt, in C.
 
     usage: the attempt's billed tokens: its prompt (reported, tokenized or estimated) and the
         completion tokens it generated. Under `billing` "full" a cut attempt may be billed for
@@ -229,28 +233,16 @@ class Waste:
         return self.prompt_tokens + self.completion_tokens
 
 
-class _NoUsage(Usage):
-    """The usage of a record not yet settled: all zero, one shared instance, immutable.
-    `Accountant.settle` gives every record a `Usage` of its own; until then this one stands,
-    rather than a `Usage()` made (by a default factory) for every request and thrown away."""
-
-    __slots__ = ()
-    __hash__ = object.__hash__  # a dataclass default must be hashable
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise FrozenInstanceError(
-            f"NO_USAGE is shared: set a record's usage to a new Usage ({name})"
-        )
+# msgspec allows a frozen Struct to subclass a mutable one (tests/test_outcome.py checks the
+# instance refuses writes); mypy's dataclass rules do not know that.
+class _NoUsage(Usage, frozen=True):  # type: ignore[misc]
+    """The usage of a record not yet settled: all zero, one shared instance, immutable (a
+    write raises AttributeError). `Accountant.settle` gives every record a `Usage` of its own;
+    until then this one stands, rather than a `Usage()` made (by a default factory) for every
+    request and thrown away. Frozen, so a Struct's field takes it as its default."""
 
 
-def _no_usage() -> Usage:
-    empty = object.__new__(_NoUsage)
-    for f in fields(Usage):
-        object.__setattr__(empty, f.name, f.default)
-    return empty
-
-
-NO_USAGE: Final[Usage] = _no_usage()
+NO_USAGE: Final[Usage] = _NoUsage()
 
 
 # A record's waste until its attempts are billed (`proxy.bills.bill_attempts` sets a new dict):

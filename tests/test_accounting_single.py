@@ -1,8 +1,9 @@
-"""`Accountant.settle`'s way for the usual record (one attempt, delivered: `_bill_single`)
-settles it as the general way (`_bill`: proxy/bills.py `bill_attempts` and `sum_usage`) does.
+"""`Accountant.settle`'s ways for the usual record (one attempt, delivered: `_bill_single`;
+completed with its usage reported: `_settle_usual`) settle it as the general way (`_bill`:
+proxy/bills.py `bill_attempts` and `sum_usage`) does.
 
 Two accountants of one config settle the same generated records in the same order (so their
-history of typical lengths stays the same); one of them has its single-attempt way replaced by
+history of typical lengths stays the same); one of them has its single-attempt ways replaced by
 the general one. Every field of every record (usage, savings, cost, waste, each attempt's
 bill) must come out equal. Records: every outcome, endpoint, status, usage reported or
 estimated or tokenized, configured or unknown upstreams and routes, priced or unpriced
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from proxy.accounting import Accountant
 from proxy.attempts import Attempt, AttemptResult
-from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, Usage
+from proxy.outcome import BackgroundCancel, Outcome, RequestRecord, Savings, Usage
 from tests.support import config_from
 
 _CONFIG = config_from(
@@ -119,13 +120,18 @@ def _chat_record(**fields: Any) -> RequestRecord:
     )
 
 
+def _usage_copy(usage: Usage) -> Usage:
+    return msgspec.structs.replace(usage)
+
+
 def _copy(record: RequestRecord) -> RequestRecord:
     """A copy sharing nothing settle writes to or reads from another record."""
     return msgspec.structs.replace(
         record,
-        seen_usage=None if record.seen_usage is None else replace(record.seen_usage),
+        seen_usage=None if record.seen_usage is None else _usage_copy(record.seen_usage),
         attempts=[
-            replace(a, usage=None if a.usage is None else replace(a.usage)) for a in record.attempts
+            replace(a, usage=None if a.usage is None else _usage_copy(a.usage))
+            for a in record.attempts
         ],
     )
 
@@ -136,8 +142,12 @@ def _general() -> Accountant:
     def general(record: RequestRecord, attempt: Attempt) -> None:
         accountant._bill(record, accountant._routes.get(record.route or ""))
 
+    def not_usual(record: RequestRecord, attempt: Attempt) -> bool:
+        return False
+
     accountant._bill_single = general  # type: ignore[method-assign]
     accountant._cost_single = accountant._cost  # type: ignore[method-assign]
+    accountant._settle_usual = not_usual  # type: ignore[method-assign]
     return accountant
 
 
@@ -200,3 +210,101 @@ def test_a_continued_answer_teaches_no_typical_length_either_way() -> None:
             )
             accountant.settle(record)
         assert list(accountant.typical._lengths.items()) == [(("hosted", "m"), deque([16]))]
+
+
+# Records close to the usual one (`_settle_usual`'s): completed, one attempt, delivered, `ok`,
+# status < 400, its usage reported, nothing cut: each mostly so (about one record in ten has
+# all of them) and each sometimes otherwise, with everything else varied.
+_known = st.sampled_from(["hosted", "hosted", "groq", "gpu", "set", "unknown", ""])
+_usual_attempt = st.builds(
+    Attempt,
+    upstream=_known,
+    model=_models,
+    started_at=st.just(0.0),
+    reason=st.sampled_from(["primary", "primary", "retry", "fallback", "continue", "continue"]),
+    status=st.sampled_from([200] * 6 + [206, 299, 300, 399, 400, 404, 500, None]),
+    result=st.sampled_from([AttemptResult.OK] * 20 + [*AttemptResult, None]),
+    tokens_generated=_count,
+    delivered=st.sampled_from([True] * 4 + [False]),
+    usage=st.sampled_from([True] * 7 + [False]).flatmap(
+        lambda reported: (
+            st.builds(
+                Usage,
+                prompt_tokens=_count | st.just(0),
+                completion_tokens=_count | st.just(0),
+                cached_tokens=_count,
+                reasoning_tokens=_count,
+                prompt_estimated=st.sampled_from([False] * 4 + [True]),
+                completion_estimated=st.booleans(),
+                prompt_tokenized=st.sampled_from([False] * 4 + [True]),
+            )
+            if reported
+            else st.none()
+        )
+    ),
+)
+
+
+@st.composite
+def _usual_records(draw: st.DrawFn) -> RequestRecord:
+    attempt = draw(_usual_attempt)
+    return _chat_record(
+        route=draw(_known),
+        upstream=draw(_names),
+        model=draw(_models),
+        endpoint=draw(
+            st.sampled_from(["chat.completions"] * 3 + ["responses", "embeddings", "other"])
+        ),
+        stream=draw(st.booleans()),
+        status=draw(st.sampled_from([200, 502, None])),
+        upstream_status=draw(st.sampled_from([200, 200, 200, 299, 300, 400, 500, None])),
+        outcome=draw(st.sampled_from([Outcome.COMPLETED] * 10 + list(Outcome))),
+        sent_upstream=draw(st.sampled_from([True] * 4 + [False])),
+        max_tokens=draw(st.none() | st.integers(1, 4000)),
+        prompt_estimate=draw(_count),
+        seen_usage=attempt.usage,
+        generated_tokens=draw(_count),
+        prompt_tokenized=draw(st.none() | _count),
+        savings=draw(st.sampled_from([None] * 4 + [Savings(tokens_saved=5)])),
+        attempts=[attempt],
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_usual_records(), min_size=1, max_size=30))
+def test_the_usual_way_settles_as_the_general_one(records: list[RequestRecord]) -> None:
+    fast, general = Accountant(_CONFIG), _general()
+    for record in records:
+        mine, theirs = _copy(record), _copy(record)
+        fast.settle(mine)
+        general.settle(theirs)
+        assert mine == theirs
+    assert fast.typical._lengths == general.typical._lengths
+
+
+def test_the_usual_record_is_settled_in_one_step() -> None:
+    """Not vacuous: the usual completion takes `_settle_usual` (no `_bill_single`), and its
+    record's usage is the attempt's reported one, shared."""
+    accountant = Accountant(_CONFIG)
+
+    def no_single(record: RequestRecord, attempt: Attempt) -> None:
+        raise AssertionError("the single-attempt way was taken")
+
+    accountant._bill_single = no_single  # type: ignore[method-assign]
+    usage = Usage(prompt_tokens=14, completion_tokens=16)
+    attempt = Attempt("hosted", "m", 0.0, status=200, result=AttemptResult.OK, delivered=True)
+    attempt.usage = usage
+    record = _chat_record(
+        route="hosted",
+        model="m",
+        endpoint="chat.completions",
+        upstream_status=200,
+        outcome=Outcome.COMPLETED,
+        sent_upstream=True,
+        seen_usage=usage,
+        attempts=[attempt],
+    )
+    accountant.settle(record)
+    assert record.usage is usage and attempt.bill is not None and attempt.bill.usage is usage
+    assert record.cost is not None and record.cost.used_usd == (14 * 2.5 + 16 * 10.0) / 1e6
+    assert list(accountant.typical._lengths.items()) == [(("hosted", "m"), deque([16]))]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields, replace
 
+import msgspec
 import pytest
 
 from proxy.attempts import Attempt, AttemptResult
@@ -127,11 +127,11 @@ def test_counts_of_is_replace_without_tokenized() -> None:
     for flag in (False, True):
         values: dict[str, object] = {
             f.name: (flag if isinstance(f.default, bool) else i + 1)
-            for i, f in enumerate(fields(Usage))
+            for i, f in enumerate(msgspec.structs.fields(Usage))
         }
         seen = Usage(**values)  # type: ignore[arg-type]
         copy = counts_of(seen)
-        assert copy == replace(seen, prompt_tokenized=False)
+        assert copy == msgspec.structs.replace(seen, prompt_tokenized=False)
         assert copy is not seen
 
 

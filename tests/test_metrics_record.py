@@ -214,3 +214,20 @@ def test_the_usual_record_is_among_the_compared() -> None:
     text = _scrape([record], Metrics.request_finished)
     assert text == _scrape([record], _reference)
     assert b"hangup_cost_usd_total{" in text and b"hangup_cached_tokens_total{" in text
+
+
+def test_durations_on_the_bucket_bounds_scrape_as_the_general_way() -> None:
+    """The duration and overhead histograms' inline observation (`LoopBuckets.observe`, done in
+    `request_finished`) puts an amount equal to a bound in that bound's bucket, and NaN in
+    none, as the method does: durations and overheads exactly on every bound (generated
+    floats never are)."""
+    amounts = [*schema.DURATION_BUCKETS, *schema.OVERHEAD_BUCKETS, 0.0, -0.0, float("inf")]
+    amounts.append(float("nan"))
+    records = [
+        make_record(started_at=0.0, ended_at=amount, upstream_wait_s=0.0, client_wait_s=0.0)
+        for amount in amounts
+    ]
+    text = _scrape(records, Metrics.request_finished)
+    assert text == _scrape(records, _reference)
+    # 0.0001 itself, 0.0, -0.0 and NaN's overhead (0.0, as `max(0.0, nan)`)
+    assert b'hangup_overhead_seconds_bucket{le="0.0001",route="chat"} 4.0' in text

@@ -131,13 +131,19 @@ def test_a_new_record_holds_its_defaults_and_shares_nothing_it_writes() -> None:
     record's own, the shared empties (`NO_USAGE`, `NO_WASTE`) refuse writes, and no other
     attribute can be set."""
     from proxy.attempts import Attempt
-    from proxy.outcome import NO_USAGE, NO_WASTE
+    from proxy.outcome import NO_USAGE, NO_WASTE, Waste
 
     a, b = record(), record()
     assert a == b and a is not b
     a.attempts.append(Attempt("up", "m", 0.0))
     assert b.attempts == [] and a != b
     assert b.usage is NO_USAGE and b.waste is NO_WASTE and b.savings is None
+    with pytest.raises(AttributeError):
+        NO_USAGE.prompt_tokens = 1
+    with pytest.raises(TypeError):
+        NO_WASTE["hedge"] = Waste()  # type: ignore[index]
+    assert (NO_USAGE.prompt_tokens, NO_USAGE.completion_tokens, NO_USAGE.total_tokens) == (0, 0, 0)
+    assert not (NO_USAGE.prompt_estimated or NO_USAGE.prompt_tokenized)
     assert (b.endpoint, b.stream, b.upstream_wait_s, b.stream_terminated) == (
         "other",
         False,

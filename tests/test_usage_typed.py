@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bench.fake_upstream import chat_body
-from proxy.usage.body import TAIL_BYTES, body_usage, tail_usage
+from proxy.usage import body as body_module
+from proxy.usage.body import TAIL_BYTES, _usual_usage, body_usage, tail_usage
 from proxy.usage.facts import inspect_request
 from proxy.usage.reported import UNREAD, Reported, parse_usage, read_usage_at
 
@@ -245,3 +246,130 @@ def test_the_usual_usage_is_read_in_one_look() -> None:
     with pytest.raises(AssertionError, match="walked"):
         read_usage_at(_NoCount(flat), 9)
     assert read_usage_at(flat, 9) == Reported(1, 2, None, None)
+
+
+# Usage objects that report both counts (most of them in range), with any details, as the
+# last member of the answer or followed by others: the answers `body_usage`'s one look reads.
+_both = st.fixed_dictionaries(
+    {
+        "prompt_tokens": st.sampled_from([True] * 3 + [False]).flatmap(
+            lambda usual: st.integers(0, 50) if usual else _int
+        ),
+        "completion_tokens": st.sampled_from([True] * 3 + [False]).flatmap(
+            lambda usual: st.integers(0, 50) if usual else _int
+        ),
+    },
+    optional={
+        "total_tokens": _count,
+        "input_tokens": _int,
+        "output_tokens": _int,
+        "prompt_tokens_details": _details_of(_int) | st.none() | _json,
+        "input_tokens_details": _details_of(_int) | st.none(),
+        "completion_tokens_details": _details_of(_int) | st.none() | _json,
+        "output_tokens_details": _details_of(_int) | st.none(),
+    },
+)
+
+
+@st.composite
+def _usual_answers(draw: st.DrawFn) -> bytes:
+    usage = draw(_both)
+    answer: dict[str, Any] = {"id": draw(_text), "choices": [], "usage": usage}
+    for name in draw(st.lists(st.sampled_from(["system_fingerprint", "x", "usage2"]), max_size=2)):
+        answer[name] = draw(_json)
+    if draw(st.sampled_from([False, False, True])):  # nested in another object, or not
+        answer = {"response": answer, **({"after": 1} if draw(st.booleans()) else {})}
+    text = json.dumps(
+        answer,
+        ensure_ascii=draw(st.booleans()),
+        separators=draw(st.sampled_from([(",", ":"), (",", ":"), (", ", ": ")])),
+    )
+    text += draw(st.sampled_from(["", "", "", "\n", " ", "x", "}"]))
+    raw = text.encode()
+    if draw(st.sampled_from([False] * 5 + [True])):  # cut short
+        raw = raw[: draw(st.integers(0, len(raw)))]
+    return raw
+
+
+_CHAT_FACTS = inspect_request(
+    "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
+)
+_EMBEDDING_FACTS = inspect_request("/v1/embeddings", {"input": "hello"})
+
+
+@settings(max_examples=1500, deadline=None)
+@given(_usual_answers() | _answers(), st.booleans())
+def test_the_usual_usage_is_the_general_ways(body: bytes, embeddings: bool) -> None:
+    """`body_usage`'s one look (`_usual_usage`) gives what its general way gives: the general
+    way is `body_usage` with `identity` as the content encoding (no look: decoded as it is)."""
+    facts = _EMBEDDING_FACTS if embeddings else _CHAT_FACTS
+    general = body_usage(body, facts, "identity")
+    assert body_usage(body, facts, None) == general
+    assert body_usage(bytearray(body), facts, None) == general
+    usual = _usual_usage(body)
+    assert usual is None or usual == general
+
+
+def test_the_usual_answers_take_the_one_look(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous: OpenAI's and llama.cpp's chat answers are read by `_usual_usage`, without
+    `tail_usage`; a usage nested in another object, or without a count, is not."""
+
+    def no_tail(*args: object) -> None:
+        raise AssertionError("tail_usage was called")
+
+    monkeypatch.setattr(body_module, "tail_usage", no_tail)
+    for body in [chat_body(), (FIXTURES / "llama-cpp" / "chat.json").read_bytes()]:
+        usage = json.loads(body)["usage"]
+        found = body_usage(body, _CHAT_FACTS, None)
+        assert (found.prompt_tokens, found.completion_tokens) == (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        )
+        assert not found.prompt_estimated and not found.completion_estimated
+    assert _usual_usage(b'{"a":{"usage":{"prompt_tokens":1,"completion_tokens":2}},"b":1}') is None
+    assert _usual_usage(b'{"a":1,"usage":{"prompt_tokens":1}}') is None
+
+
+@pytest.mark.parametrize(
+    ("usage", "one_look"),
+    [
+        ('{"prompt_tokens":3,"completion_tokens":4}', True),
+        (
+            '{"prompt_tokens":3,"completion_tokens":4,"input_tokens_details":{"cached_tokens":2}}',
+            True,
+        ),
+        (
+            '{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"audio_tokens":1},'
+            '"input_tokens_details":{"cached_tokens":2}}',
+            True,
+        ),
+        (
+            '{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":null,'
+            '"input_tokens_details":{"cached_tokens":2},"output_tokens_details":{"reasoning_tokens":1}}',
+            True,
+        ),
+        (
+            '{"prompt_tokens":3,"completion_tokens":4,"completion_tokens_details":{},'
+            '"output_tokens_details":{"reasoning_tokens":1}}',
+            True,
+        ),
+        (
+            '{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":1},'
+            '"input_tokens_details":{"cached_tokens":2}}',
+            True,
+        ),
+        ('{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":[1]}', False),
+        (
+            '{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":-1}}',
+            False,
+        ),
+        ('{"input_tokens":3,"output_tokens":4}', False),
+    ],
+)
+def test_the_usual_usage_reads_each_details_object_as_the_general_way(
+    usage: str, one_look: bool
+) -> None:
+    body = ('{"id":"x","usage":' + usage + ',"system_fingerprint":"fp"}').encode()
+    general = body_usage(body, _CHAT_FACTS, "identity")
+    assert body_usage(body, _CHAT_FACTS, None) == general
+    assert _usual_usage(body) == (general if one_look else None)

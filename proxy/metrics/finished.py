@@ -6,6 +6,7 @@ per-label-set series cache (`_Finished`)."""
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -13,7 +14,7 @@ from proxy.outcome import RequestRecord, Usage
 
 from . import schema
 from .labels import CLASS_OF_STATUS, NONE
-from .loopvalue import LoopValue
+from .loopvalue import LoopBuckets, LoopValue
 
 if TYPE_CHECKING:
     from .facade import Metrics
@@ -114,7 +115,10 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
                 value = metrics._attempt_counts[per] = count(
                     metrics._attempts, (attempt.upstream, attempt.result._value_)
                 )
-            value.inc(1)
+            if type(value) is LoopValue:
+                value._value += 1  # LoopValue.inc, inline
+            else:
+                value.inc(1)
         if route not in metrics._routes:
             continue
         if attempt.reason == "fallback":
@@ -146,7 +150,10 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     # are summed over attempts (a reported answer beside an estimated hedge loser).
     parts: Sequence[Usage]
     if len(attempts) == 1 and attempts[0].bill is not None:  # the usual record: no list
-        parts = (attempts[0].bill.usage,)
+        part = attempts[0].bill.usage
+        # A reported usage (the usual one) adds to none of the three: no loop.
+        estimated = part.prompt_estimated or part.completion_estimated or part.prompt_tokenized
+        parts = (part,) if estimated else ()
     else:
         parts = [a.bill.usage for a in attempts if a.bill is not None] or [usage]
     for part in parts:
@@ -156,7 +163,7 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             metrics._add(metrics._tokens_estimated, (*rm, "completion"), part.completion_tokens)
         if part.prompt_tokenized:
             metrics._add(metrics._tokens_tokenized, rm, part.prompt_tokens)
-    if route in metrics._routes:
+    if record.waste and route in metrics._routes:  # most records have no waste: no `items`
         for reason, waste in record.waste.items():
             metrics._add(metrics._waste_tokens, (route, reason, "prompt"), waste.prompt_tokens)
             metrics._add(
@@ -193,16 +200,29 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     ):
         if common.unpriced is None:
             common.unpriced = count(metrics._unpriced, rm)
-        common.unpriced.inc(1)
+        if inplace and type(common.unpriced) is LoopValue:
+            common.unpriced._value += 1  # LoopValue.inc, inline
+        else:
+            common.unpriced.inc(1)
 
     # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
     # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
+    # A `LoopBuckets`' `observe` is done here, inline (a call less an observation): the same
+    # sum and the same bucket (the first whose bound is >= the amount; none for NaN).
     ended = record.ended_at
     if ended is not None:
         duration = ended - record.started_at
-        if common.duration is None:
-            common.duration = metrics._buckets_of(metrics._duration, (route, outcome))
-        common.duration.observe(duration)
+        buckets = common.duration
+        if buckets is None:
+            buckets = common.duration = metrics._buckets_of(metrics._duration, (route, outcome))
+        if type(buckets) is LoopBuckets:
+            buckets._sum._value += duration  # a LoopValue (buckets_of)
+            bounds = buckets._bounds
+            i = bisect_left(bounds, duration)
+            if i < len(bounds) and duration <= bounds[i]:
+                buckets._buckets[i]._value += 1
+        else:
+            buckets.observe(duration)
     if record.first_token_at is not None:
         if common.ttft is None:
             common.ttft = metrics._buckets_of(metrics._ttft, rm)
@@ -213,8 +233,16 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         # arguments): the same value for NaN and -0.0 too (both give 0.0).
         if not overhead > 0.0:
             overhead = 0.0
-        if common.overhead is None:
-            common.overhead = metrics._buckets_of(metrics._overhead, (route,))
-        common.overhead.observe(overhead)
+        buckets = common.overhead
+        if buckets is None:
+            buckets = common.overhead = metrics._buckets_of(metrics._overhead, (route,))
+        if type(buckets) is LoopBuckets:
+            buckets._sum._value += overhead
+            bounds = buckets._bounds
+            i = bisect_left(bounds, overhead)
+            if i < len(bounds) and overhead <= bounds[i]:
+                buckets._buckets[i]._value += 1
+        else:
+            buckets.observe(overhead)
     if record.client_gone_at is not None and record.upstream_closed_at is not None:
         metrics._observe(metrics._cancel_propagation, (route,), record.cancel_propagation_s)

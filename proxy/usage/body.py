@@ -10,7 +10,13 @@ from typing import Any, Final
 from proxy.outcome import Usage
 from proxy.usage.facts import Endpoint, RequestFacts
 from proxy.usage.prompt import CHARS_PER_TOKEN, Tally
-from proxy.usage.reported import UNREAD, Reported, parse_usage, read_usage_at
+from proxy.usage.reported import (
+    UNREAD,
+    Reported,
+    parse_usage,
+    read_last_member,
+    read_usage_at,
+)
 from proxy.usage.stream import delta_chars
 
 _MAX_DECODED_BODY: Final = 64 * 1024 * 1024
@@ -141,6 +147,10 @@ def body_usage(body: bytes | bytearray, facts: RequestFacts, content_encoding: s
     Embeddings generate nothing, so 0 completion is exact. Compressed bodies must be decoded
     first (`decode_body`, off the event loop for large ones).
     """
+    if content_encoding is None:  # most answers: the usual usage read in one look
+        usage = _usual_usage(body)
+        if usage is not None:
+            return usage
     no_completion = facts.endpoint == "embeddings"
     decoded = _decode(body, content_encoding)
     if decoded is None:
@@ -175,6 +185,37 @@ def body_usage(body: bytes | bytearray, facts: RequestFacts, content_encoding: s
         r.prompt is None,  # prompt_estimated
         completion_estimated,
     )
+
+
+def _usual_usage(body: bytes | bytearray) -> Usage | None:
+    """`body_usage` of an uncompressed answer whose last usage object, a member of the object
+    that ends the body, reports both counts (the usual answer), or None (then the general way
+    decides). The candidate `tail_usage` tries first, decoded with the rest of the body
+    (`read_last_member`: no look for the object's end, no `Reported`), and the `Usage` built
+    from it as `body_usage` builds it from `tail_usage`'s reading. tests/test_usage_typed.py
+    checks this against the general way."""
+    start = len(body) - TAIL_BYTES
+    if start < 0:
+        start = 0
+    i = body.rfind(_USAGE_KEY, start)
+    if i <= start or body[i - 1] not in b",{" or body[i + 7 : i + 9] != b":{":
+        return None
+    usage = read_last_member(body, i)
+    if usage is None:
+        return None
+    prompt = usage.prompt_tokens
+    completion = usage.completion_tokens
+    if prompt is None or completion is None:  # Responses' names, or a count missing
+        return None
+    details = usage.prompt_tokens_details
+    cached = None if details is None else details.cached_tokens
+    if cached is None and (details := usage.input_tokens_details) is not None:
+        cached = details.cached_tokens
+    details = usage.completion_tokens_details
+    reasoning = None if details is None else details.reasoning_tokens
+    if reasoning is None and (details := usage.output_tokens_details) is not None:
+        reasoning = details.reasoning_tokens
+    return Usage(prompt, completion, cached or 0, reasoning or 0, False, False)
 
 
 def _estimate(facts: RequestFacts, *, completion: int | None) -> Usage:

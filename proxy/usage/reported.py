@@ -132,6 +132,32 @@ class _Usage(msgspec.Struct, gc=False):
 
 
 _decode_usage: Final = msgspec.json.Decoder(_Usage).decode
+
+
+class _Tail(msgspec.Struct, gc=False):
+    """An object's members from its `usage` on (`read_last_member`); the rest are skipped."""
+
+    usage: _Usage | None = None
+
+
+_decode_tail: Final = msgspec.json.Decoder(_Tail).decode
+_READ_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
+def read_last_member(body: bytes | bytearray, at: int) -> _Usage | None:
+    """The usage object whose member name `"usage"` opens at `body[at]`, read without looking
+    for the object's end, when it is a member of the object that ends the body (the usual
+    answer: `...,"usage":{...},"system_fingerprint":"..."}`): then `{` and the body from `at`
+    on are one JSON object, decoded in one step (the members after `usage` skipped). None when
+    they are not (nested usage, bytes after the object, not strict JSON, a count the typed
+    decoder refuses): the caller reads it the general way. The object read is the one
+    `read_usage_at(body, at + 8)` reads, by the same typed decoder."""
+    try:
+        return _decode_tail(b"{" + body[at:]).usage
+    except _READ_ERRORS:
+        return None
+
+
 # An object nested deeper than this in a usage object is read by the general way.
 _MAX_NESTED: Final = 16
 UNREAD: Final = Reported(None, None, None, None)  # `read_usage_at` could not decide
