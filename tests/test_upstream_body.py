@@ -263,7 +263,10 @@ async def test_chunks_aiohttp_buffered_before_the_swap_are_read_whole() -> None:
         url = URL(f"http://127.0.0.1:{server.port}/v1/x")
         session = upstreams._session
         with no_lean_body():
-            response = await asyncio.wait_for(send(session, "GET", url, CIMultiDict(), None), 5)
+            loop = asyncio.get_running_loop()
+            response = await asyncio.wait_for(
+                send(session, "GET", url, CIMultiDict(), None, loop), 5
+            )
             content = response.content
             assert type(content) is StreamReader
             assert response.connection is not None
