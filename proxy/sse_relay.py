@@ -282,19 +282,24 @@ class SSERelay(ClientWrites, LargeEventRelay):
         return False
 
     def take_steady(self, chunk: bytes) -> bool:
-        """A read the waiting pump would take next, offered by its reader: relayed now (True)
+        """A read the waiting pump would take next, offered by its reader: taken now (True)
         when it is the usual read of a steady stream (`feed_shaped` takes it) and the client's
         writer takes it without a wait; else False with nothing changed, and the pump relays
-        it. The pump's steady read and write, without waking it."""
+        it. The pump's steady read, without waking it; its bytes for the client wait in
+        `stream.pending` for the end of the upstream's read (`flush_steady`), so that the
+        events of one read go out in one write, as the pump's join of them would."""
         stream = self.steady_stream
-        if stream is None or not stream.steady or len(chunk) > DIRECT_MAX or _CR in chunk:
+        if stream is None or not stream.steady or _CR in chunk:
+            return False
+        pending = stream.pending
+        if (len(chunk) if pending is None else len(pending) + len(chunk)) > DIRECT_MAX:
             return False
         writer = stream.direct
         assert writer is not None
         protocol = writer._protocol
         transport = protocol.transport
         # Not paused: so `write_chunk`'s drain, when it asks for one, would not wait (the
-        # transport pauses above 64 KiB buffered; this write adds at most DIRECT_MAX and a
+        # transport pauses above 64 KiB buffered; the write adds at most DIRECT_MAX and a
         # frame), and the pump's write would have gone on at once as this one does.
         if transport is None or protocol._paused or transport.is_closing():
             return False
@@ -303,27 +308,42 @@ class SSERelay(ClientWrites, LargeEventRelay):
         shape = tracker.feed_shaped(chunk)
         if shape is None:
             return False
-        clock = stream.clock
-        now = clock()
-        record = self.record
-        record.upstream_wait_s += now - stream.before
+        now = stream.clock()
+        self.record.upstream_wait_s += now - stream.before
+        stream.before = now  # (until the write: hangup's own time, as in the pump)
         data = self._shaped_read(stream, chunk, shape, now)
         if data:
-            written_at = clock()
-            if write_chunk(writer, data) and protocol._paused:
-                # The drain this write asks for would wait: it is owed, and aiohttp's count
-                # says so again at the pump's next write (which takes the reads from here
-                # on, the client being paused), which pays it.
-                writer.buffer_size = DRAIN_PAST + 1
-            record.bytes_to_client += len(data)
-            stream.before = clock()
-            record.client_wait_s += stream.before - written_at
-            self.delivered_tokens = tracker.generated
-            if stream.attempt.first_token_at is not None:
-                self.content_sent = True
-        else:
-            stream.before = clock()
+            stream.pending = data if pending is None else pending + data
         return True
+
+    def flush_steady(self) -> None:
+        """At the end of an upstream read: what `take_steady` took of it goes to the client,
+        in one write (the pump's write of a read, without waking it)."""
+        stream = self.steady_stream
+        if stream is None or stream.pending is None:
+            return
+        data, stream.pending = stream.pending, None
+        writer = stream.direct
+        assert writer is not None
+        protocol = writer._protocol
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            return  # the client is gone since: the pump learns it (its task is cancelled)
+        clock, record = stream.clock, self.record
+        written_at = clock()
+        if write_chunk(writer, data) and protocol._paused:
+            # The drain this write asks for would wait: it is owed, and aiohttp's count says
+            # so again at the pump's next write (which takes the reads from here on, the
+            # client being paused), which pays it.
+            writer.buffer_size = DRAIN_PAST + 1
+        record.bytes_to_client += len(data)
+        stream.before = clock()
+        record.client_wait_s += stream.before - written_at
+        tracker = self.tracker
+        assert tracker is not None
+        self.delivered_tokens = tracker.generated
+        if stream.attempt.first_token_at is not None:
+            self.content_sent = True
 
     def _shaped_read(self, stream: StreamState, chunk: bytes, shape: Shape, now: float) -> bytes:
         """A steady stream's usual read, fed to the tracker already (`feed_shaped` said

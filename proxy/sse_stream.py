@@ -116,6 +116,7 @@ class StreamState:
         "held_bytes",
         "large",
         "malformed",
+        "pending",
         "plain",
         "raw_mode",
         "steady",
@@ -150,6 +151,9 @@ class StreamState:
         # client's writer and the loop's clock.
         self.direct: StreamWriter | None = None
         self.clock: Callable[[], float] = time.monotonic
+        # The client's bytes of the reads taken so far in the upstream's current read, written
+        # at its end (`SSERelay.flush_steady`).
+        self.pending: bytes | None = None
 
 
 class Pieces:

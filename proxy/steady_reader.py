@@ -8,7 +8,8 @@ the pump's task steps, `readany` takes the bytes back out of the buffer (~400 by
 measured with bench.bytecodes, a waiter future and two handles made, all of it before any of
 hangup's own work). While the pump waits in `readany` with nothing buffered, the read it would
 take next is this one: `feed_data` offers it to the exchange (`SSERelay.take_steady`), which
-does what the pump's steady read does and writes it to the client, or refuses it (anything
+does what the pump's steady read does and, at the end of the upstream's read (the upstream
+protocol's `data_received`), writes what it took of that read in one write; or refuses it (anything
 but the usual read, a client not keeping up, a deadline's phase change) and the read is
 buffered as aiohttp buffers it, to wake the pump as before. Reads keep their order: one taken
 here is never behind a buffered one.
@@ -32,6 +33,10 @@ class SteadySink(Protocol):
 
     def take_steady(self, chunk: bytes) -> bool:
         """Relay `chunk` now (True), or leave it to the pump (False: nothing was changed)."""
+        ...
+
+    def flush_steady(self) -> None:
+        """The upstream's read is over: write what was taken of it."""
         ...
 
 

@@ -126,6 +126,16 @@ class UpstreamProtocol(ResponseHandler):
     # until a stream sets it).
     steady_sink: SteadySink | None = None
 
+    def data_received(self, data: bytes) -> None:
+        """aiohttp's, then the steady stream's reads taken in it go out (one write for all
+        the events of one read, as the pump's write of a read joined them)."""
+        try:
+            super().data_received(data)
+        finally:
+            sink = self.steady_sink
+            if sink is not None:
+                sink.flush_steady()
+
     def resume_reading(self, resume_parser: bool = True) -> None:
         if self._reading_paused or self._buffer_paused:
             super().resume_reading(resume_parser)
