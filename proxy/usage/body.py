@@ -13,6 +13,7 @@ from proxy.usage.prompt import CHARS_PER_TOKEN, Tally
 from proxy.usage.reported import (
     UNREAD,
     Reported,
+    detail_counts,
     parse_usage,
     read_last_member,
     read_usage_at,
@@ -207,14 +208,7 @@ def _usual_usage(body: bytes | bytearray) -> Usage | None:
     completion = usage.completion_tokens
     if prompt is None or completion is None:  # Responses' names, or a count missing
         return None
-    details = usage.prompt_tokens_details
-    cached = None if details is None else details.cached_tokens
-    if cached is None and (details := usage.input_tokens_details) is not None:
-        cached = details.cached_tokens
-    details = usage.completion_tokens_details
-    reasoning = None if details is None else details.reasoning_tokens
-    if reasoning is None and (details := usage.output_tokens_details) is not None:
-        reasoning = details.reasoning_tokens
+    cached, reasoning = detail_counts(usage)
     return Usage(prompt, completion, cached or 0, reasoning or 0, False, False)
 
 

@@ -215,6 +215,13 @@ def _read(usage: _Usage) -> Reported | None:
         completion = usage.output_tokens
     if prompt is None and completion is None:
         return None
+    cached, reasoning = detail_counts(usage)
+    return _reported(Reported, (prompt, completion, cached, reasoning))
+
+
+def detail_counts(usage: _Usage) -> tuple[int | None, int | None]:
+    """The cached prompt and reasoning counts of a decoded usage object: chat's names first,
+    then the Responses API's (`_read`'s and proxy/usage/body.py's usual answer's)."""
     details = usage.prompt_tokens_details
     cached = None if details is None else details.cached_tokens
     if cached is None and (details := usage.input_tokens_details) is not None:
@@ -223,4 +230,4 @@ def _read(usage: _Usage) -> Reported | None:
     reasoning = None if details is None else details.reasoning_tokens
     if reasoning is None and (details := usage.output_tokens_details) is not None:
         reasoning = details.reasoning_tokens
-    return _reported(Reported, (prompt, completion, cached, reasoning))
+    return cached, reasoning
