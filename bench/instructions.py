@@ -20,7 +20,13 @@ Targets: `relay` (bench/baseline_relay.py), `hangup` (this tree's CLI, shipped d
 `relay+uv` and `hangup+uv` (the same on uvloop, compared with each other, as in bench.wrk) and,
 with `--compare DIR`, the CLI from another source tree (`git archive OLD | tar -x -C DIR`).
 
-`python -m bench.instructions [--workloads chat,stream20] [--seconds 10] [--compare DIR]`
+With `--simulate`, callgrind also simulates the caches and the branch predictor, and the run
+reports per request the misses of each and a cycle estimate: where hangup's CPU per request is a
+larger multiple of the relay's than its instructions are, this says whether caches or branches
+make each instruction dearer (this VM has no hardware counters for `perf stat`).
+
+`python -m bench.instructions [--workloads chat,stream20] [--seconds 10] [--compare DIR]
+[--simulate]`
 """
 
 from __future__ import annotations
@@ -39,49 +45,139 @@ from bench.wrk import WORKLOADS, Target, lua_script, run_wrk, wrk_binary
 
 CONNECTIONS = 4  # enough to keep the slowed proxy busy; few enough to stay unsaturated
 WARMUP_S = 3
+SIMULATED_LL = "2097152,16,64"  # size, ways, line: this machine's per-core L2
 
 
-def _callgrind(out: Path) -> list[str]:
-    return [
+def _callgrind(out: Path, *, simulate: bool = False) -> list[str]:
+    command = [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",  # nothing counted until switched on, after the warm-up
         f"--callgrind-out-file={out}",
     ]
+    if simulate:
+        # The last level simulated is one core's L2 (2 MiB here), not the shared L3 valgrind
+        # would take from the host: what a process's working set spills out of first.
+        command += ["--cache-sim=yes", "--branch-sim=yes", f"--LL={SIMULATED_LL}"]
+    return command
 
 
-def completed_requests(url: str, script: Path, seconds: int) -> int:
+def completed_requests(url: str, script: Path, seconds: int, connections: int = CONNECTIONS) -> int:
     """Requests wrk completed against `url` in `seconds` (bench.wrk's run, fewer connections)."""
     wrk = wrk_binary()
     assert wrk is not None
     target = Target("instructions", url, 0, "-", None)
-    result = run_wrk(wrk, target, script, connections=CONNECTIONS, duration=seconds)
+    # Under valgrind a request takes ~50 times as long, and each waits for the others in flight.
+    timeout_s = max(10, 2 * connections)
+    result = run_wrk(
+        wrk, target, script, connections=connections, duration=seconds, timeout_s=timeout_s
+    )
     return int(result["requests"]) - int(result["status"])
 
 
-def _instructions(dumps: list[Path]) -> int:
-    """The `totals:` of callgrind's dumps (the last one is written when the process exits)."""
-    total = 0
+def _totals(dumps: list[Path]) -> dict[str, int]:
+    """Each event's `totals:` over callgrind's dumps (the last one is written when the process
+    exits): `Ir` always; with `--simulate`, also the cache and branch events (`D1mr`, `Bcm`...)."""
+    totals: dict[str, int] = {}
     for path in dumps:
+        names: list[str] = []
         for line in path.read_text().splitlines():
-            if line.startswith("totals:"):
-                total += int(line.split()[1])
-    return total
+            if line.startswith("events:"):
+                names = line.split()[1:]
+            elif line.startswith("totals:"):
+                for name, value in zip(names or ["Ir"], line.split()[1:], strict=False):
+                    totals[name] = totals.get(name, 0) + int(value)
+    return totals
 
 
-def measure(procs: Procs, child: Child, out: Path, script: Path, seconds: int) -> dict[str, Any]:
-    completed_requests(child.url, script, WARMUP_S)
+# The cycle estimate of KCachegrind ("CEst"): an L1 miss ~10 cycles, a last-level miss ~100, a
+# mispredicted branch ~10, everything else one cycle. Rough, and the simulated predictor is far
+# simpler than a real CPU's, but it tells which process pays more per instruction, and for what,
+# on machines without hardware counters (this VM's `perf stat` has none).
+_L1_MISSES = ("I1mr", "D1mr", "D1mw")
+_LL_MISSES = ("ILmr", "DLmr", "DLmw")
+_MISPREDICTS = ("Bcm", "Bim")
+
+
+def cycle_estimate(totals: dict[str, int]) -> int:
+    l1 = sum(totals.get(name, 0) for name in _L1_MISSES)
+    ll = sum(totals.get(name, 0) for name in _LL_MISSES)
+    branches = sum(totals.get(name, 0) for name in _MISPREDICTS)
+    return totals["Ir"] + 10 * l1 + 100 * ll + 10 * branches
+
+
+def measure(
+    procs: Procs,
+    child: Child,
+    out: Path,
+    script: Path,
+    seconds: int,
+    connections: int = CONNECTIONS,
+) -> dict[str, Any]:
+    completed_requests(child.url, script, WARMUP_S, connections)
     callgrind_control("-i", "on", str(child.pid))
-    requests = completed_requests(child.url, script, seconds)
+    requests = completed_requests(child.url, script, seconds, connections)
     callgrind_control("-i", "off", str(child.pid))
     procs.stop(child, timeout=120)  # callgrind writes its counts as the process exits
     dumps = sorted(out.parent.glob(out.name + "*"))
-    instructions = _instructions(dumps)
+    totals = _totals(dumps)
     for path in dumps:
         path.unlink()
+    instructions = totals.get("Ir", 0)
     if requests <= 0 or instructions <= 0:
         return {"requests": requests, "instructions": instructions}
-    return {"requests": requests, "kir_per_request": instructions / requests / 1e3}
+    row: dict[str, Any] = {"requests": requests, "kir_per_request": instructions / requests / 1e3}
+    if len(totals) > 1:
+        row["per_request"] = {name: value / requests for name, value in totals.items()}
+        row["kcycles_estimate_per_request"] = cycle_estimate(totals) / requests / 1e3
+    return row
+
+
+def simulated_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Per request: the cycle estimate (and its ratio to the relay on the same loop), the
+    simulated cache misses and mispredicted branches (conditional, indirect)."""
+    rows = []
+    for workload, by_target in results.items():
+        for target, row in by_target.items():
+            if "per_request" not in row:
+                continue
+            relay = by_target.get("relay+uv" if target.endswith("+uv") else "relay", {})
+            cycles = row["kcycles_estimate_per_request"]
+            relay_cycles = relay.get("kcycles_estimate_per_request")
+            row["cycles_vs_relay"] = cycles / relay_cycles if relay_cycles else None
+            each = row["per_request"]
+            rows.append(
+                [
+                    workload,
+                    target,
+                    round(cycles, 1),
+                    "-"
+                    if relay_cycles is None or target.startswith("relay")
+                    else f"{cycles / relay_cycles:.2f}x",
+                    round(each.get("I1mr", 0)),
+                    round(each.get("D1mr", 0) + each.get("D1mw", 0)),
+                    round(sum(each.get(name, 0) for name in _LL_MISSES)),
+                    round(each.get("Bcm", 0)),
+                    round(each.get("Bim", 0)),
+                ]
+            )
+    return (
+        "simulated per request (callgrind --cache-sim --branch-sim; cycles: KCachegrind's CEst)\n"
+        + table(
+            [
+                "workload",
+                "target",
+                "k cycles",
+                "vs relay",
+                "I1 miss",
+                "D1 miss",
+                "LL miss",
+                "Bc miss",
+                "Bi miss",
+            ],
+            rows,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare", type=Path, metavar="DIR", help="also the CLI from DIR")
     p.add_argument("--targets", default="relay,hangup,compare")
     p.add_argument("--short", action="store_true", help="CI: chat, relay and hangup, 2 s")
+    p.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also simulate caches and branch prediction (callgrind --cache-sim --branch-sim):"
+        " misses per request and a cycle estimate",
+    )
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=CONNECTIONS,
+        help="wrk's connections: requests in flight at once (their working sets share the caches)",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.short:
@@ -115,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             script = lua_script(procs.workdir, workload)
             for target in wanted:
                 out = procs.workdir / f"callgrind.{workload}.{target}"
-                wrapper = _callgrind(out)
+                wrapper = _callgrind(out, simulate=args.simulate)
                 on_uvloop = target.endswith("+uv")
                 if target.startswith("relay"):
                     child = procs.baseline(
@@ -131,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                         wrapper=wrapper,
                         start_timeout=300,
                     )
-                row = measure(procs, child, out, script, args.seconds)
+                row = measure(procs, child, out, script, args.seconds, args.connections)
                 results.setdefault(workload, {})[target] = row
                 if "kir_per_request" not in row:
                     failures.append(f"{workload}/{target}: nothing counted ({row})")
@@ -165,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"instructions per request (callgrind Ir, user space), {args.seconds} s instrumented"
-        f" per target, {CONNECTIONS} connections"
+        f" per target, {args.connections} connections"
     )
     print(table(["workload", "target", "requests", "k instr/req", "vs relay"], rows))
+    if args.simulate:
+        print()
+        print(simulated_table(results))
     data = {
         "results": results,
         "seconds": args.seconds,

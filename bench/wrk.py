@@ -147,7 +147,13 @@ def _self_cpu() -> float:
 
 
 def run_wrk(
-    wrk: str, target: Target, script: Path, *, connections: int, duration: float
+    wrk: str,
+    target: Target,
+    script: Path,
+    *,
+    connections: int,
+    duration: float,
+    timeout_s: int = 10,
 ) -> dict[str, Any]:
     argv = [
         wrk,
@@ -155,7 +161,7 @@ def run_wrk(
         f"-c{connections}",
         f"-d{max(1, round(duration))}s",  # wrk takes whole seconds
         "--timeout",
-        "10s",
+        f"{timeout_s}s",
         "-s",
         str(script),
         target.url + PATH,

@@ -193,6 +193,33 @@ def test_instructions_benchmark_counts_each_targets_instructions(tmp_path: Path)
     )
 
 
+def test_instructions_reads_every_event_of_callgrinds_dumps_and_estimates_cycles(
+    tmp_path: Path,
+) -> None:
+    """bench.instructions --simulate: each event's totals summed over the dumps, by the names of
+    each dump's own `events:` line, and KCachegrind's cycle estimate from them."""
+    from bench.instructions import _totals, cycle_estimate
+
+    names = "Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim"
+    first = tmp_path / "callgrind.out.1"
+    first.write_text(
+        f"events: {names}\nfn=x\n1 5\ntotals: 1000 300 200 7 11 13 1 2 3 90 17 40 19\n"
+    )
+    second = tmp_path / "callgrind.out.2"
+    second.write_text(f"events: {names}\ntotals: 500 0 0 1 1 1 0 0 1 0 3 0 1\n")
+    plain = tmp_path / "callgrind.out.3"  # no simulation: Ir alone, no events line needed
+    plain.write_text("totals: 42\n")
+    totals = _totals([first, second])
+    assert totals["Ir"] == 1500 and totals["D1mw"] == 14 and totals["Bim"] == 20
+    assert totals["DLmw"] == 4 and totals["Bcm"] == 20
+    l1 = 7 + 11 + 13 + 1 + 1 + 1
+    ll = 1 + 2 + 3 + 1
+    mispredicted = 17 + 19 + 3 + 1
+    assert cycle_estimate(totals) == 1500 + 10 * l1 + 100 * ll + 10 * mispredicted
+    assert _totals([plain]) == {"Ir": 42}
+    assert cycle_estimate({"Ir": 42}) == 42
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="needs Debian's wrk")
