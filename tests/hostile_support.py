@@ -9,7 +9,7 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import pytest
@@ -232,6 +232,34 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 def sse_head(extra: str = "") -> bytes:
     return ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + extra + "\r\n").encode()
+
+
+def http_chunk(data: bytes) -> bytes:
+    assert data, "an empty chunk would be the body's end"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def sse_in_chunks(
+    writes: Iterable[bytes], pause_s: float = 0.0, *, sent: asyncio.Event | None = None
+) -> Reply:
+    """A 200 event stream, as aiohttp's server writes one: each of `writes` an HTTP chunk of
+    its own (the head goes with the first), drained (so it waits while the reader does not
+    read) and followed by `pause_s` of sleep (0: a turn of the loop, so a proxy in this loop
+    mostly reads each alone); then the last chunk, and `sent` is set."""
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        head = sse_head("Transfer-Encoding: chunked\r\n")
+        for data in writes:
+            writer.write(head + http_chunk(data))
+            head = b""
+            await writer.drain()
+            await asyncio.sleep(pause_s)
+        writer.write(head + b"0\r\n\r\n")
+        await writer.drain()
+        if sent is not None:
+            sent.set()
+
+    return reply
 
 
 def json_head(length: int, extra: str = "") -> bytes:
