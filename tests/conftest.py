@@ -12,10 +12,12 @@ from hypothesis import settings
 from proxy.config import HangupConfig
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
-from tests.hostile_support import ScriptedUpstream, Witness
+from proxy.upstream import Upstreams
+from tests.hostile_support import ScriptedUpstreams, Witness
 from tests.real_upstream import LlamaServer
 from tests.real_upstream import require as require_real_upstream
 from tests.support import RecordSink, make_config
+from tests.upstream_support import upstream_seam
 
 # The coverage run of scripts/test (`--hypothesis-profile=coverage`) draws the same examples
 # every time and replays none an earlier run kept, so the pure modules' measured coverage, and
@@ -42,12 +44,19 @@ async def sim(sim_tokens_per_s: float) -> AsyncIterator[SimulatedProvider]:
 
 
 @pytest.fixture
-async def scripted() -> AsyncIterator[list[ScriptedUpstream]]:
-    """Scripted upstreams (tests/hostile_support.py) a test started; stopped after it."""
-    started: list[ScriptedUpstream] = []
+async def scripted() -> AsyncIterator[ScriptedUpstreams]:
+    """Scripted upstreams (tests/hostile_support.py): `await scripted.start(reply)`; stopped
+    after the test."""
+    started = ScriptedUpstreams()
     yield started
-    for server in started:
-        await server.stop()
+    await started.stop()
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    """The production upstream seam alone (tests/upstream_support.py), closed after the test."""
+    async with upstream_seam() as seam:
+        yield seam
 
 
 @pytest.fixture

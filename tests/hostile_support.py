@@ -170,13 +170,16 @@ Reply = Callable[[SeenRequest, asyncio.StreamWriter], Awaitable[None]]
 @dataclass
 class ScriptedUpstream:
     """An upstream that answers each request with whatever `reply` writes (exact bytes, a FIN,
-    a reset); records every request it got."""
+    a reset); records every request it got. Each connection serves one request and is closed,
+    or with `keep_alive` serves requests in turn until the client closes it."""
 
     reply: Reply
+    keep_alive: bool = False
     requests: list[SeenRequest] = field(default_factory=list)
     server: asyncio.Server | None = None
     port: int = 0
     connections: int = 0
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
@@ -189,28 +192,54 @@ class ScriptedUpstream:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._open.add(writer)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = lines[0].split(" ", 2)
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (line.partition(":") for line in lines[1:] if line)
-            }
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            seen = SeenRequest(method, target, headers, body)
-            self.requests.append(seen)
-            await self.reply(seen, writer)
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                seen = SeenRequest(method, target, headers, body)
+                self.requests.append(seen)
+                await self.reply(seen, writer)
+                if not self.keep_alive or writer.is_closing():
+                    break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._open.discard(writer)
             if not writer.is_closing():
                 writer.close()
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            # (Python 3.11's wait_closed does not wait for them:) a kept-alive connection
+            # still waiting for its next request is ended here, not left to the loop's end.
+            for writer in list(self._open):
+                writer.close()
             await self.server.wait_closed()
+
+
+class ScriptedUpstreams:
+    """The scripted upstreams a test started (the conftest `scripted` fixture): all stopped
+    after it."""
+
+    def __init__(self) -> None:
+        self.started: list[ScriptedUpstream] = []
+
+    async def start(self, reply: Reply, *, keep_alive: bool = False) -> ScriptedUpstream:
+        upstream = await ScriptedUpstream(reply, keep_alive).start()
+        self.started.append(upstream)
+        return upstream
+
+    async def stop(self) -> None:
+        for upstream in self.started:
+            await upstream.stop()
 
 
 def send_and_close(data: bytes) -> Reply:

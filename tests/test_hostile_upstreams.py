@@ -21,6 +21,7 @@ from tests.conftest import StartProxy
 from tests.hostile_support import (
     Reply,
     ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
@@ -45,12 +46,11 @@ def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 async def proxy_before(
     reply: Reply,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     **extra: object,
 ) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
-    upstream = await ScriptedUpstream(reply).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(reply)
     data: dict[str, object] = {
         "upstreams": {
             "up": {
@@ -76,7 +76,7 @@ async def only_record(sink: RecordSink) -> Outcome | None:
 
 
 async def test_a_control_byte_in_an_upstream_header_is_a_502(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Bad: a\x01b\r\n"
     reply = send_and_close(head + b"Content-Length: 2\r\n\r\n{}")
@@ -91,7 +91,7 @@ async def test_a_control_byte_in_an_upstream_header_is_a_502(
 
 
 async def test_an_sse_event_nested_50k_deep_ends_the_stream_with_an_error_event(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
     client_has_it = asyncio.Event()
@@ -121,7 +121,7 @@ async def test_an_sse_event_nested_50k_deep_ends_the_stream_with_an_error_event(
 
 
 async def test_a_gzip_bomb_in_a_json_answer_is_relayed_as_sent(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 1 GiB of zeros inside a JSON string, ~1 MiB compressed.
     inner = gzip.compress(b'{"choices":[{"message":{"content":"' + b"0" * (256 << 20), 9)
@@ -138,12 +138,11 @@ async def test_a_gzip_bomb_in_a_json_answer_is_relayed_as_sent(
 
 
 async def test_a_client_gone_while_the_response_head_is_written_is_client_cancelled(
-    scripted: list[ScriptedUpstream], caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The client's socket closes exactly while the relay writes the response head: a prepare
     # hook (run inside StreamResponse.prepare, before the head is written) closes it.
-    upstream = await ScriptedUpstream(send_and_close(json_head(2) + b"{}")).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(send_and_close(json_head(2) + b"{}"))
     config = config_from(
         {
             "upstreams": {"up": {"base_url": upstream.base_url}},
@@ -184,7 +183,7 @@ PROXY_KEY = "hk-proxy-client-key-55Lm1"
 
 
 async def test_an_upstream_echoing_the_key_in_a_401_is_scrubbed(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def echo(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
         body = (
@@ -220,7 +219,7 @@ async def test_an_upstream_echoing_the_key_in_a_401_is_scrubbed(
 
 
 async def test_a_key_split_across_stream_chunks_is_scrubbed_in_band_and_in_the_log(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     before = b'data: {"error":{"message":"key '
     client_saw_the_start = asyncio.Event()
@@ -259,7 +258,7 @@ async def test_a_key_split_across_stream_chunks_is_scrubbed_in_band_and_in_the_l
 @pytest.mark.parametrize("cut", ["rst", "fin-mid-event"])
 async def test_an_unframed_stream_cut_by_the_transport_is_not_completed(
     cut: str,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -287,7 +286,7 @@ async def test_an_unframed_stream_cut_by_the_transport_is_not_completed(
 
 
 async def test_a_stream_with_cr_only_line_endings_is_completed(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -315,7 +314,7 @@ async def test_a_stream_with_cr_only_line_endings_is_completed(
 @pytest.mark.parametrize("status", [101, 600, 999])
 async def test_a_status_outside_200_to_599_is_a_502(
     status: int,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -332,7 +331,7 @@ async def test_a_status_outside_200_to_599_is_a_502(
 
 
 async def test_streams_ask_for_identity_and_refuse_a_compressed_event_stream(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     event = gzip.compress(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
     head = sse_head("Content-Encoding: gzip\r\n")
@@ -353,7 +352,7 @@ async def test_streams_ask_for_identity_and_refuse_a_compressed_event_stream(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_absurd_usage_counts_from_an_upstream_are_not_counts(
     stream: bool,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -22,6 +22,7 @@ from proxy.usage import chunk_tokens
 from tests.conftest import StartProxy
 from tests.hostile_support import (
     ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
@@ -63,7 +64,7 @@ EXPECTED = (
 @pytest.mark.parametrize("writes", ["one write", "64 KiB writes"])
 async def test_a_huge_event_reaches_the_client_as_an_ordinary_one_would(
     writes: str,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -78,8 +79,7 @@ async def test_a_huge_event_reaches_the_client_as_an_ordinary_one_would(
             await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(stream)
     server, sink = await start_proxy(
         config_from(
             {
@@ -106,7 +106,7 @@ async def test_a_huge_event_reaches_the_client_as_an_ordinary_one_would(
 
 
 async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -119,8 +119,7 @@ async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(stream)
     server, sink = await start_proxy(
         config_from(
             {
@@ -150,7 +149,7 @@ def _proxy_config(upstream: ScriptedUpstream) -> dict[str, object]:
 
 
 async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -174,8 +173,7 @@ async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(stream)
     server, sink = await start_proxy(config_from(_proxy_config(upstream)))
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     received = bytearray()
@@ -202,7 +200,7 @@ async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
 
 
 async def test_a_huge_malformed_event_is_relayed_once_it_has_begun(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -218,8 +216,7 @@ async def test_a_huge_malformed_event_is_relayed_once_it_has_begun(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(stream)
     server, sink = await start_proxy(config_from(_proxy_config(upstream)))
     response = await exchange_raw(
         server.port,

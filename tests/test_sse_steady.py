@@ -20,7 +20,7 @@ from proxy.downstream import Downstream
 from proxy.sse_stream import StreamState
 from proxy.usage.filter import CUT_INLINE_BELOW
 from tests.conftest import StartProxy, chat
-from tests.hostile_support import ScriptedUpstream, sse_in_chunks
+from tests.hostile_support import ScriptedUpstreams, sse_in_chunks
 from tests.support import RawClient, config_from, http_body
 
 SECRET = "sk-PLANTEDsteadyKey0123456789"
@@ -172,7 +172,7 @@ USAGE_ASKS = {
 async def test_steady_reads_agree_with_the_step(
     name: str,
     ask: str,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -191,8 +191,7 @@ async def test_steady_reads_agree_with_the_step(
 
     monkeypatch.setattr(Downstream, "_sse_step", counted)
     monkeypatch.setattr(Downstream, "take_steady", counted_take)
-    upstream = await ScriptedUpstream(sse_in_chunks(STREAMS[name], PAUSE_S)).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(sse_in_chunks(STREAMS[name], PAUSE_S))
     body, figures = await _relay(start_proxy, upstream.base_url, USAGE_ASKS[ask])
     stepped, took = len(steps), sum(taken)
     steps.clear()

@@ -22,6 +22,7 @@ from tests.conftest import StartProxy
 from tests.hostile_support import (
     Reply,
     ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
@@ -61,13 +62,12 @@ SHAPES = {
 
 async def proxy_before(
     reply: Reply,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     **extra: object,
 ) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
     """The production runner with one route to a scripted upstream answering with `reply`."""
-    upstream = await ScriptedUpstream(reply).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(reply)
     data: dict[str, object] = {
         "upstreams": {"up": {"base_url": upstream.base_url}},
         "routes": [{"name": "default", "upstream": "up"}],
@@ -92,7 +92,7 @@ def test_each_shape_is_over_the_bound_and_valid_sse() -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 async def test_an_event_read_whole_over_1_mib_ends_the_stream_in_band(
     shape: str,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -148,7 +148,7 @@ async def _ordinary(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
 
 
 async def test_one_huge_data_line_of_json_structure_is_still_relayed_whole(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -18,7 +18,7 @@ from aiohttp.http_writer import StreamWriter
 from proxy import chunked_write, sse_relay
 from proxy.downstream import Downstream
 from tests.conftest import StartProxy, chat
-from tests.hostile_support import ScriptedUpstream, sse_in_chunks
+from tests.hostile_support import ScriptedUpstreams, sse_in_chunks
 from tests.support import RawClient, config_from, http_body
 
 TEXT = "x" * 1000
@@ -42,7 +42,7 @@ def _chunk(text: str) -> bytes:
 
 
 async def test_a_client_that_stops_reading_holds_the_upstream_back(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     taken: list[bool] = []
     real_take = Downstream.take_steady
@@ -67,8 +67,7 @@ async def test_a_client_that_stops_reading_holds_the_upstream_back(
     # The upstream drains each write: it waits while hangup does not read.
     done = asyncio.Event()
     writes = [_chunk(TEXT)] * EVENTS + [b"data: [DONE]\n\n"]
-    upstream = await ScriptedUpstream(sse_in_chunks(writes, sent=done)).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(sse_in_chunks(writes, sent=done))
     config = config_from(
         {
             "upstreams": {"sim": {"base_url": upstream.base_url}},
