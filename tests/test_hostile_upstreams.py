@@ -285,6 +285,76 @@ async def test_an_unframed_stream_cut_by_the_transport_is_not_completed(
     assert_clean_log(caplog)
 
 
+UNFRAMED = {  # whole answers, with neither Content-Length nor chunking: each ends at EOF
+    "json": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n",
+        b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":'
+        b'"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,'
+        b'"completion_tokens":1,"total_tokens":4}}',
+    ),
+    "sse": (
+        sse_head(),
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+        b"data: [DONE]\n\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("ending", ["fin", "rst"])
+@pytest.mark.parametrize("kind", sorted(UNFRAMED))
+async def test_an_unframed_answer_ends_at_a_fin_and_is_cut_by_a_reset(
+    kind: str,
+    ending: str,
+    scripted: ScriptedUpstreams,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The whole answer reached the client, then the upstream's connection ends. aiohttp reads
+    a reset as the end of an unframed body, as it reads a FIN: only the proxy's watch on the
+    connection (`FramingWatch`) tells a cut from an answer."""
+    head, body = UNFRAMED[kind]
+    client_has_it = asyncio.Event()
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(head + body)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            await client_has_it.wait()  # the end comes after the bytes, not with them
+        if ending == "rst":
+            reset(writer)
+        else:
+            writer.close()
+
+    server, sink, _ = await proxy_before(reply, scripted, start_proxy)
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json(
+        "/v1/chat/completions",
+        json.loads(chat_body(stream=kind == "sse")),
+        {"Connection": "close"},
+    )
+    try:
+        await client.read_until(
+            lambda got: b"\r\n\r\n" in got and body in parse_response(got).body, what="it all"
+        )
+        client_has_it.set()
+        response = parse_response(await client.read_to_eof())
+    finally:
+        client.close()
+    assert response.status == 200
+    if ending == "fin":
+        assert response.body == body and response.raw.endswith(b"0\r\n\r\n")
+        assert await only_record(sink) is Outcome.COMPLETED
+    elif kind == "sse":  # the cut, told in-band after what came
+        assert response.body.startswith(body)
+        assert b"connection was cut before the end" in response.body[len(body) :]
+        assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    else:  # the cut passed on: no last chunk
+        assert response.body == body and not response.raw.endswith(b"0\r\n\r\n")
+        assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    assert_clean_log(caplog)
+
+
 async def test_a_stream_with_cr_only_line_endings_is_completed(
     scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
