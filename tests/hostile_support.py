@@ -9,10 +9,17 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.support import RecordSink, config_from
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+    from tests.conftest import StartProxy
 
 ACCESS_LOGGER = "hangup.access"
 
@@ -240,6 +247,27 @@ class ScriptedUpstreams:
     async def stop(self) -> None:
         for upstream in self.started:
             await upstream.stop()
+
+
+async def proxy_before(
+    reply: Reply,
+    scripted: ScriptedUpstreams,
+    start_proxy: StartProxy,
+    *,
+    upstream: Mapping[str, object] | None = None,
+    **extra: object,
+) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
+    """The production runner with one route to a scripted upstream ("up") answering with
+    `reply`; `upstream` adds to that upstream's config (a key, headers), `extra` to the
+    config's top level."""
+    scripted_upstream = await scripted.start(reply)
+    data: dict[str, object] = {
+        "upstreams": {"up": {"base_url": scripted_upstream.base_url, **(upstream or {})}},
+        "routes": [{"name": "default", "upstream": "up"}],
+        **extra,
+    }
+    server, sink = await start_proxy(config_from(data))
+    return server, sink, scripted_upstream
 
 
 def send_and_close(data: bytes) -> Reply:

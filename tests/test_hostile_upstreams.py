@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.outcome import Outcome
 from proxy.server import ProxyServer
+from tests import hostile_support
 from tests.conftest import StartProxy
 from tests.hostile_support import (
     Reply,
@@ -45,25 +46,14 @@ def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 
 async def proxy_before(
-    reply: Reply,
-    scripted: ScriptedUpstreams,
-    start_proxy: StartProxy,
-    **extra: object,
+    reply: Reply, scripted: ScriptedUpstreams, start_proxy: StartProxy, **extra: object
 ) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
-    upstream = await scripted.start(reply)
-    data: dict[str, object] = {
-        "upstreams": {
-            "up": {
-                "base_url": upstream.base_url,
-                "api_key": UPSTREAM_KEY,
-                "headers": {"OpenAI-Organization": HEADER_SECRET},
-            }
-        },
-        "routes": [{"name": "default", "upstream": "up"}],
-        **extra,
-    }
-    server, sink = await start_proxy(config_from(data))
-    return server, sink, upstream
+    """The proxy before a scripted upstream whose configured key and header it must never
+    let out."""
+    upstream = {"api_key": UPSTREAM_KEY, "headers": {"OpenAI-Organization": HEADER_SECRET}}
+    return await hostile_support.proxy_before(
+        reply, scripted, start_proxy, upstream=upstream, **extra
+    )
 
 
 async def only_record(sink: RecordSink) -> Outcome | None:

@@ -21,17 +21,16 @@ from proxy.outcome import Outcome
 from proxy.usage import chunk_tokens
 from tests.conftest import StartProxy
 from tests.hostile_support import (
-    ScriptedUpstream,
     ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
     exchange_raw,
     parse_response,
+    proxy_before,
     request_bytes,
     sse_head,
 )
-from tests.support import config_from
 
 KEY = "plainUpstreamKey-7Q2v9X0"
 HUGE = 3 * 1024 * 1024
@@ -79,15 +78,7 @@ async def test_a_huge_event_reaches_the_client_as_an_ordinary_one_would(
             await writer.drain()
         writer.close()
 
-    upstream = await scripted.start(stream)
-    server, sink = await start_proxy(
-        config_from(
-            {
-                "upstreams": {"up": {"base_url": upstream.base_url, "api_key": KEY}},
-                "routes": [{"name": "default", "upstream": "up"}],
-            }
-        )
-    )
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy, upstream={"api_key": KEY})
     response = await exchange_raw(
         server.port,
         request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),
@@ -119,15 +110,7 @@ async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
         await writer.drain()
         writer.close()
 
-    upstream = await scripted.start(stream)
-    server, sink = await start_proxy(
-        config_from(
-            {
-                "upstreams": {"up": {"base_url": upstream.base_url}},
-                "routes": [{"name": "default", "upstream": "up"}],
-            }
-        )
-    )
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy)
     response = await exchange_raw(
         server.port,
         request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),
@@ -139,13 +122,6 @@ async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
     assert record.usage is not None and record.usage.completion_estimated
     assert record.usage.completion_tokens == sum(chunk_tokens(len(t)) for t in TEXTS)
     assert_clean_log(caplog)
-
-
-def _proxy_config(upstream: ScriptedUpstream) -> dict[str, object]:
-    return {
-        "upstreams": {"up": {"base_url": upstream.base_url, "api_key": KEY}},
-        "routes": [{"name": "default", "upstream": "up"}],
-    }
 
 
 async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
@@ -173,8 +149,7 @@ async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
         await writer.drain()
         writer.close()
 
-    upstream = await scripted.start(stream)
-    server, sink = await start_proxy(config_from(_proxy_config(upstream)))
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy, upstream={"api_key": KEY})
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     received = bytearray()
     try:
@@ -216,8 +191,7 @@ async def test_a_huge_malformed_event_is_relayed_once_it_has_begun(
         await writer.drain()
         writer.close()
 
-    upstream = await scripted.start(stream)
-    server, sink = await start_proxy(config_from(_proxy_config(upstream)))
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy, upstream={"api_key": KEY})
     response = await exchange_raw(
         server.port,
         request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),

@@ -16,22 +16,20 @@ import logging
 import pytest
 
 from proxy.outcome import Outcome
-from proxy.server import ProxyServer
 from proxy.sse_stream import MAX_WHOLE_EVENT
 from tests.conftest import StartProxy
 from tests.hostile_support import (
-    Reply,
-    ScriptedUpstream,
     ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
     exchange_raw,
     parse_response,
+    proxy_before,
     request_bytes,
     sse_head,
 )
-from tests.support import RawClient, RecordSink, config_from
+from tests.support import RawClient
 
 GOOD = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 OVER = MAX_WHOLE_EVENT + 512 * 1024  # 1.5 MiB
@@ -58,23 +56,6 @@ SHAPES = {
     "many data lines": _many_data_lines(),
     "two huge data lines": _two_huge_data_lines(),
 }
-
-
-async def proxy_before(
-    reply: Reply,
-    scripted: ScriptedUpstreams,
-    start_proxy: StartProxy,
-    **extra: object,
-) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
-    """The production runner with one route to a scripted upstream answering with `reply`."""
-    upstream = await scripted.start(reply)
-    data: dict[str, object] = {
-        "upstreams": {"up": {"base_url": upstream.base_url}},
-        "routes": [{"name": "default", "upstream": "up"}],
-        **extra,
-    }
-    server, sink = await start_proxy(config_from(data))
-    return server, sink, upstream
 
 
 def test_each_shape_is_over_the_bound_and_valid_sse() -> None:

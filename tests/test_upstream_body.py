@@ -32,10 +32,10 @@ from tests.hostile_support import (
     SeenRequest,
     chat_body,
     exchange_raw,
+    proxy_before,
     request_bytes,
     reset,
 )
-from tests.support import config_from
 from tests.upstream_support import open_attempt, upstream_seam
 
 Framing = Literal["length", "chunked", "eof"]
@@ -447,14 +447,7 @@ async def test_the_proxy_relays_alike_with_either_reader(
             await writer.drain()
             await asyncio.sleep(0.005)
 
-    upstream = await scripted.start(reply)
-    config = config_from(
-        {
-            "upstreams": {"up": {"base_url": upstream.base_url}},
-            "routes": [{"name": "default", "upstream": "up"}],
-        }
-    )
-    server, sink = await start_proxy(config)
+    server, sink, _ = await proxy_before(reply, scripted, start_proxy)
     seen: list[tuple[int, bytes, str | None]] = []
     for reader in ("aiohttp", "lean"):
         with no_lean_body() if reader == "aiohttp" else contextlib.nullcontext():
