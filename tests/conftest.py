@@ -13,7 +13,7 @@ from proxy.config import HangupConfig
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
 from proxy.upstream import Upstreams
-from tests.hostile_support import ScriptedUpstreams, Witness
+from tests.hostile_support import ScriptedUpstream, ScriptedUpstreams, Witness, answer_ok
 from tests.real_upstream import LlamaServer
 from tests.real_upstream import require as require_real_upstream
 from tests.support import RecordSink, make_config
@@ -50,6 +50,12 @@ async def scripted() -> AsyncIterator[ScriptedUpstreams]:
     started = ScriptedUpstreams()
     yield started
     await started.stop()
+
+
+@pytest.fixture
+async def upstream(scripted: ScriptedUpstreams) -> ScriptedUpstream:
+    """A scripted upstream that answers every request with a small 200 chat completion."""
+    return await scripted.start(answer_ok)
 
 
 @pytest.fixture

@@ -225,8 +225,9 @@ class ScriptedUpstream:
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
-            # (Python 3.11's wait_closed does not wait for them:) a kept-alive connection
-            # still waiting for its next request is ended here, not left to the loop's end.
+            # Python 3.11's wait_closed does not wait for the open connections (one kept
+            # alive for its next request, one whose reply still sleeps): closed here, not
+            # left to the end of the test's loop.
             for writer in list(self._open):
                 writer.close()
             await self.server.wait_closed()
