@@ -35,12 +35,8 @@ def sim_tokens_per_s() -> float:
 
 @pytest.fixture
 async def sim(sim_tokens_per_s: float) -> AsyncIterator[SimulatedProvider]:
-    provider = SimulatedProvider(tokens_per_s=sim_tokens_per_s, default_tokens=16)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    async with SimulatedProvider(tokens_per_s=sim_tokens_per_s, default_tokens=16) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 @pytest.fixture
@@ -68,23 +64,17 @@ async def upstreams() -> AsyncIterator[Upstreams]:
 @pytest.fixture
 async def big_sim() -> AsyncIterator[SimulatedProvider]:
     """A fast simulator that takes request bodies up to 64 MiB (the proxy's own limit)."""
-    provider = SimulatedProvider(tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    async with SimulatedProvider(
+        tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20
+    ) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 @pytest.fixture
 async def backup() -> AsyncIterator[SimulatedProvider]:
     """A second simulated provider: the fallback target of the resilience tests."""
-    provider = SimulatedProvider(tokens_per_s=200.0, default_tokens=16)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    async with SimulatedProvider(tokens_per_s=200.0, default_tokens=16) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 @pytest.fixture
