@@ -12,10 +12,12 @@ from hypothesis import settings
 from proxy.config import HangupConfig
 from proxy.server import ProxyServer
 from proxy.sim import SimulatedProvider
-from tests.hostile_support import ScriptedUpstream, Witness
+from proxy.upstream import Upstreams
+from tests.hostile_support import ScriptedUpstream, ScriptedUpstreams, Witness, answer_ok
 from tests.real_upstream import LlamaServer
 from tests.real_upstream import require as require_real_upstream
 from tests.support import RecordSink, make_config
+from tests.upstream_support import upstream_seam
 
 # The coverage run of scripts/test (`--hypothesis-profile=coverage`) draws the same examples
 # every time and replays none an earlier run kept, so the pure modules' measured coverage, and
@@ -33,43 +35,46 @@ def sim_tokens_per_s() -> float:
 
 @pytest.fixture
 async def sim(sim_tokens_per_s: float) -> AsyncIterator[SimulatedProvider]:
-    provider = SimulatedProvider(tokens_per_s=sim_tokens_per_s, default_tokens=16)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    async with SimulatedProvider(tokens_per_s=sim_tokens_per_s, default_tokens=16) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 @pytest.fixture
-async def scripted() -> AsyncIterator[list[ScriptedUpstream]]:
-    """Scripted upstreams (tests/hostile_support.py) a test started; stopped after it."""
-    started: list[ScriptedUpstream] = []
+async def scripted() -> AsyncIterator[ScriptedUpstreams]:
+    """Scripted upstreams (tests/hostile_support.py): `await scripted.start(reply)`; stopped
+    after the test."""
+    started = ScriptedUpstreams()
     yield started
-    for server in started:
-        await server.stop()
+    await started.stop()
+
+
+@pytest.fixture
+async def upstream(scripted: ScriptedUpstreams) -> ScriptedUpstream:
+    """A scripted upstream that answers every request with a small 200 chat completion."""
+    return await scripted.start(answer_ok)
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Upstreams]:
+    """The production upstream seam alone (tests/upstream_support.py), closed after the test."""
+    async with upstream_seam() as seam:
+        yield seam
 
 
 @pytest.fixture
 async def big_sim() -> AsyncIterator[SimulatedProvider]:
     """A fast simulator that takes request bodies up to 64 MiB (the proxy's own limit)."""
-    provider = SimulatedProvider(tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    async with SimulatedProvider(
+        tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20
+    ) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 @pytest.fixture
 async def backup() -> AsyncIterator[SimulatedProvider]:
     """A second simulated provider: the fallback target of the resilience tests."""
-    provider = SimulatedProvider(tokens_per_s=200.0, default_tokens=16)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    async with SimulatedProvider(tokens_per_s=200.0, default_tokens=16) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 @pytest.fixture

@@ -9,10 +9,17 @@ import json
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.support import RecordSink, config_from
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
+    from tests.conftest import StartProxy
 
 ACCESS_LOGGER = "hangup.access"
 
@@ -170,13 +177,16 @@ Reply = Callable[[SeenRequest, asyncio.StreamWriter], Awaitable[None]]
 @dataclass
 class ScriptedUpstream:
     """An upstream that answers each request with whatever `reply` writes (exact bytes, a FIN,
-    a reset); records every request it got."""
+    a reset); records every request it got. Each connection serves one request and is closed,
+    or with `keep_alive` serves requests in turn until the client closes it."""
 
     reply: Reply
+    keep_alive: bool = False
     requests: list[SeenRequest] = field(default_factory=list)
     server: asyncio.Server | None = None
     port: int = 0
     connections: int = 0
+    _open: set[asyncio.StreamWriter] = field(default_factory=set)
 
     @property
     def base_url(self) -> str:
@@ -189,28 +199,76 @@ class ScriptedUpstream:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self._open.add(writer)
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = lines[0].split(" ", 2)
-            headers = {
-                k.strip().lower(): v.strip()
-                for k, _, v in (line.partition(":") for line in lines[1:] if line)
-            }
-            body = await reader.readexactly(int(headers.get("content-length", "0")))
-            seen = SeenRequest(method, target, headers, body)
-            self.requests.append(seen)
-            await self.reply(seen, writer)
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
+                }
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                seen = SeenRequest(method, target, headers, body)
+                self.requests.append(seen)
+                await self.reply(seen, writer)
+                if not self.keep_alive or writer.is_closing():
+                    break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
+            self._open.discard(writer)
             if not writer.is_closing():
                 writer.close()
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
+            # Python 3.11's wait_closed does not wait for the open connections (one kept
+            # alive for its next request, one whose reply still sleeps): closed here, not
+            # left to the end of the test's loop.
+            for writer in list(self._open):
+                writer.close()
             await self.server.wait_closed()
+
+
+class ScriptedUpstreams:
+    """The scripted upstreams a test started (the conftest `scripted` fixture): all stopped
+    after it."""
+
+    def __init__(self) -> None:
+        self.started: list[ScriptedUpstream] = []
+
+    async def start(self, reply: Reply, *, keep_alive: bool = False) -> ScriptedUpstream:
+        upstream = await ScriptedUpstream(reply, keep_alive).start()
+        self.started.append(upstream)
+        return upstream
+
+    async def stop(self) -> None:
+        for upstream in self.started:
+            await upstream.stop()
+
+
+async def proxy_before(
+    reply: Reply,
+    scripted: ScriptedUpstreams,
+    start_proxy: StartProxy,
+    *,
+    upstream: Mapping[str, object] | None = None,
+    **extra: object,
+) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
+    """The production runner with one route to a scripted upstream ("up") answering with
+    `reply`; `upstream` adds to that upstream's config (a key, headers), `extra` to the
+    config's top level."""
+    scripted_upstream = await scripted.start(reply)
+    data: dict[str, object] = {
+        "upstreams": {"up": {"base_url": scripted_upstream.base_url, **(upstream or {})}},
+        "routes": [{"name": "default", "upstream": "up"}],
+        **extra,
+    }
+    server, sink = await start_proxy(config_from(data))
+    return server, sink, scripted_upstream
 
 
 def send_and_close(data: bytes) -> Reply:
@@ -232,6 +290,34 @@ def reset(writer: asyncio.StreamWriter) -> None:
 
 def sse_head(extra: str = "") -> bytes:
     return ("HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + extra + "\r\n").encode()
+
+
+def http_chunk(data: bytes) -> bytes:
+    assert data, "an empty chunk would be the body's end"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def sse_in_chunks(
+    writes: Iterable[bytes], pause_s: float = 0.0, *, sent: asyncio.Event | None = None
+) -> Reply:
+    """A 200 event stream, as aiohttp's server writes one: each of `writes` an HTTP chunk of
+    its own (the head goes with the first), drained (so it waits while the reader does not
+    read) and followed by `pause_s` of sleep (0: a turn of the loop, so a proxy in this loop
+    mostly reads each alone); then the last chunk, and `sent` is set."""
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        head = sse_head("Transfer-Encoding: chunked\r\n")
+        for data in writes:
+            writer.write(head + http_chunk(data))
+            head = b""
+            await writer.drain()
+            await asyncio.sleep(pause_s)
+        writer.write(head + b"0\r\n\r\n")
+        await writer.drain()
+        if sent is not None:
+            sent.set()
+
+    return reply
 
 
 def json_head(length: int, extra: str = "") -> bytes:

@@ -4,13 +4,15 @@ upstream for the connect window, a sink of outcome records, and config builders.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any, Self, TypeVar
 
 import pytest
+from aiohttp import web
 from hypothesis import strategies as st
 
 from proxy.config import HangupConfig
@@ -335,6 +337,21 @@ class LateFin(_Forwarder):
                 writer.close()
 
         await asyncio.gather(to_upstream(), from_upstream())
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    app: web.Application, *, handler_cancellation: bool = False
+) -> AsyncIterator[int]:
+    """`app` served by aiohttp's runner on a free 127.0.0.1 port (yielded) until the block
+    ends."""
+    runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
 
 
 def http_body(raw: bytes) -> bytes:

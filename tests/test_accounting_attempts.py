@@ -29,7 +29,7 @@ from proxy.sim.records import RequestRecord as SimRequest
 from tests.conftest import StartProxy, chat
 from tests.metrics_support import scrape, value
 from tests.resilience_support import BACKUP_MODEL, CHAT, post, seen
-from tests.support import access_line, config_from
+from tests.support import access_line, config_from, serving
 
 PRIMARY_PRICE = (3.0, 12.0)  # USD per million input / output tokens
 BACKUP_PRICE = (1.0, 4.0)
@@ -363,16 +363,11 @@ async def slow_tokenizing_upstream() -> AsyncIterator[tuple[str, asyncio.Event, 
     app.router.add_post("/v1/chat/completions", stream)
     app.router.add_post("/apply-template", apply_template)
     app.router.add_post("/tokenize", tokenize)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/v1", asked, release
-    finally:
-        release.set()
-        await runner.cleanup()
+    async with serving(app) as port:
+        try:
+            yield f"http://127.0.0.1:{port}/v1", asked, release
+        finally:
+            release.set()
 
 
 async def test_in_flight_drops_when_the_request_ends_not_when_its_record_is_sealed(

@@ -120,6 +120,23 @@ def _chat_record(**fields: Any) -> RequestRecord:
     )
 
 
+def _delivered(usage: Usage, *, reason: str = "primary", **fields: Any) -> RequestRecord:
+    """The usual record: a completed chat completion of the "hosted" route, its one attempt
+    answered 200 `ok` with `usage` and delivered; `fields` set besides."""
+    attempt = Attempt("hosted", "m", 0.0, reason=reason, status=200, delivered=True)
+    attempt.result, attempt.usage = AttemptResult.OK, usage
+    return _chat_record(
+        route="hosted",
+        model="m",
+        endpoint="chat.completions",
+        upstream_status=200,
+        outcome=Outcome.COMPLETED,
+        sent_upstream=True,
+        attempts=[attempt],
+        **fields,
+    )
+
+
 def _usage_copy(usage: Usage) -> Usage:
     return msgspec.structs.replace(usage)
 
@@ -151,9 +168,9 @@ def _general() -> Accountant:
     return accountant
 
 
-@settings(max_examples=600, deadline=None)
-@given(st.lists(_records(), min_size=1, max_size=30))
-def test_the_single_attempt_way_settles_as_the_general_one(records: list[RequestRecord]) -> None:
+def _settled_alike(records: list[RequestRecord]) -> None:
+    """Copies of `records` settled in turn, by an accountant as shipped and by one with only
+    the general way, come out equal."""
     fast, general = Accountant(_CONFIG), _general()
     for record in records:
         mine, theirs = _copy(record), _copy(record)
@@ -162,6 +179,12 @@ def test_the_single_attempt_way_settles_as_the_general_one(records: list[Request
         assert mine == theirs
     # The typical lengths learned (read only once 20 answers of one route and model are in).
     assert fast.typical._lengths == general.typical._lengths
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(_records(), min_size=1, max_size=30))
+def test_the_single_attempt_way_settles_as_the_general_one(records: list[RequestRecord]) -> None:
+    _settled_alike(records)
 
 
 def test_the_usual_record_takes_the_single_attempt_way() -> None:
@@ -174,20 +197,7 @@ def test_the_usual_record_takes_the_single_attempt_way() -> None:
     accountant._bill = no_general  # type: ignore[method-assign]
     accountant._cost = no_general  # type: ignore[assignment]
     usage = Usage(prompt_tokens=14, completion_tokens=16)
-    attempt = Attempt("hosted", "m", 0.0, status=200, result=AttemptResult.OK, delivered=True)
-    attempt.usage = usage
-    record = _chat_record(
-        route="hosted",
-        upstream="hosted",
-        model="m",
-        endpoint="chat.completions",
-        status=200,
-        upstream_status=200,
-        outcome=Outcome.COMPLETED,
-        sent_upstream=True,
-        seen_usage=usage,
-        attempts=[attempt],
-    )
+    record = _delivered(usage, upstream="hosted", status=200, seen_usage=usage)
     accountant.settle(record)
     assert record.usage == usage and record.cost is not None and record.cost.priced
 
@@ -197,18 +207,7 @@ def test_a_continued_answer_teaches_no_typical_length_either_way() -> None:
     a continued answer's length is not a natural one, so neither way learns it."""
     for accountant in (Accountant(_CONFIG), _general()):
         for reason in ("continue", "primary"):
-            attempt = Attempt("hosted", "m", 0.0, reason=reason, status=200, delivered=True)
-            attempt.result, attempt.usage = AttemptResult.OK, Usage(14, 16)
-            record = _chat_record(
-                route="hosted",
-                model="m",
-                endpoint="chat.completions",
-                upstream_status=200,
-                outcome=Outcome.COMPLETED,
-                sent_upstream=True,
-                attempts=[attempt],
-            )
-            accountant.settle(record)
+            accountant.settle(_delivered(Usage(14, 16), reason=reason))
         assert list(accountant.typical._lengths.items()) == [(("hosted", "m"), deque([16]))]
 
 
@@ -273,13 +272,7 @@ def _usual_records(draw: st.DrawFn) -> RequestRecord:
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_usual_records(), min_size=1, max_size=30))
 def test_the_usual_way_settles_as_the_general_one(records: list[RequestRecord]) -> None:
-    fast, general = Accountant(_CONFIG), _general()
-    for record in records:
-        mine, theirs = _copy(record), _copy(record)
-        fast.settle(mine)
-        general.settle(theirs)
-        assert mine == theirs
-    assert fast.typical._lengths == general.typical._lengths
+    _settled_alike(records)
 
 
 def test_the_usual_record_is_settled_in_one_step() -> None:
@@ -292,18 +285,8 @@ def test_the_usual_record_is_settled_in_one_step() -> None:
 
     accountant._bill_single = no_single  # type: ignore[method-assign]
     usage = Usage(prompt_tokens=14, completion_tokens=16)
-    attempt = Attempt("hosted", "m", 0.0, status=200, result=AttemptResult.OK, delivered=True)
-    attempt.usage = usage
-    record = _chat_record(
-        route="hosted",
-        model="m",
-        endpoint="chat.completions",
-        upstream_status=200,
-        outcome=Outcome.COMPLETED,
-        sent_upstream=True,
-        seen_usage=usage,
-        attempts=[attempt],
-    )
+    record = _delivered(usage, seen_usage=usage)
+    (attempt,) = record.attempts
     accountant.settle(record)
     assert record.usage is usage and attempt.bill is not None and attempt.bill.usage is usage
     assert record.cost is not None and record.cost.used_usd == (14 * 2.5 + 16 * 10.0) / 1e6

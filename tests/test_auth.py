@@ -13,13 +13,13 @@ fingerprint of the bearer token it received, never the token):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from proxy.__main__ import main
 from proxy.app import create_app
@@ -27,7 +27,7 @@ from proxy.auth import Auth
 from proxy.config import HangupConfig
 from proxy.sim import SimulatedProvider, key_fingerprint
 from proxy.state import STATE
-from tests.support import RecordSink, config_from
+from tests.support import RecordSink, config_from, serving
 
 UPSTREAM_KEY = "sk-upstream-0123456789abcdef"
 PROXY_KEYS = ["hangup-key-one-0123456789", "hangup-key-two-9876543210"]
@@ -54,23 +54,16 @@ async def serve() -> AsyncIterator[Serve]:
     """The app with handler cancellation (as in production), bound to loopback, while `Auth`
     is told the listener is `listen_host`: a test can check the rules for 0.0.0.0 without
     exposing a port to the network."""
-    runners: list[web.AppRunner] = []
+    async with contextlib.AsyncExitStack() as stack:
 
-    async def start(cfg: HangupConfig, listen_host: str) -> tuple[str, RecordSink]:
-        app = create_app(cfg, listen_host=listen_host)
-        sink = RecordSink()
-        app[STATE].listeners.append(sink)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        return f"http://127.0.0.1:{port}", sink
+        async def start(cfg: HangupConfig, listen_host: str) -> tuple[str, RecordSink]:
+            app = create_app(cfg, listen_host=listen_host)
+            sink = RecordSink()
+            app[STATE].listeners.append(sink)
+            port = await stack.enter_async_context(serving(app, handler_cancellation=True))
+            return f"http://127.0.0.1:{port}", sink
 
-    yield start
-    for runner in runners:
-        await runner.cleanup()
+        yield start
 
 
 async def post(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:

@@ -17,7 +17,7 @@ from proxy import sse_relay
 from proxy.chunked_write import DIRECT_MAX, direct_writer, write_chunk
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy, chat
-from tests.support import RawClient, http_body, make_config
+from tests.support import RawClient, http_body, make_config, serving
 
 # Pieces of the sizes a stream writes (one event), and enough of them to pass aiohttp's drain
 # limit (64 KiB) several times over.
@@ -93,15 +93,8 @@ async def serve(handler: Handler) -> AsyncIterator[tuple[int, Counters]]:
     seen: Counters = []
     app[SEEN] = seen
     app.router.add_get("/", handler)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(app, handler_cancellation=True) as port:
         yield port, seen
-    finally:
-        await runner.cleanup()
 
 
 async def fetch(handler: Handler) -> tuple[bytes, Counters]:

@@ -211,12 +211,10 @@ def test_a_large_body_that_cannot_be_walked_takes_one_step() -> None:
 
 @pytest.fixture
 async def big_backup() -> AsyncIterator[SimulatedProvider]:
-    provider = SimulatedProvider(tokens_per_s=200.0, default_tokens=16, body_limit=64 << 20)
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    async with SimulatedProvider(
+        tokens_per_s=200.0, default_tokens=16, body_limit=64 << 20
+    ) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 async def test_a_large_body_is_continued_after_a_stall(

@@ -50,12 +50,8 @@ def config(sim: SimulatedProvider, engine: str, **route: Any) -> Any:
 
 @pytest.fixture
 async def sglang() -> AsyncIterator[SimulatedProvider]:
-    sim = SimulatedProvider(engine="sglang", ignore_close=True, tokens_per_s=500.0)
-    await sim.start()
-    try:
+    async with SimulatedProvider(engine="sglang", ignore_close=True, tokens_per_s=500.0) as sim:
         yield sim
-    finally:
-        await sim.stop()
 
 
 async def hang_up_mid_stream(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 import pytest
@@ -26,10 +25,10 @@ from tests.hostile_support import (
     OK_BODY,
     Response,
     ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     Witness,
     access_lines,
-    answer_ok,
     assert_clean_log,
     chat_body,
     exchange_raw,
@@ -46,13 +45,6 @@ SSE_CONTENT = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 @pytest.fixture(autouse=True)
 def _debug_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)  # secrets stay out of every level
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[ScriptedUpstream]:
-    server = await ScriptedUpstream(answer_ok).start()
-    yield server
-    await server.stop()
 
 
 async def proxy_for(
@@ -454,7 +446,11 @@ UPSTREAM_REPLIES: dict[str, tuple[bytes, bool, int]] = {
 
 @pytest.mark.parametrize("name", list(UPSTREAM_REPLIES))
 async def test_upstream_replies_get_an_exact_answer_and_stall_nothing(
-    name: str, start_proxy: StartProxy, witness: Witness, caplog: pytest.LogCaptureFixture
+    name: str,
+    scripted: ScriptedUpstreams,
+    start_proxy: StartProxy,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     payload, stream, status = UPSTREAM_REPLIES[name]
     payload = payload.replace(b"{witness}", str(witness.port).encode())
@@ -464,41 +460,38 @@ async def test_upstream_replies_get_an_exact_answer_and_stall_nothing(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(reply).start()
-    try:
-        server, sink = await proxy_for(start_proxy, upstream.base_url)
-        loop = asyncio.get_running_loop()
-        request = request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=stream))
-        answer = asyncio.create_task(exchange_raw(server.port, request, timeout=10))
-        slowest = 0.0
-        while not answer.done():  # nothing else stalls: /healthz keeps answering meanwhile
-            started = loop.time()
-            health = await exchange_raw(server.port, request_bytes("GET", "/healthz"))
-            assert health.status == 200
-            slowest = max(slowest, loop.time() - started)
-        response = await answer
-        assert response.status == status
-        if status >= 400:
-            assert_openai_error(response)
-        if name == "key-in-one-of-two-set-cookies":
-            assert response.header("set-cookie") is not None
-            assert ("Set-Cookie", "b=kept") in response.headers
-        await sink.wait(lambda: sink.records, 5.0, "no record")
-        assert _K not in response.raw
-        assert KEY not in caplog.text
-        assert slowest < 1.0
-        assert witness.connections == 0
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert errors == []
-        assert len(sink.records) == 1
-        relayed = [
-            line
-            for line in access_lines(caplog)
-            if getattr(line, "fields", {}).get("path") == "/v1/chat/completions"
-        ]
-        assert len(relayed) == 1
-    finally:
-        await upstream.stop()
+    upstream = await scripted.start(reply)
+    server, sink = await proxy_for(start_proxy, upstream.base_url)
+    loop = asyncio.get_running_loop()
+    request = request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=stream))
+    answer = asyncio.create_task(exchange_raw(server.port, request, timeout=10))
+    slowest = 0.0
+    while not answer.done():  # nothing else stalls: /healthz keeps answering meanwhile
+        started = loop.time()
+        health = await exchange_raw(server.port, request_bytes("GET", "/healthz"))
+        assert health.status == 200
+        slowest = max(slowest, loop.time() - started)
+    response = await answer
+    assert response.status == status
+    if status >= 400:
+        assert_openai_error(response)
+    if name == "key-in-one-of-two-set-cookies":
+        assert response.header("set-cookie") is not None
+        assert ("Set-Cookie", "b=kept") in response.headers
+    await sink.wait(lambda: sink.records, 5.0, "no record")
+    assert _K not in response.raw
+    assert KEY not in caplog.text
+    assert slowest < 1.0
+    assert witness.connections == 0
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert len(sink.records) == 1
+    relayed = [
+        line
+        for line in access_lines(caplog)
+        if getattr(line, "fields", {}).get("path") == "/v1/chat/completions"
+    ]
+    assert len(relayed) == 1
 
 
 # --- items 5, 7, 9: configured values that would fail every request ---------------------------

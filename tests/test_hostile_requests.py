@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -21,10 +20,10 @@ from tests.conftest import StartProxy
 from tests.hostile_support import (
     OK_BODY,
     ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     Witness,
     access_lines,
-    answer_ok,
     assert_clean_log,
     bind_port_ending_in,
     chat_body,
@@ -39,13 +38,6 @@ from tests.support import RecordSink, config_from
 @pytest.fixture(autouse=True)
 def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[ScriptedUpstream]:
-    server = await ScriptedUpstream(answer_ok).start()
-    yield server
-    await server.stop()
 
 
 async def proxy_with_sink(
@@ -133,7 +125,10 @@ async def test_encoded_characters_reach_the_configured_upstream_encoded(
 
 
 async def test_an_unsafe_background_id_from_the_upstream_is_never_put_in_a_url(
-    start_proxy: StartProxy, witness: Witness, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams,
+    start_proxy: StartProxy,
+    witness: Witness,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A Responses background stream whose id tries to climb to another path; the client leaves,
     # and the cancel call must not be made with it.
@@ -152,22 +147,19 @@ async def test_an_unsafe_background_id_from_the_upstream_is_never_put_in_a_url(
         first_sent.set()
         await asyncio.sleep(10)
 
-    upstream = await ScriptedUpstream(stream_forever).start()
-    try:
-        server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
-        body = b'{"model":"m","input":"hi","stream":true,"background":true}'
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(request_bytes("POST", "/v1/responses", body=body))
-        async with asyncio.timeout(5):
-            await reader.readuntil(b"response.created")
-        writer.close()
-        await sink.wait(lambda: sink.records, 5.0, "no record")
-        assert [r.target for r in upstream.requests] == ["/v1/responses"]
-        assert witness.connections == 0
-        assert_clean_log(caplog)
-        assert any("not a plain id" in r.getMessage() for r in caplog.records)
-    finally:
-        await upstream.stop()
+    upstream = await scripted.start(stream_forever)
+    server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
+    body = b'{"model":"m","input":"hi","stream":true,"background":true}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes("POST", "/v1/responses", body=body))
+    async with asyncio.timeout(5):
+        await reader.readuntil(b"response.created")
+    writer.close()
+    await sink.wait(lambda: sink.records, 5.0, "no record")
+    assert [r.target for r in upstream.requests] == ["/v1/responses"]
+    assert witness.connections == 0
+    assert_clean_log(caplog)
+    assert any("not a plain id" in r.getMessage() for r in caplog.records)
 
 
 # --- item 4: browsers ---------------------------------------------------------------------------
@@ -274,43 +266,38 @@ async def test_cross_site_requests_and_preflights_are_refused_by_default(
 
 
 async def test_an_allowed_origin_gets_our_cors_headers_never_the_upstreams(
-    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def permissive(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
         cors = "Access-Control-Allow-Origin: *\r\nAccess-Control-Allow-Credentials: true\r\n"
         writer.write(json_head(len(OK_BODY), cors) + OK_BODY)
         await writer.drain()
 
-    upstream = await ScriptedUpstream(permissive).start()
-    try:
-        app = "https://app.example"
-        server = await proxy_for(start_proxy, upstream.base_url, cors={"allowed_origins": [app]})
-        preflight = request_bytes(
-            "OPTIONS",
-            "/v1/chat/completions",
-            headers={"Origin": app, "Access-Control-Request-Method": "POST"},
-        )
-        response = await exchange_raw(server.port, preflight)
-        assert response.status == 204
-        assert response.header("access-control-allow-origin") == app
-        assert upstream.requests == []  # answered here, never forwarded with the key
-        post = request_bytes(
-            "POST", "/v1/chat/completions", body=chat_body(), headers={"Origin": app}
-        )
-        response = await exchange_raw(server.port, post)
-        assert response.status == 200
-        assert response.header("access-control-allow-origin") == app
-        assert response.header("access-control-allow-credentials") is None
-        # Without an Origin (not a browser): no CORS headers at all, the upstream's dropped.
-        plain = await exchange_raw(
-            server.port, request_bytes("POST", "/v1/chat/completions", body=chat_body())
-        )
-        assert plain.status == 200
-        assert not any(n.startswith("access-control-") for n in plain.header_names())
-        assert len(upstream.requests) == 2
-        assert_clean_log(caplog, access=2)
-    finally:
-        await upstream.stop()
+    upstream = await scripted.start(permissive)
+    app = "https://app.example"
+    server = await proxy_for(start_proxy, upstream.base_url, cors={"allowed_origins": [app]})
+    preflight = request_bytes(
+        "OPTIONS",
+        "/v1/chat/completions",
+        headers={"Origin": app, "Access-Control-Request-Method": "POST"},
+    )
+    response = await exchange_raw(server.port, preflight)
+    assert response.status == 204
+    assert response.header("access-control-allow-origin") == app
+    assert upstream.requests == []  # answered here, never forwarded with the key
+    post = request_bytes("POST", "/v1/chat/completions", body=chat_body(), headers={"Origin": app})
+    response = await exchange_raw(server.port, post)
+    assert response.status == 200
+    assert response.header("access-control-allow-origin") == app
+    assert response.header("access-control-allow-credentials") is None
+    # Without an Origin (not a browser): no CORS headers at all, the upstream's dropped.
+    plain = await exchange_raw(
+        server.port, request_bytes("POST", "/v1/chat/completions", body=chat_body())
+    )
+    assert plain.status == 200
+    assert not any(n.startswith("access-control-") for n in plain.header_names())
+    assert len(upstream.requests) == 2
+    assert_clean_log(caplog, access=2)
 
 
 # --- item 5: malformed client input gets its own 4xx, never internal_error ---------------------
@@ -498,7 +485,7 @@ async def test_readyz_shows_load_only_to_the_scrape_token(
 
 
 async def test_a_huge_model_and_max_tokens_stay_bounded(
-    start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     started = asyncio.Event()
 
@@ -509,26 +496,23 @@ async def test_a_huge_model_and_max_tokens_stay_bounded(
         started.set()
         await asyncio.sleep(10)
 
-    upstream = await ScriptedUpstream(stream_then_wait).start()
-    try:
-        server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
-        model = "m" * (1 << 20)
-        body = chat_body(model, stream=True, max_tokens=10**18)
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(request_bytes("POST", "/v1/chat/completions", body=body))
-        async with asyncio.timeout(5):
-            await started.wait()
-            await reader.readuntil(b"data: ")
-        writer.close()  # the client leaves: savings are computed against max_tokens
-        await sink.wait(lambda: sink.records, 5.0, "no record")
-        (record,) = sink.records
-        assert record.outcome is Outcome.CLIENT_CANCELLED
-        assert record.savings is not None and record.savings.tokens_saved_upper is not None
-        assert record.savings.tokens_saved_upper <= 1_000_000
-        (line,) = access_lines(caplog)
-        assert len(line.getMessage()) + len(str(getattr(line, "fields", ""))) < 4096
-        scrape = await exchange_raw(server.port, request_bytes("GET", "/metrics"))
-        assert b"mmmmmmmmmmmmmmmm" not in scrape.body
-        assert_clean_log(caplog)
-    finally:
-        await upstream.stop()
+    upstream = await scripted.start(stream_then_wait)
+    server, sink = await proxy_with_sink(start_proxy, upstream.base_url)
+    model = "m" * (1 << 20)
+    body = chat_body(model, stream=True, max_tokens=10**18)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(request_bytes("POST", "/v1/chat/completions", body=body))
+    async with asyncio.timeout(5):
+        await started.wait()
+        await reader.readuntil(b"data: ")
+    writer.close()  # the client leaves: savings are computed against max_tokens
+    await sink.wait(lambda: sink.records, 5.0, "no record")
+    (record,) = sink.records
+    assert record.outcome is Outcome.CLIENT_CANCELLED
+    assert record.savings is not None and record.savings.tokens_saved_upper is not None
+    assert record.savings.tokens_saved_upper <= 1_000_000
+    (line,) = access_lines(caplog)
+    assert len(line.getMessage()) + len(str(getattr(line, "fields", ""))) < 4096
+    scrape = await exchange_raw(server.port, request_bytes("GET", "/metrics"))
+    assert b"mmmmmmmmmmmmmmmm" not in scrape.body
+    assert_clean_log(caplog)

@@ -17,10 +17,12 @@ from aiohttp import web
 
 from proxy.outcome import Outcome
 from proxy.server import ProxyServer
+from tests import hostile_support
 from tests.conftest import StartProxy
 from tests.hostile_support import (
     Reply,
     ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
@@ -44,26 +46,14 @@ def _info_logs(caplog: pytest.LogCaptureFixture) -> None:
 
 
 async def proxy_before(
-    reply: Reply,
-    scripted: list[ScriptedUpstream],
-    start_proxy: StartProxy,
-    **extra: object,
+    reply: Reply, scripted: ScriptedUpstreams, start_proxy: StartProxy, **extra: object
 ) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
-    upstream = await ScriptedUpstream(reply).start()
-    scripted.append(upstream)
-    data: dict[str, object] = {
-        "upstreams": {
-            "up": {
-                "base_url": upstream.base_url,
-                "api_key": UPSTREAM_KEY,
-                "headers": {"OpenAI-Organization": HEADER_SECRET},
-            }
-        },
-        "routes": [{"name": "default", "upstream": "up"}],
-        **extra,
-    }
-    server, sink = await start_proxy(config_from(data))
-    return server, sink, upstream
+    """The proxy before a scripted upstream whose configured key and header it must never
+    let out."""
+    upstream = {"api_key": UPSTREAM_KEY, "headers": {"OpenAI-Organization": HEADER_SECRET}}
+    return await hostile_support.proxy_before(
+        reply, scripted, start_proxy, upstream=upstream, **extra
+    )
 
 
 async def only_record(sink: RecordSink) -> Outcome | None:
@@ -76,7 +66,7 @@ async def only_record(sink: RecordSink) -> Outcome | None:
 
 
 async def test_a_control_byte_in_an_upstream_header_is_a_502(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Bad: a\x01b\r\n"
     reply = send_and_close(head + b"Content-Length: 2\r\n\r\n{}")
@@ -91,7 +81,7 @@ async def test_a_control_byte_in_an_upstream_header_is_a_502(
 
 
 async def test_an_sse_event_nested_50k_deep_ends_the_stream_with_an_error_event(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
     client_has_it = asyncio.Event()
@@ -121,7 +111,7 @@ async def test_an_sse_event_nested_50k_deep_ends_the_stream_with_an_error_event(
 
 
 async def test_a_gzip_bomb_in_a_json_answer_is_relayed_as_sent(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 1 GiB of zeros inside a JSON string, ~1 MiB compressed.
     inner = gzip.compress(b'{"choices":[{"message":{"content":"' + b"0" * (256 << 20), 9)
@@ -138,12 +128,11 @@ async def test_a_gzip_bomb_in_a_json_answer_is_relayed_as_sent(
 
 
 async def test_a_client_gone_while_the_response_head_is_written_is_client_cancelled(
-    scripted: list[ScriptedUpstream], caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The client's socket closes exactly while the relay writes the response head: a prepare
     # hook (run inside StreamResponse.prepare, before the head is written) closes it.
-    upstream = await ScriptedUpstream(send_and_close(json_head(2) + b"{}")).start()
-    scripted.append(upstream)
+    upstream = await scripted.start(send_and_close(json_head(2) + b"{}"))
     config = config_from(
         {
             "upstreams": {"up": {"base_url": upstream.base_url}},
@@ -184,7 +173,7 @@ PROXY_KEY = "hk-proxy-client-key-55Lm1"
 
 
 async def test_an_upstream_echoing_the_key_in_a_401_is_scrubbed(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def echo(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
         body = (
@@ -220,7 +209,7 @@ async def test_an_upstream_echoing_the_key_in_a_401_is_scrubbed(
 
 
 async def test_a_key_split_across_stream_chunks_is_scrubbed_in_band_and_in_the_log(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     before = b'data: {"error":{"message":"key '
     client_saw_the_start = asyncio.Event()
@@ -259,7 +248,7 @@ async def test_a_key_split_across_stream_chunks_is_scrubbed_in_band_and_in_the_l
 @pytest.mark.parametrize("cut", ["rst", "fin-mid-event"])
 async def test_an_unframed_stream_cut_by_the_transport_is_not_completed(
     cut: str,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -286,8 +275,78 @@ async def test_an_unframed_stream_cut_by_the_transport_is_not_completed(
     assert_clean_log(caplog)
 
 
+UNFRAMED = {  # whole answers, with neither Content-Length nor chunking: each ends at EOF
+    "json": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n",
+        b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":'
+        b'"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":3,'
+        b'"completion_tokens":1,"total_tokens":4}}',
+    ),
+    "sse": (
+        sse_head(),
+        b'data: {"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n'
+        b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+        b"data: [DONE]\n\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("ending", ["fin", "rst"])
+@pytest.mark.parametrize("kind", sorted(UNFRAMED))
+async def test_an_unframed_answer_ends_at_a_fin_and_is_cut_by_a_reset(
+    kind: str,
+    ending: str,
+    scripted: ScriptedUpstreams,
+    start_proxy: StartProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The whole answer reached the client, then the upstream's connection ends. aiohttp reads
+    a reset as the end of an unframed body, as it reads a FIN: only the proxy's watch on the
+    connection (`FramingWatch`) tells a cut from an answer."""
+    head, body = UNFRAMED[kind]
+    client_has_it = asyncio.Event()
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(head + body)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            await client_has_it.wait()  # the end comes after the bytes, not with them
+        if ending == "rst":
+            reset(writer)
+        else:
+            writer.close()
+
+    server, sink, _ = await proxy_before(reply, scripted, start_proxy)
+    client = await RawClient.connect("127.0.0.1", server.port)
+    await client.post_json(
+        "/v1/chat/completions",
+        json.loads(chat_body(stream=kind == "sse")),
+        {"Connection": "close"},
+    )
+    try:
+        await client.read_until(
+            lambda got: b"\r\n\r\n" in got and body in parse_response(got).body, what="it all"
+        )
+        client_has_it.set()
+        response = parse_response(await client.read_to_eof())
+    finally:
+        client.close()
+    assert response.status == 200
+    if ending == "fin":
+        assert response.body == body and response.raw.endswith(b"0\r\n\r\n")
+        assert await only_record(sink) is Outcome.COMPLETED
+    elif kind == "sse":  # the cut, told in-band after what came
+        assert response.body.startswith(body)
+        assert b"connection was cut before the end" in response.body[len(body) :]
+        assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    else:  # the cut passed on: no last chunk
+        assert response.body == body and not response.raw.endswith(b"0\r\n\r\n")
+        assert await only_record(sink) is Outcome.UPSTREAM_ERROR
+    assert_clean_log(caplog)
+
+
 async def test_a_stream_with_cr_only_line_endings_is_completed(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -315,7 +374,7 @@ async def test_a_stream_with_cr_only_line_endings_is_completed(
 @pytest.mark.parametrize("status", [101, 600, 999])
 async def test_a_status_outside_200_to_599_is_a_502(
     status: int,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -332,7 +391,7 @@ async def test_a_status_outside_200_to_599_is_a_502(
 
 
 async def test_streams_ask_for_identity_and_refuse_a_compressed_event_stream(
-    scripted: list[ScriptedUpstream], start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     event = gzip.compress(b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n')
     head = sse_head("Content-Encoding: gzip\r\n")
@@ -353,7 +412,7 @@ async def test_streams_ask_for_identity_and_refuse_a_compressed_event_stream(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 async def test_absurd_usage_counts_from_an_upstream_are_not_counts(
     stream: bool,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -214,14 +214,10 @@ def test_sglang_names_in_steps_as_in_one(
 
 @pytest.fixture
 async def big_sglang() -> AsyncIterator[SimulatedProvider]:
-    provider = SimulatedProvider(
+    async with SimulatedProvider(
         engine="sglang", tokens_per_s=1000.0, default_tokens=4, body_limit=64 << 20
-    )
-    await provider.start(host="127.0.0.1", port=0)
-    try:
+    ) as provider:
         yield provider
-    finally:
-        await provider.stop()
 
 
 async def test_a_large_body_is_named_at_sglang(

@@ -163,12 +163,8 @@ class Nginx:
 @pytest.fixture
 async def sglang() -> AsyncIterator[SimulatedProvider]:
     # The default close semantics: here it is nginx that never passes the close on.
-    sim = SimulatedProvider(engine="sglang", tokens_per_s=1000.0)
-    await sim.start()
-    try:
+    async with SimulatedProvider(engine="sglang", tokens_per_s=1000.0) as sim:
         yield sim
-    finally:
-        await sim.stop()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from proxy.request_body import RequestBody, release_in_turns
 from proxy.routing import Router
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy, chat
-from tests.support import config_from, make_config
+from tests.support import config_from, make_config, serving
 
 CHAT = "/v1/chat/completions"
 
@@ -101,12 +101,7 @@ async def test_multipart_uploads_pass_through_byte_identical(start_proxy: StartP
 
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_post("/v1/audio/transcriptions", transcribe)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with serving(app) as port:
         server, sink = await start_proxy(make_config(f"http://127.0.0.1:{port}/v1"))
         audio = bytes(range(256)) * 8192  # 2 MiB of every byte value
         boundary = "hangup-test-boundary"
@@ -133,8 +128,6 @@ async def test_multipart_uploads_pass_through_byte_identical(start_proxy: StartP
         assert received["content-type"] == content_type
         record = await sink.wait_for("upload")
         assert record.outcome is Outcome.COMPLETED and record.endpoint == "other"
-    finally:
-        await runner.cleanup()
 
 
 async def test_request_ids_and_headers(sim: SimulatedProvider, start_proxy: StartProxy) -> None:

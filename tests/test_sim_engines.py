@@ -44,12 +44,8 @@ async def started(
 
 @pytest.fixture
 async def sglang() -> AsyncIterator[SimulatedProvider]:
-    sim = SimulatedProvider(engine="sglang", tokens_per_s=200.0)
-    await sim.start()
-    try:
+    async with SimulatedProvider(engine="sglang", tokens_per_s=200.0) as sim:
         yield sim
-    finally:
-        await sim.stop()
 
 
 async def post_abort(sim: SimulatedProvider, path: str, payload: Any) -> tuple[int, bytes]:

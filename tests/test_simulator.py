@@ -27,12 +27,8 @@ MESSAGES = [{"role": "user", "content": "say something nice"}]  # 3 words -> 3 +
 
 @pytest.fixture
 async def provider() -> AsyncIterator[SimulatedProvider]:
-    sim = SimulatedProvider(tokens_per_s=2000.0, default_tokens=5)
-    await sim.start()
-    try:
+    async with SimulatedProvider(tokens_per_s=2000.0, default_tokens=5) as sim:
         yield sim
-    finally:
-        await sim.stop()
 
 
 @pytest.fixture

@@ -21,16 +21,16 @@ from proxy.outcome import Outcome
 from proxy.usage import chunk_tokens
 from tests.conftest import StartProxy
 from tests.hostile_support import (
-    ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
     exchange_raw,
     parse_response,
+    proxy_before,
     request_bytes,
     sse_head,
 )
-from tests.support import config_from
 
 KEY = "plainUpstreamKey-7Q2v9X0"
 HUGE = 3 * 1024 * 1024
@@ -63,7 +63,7 @@ EXPECTED = (
 @pytest.mark.parametrize("writes", ["one write", "64 KiB writes"])
 async def test_a_huge_event_reaches_the_client_as_an_ordinary_one_would(
     writes: str,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -78,16 +78,7 @@ async def test_a_huge_event_reaches_the_client_as_an_ordinary_one_would(
             await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
-    server, sink = await start_proxy(
-        config_from(
-            {
-                "upstreams": {"up": {"base_url": upstream.base_url, "api_key": KEY}},
-                "routes": [{"name": "default", "upstream": "up"}],
-            }
-        )
-    )
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy, upstream={"api_key": KEY})
     response = await exchange_raw(
         server.port,
         request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),
@@ -106,7 +97,7 @@ async def test_a_huge_event_reaches_the_client_as_an_ordinary_one_would(
 
 
 async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -119,16 +110,7 @@ async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
-    server, sink = await start_proxy(
-        config_from(
-            {
-                "upstreams": {"up": {"base_url": upstream.base_url}},
-                "routes": [{"name": "default", "upstream": "up"}],
-            }
-        )
-    )
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy)
     response = await exchange_raw(
         server.port,
         request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),
@@ -142,15 +124,8 @@ async def test_a_huge_event_without_reported_usage_is_estimated_from_its_text(
     assert_clean_log(caplog)
 
 
-def _proxy_config(upstream: ScriptedUpstream) -> dict[str, object]:
-    return {
-        "upstreams": {"up": {"base_url": upstream.base_url, "api_key": KEY}},
-        "routes": [{"name": "default", "upstream": "up"}],
-    }
-
-
 async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -174,9 +149,7 @@ async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
-    server, sink = await start_proxy(config_from(_proxy_config(upstream)))
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy, upstream={"api_key": KEY})
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     received = bytearray()
     try:
@@ -202,7 +175,7 @@ async def test_a_huge_event_reaches_the_client_before_its_end_is_sent(
 
 
 async def test_a_huge_malformed_event_is_relayed_once_it_has_begun(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -218,9 +191,7 @@ async def test_a_huge_malformed_event_is_relayed_once_it_has_begun(
         await writer.drain()
         writer.close()
 
-    upstream = await ScriptedUpstream(stream).start()
-    scripted.append(upstream)
-    server, sink = await start_proxy(config_from(_proxy_config(upstream)))
+    server, sink, _ = await proxy_before(stream, scripted, start_proxy, upstream={"api_key": KEY})
     response = await exchange_raw(
         server.port,
         request_bytes("POST", "/v1/chat/completions", body=chat_body(stream=True)),

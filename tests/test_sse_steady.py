@@ -10,19 +10,17 @@ inline cut's size, a configured secret in the text), with each usage filter."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from proxy import sse_relay
 from proxy.downstream import Downstream
 from proxy.sse_stream import StreamState
 from proxy.usage.filter import CUT_INLINE_BELOW
 from tests.conftest import StartProxy, chat
+from tests.hostile_support import ScriptedUpstreams, sse_in_chunks
 from tests.support import RawClient, config_from, http_body
 
 SECRET = "sk-PLANTEDsteadyKey0123456789"
@@ -112,32 +110,6 @@ STREAMS = {
 }
 
 
-@contextlib.asynccontextmanager
-async def scripted(writes: list[bytes]) -> AsyncIterator[str]:
-    """An upstream that answers every chat completion with `writes`, PAUSE_S apart."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for piece in writes:
-            await response.write(piece)
-            await asyncio.sleep(PAUSE_S)
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
-
-
 class _NeverSteady(StreamState):
     """A stream that is never steady: every read goes through `_sse_step`."""
 
@@ -198,7 +170,11 @@ USAGE_ASKS = {
 @pytest.mark.parametrize("name", sorted(STREAMS))
 @pytest.mark.parametrize("ask", sorted(USAGE_ASKS))
 async def test_steady_reads_agree_with_the_step(
-    name: str, ask: str, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+    name: str,
+    ask: str,
+    scripted: ScriptedUpstreams,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     steps: list[int] = []
     taken: list[int] = []
@@ -215,12 +191,12 @@ async def test_steady_reads_agree_with_the_step(
 
     monkeypatch.setattr(Downstream, "_sse_step", counted)
     monkeypatch.setattr(Downstream, "take_steady", counted_take)
-    async with scripted(STREAMS[name]) as upstream:
-        body, figures = await _relay(start_proxy, upstream, USAGE_ASKS[ask])
-        stepped, took = len(steps), sum(taken)
-        steps.clear()
-        monkeypatch.setattr(sse_relay, "StreamState", _NeverSteady)
-        ref_body, ref_figures = await _relay(start_proxy, upstream, USAGE_ASKS[ask])
+    upstream = await scripted.start(sse_in_chunks(STREAMS[name], PAUSE_S))
+    body, figures = await _relay(start_proxy, upstream.base_url, USAGE_ASKS[ask])
+    stepped, took = len(steps), sum(taken)
+    steps.clear()
+    monkeypatch.setattr(sse_relay, "StreamState", _NeverSteady)
+    ref_body, ref_figures = await _relay(start_proxy, upstream.base_url, USAGE_ASKS[ask])
     assert figures["status"] == 200 and body.endswith(b"data: [DONE]\n\n")
     assert SECRET.encode() not in body and SECRET.encode() not in ref_body
     assert body == ref_body

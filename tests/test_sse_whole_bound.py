@@ -16,21 +16,20 @@ import logging
 import pytest
 
 from proxy.outcome import Outcome
-from proxy.server import ProxyServer
 from proxy.sse_stream import MAX_WHOLE_EVENT
 from tests.conftest import StartProxy
 from tests.hostile_support import (
-    Reply,
-    ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     assert_clean_log,
     chat_body,
     exchange_raw,
     parse_response,
+    proxy_before,
     request_bytes,
     sse_head,
 )
-from tests.support import RawClient, RecordSink, config_from
+from tests.support import RawClient
 
 GOOD = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n'
 OVER = MAX_WHOLE_EVENT + 512 * 1024  # 1.5 MiB
@@ -59,24 +58,6 @@ SHAPES = {
 }
 
 
-async def proxy_before(
-    reply: Reply,
-    scripted: list[ScriptedUpstream],
-    start_proxy: StartProxy,
-    **extra: object,
-) -> tuple[ProxyServer, RecordSink, ScriptedUpstream]:
-    """The production runner with one route to a scripted upstream answering with `reply`."""
-    upstream = await ScriptedUpstream(reply).start()
-    scripted.append(upstream)
-    data: dict[str, object] = {
-        "upstreams": {"up": {"base_url": upstream.base_url}},
-        "routes": [{"name": "default", "upstream": "up"}],
-        **extra,
-    }
-    server, sink = await start_proxy(config_from(data))
-    return server, sink, upstream
-
-
 def test_each_shape_is_over_the_bound_and_valid_sse() -> None:
     for name, event in SHAPES.items():
         assert len(event) > MAX_WHOLE_EVENT, name
@@ -92,7 +73,7 @@ def test_each_shape_is_over_the_bound_and_valid_sse() -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 async def test_an_event_read_whole_over_1_mib_ends_the_stream_in_band(
     shape: str,
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -148,7 +129,7 @@ async def _ordinary(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
 
 
 async def test_one_huge_data_line_of_json_structure_is_still_relayed_whole(
-    scripted: list[ScriptedUpstream],
+    scripted: ScriptedUpstreams,
     start_proxy: StartProxy,
     caplog: pytest.LogCaptureFixture,
 ) -> None:

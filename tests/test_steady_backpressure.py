@@ -10,16 +10,15 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
 from proxy import chunked_write, sse_relay
 from proxy.downstream import Downstream
 from tests.conftest import StartProxy, chat
+from tests.hostile_support import ScriptedUpstreams, sse_in_chunks
 from tests.support import RawClient, config_from, http_body
 
 TEXT = "x" * 1000
@@ -42,42 +41,8 @@ def _chunk(text: str) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-class _Upstream:
-    def __init__(self) -> None:
-        self.written = 0  # bytes of events the upstream has written
-        self.done = asyncio.Event()
-
-    async def handler(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        event = _chunk(TEXT)
-        for _ in range(EVENTS):
-            await response.write(event)  # (aiohttp drains: it waits while hangup does not read)
-            self.written += len(event)
-            await asyncio.sleep(0)  # the proxy (in this loop) reads each event alone
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        self.done.set()
-        return response
-
-
-@contextlib.asynccontextmanager
-async def _serving(upstream: _Upstream) -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", upstream.handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
-    finally:
-        await runner.cleanup()
-
-
 async def test_a_client_that_stops_reading_holds_the_upstream_back(
-    start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+    scripted: ScriptedUpstreams, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     taken: list[bool] = []
     real_take = Downstream.take_steady
@@ -99,37 +64,39 @@ async def test_a_client_that_stops_reading_holds_the_upstream_back(
         return drain
 
     monkeypatch.setattr(sse_relay, "write_chunk", watched_write)
-    upstream = _Upstream()
-    async with _serving(upstream) as url:
-        config = config_from(
-            {
-                "upstreams": {"sim": {"base_url": url}},
-                "routes": [{"name": "default", "upstream": "sim"}],
-                "defaults": {"timeouts": {"idle_s": 30}},
-            }
-        )
-        server, sink = await start_proxy(config)
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
-        client = RawClient(reader, writer)
-        await client.post_json(
-            "/v1/chat/completions",
-            chat("m", stream=True, stream_options={"include_usage": True}),
-            {"Connection": "close"},
-        )
-        # The head and the first events, then nothing read, while the upstream writes on (into
-        # the sockets' buffers, which hold the rest on loopback; at most a bounded wait).
-        await client.read_until(lambda b: b"data: " in b)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(upstream.done.wait(), 3.0)
-        assert 64 * 1024 < buffered[0] <= TRANSPORT_MAX, buffered[0]  # paused, and bounded
-        # Reading on, the client gets the whole stream.
-        raw = await asyncio.wait_for(client.read_to_eof(timeout=60), 60)
-        client.close()
-        assert upstream.done.is_set()
+    # The upstream drains each write: it waits while hangup does not read.
+    done = asyncio.Event()
+    writes = [_chunk(TEXT)] * EVENTS + [b"data: [DONE]\n\n"]
+    upstream = await scripted.start(sse_in_chunks(writes, sent=done))
+    config = config_from(
+        {
+            "upstreams": {"sim": {"base_url": upstream.base_url}},
+            "routes": [{"name": "default", "upstream": "sim"}],
+            "defaults": {"timeouts": {"idle_s": 30}},
+        }
+    )
+    server, sink = await start_proxy(config)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    client = RawClient(reader, writer)
+    await client.post_json(
+        "/v1/chat/completions",
+        chat("m", stream=True, stream_options={"include_usage": True}),
+        {"Connection": "close"},
+    )
+    # The head and the first events, then nothing read, while the upstream writes on (into
+    # the sockets' buffers, which hold the rest on loopback; at most a bounded wait).
+    await client.read_until(lambda b: b"data: " in b)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(done.wait(), 3.0)
+    assert 64 * 1024 < buffered[0] <= TRANSPORT_MAX, buffered[0]  # paused, and bounded
+    # Reading on, the client gets the whole stream.
+    raw = await asyncio.wait_for(client.read_to_eof(timeout=60), 60)
+    client.close()
+    assert done.is_set()
     body = http_body(raw)
     events = body.split(b"\n\n")
     assert events[-2:] == [b"data: [DONE]", b""]

@@ -1,9 +1,11 @@
-"""The pure parts of tracing: W3C traceparent parsing (hostile input included) and the span
-attributes of a record, checked against the OpenTelemetry semantic-convention names the
-installed `opentelemetry-semantic-conventions` package defines, and against the docs."""
+"""The pure parts of tracing: W3C traceparent parsing (hostile input included), new ids (a
+forked child's its own), and the span attributes of a record, checked against the
+OpenTelemetry semantic-convention names the installed `opentelemetry-semantic-conventions`
+package defines, and against the docs."""
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -18,6 +20,8 @@ from proxy.tracing.context import (
     TRACESTATE_MAX,
     TraceIds,
     format_traceparent,
+    new_span_id,
+    new_trace_id,
     parse_traceparent,
 )
 from tests.cli_support import ROOT
@@ -125,6 +129,30 @@ def every_key() -> set[str]:
     for i, attempt in enumerate(record.attempts):
         keys |= set(attempt_attributes(record, i, attempt, server_address="h", port=1))
     return keys
+
+
+def _some_ids() -> list[int]:
+    return [new_trace_id() for _ in range(8)] + [new_span_id() for _ in range(8)]
+
+
+def test_a_forked_child_draws_other_ids_than_its_parent() -> None:
+    """A forked child starts with a copy of the ids' generator: unless it is reseeded there, the
+    child draws the very trace and span ids its parent draws next."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its ids, to the parent, then out without any cleanup
+        try:
+            os.write(write_end, " ".join(f"{i:x}" for i in _some_ids()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        sent = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    child, parent = [int(i, 16) for i in sent.split()], _some_ids()
+    assert len(child) == len(parent) == 16
+    assert not set(child) & set(parent)
 
 
 def test_each_attempt_span_describes_its_own_attempt() -> None:

@@ -21,20 +21,22 @@ from multidict import CIMultiDict
 from yarl import URL
 
 import proxy.upstream_connector
-from proxy.upstream import OpenAttempt, Upstreams
+from proxy.upstream import Upstreams
 from proxy.upstream_body import BodyReader, lean_body
 from proxy.upstream_connector import UpstreamProtocol
 from proxy.upstream_request import send
 from tests.conftest import StartProxy
 from tests.hostile_support import (
     ScriptedUpstream,
+    ScriptedUpstreams,
     SeenRequest,
     chat_body,
     exchange_raw,
+    proxy_before,
     request_bytes,
     reset,
 )
-from tests.support import config_from
+from tests.upstream_support import open_attempt, upstream_seam
 
 Framing = Literal["length", "chunked", "eof"]
 Ending = Literal["close", "reset"]
@@ -127,27 +129,6 @@ def scripted_reply(
     return reply
 
 
-@contextlib.asynccontextmanager
-async def upstream_seam() -> AsyncIterator[Upstreams]:
-    seam = Upstreams()
-    await seam.start()
-    try:
-        yield seam
-    finally:
-        await seam.close()
-
-
-def open_attempt(upstreams: Upstreams, port: int) -> OpenAttempt:
-    return upstreams.attempt(
-        "primary",
-        "GET",
-        URL(f"http://127.0.0.1:{port}/v1/x"),
-        headers=CIMultiDict(),
-        body=b"",
-        on_headers_sent=lambda: None,
-    )
-
-
 def no_lean_body() -> contextlib.AbstractContextManager[object]:
     """aiohttp's own reader on the production connection (everything else as in production)."""
     return mock.patch.object(proxy.upstream_connector, "lean_body", lambda reader: None)
@@ -157,11 +138,11 @@ Outcome = tuple[bytes, str | None]
 
 
 async def read_through(
-    upstreams: Upstreams, port: int, reader: Reader, progress: Progress, delays: list[float]
+    upstreams: Upstreams, url: str, reader: Reader, progress: Progress, delays: list[float]
 ) -> Outcome:
     """The answer read as the stream pump reads it (`content.readany()` until b""), with
     `delays` (cycled) before reads; the bytes read and the exception that ended it, if any."""
-    attempt = open_attempt(upstreams, port)
+    attempt = open_attempt(upstreams, url)
     received = bytearray()
     try:
         with no_lean_body() if reader == "aiohttp" else contextlib.nullcontext():
@@ -196,7 +177,7 @@ async def both_readers(answer: Answer, pause_s: float, delays: list[float]) -> l
             server = await ScriptedUpstream(scripted_reply(answer, progress, pause_s)).start()
             try:
                 outcomes.append(
-                    await read_through(upstreams, server.port, reader, progress, delays)
+                    await read_through(upstreams, server.base_url + "/x", reader, progress, delays)
                 )
             finally:
                 await server.stop()
@@ -310,7 +291,7 @@ async def held_answer(
     server = await ScriptedUpstream(reply).start()
     try:
         async with upstream_seam() as upstreams:
-            attempt = open_attempt(upstreams, server.port)
+            attempt = open_attempt(upstreams, server.base_url + "/x")
             try:
                 with no_lean_body() if reader == "aiohttp" else contextlib.nullcontext():
                     response = await asyncio.wait_for(attempt.start(), 5)
@@ -456,7 +437,7 @@ SCRIPTS: dict[str, tuple[bool, list[bytes]]] = {
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
 async def test_the_proxy_relays_alike_with_either_reader(
-    script: str, scripted: list[ScriptedUpstream], start_proxy: StartProxy
+    script: str, scripted: ScriptedUpstreams, start_proxy: StartProxy
 ) -> None:
     stream, writes = SCRIPTS[script]
 
@@ -466,15 +447,7 @@ async def test_the_proxy_relays_alike_with_either_reader(
             await writer.drain()
             await asyncio.sleep(0.005)
 
-    upstream = await ScriptedUpstream(reply).start()
-    scripted.append(upstream)
-    config = config_from(
-        {
-            "upstreams": {"up": {"base_url": upstream.base_url}},
-            "routes": [{"name": "default", "upstream": "up"}],
-        }
-    )
-    server, sink = await start_proxy(config)
+    server, sink, _ = await proxy_before(reply, scripted, start_proxy)
     seen: list[tuple[int, bytes, str | None]] = []
     for reader in ("aiohttp", "lean"):
         with no_lean_body() if reader == "aiohttp" else contextlib.nullcontext():

@@ -8,55 +8,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
-from multidict import CIMultiDict
-from yarl import URL
 
 from proxy.attempts import AttemptResult
 from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.outcome import Outcome
-from proxy.upstream import OpenAttempt, Upstreams
+from proxy.upstream import Upstreams
 from proxy.upstream_errors import AttemptFailed, map_open_error
-
-Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-
-
-async def _serve(reply: Reply) -> AsyncIterator[str]:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await reply(reader, writer)
-        writer.close()
-        await writer.wait_closed()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1/x"
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    seam = Upstreams()
-    await seam.start()
-    try:
-        yield seam
-    finally:
-        await seam.close()
-
-
-def _attempt(upstreams: Upstreams, url: str) -> OpenAttempt:
-    return upstreams.attempt(
-        "primary", "GET", URL(url), headers=CIMultiDict(), body=b"", on_headers_sent=lambda: None
-    )
+from tests.hostile_support import ScriptedUpstreams, SeenRequest, send_and_close
+from tests.upstream_support import open_attempt
 
 
 async def _open_failure(upstreams: Upstreams, url: str) -> AttemptFailed:
-    attempt = _attempt(upstreams, url)
+    attempt = open_attempt(upstreams, url)
     try:
         with pytest.raises(AttemptFailed) as caught:
             await attempt.start()
@@ -93,32 +59,22 @@ async def test_a_refused_connect_is_unreachable_and_its_address_goes_to_the_log_
 
 
 @pytest.fixture
-async def silent_close() -> AsyncIterator[str]:
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def silent_close(scripted: ScriptedUpstreams) -> str:
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
         pass  # hang up without a byte
 
-    async for url in _serve(reply):
-        yield url
+    return (await scripted.start(reply)).base_url + "/x"
 
 
 @pytest.fixture
-async def garbage() -> AsyncIterator[str]:
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
-        await writer.drain()
-
-    async for url in _serve(reply):
-        yield url
+async def garbage(scripted: ScriptedUpstreams) -> str:
+    return (await scripted.start(send_and_close(b"NOT HTTP AT ALL\r\n\r\n"))).base_url + "/x"
 
 
 @pytest.fixture
-async def cut_body() -> AsyncIterator[str]:
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten b")
-        await writer.drain()
-
-    async for url in _serve(reply):
-        yield url
+async def cut_body(scripted: ScriptedUpstreams) -> str:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
+    return (await scripted.start(send_and_close(head + b"only ten b"))).base_url + "/x"
 
 
 async def test_a_close_without_a_response_is_a_reset(
@@ -140,7 +96,7 @@ async def test_an_invalid_response_is_an_invalid_response(
 
 
 async def test_a_body_cut_short_is_a_stream_error(upstreams: Upstreams, cut_body: str) -> None:
-    attempt = _attempt(upstreams, cut_body)
+    attempt = open_attempt(upstreams, cut_body)
     try:
         response = await attempt.start()
         assert response.status == 200  # the headers were fine: the body read fails

@@ -6,52 +6,35 @@ is told to that attempt. The resend rule reads these facts (proxy/upstream.py's 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.upstream import OpenAttempt, Upstreams
+from tests.hostile_support import ScriptedUpstreams, SeenRequest, json_head
+from tests.upstream_support import open_attempt
+
+OK = b'{"ok": true}'
 
 
 @pytest.fixture
-async def keep_alive_upstream() -> AsyncIterator[URL]:
-    """A real aiohttp server on 127.0.0.1 that keeps its connections alive."""
+async def keep_alive_upstream(scripted: ScriptedUpstreams) -> str:
+    """A server on 127.0.0.1 that keeps its connections alive."""
 
-    async def answer(request: web.Request) -> web.Response:
-        await request.read()
-        return web.json_response({"ok": True})
+    async def answer(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(json_head(len(OK)) + OK)
+        await writer.drain()
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        port = runner.addresses[0][1]
-        yield URL(f"http://127.0.0.1:{port}/v1/chat/completions")
-    finally:
-        await runner.cleanup()
+    upstream = await scripted.start(answer, keep_alive=True)
+    return upstream.base_url + "/chat/completions"
 
 
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Upstreams]:
-    seam = Upstreams()
-    await seam.start()
-    try:
-        yield seam
-    finally:
-        await seam.close()
-
-
-def _attempt(upstreams: Upstreams, url: URL, sent: list[int]) -> OpenAttempt:
-    return upstreams.attempt(
-        "primary",
-        "POST",
+def _attempt(upstreams: Upstreams, url: str, sent: list[int]) -> OpenAttempt:
+    return open_attempt(
+        upstreams,
         url,
+        method="POST",
         headers=CIMultiDict({"Content-Type": "application/json"}),
         body=b'{"model":"m"}',
         on_headers_sent=lambda: sent.append(1),
@@ -61,11 +44,11 @@ def _attempt(upstreams: Upstreams, url: URL, sent: list[int]) -> OpenAttempt:
 async def _answered(attempt: OpenAttempt) -> None:
     answer = await asyncio.wait_for(attempt.start(), 5)
     assert answer.status == 200
-    assert await asyncio.wait_for(answer.read(), 5) == b'{"ok": true}'
+    assert await asyncio.wait_for(answer.read(), 5) == OK
 
 
 async def test_each_attempt_learns_its_own_transport_reuse_and_send_time(
-    upstreams: Upstreams, keep_alive_upstream: URL
+    upstreams: Upstreams, keep_alive_upstream: str
 ) -> None:
     sent: list[int] = []
     first = _attempt(upstreams, keep_alive_upstream, sent)
@@ -88,7 +71,7 @@ async def test_each_attempt_learns_its_own_transport_reuse_and_send_time(
         # A control call in this same task while the attempt is open: its connection and
         # its send are not the attempt's.
         status, _ = await asyncio.wait_for(
-            upstreams.post_empty(keep_alive_upstream, CIMultiDict()), 5
+            upstreams.post_empty(URL(keep_alive_upstream), CIMultiDict()), 5
         )
         assert status == 200
         assert (hooks.transport, hooks.reused, hooks.sent_at) == told

@@ -8,6 +8,7 @@ parent span's id then; the spans themselves are built from the finished record l
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -64,6 +65,10 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
 # Our own generator (seeded from os.urandom): ids never draw on, or disturb, the global
 # `random` state that other code in the process (and Hypothesis in the tests) relies on.
 _IDS = random.Random()
+# A forked child starts with a copy of its state, so it would draw the very ids its parent draws
+# next: reseeded there, from os.urandom again. hangup's own workers are fresh interpreters
+# (proxy/supervisor.py): a guard for embedders, as proxy/request_ids.py's for its batch.
+os.register_at_fork(after_in_child=_IDS.seed)
 
 
 def new_trace_id() -> int:
