@@ -20,7 +20,6 @@ import time
 
 from aiohttp import web
 
-from proxy.accounting import attempt_closed
 from proxy.admission import Plan, TargetPlan, admit
 from proxy.answer_status import RELAYED_AS_IS, PolicyFailed, check_status
 from proxy.attempts import Attempt, AttemptResult
@@ -41,6 +40,7 @@ from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
 from proxy.request_ids import new_request_id
 from proxy.resilience.policy import Decision, Failure, Step
 from proxy.routing import Route
+from proxy.seal import attempt_closed
 from proxy.secrets import stream_scrubber
 from proxy.sse_stream import loop_clock
 from proxy.state import STATE, ProxyState
