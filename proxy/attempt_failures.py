@@ -3,8 +3,8 @@ told from the client's (and a per-attempt deadline's handed to the next target),
 after content continued on another target, the back-off before a retry. Which target next is
 `targets.Chooser`'s, as `proxy.resilience` directs; the loop of attempts is relay.py's.
 
-A base of `relay.Exchange`, between it and `EngineWork`: slots of the exchange's, no instance
-dict.
+A base of `relay.Exchange`, between it and `EngineWork`: the two slots its methods keep, no
+instance dict.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from proxy.timeouts import Deadlines
 from proxy.upstream_errors import AttemptFailed
 from proxy.watchdog import Watchdog
 
-log = logging.getLogger("hangup.relay")  # the relay's log: these lines are its story
+# The relay's logger: these lines are part of its account of a request, under the name they had.
+log = logging.getLogger("hangup.relay")
 
 # Deadlines that belong to one attempt: when one fires, another target may still answer.
 _PER_ATTEMPT = frozenset({TimeoutKind.CONNECT, TimeoutKind.HEADERS, TimeoutKind.FIRST_TOKEN})
