@@ -6,7 +6,8 @@ off the request's path. The exchange keeps each attempt as it was sent (its targ
 name its engine runs it under) until the attempt ends: `_abandon` is the one place an attempt
 is given up, and `_stop_background_work` what is left to stop once the request is over.
 
-A base of `relay.Exchange`, between it and `Downstream`: one more slot, no instance dict.
+A base of `relay.Exchange` (through `attempt_failures.AttemptFailures`), above `Downstream`:
+one more slot, no instance dict.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from proxy.accounting import attempt_closed
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.hedging import Racer, last_index, race
+from proxy.seal import attempt_closed
 from proxy.watchdog import Watchdog
 
 if TYPE_CHECKING:

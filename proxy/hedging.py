@@ -14,12 +14,12 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from proxy.accounting import attempt_closed
 from proxy.admission import Plan
 from proxy.attempts import Attempt, AttemptResult
 from proxy.engines import Named
 from proxy.errors import UpstreamFailed
 from proxy.resilience.classify import status_result
+from proxy.seal import attempt_closed
 from proxy.sse import SSEDecoder
 from proxy.sse_stream import HOLD_CAP, held_too_much
 from proxy.upstream import OpenAttempt, UpstreamResponse, Upstreams

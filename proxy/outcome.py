@@ -298,7 +298,7 @@ class RequestRecord(msgspec.Struct):
     bytes_from_client: int = 0
     bytes_to_client: int = 0
     content_chunks: int = 0  # content-bearing SSE events relayed
-    # facts for accounting, put here by the relay's one sealing step (`accounting.seal`), so
+    # facts for accounting, put here by the relay's one sealing step (`seal.seal`), so
     # that `Accountant.settle` is a function of the record alone
     sent_upstream: bool = False  # the request was admitted and sent (the upstream saw the prompt)
     max_tokens: int | None = None  # the request's completion limit, if it set one

@@ -20,15 +20,14 @@ import time
 
 from aiohttp import web
 
-from proxy.accounting import attempt_closed
 from proxy.admission import Plan, TargetPlan, admit
 from proxy.answer_status import RELAYED_AS_IS, PolicyFailed, check_status
+from proxy.attempt_failures import AttemptFailures, _DeadlineFired
 from proxy.attempts import Attempt, AttemptResult
 from proxy.client_writes import ClientGone
 from proxy.drain import open_upstream
-from proxy.edge.body import in_steps
 from proxy.edge.gate import edge_answer
-from proxy.engine_work import EngineWork, Sent
+from proxy.engine_work import Sent
 from proxy.engines import Named
 from proxy.engines.naming import NAME_ONE_STEP_BYTES
 from proxy.errors import (
@@ -39,13 +38,13 @@ from proxy.hedged import hedges, relay_hedged
 from proxy.outcome import OUTCOME_CLIENT_CANCELLED, Outcome, RequestRecord, TimeoutKind
 from proxy.request_body import LARGE_RELEASE_BYTES, release_in_turns
 from proxy.request_ids import new_request_id
-from proxy.resilience.policy import Decision, Failure, Step
+from proxy.resilience.policy import Decision, Step
 from proxy.routing import Route
+from proxy.seal import attempt_closed
 from proxy.secrets import stream_scrubber
 from proxy.sse_stream import loop_clock
 from proxy.state import STATE, ProxyState
-from proxy.targets import Chooser, Resume, ResumeSteps
-from proxy.timeouts import Deadlines
+from proxy.targets import Chooser
 from proxy.upstream import OpenAttempt
 from proxy.upstream_errors import AttemptFailed
 from proxy.usage import (
@@ -56,24 +55,12 @@ from proxy.watchdog import Watchdog
 
 log = logging.getLogger("hangup.relay")
 
-# Deadlines that belong to one attempt: when one fires, another target may still answer.
-_PER_ATTEMPT = frozenset({TimeoutKind.CONNECT, TimeoutKind.HEADERS, TimeoutKind.FIRST_TOKEN})
-_MAX_CONTINUATIONS = 2  # per request: a stream that keeps breaking ends in band
 
-
-class _DeadlineFired(Exception):
-    """A request deadline fired (its cancellation already withdrawn): answer with a timeout."""
-
-    def __init__(self, kind: TimeoutKind) -> None:
-        super().__init__(kind.value)
-        self.kind = kind
-
-
-class Exchange(EngineWork):
+class Exchange(AttemptFailures):
     """One request, from arrival to its record."""
 
-    # Slots (one Exchange per held stream, no per-instance dict); the rest are Downstream's.
-    __slots__ = ("_continuations", "_cut", "_raced_to", "chooser", "clock")
+    # Slots (one Exchange per held stream, no per-instance dict); the rest are its bases'.
+    __slots__ = ("_cut", "_raced_to", "clock")
 
     def __init__(self, state: ProxyState, request: web.Request) -> None:
         self.state = state
@@ -316,84 +303,6 @@ class Exchange(EngineWork):
                 index, retries_here, reason = decision.index, 0, "fallback"
             if decision.delay_s > 0:
                 await self._back_off(deadlines, watchdog, decision.delay_s)
-
-    def _attempt_failed(self, attempt: Attempt, exc: AttemptFailed) -> tuple[Failure, ProxyError]:
-        result = AttemptResult.CUT if self.content_sent else exc.result
-        attempt.end(result, self.loop.time(), exc.error.message)
-        return Failure(result, content_sent=self.content_sent), exc.error
-
-    def _attempt_timed_out(
-        self, plan: Plan, index: int, attempt: Attempt, watchdog: Watchdog
-    ) -> tuple[Failure, ProxyError, TimeoutKind]:
-        """The attempt was cancelled (called in the `except` that caught it): the client's
-        cancel is re-raised; a deadline's is a failure when the next target may still answer
-        in time, otherwise `_DeadlineFired`."""
-        kind = watchdog.consume()
-        if kind is None:
-            self._abandon(attempt, "client gone")
-            raise  # the CancelledError being handled
-        # A stall after content may be resumed elsewhere (continue_cut_streams).
-        resumable = kind is TimeoutKind.IDLE and self._continuation(plan, index) is not None
-        # A plain answer whose held body stalled: nothing reached the client yet.
-        held_body = kind is TimeoutKind.IDLE and self.response is None
-        deadlines = plan.deadlines
-        if not resumable and (
-            (kind not in _PER_ATTEMPT and not held_body)
-            or self.content_sent
-            or deadlines.client_headers_expired(self.loop.time())
-        ):
-            self._abandon(attempt, f"{kind.value} deadline")
-            raise _DeadlineFired(kind) from None
-        # Given up for the next target: its engine may still be generating it.
-        self._abandon(attempt, f"{kind.value} deadline", AttemptResult.TIMEOUT)
-        watchdog.resume()  # the next attempt (or the answer) is watched again
-        failure = Failure(AttemptResult.TIMEOUT, content_sent=self.content_sent)
-        retry = plan.route.options.sdk_retry
-        error = GatewayTimeout(deadlines.describe(kind, plan.route.name), kind, retry=retry)
-        return failure, error, kind
-
-    async def _resumed(
-        self, plan: Plan, index: int, attempt: Attempt
-    ) -> tuple[int, TargetPlan | None]:
-        """After a cut with content sent: the target and request to continue the answer on,
-        or (index, None) to end it."""
-        if attempt.first_token_at is not None:
-            attempt.delivered = True  # its content is part of the client's answer
-        resume = self._continuation(plan, index)
-        if resume is not None and not isinstance(resume, tuple):
-            resume = await in_steps(resume)  # a large body's, a step at a time
-        if resume is None:
-            return index, None
-        self._continuations += 1
-        log.info(
-            "request %s: %s; continuing the answer on %s",
-            self.record.request_id,
-            attempt.describe(),
-            resume[1].upstream_name,
-        )
-        return resume
-
-    async def _back_off(self, deadlines: Deadlines, watchdog: Watchdog, delay_s: float) -> None:
-        """Backing off: a client that leaves now cancels this sleep; nothing is open."""
-        deadlines.backing_off()
-        watchdog.rearm()
-        backoff_at = self.loop.time()
-        try:
-            await asyncio.sleep(delay_s)
-        finally:
-            self.record.backoff_wait_s += self.loop.time() - backoff_at
-
-    def _continuation(self, plan: Plan, index: int) -> Resume | ResumeSteps | None:
-        """Where and how to continue a chat stream cut after content, if the route asks to
-        (docs/resilience.md, "Continuing a cut stream"); None: end it in band as usual."""
-        if self._continuations >= _MAX_CONTINUATIONS:
-            return None
-        attempts = self.record.attempts
-        delivered = sum(a.tokens_generated for a in attempts if a.delivered)
-        delivered += 0 if attempts[-1].delivered else self.delivered_tokens
-        return self.chooser.continuation(
-            index, attempts[-1], "".join(self.delivered_text or ()), delivered
-        )
 
     def _first_target(self) -> int:
         index = self.chooser.first()

@@ -34,7 +34,6 @@ from proxy import __version__
 from proxy.app import create_app
 from proxy.config import HangupConfig
 from proxy.edge.capacity import ConnectionGuard
-from proxy.edge.connections import GuardedAppRunner, handler_kwargs
 from proxy.edge.descriptors import (
     ACCEPT_BATCH,
     AcceptErrors,
@@ -42,6 +41,7 @@ from proxy.edge.descriptors import (
     raise_soft_limit,
     widen_backlog,
 )
+from proxy.edge.runner import GuardedAppRunner, handler_kwargs
 from proxy.outcome import RequestRecord
 from proxy.state import STATE, ProxyState
 

@@ -3,8 +3,10 @@ client did not ask for filtered out, malformed events dropped, a huge event pass
 it arrives), held before its first content while the request may still switch targets.
 
 `SSERelay` is the base of `downstream.Downstream`, which adds the response head, the body pump
-and the error answers; the lifecycle (attempts, deadlines, the one outcome) is relay.py's. The
-reads of a huge event passed through are its mixin's, `sse_large_relay.LargeEventRelay`.
+and the error answers; the lifecycle (attempts, deadlines, the one outcome) is relay.py's. Its
+mixins: `steady_relay.SteadyRelay` a steady stream's usual read (also taken while the pump
+waits), `event_relay.EventRelay` a read relayed event by event, `sse_large_relay.LargeEventRelay`
+the reads of a huge event passed through, `client_writes.ClientWrites` the awaited writes.
 """
 
 from __future__ import annotations
@@ -14,43 +16,33 @@ from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
-from aiohttp.streams import StreamReader
 
 from proxy import relaying
 from proxy.admission import Plan, TargetPlan
-from proxy.attempts import RESULT_CUT, RESULT_OK, Attempt, AttemptResult
-from proxy.chunked_write import DIRECT_MAX, DRAIN_PAST, direct_writer, write_chunk
+from proxy.attempts import RESULT_CUT, RESULT_OK, Attempt
+from proxy.chunked_write import DIRECT_MAX, direct_writer, write_chunk
 from proxy.client_writes import ClientGone, ClientWrites
-from proxy.errors import UpstreamFailed
+from proxy.event_relay import EventRelay
 from proxy.outcome import OUTCOME_COMPLETED, RequestRecord, settle_relayed
 from proxy.resilience.classify import status_result
 from proxy.routing import Route
 from proxy.secrets import StreamScrubber
-from proxy.sse import SSEDecoder, SSEEvent, ends_block
-from proxy.sse_large import LargeEvent, passable
+from proxy.sse import SSEDecoder, ends_block
 from proxy.sse_large_relay import LargeEventRelay
 from proxy.sse_stream import (
-    HOLD_CAP,
     MAX_SSE_EVENT,
     WRITE_PIECE,
     Pieces,
     StreamState,
-    content_text,
-    failed_before_content,
-    held_too_much,
     loop_clock,
     too_large,
-    too_large_whole,
 )
 from proxy.state import ProxyState
-from proxy.steady_reader import SteadyReader
-from proxy.timeouts import PHASE_STREAMING, Phase
+from proxy.steady_relay import SteadyRelay
+from proxy.timeouts import Phase
 from proxy.upstream import UpstreamResponse
-from proxy.upstream_body import BodyReader
-from proxy.upstream_connector import UpstreamProtocol
-from proxy.upstream_errors import READ_ERRORS, AttemptFailed
-from proxy.usage import EventKind, RequestFacts, StreamUsageTracker
-from proxy.usage.fast import Shape
+from proxy.upstream_errors import READ_ERRORS
+from proxy.usage import RequestFacts, StreamUsageTracker
 from proxy.usage.filter import (
     CLOSED_END,
     CUT_INLINE_BELOW,
@@ -65,7 +57,7 @@ from proxy.watchdog import Watchdog
 _CR = 0x0D
 
 
-class SSERelay(ClientWrites, LargeEventRelay):
+class SSERelay(ClientWrites, EventRelay, LargeEventRelay, SteadyRelay):
     """The base of `Downstream` (and so of `relay.Exchange`): the exchange's fields (slots
     here, set in `relay.Exchange.__init__`; accounting reads tracker, json_body and
     delivered_tokens) and the SSE pump."""
@@ -252,121 +244,6 @@ class SSERelay(ClientWrites, LargeEventRelay):
             relaying.end(self)
         return await self._relayed(plan, upstream, attempt)
 
-    def _begin_steady(
-        self,
-        content: StreamReader,
-        stream: StreamState,
-        direct: StreamWriter,
-        clock: Callable[[], float],
-    ) -> bool:
-        """Let the reads the pump would take next come to `take_steady` (proxy/steady_reader.py):
-        whether they will (a reader and a connection of ours)."""
-        protocol = content._protocol
-        if not isinstance(protocol, UpstreamProtocol):
-            return False
-        if type(content) is BodyReader:
-            content.__class__ = SteadyReader  # the same slots: the body's reader, extended
-        elif type(content) is not SteadyReader:
-            return False
-        stream.direct, stream.clock = direct, clock
-        self.steady_stream = stream
-        protocol.steady_sink = self
-        return True
-
-    def _end_steady(self, content: StreamReader | None) -> bool:
-        """No more reads to `take_steady`: before the pump leaves, and before a client gone
-        is drained (its reads are the drain's). False, for the pump's flag."""
-        if content is not None:
-            content._protocol.steady_sink = None  # type: ignore[attr-defined]
-        self.steady_stream = None
-        return False
-
-    def take_steady(self, chunk: bytes) -> bool:
-        """A read the waiting pump would take next, offered by its reader: taken now (True)
-        when it is the usual read of a steady stream (`feed_shaped` takes it) and the client's
-        writer takes it without a wait; else False with nothing changed, and the pump relays
-        it. The pump's steady read, without waking it; its bytes for the client wait in
-        `stream.pending` for the end of the upstream's read (`flush_steady`), so that the
-        events of one read go out in one write, as the pump's join of them would."""
-        stream = self.steady_stream
-        if stream is None or not stream.steady or _CR in chunk:
-            return False
-        pending = stream.pending
-        if (len(chunk) if pending is None else len(pending) + len(chunk)) > DIRECT_MAX:
-            return False
-        writer = stream.direct
-        assert writer is not None
-        protocol = writer._protocol
-        transport = protocol.transport
-        # Not paused: so `write_chunk`'s drain, when it asks for one, would not wait (the
-        # transport pauses above 64 KiB buffered; the write adds at most DIRECT_MAX and a
-        # frame), and the pump's write would have gone on at once as this one does.
-        if transport is None or protocol._paused or transport.is_closing():
-            return False
-        tracker = self.tracker
-        assert tracker is not None
-        shape = tracker.feed_shaped(chunk)
-        if shape is None:
-            return False
-        now = stream.clock()
-        self.record.upstream_wait_s += now - stream.before
-        stream.before = now  # (until the write: hangup's own time, as in the pump)
-        data = self._shaped_read(stream, chunk, shape, now)
-        if data:
-            stream.pending = data if pending is None else pending + data
-        return True
-
-    def flush_steady(self) -> None:
-        """At the end of an upstream read: what `take_steady` took of it goes to the client,
-        in one write (the pump's write of a read, without waking it)."""
-        stream = self.steady_stream
-        if stream is None or stream.pending is None:
-            return
-        data, stream.pending = stream.pending, None
-        writer = stream.direct
-        assert writer is not None
-        protocol = writer._protocol
-        transport = protocol.transport
-        if transport is None or transport.is_closing():
-            return  # the client is gone since: the pump learns it (its task is cancelled)
-        clock, record = stream.clock, self.record
-        written_at = clock()
-        if write_chunk(writer, data) and protocol._paused:
-            # The drain this write asks for would wait: it is owed, and aiohttp's count says
-            # so again at the pump's next write (which takes the reads from here on, the
-            # client being paused), which pays it.
-            writer.buffer_size = DRAIN_PAST + 1
-        record.bytes_to_client += len(data)
-        stream.before = clock()
-        record.client_wait_s += stream.before - written_at
-        tracker = self.tracker
-        assert tracker is not None
-        self.delivered_tokens = tracker.generated
-        if stream.attempt.first_token_at is not None:
-            self.content_sent = True
-
-    def _shaped_read(self, stream: StreamState, chunk: bytes, shape: Shape, now: float) -> bytes:
-        """A steady stream's usual read, fed to the tracker already (`feed_shaped` said
-        `shape`): its marks, and the bytes for the client (the pump's and `take_steady`'s)."""
-        record = self.record
-        record.content_chunks += 1
-        if record.first_token_at is None or stream.attempt.first_token_at is None:
-            self._content_came(stream, now)
-        elif (deadlines := stream.deadlines).phase is PHASE_STREAMING:
-            deadlines.last_progress = now  # `Deadlines.content`, no frame
-        else:
-            deadlines.content(now)
-        chunk_filter = stream.chunk_filter
-        if shape.null_usage is not None and chunk_filter is not None:
-            if not shape.null_usage:
-                chunk = chunk_filter.plain_bytes(chunk)
-            elif len(chunk) < CUT_INLINE_BELOW:  # `cut_null_usage`, no frame
-                chunk = chunk[:NULL_USAGE_CUT] + CLOSED_END
-            else:
-                chunk = cut_null_usage(chunk)
-        scrubber = self.scrubber
-        return scrubber.feed(chunk) if scrubber.active else chunk
-
     async def _relayed(
         self, plan: Plan, upstream: UpstreamResponse, attempt: Attempt
     ) -> web.StreamResponse:
@@ -477,91 +354,6 @@ class SSERelay(ClientWrites, LargeEventRelay):
             if decoder.buffered > MAX_SSE_EVENT:
                 raise too_large(attempt.upstream)
         return self._sse_events(stream, chunk, now, events, out, content)
-
-    def _sse_events(
-        self,
-        stream: StreamState,
-        chunk: bytes,
-        now: float,
-        events: list[SSEEvent],
-        out: list[bytes],
-        content: bool,
-    ) -> bytes | Pieces:
-        """The events a read completed, then the read's output (`_sse_step`)."""
-        record, attempt, decoder = self.record, stream.attempt, self.decoder
-        tracker, chunk_filter = self.tracker, stream.chunk_filter
-        assert tracker is not None and decoder is not None
-        held = stream.held
-        for event in events:
-            kind = tracker.feed(event)
-            if self.continuing and attempt.first_token_at is None:
-                if kind is EventKind.OTHER and not event.comment:
-                    continue  # a continuation's role chunk: the client has one already
-            if kind is EventKind.CONTENT and stream.collect_text:
-                self._delivered_texts().append(content_text(event.data))
-            if kind is EventKind.CONTENT:
-                record.content_chunks += 1
-                if not content:
-                    content = True
-                    self._content_came(stream, now)
-            elif tracker.malformed_events > stream.malformed:
-                # Not a JSON object: an SDK would raise on it mid-answer. Dropped, counted.
-                stream.malformed = tracker.malformed_events
-                continue
-            data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
-            if held is not None:
-                if kind is EventKind.ERROR:
-                    raise failed_before_content(attempt.upstream, tracker)
-                if kind is EventKind.CONTENT or kind is EventKind.DONE:
-                    out.extend(held)
-                    held = stream.held = None
-                elif event.comment:
-                    if self.response is not None:
-                        out.append(data)  # headers are out already: keep-alives pass
-                    continue
-                else:
-                    held.append(data)
-                    stream.held_bytes += len(data)
-                    if stream.held_bytes > HOLD_CAP:
-                        raise held_too_much(attempt.upstream)
-                    continue
-            out.append(data)
-        if held is not None and not chunk:
-            # The stream ended with no content and no end marker: cut before content.
-            raise AttemptFailed(
-                AttemptResult.STREAM_ERROR,
-                UpstreamFailed(
-                    f'upstream "{attempt.upstream}" ended the stream before any content'
-                ),
-            )
-        if chunk and passable(decoder, stream.large_at):
-            # A huge event has begun: from here on it passes through as it comes.
-            forward = not stream.raw_mode and held is None
-            forward = forward and not (self.continuing and attempt.first_token_at is None)
-            head, line = decoder.take_line()
-            large = stream.large = LargeEvent(
-                head,
-                line,
-                edit=chunk_filter is not None,
-                forward=forward,
-                run=stream.large_run,
-                keep_text=stream.collect_text,
-            )
-            first = large.start()
-            if forward:
-                out.append(first)
-        elif chunk and decoder.buffered > stream.whole_max:
-            raise too_large_whole(attempt.upstream)  # it would be read whole, in one step
-        scrubber = self.scrubber
-        if stream.raw_mode:
-            return scrubber.feed(chunk) + (b"" if chunk else scrubber.flush())
-        if sum(map(len, out)) > WRITE_PIECE:
-            # A huge output: its pieces go out as they are, not joined (a copy of megabytes
-            # in this step), and scrubbed as they go (a secret split across pieces is held).
-            return Pieces(out, scrubber, end=not chunk)
-        data = b"".join(out)
-        # Configured secrets never reach the client (a secret split across writes is held).
-        return scrubber.feed(data) + (b"" if chunk else scrubber.flush())
 
     def _delivered_texts(self) -> list[str]:
         texts = self.delivered_text

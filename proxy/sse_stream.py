@@ -147,12 +147,12 @@ class StreamState:
         self.raw_mode = self.chunk_filter is None and not holding and not continuing
         # When the pump's wait for the next read began (the end of its last write or step).
         self.before = 0.0
-        # Set once reads may be taken while the pump waits (`SSERelay.take_steady`): the
+        # Set once reads may be taken while the pump waits (`SteadyRelay.take_steady`): the
         # client's writer and the loop's clock.
         self.direct: StreamWriter | None = None
         self.clock: Callable[[], float] = time.monotonic
         # The client's bytes of the reads taken so far in the upstream's current read, written
-        # at its end (`SSERelay.flush_steady`).
+        # at its end (`SteadyRelay.flush_steady`).
         self.pending: bytes | None = None
 
 

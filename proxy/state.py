@@ -30,8 +30,8 @@ from proxy.tracing.response import note_response_body
 from proxy.upstream import Upstreams
 
 if TYPE_CHECKING:
-    from proxy.accounting import Facts
     from proxy.relay import Exchange
+    from proxy.seal import Facts
 
 log = logging.getLogger("hangup")
 

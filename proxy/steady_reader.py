@@ -7,12 +7,12 @@ sees it: aiohttp's reader buffers it and resolves the pump's waiter, a handle is
 the pump's task steps, `readany` takes the bytes back out of the buffer (~400 bytecodes a read
 measured with bench.bytecodes, a waiter future and two handles made, all of it before any of
 hangup's own work). While the pump waits in `readany` with nothing buffered, the read it would
-take next is this one: `feed_data` offers it to the exchange (`SSERelay.take_steady`), which
-does what the pump's steady read does and, at the end of the upstream's read (the upstream
-protocol's `data_received`), writes what it took of that read in one write; or refuses it (anything
-but the usual read, a client not keeping up, a deadline's phase change) and the read is
-buffered as aiohttp buffers it, to wake the pump as before. Reads keep their order: one taken
-here is never behind a buffered one.
+take next is this one: `feed_data` offers it to the exchange (proxy/steady_relay.py's
+`SteadyRelay.take_steady`), which does what the pump's steady read does and, at the end of the
+upstream's read (the upstream protocol's `data_received`), writes what it took of that read in
+one write; or refuses it (anything but the usual read, a client not keeping up, a deadline's
+phase change) and the read is buffered as aiohttp buffers it, to wake the pump as before.
+Reads keep their order: one taken here is never behind a buffered one.
 
 The parser makes aiohttp's `StreamReader`, which the upstream protocol turns into
 proxy/upstream_body.py's `BodyReader`; the exchange turns that into this class (`__class__`,

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from hypothesis import given, settings
 
-from proxy.accounting import (
+from proxy.bills import is_billed
+from proxy.outcome import Outcome, RequestRecord, Usage
+from proxy.seal import (
     _COUNTED_ENDPOINTS,
     _UPSTREAM_HAD_IT,
     _needs_prompt_count,
     _no_answer,
     _refused,
 )
-from proxy.bills import is_billed
-from proxy.outcome import Outcome, RequestRecord, Usage
 from tests.test_accounting_single import _records
 
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
-from proxy import sse_relay
+from proxy import sse_relay, steady_relay
 from proxy.chunked_write import DIRECT_MAX, direct_writer, write_chunk
 from proxy.sim import SimulatedProvider
 from tests.conftest import StartProxy, chat
@@ -138,7 +138,9 @@ async def test_the_pump_writes_a_streams_events_directly(
         calls.append(len(data))
         return write_chunk(writer, data)
 
+    # The pump's writes and those of the reads taken while it waits.
     monkeypatch.setattr(sse_relay, "write_chunk", counted)
+    monkeypatch.setattr(steady_relay, "write_chunk", counted)
     server, sink = await start_proxy(make_config(sim.base_url))
     client = await RawClient.connect("127.0.0.1", server.port)
     await client.post_json(

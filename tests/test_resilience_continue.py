@@ -137,7 +137,7 @@ def test_continuation_body_shapes_and_refusals() -> None:
 async def test_a_stream_that_keeps_breaking_is_continued_twice_then_ends_in_band(
     sim: SimulatedProvider, backup: SimulatedProvider, start_proxy: StartProxy
 ) -> None:
-    """At most two continuations a request (relay's `_MAX_CONTINUATIONS`): a backup that
+    """At most two continuations a request (attempt_failures' `_MAX_CONTINUATIONS`): a backup that
     cuts its continuations too is asked twice, then the client gets the in-band error."""
     config = continue_config(sim, backup, backup_model="reset:after=2")
     server, sink = await start_proxy(config)

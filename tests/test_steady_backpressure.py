@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from aiohttp.http_writer import StreamWriter
 
-from proxy import chunked_write, sse_relay
+from proxy import chunked_write, sse_relay, steady_relay
 from proxy.downstream import Downstream
 from tests.conftest import StartProxy, chat
 from tests.hostile_support import ScriptedUpstreams, sse_in_chunks
@@ -63,7 +63,8 @@ async def test_a_client_that_stops_reading_holds_the_upstream_back(
             buffered[0] = max(buffered[0], transport.get_write_buffer_size())
         return drain
 
-    monkeypatch.setattr(sse_relay, "write_chunk", watched_write)
+    monkeypatch.setattr(sse_relay, "write_chunk", watched_write)  # the pump's writes
+    monkeypatch.setattr(steady_relay, "write_chunk", watched_write)  # the taken reads'
     # The upstream drains each write: it waits while hangup does not read.
     done = asyncio.Event()
     writes = [_chunk(TEXT)] * EVENTS + [b"data: [DONE]\n\n"]

@@ -13,8 +13,11 @@ of ~1 MiB; a client that trickles bytes holds a socket (and its memory) as long 
               the body has been arriving for body_timeout_s: the handler's read raises, 408)
     busy     (request read, response in progress: the route's own timeouts apply)
 
-It relies on aiohttp internals (`RequestHandler` attributes, `AppRunner._make_server`); the
-tests in tests/test_hostile_connections.py fail if an aiohttp upgrade moves them.
+A request on a connection over the cap, or with a head the byte count could not see, is
+refused by proxy/edge/gate.py's `connection_refusal`; the runner whose server makes these
+connections is proxy/edge/runner.py's. It relies on aiohttp internals (`RequestHandler`
+attributes); the tests in tests/test_hostile_connections.py fail if an aiohttp upgrade moves
+them.
 """
 
 from __future__ import annotations
@@ -25,9 +28,7 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.web_protocol import RequestHandler
 
-from proxy.config import ConnectionsConfig
 from proxy.edge.body import BodyTimeout
 from proxy.edge.capacity import (
     TIER_NORMAL,
@@ -37,7 +38,7 @@ from proxy.edge.capacity import (
     Tier,
     over_capacity,
 )
-from proxy.errors import HeadTooLarge, Overloaded, ProxyError, RequestTimeout, render_body
+from proxy.errors import HeadTooLarge, ProxyError, RequestTimeout, render_body
 from proxy.unparsed import OpenAIErrorHandler
 from proxy.watchdog import Alarm
 
@@ -421,85 +422,6 @@ class GuardedRequestHandler(OpenAIErrorHandler):
         return result
 
 
-class GuardedServer(web.Server):
-    """aiohttp's low-level server, making `GuardedRequestHandler`s."""
-
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.guard = guard
-
-    def __call__(self) -> RequestHandler:
-        # aiohttp keeps the RequestHandler settings it was given in `_kwargs`.
-        return GuardedRequestHandler(self, loop=self._loop, guard=self.guard, **self._kwargs)
-
-
-class GuardedAppRunner(web.AppRunner):
-    """`web.AppRunner` whose server makes guarded connections."""
-
-    def __init__(self, app: web.Application, *, guard: ConnectionGuard, **kwargs: Any) -> None:
-        super().__init__(app, **kwargs)
-        self.guard = guard
-
-    async def _make_server(self) -> web.Server:
-        from proxy.edge.gate import UnroutedAnswered  # the gate uses this module's checks
-
-        plain = await super()._make_server()
-        return GuardedServer(
-            UnroutedAnswered(self.app),
-            request_factory=plain.request_factory,
-            guard=self.guard,
-            **self._kwargs,
-        )
-
-
-def handler_kwargs(config: ConnectionsConfig) -> dict[str, Any]:
-    """The aiohttp `RequestHandler` settings the guard relies on."""
-    return {
-        "keepalive_timeout": config.keepalive_timeout_s,
-        # After an early answer (401, 413, 415, 408...) close instead of reading the rest of
-        # the body for up to 10 s (aiohttp's lingering close).
-        "lingering_time": 0,
-        # Never inflate on the event loop: bodies arrive as sent; proxy/edge/body.py decides.
-        "auto_decompress": False,
-    }
-
-
 def head_size(path: str, raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
     """Bytes of a parsed request head, near enough to the wire's: line plus header lines."""
     return len(path) + 16 + sum(len(k) + len(v) + 4 for k, v in raw_headers)
-
-
-def connection_refusal(request: web.Request) -> ProxyError | None:
-    """`probe_only_refusal(request) or oversized_head_refusal(request)`, the connection read
-    once: one in any tier but probes-only whose parsing never stopped (almost every one) gets
-    neither refusal, and neither function is called for it."""
-    protocol = request.protocol
-    if not isinstance(protocol, GuardedRequestHandler) or (
-        protocol.tier is not TIER_PROBES_ONLY and not protocol._parsing_stopped
-    ):
-        return None
-    return probe_only_refusal(request) or oversized_head_refusal(request)
-
-
-def oversized_head_refusal(request: web.Request) -> HeadTooLarge | None:
-    """431 for a request whose head passed the byte count unseen (see _check_parsed_heads)."""
-    protocol = request.protocol
-    # Such a head stopped the parsing (`_check_parsed_heads`): until then, no request has one.
-    if not isinstance(protocol, GuardedRequestHandler) or not protocol._parsing_stopped:
-        return None
-    limit_kb = protocol.guard.config.max_head_kb
-    if head_size(request.raw_path, request.raw_headers) <= limit_kb * 1024:
-        return None
-    return HeadTooLarge(
-        f"the request line and headers exceed {limit_kb} KiB (connections.max_head_kb)"
-    )
-
-
-def probe_only_refusal(request: web.Request) -> Overloaded | None:
-    """For a request on a connection over the cap: 503 unless it asks a probe path."""
-    protocol = request.protocol
-    if not isinstance(protocol, GuardedRequestHandler) or protocol.tier is not TIER_PROBES_ONLY:
-        return None
-    if request.method in ("GET", "HEAD") and request.path in protocol.guard.probe_paths:
-        return None
-    return over_capacity(protocol.guard)

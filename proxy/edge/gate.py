@@ -7,6 +7,8 @@ and alive for as long as a stream is held (~500 B each stream, measured). The re
 calls `edge_answer` first thing; the other handlers are wrapped by `gated`. A request no route
 matches never reaches a handler: `UnroutedAnswered`, the runner's server's handler, answers it.
 The same handler takes relayed requests straight to the relay's handler (`DirectRoute`).
+A connection's refusals (`connection_refusal`: over the cap, a head over max_head_kb) read what
+its handler (proxy/edge/connections.py) learned of it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from aiohttp.web_urldispatcher import AbstractRoute, PlainResource, UrlMappingMa
 
 from proxy import browser, unparsed
 from proxy.browser import BrowserPolicy
-from proxy.edge.connections import connection_refusal
+from proxy.edge.capacity import TIER_PROBES_ONLY, over_capacity
+from proxy.edge.connections import GuardedRequestHandler, head_size
+from proxy.errors import HeadTooLarge, Overloaded, ProxyError
 from proxy.refusal import refuse
 
 BROWSER_POLICY = web.AppKey("hangup_browser_policy", BrowserPolicy)
@@ -126,3 +130,39 @@ class UnroutedAnswered:
             if answer is None:
                 raise
             return answer
+
+
+def connection_refusal(request: web.Request) -> ProxyError | None:
+    """`probe_only_refusal(request) or oversized_head_refusal(request)`, the connection read
+    once: one in any tier but probes-only whose parsing never stopped (almost every one) gets
+    neither refusal, and neither function is called for it."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler) or (
+        protocol.tier is not TIER_PROBES_ONLY and not protocol._parsing_stopped
+    ):
+        return None
+    return probe_only_refusal(request) or oversized_head_refusal(request)
+
+
+def oversized_head_refusal(request: web.Request) -> HeadTooLarge | None:
+    """431 for a request whose head passed the byte count unseen (see _check_parsed_heads)."""
+    protocol = request.protocol
+    # Such a head stopped the parsing (`_check_parsed_heads`): until then, no request has one.
+    if not isinstance(protocol, GuardedRequestHandler) or not protocol._parsing_stopped:
+        return None
+    limit_kb = protocol.guard.config.max_head_kb
+    if head_size(request.raw_path, request.raw_headers) <= limit_kb * 1024:
+        return None
+    return HeadTooLarge(
+        f"the request line and headers exceed {limit_kb} KiB (connections.max_head_kb)"
+    )
+
+
+def probe_only_refusal(request: web.Request) -> Overloaded | None:
+    """For a request on a connection over the cap: 503 unless it asks a probe path."""
+    protocol = request.protocol
+    if not isinstance(protocol, GuardedRequestHandler) or protocol.tier is not TIER_PROBES_ONLY:
+        return None
+    if request.method in ("GET", "HEAD") and request.path in protocol.guard.probe_paths:
+        return None
+    return over_capacity(protocol.guard)
