@@ -25,15 +25,23 @@ reports per request the misses of each and a cycle estimate: where hangup's CPU 
 larger multiple of the relay's than its instructions are, this says whether caches or branches
 make each instruction dearer (this VM has no hardware counters for `perf stat`).
 
+A window of wrk's seconds starts and ends with requests in flight, counted in the instructions
+but not in the requests: on a busy machine, where a target's requests in a window vary by up
+to 2x, that moves the figure by ~1 %. `--requests N` counts over exactly N requests instead,
+each sent and awaited by this process (a thread a connection) inside the window, the figure
+to compare two trees while other work shares the machine.
+
 `python -m bench.instructions [--workloads chat,stream20] [--seconds 10] [--compare DIR]
-[--simulate]`
+[--simulate] [--connections 4] [--requests N]`
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,14 +49,14 @@ from typing import Any
 from bench import fake_upstream
 from bench.common import Child, Procs, report, table
 from bench.event_instructions import callgrind_control
-from bench.wrk import WORKLOADS, Target, lua_script, run_wrk, wrk_binary
+from bench.wrk import PATH, WORKLOADS, Target, lua_script, run_wrk, wrk_binary
 
 CONNECTIONS = 4  # enough to keep the slowed proxy busy; few enough to stay unsaturated
 WARMUP_S = 3
 SIMULATED_LL = "2097152,16,64"  # size, ways, line: this machine's per-core L2
 
 
-def _callgrind(out: Path, *, simulate: bool = False) -> list[str]:
+def _callgrind(out: Path, *, simulate: bool = False, last_level: str = SIMULATED_LL) -> list[str]:
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -58,7 +66,7 @@ def _callgrind(out: Path, *, simulate: bool = False) -> list[str]:
     if simulate:
         # The last level simulated is one core's L2 (2 MiB here), not the shared L3 valgrind
         # would take from the host: what a process's working set spills out of first.
-        command += ["--cache-sim=yes", "--branch-sim=yes", f"--LL={SIMULATED_LL}"]
+        command += ["--cache-sim=yes", "--branch-sim=yes", f"--LL={last_level}"]
     return command
 
 
@@ -106,6 +114,41 @@ def cycle_estimate(totals: dict[str, int]) -> int:
     return totals["Ir"] + 10 * l1 + 100 * ll + 10 * branches
 
 
+def exactly(url: str, workload: str, requests: int, connections: int) -> int:
+    """Send `requests` requests of `workload` over `connections` keep-alive connections, each
+    awaited (a thread a connection, http.client): every one starts and ends here, so none is
+    in flight when the caller switches counting on or off. Returns the requests sent."""
+    events, gap, _ = WORKLOADS[workload]
+    body = fake_upstream.request_body(stream=events > 0)
+    headers = {"Content-Type": "application/json"}
+    if events:
+        headers |= {"x-bench-events": str(events), "x-bench-gap-ms": f"{gap:g}"}
+    host, port = url.removeprefix("http://").split(":")
+    each = [requests // connections + (k < requests % connections) for k in range(connections)]
+    failures: list[str] = []
+
+    def connection(count: int) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        try:
+            for _ in range(count):
+                conn.request("POST", PATH, body, headers)
+                response = conn.getresponse()
+                data = response.read()
+                if response.status != 200 or (events and not data.endswith(b"[DONE]\n\n")):
+                    failures.append(f"{response.status} {data[-120:]!r}")
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=connection, args=(count,)) for count in each if count]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} of {requests} requests failed: {failures[0]}")
+    return requests
+
+
 def measure(
     procs: Procs,
     child: Child,
@@ -113,10 +156,22 @@ def measure(
     script: Path,
     seconds: int,
     connections: int = CONNECTIONS,
+    *,
+    workload: str = "chat",
+    requests: int | None = None,
 ) -> dict[str, Any]:
-    completed_requests(child.url, script, WARMUP_S, connections)
+    """Instructions per request over `seconds` of wrk, or, with `requests`, over exactly that
+    many requests (`exactly`): no request in flight at either end of the counted window, so
+    nothing counted that is not divided by, whatever the machine's load."""
+    if requests is None:
+        completed_requests(child.url, script, WARMUP_S, connections)
+    else:
+        exactly(child.url, workload, max(connections, requests // 10), connections)
     callgrind_control("-i", "on", str(child.pid))
-    requests = completed_requests(child.url, script, seconds, connections)
+    if requests is None:
+        requests = completed_requests(child.url, script, seconds, connections)
+    else:
+        requests = exactly(child.url, workload, requests, connections)
     callgrind_control("-i", "off", str(child.pid))
     procs.stop(child, timeout=120)  # callgrind writes its counts as the process exits
     dumps = sorted(out.parent.glob(out.name + "*"))
@@ -199,6 +254,20 @@ def main(argv: list[str] | None = None) -> int:
         default=CONNECTIONS,
         help="wrk's connections: requests in flight at once (their working sets share the caches)",
     )
+    p.add_argument(
+        "--last-level",
+        default=SIMULATED_LL,
+        metavar="SIZE,WAYS,LINE",
+        help=f"with --simulate: the last cache level simulated (default {SIMULATED_LL}, this"
+        " machine's per-core L2; another host's L2 to see how the working set fits there)",
+    )
+    p.add_argument(
+        "--requests",
+        type=int,
+        metavar="N",
+        help="count over exactly N requests (each awaited, none in flight at the window's"
+        " edges) instead of --seconds of wrk: the figure to compare trees on a busy machine",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     if args.short:
@@ -223,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             script = lua_script(procs.workdir, workload)
             for target in wanted:
                 out = procs.workdir / f"callgrind.{workload}.{target}"
-                wrapper = _callgrind(out, simulate=args.simulate)
+                wrapper = _callgrind(out, simulate=args.simulate, last_level=args.last_level)
                 on_uvloop = target.endswith("+uv")
                 if target.startswith("relay"):
                     child = procs.baseline(
@@ -239,7 +308,16 @@ def main(argv: list[str] | None = None) -> int:
                         wrapper=wrapper,
                         start_timeout=300,
                     )
-                row = measure(procs, child, out, script, args.seconds, args.connections)
+                row = measure(
+                    procs,
+                    child,
+                    out,
+                    script,
+                    args.seconds,
+                    args.connections,
+                    workload=workload,
+                    requests=args.requests,
+                )
                 results.setdefault(workload, {})[target] = row
                 if "kir_per_request" not in row:
                     failures.append(f"{workload}/{target}: nothing counted ({row})")
@@ -272,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     print()
     print(
-        f"instructions per request (callgrind Ir, user space), {args.seconds} s instrumented"
-        f" per target, {args.connections} connections"
+        "instructions per request (callgrind Ir, user space), "
+        + (f"{args.seconds} s" if args.requests is None else f"exactly {args.requests} requests")
+        + f" instrumented per target, {args.connections} connections"
     )
     print(table(["workload", "target", "requests", "k instr/req", "vs relay"], rows))
     if args.simulate:

@@ -193,6 +193,44 @@ def test_instructions_benchmark_counts_each_targets_instructions(tmp_path: Path)
     )
 
 
+@pytest.mark.parametrize(
+    ("workload", "answer"), [("chat", b"{}"), ("stream20", b"data: [DONE]\n\n")]
+)
+async def test_instructions_sends_exactly_the_requests_it_says_each_answered(
+    workload: str, answer: bytes
+) -> None:
+    """bench.instructions --requests: exactly N requests, over at most the given connections,
+    every one awaited before it returns (so none is in flight when counting stops); a failed
+    one is an error, not a request counted."""
+    import asyncio
+
+    from aiohttp import web
+
+    from bench.instructions import exactly
+    from tests.support import serving
+
+    seen: list[str | None] = []
+    peers: set[object] = set()
+    status = 200
+
+    async def answer_it(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(request.headers.get("x-bench-events"))
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.Response(status=status, body=answer)
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer_it)
+    async with serving(app) as port:
+        url = f"http://127.0.0.1:{port}"
+        assert await asyncio.to_thread(exactly, url, workload, 7, 3) == 7
+        assert len(seen) == 7 and len(peers) == 3  # every request answered, on 3 keep-alives
+        assert set(seen) == ({"20"} if workload == "stream20" else {None})
+        status = 500
+        with pytest.raises(RuntimeError, match="2 of 2 requests failed: 500"):
+            await asyncio.to_thread(exactly, url, workload, 2, 1)
+
+
 def test_instructions_reads_every_event_of_callgrinds_dumps_and_estimates_cycles(
     tmp_path: Path,
 ) -> None:
