@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy import array_cut
 from proxy.array_cut import ArrayCut, check_array
 from proxy.errors import BadRequest
 from proxy.request_fields import RequestFields, read_fields, read_fields_in_steps
@@ -173,3 +174,44 @@ def test_nesting_is_refused_alike(depth: int) -> None:
     assert isinstance(got, str) is isinstance(expected, str)  # (a deep value has no repr)
     if isinstance(got, str):
         assert got == expected == "400 request body is nested too deeply"
+
+
+class _Counting(bytearray):
+    """A body that counts the bytes and slices Python code takes from it one by one."""
+
+    looked = 0
+
+    def __getitem__(self, key: Any) -> Any:
+        _Counting.looked += 1
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["before the closing brace", "between members", "after an array's first element"],
+)
+def test_a_long_run_of_whitespace_ends_the_walk_without_a_byte_by_byte_look(where: str) -> None:
+    """A body padded with whitespace (40 MiB of spaces before its closing brace held one loop
+    step ~4 s in bench.cancel's request-body window): the walk looks at a window of it at most
+    and gives up, and the body gets the whole parse's answer."""
+    pad = b" \n\t" * (4 * array_cut.WINDOW)
+    messages = b'[{"role":"user","content":"a"},{"role":"user","content":"b"}]'
+    if where == "before the closing brace":
+        raw = b'{"model":"m","messages":' + messages + b',"stream":true' + pad + b"}"
+    elif where == "between members":
+        raw = b'{"model":"m",' + pad + b'"messages":' + messages + b"}"
+    else:
+        raw = (
+            b'{"model":"m","messages":[{"role":"user","content":"a"}'
+            + pad
+            + b","
+            + messages[1:]
+            + b"}"
+        )
+    body = _Counting(raw)
+    _Counting.looked = 0
+    assert run_steps(check_array(body, piece_bytes=64))[0] is None
+    assert _Counting.looked < 200  # slices at the walk's steps, not one look a byte
+    whole = read_fields(raw)
+    fields, _ = run_steps(read_fields_in_steps(raw, scanned(raw, seed=1), piece_bytes=64))
+    assert fields.members == whole.members
