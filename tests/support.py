@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Generator
@@ -444,3 +445,22 @@ def json_in_a_style(draw: st.DrawFn, obj: Any) -> str:
     else:
         text = json.dumps(obj)
     return text
+
+
+def in_forked_child(produce: Callable[[], str]) -> str:
+    """What `produce` returns when called in a forked child of this process (sent back over a
+    pipe; the child exits without any cleanup): for what a fork must not share with its
+    parent, such as the state of an id generator."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(write_end, produce().encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        sent = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return sent

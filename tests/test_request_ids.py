@@ -10,6 +10,7 @@ import pytest
 
 from proxy import request_ids
 from proxy.request_ids import BATCH, new_request_id
+from tests.support import in_forked_child
 
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -40,18 +41,7 @@ def test_ids_come_from_the_os_random_source(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_a_forked_child_never_hands_out_its_parents_ids() -> None:
     new_request_id()  # the parent holds the rest of a batch
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its ids, to the parent, then out without any cleanup
-        try:
-            os.write(write_end, "".join(new_request_id() for _ in range(BATCH)).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        sent = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    sent = in_forked_child(lambda: "".join(new_request_id() for _ in range(BATCH)))
     child = {sent[at : at + 32] for at in range(0, len(sent), 32)}
     parent = {new_request_id() for _ in range(BATCH)}
     assert len(child) == BATCH and len(parent) == BATCH

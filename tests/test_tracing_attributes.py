@@ -5,7 +5,6 @@ package defines, and against the docs."""
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -25,6 +24,7 @@ from proxy.tracing.context import (
     parse_traceparent,
 )
 from tests.cli_support import ROOT
+from tests.support import in_forked_child
 
 VALID = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -138,18 +138,7 @@ def _some_ids() -> list[int]:
 def test_a_forked_child_draws_other_ids_than_its_parent() -> None:
     """A forked child starts with a copy of the ids' generator: unless it is reseeded there, the
     child draws the very trace and span ids its parent draws next."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: its ids, to the parent, then out without any cleanup
-        try:
-            os.write(write_end, " ".join(f"{i:x}" for i in _some_ids()).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        sent = pipe.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    sent = in_forked_child(lambda: " ".join(f"{i:x}" for i in _some_ids()))
     child, parent = [int(i, 16) for i in sent.split()], _some_ids()
     assert len(child) == len(parent) == 16
     assert not set(child) & set(parent)
