@@ -10,6 +10,8 @@ loop; clients and the fake upstream (bench/fake_upstream.py) are other processes
 - ~60 MiB of distinct short messages, gzipped (~3.5 MiB on the wire; the routes accept gzip);
 - a streamed 60 MiB body (one string) with `stream_options`, which hangup rewrites to ask for
   usage;
+- a small stream's request padded with 60 MiB of spaces before its closing brace (`padded
+  body`: whitespace outside every string, where no long string can be left out of the parse);
 - a 60 MiB body (short messages) on a route whose fallback names another model (`fallback
   rename`: the rename is built at admission for every target), and one to an SGLang upstream
   (`sglang naming`: hangup adds a `rid` member);
@@ -55,6 +57,7 @@ CASES = (
     "many small messages",
     "large gzip body",
     "large streamed body",
+    "padded body",
     "fallback rename",
     "sglang naming",
     "continuation",
@@ -198,6 +201,11 @@ def client(case: str, base: str, repeat: int) -> None:
             streamed = {**small, "stream": True, "stream_options": {"include_usage": False}}
             body = json.dumps({**streamed, "messages": [{"role": "user", "content": text}]})
             _post(url, body.encode(), json_type)
+        elif case == "padded body":
+            # A small stream's request padded with spaces before its closing brace (as
+            # bench.cancel's request-body window sends): whitespace outside every string.
+            raw = json.dumps({**small, "stream": True}).encode()
+            _post(url, raw[:-1] + b" " * (60 * MIB - len(raw)) + b"}", json_type)
         elif case in ("fallback rename", "sglang naming"):
             # The models two routes of their own match (`_with_rare_routes`).
             model = "bench-rename" if case == "fallback rename" else "bench-sglang"

@@ -9,6 +9,9 @@ prompt members. msgspec decodes the body into a Struct with only those members a
 own. A prompt member larger than `PROMPT_DECODE_LIMIT` is not decoded: its size in bytes stands
 in for its characters (the estimate is only used when the upstream reports no count).
 
+A large body (read with a `BodyScan`) is parsed with its long runs left out
+(`_read_shortened`): text inside strings, and stretches of spaces between values.
+
 The whole body is still checked to be JSON: malformed syntax, invalid UTF-8 and lone
 surrogates are refused (400), and nesting deeper than the decoder's recursion limit is refused
 as such rather than crashing the request.
@@ -17,6 +20,8 @@ as such rather than crashing the request.
 from __future__ import annotations
 
 import codecs
+import re
+from bisect import bisect_left
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from itertools import compress, repeat
@@ -140,7 +145,13 @@ def read_fields(body: RequestBody, scan: BodyScan | None = None) -> RequestField
     elif not scan.utf8_ok:
         raise BadRequest("request body is not valid UTF-8")
     if scan is not None and scan.runs:
-        fields = _read_shortened(body, scan.runs)
+        steps = _read_shortened(body, scan.runs)
+        while True:  # all its steps in this one (`edge.body.at_once`, without the import)
+            try:
+                next(steps)
+            except StopIteration as done:
+                fields: RequestFields | None = done.value
+                break
         if fields is not None:
             return fields
     return _read(body)
@@ -201,12 +212,38 @@ def _read(body: RequestBody) -> RequestFields:
 # Where a stretch was left out: a byte that valid UTF-8 never has and the cut's index (8 hex
 # digits); for an array's middle (`proxy/array_cut.py`) as a string value.
 _MARK = b"\xff"
+# Where a stretch of spaces outside every string was left out: a carriage return, the cut's
+# index in binary as spaces (0) and tabs (1), a carriage return. Whitespace to the parser, and
+# found again in a member's span because the shortened body holds no other carriage return
+# (checked before one is used: a run never holds one, so the original has none either).
+_WS_MARK = b"\r"
+_WS_BITS = bytes.maketrans(b"01", b" \t")
+_WS_BITS_BACK = bytes.maketrans(b" \t", b"01")
 _MARGIN = 8  # run bytes kept on each side of a marker: no escape (6 bytes at most) is cut
 # [from, to) of the original left out, and the marker that stands for it.
 _Cut = tuple[int, int, bytes]
+# msgspec names the offending byte at the end of a malformed document's message.
+_ERROR_AT = re.compile(r"\(byte (\d+)\)$")
+# Spaces compared a step at a time (memcmp) while looking for the end of a stretch of them.
+_SPACES = b" " * (4 * 1024 * 1024)
+# Stretches of spaces shorter than this stay in the shortened body (they cost the parse next
+# to nothing); a run's middle with more stretches than `_STRETCHES_MOST` is parsed whole.
+SPACES_MIN = 1024
+_STRETCHES_MOST = 256
 
 
-def _read_shortened(body: RequestBody, runs: list[tuple[int, int]]) -> RequestFields | None:
+def _ws_marker(index: int) -> bytes:
+    return _WS_MARK + b"%s" % format(index, "b").encode().translate(_WS_BITS) + _WS_MARK
+
+
+def _numbered(cuts: list[tuple[int, int, bool]]) -> list[_Cut]:
+    """Each cut's marker, by its index: whitespace, or an 0xFF marker."""
+    return [(a, b, _ws_marker(i) if ws else b"\xff%08x" % i) for i, (a, b, ws) in enumerate(cuts)]
+
+
+def _read_shortened(
+    body: RequestBody, runs: list[tuple[int, int]], spaces_min: int = SPACES_MIN
+) -> Generator[None, None, RequestFields | None]:
     """`_read` of the body with the middle of each long run replaced by a marker; None when that
     does not parse as an object (then the caller parses the original: same answer, one step).
 
@@ -215,11 +252,88 @@ def _read_shortened(body: RequestBody, runs: list[tuple[int, int]]) -> RequestFi
     surrogate pairs are never cut: the kept margins hold no backslash; UTF-8 was checked whole,
     as the body arrived); outside strings the marker's 0xFF byte is invalid JSON, so the
     shortened body fails and the original is parsed. The members read are taken from the
-    original's bytes (`_ShortenedSpan`)."""
-    cuts = [
-        (start + _MARGIN, end - _MARGIN, b"\xff%08x" % i) for i, (start, end) in enumerate(runs)
-    ]
-    return _read_cut(body, cuts)
+    original's bytes (`_ShortenedSpan`).
+
+    One failure is taken further: the parse stopping at a marker's own first byte. Everything
+    before that byte parsed as in the original (each marker passed stood inside a string, or
+    is whitespace, below), so the middle it stands for starts outside every string, and as a
+    run holds no quote, no string starts in it: it is JSON between values (a body padded with
+    spaces). Its middle is then kept but for its stretches of `spaces_min` spaces or more
+    (found with memchr and memcmp, a few MiB a step), each replaced by a whitespace marker
+    (`_WS_MARK`), and the shortened body is parsed again, once a step."""
+    kinds = [(start + _MARGIN, end - _MARGIN, False) for start, end in runs]
+    while True:
+        cuts = _numbered(kinds)
+        spaced = any(ws for _, _, ws in kinds)
+        shortened, at = _shortened(body, cuts)
+        read = _parse_cut(body, shortened, cuts, spaced)
+        if isinstance(read, RequestFields):
+            return read
+        index = _marker_at(at, read)
+        if index is None or kinds[index][2]:  # (whitespace never fails: a bound on the loop)
+            return None
+        if not spaced and _WS_MARK in shortened:
+            return None  # a carriage return of the body's own: a marker could not be found
+        cut_from, cut_to, _ = kinds[index]
+        stretches = yield from _space_stretches(body, cut_from, cut_to, spaces_min)
+        if not stretches:
+            return None
+        kinds[index : index + 1] = [(a, b, True) for a, b in stretches]
+        yield
+
+
+def _space_stretches(
+    body: RequestBody, start: int, end: int, spaces_min: int
+) -> Generator[None, None, list[tuple[int, int]] | None]:
+    """The stretches of `spaces_min` or more spaces in `body[start:end]`, [from, to) each;
+    None past `_STRETCHES_MOST`. Looked for `len(_SPACES)` bytes a step."""
+    found: list[tuple[int, int]] = []
+    needle = _SPACES[:spaces_min]
+    pos = start
+    while pos < end:
+        window_end = min(end, pos + len(_SPACES))
+        at = body.find(needle, pos, min(end, window_end + spaces_min - 1))
+        if at < 0:
+            pos = window_end  # (a stretch starting before it was found: the search ran on)
+            yield
+            continue
+        stop = yield from _spaces_end(body, at + spaces_min, end)
+        found.append((at, stop))
+        if len(found) > _STRETCHES_MOST:
+            return None
+        pos = stop
+    return found
+
+
+def _spaces_end(body: RequestBody, pos: int, end: int) -> Generator[None, None, int]:
+    """The first byte at or after `pos` (and before `end`) that is not a space, or `end`:
+    whole blocks compared at once, the last one halved down to the byte."""
+    spaces = memoryview(_SPACES)
+    while pos < end:
+        size = min(len(_SPACES), end - pos)
+        if body.startswith(spaces[:size], pos):
+            pos += size
+            yield
+            continue
+        while size > 1:  # the block holds a non-space: halve it down to that byte
+            half = size // 2
+            if body.startswith(spaces[:half], pos):
+                pos += half
+                size -= half
+            else:
+                size = half
+        return pos
+    return end
+
+
+def _marker_at(at: list[int], error: str) -> int | None:
+    """The cut whose marker the parse stopped at (its first byte), if the error says where."""
+    found = _ERROR_AT.search(error)
+    if found is None:
+        return None
+    offset = int(found.group(1))
+    index = bisect_left(at, offset)
+    return index if index < len(at) and at[index] == offset else None
 
 
 def read_fields_in_steps(
@@ -238,37 +352,55 @@ def read_fields_in_steps(
     if not scan.utf8_ok:
         raise BadRequest("request body is not valid UTF-8")
     if scan.runs:
-        fields = _read_shortened(body, scan.runs)
+        fields = yield from _read_shortened(body, scan.runs)
         if fields is not None:
             return fields
         yield
     cut = yield from check_array(body, piece_bytes=piece_bytes, window=window)
     if cut is not None:
         yield
-        fields = _read_cut(body, [(cut.start, cut.end, b'"\xff%08x"' % 0)])
-        if fields is not None:
-            return fields
+        cuts = [(cut.start, cut.end, b'"\xff%08x"' % 0)]
+        read = _parse_cut(body, _shortened(body, cuts)[0], cuts, False)
+        if isinstance(read, RequestFields):
+            return read
     yield
     return _read(body)
 
 
-def _read_cut(body: RequestBody, cuts: list[_Cut]) -> RequestFields | None:
+def _shortened(body: RequestBody, cuts: list[_Cut]) -> tuple[bytes, list[int]]:
+    """The body with each cut's stretch replaced by its marker, and where each marker starts."""
     pieces: list[RequestBody] = []
-    done = 0
+    at: list[int] = []
+    done = size = 0
     for cut_from, cut_to, marker in cuts:
         pieces.append(body[done:cut_from])
+        size += cut_from - done
+        at.append(size + marker.find(_MARK) if marker[0] != _WS_MARK[0] else size)
         pieces.append(marker)
+        size += len(marker)
         done = cut_to
     pieces.append(body[done:])
-    shortened = b"".join(pieces)
+    return b"".join(pieces), at
+
+
+def _parse_cut(
+    body: RequestBody, shortened: bytes, cuts: list[_Cut], spaced: bool
+) -> RequestFields | str:
+    """The members of the shortened body, read as the original's; or why it did not parse."""
     view = memoryview(shortened)
     if shortened.startswith(_BOM):
         view = view[len(_BOM) :]
     try:
         raw = _OBJECT_DECODER.decode(view)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return None
-    return _members(raw, lambda span: _ShortenedSpan(span, body, cuts))
+    except msgspec.DecodeError as exc:  # (a ValidationError too: not an object)
+        message = str(exc)
+        if shortened.startswith(_BOM) and (found := _ERROR_AT.search(message)):
+            offset = int(found.group(1)) + len(_BOM)  # as an offset in `shortened`
+            message = message[: found.start()] + f"(byte {offset})"
+        return message
+    except RecursionError:
+        return "nested too deeply"
+    return _members(raw, lambda span: _ShortenedSpan(span, body, cuts, spaced))
 
 
 class _Span:
@@ -287,11 +419,13 @@ class _Span:
 class _ShortenedSpan(_Span):
     """A member's span in the shortened body, read as the original's bytes."""
 
-    def __init__(self, span: msgspec.Raw, body: RequestBody, cuts: list[_Cut]) -> None:
+    def __init__(
+        self, span: msgspec.Raw, body: RequestBody, cuts: list[_Cut], spaced: bool
+    ) -> None:
         super().__init__(span)
         self.body = body
         self.cuts = cuts
-        self.marks = _marks(bytes(span), cuts)
+        self.marks = _marks(bytes(span), cuts, spaced)
 
     def size(self) -> int:
         size = len(self.span)
@@ -313,18 +447,34 @@ class _ShortenedSpan(_Span):
         return b"".join(pieces)
 
 
-def _marks(span: bytes, cuts: list[_Cut]) -> list[tuple[int, int, int]]:
+def _marks(span: bytes, cuts: list[_Cut], spaced: bool) -> list[tuple[int, int, int]]:
     """Each marker in `span`: where it starts and ends, and its cut's index (memchr for 0xFF,
-    which the body itself never holds: its UTF-8 was checked)."""
+    which the body itself never holds: its UTF-8 was checked; with `spaced`, for a carriage
+    return too, which the shortened body then holds in whitespace markers only)."""
     found: list[tuple[int, int, int]] = []
-    at = span.find(_MARK)
+    at = _next_mark(span, 0, spaced)
     while at >= 0:
+        if span[at] == _WS_MARK[0]:
+            end = span.index(_WS_MARK, at + 1) + 1
+            i = int(span[at + 1 : end - 1].translate(_WS_BITS_BACK), 2)
+            found.append((at, end, i))
+            at = _next_mark(span, end, spaced)
+            continue
         i = int(span[at + 1 : at + 9], 16)
         marker = cuts[i][2]
         start = at - marker.index(_MARK)
         found.append((start, start + len(marker), i))
-        at = span.find(_MARK, start + len(marker))
+        at = _next_mark(span, start + len(marker), spaced)
     return found
+
+
+def _next_mark(span: bytes, start: int, spaced: bool) -> int:
+    at = span.find(_MARK, start)
+    if spaced:
+        ws = span.find(_WS_MARK, start)
+        if ws >= 0 and (at < 0 or ws < at):
+            return ws
+    return at
 
 
 def _bounded(name: str, value: Any) -> Any:

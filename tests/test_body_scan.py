@@ -15,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.body_scan import BodyScan
+from proxy.edge.body import at_once
 from proxy.errors import BadRequest
-from proxy.request_fields import RequestFields, _read_shortened, read_fields
+from proxy.request_fields import RequestFields, _read_shortened, read_fields, read_fields_in_steps
 
 RUN_MIN = 24
 
@@ -99,7 +100,11 @@ members = st.lists(st.tuples(st.sampled_from(NAMES), value, text | st.just("")),
 def damaged(body_members: list[Any], data: st.DataObject) -> bytes:
     """A rendered body with one to three cuts, insertions or flipped bytes: JSON's breakers,
     invalid UTF-8, a truncated multi-byte sequence."""
-    body = bytearray(render(body_members))
+    return damaged_bytes(render(body_members), data)
+
+
+def damaged_bytes(rendered: bytes, data: st.DataObject) -> bytes:
+    body = bytearray(rendered)
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(0, len(body)))
         how = data.draw(st.sampled_from(["cut", "insert", "flip"]))
@@ -136,7 +141,7 @@ def test_long_strings_are_left_out_and_members_come_back_whole() -> None:
     )  # fmt: skip
     scan = scanned(body, 1)
     assert len(scan.runs) >= 4
-    shortened = _read_shortened(body, scan.runs)
+    shortened = at_once(_read_shortened(body, scan.runs))
     assert shortened is not None
     assert shortened == read_fields(body)
     assert shortened.members is not None
@@ -148,9 +153,112 @@ def test_runs_outside_strings_fall_back_to_the_whole_parse() -> None:
     body = b'{"model":"m","input":[' + b"1," * 100 + b"1,,2]}"
     scan = scanned(body, 2)
     assert scan.runs
-    assert _read_shortened(body, scan.runs) is None
+    assert at_once(_read_shortened(body, scan.runs)) is None
     assert answer(body, scan) == answer(body, None)
     assert str(answer(body, scan)).startswith("400 request body is not valid JSON")
+
+
+# Whitespace a client may put between a body's values: spaces long enough to make runs (and
+# their middles all spaces, or not: beside digits or brackets), line breaks, a carriage return.
+PADS = ["", " ", " " * 30, " " * 90, "\n" + " " * 60, "\r\n" + " " * 40, " " * 50 + "\n", " " * 130]
+
+
+def padded(body_members: list[Any], data: st.DataObject) -> bytes:
+    """`render`, with generated whitespace between tokens, inside member values too."""
+    pad = st.sampled_from(PADS)
+    parts = []
+    for name, val, raw in body_members:
+        if raw:
+            encoded = '"' + raw + '"'
+        else:
+            indent = data.draw(st.sampled_from([None, 0, 30, " " * 70]))
+            encoded = json.dumps(val, ensure_ascii=False, indent=indent)
+        parts.append(data.draw(pad) + json.dumps(name) + data.draw(pad) + ":" + data.draw(pad)
+                     + encoded + data.draw(pad))  # fmt: skip
+    body = data.draw(pad) + "{" + ",".join(parts) + data.draw(pad) + "}" + data.draw(pad)
+    return body.encode("utf-8", "surrogatepass")
+
+
+@settings(max_examples=400, deadline=None)
+@given(members, st.integers(0, 2**32), st.data())
+def test_bodies_padded_with_whitespace_get_the_same_answer(
+    body_members: list[Any], seed: int, data: st.DataObject
+) -> None:
+    body = padded(body_members, data)
+    if data.draw(st.booleans()):
+        body = damaged_bytes(body, data)
+    scan = scanned(body, seed)
+    whole = answer(body, None)
+    assert answer(body, scan) == whole, body
+    if scan.utf8_ok and scan.runs:  # stretches of spaces as short as the pads cut out too
+        shortened = at_once(_read_shortened(body, scan.runs, spaces_min=20))
+        assert shortened is None or shortened == whole, body
+    try:
+        stepped: RequestFields | str = at_once(read_fields_in_steps(body, scan))
+    except BadRequest as exc:
+        stepped = f"400 {exc}"
+    assert stepped == whole, body
+
+
+def test_whitespace_outside_strings_is_left_out_and_counted_back() -> None:
+    """Spaces between values, at the top and inside a prompt member over the decode limit:
+    the shortened parse is taken (the whole one is not needed) and the member's size is the
+    original's, its value the original's."""
+    from proxy.request_fields import PROMPT_DECODE_LIMIT
+
+    pad = b" " * 200
+    message = b'{"role":"user","content":"' + b"x" * 1000 + b'"}'
+    messages = b"[" + (message + b"," + pad) * (PROMPT_DECODE_LIMIT // 1000) + message + b"]"
+    body = b'{"model":' + pad + b'"m",' + pad + b'"messages":' + messages + pad + b"}"
+    scan = scanned(body, 4, run_min=100)
+    fields = at_once(_read_shortened(body, scan.runs, spaces_min=50))
+    assert fields is not None
+    assert fields == read_fields(body)
+    assert fields.undecoded_prompt_bytes == len(messages)
+    small = b'{"model":' + pad + b'"m",' + pad + b'"stream":' + pad + b"true" + pad + b"}"
+    fields = at_once(_read_shortened(small, scanned(small, 5, run_min=100).runs, spaces_min=50))
+    assert fields is not None
+    assert fields == read_fields(small)
+    assert fields.members == {"model": "m", "stream": True}
+
+
+def test_whitespace_beside_a_carriage_return_of_the_body_falls_back() -> None:
+    """A carriage return of the body's own would be taken for a marker: the whole parse."""
+    body = b'{"model":"m",\r\n' + b" " * 200 + b'"stream":true}'
+    scan = scanned(body, 6, run_min=100)
+    assert scan.runs
+    assert at_once(_read_shortened(body, scan.runs, spaces_min=50)) is None
+    assert read_fields(body, scan) == read_fields(body)
+
+
+def test_a_body_padded_with_megabytes_of_spaces_is_read_in_short_steps() -> None:
+    """bench.cancel's request-body window sends a small request padded with spaces before its
+    closing brace: its fields come from the shortened parse, checked a few MiB a step, and
+    the whole body is never parsed in one step."""
+    import proxy.request_fields as request_fields
+
+    raw = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    body = raw[:-1] + b" " * (20 * 1024 * 1024) + b"}"
+    scan = BodyScan()
+    for at in range(0, len(body), 256 * 1024):
+        scan.feed(body[at : at + 256 * 1024])
+    scan.finish()
+    whole = read_fields(raw)
+    steps = read_fields_in_steps(body, scan)
+    read_whole = request_fields._read
+    request_fields._read = None  # type: ignore[assignment]  # must not be called
+    try:
+        count = 0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                assert done.value == whole
+                break
+            count += 1
+    finally:
+        request_fields._read = read_whole
+    assert count == 6  # 20 MiB of spaces compared 4 MiB a step, then the shortened parse again
 
 
 def test_a_prompt_member_over_the_decode_limit_counts_its_original_bytes() -> None:
