@@ -10,10 +10,11 @@ when `include_usage` was asked for (hangup asks). The proxies forward the header
 body stay those of a chat request, so hangup's accounting sees an ordinary stream.
 
 `x-bench-content-bytes: B` makes the completion's content, or each content chunk's, B bytes
-long (large answers, huge events). `x-bench-gap-ms: G` writes the events G ms apart, each in its
-own chunk, so that every event is one read at the proxy, as with a real model generating
-tokens; without it the events go out in one write. Request bodies are read (Content-Length
-only, as every client here sends) and ignored.
+long (large answers, huge events). `x-bench-logprobs-tokens: N` answers a Responses stream
+whose `response.completed` carries N tokens' logprobs. `x-bench-gap-ms: G` writes the
+events G ms apart, each in its own chunk, so that every event is one read at the proxy, as
+with a real model generating tokens; without it the events go out in one write. Request
+bodies are read (Content-Length only, as every client here sends) and ignored.
 """
 
 from __future__ import annotations
@@ -108,6 +109,31 @@ def stream_events(events: int, content_bytes: int = 0) -> list[bytes]:
     return out
 
 
+def responses_events(tokens: int) -> list[bytes]:
+    """A Responses stream (`/v1/responses`) of `tokens` one-word deltas whose
+    `response.completed` repeats the output with each token's logprobs and five alternatives,
+    as an upstream asked for `include: ["message.output_text.logprobs"]` sends it (~360 B a
+    token: 40,000 tokens make a 13.7 MiB event)."""
+
+    def event(name: str, obj: object) -> bytes:
+        data = json.dumps({"type": name, **obj}, separators=(",", ":"))  # type: ignore[dict-item]
+        return f"event: {name}\ndata: {data}\n\n".encode()
+
+    head = {"id": "resp_bench", "object": "response", "model": MODEL, "status": "in_progress"}
+    out = [event("response.created", {"response": {**head, "output": []}})]
+    for _ in range(min(tokens, 8)):
+        out.append(event("response.output_text.delta", {"output_index": 0, "delta": " tok"}))
+    top = [{"token": " alt", "logprob": -2.5, "bytes": [32, 97, 108, 116]}] * 5
+    logprobs = [{"token": " tok", "logprob": -0.125, "bytes": [32, 116, 111, 107],
+                 "top_logprobs": top}] * tokens  # fmt: skip
+    text = {"type": "output_text", "text": " tok" * tokens, "logprobs": logprobs}
+    message = {"type": "message", "role": "assistant", "content": [text]}
+    usage = {"input_tokens": 14, "output_tokens": tokens, "total_tokens": 14 + tokens}
+    done = {**head, "status": "completed", "output": [message], "usage": usage}
+    out.append(event("response.completed", {"response": done}))
+    return out
+
+
 def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
@@ -131,6 +157,13 @@ def _stream(events: int, content_bytes: int) -> list[bytes]:
     if s is None:
         s = [_chunked(e) for e in stream_events(events, content_bytes)]
         _streams[(events, content_bytes)] = s
+    return s
+
+
+def _logprobs_stream(tokens: int) -> list[bytes]:
+    s = _streams.get((-1, tokens))
+    if s is None:
+        s = _streams[(-1, tokens)] = [_chunked(e) for e in responses_events(tokens)]
     return s
 
 
@@ -181,6 +214,8 @@ class FakeUpstream(asyncio.Protocol):
                     gap = float(value) / 1000
                 elif name == b"x-bench-content-bytes":
                     size = int(value)
+                elif name == b"x-bench-logprobs-tokens":
+                    events, size = -1, int(value)
             if head.startswith(b"get /healthz"):
                 self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                 continue
@@ -196,7 +231,7 @@ class FakeUpstream(asyncio.Protocol):
         if not events:
             self.transport.write(_chat_response(size) if size else _CHAT_RESPONSE)
             return
-        chunks = _stream(events, size)
+        chunks = _stream(events, size) if events > 0 else _logprobs_stream(size)
         if gap <= 0:
             self.transport.write(_SSE_HEAD + b"".join(chunks) + _END)
             return

@@ -20,6 +20,8 @@ loop; clients and the fake upstream (bench/fake_upstream.py) are other processes
   (`continuation`: hangup builds the request that goes on from the delivered text); the
   upstream here is the simulator (`python -m proxy.sim`, which stalls when asked by model);
 - a stream with one 15 MiB SSE event (hangup refuses events over 16 MiB);
+- a Responses stream whose `response.completed` carries 40,000 tokens' logprobs (13.7 MiB
+  of small objects: `include: ["message.output_text.logprobs"]` on a long answer);
 - an 8 MiB non-streamed answer (the largest hangup keeps to read its usage);
 - a `/metrics` scrape with every label at its bound (`series_bound()` series).
 
@@ -62,6 +64,7 @@ CASES = (
     "sglang naming",
     "continuation",
     "huge SSE event",
+    "logprobs event",
     "large answer",
     "metrics at bound",
 )
@@ -223,6 +226,10 @@ def client(case: str, base: str, repeat: int) -> None:
         elif case == "huge SSE event":
             headers = {**json_type, "x-bench-events": "5", "x-bench-content-bytes": str(15 * MIB)}
             _post(url, json.dumps({**small, "stream": True}).encode(), headers)
+        elif case == "logprobs event":
+            headers = {**json_type, "x-bench-logprobs-tokens": "40000"}
+            responses = {"model": fake_upstream.MODEL, "input": "hi", "stream": True}
+            _post(base + "/v1/responses", json.dumps(responses).encode(), headers)
         elif case == "large answer":
             headers = {**json_type, "x-bench-content-bytes": str(8 * MIB - 2048)}
             _post(url, json.dumps(small).encode(), headers)

@@ -283,3 +283,107 @@ def _loaded(parse: Any, text: str) -> str:
 )
 def test_parse_json_reads_what_json_loads_reads(text: str) -> None:
     assert _loaded(parse_json, text) == _loaded(json.loads, text)
+
+
+# --- Responses lifecycle events: read for their `response`'s id, usage and error only -------
+
+_LIFECYCLE = ["response.created", "response.in_progress", "response.completed",
+              "response.incomplete", "response.failed", "response.cancelled"]  # fmt: skip
+_logprob = st.fixed_dictionaries(
+    {"token": _text, "logprob": st.floats(allow_nan=False, allow_infinity=False)},
+    optional={"bytes": st.lists(st.integers(0, 255), max_size=3)},
+)
+_response = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.one_of(_text, st.none(), st.integers(0, 3)),
+        "status": _text,
+        "usage": st.one_of(
+            st.none(),
+            st.fixed_dictionaries(
+                {"input_tokens": st.integers(0, 50), "output_tokens": st.integers(0, 50)},
+                optional={"total_tokens": st.integers(0, 100)},
+            ),
+            _json,
+        ),
+        "error": st.one_of(st.none(), _text, st.fixed_dictionaries({"message": _text}), _json),
+        "output": st.lists(
+            st.fixed_dictionaries(
+                {"type": st.just("message")},
+                optional={"text": _text, "logprobs": st.lists(_logprob, max_size=4)},
+            ),
+            max_size=3,
+        ),
+        "extra": _json,
+    },
+)
+_lifecycle_kind = st.sampled_from(_LIFECYCLE)
+_lifecycle = st.fixed_dictionaries(
+    {
+        "type": st.one_of(
+            _lifecycle_kind,
+            _lifecycle_kind,
+            st.sampled_from(["response.output_text.delta", "error", "other", None, 1]),
+        ),
+        "response": st.one_of(_response, _response, st.none(), _json),
+    },
+    optional={
+        "delta": _str_or_odd,
+        "output_index": st.integers(0, 2),
+        "model": _text,
+        "usage": st.fixed_dictionaries({"prompt_tokens": st.integers(0, 9)}),
+        "choices": st.lists(_choice, max_size=1),
+        "extra": _json,
+    },
+).map(lambda obj: {k: v for k, v in obj.items() if k != "type" or v is not None})
+
+
+@st.composite
+def _lifecycle_event(draw: st.DrawFn) -> SSEEvent:
+    """A named Responses lifecycle event as an upstream might send it: its `type` the name's
+    or another, with an output (logprobs too) to skip, duplicate members, cut or broken."""
+    obj = draw(_lifecycle)
+    text = json.dumps(obj, ensure_ascii=draw(st.booleans()))
+    how = draw(st.sampled_from(["plain", "plain", "duplicate", "cut", "garbage", "nan"]))
+    if how == "duplicate" and obj:
+        key = draw(st.sampled_from(sorted(obj)))
+        text = text[:-1] + ", " + json.dumps(key) + ": " + json.dumps(draw(_response)) + "}"
+    elif how == "cut" and len(text) > 1:
+        text = text[: draw(st.integers(1, len(text) - 1))]
+    elif how == "garbage":
+        text = text + draw(st.sampled_from([" ", "x", "}", " NaN"]))
+    elif how == "nan" and text.endswith("}") and len(text) > 2:
+        text = text[:-1] + ', "score": NaN, "big": 123456789012345678901234567890}'
+    name = draw(st.sampled_from(_LIFECYCLE))
+    return SSEEvent(event=name, data=text, raw=f"event: {name}\ndata: {text}\n\n".encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_lifecycle_event(), min_size=1, max_size=5))
+def test_lifecycle_events_read_by_their_head_agree_with_the_full_parse(
+    events: list[SSEEvent],
+) -> None:
+    _agree(events, "/v1/responses")
+
+
+def test_a_completed_response_is_not_built_whole() -> None:
+    """`response.completed` with megabytes of logprobs: its usage is read without the full
+    parse of its output (which builds every logprob's objects, ~43 ms a MiB)."""
+    import proxy.usage.stream as stream
+
+    logprobs = [{"token": "tok", "logprob": -0.1, "bytes": [116, 111, 107]}] * 2000
+    output = [{"type": "message", "content": [{"text": "x" * 500, "logprobs": logprobs}]}]
+    usage = {"input_tokens": 5, "output_tokens": 2000, "total_tokens": 2005}
+    data = json.dumps(
+        {"type": "response.completed", "response": {"id": "r1", "output": output, "usage": usage}}
+    )
+    event = SSEEvent(event="response.completed", data=data, raw=b"")
+    tracker = StreamUsageTracker(inspect_request("/v1/responses", {"model": "m", "stream": True}))
+    whole_parse = stream.parse_json
+    stream.parse_json = None  # type: ignore[assignment]  # must not be called
+    try:
+        assert tracker.feed(event) is EventKind.DONE
+    finally:
+        stream.parse_json = whole_parse
+    assert tracker.response_id == "r1"
+    assert tracker.usage().completion_tokens == 2000

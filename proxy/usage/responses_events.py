@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
+import msgspec
+
 from proxy.usage.event_kind import EventKind, error_message
 from proxy.usage.facts import as_int
 from proxy.usage.reported import Reported, parse_usage
@@ -23,6 +25,8 @@ _RESPONSES_NEEDED: Final = frozenset(
         "response.cancelled",
     }
 )
+# The named events read by `response_head` (their `response` only for its id, usage, error).
+RESPONSE_HEAD_EVENTS: Final = _RESPONSES_NEEDED
 _RESPONSES_DONE: Final = frozenset(
     {"response.completed", "response.incomplete", "response.cancelled"}
 )
@@ -37,6 +41,62 @@ def repeats_text(name: str | None) -> bool:
         and name not in _RESPONSES_NEEDED
         and not name.endswith(".delta")
     )
+
+
+_ABSENT: Any = msgspec.UNSET
+
+
+class _ResponseHead(msgspec.Struct):
+    """The members of an event's `response` that `_responses_event` reads."""
+
+    id: Any = _ABSENT
+    usage: Any = _ABSENT
+    error: Any = _ABSENT
+
+
+class _HeadEvent(msgspec.Struct):
+    type: Any = _ABSENT
+    response: _ResponseHead | None = _ABSENT
+
+
+_HEAD_DECODER: Final = msgspec.json.Decoder(_HeadEvent)
+
+
+def lifecycle_kind(kind: Any) -> str | None:
+    """`kind` when `_responses_event` reads an event of that type only for its `response`'s
+    id, usage and error."""
+    if isinstance(kind, str) and kind.startswith("response.") and not kind.endswith(".delta"):
+        return kind
+    return None
+
+
+def response_head(data: str) -> dict[str, Any] | None:
+    """A Responses lifecycle event (`response.created` ... `response.completed`) as
+    `_responses_event` reads it, without the rest of its `response`: `response.completed`
+    repeats the whole output, and with logprobs that is megabytes of small objects, ~43 ms a
+    MiB to build and 2.5 to validate and skip. None, and the caller parses the whole event,
+    unless the event is an object whose `type` is a lifecycle kind (`response.`, not a
+    `.delta`: those read other members) and whose `response`, if any, is an object or null;
+    also for whatever msgspec refuses (NaN, big integers...), where `json.loads` decides.
+    The JSON is checked whole as the full parse checks it (duplicate members: the last)."""
+    try:
+        event = _HEAD_DECODER.decode(data)
+    except (msgspec.DecodeError, RecursionError):  # (a ValidationError too)
+        return None
+    kind = lifecycle_kind(event.type)
+    if kind is None:
+        return None
+    head: dict[str, Any] = {"type": kind}
+    response = event.response
+    if response is None:
+        head["response"] = None
+    elif response is not _ABSENT:
+        head["response"] = {
+            name: value
+            for name in ("id", "usage", "error")
+            if (value := getattr(response, name)) is not _ABSENT
+        }
+    return head
 
 
 class _Tracker(Protocol):

@@ -23,7 +23,13 @@ from proxy.usage.facts import RequestFacts, as_int
 from proxy.usage.fast import Shape, Sizes, content_sizes, parse_json
 from proxy.usage.plain_reads import SINGLE_TOKEN_MAX_CHARS, PlainReads, chunk_tokens
 from proxy.usage.reported import Reported, parse_usage
-from proxy.usage.responses_events import ResponsesEvents, repeats_text
+from proxy.usage.responses_events import (
+    RESPONSE_HEAD_EVENTS,
+    ResponsesEvents,
+    lifecycle_kind,
+    repeats_text,
+    response_head,
+)
 
 __all__ = ["SINGLE_TOKEN_MAX_CHARS", "StreamUsageTracker", "chunk_tokens", "delta_chars"]
 
@@ -143,6 +149,10 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         if repeats_text(name):
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
             return EventKind.OTHER
+        if name in RESPONSE_HEAD_EVENTS and self._fast:
+            head = response_head(data)  # (not the whole output `response.completed` repeats)
+            if head is not None:
+                return self._responses_event(head["type"], head)
         obj = self._parse(data)
         if name == "error":  # an SSE-level error event, whatever its payload
             self.error = error_message(obj.get("error", obj) if isinstance(obj, dict) else data)
@@ -178,6 +188,14 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
             return None  # not a skeleton's shape, or an error read by its whole text
         if repeats_text(name):
             return EventKind.OTHER
+        if name in RESPONSE_HEAD_EVENTS and self._fast:
+            head = response_head(data)
+            if head is not None:
+                restored = restore(head)
+                read_kind = None if restored is None else lifecycle_kind(restored.get("type"))
+                if restored is None or read_kind is None:
+                    return None  # (a marker where a value is read: the whole event)
+                return self._responses_event(read_kind, restored)
         # What `content_sizes` would take (its typed decode accepts the same structure and
         # types whatever the strings' lengths): counted as `_chunk` counts it, without the
         # model name that only the full parse reads.
