@@ -29,7 +29,10 @@ CPU time comes from /proc/PID/stat just before and after the measured run. Repor
   (burst200 - burst20) / 180, the cost of an event that shares its read with others;
 - contention: how many CPUs other processes used during the measured windows.
 
-`python -m bench.wrk [--rounds 3] [--duration 5] [--connections 50] [--short] [--out FILE]`
+`--pin` puts the proxies on the first CPU and wrk, the fake upstream and this process on the
+others, so that the proxy measured never waits for a core and rounds spread less.
+
+`python -m bench.wrk [--rounds 3] [--duration 5] [--connections 50] [--pin] [--short] [--out FILE]`
 """
 
 from __future__ import annotations
@@ -146,6 +149,12 @@ def _self_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` on `cpus` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), cpus)
+
+
 def run_wrk(
     wrk: str,
     target: Target,
@@ -154,8 +163,10 @@ def run_wrk(
     connections: int,
     duration: float,
     timeout_s: int = 10,
+    cpus: set[int] | None = None,
 ) -> dict[str, Any]:
     argv = [
+        *(["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []),
         wrk,
         "-t1",
         f"-c{connections}",
@@ -183,14 +194,17 @@ def measure(
     connections: int,
     duration: float,
     warmup: float,
+    load_cpus: set[int] | None = None,
 ) -> dict[str, Any]:
     """One warm-up and one measured wrk run; CPU of the target and of the machine around it."""
     if warmup > 0:
-        run_wrk(wrk, target, script, connections=connections, duration=warmup)
+        run_wrk(wrk, target, script, connections=connections, duration=warmup, cpus=load_cpus)
     own = {pid: cpu_seconds(pid) for pid in ours}
     user0, system0 = cpu_split(target.pid)
     kids0, self0, busy0, t0 = _children_cpu(), _self_cpu(), _machine_busy(), time.monotonic()
-    result = run_wrk(wrk, target, script, connections=connections, duration=duration)
+    result = run_wrk(
+        wrk, target, script, connections=connections, duration=duration, cpus=load_cpus
+    )
     wall = time.monotonic() - t0
     busy = _machine_busy() - busy0
     ours_cpu = sum(cpu_seconds(pid) - c for pid, c in own.items())
@@ -313,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--ablations", action="store_true", help="also hangup with one feature off (ABLATIONS)"
     )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="the proxies on the first CPU, wrk, the fake upstream and this process on the rest",
+    )
     p.add_argument("--short", action="store_true", help="CI: 1 round of 1 s, 1 s warm-up")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
@@ -337,6 +356,18 @@ def main(argv: list[str] | None = None) -> int:
             wanted = set(args.targets.split(","))
             targets = [t for t in targets if t.name in wanted]
         ours = sorted({up.pid, *(c.pid for c in procs.children)})
+        load_cpus: set[int] | None = None
+        if args.pin:
+            # The proxy measured never waits for a core while wrk or the upstream runs, and
+            # they never wait for it: less spread between rounds (both proxies alike).
+            available = sorted(os.sched_getaffinity(0))
+            if len(available) < 2:
+                print("--pin needs two CPUs", file=sys.stderr)
+                return 2
+            proxy_cpus, load_cpus = {available[0]}, set(available[1:])
+            for child in procs.children:
+                pin(child.pid, load_cpus if child.pid == up.pid else proxy_cpus)
+            pin(os.getpid(), load_cpus)
         scripts = {w: lua_script(procs.workdir, w) for w in workloads}
         for rnd in range(args.rounds):
             # Every other round in the reverse order: a host whose speed drifts during a round
@@ -352,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                         connections=max(1, round(args.connections * WORKLOADS[workload][2])),
                         duration=args.duration,
                         warmup=args.warmup,
+                        load_cpus=load_cpus,
                     )
                     runs.setdefault((workload, target.name), []).append(r)
                     print(
@@ -444,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {max(1, round(args.connections * SLOPE_CONNECTIONS))} for slow20/slow200);"
         " CPU of the target process over the measured window;"
         " ratios against the relay on the same event loop"
+        + ("; proxies pinned to one CPU, the load to the others" if args.pin else "")
     )
     print(
         table(

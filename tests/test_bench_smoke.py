@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -404,3 +405,24 @@ def test_event_instructions_benchmark_counts_an_event_a_read(tmp_path: Path) -> 
     # hangup's loop-lag probe ticks while it idles; the bare relay has no timer of its own.
     idle = {name: row["idle_instructions_per_s"] for name, row in data["results"].items()}
     assert idle["hangup"] > idle["relay"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_wrk_pin_puts_every_thread_of_a_process_on_the_cpus_given() -> None:
+    """`bench.wrk --pin`'s `pin`: each thread of the process, not only its first."""
+    from bench.wrk import pin
+
+    code = "import threading,time; threading.Thread(target=time.sleep, args=(30,)).start(); " \
+        "print('ready', flush=True); time.sleep(30)"  # fmt: skip
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        cpu = max(os.sched_getaffinity(0))
+        pin(child.pid, {cpu})
+        tids = os.listdir(f"/proc/{child.pid}/task")
+        assert len(tids) == 2
+        for tid in tids:
+            assert os.sched_getaffinity(int(tid)) == {cpu}
+    finally:
+        child.kill()
+        child.communicate()
