@@ -366,7 +366,7 @@ def test_lifecycle_events_read_by_their_head_agree_with_the_full_parse(
     _agree(events, "/v1/responses")
 
 
-def test_a_completed_response_is_not_built_whole() -> None:
+def test_a_completed_response_is_not_built_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     """`response.completed` with megabytes of logprobs: its usage is read without the full
     parse of its output (which builds every logprob's objects, ~43 ms a MiB)."""
     import proxy.usage.stream as stream
@@ -379,11 +379,11 @@ def test_a_completed_response_is_not_built_whole() -> None:
     )
     event = SSEEvent(event="response.completed", data=data, raw=b"")
     tracker = StreamUsageTracker(inspect_request("/v1/responses", {"model": "m", "stream": True}))
-    whole_parse = stream.parse_json
-    stream.parse_json = None  # type: ignore[assignment]  # must not be called
-    try:
-        assert tracker.feed(event) is EventKind.DONE
-    finally:
-        stream.parse_json = whole_parse
+
+    def whole_parse(data: str) -> Any:
+        raise AssertionError("the full parse was called")
+
+    monkeypatch.setattr(stream, "parse_json", whole_parse)
+    assert tracker.feed(event) is EventKind.DONE
     assert tracker.response_id == "r1"
     assert tracker.usage().completion_tokens == 2000
