@@ -38,8 +38,8 @@ from proxy.edge.capacity import (
     Tier,
     over_capacity,
 )
+from proxy.edge.inline_handler import InlineRequestHandler
 from proxy.errors import HeadTooLarge, ProxyError, RequestTimeout, render_body
-from proxy.unparsed import OpenAIErrorHandler
 from proxy.watchdog import Alarm
 
 _REASONS = {
@@ -78,9 +78,10 @@ def canned_response(err: ProxyError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-class GuardedRequestHandler(OpenAIErrorHandler):
+class GuardedRequestHandler(InlineRequestHandler):
     """A connection: its phases, deadlines and bounds (module docstring); parser errors are
-    answered the OpenAI way by `OpenAIErrorHandler`."""
+    answered the OpenAI way by `OpenAIErrorHandler`; its requests run in its own task
+    (`InlineRequestHandler`)."""
 
     # aiohttp's handler is slotted; without these the subclass would carry a dict (~300 B
     # more for every connection, idle streams included).
