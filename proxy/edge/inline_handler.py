@@ -4,20 +4,21 @@ aiohttp's `RequestHandler.start` runs every request's handler in a new task (its
 handler gets a copy of the context variables, aiohttp#3406). On Python 3.11 such a task's
 first step waits for the loop's next iteration, and its end wakes the connection's task in
 one more: two loop iterations (each an `epoll_wait` and the loop's bookkeeping), two handles,
-a `Task` and its context copy, and the weak reference the proxy's in-flight set keeps of it,
-for every request. hangup sets no context variable in a handler (proxy/bare_context.py is
-the one context it makes, and it is never entered by a request), so the handler is awaited
-in the connection's task instead: the same `_handle_request` coroutine, the same exceptions
-handled where aiohttp handles them, the same cancellation (a client's disconnect cancels the
-connection's task, which is the handler's now; the watchdog cancels the task the handler
-runs in, which `Watchdog.consume` withdraws).
+a `Task` and its context copy, and asyncio's all-tasks `WeakSet` entry (and its removal
+callback), for every request. hangup sets no context variable in a handler
+(proxy/bare_context.py is the one context it makes, and it is never entered by a request),
+so the handler is awaited in the connection's task instead: the same `_handle_request`
+coroutine, the same exceptions handled where aiohttp handles them, the same cancellation (a
+client's disconnect cancels the connection's task, which is the handler's now; the watchdog
+cancels the task the handler runs in, and `Watchdog.consume` withdraws that cancel, so the
+next request on the connection starts with none).
 
-`start` is aiohttp 3.14's own loop with that one change (and the lingering read after an
-unread body left out: `proxy.edge.runner` turns lingering off; a handler with a
-`lingering_time` runs aiohttp's own loop);
-tests/test_inline_handler.py checks that a request is served in the connection's task and
-that the loop's other duties (keep-alive, pipelining, a parse error's answer, the handler's
-failure, a client's disconnect) still happen.
+`start` is aiohttp 3.14's own loop with that one change, and the lingering read after an
+unread body left out (`proxy.edge.runner` turns lingering off; a handler with a
+`lingering_time` runs aiohttp's own loop). tests/test_inline_handler.py checks that requests
+are served in the connection's task, that each of a connection's requests gets its own
+deadline, and that a client's disconnect still cancels its request; keep-alive, pipelining
+and parse errors are the hostile-connection tests' (tests/test_hostile_*.py).
 """
 
 from __future__ import annotations
