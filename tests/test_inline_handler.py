@@ -6,6 +6,7 @@ taken for a client's disconnect), and a client's disconnect still cancels the re
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from typing import Any
 
@@ -39,8 +40,6 @@ def served_in(monkeypatch: pytest.MonkeyPatch) -> list[tuple[asyncio.Task[Any], 
 
 
 def _handlers() -> list[GuardedRequestHandler]:
-    import gc
-
     return [h for h in gc.get_objects() if isinstance(h, GuardedRequestHandler)]
 
 
