@@ -5,8 +5,8 @@ first upstream byte: route, deadlines, upstream URL, headers and body. Every ref
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import msgspec
 from aiohttp import web
 from aiohttp.helpers import parse_content_type
 from multidict import CIMultiDict
@@ -47,9 +47,11 @@ MODEL_LOG_CHARS = 200
 RENAME_ONE_STEP_BYTES = 64 * 1024
 
 
-@dataclass(slots=True)
-class TargetPlan:
-    """What goes to one target: its URL, headers (its own key) and body (its model)."""
+class TargetPlan(msgspec.Struct):
+    """What goes to one target: its URL, headers (its own key) and body (its model).
+
+    A msgspec Struct, as `Plan` and the other values made for every request: its `__init__`
+    is C, where a slotted dataclass's stores one field a bytecode at a time (~2x the time)."""
 
     target: Target
     url: URL
@@ -62,8 +64,7 @@ class TargetPlan:
         return self.target.upstream_name
 
 
-@dataclass(slots=True)
-class Plan:
+class Plan(msgspec.Struct):
     """Everything decided before the first upstream byte is sent."""
 
     route: Route

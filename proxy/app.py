@@ -107,15 +107,29 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 async def _before_response(
-    policy: BrowserPolicy, request: web.Request, response: web.StreamResponse
+    policy: BrowserPolicy,
+    scrubbed: secrets.Secrets,
+    state: ProxyState,
+    request: web.Request,
+    response: web.StreamResponse,
 ) -> None:
     """on_response_prepare: one callback for every job (each would be a coroutine a response),
     in this order: CORS headers, `Connection: close` when asked, secrets out of the headers,
-    our Server header."""
+    our Server header, and `Connection: close` while draining."""
     browser.fix_cors_headers(policy, request, response)
     close_if_asked(request, response)
-    secrets.scrub_response_headers(request, response)
+    secrets.scrub_response_headers(scrubbed, response)
     unparsed.set_server_header(response)
+    if state.draining:
+        close_while_draining(response)
+
+
+def close_while_draining(response: web.StreamResponse) -> None:
+    """While draining, ask every client to close its connection after this response (RFC 9112
+    9.6), so keep-alive clients reconnect to another instance instead of meeting our 503."""
+    # aiohttp runs this hook after it computed the Connection header: set both.
+    response.force_close()
+    response.headers["Connection"] = "close"
 
 
 def create_app(
@@ -129,8 +143,8 @@ def create_app(
     app = web.Application(
         client_max_size=config.limits.max_request_body_bytes,
     )  # no middlewares: see proxy.edge.gate
-    app.on_response_prepare.append(partial(_before_response, policy))
     secrets.add_to_app(app, config)
+    app.on_response_prepare.append(partial(_before_response, policy, app[secrets.SECRETS], state))
     unparsed.add_to_app(app)
     app[STATE] = state
     app[gate.BROWSER_POLICY] = policy
@@ -140,14 +154,17 @@ def create_app(
     app.cleanup_ctx.append(_loop_lag_probe)
     # No `100 Continue` before a request is admitted: see unparsed.expect_handler.
     expect = unparsed.expect_handler
-    app.router.add_get("/healthz", gate.gated(healthz), expect_handler=expect)
-    app.router.add_get("/readyz", gate.gated(readyz), expect_handler=expect)
+    app.router.add_get("/healthz", gate.gated(healthz, policy), expect_handler=expect)
+    app.router.add_get("/readyz", gate.gated(readyz, policy), expect_handler=expect)
     if config.metrics.enabled:
-        app.router.add_get(config.metrics.path, gate.gated(metrics), expect_handler=expect)
+        app.router.add_get(config.metrics.path, gate.gated(metrics, policy), expect_handler=expect)
     # The relay's handler runs the edge checks itself (one coroutine less per held stream).
+    handle = relay.Relay(state, policy, app[secrets.SECRETS]).serve
     route = app.router.add_route(
-        "*", RELAY_PREFIX + r"{tail:[\s\S]*}", relay.handle, expect_handler=expect
+        "*", RELAY_PREFIX + r"{tail:[\s\S]*}", handle, expect_handler=expect
     )
     app[gate.DIRECT_ROUTE] = gate.DirectRoute(RELAY_PREFIX, route)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", gate.gated(not_found), expect_handler=expect)
+    app.router.add_route(
+        "*", r"/{tail:[\s\S]*}", gate.gated(not_found, policy), expect_handler=expect
+    )
     return app

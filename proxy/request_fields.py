@@ -23,7 +23,6 @@ import codecs
 import re
 from bisect import bisect_left
 from collections.abc import Callable, Generator
-from dataclasses import dataclass, field
 from itertools import compress, repeat
 from operator import is_not
 from typing import Any
@@ -105,8 +104,7 @@ class _Values(msgspec.Struct):
 _VALUES_DECODER = msgspec.json.Decoder(_Values)
 
 
-@dataclass(slots=True)
-class RequestFields:
+class RequestFields(msgspec.Struct):
     """What the body says, as far as hangup reads it."""
 
     # The members read, decoded (prompt members only up to PROMPT_DECODE_LIMIT); None when the
@@ -115,7 +113,7 @@ class RequestFields:
     # Bytes of prompt members too large to decode (their estimate is bytes / 4).
     undecoded_prompt_bytes: int = 0
     # The `stream_options` value exactly as sent, for a byte-faithful replacement.
-    raw_stream_options: bytes = field(default=b"")
+    raw_stream_options: bytes = b""
     # The first byte of each prompt member too large to decode (what kind of value it is).
     undecoded_first: dict[str, bytes] | None = None
 

@@ -189,9 +189,9 @@ def add_to_app(app: web.Application, config: HangupConfig) -> None:
     app.cleanup_ctx.append(_scrub_logs)
 
 
-def scrub_response_headers(request: web.Request, response: web.StreamResponse) -> None:
+def scrub_response_headers(secrets: Secrets, response: web.StreamResponse) -> None:
     """Before a response goes out (proxy.app): no configured secret in its headers."""
-    scrub_headers(request.app[SECRETS], response.headers)
+    scrub_headers(secrets, response.headers)
 
 
 async def _scrub_logs(app: web.Application) -> AsyncIterator[None]:
@@ -200,8 +200,3 @@ async def _scrub_logs(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         remove_log_scrubber(scrubber)
-
-
-def stream_scrubber(request: web.Request) -> StreamScrubber:
-    """For the relay: the scrubber of one response body."""
-    return request.app[SECRETS].stream()

@@ -74,7 +74,6 @@ class ProxyServer:
         self.host = config.listen.host if host is None else host
         self.port = config.listen.port if port is None else port
         self.app = create_app(config, registry=registry, listen_host=self.host)
-        self.app.on_response_prepare.append(_close_while_draining)
         _quiet_parse_errors()
         probes = {"/healthz", "/readyz"} | (
             {config.metrics.path} if config.metrics.enabled else set()
@@ -206,15 +205,6 @@ def _quiet_parse_errors() -> None:
     logger = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ParseErrorFilter) for f in logger.filters):
         logger.addFilter(_ParseErrorFilter())
-
-
-async def _close_while_draining(request: web.Request, response: web.StreamResponse) -> None:
-    """While draining, ask every client to close its connection after this response (RFC 9112
-    9.6), so keep-alive clients reconnect to another instance instead of meeting our 503."""
-    if request.app[STATE].draining:
-        # aiohttp runs this hook after it computed the Connection header: set both.
-        response.force_close()
-        response.headers["Connection"] = "close"
 
 
 async def serve(

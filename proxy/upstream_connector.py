@@ -15,10 +15,10 @@ import select
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import aiohttp
+import msgspec
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import DataQueue, StreamReader
@@ -35,8 +35,7 @@ log = logging.getLogger("hangup.upstream")
 RESEND_WINDOW_S = 0.05
 
 
-@dataclass(slots=True)
-class AttemptHooks:
+class AttemptHooks(msgspec.Struct):
     """Handed to the connector (as the request's `hooks`): what happened on the wire during
     one send."""
 

@@ -10,9 +10,9 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import relay
 from proxy.app import create_app
-from proxy.edge.gate import UnroutedAnswered
+from proxy.edge.gate import DIRECT_ROUTE, UnroutedAnswered
+from proxy.relay import Relay
 from tests.support import make_config
 
 
@@ -39,7 +39,9 @@ _methods = st.sampled_from(["GET", "POST", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 async def _routed_to_relay(method: str, path: str, headers: dict[str, str]) -> tuple[bool, bool]:
     request = make_mocked_request(method, path, headers=headers, app=APP)
     match: Any = await APP.router.resolve(request)
-    by_router = getattr(match, "handler", None) is relay.handle
+    handler = getattr(match, "handler", None)
+    by_router = getattr(handler, "__func__", None) is Relay.serve
+    assert not by_router or handler == APP[DIRECT_ROUTE].route.handler  # (this app's relay)
     return GATE.goes_direct(request), by_router
 
 

@@ -38,8 +38,8 @@ from proxy.edge.capacity import (
     Tier,
     over_capacity,
 )
+from proxy.edge.inline_handler import InlineRequestHandler
 from proxy.errors import HeadTooLarge, ProxyError, RequestTimeout, render_body
-from proxy.unparsed import OpenAIErrorHandler
 from proxy.watchdog import Alarm
 
 _REASONS = {
@@ -78,9 +78,10 @@ def canned_response(err: ProxyError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
-class GuardedRequestHandler(OpenAIErrorHandler):
+class GuardedRequestHandler(InlineRequestHandler):
     """A connection: its phases, deadlines and bounds (module docstring); parser errors are
-    answered the OpenAI way by `OpenAIErrorHandler`."""
+    answered the OpenAI way by `OpenAIErrorHandler`; its requests run in its own task
+    (`InlineRequestHandler`)."""
 
     # aiohttp's handler is slotted; without these the subclass would carry a dict (~300 B
     # more for every connection, idle streams included).
@@ -172,20 +173,22 @@ class GuardedRequestHandler(OpenAIErrorHandler):
 
     def _set_phase(self, phase: Phase) -> None:
         """Track the phase, and whether the guard may reclaim this connection."""
+        previous = self.phase
         self.phase = phase
-        guard = self.guard
         if not self._counted:
             return
         if self.tier is TIER_NORMAL:
             if phase is _PHASE_WAITING and not self._messages:
-                guard.idle[self] = None
-            else:
-                guard.idle.pop(self, None)
+                self.guard.idle[self] = None
+            elif previous is _PHASE_WAITING:
+                # Only a waiting connection is ever listed: a move between two other phases
+                # (head, body, busy: two of them a request) has nothing to take off.
+                self.guard.idle.pop(self, None)
         elif self.tier is Tier.PROBES_ONLY:
             if phase in (Phase.WAITING, Phase.HEAD):
-                guard.probation[self] = None
+                self.guard.probation[self] = None
             else:
-                guard.probation.pop(self, None)
+                self.guard.probation.pop(self, None)
 
     def _refuse(self, err: ProxyError) -> None:
         """Answer without a request object, then close (what else arrives is not parsed)."""
@@ -383,14 +386,14 @@ class GuardedRequestHandler(OpenAIErrorHandler):
 
     def _head_done(self, queued_before: int) -> None:
         self._disarm()
-        new = list(self._messages)[queued_before:]
+        messages = self._messages
         if self.tier is TIER_PROBES_ONLY:
             # One request per connection over the cap: the slot goes back at once.
             self.close()
-        if not new:  # already taken by the handler (cannot happen within data_received)
-            self._set_phase(Phase.BUSY)
+        if len(messages) <= queued_before:  # already taken by the handler (cannot happen
+            self._set_phase(Phase.BUSY)  # within data_received)
             return
-        payload = new[0][1]
+        payload = messages[queued_before][1]  # (the first new one: no copy of the queue)
         if payload.is_eof():
             self._set_phase(_PHASE_BUSY)
             return

@@ -43,8 +43,9 @@ class DirectRoute:
 DIRECT_ROUTE = web.AppKey("hangup_direct_route", DirectRoute)
 
 
-def edge_answer(request: web.Request) -> web.StreamResponse | None:
-    """The answer to a request refused before routing's work, or None to serve it."""
+def edge_answer(request: web.Request, policy: BrowserPolicy) -> web.StreamResponse | None:
+    """The answer to a request refused before routing's work, or None to serve it. `policy`:
+    the app's (`BROWSER_POLICY`), which its handler holds."""
     # A connection over connections.max_connections may only ask a probe path; a head over
     # connections.max_head_kb that the connection's byte count could not see gets 431.
     refusal = connection_refusal(request)
@@ -52,14 +53,14 @@ def edge_answer(request: web.Request) -> web.StreamResponse | None:
         response = refuse(request, refusal)
         response.force_close()
         return response
-    return unparsed.target_refusal(request) or browser.refusal(request.app[BROWSER_POLICY], request)
+    return unparsed.target_refusal(request) or browser.refusal(policy, request)
 
 
-def gated(handler: Handler) -> Handler:
+def gated(handler: Handler, policy: BrowserPolicy) -> Handler:
     """`handler` behind the edge checks (for routes other than the relay's)."""
 
     async def checked(request: web.Request) -> web.StreamResponse:
-        answer = edge_answer(request)
+        answer = edge_answer(request, policy)
         return answer if answer is not None else await handler(request)
 
     return checked
@@ -126,7 +127,8 @@ class UnroutedAnswered:
         try:
             return await self._handle(request)
         except web.HTTPException as exc:
-            answer = edge_answer(request) or unparsed.routing_refusal(request, exc)
+            policy = request.app[BROWSER_POLICY]
+            answer = edge_answer(request, policy) or unparsed.routing_refusal(request, exc)
             if answer is None:
                 raise
             return answer

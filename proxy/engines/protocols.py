@@ -25,6 +25,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -46,8 +47,7 @@ _NAMED_ENDPOINTS = frozenset({"chat.completions", "completions"})
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
-@dataclass(frozen=True, slots=True)
-class Named:
+class Named(msgspec.Struct, frozen=True):
     """One upstream attempt as it is sent: its body and headers, and the id the engine runs it
     under (None: not named, so there is nothing to abort by)."""
 
