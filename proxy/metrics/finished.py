@@ -10,7 +10,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from proxy.attempts import AttemptResult
+from proxy.attempts import Attempt, AttemptResult
 from proxy.outcome import RequestRecord, Usage
 
 from . import schema
@@ -113,7 +113,7 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         count(metrics._sdk_retries, (route,)).inc(1)
     if record.background is not None:
         count(metrics._background, (route, record.background.value)).inc(1)
-    attempts = record.attempts
+    attempts: Sequence[Attempt] = record.attempts
     if (
         len(attempts) == 1
         and (attempt := attempts[0]).result is common.attempt_result
@@ -125,7 +125,7 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         value = common.attempt_value
         if type(value) is LoopValue:
             value._value += 1.0  # LoopValue.inc, inline
-        else:
+        elif value is not None:  # (always: kept with the upstream)
             value.inc(1)
         attempts = ()
     for attempt in attempts:
