@@ -124,3 +124,29 @@ def test_attempts_counted_from_a_kept_set_as_looked_up_one_by_one(
         ]
 
     assert _scrape(kept_together, records()) == _scrape(looked_up, records())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(1000.0, 1400.0) | st.sampled_from([1000.0, 1000.005, 1001.0, 1030.0]),
+            st.floats(0.0, 400.0),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_durations_of_one_label_set_fall_in_their_own_buckets(
+    ends: list[tuple[float, float]],
+) -> None:
+    """A kept label set tries its last duration's and overhead's buckets first: whatever the
+    order of the amounts (up, down, on a bound), each lands where `bisect` puts it."""
+    looked_up = new_metrics()
+    looked_up._max_finished = 0
+    kept_together = new_metrics()
+
+    def records() -> list[RequestRecord]:
+        return [make_record(ended_at=end, upstream_wait_s=wait) for end, wait in ends]
+
+    assert _scrape(kept_together, records()) == _scrape(looked_up, records())

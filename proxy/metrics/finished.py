@@ -42,8 +42,10 @@ class _Finished:
         "completion",
         "cost",
         "duration",
+        "duration_at",
         "inplace",
         "overhead",
+        "overhead_at",
         "prompt",
         "requests",
         "responses",
@@ -63,6 +65,8 @@ class _Finished:
         self.ttft: Buckets | None = None  # by (route, model)
         self.duration: Buckets | None = None
         self.overhead: Buckets | None = None
+        # The bucket each of the two last observed amounts fell in (a guess, checked).
+        self.duration_at = self.overhead_at = 0
         # The last single primary attempt's (upstream, result) and its count's value: the
         # usual record counts its attempt without the key's tuple and lookup.
         self.attempt_upstream: str | None = None
@@ -236,7 +240,9 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
     # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
     # A `LoopBuckets`' `observe` is done here, inline (a call less an observation): the same
-    # sum and the same bucket (the first whose bound is >= the amount; none for NaN).
+    # sum and the same bucket (the first whose bound is >= the amount; none for NaN). The
+    # label set's last bucket is tried first: it is that bucket when the amount is within its
+    # bound and above the one below (no `bisect_left`, ~0.7k instructions, most requests).
     ended = record.ended_at
     if ended is not None:
         duration = ended - record.started_at
@@ -246,9 +252,14 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         if type(buckets) is LoopBuckets:
             buckets._sum._value += duration  # a LoopValue (buckets_of)
             bounds = buckets._bounds
-            i = bisect_left(bounds, duration)
-            if i < len(bounds) and duration <= bounds[i]:
+            i = common.duration_at
+            if duration <= bounds[i] and (i == 0 or bounds[i - 1] < duration):
                 buckets._buckets[i]._value += 1.0
+            else:
+                i = bisect_left(bounds, duration)
+                if i < len(bounds) and duration <= bounds[i]:
+                    buckets._buckets[i]._value += 1.0
+                    common.duration_at = i
         else:
             buckets.observe(duration)
     if record.first_token_at is not None:
@@ -267,9 +278,14 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         if type(buckets) is LoopBuckets:
             buckets._sum._value += overhead
             bounds = buckets._bounds
-            i = bisect_left(bounds, overhead)
-            if i < len(bounds) and overhead <= bounds[i]:
+            i = common.overhead_at
+            if overhead <= bounds[i] and (i == 0 or bounds[i - 1] < overhead):
                 buckets._buckets[i]._value += 1.0
+            else:
+                i = bisect_left(bounds, overhead)
+                if i < len(bounds) and overhead <= bounds[i]:
+                    buckets._buckets[i]._value += 1.0
+                    common.overhead_at = i
         else:
             buckets.observe(overhead)
     if record.client_gone_at is not None and record.upstream_closed_at is not None:
