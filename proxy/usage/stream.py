@@ -323,18 +323,25 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         return self.generated
 
     def usage(self) -> Usage:
+        """The stream's usage so far (twice a stream: its attempt's close, the record's seal).
+        `generated_tokens` and `reported` read without their properties, `min` without its
+        call (~1k instructions: argument parsing) and the `Usage` built positionally (the
+        fields in their order, proxy/outcome.py): the same figures."""
         r = self._reported
-        completion = self.generated_tokens
-        prompt = None if r is None else r.prompt
-        if r is not None and r.reasoning is not None:
-            reasoning = r.reasoning
+        completion = self.generated
+        if r is None:
+            prompt = cached = reasoning = reported = None
         else:
-            reasoning = min(self._estimated_reasoning, completion)
+            prompt, reported, cached, reasoning = r  # Reported's fields, in their order
+        if reasoning is None:
+            reasoning = self._estimated_reasoning
+            if completion < reasoning:  # `min(estimated, completion)`
+                reasoning = completion
         return Usage(
-            prompt_tokens=self.facts.prompt_tokens_estimate if prompt is None else prompt,
-            completion_tokens=completion,
-            cached_tokens=0 if r is None or r.cached is None else r.cached,
-            reasoning_tokens=reasoning,
-            prompt_estimated=prompt is None,
-            completion_estimated=not self.reported or self._est_since_report > 0,
+            self.facts.prompt_tokens_estimate if prompt is None else prompt,
+            completion,
+            0 if cached is None else cached,
+            reasoning,
+            prompt is None,
+            reported is None or self._est_since_report > 0,
         )
