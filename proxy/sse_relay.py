@@ -39,7 +39,7 @@ from proxy.sse_stream import (
 )
 from proxy.state import ProxyState
 from proxy.steady_relay import SteadyRelay
-from proxy.timeouts import Phase
+from proxy.timeouts import PHASE_STREAMING
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_errors import READ_ERRORS
 from proxy.usage import RequestFacts, StreamUsageTracker
@@ -312,7 +312,7 @@ class SSERelay(ClientWrites, EventRelay, LargeEventRelay, SteadyRelay):
                         self._content_came(stream, now)
                     else:  # all that `_content_came` does once the first token is marked
                         deadlines = stream.deadlines
-                        if deadlines.phase is Phase.STREAMING:
+                        if deadlines.phase is PHASE_STREAMING:
                             deadlines.last_progress = now  # `Deadlines.content`, no frame
                         else:
                             deadlines.content(now)
