@@ -48,7 +48,7 @@ _encode_into: Final = _encoder.encode_into
 _LINE_BUFFER: Final = 1536
 
 
-class _Tokens(msgspec.Struct):
+class _Tokens(msgspec.Struct, gc=False):
     """`access_fields`' "tokens" member, in its order."""
 
     prompt: Any
@@ -64,7 +64,7 @@ class _Tokens(msgspec.Struct):
     tokenizer: Any = UNSET
 
 
-class _Line(msgspec.Struct):
+class _Line(msgspec.Struct, gc=False):
     """The JSON writer's head members (as `logs._json_line` writes them: `msg` "request" has
     nothing to redact), then `access_fields`' members in its order; those it adds only
     sometimes are `UNSET`. The head in the Struct: the line is one encode and one decode, not
