@@ -33,7 +33,7 @@ from proxy.outcome import (
     RequestRecord,
     Usage,
 )
-from proxy.pricing import PriceBook
+from proxy.pricing import PriceBook, used_usd_at
 from proxy.savings import TypicalLengths, estimate_savings
 from proxy.seal import (
     _COUNTED_ENDPOINTS,
@@ -219,8 +219,11 @@ class Accountant:
         model = attempt.model or record.model
         bill = AttemptBill(seen, self._billing.get((attempt.upstream, record.stream), "full"))
         used = None
-        if seen.prompt_tokens + seen.completion_tokens > 0:  # `total_tokens`, no property
-            used = bill.used_usd = self.prices.used_usd(model, seen)
+        # The model's price looked up once, for the bill and for the cost below.
+        price = self.prices.price(model)
+        # `total_tokens`, no property
+        if price is not None and seen.prompt_tokens + seen.completion_tokens > 0:
+            used = bill.used_usd = used_usd_at(price, seen)
         attempt.bill = bill
         record.waste = NO_WASTE
         record.usage = seen
@@ -238,7 +241,7 @@ class Accountant:
             self.typical.observe(route_name, record.model, seen.completion_tokens)
         if used is not None:
             record.cost = Cost(0 + used, 0.0, 0.0)  # 0 +: as `sum` adds
-        elif self.prices.price(model) is None:
+        elif price is None:
             record.cost = Cost()
         else:
             record.cost = Cost(0.0, 0.0, 0.0)

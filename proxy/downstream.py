@@ -125,17 +125,19 @@ class Downstream(SSERelay):
     ) -> web.StreamResponse:
         await relaying.begin(self, holding)
         try:
-            await self._pump_body(plan, upstream, prefix, holding)
+            ended = await self._pump_body(plan, upstream, prefix, holding)
         except asyncio.CancelledError:
             await relaying.client_left(self, plan, upstream, watchdog)
             raise
         finally:
             relaying.end(self)
-        return await self._relayed(plan, upstream, attempt)
+        return await self._relayed(plan, upstream, attempt, ended)
 
     async def _pump_body(
         self, plan: Plan, upstream: UpstreamResponse, prefix: bytes, holding: bool
-    ) -> None:
+    ) -> bool:
+        """Relay the body; True when its end went out with its last chunk (the usual
+        complete answer), so `_relayed` has no end of its own to write."""
         record, deadlines = self.record, plan.deadlines
         # While holding, the body is kept until it is whole (or BODY_HOLD_CAP): a cut before
         # then raises with nothing sent, and the next target answers instead.
@@ -165,7 +167,7 @@ class Downstream(SSERelay):
                     record.bytes_to_client += held_bytes
                 if data := data + self.scrubber.flush():
                     await self._client_io(response.write(data))
-                return
+                return False
             deadlines.content(now)
             if self.json_body is not None:
                 if len(self.json_body) + len(chunk) <= USAGE_BODY_CAP:
@@ -187,7 +189,7 @@ class Downstream(SSERelay):
                 await self._client_io(response.write_eof(data))
                 record.bytes_to_client += len(chunk)
                 self.content_sent = True
-                return
+                return True
             await self._client_io(response.write(self.scrubber.feed(chunk)))
             record.bytes_to_client += len(chunk)
             self.content_sent = True

@@ -30,7 +30,8 @@ from proxy.sse_stream import (
     too_large_whole,
 )
 from proxy.upstream_errors import AttemptFailed
-from proxy.usage import EventKind, StreamUsageTracker
+from proxy.usage import StreamUsageTracker
+from proxy.usage.event_kind import EVENT_CONTENT, EVENT_DONE, EVENT_ERROR, EVENT_OTHER
 
 
 class _Exchange(Protocol):
@@ -72,11 +73,11 @@ class EventRelay:
         for event in events:
             kind = tracker.feed(event)
             if self.continuing and attempt.first_token_at is None:
-                if kind is EventKind.OTHER and not event.comment:
+                if kind is EVENT_OTHER and not event.comment:
                     continue  # a continuation's role chunk: the client has one already
-            if kind is EventKind.CONTENT and stream.collect_text:
+            if kind is EVENT_CONTENT and stream.collect_text:
                 self._delivered_texts().append(content_text(event.data))
-            if kind is EventKind.CONTENT:
+            if kind is EVENT_CONTENT:
                 record.content_chunks += 1
                 if not content:
                     content = True
@@ -87,9 +88,9 @@ class EventRelay:
                 continue
             data = event.raw if chunk_filter is None else chunk_filter.client_bytes(event, kind)
             if held is not None:
-                if kind is EventKind.ERROR:
+                if kind is EVENT_ERROR:
                     raise failed_before_content(attempt.upstream, tracker)
-                if kind is EventKind.CONTENT or kind is EventKind.DONE:
+                if kind is EVENT_CONTENT or kind is EVENT_DONE:
                     out.extend(held)
                     held = stream.held = None
                 elif event.comment:

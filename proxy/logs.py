@@ -23,7 +23,8 @@ from proxy.outcome import CountSource, RequestRecord
 from proxy.secrets import LogScrubber
 
 # One JSON library (msgspec, as for stream chunks); `str()` for anything it cannot encode.
-_encode: Final = msgspec.json.Encoder(enc_hook=str).encode
+_encoder: Final = msgspec.json.Encoder(enc_hook=str)
+_encode: Final = _encoder.encode
 
 
 def _dumps(line: dict[str, Any]) -> str:
@@ -292,13 +293,15 @@ def _ms(seconds: float | None) -> float | None:
     if seconds is None:
         return None
     ms = seconds * 1000
-    scaled = ms * 1000
+    # Float operands where the value is the same: a float by a float is the interpreter's
+    # specialised operation, a float by an int the generic one (the int converted each time).
+    scaled = ms * 1000.0
     if 0.0 < scaled < 1099511627776.0:  # 2.0**40, a literal (no global); False for NaN
         frac = scaled % 1.0
         if frac < 0.4998:  # the nearest integer is the floor (0.0 below 0.4998: as round)
-            return (scaled - frac) / 1000
+            return (scaled - frac) / 1000.0
         if frac > 0.5002:
-            return (scaled - frac + 1.0) / 1000
+            return (scaled - frac + 1.0) / 1000.0
     return round(ms, 3)
 
 

@@ -145,6 +145,11 @@ class PriceBook:
         return Cost(used_usd=used / _PER_MTOK, saved_usd=saved, wasted_usd=wasted)
 
 
+def used_usd_at(price: Price, usage: Usage) -> float:
+    """`PriceBook.used_usd` of a price already looked up."""
+    return _used(price, usage) / _PER_MTOK
+
+
 def _used(price: Price, usage: Usage) -> float:
     """USD per million tokens times the tokens `usage` bills at `price` (divide by a million)."""
     prompt = max(0, usage.prompt_tokens)

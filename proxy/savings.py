@@ -28,13 +28,16 @@ class TypicalLengths:
     evicted first (model names come from clients, so the key set must not grow without limit).
     """
 
-    __slots__ = ("_lengths", "max_keys", "min_samples", "window")
+    __slots__ = ("_last", "_lengths", "max_keys", "min_samples", "window")
 
     def __init__(self, window: int = 200, min_samples: int = 20, max_keys: int = 1000) -> None:
         if not 1 <= min_samples <= window or max_keys < 1:
             raise ValueError("need 1 <= min_samples <= window and max_keys >= 1")
         self.window, self.min_samples, self.max_keys = window, min_samples, max_keys
         self._lengths: OrderedDict[tuple[str, str | None], deque[int]] = OrderedDict()
+        # The last key of `_lengths` while it is there: the usual request's key, which needs
+        # no `move_to_end` (an OrderedDict's, ~0.6k instructions) when it is already last.
+        self._last: tuple[str, str | None] | None = None
 
     def observe(self, route: str, model: str | None, completion_tokens: int) -> None:
         """Learn from a request that completed (never from cancelled ones: they are the cut
@@ -45,10 +48,12 @@ class TypicalLengths:
         lengths = self._lengths.get(key)
         if lengths is None:
             lengths = self._lengths[key] = deque(maxlen=self.window)
+            self._last = key
             if len(self._lengths) > self.max_keys:
                 self._lengths.popitem(last=False)
-        else:
+        elif key != self._last:
             self._lengths.move_to_end(key)
+            self._last = key
         lengths.append(completion_tokens)
 
     def typical(self, route: str, model: str | None) -> int | None:
@@ -56,7 +61,8 @@ class TypicalLengths:
         lengths = self._lengths.get((route, model))
         if lengths is None or len(lengths) < self.min_samples:
             return None
-        self._lengths.move_to_end((route, model))
+        key = self._last = (route, model)
+        self._lengths.move_to_end(key)
         return sorted(lengths)[(len(lengths) - 1) // 2]
 
     def __len__(self) -> int:

@@ -39,7 +39,7 @@ from proxy.sse_stream import (
 )
 from proxy.state import ProxyState
 from proxy.steady_relay import SteadyRelay
-from proxy.timeouts import Phase
+from proxy.timeouts import PHASE_STREAMING
 from proxy.upstream import UpstreamResponse
 from proxy.upstream_errors import READ_ERRORS
 from proxy.usage import RequestFacts, StreamUsageTracker
@@ -245,14 +245,16 @@ class SSERelay(ClientWrites, EventRelay, LargeEventRelay, SteadyRelay):
         return await self._relayed(plan, upstream, attempt)
 
     async def _relayed(
-        self, plan: Plan, upstream: UpstreamResponse, attempt: Attempt
+        self, plan: Plan, upstream: UpstreamResponse, attempt: Attempt, ended: bool = False
     ) -> web.StreamResponse:
-        """The answer is relayed whole: its end to the client, then the request's outcome and
-        the attempt's."""
+        """The answer is relayed whole: its end to the client (unless `ended`: the body pump
+        wrote it with the last chunk, and aiohttp's own `write_eof` would do nothing but
+        return), then the request's outcome and the attempt's."""
         plan.deadlines.done()
         response = self.response
         assert response is not None
-        await self._client_io(response.write_eof())
+        if not ended:
+            await self._client_io(response.write_eof())
         tracker = self.tracker
         settle_relayed(
             self.record,
@@ -261,9 +263,10 @@ class SSERelay(ClientWrites, EventRelay, LargeEventRelay, SteadyRelay):
             stream_terminated=None if tracker is None else tracker.terminated,
         )
         attempt.delivered = True
-        ok = self.record.outcome is OUTCOME_COMPLETED
-        result = status_result(upstream.status) or RESULT_CUT
-        attempt.end(RESULT_OK if ok else result, self.loop.time())
+        if self.record.outcome is OUTCOME_COMPLETED:
+            attempt.end(RESULT_OK, self.loop.time())
+        else:  # the status's own failure only for an answer that is not the outcome
+            attempt.end(status_result(upstream.status) or RESULT_CUT, self.loop.time())
         return response
 
     def _sse_step(
@@ -309,7 +312,7 @@ class SSERelay(ClientWrites, EventRelay, LargeEventRelay, SteadyRelay):
                         self._content_came(stream, now)
                     else:  # all that `_content_came` does once the first token is marked
                         deadlines = stream.deadlines
-                        if deadlines.phase is Phase.STREAMING:
+                        if deadlines.phase is PHASE_STREAMING:
                             deadlines.last_progress = now  # `Deadlines.content`, no frame
                         else:
                             deadlines.content(now)

@@ -209,6 +209,8 @@ PHASE_STREAMING: Final = Phase.STREAMING
 _TIMEOUT_CONNECT: Final = TimeoutKind.CONNECT
 _TIMEOUT_HEADERS: Final = TimeoutKind.HEADERS
 _TIMEOUT_IDLE: Final = TimeoutKind.IDLE
+_TIMEOUT_FIRST_TOKEN: Final = TimeoutKind.FIRST_TOKEN
+_TIMEOUT_TOTAL: Final = TimeoutKind.TOTAL
 
 _BEFORE_CONTENT = frozenset({Phase.CONNECT, Phase.HEADERS, Phase.BACKOFF, Phase.AWAIT_CONTENT})
 
@@ -332,11 +334,11 @@ class Deadlines:
             at = self._phase_deadline
             if at is not None and (when is None or at < when):
                 when = at
-                kind = _TIMEOUT_CONNECT if phase is _PHASE_CONNECT else TimeoutKind.HEADERS
+                kind = _TIMEOUT_CONNECT if phase is _PHASE_CONNECT else _TIMEOUT_HEADERS
         if self.watch_first_token and phase in _BEFORE_CONTENT:
             at = self._first_token_at
             if at is not None and (when is None or at < when):
-                when, kind = at, TimeoutKind.FIRST_TOKEN
+                when, kind = at, _TIMEOUT_FIRST_TOKEN
         if phase is PHASE_STREAMING or phase is _PHASE_BODY:
             idle = self.budget.idle_s
             if idle is not None:
@@ -345,7 +347,7 @@ class Deadlines:
                     when, kind = at, _TIMEOUT_IDLE
         at = self._total_at
         if at is not None and (when is None or at < when):
-            when, kind = at, TimeoutKind.TOTAL
+            when, kind = at, _TIMEOUT_TOTAL
         return None if when is None else (when, kind)
 
     def remaining(self, now: float) -> float | None:

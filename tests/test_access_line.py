@@ -136,3 +136,23 @@ def test_log_record_builds_no_dict_for_the_usual_record(monkeypatch: pytest.Monk
     record = make_record()
     (line,) = _written(lambda: log_record(record), [SECRET])
     assert json.loads(line)["request_id"] == record.request_id
+
+
+def test_the_line_is_encoded_into_a_buffer_as_large_as_a_usual_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`encode` grows its own output from small several times: the usual line is encoded
+    into a buffer it fits, with no growth (it is truncated to the line)."""
+    seen: list[int] = []
+    encode_into = access_line._encode_into
+
+    def spied(line: object, buffer: bytearray) -> None:
+        capacity = len(buffer)
+        encode_into(line, buffer)
+        seen.append(len(buffer))
+        assert capacity == access_line._LINE_BUFFER > len(buffer)
+
+    monkeypatch.setattr(access_line, "_encode_into", spied)
+    line = record_json_line("2026-12-01T00:00:00.000Z", False, make_record(upstream="u"))
+    assert line is not None and json.loads(line)["upstream"] == "u"
+    assert seen == [len(line)]

@@ -159,3 +159,23 @@ async def test_the_pump_writes_a_streams_events_directly(
     record = await sink.wait(lambda: next(iter(sink.records), None), 5, "the record")
     assert record.bytes_to_client == len(body)
     assert events >= 14
+
+
+async def without_a_hook_attribute(request: web.Request) -> web.StreamResponse:
+    """An aiohttp whose writer lacks one of the attributes `direct_writer` reads (an older or
+    newer one): aiohttp's path, not an AttributeError."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(PIECES[0])
+    writer = response._payload_writer
+    assert writer is not None
+    del writer._on_chunk_sent  # type: ignore[attr-defined]  # (a StreamWriter)
+    request.app[SEEN].append((int(direct_writer(response) is not None), 0))
+    await response.write_eof()
+    return response
+
+
+async def test_a_writer_without_an_attribute_keeps_aiohttps_write() -> None:
+    raw, seen = await fetch(without_a_hook_attribute)
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert seen == [(0, 0)]

@@ -7,11 +7,13 @@ the explicit tests below, since both ways share that code."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.attempts import Attempt, AttemptResult
 from proxy.metrics import Metrics
 from proxy.outcome import Outcome, RequestRecord, TimeoutKind, Usage
 from tests.metrics_support import make_record, new_metrics
@@ -85,3 +87,66 @@ def test_a_kept_label_sets_token_series_appear_with_their_first_tokens() -> None
         text = _scrape(metrics, [make_record(usage=Usage(7, 0))]).decode()
         assert f'{tokens}"prompt"}} 7.0' in text
         assert f'{tokens}"completion"}} 10.0' in text
+
+
+_attempt = st.builds(
+    Attempt,
+    upstream=st.sampled_from(["openai", "local", "unconfigured"]),
+    model=st.none(),
+    started_at=st.just(1000.0),
+    reason=st.sampled_from(["primary", "primary", "fallback", "hedge", "retry"]),
+    result=st.none() | st.sampled_from([AttemptResult.OK, AttemptResult.OK, AttemptResult.CUT]),
+    delivered=st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["chat", "batch"]), st.lists(_attempt, max_size=2)),
+        max_size=30,
+    )
+)
+def test_attempts_counted_from_a_kept_set_as_looked_up_one_by_one(
+    requests: list[tuple[str, list[Attempt]]],
+) -> None:
+    """A label set keeps its last single primary attempt's count (upstream and result): any
+    mix of upstreams, results and reasons under one label set counts each attempt where a
+    fresh lookup for every request counts it."""
+    looked_up = new_metrics(upstreams=["openai", "local"])
+    looked_up._max_finished = 0
+    kept_together = new_metrics(upstreams=["openai", "local"])
+
+    def records() -> list[RequestRecord]:
+        return [
+            make_record(route=route, attempts=[copy.copy(a) for a in attempts])
+            for route, attempts in requests
+        ]
+
+    assert _scrape(kept_together, records()) == _scrape(looked_up, records())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(1000.0, 1400.0) | st.sampled_from([1000.0, 1000.005, 1001.0, 1030.0]),
+            st.floats(0.0, 400.0),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_durations_of_one_label_set_fall_in_their_own_buckets(
+    ends: list[tuple[float, float]],
+) -> None:
+    """A kept label set tries its last duration's and overhead's buckets first: whatever the
+    order of the amounts (up, down, on a bound), each lands where `bisect` puts it."""
+    looked_up = new_metrics()
+    looked_up._max_finished = 0
+    kept_together = new_metrics()
+
+    def records() -> list[RequestRecord]:
+        return [make_record(ended_at=end, upstream_wait_s=wait) for end, wait in ends]
+
+    assert _scrape(kept_together, records()) == _scrape(looked_up, records())

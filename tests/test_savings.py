@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections import OrderedDict, deque
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -134,3 +136,39 @@ def test_savings_bounds(
         assert s.tokens_saved_upper is not None and s.tokens_saved <= s.tokens_saved_upper
     if drained:
         assert s.tokens_saved == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 9)),
+        max_size=60,
+    ),
+    st.integers(1, 3),
+)
+def test_keys_kept_as_a_plain_least_recently_used_order_keeps_them(
+    ops: list[tuple[bool, str, int]], max_keys: int
+) -> None:
+    """`observe` skips `move_to_end` for the key already last (the usual request's): the
+    keys kept, and their figures, are those of an order where every use moves its key."""
+    lengths = TypicalLengths(window=3, min_samples=1, max_keys=max_keys)
+    model: OrderedDict[tuple[str, str | None], deque[int]] = OrderedDict()
+    for observe, name, n in ops:
+        key = ("r", name)
+        if observe:
+            lengths.observe("r", name, n)
+            if key in model:
+                model.move_to_end(key)
+            else:
+                model[key] = deque(maxlen=3)
+                if len(model) > max_keys:
+                    model.popitem(last=False)
+            model[key].append(n)
+        else:
+            got = lengths.typical("r", name)
+            want = None
+            if key in model:
+                model.move_to_end(key)
+                want = sorted(model[key])[(len(model[key]) - 1) // 2]
+            assert got == want
+    assert list(lengths._lengths.items()) == list(model.items())

@@ -147,5 +147,8 @@ def test_the_usual_usage_takes_the_inline_way(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(reported, "_parse_usage", refused)
     monkeypatch.setattr(reported, "_detail", refused)
     assert parse_usage(usual) == expected == Reported(14, 16, 3, 2)
+    # A stream's usage chunk without details (many servers send none): no `_detail` either.
+    bare = {"prompt_tokens": 14, "completion_tokens": 16, "total_tokens": 30}
+    assert parse_usage(bare) == _reference(bare) == Reported(14, 16, None, None)
     with pytest.raises(AssertionError, match="general way"):
         parse_usage({"input_tokens": 5, "output_tokens": 7})

@@ -198,12 +198,12 @@ class Metrics:
     # --- events -------------------------------------------------------------------------------
 
     def request_started(self) -> None:
-        self._in_flight_count.inc(1)
+        self._in_flight_count.inc(1.0)  # a float: the value is one (no int converted)
 
     def request_ended(self) -> None:
         """The request's handler is done (its response ended). Call exactly once per
         `request_started`, at once: its record may wait for accounting (a prompt to count)."""
-        self._in_flight_count.inc(-1)
+        self._in_flight_count.inc(-1.0)
 
     # Account one finished request from its sealed record (after accounting); in its own
     # module, bound here as a method (no extra call).
@@ -235,10 +235,10 @@ class Metrics:
         self._observe(self._engine_abort_seconds, (upstream,), seconds)
 
     def upstream_connection_opened(self) -> None:
-        self._upstream_connections_count.inc(1)
+        self._upstream_connections_count.inc(1.0)
 
     def upstream_connection_closed(self) -> None:
-        self._upstream_connections_count.inc(-1)
+        self._upstream_connections_count.inc(-1.0)
 
     # --- labels and exposition ---------------------------------------------------------------
 

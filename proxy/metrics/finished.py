@@ -10,6 +10,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from proxy.attempts import Attempt, AttemptResult
 from proxy.outcome import RequestRecord, Usage
 
 from . import schema
@@ -35,11 +36,16 @@ class _Finished:
     `_count` and `_buckets_of` hold."""
 
     __slots__ = (
+        "attempt_result",
+        "attempt_upstream",
+        "attempt_value",
         "completion",
         "cost",
         "duration",
+        "duration_at",
         "inplace",
         "overhead",
+        "overhead_at",
         "prompt",
         "requests",
         "responses",
@@ -59,6 +65,13 @@ class _Finished:
         self.ttft: Buckets | None = None  # by (route, model)
         self.duration: Buckets | None = None
         self.overhead: Buckets | None = None
+        # The bucket each of the two last observed amounts fell in (a guess, checked).
+        self.duration_at = self.overhead_at = 0
+        # The last single primary attempt's (upstream, result) and its count's value: the
+        # usual record counts its attempt without the key's tuple and lookup.
+        self.attempt_upstream: str | None = None
+        self.attempt_result: AttemptResult | None = None
+        self.attempt_value: Value | None = None
 
 
 def request_finished(metrics: Metrics, record: RequestRecord) -> None:
@@ -93,8 +106,8 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             metrics._finished[key] = common
     inplace = common.inplace
     if inplace:
-        common.requests._value += 1  # type: ignore[attr-defined]  # LoopValue.inc, inline
-        common.responses._value += 1  # type: ignore[attr-defined]
+        common.requests._value += 1.0  # type: ignore[attr-defined]  # LoopValue.inc, inline
+        common.responses._value += 1.0  # type: ignore[attr-defined]
     else:
         common.requests.inc(1)
         common.responses.inc(1)
@@ -104,7 +117,22 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         count(metrics._sdk_retries, (route,)).inc(1)
     if record.background is not None:
         count(metrics._background, (route, record.background.value)).inc(1)
-    for attempt in record.attempts:
+    attempts: Sequence[Attempt] = record.attempts
+    if (
+        len(attempts) == 1
+        and (attempt := attempts[0]).result is common.attempt_result
+        and attempt.reason == "primary"
+        and attempt.upstream == common.attempt_upstream
+    ):
+        # The usual record: its label set's last single attempt had this upstream and
+        # result (so a configured upstream, counted by `_attempt_counts`' value kept below).
+        value = common.attempt_value
+        if type(value) is LoopValue:
+            value._value += 1.0  # LoopValue.inc, inline
+        elif value is not None:  # (always: kept with the upstream)
+            value.inc(1)
+        attempts = ()
+    for attempt in attempts:
         # Configured upstream names only: a closed label set.
         if attempt.result is not None and attempt.upstream in metrics._upstreams:
             # `count(metrics._attempts, ...)`'s value, kept by (upstream, result): no key of
@@ -116,9 +144,13 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
                     metrics._attempts, (attempt.upstream, attempt.result._value_)
                 )
             if type(value) is LoopValue:
-                value._value += 1  # LoopValue.inc, inline
+                value._value += 1.0  # LoopValue.inc, inline
             else:
                 value.inc(1)
+            if len(record.attempts) == 1 and attempt.reason == "primary":
+                common.attempt_upstream = attempt.upstream
+                common.attempt_result = attempt.result
+                common.attempt_value = value
         if route not in metrics._routes:
             continue
         if attempt.reason == "fallback":
@@ -201,14 +233,16 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         if common.unpriced is None:
             common.unpriced = count(metrics._unpriced, rm)
         if inplace and type(common.unpriced) is LoopValue:
-            common.unpriced._value += 1  # LoopValue.inc, inline
+            common.unpriced._value += 1.0  # LoopValue.inc, inline
         else:
             common.unpriced.inc(1)
 
     # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
     # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
     # A `LoopBuckets`' `observe` is done here, inline (a call less an observation): the same
-    # sum and the same bucket (the first whose bound is >= the amount; none for NaN).
+    # sum and the same bucket (the first whose bound is >= the amount; none for NaN). The
+    # label set's last bucket is tried first: it is that bucket when the amount is within its
+    # bound and above the one below (no `bisect_left`, ~0.7k instructions, most requests).
     ended = record.ended_at
     if ended is not None:
         duration = ended - record.started_at
@@ -218,9 +252,14 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         if type(buckets) is LoopBuckets:
             buckets._sum._value += duration  # a LoopValue (buckets_of)
             bounds = buckets._bounds
-            i = bisect_left(bounds, duration)
-            if i < len(bounds) and duration <= bounds[i]:
-                buckets._buckets[i]._value += 1
+            i = common.duration_at
+            if duration <= bounds[i] and (i == 0 or bounds[i - 1] < duration):
+                buckets._buckets[i]._value += 1.0
+            else:
+                i = bisect_left(bounds, duration)
+                if i < len(bounds) and duration <= bounds[i]:
+                    buckets._buckets[i]._value += 1.0
+                    common.duration_at = i
         else:
             buckets.observe(duration)
     if record.first_token_at is not None:
@@ -239,9 +278,14 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         if type(buckets) is LoopBuckets:
             buckets._sum._value += overhead
             bounds = buckets._bounds
-            i = bisect_left(bounds, overhead)
-            if i < len(bounds) and overhead <= bounds[i]:
-                buckets._buckets[i]._value += 1
+            i = common.overhead_at
+            if overhead <= bounds[i] and (i == 0 or bounds[i - 1] < overhead):
+                buckets._buckets[i]._value += 1.0
+            else:
+                i = bisect_left(bounds, overhead)
+                if i < len(bounds) and overhead <= bounds[i]:
+                    buckets._buckets[i]._value += 1.0
+                    common.overhead_at = i
         else:
             buckets.observe(overhead)
     if record.client_gone_at is not None and record.upstream_closed_at is not None:

@@ -109,7 +109,7 @@ class LoopBuckets(Buckets):
         bounds = self._bounds
         i = bisect_left(bounds, amount)
         if i < len(bounds) and amount <= bounds[i]:
-            self._buckets[i]._value += 1
+            self._buckets[i]._value += 1.0
 
 
 def buckets_of(child: Histogram) -> Buckets:

@@ -25,6 +25,8 @@ class EventKind(enum.StrEnum):
 EVENT_CONTENT: Final = EventKind.CONTENT
 EVENT_OTHER: Final = EventKind.OTHER
 EVENT_USAGE_ONLY: Final = EventKind.USAGE_ONLY
+EVENT_DONE: Final = EventKind.DONE
+EVENT_ERROR: Final = EventKind.ERROR
 
 
 def error_message(error: object) -> str:

@@ -6,7 +6,7 @@ import re
 from typing import Final
 
 from proxy.sse import SSEEvent
-from proxy.usage.event_kind import EventKind
+from proxy.usage.event_kind import EVENT_USAGE_ONLY, EventKind
 from proxy.usage.facts import RequestFacts
 
 _USAGE_KEY: Final = b'"usage"'
@@ -88,7 +88,7 @@ class UsageChunkFilter:
         return None
 
     def client_bytes(self, event: SSEEvent, kind: EventKind) -> bytes:
-        if kind is EventKind.USAGE_ONLY:
+        if kind is EVENT_USAGE_ONLY:
             return b"" if self._drop_usage_chunk else event.raw
         if event.data is None:
             return event.raw

@@ -64,14 +64,25 @@ def parse_usage(usage: object) -> Reported | None:
         and 0 <= completion <= MAX_REPORTED_TOKENS
     ):
         return _parse_usage(usage)
+    # Details absent under both names (a stream's usage chunk from many servers): no count,
+    # as `_detail` finds, without its walk (`isinstance(None, Mapping)` is an ABC's check,
+    # ~0.5k instructions, for each name of each count).
     details = get("prompt_tokens_details")
     cached = details.get("cached_tokens") if type(details) is dict else None
     if not (type(cached) is int and 0 <= cached <= MAX_REPORTED_TOKENS):
-        cached = _detail(usage, _PROMPT_DETAILS, "cached_tokens")
+        cached = (
+            None
+            if details is None and get("input_tokens_details") is None
+            else _detail(usage, _PROMPT_DETAILS, "cached_tokens")
+        )
     details = get("completion_tokens_details")
     reasoning = details.get("reasoning_tokens") if type(details) is dict else None
     if not (type(reasoning) is int and 0 <= reasoning <= MAX_REPORTED_TOKENS):
-        reasoning = _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens")
+        reasoning = (
+            None
+            if details is None and get("output_tokens_details") is None
+            else _detail(usage, _COMPLETION_DETAILS, "reasoning_tokens")
+        )
     return _reported(Reported, (prompt, completion, cached, reasoning))
 
 

@@ -10,7 +10,14 @@ from typing import Any, Final, Protocol
 
 import msgspec
 
-from proxy.usage.event_kind import EventKind, error_message
+from proxy.usage.event_kind import (
+    EVENT_CONTENT,
+    EVENT_DONE,
+    EVENT_ERROR,
+    EVENT_OTHER,
+    EventKind,
+    error_message,
+)
 from proxy.usage.facts import as_int
 from proxy.usage.reported import Reported, parse_usage
 
@@ -126,19 +133,19 @@ class ResponsesEvents:
         if kind.endswith(".delta"):
             delta = obj.get("delta")
             if not isinstance(delta, str) or not delta:
-                return EventKind.OTHER
+                return EVENT_OTHER
             # Audio deltas are base64, not text: one chunk, whatever its length.
             chars = 0 if kind == "response.audio.delta" else len(delta)
             reasoning = chars if kind.startswith("response.reasoning") else 0
             self._count(as_int(obj.get("output_index")) or 0, chars - reasoning, reasoning)
             self.content_chunks += 1
-            return EventKind.CONTENT
+            return EVENT_CONTENT
         if kind == "error":
             self.error = error_message(obj)
-            return EventKind.ERROR
+            return EVENT_ERROR
         response = obj.get("response")
         if not isinstance(response, Mapping):
-            return EventKind.OTHER
+            return EVENT_OTHER
         rid = response.get("id")
         if isinstance(rid, str) and self.response_id is None:
             self.response_id = rid
@@ -149,8 +156,8 @@ class ResponsesEvents:
             # A failed generation is not a completed one: the relay settles it as an upstream
             # error, while still accounting the usage it carries.
             self.error = error_message(response.get("error"))
-            return EventKind.ERROR
+            return EVENT_ERROR
         if kind in _RESPONSES_DONE:
             self.done = True
-            return EventKind.DONE
-        return EventKind.OTHER
+            return EVENT_DONE
+        return EVENT_OTHER

@@ -14,6 +14,8 @@ from proxy.outcome import Usage
 from proxy.sse import SSEEvent
 from proxy.usage.event_kind import (
     EVENT_CONTENT,
+    EVENT_DONE,
+    EVENT_ERROR,
     EVENT_OTHER,
     EVENT_USAGE_ONLY,
     EventKind,
@@ -134,10 +136,10 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
             if event.event is not None or event.id is not None or event.retry is not None:
                 # Fields but no data: the OpenAI SDKs still dispatch it and parse "" as JSON.
                 self.malformed_events += 1
-            return EventKind.OTHER
+            return EVENT_OTHER
         if data == "[DONE]":
             self.done = True
-            return EventKind.DONE
+            return EVENT_DONE
         name = event.event
         if name is None and self._fast:
             declined, self._declined = self._declined, None
@@ -148,7 +150,7 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
                     return self._content(sizes)
         if repeats_text(name):
             # `*.done` / `*.added` events repeat the whole text; no need to parse them.
-            return EventKind.OTHER
+            return EVENT_OTHER
         if name in RESPONSE_HEAD_EVENTS and self._fast:
             head = response_head(data)  # (not the whole output `response.completed` repeats)
             if head is not None:
@@ -156,10 +158,10 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         obj = self._parse(data)
         if name == "error":  # an SSE-level error event, whatever its payload
             self.error = error_message(obj.get("error", obj) if isinstance(obj, dict) else data)
-            return EventKind.ERROR
+            return EVENT_ERROR
         if not isinstance(obj, dict):
             self.malformed_events += 1
-            return EventKind.OTHER
+            return EVENT_OTHER
         kind = obj.get("type")
         if isinstance(kind, str) and (kind.startswith("response.") or kind == "error"):
             return self._responses_event(kind, obj)
@@ -187,7 +189,7 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         if data is None or data == "[DONE]" or name == "error":
             return None  # not a skeleton's shape, or an error read by its whole text
         if repeats_text(name):
-            return EventKind.OTHER
+            return EVENT_OTHER
         if name in RESPONSE_HEAD_EVENTS and self._fast:
             head = response_head(data)
             if head is not None:
@@ -203,7 +205,7 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         obj = self._parse(data)
         if not isinstance(obj, dict):
             self.malformed_events += 1
-            return EventKind.OTHER
+            return EVENT_OTHER
         restored = restore(obj)
         if restored is None:
             return None
@@ -219,17 +221,17 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
 
     def _content(self, sizes: Sizes) -> EventKind:
         if not sizes:
-            return EventKind.OTHER
+            return EVENT_OTHER
         for index, chars, reasoning in sizes:
             self._count(index, chars, reasoning)
         self.content_chunks += 1
-        return EventKind.CONTENT
+        return EVENT_CONTENT
 
     def _chunk(self, obj: dict[str, Any]) -> EventKind:
         error = obj.get("error")
         if error is not None and "choices" not in obj:
             self.error = error_message(error)
-            return EventKind.ERROR
+            return EVENT_ERROR
         result = EVENT_OTHER
         if self.response_model is None:
             model = obj.get("model")
@@ -252,7 +254,7 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
                 if sizes is not None:
                     index = as_int(choice.get("index")) or 0
                     self._count(index, sizes[0], sizes[1])
-                    result = EventKind.CONTENT
+                    result = EVENT_CONTENT
             if result is EVENT_CONTENT:
                 self.content_chunks += 1
         usage = obj.get("usage")
@@ -323,18 +325,25 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
         return self.generated
 
     def usage(self) -> Usage:
+        """The stream's usage so far (twice a stream: its attempt's close, the record's seal).
+        `generated_tokens` and `reported` read without their properties, `min` without its
+        call (~1k instructions: argument parsing) and the `Usage` built positionally (the
+        fields in their order, proxy/outcome.py): the same figures."""
         r = self._reported
-        completion = self.generated_tokens
-        prompt = None if r is None else r.prompt
-        if r is not None and r.reasoning is not None:
-            reasoning = r.reasoning
+        completion = self.generated
+        if r is None:
+            prompt = cached = reasoning = reported = None
         else:
-            reasoning = min(self._estimated_reasoning, completion)
+            prompt, reported, cached, reasoning = r  # Reported's fields, in their order
+        if reasoning is None:
+            reasoning = self._estimated_reasoning
+            if completion < reasoning:  # `min(estimated, completion)`
+                reasoning = completion
         return Usage(
-            prompt_tokens=self.facts.prompt_tokens_estimate if prompt is None else prompt,
-            completion_tokens=completion,
-            cached_tokens=0 if r is None or r.cached is None else r.cached,
-            reasoning_tokens=reasoning,
-            prompt_estimated=prompt is None,
-            completion_estimated=not self.reported or self._est_since_report > 0,
+            self.facts.prompt_tokens_estimate if prompt is None else prompt,
+            completion,
+            0 if cached is None else cached,
+            reasoning,
+            prompt is None,
+            reported is None or self._est_since_report > 0,
         )
