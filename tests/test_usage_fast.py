@@ -387,3 +387,25 @@ def test_a_completed_response_is_not_built_whole(monkeypatch: pytest.MonkeyPatch
     assert tracker.feed(event) is EventKind.DONE
     assert tracker.response_id == "r1"
     assert tracker.usage().completion_tokens == 2000
+
+
+def test_a_lifecycle_events_skeleton_is_read_by_its_head() -> None:
+    """`feed_skeleton` of a huge lifecycle event (proxy/sse_large.py): its head, restored,
+    answers as `feed` of the whole event; a marker where a value is read, or a restored
+    `type` that is no lifecycle kind, sends the whole event to `feed` (None)."""
+    from proxy.usage.skeleton import restore
+
+    usage = {"input_tokens": 3, "output_tokens": 7, "total_tokens": 10}
+    response = {"id": "r1", "output": [{"type": "message", "content": []}], "usage": usage}
+    data = json.dumps({"type": "response.completed", "response": response})
+    event = SSEEvent(event="response.completed", data=data, raw=b"")
+    facts = inspect_request("/v1/responses", {"model": "m", "stream": True})
+    skeleton, whole = StreamUsageTracker(facts), StreamUsageTracker(facts, fast=False)
+    assert skeleton.feed_skeleton(event, lambda obj: restore(obj, [])) is EventKind.DONE
+    assert whole.feed(event) is EventKind.DONE
+    assert _state(skeleton) == _state(whole)
+    assert skeleton.response_id == "r1" and skeleton.usage().completion_tokens == 7
+    marked = StreamUsageTracker(facts)
+    assert marked.feed_skeleton(event, lambda obj: None) is None
+    assert marked.feed_skeleton(event, lambda obj: {**obj, "type": "error"}) is None
+    assert _state(marked) == _state(StreamUsageTracker(facts))  # nothing counted

@@ -624,3 +624,29 @@ def test_the_full_parse_reads_each_kind_of_delta() -> None:
     assert kinds == [EventKind.CONTENT, EventKind.OTHER, EventKind.USAGE_ONLY, EventKind.OTHER]
     assert tracker.content_chunks == 1 and tracker.finish_reason == "stop"
     assert tracker.generated == 2 and tracker.reported
+
+
+def test_runs_of_other_choices_with_text_beyond_ascii_agree() -> None:
+    """The plain read's own paths, not left to the draw of the generated tests: a compact
+    stream (as providers write it: a `Shape` forms) of choice 1's or 2's chunks (tallied by
+    index), their text UTF-8 beyond ASCII or plain ASCII, with and without the closing usage,
+    several of one shape in a read and each in its own."""
+
+    def chunk(delta: dict[str, str], index: int, usage: bool) -> bytes:
+        obj: dict[str, object] = {
+            "choices": [{"index": index, "delta": delta, "finish_reason": None}]
+        }
+        if usage:
+            obj["usage"] = None
+        data = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+        return b"data: " + data.encode() + b"\n\n"
+
+    for index in (1, 2, 0):
+        for usage in (True, False):
+            for texts in (["héllo", "wörld", "日本", "x", "ñ" * 40], ["a", "bc", "def"]):
+                events = [
+                    chunk({"role": "assistant", "content": ""}, index, usage),
+                    *(chunk({"content": text}, index, usage) for text in texts),
+                ]
+                _agree("/v1/chat/completions", [b"".join(events)])
+                _agree("/v1/chat/completions", events)
