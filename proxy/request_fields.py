@@ -20,8 +20,6 @@ as such rather than crashing the request.
 from __future__ import annotations
 
 import codecs
-import re
-from bisect import bisect_left
 from collections.abc import Callable, Generator
 from itertools import compress, repeat
 from operator import is_not
@@ -30,6 +28,18 @@ from typing import Any
 import msgspec
 
 from proxy.array_cut import PIECE_BYTES, WINDOW, check_array
+from proxy.body_cuts import (
+    ERROR_AT,
+    MARGIN,
+    SPACES_MIN,
+    WS_MARK,
+    Cut,
+    marker_at,
+    marks,
+    numbered,
+    space_stretches,
+    with_markers,
+)
 from proxy.body_scan import BodyScan
 from proxy.errors import BadRequest
 from proxy.request_body import RequestBody
@@ -207,38 +217,6 @@ def _read(body: RequestBody) -> RequestFields:
     return _members(raw, _Span)
 
 
-# Where a stretch was left out: a byte that valid UTF-8 never has and the cut's index (8 hex
-# digits); for an array's middle (`proxy/array_cut.py`) as a string value.
-_MARK = b"\xff"
-# Where a stretch of spaces outside every string was left out: a carriage return, the cut's
-# index in binary as spaces (0) and tabs (1), a carriage return. Whitespace to the parser, and
-# found again in a member's span because the shortened body holds no other carriage return
-# (checked before one is used: a run never holds one, so the original has none either).
-_WS_MARK = b"\r"
-_WS_BITS = bytes.maketrans(b"01", b" \t")
-_WS_BITS_BACK = bytes.maketrans(b" \t", b"01")
-_MARGIN = 8  # run bytes kept on each side of a marker: no escape (6 bytes at most) is cut
-# [from, to) of the original left out, and the marker that stands for it.
-_Cut = tuple[int, int, bytes]
-# msgspec names the offending byte at the end of a malformed document's message.
-_ERROR_AT = re.compile(r"\(byte (\d+)\)$")
-# Spaces compared a step at a time (memcmp) while looking for the end of a stretch of them.
-_SPACES = b" " * (4 * 1024 * 1024)
-# Stretches of spaces shorter than this stay in the shortened body (they cost the parse next
-# to nothing); a run's middle with more stretches than `_STRETCHES_MOST` is parsed whole.
-SPACES_MIN = 1024
-_STRETCHES_MOST = 256
-
-
-def _ws_marker(index: int) -> bytes:
-    return _WS_MARK + b"%s" % format(index, "b").encode().translate(_WS_BITS) + _WS_MARK
-
-
-def _numbered(cuts: list[tuple[int, int, bool]]) -> list[_Cut]:
-    """Each cut's marker, by its index: whitespace, or an 0xFF marker."""
-    return [(a, b, _ws_marker(i) if ws else b"\xff%08x" % i) for i, (a, b, ws) in enumerate(cuts)]
-
-
 def _read_shortened(
     body: RequestBody, runs: list[tuple[int, int]], spaces_min: int = SPACES_MIN
 ) -> Generator[None, None, RequestFields | None]:
@@ -258,80 +236,26 @@ def _read_shortened(
     run holds no quote, no string starts in it: it is JSON between values (a body padded with
     spaces). Its middle is then kept but for its stretches of `spaces_min` spaces or more
     (found with memchr and memcmp, a few MiB a step), each replaced by a whitespace marker
-    (`_WS_MARK`), and the shortened body is parsed again, once a step."""
-    kinds = [(start + _MARGIN, end - _MARGIN, False) for start, end in runs]
+    (`WS_MARK`), and the shortened body is parsed again, once a step."""
+    kinds = [(start + MARGIN, end - MARGIN, False) for start, end in runs]
     while True:
-        cuts = _numbered(kinds)
+        cuts = numbered(kinds)
         spaced = any(ws for _, _, ws in kinds)
-        shortened, at = _shortened(body, cuts)
+        shortened, at = with_markers(body, cuts)
         read = _parse_cut(body, shortened, cuts, spaced)
         if isinstance(read, RequestFields):
             return read
-        index = _marker_at(at, read)
+        index = marker_at(at, read)
         if index is None or kinds[index][2]:  # (whitespace never fails: a bound on the loop)
             return None
-        if not spaced and _WS_MARK in shortened:
+        if not spaced and WS_MARK in shortened:
             return None  # a carriage return of the body's own: a marker could not be found
         cut_from, cut_to, _ = kinds[index]
-        stretches = yield from _space_stretches(body, cut_from, cut_to, spaces_min)
+        stretches = yield from space_stretches(body, cut_from, cut_to, spaces_min)
         if not stretches:
             return None
         kinds[index : index + 1] = [(a, b, True) for a, b in stretches]
         yield
-
-
-def _space_stretches(
-    body: RequestBody, start: int, end: int, spaces_min: int
-) -> Generator[None, None, list[tuple[int, int]] | None]:
-    """The stretches of `spaces_min` or more spaces in `body[start:end]`, [from, to) each;
-    None past `_STRETCHES_MOST`. Looked for `len(_SPACES)` bytes a step."""
-    found: list[tuple[int, int]] = []
-    needle = _SPACES[:spaces_min]
-    pos = start
-    while pos < end:
-        window_end = min(end, pos + len(_SPACES))
-        at = body.find(needle, pos, min(end, window_end + spaces_min - 1))
-        if at < 0:
-            pos = window_end  # (a stretch starting before it was found: the search ran on)
-            yield
-            continue
-        stop = yield from _spaces_end(body, at + spaces_min, end)
-        found.append((at, stop))
-        if len(found) > _STRETCHES_MOST:
-            return None
-        pos = stop
-    return found
-
-
-def _spaces_end(body: RequestBody, pos: int, end: int) -> Generator[None, None, int]:
-    """The first byte at or after `pos` (and before `end`) that is not a space, or `end`:
-    whole blocks compared at once, the last one halved down to the byte."""
-    spaces = memoryview(_SPACES)
-    while pos < end:
-        size = min(len(_SPACES), end - pos)
-        if body.startswith(spaces[:size], pos):
-            pos += size
-            yield
-            continue
-        while size > 1:  # the block holds a non-space: halve it down to that byte
-            half = size // 2
-            if body.startswith(spaces[:half], pos):
-                pos += half
-                size -= half
-            else:
-                size = half
-        return pos
-    return end
-
-
-def _marker_at(at: list[int], error: str) -> int | None:
-    """The cut whose marker the parse stopped at (its first byte), if the error says where."""
-    found = _ERROR_AT.search(error)
-    if found is None:
-        return None
-    offset = int(found.group(1))
-    index = bisect_left(at, offset)
-    return index if index < len(at) and at[index] == offset else None
 
 
 def read_fields_in_steps(
@@ -358,31 +282,15 @@ def read_fields_in_steps(
     if cut is not None:
         yield
         cuts = [(cut.start, cut.end, b'"\xff%08x"' % 0)]
-        read = _parse_cut(body, _shortened(body, cuts)[0], cuts, False)
+        read = _parse_cut(body, with_markers(body, cuts)[0], cuts, False)
         if isinstance(read, RequestFields):
             return read
     yield
     return _read(body)
 
 
-def _shortened(body: RequestBody, cuts: list[_Cut]) -> tuple[bytes, list[int]]:
-    """The body with each cut's stretch replaced by its marker, and where each marker starts."""
-    pieces: list[RequestBody] = []
-    at: list[int] = []
-    done = size = 0
-    for cut_from, cut_to, marker in cuts:
-        pieces.append(body[done:cut_from])
-        size += cut_from - done
-        at.append(size + marker.find(_MARK) if marker[0] != _WS_MARK[0] else size)
-        pieces.append(marker)
-        size += len(marker)
-        done = cut_to
-    pieces.append(body[done:])
-    return b"".join(pieces), at
-
-
 def _parse_cut(
-    body: RequestBody, shortened: bytes, cuts: list[_Cut], spaced: bool
+    body: RequestBody, shortened: bytes, cuts: list[Cut], spaced: bool
 ) -> RequestFields | str:
     """The members of the shortened body, read as the original's; or why it did not parse."""
     view = memoryview(shortened)
@@ -392,7 +300,7 @@ def _parse_cut(
         raw = _OBJECT_DECODER.decode(view)
     except msgspec.DecodeError as exc:  # (a ValidationError too: not an object)
         message = str(exc)
-        if shortened.startswith(_BOM) and (found := _ERROR_AT.search(message)):
+        if shortened.startswith(_BOM) and (found := ERROR_AT.search(message)):
             offset = int(found.group(1)) + len(_BOM)  # as an offset in `shortened`
             message = message[: found.start()] + f"(byte {offset})"
         return message
@@ -417,13 +325,11 @@ class _Span:
 class _ShortenedSpan(_Span):
     """A member's span in the shortened body, read as the original's bytes."""
 
-    def __init__(
-        self, span: msgspec.Raw, body: RequestBody, cuts: list[_Cut], spaced: bool
-    ) -> None:
+    def __init__(self, span: msgspec.Raw, body: RequestBody, cuts: list[Cut], spaced: bool) -> None:
         super().__init__(span)
         self.body = body
         self.cuts = cuts
-        self.marks = _marks(bytes(span), cuts, spaced)
+        self.marks = marks(bytes(span), cuts, spaced)
 
     def size(self) -> int:
         size = len(self.span)
@@ -443,36 +349,6 @@ class _ShortenedSpan(_Span):
             done = end
         pieces.append(span[done:])
         return b"".join(pieces)
-
-
-def _marks(span: bytes, cuts: list[_Cut], spaced: bool) -> list[tuple[int, int, int]]:
-    """Each marker in `span`: where it starts and ends, and its cut's index (memchr for 0xFF,
-    which the body itself never holds: its UTF-8 was checked; with `spaced`, for a carriage
-    return too, which the shortened body then holds in whitespace markers only)."""
-    found: list[tuple[int, int, int]] = []
-    at = _next_mark(span, 0, spaced)
-    while at >= 0:
-        if span[at] == _WS_MARK[0]:
-            end = span.index(_WS_MARK, at + 1) + 1
-            i = int(span[at + 1 : end - 1].translate(_WS_BITS_BACK), 2)
-            found.append((at, end, i))
-            at = _next_mark(span, end, spaced)
-            continue
-        i = int(span[at + 1 : at + 9], 16)
-        marker = cuts[i][2]
-        start = at - marker.index(_MARK)
-        found.append((start, start + len(marker), i))
-        at = _next_mark(span, start + len(marker), spaced)
-    return found
-
-
-def _next_mark(span: bytes, start: int, spaced: bool) -> int:
-    at = span.find(_MARK, start)
-    if spaced:
-        ws = span.find(_WS_MARK, start)
-        if ws >= 0 and (at < 0 or ws < at):
-            return ws
-    return at
 
 
 def _bounded(name: str, value: Any) -> Any:
