@@ -387,6 +387,35 @@ def test_a_run_of_blocks_is_edited_as_each_block_would_be() -> None:
     assert UsageChunkFilter.plain_bytes(run) == want
 
 
+class _Uncounted(bytes):
+    """A run whose `count` fails the test: `plain_bytes` is to search, not count."""
+
+    def count(self, *args: Any) -> int:
+        raise AssertionError("plain_bytes counted over the run")
+
+
+def test_a_run_of_closing_nulls_is_cut_in_one_replace_without_counts() -> None:
+    """`plain_bytes` of a read of several events (the benchmark's role, content and finish
+    chunks, each closing with `,"usage":null}`): one `replace` and a search of its result,
+    where two counts over the run were; and a `"usage"` left after the cut (a usage
+    chunk's) still sends the run block by block."""
+    events = stream_events(8)
+    run = _Uncounted(b"".join(events[:6]))
+    want = b"".join(UsageChunkFilter().client_bytes(e, EventKind.OTHER) for e in _events(run))
+    assert UsageChunkFilter.plain_bytes(run) == want
+    assert want.count(b'"usage"') == 0 and want != run
+    other = _Uncounted(
+        b'data: {"choices":[],"usage":null}\n\ndata: {"choices":[],"usage":{"prompt_tokens":1}}\n\n'
+    )
+    assert UsageChunkFilter.plain_bytes(other) == (
+        b'data: {"choices":[]}\n\ndata: {"choices":[]}\n\n'
+    )
+
+
+def _events(run: bytes) -> list[SSEEvent]:
+    return SSEDecoder().feed(bytes(run))
+
+
 def test_one_event_reads_of_one_shape_take_the_shaped_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """Not vacuous: on the benchmark's paced stream every content read after the first is
     read through its `Shape` in one step (`feed_shaped`), and the client and the tracker see
