@@ -29,7 +29,6 @@ from proxy.sse_stream import (
 )
 from proxy.upstream import UpstreamResponse
 from proxy.usage import EventKind, StreamUsageTracker, strip_usage_member
-from proxy.usage.skeleton import restore
 
 
 class LargeEventRelay:
@@ -110,8 +109,7 @@ class LargeEventRelay:
         kind: EventKind | None = None
         skeleton = large.skeleton
         if skeleton is not None and large.skeleton_text:
-            runs = skeleton.runs
-            kind = tracker.feed_skeleton(event, lambda obj: restore(obj, runs))
+            kind = tracker.feed_skeleton(event, skeleton.restore)
         if kind is None:
             if skeleton is not None:
                 event = large.whole()  # the skeleton cannot tell: read it whole (one step)

@@ -30,6 +30,8 @@ from typing import Any, Final
 
 import msgspec
 
+from proxy.usage.array_runs import Run, cut_end, find_run, openers, real_quotes, run_end
+
 __all__ = ["MIN_RUN", "Skeleton", "restore"]
 
 # Pieces shorter than this are kept as they are (cheap to parse, not worth a marker).
@@ -47,21 +49,37 @@ _BLOCK: Final = 64 * 1024
 _OUTSIDE: Final = b" \t\r\n0123456789+-.eE,:[]{}truefalsn"
 _MARK: Final = "\\u0000"
 _MARKER: Final = re.compile("\x00([0-9]+)\x00")
+# Candidate starts of a run of small array elements looked at per read, and tries at its cut
+# (proxy/usage/array_runs.py): each a msgspec check, bounded so a read's step stays short
+# whatever the line holds.
+_FIND_TRIES: Final = 32
+_CUT_TRIES: Final = 3
 
 
 class Skeleton:
     """One data line's text, fed in pieces; `text()` at its end."""
 
     __slots__ = (
+        "_array",
         "_carry",
+        "_cut_min",
+        "_cuts",
         "_decoder",
-        "_in_string",
+        "_depth",
         "_lost",
+        "_marked",
         "_min_run",
+        "_open",
+        "_open_in_string",
+        "_open_len",
         "_parts",
+        "_piece_at",
         "_run_last",
         "_runs",
+        "_scan",
+        "_scan_quotes",
         "_texts",
+        "_window",
     )
 
     def __init__(self, min_run: int = MIN_RUN, *, keep_text: bool = False) -> None:
@@ -77,9 +95,27 @@ class Skeleton:
         # that every piece looked at begins and ends on an escape's boundary.
         self._carry = ""
         self._lost = False  # a run of backslashes too long to align on: keep all from here
-        # Whether the text so far ends inside a string (the parity of its unescaped quotes;
-        # a marker stands for text inside one).
-        self._in_string = False
+        # The kept text since the last marker (`_parts[_open:]`, `_open_len` characters), where
+        # runs of small array elements are looked for and cut out (`_cut`); the brackets
+        # opened before it (a bound on the containers open there: `Run.depth`) and whether a
+        # string is at its start (the parity of the unescaped quotes before it; a string
+        # marker stands for text inside one: `_ends_in_string`); how far the search for a
+        # run has looked (and the quotes before that); the run being cut and where its next
+        # piece starts.
+        self._open = 0
+        self._open_len = 0
+        self._depth = 0
+        self._open_in_string = False
+        self._scan = 0
+        self._scan_quotes = 0
+        self._array: Run | None = None
+        self._piece_at = 0
+        self._marked = False  # the run being cut has its marker (the last before `_open`)
+        self._cuts = 0  # markers of cut runs (`\u0000[k]\u0000`)
+        # A run is looked for once this much text is kept; its elements are under `_window`
+        # characters; it is cut when it goes on for `_cut_min` characters at least.
+        self._cut_min = 4 * min_run
+        self._window = min(16 * min_run, 16 * 1024)
 
     @property
     def runs(self) -> list[int]:
@@ -129,7 +165,9 @@ class Skeleton:
                     text = tail
             if plain is not None:
                 if not self._run_last:
+                    self._settle()
                     self._parts.append(f"{_MARK}{len(self._runs)}{_MARK}")
+                    self._open = len(self._parts)
                     self._runs.append(0)
                     if self._texts is not None:
                         self._texts.append([])
@@ -143,8 +181,89 @@ class Skeleton:
     def _keep(self, text: str) -> None:
         self._parts.append(text)
         self._run_last = False
-        if _real_quotes(text) % 2:
-            self._in_string = not self._in_string
+        self._open_len += len(text)
+        if self._open_len >= self._cut_min and not self._lost:
+            self._cut()
+
+    def _open_text(self) -> str:
+        """The kept text since the last marker, as one part."""
+        parts, start = self._parts, self._open
+        text = parts[start] if len(parts) == start + 1 else "".join(parts[start:])
+        parts[start:] = [text]
+        return text
+
+    def _ends_in_string(self) -> bool:
+        """Whether the kept text ends inside a string. Its quotes are counted only when asked
+        (here, `_settle`, a run's end): most of it is cut out first, in valid elements, whose
+        quotes pair up."""
+        if not self._open_len:
+            return self._open_in_string
+        return self._open_in_string ^ (real_quotes(self._open_text()) % 2 == 1)
+
+    def _settle(self) -> None:
+        """The text kept since the last marker stays as it is: the next looked at follows."""
+        in_string = self._ends_in_string()
+        if self._open_len:
+            self._depth += openers(self._open_text())
+        self._open, self._open_len = len(self._parts), 0
+        self._open_in_string = in_string
+        self._scan, self._scan_quotes = 0, int(in_string)
+        self._array = None
+
+    def _cut(self) -> None:
+        """Look for a run of small array elements in the kept text since the last marker, or
+        cut the one found up to its last whole element so far (proxy/usage/array_runs.py)."""
+        parts, start = self._parts, self._open
+        text = self._open_text()
+        array = self._array
+        if array is None:
+            scan, quotes, first, pattern, comma = find_run(
+                text,
+                self._scan,
+                self._scan_quotes % 2 == 1,
+                window=self._window,
+                reach=self._cut_min,
+                tries=_FIND_TRIES,
+            )
+            self._scan, self._scan_quotes = scan, quotes
+            if first < 0:
+                if len(text) > 16 * self._cut_min:
+                    self._settle()  # (a search that fell behind starts afresh)
+                return
+            depth = self._depth + openers(text[:first])
+            array = self._array = Run(depth, pattern, comma)
+            self._piece_at, self._marked = first, False
+        at = self._piece_at
+        end = cut_end(text, at, array, _CUT_TRIES)
+        if end >= 0:
+            if not self._marked:  # the run's first cut: its marker, after the comma before it
+                parts[start:] = [text[:at], f'\t"{_MARK}[{self._cuts}]{_MARK}"', text[end:]]
+                self._cuts += 1
+                self._open = start + 2
+                self._open_in_string = False
+                self._depth = array.depth
+                self._piece_at, self._marked = 1, True  # (after the comma before the piece)
+            else:
+                parts[start] = text[end:]
+            self._open_len = len(text) - end
+            return
+        stop = run_end(text, at)
+        if stop is None:
+            if len(text) > 16 * self._cut_min:
+                self._settle()  # separators that stopped matching: kept as they are
+            return
+        if stop < 0:
+            self._settle()  # not a list of values: the line is broken, or the guess wrong
+            return
+        # The array ended: what follows it is looked at afresh.
+        head = text[:stop]
+        parts[start:] = [head, text[stop:]]
+        self._depth += openers(head)
+        if real_quotes(head) % 2:
+            self._open_in_string = not self._open_in_string
+        self._open, self._open_len = start + 1, len(text) - stop
+        self._scan, self._scan_quotes = 0, int(self._open_in_string)
+        self._array = None
 
     def _plain(self, piece: bytes, text: str) -> str | None:
         """The string `text` stands for (its characters once its escapes are read) when it is
@@ -153,10 +272,10 @@ class Skeleton:
         if piece.translate(None, _NOT_CONTROL):
             return None  # a control character: not valid in a string
         if '"' not in text and "\\" not in text:
-            if not self._in_string and not piece.strip(_OUTSIDE):
+            if not piece.strip(_OUTSIDE) and not self._ends_in_string():
                 return None  # could be structure (digits, spaces, `true`...)
             return text
-        if "\\" not in text or (b'"' in piece and _real_quotes(text)):
+        if "\\" not in text or (b'"' in piece and real_quotes(text)):
             return None  # a quote, not an escaped one
         quoted = f'"{text}"'
         try:  # msgspec reads the escapes (~20x faster than a regex here), as the parse would
@@ -182,28 +301,18 @@ class Skeleton:
         parts.append(value[pos:])
         return parts
 
+    def restore(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """`restore` of the parsed skeleton (or of what is read of it)."""
+        return restore(obj, self._runs, self._cuts)
+
     def text(self) -> str:
         """The skeleton, after the last `feed(..., final=True)`; "" when it cannot stand for
         the line (its kept text holds a `\\u0000` escape of its own, which a marker would be
         confused with: the caller then reads the whole line)."""
         text = "".join(self._parts)
-        if text.count(_MARK) != 2 * len(self._runs):
+        if text.count(_MARK) != 2 * (len(self._runs) + self._cuts):
             return ""
         return text
-
-
-def _real_quotes(text: str) -> int:
-    """Quotes in `text` (which begins on an escape's boundary) that are not escaped: a quote
-    after an odd run of backslashes is. Counted with `str.count`: the quotes after at least
-    1, 2, 3... backslashes, alternately subtracted and added."""
-    quotes = text.count('"')
-    if not quotes:
-        return 0
-    sign, run = -1, "\\"
-    while after := text.count(run + '"'):
-        quotes += sign * after
-        sign, run = -sign, run + "\\"
-    return quotes
 
 
 def _aligned_end(text: str, end: int) -> int | None:
@@ -270,11 +379,13 @@ def _has_marker(value: Any) -> bool:
 
 class _KeyMarked(Exception):
     """A member name holds a marker (a name of thousands of characters): the skeleton cannot
-    say which member it is."""
+    say which member it is; or a cut run of array elements stands where accounting reads."""
 
 
 def _restore(value: Any, runs: list[int]) -> Any:
     if isinstance(value, str):
+        if value.startswith("\x00["):  # a cut run (a string marker has digits after it)
+            raise _KeyMarked
         return _sized(value, runs)
     if isinstance(value, dict):
         if any("\x00" in k for k in value):
@@ -291,11 +402,12 @@ _READ_MEMBERS: Final = ("model", "type", "error", "usage")
 _READ_IN_RESPONSE: Final = ("id", "usage", "error")
 
 
-def restore(obj: dict[str, Any], runs: list[int]) -> dict[str, Any] | None:
+def restore(obj: dict[str, Any], runs: list[int], cuts: int = 0) -> dict[str, Any] | None:
     """The parsed skeleton with the whole strings' lengths, or None when a marker sits where
     accounting reads a value (a model name, an error message, a finish reason, usage) or in a
-    member name."""
-    if not runs:
+    member name, or a cut run of array elements (`cuts` of them) is anywhere in it (a
+    lifecycle event's head, all that is read of it, holds none unless it is read there)."""
+    if not runs and not cuts:
         return obj
     if any(_has_marker(obj.get(key)) for key in _READ_MEMBERS):
         return None
