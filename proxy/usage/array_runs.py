@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import re
 from itertools import pairwise
+from os.path import commonprefix
 from typing import Final
 
 import msgspec
@@ -48,6 +49,7 @@ _START: Final = re.compile(r",[ \t\r\n]*+[\[{]")
 _WS: Final = " \t\r\n"
 _CLOSERS: Final = frozenset("]}")
 _HEAD: Final = 8  # characters of the elements' common start in the separator, at most
+_MORE: Final = (-1, -1)  # `_element`: the text so far ends before the element does
 
 
 class Run:
@@ -99,16 +101,19 @@ def _trailing(text: str, error: str) -> int | None:
 
 def _element(text: str, at: int, window: int) -> tuple[int, int] | None:
     """The element at `at` if it ends within `window` and a comma follows it: (its end, where
-    the next element starts)."""
+    the next element starts); `_MORE` when the text ends before that can be told."""
     part = text[at : at + window]
+    short = at + window > len(text)  # the text ends inside the window
     try:
         _CHECK.decode(part)
     except msgspec.DecodeError as exc:
         comma = _trailing(part, str(exc))
+        if comma is None and short and "truncated" in str(exc):
+            return _MORE
     except RecursionError:
         return None
-    else:
-        return None  # the window holds one value: it may go on past it
+    else:  # the window holds one value: it may go on past it
+        return _MORE if short else None
     if comma is None or part[comma] != ",":
         return None
     end = at + len(part[:comma].rstrip(_WS))
@@ -138,7 +143,8 @@ def find_run(
 ) -> tuple[int, int, int, str, int]:
     """The first run of small elements after `start`, looking at `tries` candidates at most:
     (where the scan stopped, the quotes before it, the run's first element, the separator,
-    the comma's offset in it); or (stop, quotes, -1, "", 0) when none was found by then.
+    the comma's offset in it); or (stop, quotes, -1, "", 0) when none was found by then, or
+    the text ends before a candidate can be told (the scan stops there, to go on from it).
     `in_string`: whether `text[start]` is inside a string (its quotes are counted from
     there)."""
     quotes = int(in_string)
@@ -157,6 +163,8 @@ def find_run(
         at = first
         for _ in range(3):
             element = _element(text, at, window)
+            if element is _MORE:
+                return pos, quotes, -1, "", 0  # looked at again once more text came
             if element is None:
                 break
             elements.append((at, element[0]))
@@ -179,11 +187,7 @@ def find_run(
                 break
             left = tail
         heads = [text[s : s + _HEAD] for s, _ in elements]
-        right = ""
-        while len(right) < _HEAD and len({h[: len(right) + 1] for h in heads}) == 1:
-            if len(heads[0]) <= len(right):
-                break
-            right = heads[0][: len(right) + 1]
+        right = commonprefix(heads)  # noqa: RUF071 (text, not paths: by character is the point)
         return comma, quotes, first, left + sep + right, len(left) + sep.index(",")
     quotes += real_quotes(text[pos:])
     return len(text), quotes, -1, "", 0

@@ -45,8 +45,9 @@ _HIGH: Final = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}")
 _MAX_BACKSLASHES: Final = 64
 # A read's text is looked at in stretches of this many characters at most.
 _BLOCK: Final = 64 * 1024
-# Bytes JSON has outside strings: a piece made only of these may be structure, not text.
-_OUTSIDE: Final = b" \t\r\n0123456789+-.eE,:[]{}truefalsn"
+# Bytes JSON has outside strings: a piece made only of these may be structure, not text
+# (with `NaN` and `Infinity`, which the parse reads as `json.loads` does).
+_OUTSIDE: Final = b" \t\r\n0123456789+-.eE,:[]{}truefalsnNIiy"
 _MARK: Final = "\\u0000"
 _MARKER: Final = re.compile("\x00([0-9]+)\x00")
 # Candidate starts of a run of small array elements looked at per read, and tries at its cut
