@@ -24,7 +24,7 @@ from bench.fake_upstream import responses_events
 from proxy.sse_large import LargeEvent
 from proxy.usage import UsageChunkFilter
 from proxy.usage import stream as usage_stream
-from proxy.usage.array_runs import Run, cut_end, find_run, run_end
+from proxy.usage.array_runs import Run, Scan, cut_end, find_run, run_end
 from proxy.usage.fast import parse_json
 from proxy.usage.responses_events import response_head
 from proxy.usage.skeleton import Skeleton, _sized
@@ -131,6 +131,15 @@ def _stands_for(got: Any, want: Any, runs: list[int]) -> bool:
     return bool(got == want or (got != got and want != want))  # (NaN)
 
 
+def _marked(value: Any) -> bool:
+    """Whether a marker is anywhere in a parsed skeleton's value."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_marked(k) or _marked(v) for k, v in value.items())
+    return isinstance(value, list) and any(map(_marked, value))
+
+
 def _list_stands_for(got: list[Any], want: list[Any], runs: list[int]) -> bool:
     """Each cut marker of `got` stands for one or more consecutive elements of `want`."""
     seen: set[tuple[int, int]] = set()
@@ -180,7 +189,7 @@ def test_the_skeleton_parses_as_the_whole_line(line: str, cuts: list[int], run: 
         assert whole_head is None or "\x00" in got[1]["type"]
         return
     restored = skeleton.restore(head)
-    assert restored == whole_head or (restored is None and "\x00" in repr(head))
+    assert restored == whole_head or (restored is None and _marked(head))
 
 
 @settings(max_examples=150, deadline=None)
@@ -350,29 +359,55 @@ def test_a_cut_run_where_accounting_reads_is_read_whole() -> None:
         assert _run(reads, chunk_filter, 64, run=8)[:2] == _run(reads, chunk_filter, NEVER)[:2]
 
 
+def _find(text: str, *, window: int = 64, reach: int = 8) -> tuple[int, str, int] | None:
+    return find_run(text, Scan(False), window=window, reach=reach, tries=8)
+
+
 def test_the_pieces_of_array_runs() -> None:
     """The module's searches at their edges."""
     # A non-ASCII element: msgspec counts bytes, the search characters.
     text = ',{"é":1},{"é":2},{"é":3},{"é":4}'
-    found = find_run(text, 0, False, window=64, reach=8, tries=8)
-    assert found[2] == 1 and found[3] == '},{"é":'
+    assert _find(text) == (1, '},{"é":', 1)
     # The text ends right after the array; an array that does not go on far enough.
     assert run_end("[1,2]", 1) == 5
     assert run_end("[1,2] ,3", 1) == 6
     assert run_end("[1,2", 1) is None
     assert run_end("[1,:", 1) == -1
     assert run_end("[" + "[" * 3000 + "]" * 3000, 1) == -1
-    assert find_run(',{"a":1},{"a":2},{"a":3}]', 0, False, window=64, reach=100, tries=8)[2] < 0
-    # The candidates looked at are bounded: the scan stops and says where.
+    assert _find(',{"a":1},{"a":2},{"a":3}]', reach=100) is None
+    # The candidates looked at are bounded: the scan stops on the next and says where.
     many = ',{"a":1}' * 3 + ",{" * 50
-    stop = find_run(many, 0, True, window=64, reach=8, tries=4)
-    assert stop[2] < 0 and 0 < stop[0] < len(many)
+    scan = Scan(True)
+    assert find_run(many, scan, window=64, reach=8, tries=4) is None
+    assert scan.at == 27 and scan.counted == 24 and scan.quotes == 1 + 6  # the 5th's bracket
+    assert find_run(":[" * 100, scan := Scan(False), window=64, reach=8, tries=4) is None
+    assert scan.at == 2 * 32 + 1  # the 33rd: brackets after anything else, 8 a try
+    assert _find("," + " " * 70 + '{"a":1},{"a":2},{"a":3},{"a":4},{}') == (79, '},{"a":', 1)
+    # The quotes are counted from the nearest place asked about before.
+    scan, text = Scan(False), '"a", "b\\\\", "c\\"'
+    assert scan.in_string(text, 4) is False and scan.ends_in_string(text) is True
+    assert scan.in_string(text, 5) is False and scan.in_string(text, len(text)) is True
+    assert scan.ends_in_string(text[:11]) is False and scan.end == 11
     # An element nested too deep to check, or one the window does not hold.
-    assert find_run("," + "[" * 3000, 0, False, window=8000, reach=8, tries=2)[2] < 0
-    assert find_run(',{"a":"' + "x" * 100 + '"},', 0, False, window=16, reach=8, tries=2)[2] < 0
+    assert _find("," + "[" * 3000, window=8000) is None
+    assert _find(',{"a":"' + "x" * 100 + '"},', window=16) is None
     # A cut's candidates: none, one at the start, a wrong guess then the right one.
     run = Run(1, "},{", 1)
     assert cut_end('{"a":1}', 0, run, 3) == -1
     assert cut_end('},{"a":1}', 0, run, 3) == -1
     assert cut_end(',{"a":1}', 0, Run(1, ",{", 0), 3) == -1
     assert cut_end('{"a":1},{"b":"x},{y', 0, run, 3) == 7
+
+
+def test_a_chat_chunk_s_logprobs_are_cut_and_not_read() -> None:
+    """Runs inside a `logprobs` member, which accounting never reads, leave the skeleton
+    answering: no whole read, the whole path's counts and bytes."""
+    content = ",".join(_logprob(n) for n in range(400))
+    choice = f'{{"index":0,"delta":{{"content":"hi"}},"logprobs":{{"content":[{content}]}}}}'
+    event = f'data: {{"id":"c","model":"m","choices":[{choice}]}}\n\ndata: [DONE]\n\n'.encode()
+    reads = _cut(event, list(range(1000, len(event), 1000)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LargeEvent, "whole", None)  # a whole read would fail
+        got = _run(reads, UsageChunkFilter(), 2000, run=64)
+    want = _run(reads, UsageChunkFilter(), NEVER, run=64)
+    assert got[0] == want[0] and got[1] == want[1] and got[2] > 0

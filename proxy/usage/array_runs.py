@@ -33,19 +33,20 @@ arrays, which accounting reads only where `restore` finds no marker.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from itertools import pairwise
 from os.path import commonprefix
 from typing import Final
 
 import msgspec
 
-__all__ = ["Run", "cut_end", "find_run", "openers", "real_quotes", "run_end"]
+__all__ = ["Run", "Scan", "cut_end", "find_run", "openers", "real_quotes", "run_end"]
 
 _CHECK: Final = msgspec.json.Decoder(msgspec.Raw)  # validates, builds nothing
 # msgspec names the byte after a complete value (its index + 1) when more follows.
 _TRAILING: Final = re.compile(r"trailing characters \(byte (\d+)\)$")
-# Where a run may start: a comma, then an object or an array.
-_START: Final = re.compile(r",[ \t\r\n]*+[\[{]")
+# Spaces looked at between a candidate's comma and its bracket, at most.
+_SPACES_MOST: Final = 64
 _WS: Final = " \t\r\n"
 _CLOSERS: Final = frozenset("]}")
 _HEAD: Final = 8  # characters of the elements' common start in the separator, at most
@@ -123,11 +124,12 @@ def _element(text: str, at: int, window: int) -> tuple[int, int] | None:
     return end, nxt
 
 
-def run_end(text: str, at: int) -> int | None:
-    """Where the array whose elements begin at `at` ends (its `]`), or None while `text`
-    ends inside it; -1 when the text from `at` is not a list of values."""
+def run_end(text: str, at: int, stop: int | None = None) -> int | None:
+    """Where the array whose elements begin at `at` ends (after its `]`), or None while
+    `text` (or its first `stop` characters) ends inside it; -1 when the text from `at` is not
+    a list of values."""
     try:
-        _CHECK.decode("[" + text[at:])
+        _CHECK.decode("[" + text[at:stop])
     except msgspec.DecodeError as exc:
         if "truncated" in str(exc):
             return None
@@ -138,42 +140,89 @@ def run_end(text: str, at: int) -> int | None:
     return len(text)  # the text ends right after the array
 
 
+class Scan:
+    """How far the search for a run has looked into a text (`at`), and the text's unescaped
+    quotes at two places asked about (the search's last candidate, and the text's end when
+    last asked), from its start (one if that is inside a string): counted only as far as
+    asked, as most of the text is cut out unread. The text may only grow meanwhile."""
+
+    __slots__ = ("at", "counted", "end", "end_quotes", "first", "quotes")
+
+    def __init__(self, in_string: bool) -> None:
+        self.at = 0
+        self.counted = self.end = 0
+        self.first = self.quotes = self.end_quotes = int(in_string)
+
+    def _quotes(self, text: str, at: int) -> int:
+        base, quotes = 0, self.first
+        for point, count in ((self.counted, self.quotes), (self.end, self.end_quotes)):
+            if base < point <= at:
+                base, quotes = point, count
+        return quotes + real_quotes(text[base:at]) if at > base else quotes
+
+    def in_string(self, text: str, at: int) -> bool:
+        """Whether `text[at]` (on an escape's boundary) is inside a string."""
+        quotes = self._quotes(text, at)
+        if at > self.counted:
+            self.counted, self.quotes = at, quotes
+        return quotes % 2 == 1
+
+    def ends_in_string(self, text: str) -> bool:
+        """Whether `text` ends inside a string."""
+        self.end_quotes = self._quotes(text, len(text))
+        self.end = len(text)
+        return self.end_quotes % 2 == 1
+
+
+def _starts(text: str, at: int) -> Iterator[tuple[int, int]]:
+    """Where a run may start from `at` on: (a comma, the object or array after it and
+    spaces), found by memchr; and (-1, bracket) for a bracket after something else, so
+    that the caller can bound what it looked at."""
+    brace, bracket = text.find("{", at), text.find("[", at)
+    while brace >= 0 or bracket >= 0:
+        if bracket < 0 or 0 <= brace < bracket:
+            first, brace = brace, text.find("{", brace + 1)
+        else:
+            first, bracket = bracket, text.find("[", bracket + 1)
+        before = max(0, first - _SPACES_MOST)
+        comma = before + len(text[before:first].rstrip(_WS)) - 1
+        yield (comma if comma >= 0 and text[comma] == "," else -1), first
+
+
 def find_run(
-    text: str, start: int, in_string: bool, *, window: int, reach: int, tries: int
-) -> tuple[int, int, int, str, int]:
-    """The first run of small elements after `start`, looking at `tries` candidates at most:
-    (where the scan stopped, the quotes before it, the run's first element, the separator,
-    the comma's offset in it); or (stop, quotes, -1, "", 0) when none was found by then, or
-    the text ends before a candidate can be told (the scan stops there, to go on from it).
-    `in_string`: whether `text[start]` is inside a string (its quotes are counted from
-    there)."""
-    quotes = int(in_string)
-    pos = start
-    for found in _START.finditer(text, start):
-        comma = found.start()
-        quotes += real_quotes(text[pos:comma])
-        pos = comma
+    text: str, scan: Scan, *, window: int, reach: int, tries: int
+) -> tuple[int, str, int] | None:
+    """The first run of small elements after `scan.at`, looking at `tries` candidates at
+    most: (its first element, the separator, the comma's offset in it); None when none was
+    found by then, or the text ends before a candidate can be told (`scan.at` then stays
+    on it, to go on from there)."""
+    looked = 8 * tries  # brackets after anything else: cheaper, so more of them
+    for comma, first in _starts(text, scan.at):
+        scan.at = first
+        if comma < 0:
+            looked -= 1
+            if looked < 0:
+                return None
+            continue
         tries -= 1
         if tries < 0:
-            return pos, quotes, -1, "", 0
-        if quotes % 2:
-            continue  # inside a string
-        first = found.end() - 1
+            return None
+        if scan.in_string(text, comma):
+            continue
         elements = []
         at = first
         for _ in range(3):
             element = _element(text, at, window)
             if element is _MORE:
-                return pos, quotes, -1, "", 0  # looked at again once more text came
+                return None  # looked at again once more text came
             if element is None:
                 break
             elements.append((at, element[0]))
             at = element[1]
         if len(elements) < 3:
             continue
-        end = run_end(text, first)
-        if end is not None and end - first < reach:
-            continue  # an inner array (or not one at all)
+        if run_end(text, first, first + reach) is not None:
+            continue  # an inner array that ends within `reach` (or not one at all)
         seps = {text[e:s] for (_, e), (s, _) in pairwise(elements)}
         if len(seps) != 1:
             continue
@@ -188,9 +237,9 @@ def find_run(
             left = tail
         heads = [text[s : s + _HEAD] for s, _ in elements]
         right = commonprefix(heads)  # noqa: RUF071 (text, not paths: by character is the point)
-        return comma, quotes, first, left + sep + right, len(left) + sep.index(",")
-    quotes += real_quotes(text[pos:])
-    return len(text), quotes, -1, "", 0
+        return first, left + sep + right, len(left) + sep.index(",")
+    scan.at = len(text)
+    return None
 
 
 def cut_end(text: str, start: int, run: Run, tries: int) -> int:

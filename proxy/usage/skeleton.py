@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import msgspec
 
-from proxy.usage.array_runs import Run, cut_end, find_run, openers, real_quotes, run_end
+from proxy.usage.array_runs import Run, Scan, cut_end, find_run, openers, real_quotes, run_end
 
 __all__ = ["MIN_RUN", "Skeleton", "restore"]
 
@@ -54,7 +54,7 @@ _MARKER: Final = re.compile("\x00([0-9]+)\x00")
 # (proxy/usage/array_runs.py): each a msgspec check, bounded so a read's step stays short
 # whatever the line holds.
 _FIND_TRIES: Final = 32
-_CUT_TRIES: Final = 3
+_CUT_TRIES: Final = 2
 
 
 class Skeleton:
@@ -67,18 +67,18 @@ class Skeleton:
         "_cuts",
         "_decoder",
         "_depth",
+        "_depth_parts",
         "_lost",
         "_marked",
         "_min_run",
         "_open",
-        "_open_in_string",
         "_open_len",
+        "_open_most",
         "_parts",
         "_piece_at",
         "_run_last",
         "_runs",
         "_scan",
-        "_scan_quotes",
         "_texts",
         "_window",
     )
@@ -97,18 +97,17 @@ class Skeleton:
         self._carry = ""
         self._lost = False  # a run of backslashes too long to align on: keep all from here
         # The kept text since the last marker (`_parts[_open:]`, `_open_len` characters), where
-        # runs of small array elements are looked for and cut out (`_cut`); the brackets
-        # opened before it (a bound on the containers open there: `Run.depth`) and whether a
-        # string is at its start (the parity of the unescaped quotes before it; a string
-        # marker stands for text inside one: `_ends_in_string`); how far the search for a
-        # run has looked (and the quotes before that); the run being cut and where its next
+        # runs of small array elements are looked for and cut out (`_cut`); how far that
+        # search has looked and the quotes counted so far (whether a string is open: a
+        # string marker stands for text inside one); the brackets opened in the kept text
+        # before (a bound on the containers open there: `Run.depth`), counted up to part
+        # `_depth_parts` (only when a run is found); the run being cut and where its next
         # piece starts.
         self._open = 0
         self._open_len = 0
+        self._scan = Scan(False)
         self._depth = 0
-        self._open_in_string = False
-        self._scan = 0
-        self._scan_quotes = 0
+        self._depth_parts = 0
         self._array: Run | None = None
         self._piece_at = 0
         self._marked = False  # the run being cut has its marker (the last before `_open`)
@@ -117,6 +116,9 @@ class Skeleton:
         # characters; it is cut when it goes on for `_cut_min` characters at least.
         self._cut_min = 4 * min_run
         self._window = min(16 * min_run, 16 * 1024)
+        # Kept text looked at longer than this without a cut is left as it is: a run whose
+        # separators stopped matching, or a search that fell behind.
+        self._open_most = 8 * self._cut_min
 
     @property
     def runs(self) -> list[int]:
@@ -137,16 +139,20 @@ class Skeleton:
             return
         if len(text) <= _BLOCK:
             self._text(text, piece)
-            return
-        # A large read: in stretches, so that its start can still be text (each ending on an
-        # escape's boundary).
-        start = 0
-        while start < len(text):
-            end = _aligned_end(text, min(start + _BLOCK, len(text))) if not self._lost else None
-            if end is None or end <= start:
-                end = len(text)
-            self._text(text[start:end], b"")
-            start = end
+        else:
+            # A large read: in stretches, so that its start can still be text (each ending on
+            # an escape's boundary).
+            start = 0
+            while start < len(text):
+                end = _aligned_end(text, min(start + _BLOCK, len(text))) if not self._lost else None
+                if end is None or end <= start:
+                    end = len(text)
+                self._text(text[start:end], b"")
+                start = end
+        if self._open_len >= self._cut_min and not self._lost:
+            # Once a read, over what it brought and what the last left: each of its checks
+            # reads that text (`_open_most` and a read at most), a few of them at most.
+            self._cut()
 
     def _text(self, text: str, piece: bytes) -> None:
         """One aligned stretch of the line (`piece`: its bytes when they are the same text,
@@ -183,8 +189,6 @@ class Skeleton:
         self._parts.append(text)
         self._run_last = False
         self._open_len += len(text)
-        if self._open_len >= self._cut_min and not self._lost:
-            self._cut()
 
     def _open_text(self) -> str:
         """The kept text since the last marker, as one part."""
@@ -195,20 +199,14 @@ class Skeleton:
 
     def _ends_in_string(self) -> bool:
         """Whether the kept text ends inside a string. Its quotes are counted only when asked
-        (here, `_settle`, a run's end): most of it is cut out first, in valid elements, whose
-        quotes pair up."""
-        if not self._open_len:
-            return self._open_in_string
-        return self._open_in_string ^ (real_quotes(self._open_text()) % 2 == 1)
+        (`_plain`, `_settle`): most of it is cut out first, in valid elements, whose quotes
+        pair up."""
+        return self._scan.ends_in_string(self._open_text() if self._open_len else "")
 
     def _settle(self) -> None:
         """The text kept since the last marker stays as it is: the next looked at follows."""
-        in_string = self._ends_in_string()
-        if self._open_len:
-            self._depth += openers(self._open_text())
+        self._scan = Scan(self._ends_in_string())
         self._open, self._open_len = len(self._parts), 0
-        self._open_in_string = in_string
-        self._scan, self._scan_quotes = 0, int(in_string)
         self._array = None
 
     def _cut(self) -> None:
@@ -218,21 +216,18 @@ class Skeleton:
         text = self._open_text()
         array = self._array
         if array is None:
-            scan, quotes, first, pattern, comma = find_run(
-                text,
-                self._scan,
-                self._scan_quotes % 2 == 1,
-                window=self._window,
-                reach=self._cut_min,
-                tries=_FIND_TRIES,
+            found = find_run(
+                text, self._scan, window=self._window, reach=self._cut_min, tries=_FIND_TRIES
             )
-            self._scan, self._scan_quotes = scan, quotes
-            if first < 0:
-                if len(text) > 16 * self._cut_min:
+            if found is None:
+                if len(text) > self._open_most:
                     self._settle()  # (a search that fell behind starts afresh)
                 return
-            depth = self._depth + openers(text[:first])
-            array = self._array = Run(depth, pattern, comma)
+            first, pattern, comma = found
+            for part in parts[self._depth_parts : start]:
+                self._depth += openers(part)
+            self._depth_parts = start
+            array = self._array = Run(self._depth + openers(text[:first]), pattern, comma)
             self._piece_at, self._marked = first, False
         at = self._piece_at
         end = cut_end(text, at, array, _CUT_TRIES)
@@ -240,30 +235,26 @@ class Skeleton:
             if not self._marked:  # the run's first cut: its marker, after the comma before it
                 parts[start:] = [text[:at], f'\t"{_MARK}[{self._cuts}]{_MARK}"', text[end:]]
                 self._cuts += 1
-                self._open = start + 2
-                self._open_in_string = False
+                self._open = self._depth_parts = start + 2
                 self._depth = array.depth
                 self._piece_at, self._marked = 1, True  # (after the comma before the piece)
             else:
                 parts[start] = text[end:]
             self._open_len = len(text) - end
+            self._scan = Scan(False)  # (from the comma after the piece)
             return
         stop = run_end(text, at)
         if stop is None:
-            if len(text) > 16 * self._cut_min:
+            if len(text) > self._open_most:
                 self._settle()  # separators that stopped matching: kept as they are
             return
         if stop < 0:
             self._settle()  # not a list of values: the line is broken, or the guess wrong
             return
         # The array ended: what follows it is looked at afresh.
-        head = text[:stop]
-        parts[start:] = [head, text[stop:]]
-        self._depth += openers(head)
-        if real_quotes(head) % 2:
-            self._open_in_string = not self._open_in_string
+        self._scan = Scan(self._scan.ends_in_string(text[:stop]))
+        parts[start:] = [text[:stop], text[stop:]]
         self._open, self._open_len = start + 1, len(text) - stop
-        self._scan, self._scan_quotes = 0, int(self._open_in_string)
         self._array = None
 
     def _plain(self, piece: bytes, text: str) -> str | None:
@@ -383,17 +374,19 @@ class _KeyMarked(Exception):
     say which member it is; or a cut run of array elements stands where accounting reads."""
 
 
-def _restore(value: Any, runs: list[int]) -> Any:
+def _restore(value: Any, runs: list[int], unread: bool = False) -> Any:
+    """`unread`: inside a `logprobs` member, which accounting never reads (a chunk's or a
+    delta's): a cut run may stand there."""
     if isinstance(value, str):
-        if value.startswith("\x00["):  # a cut run (a string marker has digits after it)
+        if value.startswith("\x00[") and not unread:  # a cut run (not a string's marker)
             raise _KeyMarked
         return _sized(value, runs)
     if isinstance(value, dict):
         if any("\x00" in k for k in value):
             raise _KeyMarked
-        return {k: _restore(v, runs) for k, v in value.items()}
+        return {k: _restore(v, runs, unread or k == "logprobs") for k, v in value.items()}
     if isinstance(value, list):
-        return [_restore(v, runs) for v in value]
+        return [_restore(v, runs, unread) for v in value]
     return value
 
 
@@ -406,8 +399,9 @@ _READ_IN_RESPONSE: Final = ("id", "usage", "error")
 def restore(obj: dict[str, Any], runs: list[int], cuts: int = 0) -> dict[str, Any] | None:
     """The parsed skeleton with the whole strings' lengths, or None when a marker sits where
     accounting reads a value (a model name, an error message, a finish reason, usage) or in a
-    member name, or a cut run of array elements (`cuts` of them) is anywhere in it (a
-    lifecycle event's head, all that is read of it, holds none unless it is read there)."""
+    member name, or a cut run of array elements (`cuts` of them) is anywhere it may be read:
+    anywhere but in a `logprobs` member (a lifecycle event's head, all that is read of it,
+    holds none unless it is read there)."""
     if not runs and not cuts:
         return obj
     if any(_has_marker(obj.get(key)) for key in _READ_MEMBERS):
