@@ -10,8 +10,9 @@ line is taken from the decoder
   to cut: from the first `"usage"` member name on (in practice the event's last 16 bytes,
   `,"usage":null}` and its blank line), and any run of commas and spaces before it;
 - its text goes into a `Skeleton` (proxy/usage/skeleton.py), which keeps the JSON around long
-  strings and only the length of their text, so the event's kind and token estimate come from
-  a small parse at its end, the same as from the whole event's;
+  strings and only the length of their text, and leaves out runs of small array elements
+  (logprobs) once each read checked them, so the event's kind and token estimate come from a
+  small parse at its end, the same as from the whole event's;
 - at the line's end the decoder gets a stand-in line (`data: <skeleton>`, or `:` for a
   comment) and reads the rest of the block as usual.
 
@@ -26,9 +27,9 @@ and decided at its end exactly as a smaller one, without joining it.
 Not passed through, read whole at their end: a huge `event:`, `id:` or other field line, a
 second huge line in one block, many data lines (at most `MAX_WHOLE_EVENT`, 1 MiB, in all: over
 it the stream fails, proxy/sse_stream.py), and a skeleton that cannot answer (a marker where
-accounting reads a value, a long run of JSON structure outside strings): the whole event is
-then decoded and parsed in one step (up to 16 MiB: the one leftover, To do in
-docs/benchmarks.md).
+accounting reads a value; a long run of JSON structure outside strings that is not a run of
+objects or arrays, e.g. numbers or an object's many members): the whole event is then decoded
+and parsed in one step (up to 16 MiB: the one leftover, To do in docs/benchmarks.md).
 """
 
 from __future__ import annotations

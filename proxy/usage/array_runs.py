@@ -9,25 +9,28 @@ head decode at the line's end one long step (128 ms for 13.7 MiB). Cut out, each
 the elements it brought (msgspec validates without building, ~2.5 ms a MiB) and the end of the
 line reads a skeleton of a few KiB.
 
-How a run is found (`find_run`): after a comma outside strings, an object or array followed by
-two more of them, each followed by a comma and each under `window` characters, starts a run
-when msgspec reads on as array elements from there for at least `reach` characters (an inner
-array, e.g. one token's alternatives, ends sooner). The three elements give the separator to
-look for (`Run.pattern`: the closers they end with, the comma and spaces between them, the
-start they share, e.g. `]}]},{"token"`). How it is cut (`cut_end`): at the last separator in
-the text so far whose elements before it read as a list of JSON values nested as deep as the
-array (`depth`), from the one after the previous cut. A wrong guess (a separator inside an
-element or a string) fails that check and the one before is tried.
+How a run is found (`find_run`): after a comma outside strings (the quotes before it counted,
+`Scan`), an object or array followed by two more of them, each followed by a comma and each
+under `window` characters, starts a run when msgspec reads on as array elements from there
+for `reach` characters (an inner array, e.g. one token's alternatives, ends sooner). The
+three elements give the separator to look for (`Run.pattern`: the closers they end with, the
+comma and spaces between them, the start they share, e.g. `]}]},{"token"`). How it is cut
+(`cut_end`): at the last separator in the text so far whose elements before it read as a
+list of JSON values, from the one after the previous cut. A wrong guess (a separator inside
+an element or a string) fails that check and the one before is tried. Each check nests the
+elements as deep as the brackets opened before them (`Run.depth`, at least as deep as in the
+line), so that elements the line's parse cannot read (recursion) fail it and are kept.
 
 Why the skeleton's answer cannot change: the cut stretch, a non-empty list of valid values,
-is replaced by the string `\\n"\\u0000[k]\\u0000"` between its two commas. A raw newline is
-invalid inside a string and a string between two commas in an object is not followed by `:`,
-so the skeleton parses only if the marker is an array element; then putting the stretch back
-gives valid JSON again (the argument of proxy/array_cut.py, for request bodies). Conversely,
-in valid JSON a list of values that begins after a comma outside strings is a run of one
-array's elements, and replacing them by one string keeps it valid. So the skeleton parses iff
-the line does, with the same members (duplicates included) everywhere but inside the cut
-arrays, which accounting reads only where `restore` finds no marker.
+is replaced by the string `\t"\u0000[k]\u0000"` between its two commas. A raw tab is invalid
+inside a string (and, unlike a newline, does not end the SSE line) and a string between two
+commas in an object is not followed by `:`, so the skeleton parses only if the marker is an
+array element; then putting the stretch back gives valid JSON again (the argument of
+proxy/array_cut.py, for request bodies). Conversely, in valid JSON a list of values that
+begins after a comma outside strings is a run of one array's elements, and replacing them by
+one string keeps it valid. So the skeleton parses iff the line does (msgspec accepts no piece
+that `json.loads` refuses), with the same members (duplicates included) everywhere but inside
+the cut arrays, which accounting reads only where `restore` finds no marker.
 """
 
 from __future__ import annotations

@@ -19,6 +19,15 @@ before it ends inside one (the parity of its unescaped quotes), or it holds an e
 character JSON has nowhere outside strings. So if the line is valid JSON, every marker stands
 for text inside one string; if it is not, the skeleton is not either (a marker outside a string
 is a stray backslash). tests/test_sse_pass.py holds it to the whole line's parse.
+
+The kept text is rid of runs of small array elements too (a `response.completed` with
+logprobs is megabytes of small objects, not long strings): once a read, the kept text since
+the last marker is searched for such a run, or the run found is cut up to its last whole
+element so far, each piece checked by msgspec as it arrives (proxy/usage/array_runs.py, which
+says why the skeleton still parses exactly when the line does). A string `\u0000[k]\u0000`
+stands for each run; `restore` refuses one anywhere accounting may read (anywhere but in a
+`logprobs` member), and the caller then reads the line whole. tests/test_skeleton_runs.py
+holds it to the whole line's parse.
 """
 
 from __future__ import annotations
