@@ -103,6 +103,12 @@ def _line(draw: st.DrawFn) -> str:
     return line
 
 
+# String markers at least as long as the member names accounting reads (`finish_reason`), as
+# in production (4096): a shorter one may stand for such a name, which the lifecycle head
+# then misses (the whole line's does not).
+_RUNS = [16, 24, 32]
+
+
 def _parsed(text: str) -> Any:
     try:
         return ("ok", parse_json(text))
@@ -167,7 +173,7 @@ def _skeleton(data: bytes, cuts: list[int], run: int) -> Skeleton:
 
 
 @settings(max_examples=300, deadline=None)
-@given(_line(), st.lists(st.integers(0, 10**6), max_size=12), st.sampled_from([8, 16, 32]))
+@given(_line(), st.lists(st.integers(0, 10**6), max_size=12), st.sampled_from(_RUNS))
 def test_the_skeleton_parses_as_the_whole_line(line: str, cuts: list[int], run: int) -> None:
     """The skeleton parses iff the line does (the same failure), to the line's structure but
     for cut runs; the lifecycle head read from it is the line's."""
@@ -196,7 +202,7 @@ def test_the_skeleton_parses_as_the_whole_line(line: str, cuts: list[int], run: 
 @given(
     _line(),
     st.lists(st.integers(0, 10**6), max_size=10),
-    st.sampled_from([8, 32]),
+    st.sampled_from(_RUNS),
     st.sampled_from(["forward", "holding"]),
 )
 def test_a_huge_event_with_runs_agrees_with_the_whole_one(
