@@ -32,7 +32,13 @@ CPU time comes from /proc/PID/stat just before and after the measured run. Repor
 `--pin` puts the proxies on the first CPU and wrk, the fake upstream and this process on the
 others, so that the proxy measured never waits for a core and rounds spread less.
 
-`python -m bench.wrk [--rounds 3] [--duration 5] [--connections 50] [--pin] [--short] [--out FILE]`
+`--paired` loads every proxy at once, a wrk each, and measures them over one window: on a host
+whose speed moves by more between two windows than a change is worth (5 % here, from one
+minute to the next), the ratio of two proxies loaded side by side is what the drift moves
+least. With `--pin` they share the first CPU, each given its share by the scheduler.
+
+`python -m bench.wrk [--rounds 3] [--duration 5] [--connections 50] [--pin] [--paired] [--short]
+[--out FILE]`
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +235,66 @@ def measure(
     return result
 
 
+def measure_together(
+    wrk: str,
+    targets: list[Target],
+    script: Path,
+    ours: list[int],
+    *,
+    connections: int,
+    duration: float,
+    warmup: float,
+    load_cpus: set[int] | None = None,
+) -> list[dict[str, Any]]:
+    """`measure` for several targets loaded at once, a wrk each, over one window.
+
+    Interleaved rounds compare targets measured seconds apart, and this host's speed moves by
+    more than the few per cent a change is worth between two such windows. Loaded at the same
+    time, every target meets the same host: whatever slows one slows the others, and the
+    ratio of their CPU per request in a window is the one the drift moves least. Each target
+    is its own process with its own wrk; they share the fake upstream (and, with `--pin`, one
+    CPU, where the scheduler gives each runnable proxy its share)."""
+
+    def load(seconds: float) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(len(targets)) as pool:
+            return list(
+                pool.map(
+                    lambda t: run_wrk(
+                        wrk, t, script, connections=connections, duration=seconds, cpus=load_cpus
+                    ),
+                    targets,
+                )
+            )
+
+    if warmup > 0:
+        load(warmup)
+    own = {pid: cpu_seconds(pid) for pid in ours}
+    split0 = {t.pid: cpu_split(t.pid) for t in targets}
+    kids0, self0, busy0, t0 = _children_cpu(), _self_cpu(), _machine_busy(), time.monotonic()
+    results = load(duration)
+    wall = time.monotonic() - t0
+    busy = _machine_busy() - busy0
+    ours_cpu = sum(cpu_seconds(pid) - c for pid, c in own.items())
+    ours_cpu += (_children_cpu() - kids0) + (_self_cpu() - self0)
+    for target, result in zip(targets, results, strict=True):
+        proxy_cpu = cpu_seconds(target.pid) - own[target.pid]
+        user0, system0 = split0[target.pid]
+        user1, system1 = cpu_split(target.pid)
+        ok = max(1, int(result["requests"]) - int(result["status"]))
+        result.update(
+            wall_s=wall,
+            rps=ok / (int(result["duration_us"]) / 1e6),
+            proxy_cpu_s=proxy_cpu,
+            cpu_us_per_req=proxy_cpu / ok * 1e6,
+            user_us_per_req=(user1 - user0) / ok * 1e6,
+            system_us_per_req=(system1 - system0) / ok * 1e6,
+            proxy_cpus=proxy_cpu / wall,
+            others_cpus=max(0.0, busy - ours_cpu) / wall,
+            busy_cpus=busy / wall,
+        )
+    return results
+
+
 def start_targets(
     procs: Procs, upstream: str, compare: Path | None = None, ablations: bool = False
 ) -> list[Target]:
@@ -310,6 +377,16 @@ def derive(s: dict[str, dict[str, dict[str, Any]]], names: list[str]) -> dict[st
     return out
 
 
+def print_run(rnd: int, workload: str, target: Target, r: dict[str, Any]) -> None:
+    print(
+        f"round {rnd + 1} {workload:9} {target.name:10} {r['rps']:7.0f} req/s"
+        f"  cpu {r['cpu_us_per_req']:6.0f} us/req ({r['proxy_cpus']:.2f} CPU,"
+        f" user {r['user_us_per_req']:.0f} sys {r['system_us_per_req']:.0f})"
+        f"  p50 {r['p50_us'] / 1000:6.2f} ms  others {r['others_cpus']:.2f} CPU",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -331,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         "--pin",
         action="store_true",
         help="the proxies on the first CPU, wrk, the fake upstream and this process on the rest",
+    )
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="load every proxy at once, a wrk each, over one window (not `direct`): the host's"
+        " drift falls on all of them alike",
     )
     p.add_argument("--short", action="store_true", help="CI: 1 round of 1 s, 1 s warm-up")
     p.add_argument("--out", type=Path)
@@ -374,25 +457,36 @@ def main(argv: list[str] | None = None) -> int:
             # favours neither the first target nor the last (the per-round ratios pair them).
             order = targets if rnd % 2 == 0 else targets[::-1]
             for workload in workloads:
+                connections = max(1, round(args.connections * WORKLOADS[workload][2]))
+                if args.paired:
+                    together = [t for t in order if t.name != "direct"]
+                    results = measure_together(
+                        wrk,
+                        together,
+                        scripts[workload],
+                        ours,
+                        connections=connections,
+                        duration=args.duration,
+                        warmup=args.warmup,
+                        load_cpus=load_cpus,
+                    )
+                    for target, r in zip(together, results, strict=True):
+                        runs.setdefault((workload, target.name), []).append(r)
+                        print_run(rnd, workload, target, r)
+                    continue
                 for target in order:
                     r = measure(
                         wrk,
                         target,
                         scripts[workload],
                         ours,
-                        connections=max(1, round(args.connections * WORKLOADS[workload][2])),
+                        connections=connections,
                         duration=args.duration,
                         warmup=args.warmup,
                         load_cpus=load_cpus,
                     )
                     runs.setdefault((workload, target.name), []).append(r)
-                    print(
-                        f"round {rnd + 1} {workload:9} {target.name:10} {r['rps']:7.0f} req/s"
-                        f"  cpu {r['cpu_us_per_req']:6.0f} us/req ({r['proxy_cpus']:.2f} CPU,"
-                        f" user {r['user_us_per_req']:.0f} sys {r['system_us_per_req']:.0f})"
-                        f"  p50 {r['p50_us'] / 1000:6.2f} ms  others {r['others_cpus']:.2f} CPU",
-                        flush=True,
-                    )
+                    print_run(rnd, workload, target, r)
         measured = {t.url for t in targets}  # `--targets` leaves the others idle: not failures
         for child in procs.children:
             if child.name.startswith("hangup") and child.url in measured:
@@ -477,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         " CPU of the target process over the measured window;"
         " ratios against the relay on the same event loop"
         + ("; proxies pinned to one CPU, the load to the others" if args.pin else "")
+        + ("; every proxy loaded at once in each window (paired)" if args.paired else "")
     )
     print(
         table(

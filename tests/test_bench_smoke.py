@@ -176,6 +176,34 @@ def test_wrk_benchmark_reports_cpu_ratios_and_contention(tmp_path: Path) -> None
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="needs Debian's wrk (scripts/test installs it)"
+)
+def test_wrk_paired_loads_the_proxies_in_one_window(tmp_path: Path) -> None:
+    """bench.wrk --paired: the relay and hangup are measured over one shared window (the same
+    wall time and machine load in their runs), each served its own wrk's requests, and the
+    per-round ratio is that window's. `direct` is not loaded beside them."""
+    out = tmp_path / "paired.json"
+    data = run_bench(
+        "wrk",
+        ["--short", "--paired", "--targets", "direct,relay,hangup", "--workloads", "chat"],
+        out,
+        timeout=170,
+    )
+    assert set(data["results"]["chat"]) == {"relay", "hangup"}
+    relay, hangup = data["runs"]["chat/relay"][0], data["runs"]["chat/hangup"][0]
+    assert relay["wall_s"] == hangup["wall_s"]
+    assert relay["busy_cpus"] == hangup["busy_cpus"]
+    for run in (relay, hangup):
+        assert run["requests"] > 0
+        assert 0 < run["cpu_us_per_req"] < 1e6
+    assert data["results"]["chat"]["hangup"]["cpu_vs_relay_per_round"] == pytest.approx(
+        hangup["cpu_us_per_req"] / relay["cpu_us_per_req"], rel=1e-6
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(
     shutil.which("wrk") is None or shutil.which("callgrind_control") is None,
     reason="needs Debian's wrk and valgrind",
 )
