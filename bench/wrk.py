@@ -377,6 +377,17 @@ def derive(s: dict[str, dict[str, dict[str, Any]]], names: list[str]) -> dict[st
     return out
 
 
+def compare_ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> dict[str, Any]:
+    """hangup's CPU per request over --compare's: pooled (the ratio of the medians), the
+    median of the rounds' ratios, and in how many rounds hangup's was the lower."""
+    pairs = [(a["cpu_us_per_req"], b["cpu_us_per_req"]) for a, b in zip(ours, theirs, strict=False)]
+    return {
+        "pooled": median([a for a, _ in pairs]) / median([b for _, b in pairs]),
+        "per_round": median([a / b for a, b in pairs]),
+        "rounds_below": f"{sum(a < b for a, b in pairs)} of {len(pairs)}",
+    }
+
+
 def print_run(rnd: int, workload: str, target: Target, r: dict[str, Any]) -> None:
     print(
         f"round {rnd + 1} {workload:9} {target.name:10} {r['rps']:7.0f} req/s"
@@ -547,6 +558,12 @@ def main(argv: list[str] | None = None) -> int:
                     row["others_cpus"],
                 ]
             )
+    # This tree against --compare's, the same code path on the same loop: what a change did.
+    versus_compare = {
+        w: compare_ratios(runs[(w, "hangup")], runs[(w, "compare")])
+        for w in workloads
+        if (w, "hangup") in runs and (w, "compare") in runs
+    }
     event_rows = []
     for n in names:
         if n == "direct":
@@ -557,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("event_us", "paced_event_slope_us", "event_slope_us"):
             value = row.get(key)
             ratio = None
-            if value is not None and base is not None and per[base].get(key):
+            if value is not None and base in per and per[base].get(key):
                 ratio = value / per[base][key]
                 row[key.replace("_us", "_vs_relay")] = ratio
             cells += [value, "-" if ratio is None else f"{ratio:.2f}x"]
@@ -606,6 +623,17 @@ def main(argv: list[str] | None = None) -> int:
             event_rows,
         )
     )
+    if versus_compare:
+        print()
+        print(
+            table(
+                ["workload", "hangup / compare", "per round", "rounds hangup below"],
+                [
+                    [w, f"{v['pooled']:.3f}", f"{v['per_round']:.3f}", v["rounds_below"]]
+                    for w, v in versus_compare.items()
+                ],
+            )
+        )
     others = [float(r["others_cpus"]) for rs in runs.values() for r in rs]
     return report(
         "wrk",
@@ -622,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "results": s,
             "per_target": per,
+            "hangup_vs_compare": versus_compare,
             "hangup_requests": {k: list(v) for k, v in hangup_totals.items()},
             "runs": {"/".join(k): v for k, v in runs.items()},
             "failures": failures,

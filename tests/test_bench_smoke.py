@@ -454,3 +454,16 @@ def test_wrk_pin_puts_every_thread_of_a_process_on_the_cpus_given() -> None:
     finally:
         child.kill()
         child.communicate()
+
+
+def test_wrk_compare_ratios_pair_each_round_with_its_own() -> None:
+    """bench.wrk's hangup-over-compare figures: the ratio of the medians, the median of each
+    round's own ratio (not of rounds paired across), and the rounds where hangup was lower."""
+    from bench.wrk import compare_ratios
+
+    ours = [{"cpu_us_per_req": v} for v in (100.0, 300.0, 210.0)]
+    theirs = [{"cpu_us_per_req": v} for v in (110.0, 280.0, 200.0)]
+    got = compare_ratios(ours, theirs)
+    assert got["pooled"] == pytest.approx(210.0 / 200.0)
+    assert got["per_round"] == pytest.approx(1.05)  # of 100/110, 300/280, 210/200
+    assert got["rounds_below"] == "1 of 3"
