@@ -46,7 +46,7 @@ from proxy.bare_context import BARE_CONTEXT
 from proxy.body_payload import BodyInSlices
 from proxy.errors import UpstreamFailed, UpstreamUnreachable
 from proxy.request_body import RequestBody
-from proxy.upstream_checks import FramingWatch
+from proxy.upstream_checks import check_unframed_end, unframed_close
 from proxy.upstream_connector import AttemptHooks, Connector
 from proxy.upstream_errors import READ_ERRORS, AttemptFailed, map_open_error
 from proxy.upstream_request import UpstreamRequest
@@ -62,30 +62,42 @@ class UpstreamResponse:
 
     __slots__ = (
         "_closed",
-        "_framing",
         "_response",
+        "_unframed",
         "_upstream",
         "content_encoding",
         "content_type",
+        "event_stream",
         "headers",
+        "reason",
         "status",
     )
 
     def __init__(self, response: aiohttp.ClientResponse, upstream: str) -> None:
         self._response = response
         self._upstream = upstream
-        self._framing = FramingWatch(response)
-        # Read several times a request: an attribute, not a property (a call each). The
-        # status of a response whose head was read never changes.
+        # Read several times a request: attributes, not properties (a call each). The status
+        # line and head of a response whose head was read never change.
         self.status: int = response.status
-        self.headers: CIMultiDictProxy[str] = response.headers
+        self.reason: str | None = response.reason
+        headers: CIMultiDictProxy[str] = response.headers
+        self.headers = headers
         # aiohttp's cached parse, not `response.content_type`: that property keeps a copy of
         # the parameters on the response (~180 B under every held stream).
-        raw_type = response.headers.get("content-type")
-        self.content_type = (
+        raw_type = headers.get("content-type")
+        self.content_type = content_type = (
             parse_content_type(raw_type)[0] if raw_type is not None else "application/octet-stream"
         )
-        self.content_encoding = response.headers.get("content-encoding")
+        self.event_stream: bool = content_type == "text/event-stream"
+        self.content_encoding = headers.get("content-encoding")
+        # A body without Content-Length or chunking ends with its connection, which aiohttp
+        # reports as a normal end even when it was reset: that connection's close is watched
+        # (`unframed_close`), here rather than by an object of its own for every response.
+        self._unframed: asyncio.Future[None] | None = None
+        if "content-length" not in headers and (
+            "chunked" not in headers.get("transfer-encoding", "").lower()
+        ):
+            self._unframed = unframed_close(response)
         # aiohttp's C parser, on a broken chunk-size line mid-body, closes the connection but
         # never ends or fails the body: a read would wait for the next deadline. Watch the
         # close and fail a body that has not ended (detach() when done with the response).
@@ -111,18 +123,10 @@ class UpstreamResponse:
             self._closed.remove_done_callback(self._connection_closed)
             self._closed = None
 
-    @property
-    def reason(self) -> str | None:
-        return self._response.reason
-
-    @property
-    def event_stream(self) -> bool:
-        return self.content_type == "text/event-stream"
-
     def body_complete(self) -> bool:
         """The whole body is here (framed, its end already parsed): reading it will not wait.
         Unframed answers end with their connection's close, which is checked at that end."""
-        return not self._framing.unframed and self._response.content.is_eof()
+        return self._unframed is None and self._response.content.is_eof()
 
     def at_end(self) -> bool:
         """Everything was read: the next `read()` returns b"" without waiting."""
@@ -131,8 +135,10 @@ class UpstreamResponse:
     def check_end(self, *, mid_event: bool = False) -> None:
         """At the end of the body: an unframed answer whose connection was reset, or a stream
         that stopped mid-event, was cut (`AttemptFailed(STREAM_ERROR)`), not finished."""
+        if self._unframed is None:  # framed: aiohttp's parser told a cut body from its end
+            return
         try:
-            self._framing.check_end(self._upstream, mid_event=mid_event)
+            check_unframed_end(self._unframed, self._upstream, mid_event=mid_event)
         except UpstreamFailed as err:
             raise AttemptFailed(AttemptResult.STREAM_ERROR, err) from err
 

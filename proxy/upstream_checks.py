@@ -82,38 +82,24 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-class FramingWatch:
-    """A response without Content-Length or chunking ends when the connection does, and
-    aiohttp reports a reset connection there as a normal end. Watch the connection's close:
-    a reset, or a stream that stops in the middle of an event, is a cut, not an answer."""
+def unframed_close(response: aiohttp.ClientResponse) -> asyncio.Future[None] | None:
+    """For a response without Content-Length or chunking, which ends when its connection
+    does (aiohttp reports a reset connection there as a normal end): the connection's close
+    to watch, so that a reset, or a stream that stops in the middle of an event, is a cut,
+    not an answer (`check_unframed_end`). None when there is no connection to watch."""
+    connection = response.connection
+    if connection is None or connection.protocol is None:
+        return None
+    closed = connection.protocol.closed
+    if closed is not None:
+        closed.add_done_callback(_retrieve)  # a reset must not log "never retrieved"
+    return closed
 
-    __slots__ = ("_closed",)
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._closed: asyncio.Future[None] | None = None
-        headers = response.headers
-        framed = (
-            "content-length" in headers or "chunked" in headers.get("transfer-encoding", "").lower()
-        )
-        if framed:  # (most answers: the connection is not looked at)
-            return
-        connection = response.connection
-        if connection is None or connection.protocol is None:
-            return
-        closed = connection.protocol.closed
-        if closed is not None:
-            closed.add_done_callback(_retrieve)  # a reset must not log "never retrieved"
-            self._closed = closed
-
-    @property
-    def unframed(self) -> bool:
-        return self._closed is not None
-
-    def check_end(self, upstream: str, *, mid_event: bool = False) -> None:
-        """At the end of the body: raise UpstreamFailed if the connection was cut."""
-        closed = self._closed
-        if closed is None:
-            return
-        reset = closed.done() and not closed.cancelled() and closed.exception() is not None
-        if reset or mid_event:
-            raise UpstreamFailed(f'upstream "{upstream}" connection was cut before the end')
+def check_unframed_end(
+    closed: asyncio.Future[None], upstream: str, *, mid_event: bool = False
+) -> None:
+    """At the end of an unframed body: raise UpstreamFailed if the connection was cut."""
+    reset = closed.done() and not closed.cancelled() and closed.exception() is not None
+    if reset or mid_event:
+        raise UpstreamFailed(f'upstream "{upstream}" connection was cut before the end')

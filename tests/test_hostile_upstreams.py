@@ -302,7 +302,7 @@ async def test_an_unframed_answer_ends_at_a_fin_and_is_cut_by_a_reset(
 ) -> None:
     """The whole answer reached the client, then the upstream's connection ends. aiohttp reads
     a reset as the end of an unframed body, as it reads a FIN: only the proxy's watch on the
-    connection (`FramingWatch`) tells a cut from an answer."""
+    connection (`upstream_checks.unframed_close`) tells a cut from an answer."""
     head, body = UNFRAMED[kind]
     client_has_it = asyncio.Event()
 
