@@ -83,6 +83,10 @@ class UpstreamRequest(ClientRequest):
     proxy = None
     proxy_auth = None
     proxy_headers = None
+    # The body's payload when the lean `__init__` built this request (none of aiohttp's
+    # options, a body of bytes whose Content-Length is ours): `send` need not ask again what
+    # that decided. None for any other request.
+    _lean: BytesPayload | None = None
 
     def __init__(
         self,
@@ -146,9 +150,12 @@ class UpstreamRequest(ClientRequest):
                 fields[hdrs.CONTENT_LENGTH] = "0"
         else:
             # The registry's payload for bytes: its only header, Content-Type, is skipped.
-            self._body = _bytes_payload(data)
+            self._body = payload = _bytes_payload(data)
             if hdrs.CONTENT_LENGTH not in fields:
                 fields[hdrs.CONTENT_LENGTH] = str(len(data))
+                # Ours: `_get_content_length` (a regex and two lookups) would give `len(data)`.
+                if method != hdrs.METH_CONNECT:
+                    self._lean = payload
         self._traces = [] if traces is None else traces
 
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
@@ -170,7 +177,18 @@ class UpstreamRequest(ClientRequest):
         body = self._body
         protocol = conn._protocol  # (what the `protocol` property reads: a call fewer)
         assert protocol is not None
-        if (
+        lean = self._lean
+        size: int | None
+        if lean is not None:
+            # The lean `__init__`'s request: its body is a `BytesPayload` of bytes with our
+            # Content-Length, and chunking, compression, a proxy, 100-continue, an upload
+            # tracker, another version or CONNECT are aiohttp's options it never takes
+            # (nothing between it and this call sets them).
+            body = lean
+            size = len(lean._value)
+            if size > INLINE_WRITE_BYTES or protocol.writing_paused or conn._connector.force_close:
+                return await super().send(conn)
+        elif (
             type(body) is not BytesPayload
             or (size := body.size) is None
             or size > INLINE_WRITE_BYTES
@@ -193,7 +211,11 @@ class UpstreamRequest(ClientRequest):
         if len(head) + size > INLINE_WRITE_BYTES:
             return await super().send(conn)  # nothing was written: aiohttp's own path
         transport = protocol.transport
-        if transport is None or transport.is_closing() or self._get_content_length() != size:
+        if (
+            transport is None
+            or transport.is_closing()
+            or (lean is None and self._get_content_length() != size)
+        ):
             # aiohttp's `write_bytes`, which fails such a write as its own task would (or
             # writes the body cut to a Content-Length of the caller's).
             writer._headers_buf, writer._headers_written = head, False

@@ -247,7 +247,9 @@ def request_state(request: ClientRequest, names: set[str]) -> dict[str, Any]:
 
 
 def same_state(ours: ClientRequest, aiohttps: ClientRequest) -> bool:
-    names = set(vars(ours)) | set(vars(aiohttps))
+    # `_lean` is ours alone: the lean `__init__`'s mark for `send` (its payload), no state of
+    # aiohttp's request.
+    names = (set(vars(ours)) | set(vars(aiohttps))) - {"_lean"}
     assert ours._body is None or set(vars(ours._body)) == set(vars(aiohttps._body))
     return request_state(ours, names) == request_state(aiohttps, names)
 
@@ -330,3 +332,52 @@ async def test_a_callers_content_length_is_written_as_aiohttp_writes_it(
     assert inline == general
     assert upstream.requests[0] == upstream.requests[1]
     assert upstream.requests[0].endswith(b"\r\n\r\n" + body[:12])
+
+
+async def test_the_usual_request_never_reads_its_own_content_length_back(
+    capture: tuple[CaptureUpstream, URL, aiohttp.ClientSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request whose Content-Length the lean `__init__` set from its body is written in one
+    step without `_get_content_length` (a regex and two lookups that can only give the body's
+    length); one that carries the caller's Content-Length still reads it."""
+    upstream, url, session = capture
+    reads: list[int] = []
+    original = ClientRequest._get_content_length
+
+    def counted(self: ClientRequest) -> int | None:
+        reads.append(1)
+        return original(self)
+
+    monkeypatch.setattr(ClientRequest, "_get_content_length", counted)
+    body = b'{"model":"m"}'
+    assert await exchange(session, url, body) == (
+        200,
+        [("Content-Type", "application/json"), ("Content-Length", str(len(ANSWER)))],
+        ANSWER,
+    )
+    assert reads == []
+    assert upstream.requests[0].endswith(b"Content-Length: 13\r\n\r\n" + body)
+    await exchange(session, url, body, **{"Content-Length": "13"})
+    assert reads == [1]
+    assert upstream.requests[1] == upstream.requests[0]
+
+
+def test_only_a_body_of_ours_with_its_length_is_lean() -> None:
+    """The lean mark is the lean `__init__`'s alone: a CONNECT, a body-less request and one
+    with the caller's Content-Length keep `send`'s full checks."""
+    url = URL("http://127.0.0.1:9/v1/x")
+    loop = asyncio.new_event_loop()
+    try:
+        common: dict[str, Any] = {"loop": loop, "session": object(), "timer": None}
+        lean = UpstreamRequest("POST", url, headers=CIMultiDict(), data=b"ab", **common)
+        assert lean._lean is lean._body
+        for method, data, fields in (
+            ("CONNECT", b"ab", {}),
+            ("POST", None, {}),
+            ("POST", b"ab", {"Content-Length": "2"}),
+        ):
+            request = UpstreamRequest(method, url, headers=CIMultiDict(fields), data=data, **common)
+            assert request._lean is None
+    finally:
+        loop.close()
