@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any, Final, TextIO
 
 import msgspec
@@ -192,13 +193,47 @@ def configure_logging(level: str = "INFO", stream: TextIO | None = None, fmt: st
     logging.getLogger("aiohttp.access").disabled = True
 
 
-def _sole_writer(level: int) -> tuple[BackgroundHandler, list[LogScrubber]] | None:
+_NO_SCRUBBERS: Final[tuple[LogScrubber, ...]] = ()
+
+
+def _sole_writer(level: int) -> tuple[BackgroundHandler, Sequence[LogScrubber]] | None:
     """The BackgroundHandler an access line at `level` would reach, when it is the only thing
     the line would reach (no other handler, no filter but the secret scrubber on the way): then
     the line can be built without a `LogRecord` (~20 us less on the loop). Anything else (a
     test's capture handler, a filter someone added) gets the ordinary logging call."""
     if not access_log.isEnabledFor(level):
         return None
+    # The app's chain, checked in one expression rather than walked (a loop over loggers,
+    # one over each one's handlers: ~0.4 us more a line): the access logger and its parent
+    # ("hangup", which the app's modules log to) hold no handler and no filter and pass their
+    # lines on to the root, whose one handler is the writer, with no filter but (where
+    # secrets are configured) the scrubber.
+    parent = access_log.parent
+    if (
+        not access_log.handlers
+        and not access_log.filters
+        and access_log.propagate
+        and parent is not None
+        and not parent.handlers
+        and not parent.filters
+        and parent.propagate
+        and (root := parent.parent) is not None
+        and root.parent is None
+        and not root.filters
+        and len(handlers := root.handlers) == 1
+        and type(found := handlers[0]) is BackgroundHandler
+        and level >= found.level
+    ):
+        filters = found.filters
+        if not filters:
+            return found, _NO_SCRUBBERS
+        if len(filters) == 1 and type(scrubber := filters[0]) is LogScrubber:
+            return found, (scrubber,)
+    return _walked_writer(level)
+
+
+def _walked_writer(level: int) -> tuple[BackgroundHandler, Sequence[LogScrubber]] | None:
+    """`_sole_writer` for any other chain of loggers: each logger and handler on the way."""
     found: BackgroundHandler | None = None
     scrubbers: list[LogScrubber] = []
     logger: logging.Logger | None = access_log
