@@ -108,17 +108,19 @@ async def not_found(request: web.Request) -> web.Response:
 
 async def _before_response(
     policy: BrowserPolicy,
-    scrubbed: secrets.Secrets,
+    scrubbed: secrets.Secrets | None,
     state: ProxyState,
     request: web.Request,
     response: web.StreamResponse,
 ) -> None:
     """on_response_prepare: one callback for every job (each would be a coroutine a response),
-    in this order: CORS headers, `Connection: close` when asked, secrets out of the headers,
-    our Server header, and `Connection: close` while draining."""
+    in this order: CORS headers, `Connection: close` when asked, secrets out of the headers
+    (`scrubbed`: None when none is configured, decided once), our Server header, and
+    `Connection: close` while draining."""
     browser.fix_cors_headers(policy, request, response)
     close_if_asked(request, response)
-    secrets.scrub_response_headers(scrubbed, response)
+    if scrubbed is not None:
+        secrets.scrub_response_headers(scrubbed, response)
     unparsed.set_server_header(response)
     if state.draining:
         close_while_draining(response)
@@ -144,7 +146,9 @@ def create_app(
         client_max_size=config.limits.max_request_body_bytes,
     )  # no middlewares: see proxy.edge.gate
     secrets.add_to_app(app, config)
-    app.on_response_prepare.append(partial(_before_response, policy, app[secrets.SECRETS], state))
+    # No secret configured (`Secrets.__bool__`, a call): no scrubbing step on any response.
+    scrubbed = app[secrets.SECRETS] or None
+    app.on_response_prepare.append(partial(_before_response, policy, scrubbed, state))
     unparsed.add_to_app(app)
     app[STATE] = state
     app[gate.BROWSER_POLICY] = policy

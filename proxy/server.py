@@ -244,11 +244,15 @@ async def serve(
     stopping: set[asyncio.Task[None]] = set()  # strong references until done
     ended: Counter[str] = Counter()
 
+    # The state once: `server.state` is a property reading the app's mapping (three calls),
+    # and this listener runs for every request.
+    state = server.state
+
     def count(record: RequestRecord) -> None:
-        if server.state.draining and record.outcome is not None:
+        if state.draining and record.outcome is not None:
             ended[record.outcome.value] += 1
 
-    server.state.listeners.append(count)
+    state.listeners.append(count)
 
     def overran() -> None:
         log.error("shutdown overran grace + %gs; exiting without finishing it", EXIT_DEADLINE_S)
