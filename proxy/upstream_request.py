@@ -22,7 +22,10 @@ transport write without `write_bytes`' three coroutines (~1.5 % more). It uses t
 and payload internals of the aiohttp it was measured on (3.14: `write_bytes`,
 `_get_content_length`, `_serialize_headers`, the writer's counts, `BytesPayload`'s fields),
 hence pyproject's floor; tests/test_upstream_request_inline.py compares its bytes on the
-wire, its errors and every attribute it sets with aiohttp's own.
+wire, its errors and every attribute it sets with aiohttp's own. The response to such a
+request is built and started the same way (`_sent_response`, `_started`): the attributes
+aiohttp's `ClientResponse.__init__` and `start` leave, without the keyword call, the no-op
+timer's context and the properties.
 """
 
 from __future__ import annotations
@@ -31,15 +34,23 @@ import asyncio
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from aiohttp import ClientOSError, ClientRequest, ClientResponse, ClientSession, hdrs
+from aiohttp import (
+    ClientOSError,
+    ClientRequest,
+    ClientResponse,
+    ClientResponseError,
+    ClientSession,
+    RequestInfo,
+    hdrs,
+)
 from aiohttp.client_exceptions import ClientError, ConnectionTimeoutError
 from aiohttp.client_reqrep import _CONTAINS_CONTROL_CHAR_RE
 from aiohttp.connector import Connection
 from aiohttp.helpers import TimerNoop
-from aiohttp.http import HttpVersion11, StreamWriter
+from aiohttp.http import HttpProcessingError, HttpVersion11, StreamWriter
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.payload import TOO_LARGE_BYTES_BODY, BytesPayload
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 if TYPE_CHECKING:
@@ -87,6 +98,8 @@ class UpstreamRequest(ClientRequest):
     # options, a body of bytes whose Content-Length is ours): `send` need not ask again what
     # that decided. None for any other request.
     _lean: BytesPayload | None = None
+    # `send` made the response itself (`_sent_response`): its start is `_started`.
+    _lean_response = False
 
     def __init__(
         self,
@@ -231,20 +244,82 @@ class UpstreamRequest(ClientRequest):
             writer.buffer_size = writer.output_size = len(data)
             transport.write(data)
             protocol.start_timeout()
-        response = self.response_class(
-            self.method,
-            self.original_url,
-            writer=None,
-            continue100=None,
-            timer=self._timer,
-            request_info=self.request_info,
-            traces=self._traces,
-            loop=self.loop,
-            session=self._session,
-            stream_writer=writer,
-        )
+        if lean is not None and self.response_class is ClientResponse and self._timer is _NO_TIMER:
+            response = _sent_response(self, writer)
+            self._lean_response = True
+        else:
+            response = self.response_class(
+                self.method,
+                self.original_url,
+                writer=None,
+                continue100=None,
+                timer=self._timer,
+                request_info=self.request_info,
+                traces=self._traces,
+                loop=self.loop,
+                session=self._session,
+                stream_writer=writer,
+            )
         self.response = response
         return response
+
+
+def _sent_response(request: UpstreamRequest, writer: StreamWriter) -> ClientResponse:
+    """`ClientResponse(...)` as `send` makes it for a lean request it wrote itself, with the
+    attributes aiohttp's `__init__` sets for one (no writer task, no 100-continue, a session,
+    a URL without fragment and a loop out of debug: the lean `__init__` checked the last two),
+    without its call of ten keywords; and its `request_info` without the request's property
+    (tests/test_upstream_request_inline.py compares both with aiohttp's)."""
+    response = ClientResponse.__new__(ClientResponse)
+    response.method = request.method
+    response._real_url = response._url = url = request.url
+    response._output_size = writer.output_size
+    response._request_info = tuple.__new__(
+        RequestInfo, (url, request.method, CIMultiDictProxy(request.headers), request.original_url)
+    )
+    response._timer = request._timer
+    response._cache = {}
+    response._traces = request._traces
+    response._loop = request.loop
+    session = request._session
+    response._session = session
+    response._resolve_charset = session._resolve_charset
+    return response
+
+
+async def _started(response: ClientResponse, connection: Connection) -> None:
+    """`response.start(connection)` for a response `_sent_response` made: aiohttp's steps
+    without its no-op timer's context (two calls) and its properties (tests compare the
+    state it leaves with aiohttp's)."""
+    response._closed = False
+    response._protocol = protocol = connection._protocol
+    response._connection = connection
+    assert protocol is not None
+    while True:
+        try:
+            message, payload = await protocol.read()
+        except HttpProcessingError as exc:
+            raise ClientResponseError(
+                response.request_info,
+                response.history,
+                status=exc.code,
+                message=exc.message,
+                headers=exc.headers,
+            ) from exc
+        code = message.code
+        if code < 100 or code > 199 or code == 101:
+            break
+        # (an interim answer: no 100-continue was asked for, nothing to tell)
+    payload.on_eof(response._response_eof)
+    response.version = message.version
+    response.status = code
+    response.reason = message.reason
+    # `_cache["headers"]`: what `start` leaves there by reading `headers` (a reify).
+    response._headers = response._cache["headers"] = headers = message.headers
+    response._raw_headers = message.raw_headers
+    response.content = payload
+    if cookie_hdrs := headers.getall(hdrs.SET_COOKIE, ()):
+        response._raw_cookie_headers = tuple(cookie_hdrs)
 
 
 def _bytes_payload(data: bytes | bytearray) -> BytesPayload:
@@ -310,7 +385,10 @@ async def send(
         try:
             response = await request.send(connection)
             try:
-                await response.start(connection)
+                if request._lean_response:
+                    await _started(response, connection)
+                else:
+                    await response.start(connection)
             except BaseException:
                 response.close()
                 raise

@@ -30,6 +30,7 @@ class CaptureUpstream:
     def __init__(self) -> None:
         self.requests: list[bytes] = []
         self.server: asyncio.Server | None = None
+        self.extra_head = b""  # more header lines for every answer
 
     async def start(self) -> URL:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -50,8 +51,8 @@ class CaptureUpstream:
                         length = int(value)
                 self.requests.append(head + await reader.readexactly(length))
                 writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(ANSWER), ANSWER)
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%s"
+                    b"Content-Length: %d\r\n\r\n%s" % (self.extra_head, len(ANSWER), ANSWER)
                 )
                 await writer.drain()
         finally:
@@ -381,3 +382,66 @@ def test_only_a_body_of_ours_with_its_length_is_lean() -> None:
             assert request._lean is None
     finally:
         loop.close()
+
+
+def _response_state(response: ClientResponse) -> dict[str, Any]:
+    """A started response's attributes, the per-connection objects by type (they are this
+    connection's own), the request's headers by their items."""
+    state: dict[str, Any] = {}
+    for name, value in vars(response).items():
+        if name in ("_protocol", "_connection", "content", "_loop", "_session"):
+            state[name] = type(value)
+        elif name == "_request_info":
+            state[name] = (value.url, value.method, list(value.headers.items()), value.real_url)
+        elif name == "_headers":
+            state[name] = list(value.items())
+        elif name == "_raw_headers":
+            state[name] = [(k, v) for k, v in value if k.lower() != b"date"]
+        else:
+            state[name] = value
+    return state
+
+
+@pytest.mark.parametrize("cookies", [b"", b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n"])
+async def test_the_sent_response_is_built_and_started_as_aiohttps(
+    capture: tuple[CaptureUpstream, URL, aiohttp.ClientSession],
+    monkeypatch: pytest.MonkeyPatch,
+    cookies: bytes,
+) -> None:
+    """The response `send` makes for the request it wrote itself (and starts without
+    `ClientResponse.start`) holds what aiohttp's `__init__` and `start` leave on it, cookie
+    headers too."""
+    upstream, url, session = capture
+    upstream.extra_head = cookies
+    loop = asyncio.get_running_loop()
+    starts: list[int] = []
+    original = ClientResponse.start
+
+    async def counted(self: ClientResponse, connection: Any) -> ClientResponse:
+        starts.append(1)
+        return await original(self, connection)
+
+    monkeypatch.setattr(ClientResponse, "start", counted)
+    states = []
+    for inline in (True, False):
+        if not inline:
+            monkeypatch.setattr(upstream_request, "INLINE_WRITE_BYTES", -1)
+        headers = CIMultiDict({"X-Request-Id": "r-1"})
+        response = await send(session, "POST", url, headers, b'{"a":1}', loop)
+        try:
+            assert starts == ([] if inline else [1])
+            states.append(_response_state(response))
+            assert await response.read() == ANSWER
+        finally:
+            response.release()
+    lean, general = states
+    # aiohttp's own way keeps its writer task's bookkeeping; the one-write path has none.
+    for name in ("_ClientResponse__writer", "_stream_writer", "_writer"):
+        general.pop(name, None)
+    assert lean == general
+    assert lean.get("_raw_cookie_headers") == (("a=1", "b=2") if cookies else None)
+    assert lean["_request_info"][2] == [
+        ("Host", url.host_port_subcomponent),
+        ("X-Request-Id", "r-1"),
+        ("Content-Length", "7"),
+    ]
