@@ -116,12 +116,31 @@ class _Line(msgspec.Struct, gc=False):
 def _line(rec: RequestRecord, ts: str, level: str) -> _Line:
     """`access_fields(rec)` as a `_Line` (the same values, step by step), after the head."""
     started, ended, first = rec.started_at, rec.ended_at, rec.first_token_at
-    duration = overhead = None
+    duration_ms = overhead_ms = None
     if ended is not None:
         duration = ended - started
         overhead = duration - rec.upstream_wait_s - rec.client_wait_s - rec.backoff_wait_s
-        if not overhead > 0.0:  # `max(0.0, overhead)`, as access_fields
-            overhead = 0.0
+        # `_ms(duration)` and `_ms(overhead)` with `_ms`' usual case inline (two calls fewer
+        # a line; `x * 1000 * 1000.0` is its `ms * 1000.0`), any other case through `_ms`.
+        scaled = duration * 1000 * 1000.0
+        if 0.0 < scaled < 1099511627776.0:
+            frac = scaled % 1.0
+            if frac < 0.4998:
+                duration_ms = (scaled - frac) / 1000.0
+            elif frac > 0.5002:
+                duration_ms = (scaled - frac + 1.0) / 1000.0
+        if duration_ms is None:
+            duration_ms = _ms(duration)
+        if not overhead > 0.0:  # `max(0.0, overhead)` as access_fields (NaN too): `_ms` 0.0
+            overhead_ms = 0.0
+        elif 0.0 < (scaled := overhead * 1000 * 1000.0) < 1099511627776.0:
+            frac = scaled % 1.0
+            if frac < 0.4998:
+                overhead_ms = (scaled - frac) / 1000.0
+            elif frac > 0.5002:
+                overhead_ms = (scaled - frac + 1.0) / 1000.0
+        if overhead_ms is None:
+            overhead_ms = _ms(overhead)
     line = _Line(
         ts,
         level,
@@ -140,9 +159,9 @@ def _line(rec: RequestRecord, ts: str, level: str) -> _Line:
         rec.status,
         rec.upstream_status,
         rec.outcome._value_ if rec.outcome else None,
-        _ms(duration),
+        duration_ms,
         None if first is None else _ms(first - started),
-        _ms(overhead),
+        overhead_ms,
         rec.bytes_from_client,
         rec.bytes_to_client,
         rec.upstream_attempts,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from proxy import access_line
 from proxy.access_line import log_record, record_json_line
-from proxy.logs import _access_json_line, access_fields, configure_logging, log_access
+from proxy.logs import _access_json_line, _ms, access_fields, configure_logging, log_access
 from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, install_log_scrubber, remove_log_scrubber
 from proxy.tracing.context import TraceIds
@@ -156,3 +156,20 @@ def test_the_line_is_encoded_into_a_buffer_as_large_as_a_usual_line(
     line = record_json_line("2026-12-01T00:00:00.000Z", False, make_record(upstream="u"))
     assert line is not None and json.loads(line)["upstream"] == "u"
     assert seen == [len(line)]
+
+
+@pytest.mark.parametrize(
+    "duration",
+    [0.0028, 0.0031415, 0.0000005, 0.0000015, 2.5e-7, 1.2345675, 2e9, 0.0, -0.25, 1e-320],
+)
+@pytest.mark.parametrize("waited", [0.0, 0.001, 0.0027995, 5.0])
+def test_the_lines_durations_are_ms_of_the_records(duration: float, waited: float) -> None:
+    """`_line`'s inline `_ms` of the duration and the overhead gives `_ms`' value in its
+    usual case and in every other one (ties, zero, negatives, past 2**40, no overhead)."""
+    record = make_record(started_at=1000.0, upstream_wait_s=waited)
+    record.ended_at = record.started_at + duration
+    line = access_line._line(record, "t", "info")
+    exact = record.ended_at - record.started_at
+    assert msgspec.json.encode(line.duration_ms) == msgspec.json.encode(_ms(exact))
+    overhead = max(0.0, exact - waited)
+    assert msgspec.json.encode(line.overhead_ms) == msgspec.json.encode(_ms(overhead))
