@@ -107,11 +107,11 @@ def upstream_request_headers(
     """
     credentials = upstream.api_key is not None or drop_client_credentials
     skip = _REQUEST_SKIP_CREDENTIALS if credentials else _REQUEST_SKIP
-    more = _connection_tokens(incoming)
-    if drop:  # (usually none: no generator made for an empty one)
-        more.update(d.lower() for d in drop)
-    if more:
-        skip = skip | more
+    # (Most requests name no connection option and drop nothing: no call, no set built.)
+    if "connection" in incoming:
+        skip = skip | _connection_tokens(incoming)
+    if drop:
+        skip = skip | {d.lower() for d in drop}
     # Names are lower-cased (as HTTP/2 requires anyway): aiohttp's ClientSession merges header
     # names case-sensitively and would let our `via` replace a client's `Via`, or one spelling
     # of a repeated field replace the other.
@@ -136,9 +136,8 @@ def client_response_headers(
     upstream_headers: CIMultiDictProxy[str], *, request_id: str, keep_length: bool
 ) -> CIMultiDict[str]:
     skip = _RESPONSE_SKIP if keep_length else _RESPONSE_SKIP_LENGTH
-    tokens = _connection_tokens(upstream_headers)
-    if tokens:
-        skip = skip | tokens
+    if "connection" in upstream_headers:  # (most answers: no call, no set built)
+        skip = skip | _connection_tokens(upstream_headers)
     out: CIMultiDict[str] = CIMultiDict()
     lowered, as_sent = _lowered, _as_sent
     for name, value in upstream_headers.items():

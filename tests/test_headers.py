@@ -14,6 +14,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import SecretStr
 
+from proxy import headers as headers_module
 from proxy.config import UpstreamConfig
 from proxy.headers import client_response_headers, upstream_request_headers
 from tests.conftest import StartProxy
@@ -295,3 +296,31 @@ async def test_upstream_gets_no_header_the_client_did_not_send(
     assert {k.lower() for k, _ in json_head["headers"]} == ours | {"content-type"}
     assert {k.lower() for k, _ in plain_head["headers"]} == ours
     assert plain_head["body"] == b"hello"
+
+
+def test_no_connection_field_no_connection_options_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a Connection field neither direction looks for its options (no call, no set);
+    a name to drop is dropped all the same, and a Connection field's options still are."""
+
+    def no_tokens(headers: object) -> set[str]:
+        raise AssertionError("read the Connection options")
+
+    incoming = proxy_of([("X-Hangup-Timeout", "30"), ("X-Kept", "1")])
+    real = headers_module._connection_tokens
+    monkeypatch.setattr(headers_module, "_connection_tokens", no_tokens)
+    out = upstream_request_headers(
+        incoming,
+        upstream=upstream(),
+        request_id="r",
+        drop_client_credentials=False,
+        drop=["X-Hangup-Timeout"],
+    )
+    assert "x-hangup-timeout" not in out and out["x-kept"] == "1"
+    answer = client_response_headers(incoming, request_id="r", keep_length=True)
+    assert answer["X-Hangup-Timeout"] == "30"
+    monkeypatch.setattr(headers_module, "_connection_tokens", real)
+    named = proxy_of([("Connection", "X-Kept"), ("X-Kept", "1"), ("X-Other", "2")])
+    out = upstream_request_headers(
+        named, upstream=upstream(), request_id="r", drop_client_credentials=False, drop=["x-other"]
+    )
+    assert "x-kept" not in out and "x-other" not in out
