@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from proxy.attempts import Attempt, AttemptResult
 from proxy.metrics import Metrics
-from proxy.outcome import Outcome, RequestRecord, TimeoutKind, Usage
+from proxy.outcome import Cost, Outcome, RequestRecord, TimeoutKind, Usage
 from tests.metrics_support import make_record, new_metrics
 
 _record = st.builds(
@@ -150,3 +150,26 @@ def test_durations_of_one_label_set_fall_in_their_own_buckets(
         return [make_record(ended_at=end, upstream_wait_s=wait) for end, wait in ends]
 
     assert _scrape(kept_together, records()) == _scrape(looked_up, records())
+
+
+class _CountedValue:
+    """A value that is not a `LoopValue` (multiprocess storage's), its additions kept."""
+
+    def __init__(self) -> None:
+        self.added: list[float] = []
+
+    def inc(self, amount: float) -> None:
+        self.added.append(amount)
+
+
+def test_a_kept_label_sets_cost_adds_to_its_value() -> None:
+    """The USD a priced request used goes to its label set's kept cost value: added in place
+    to a `LoopValue` (the scrape's counter grows by it), through `inc` to any other value."""
+    metrics = new_metrics()
+    record = make_record(cost=Cost(used_usd=0.25, saved_usd=0.0, wasted_usd=0.0))
+    series = 'hangup_cost_usd_total{client="none",model="gpt-4o-mini",route="chat"}'
+    assert f"{series} 0.5" in _scrape(metrics, [record, record]).decode()
+    (common,) = metrics._finished.values()
+    other = common.cost = _CountedValue()  # type: ignore[assignment]
+    _scrape(metrics, [record])
+    assert other.added == [0.25]

@@ -235,9 +235,13 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     # `cost.priced` and `usage.total_tokens` without their properties (a call each).
     if cost is not None and (used := cost.used_usd) is not None:
         if used > 0:  # as `_add`, from the label set's own series
-            if common.cost is None:
-                common.cost = count(metrics._cost, rmc)
-            common.cost.inc(used)
+            value = common.cost
+            if value is None:
+                value = common.cost = count(metrics._cost, rmc)
+            if type(value) is LoopValue:
+                value._value += used  # LoopValue.inc, inline
+            else:
+                value.inc(used)
         if cost.saved_usd:
             metrics._add(metrics._cost_saved, rmc, cost.saved_usd)
         if cost.wasted_usd:
