@@ -223,6 +223,13 @@ def _line(rec: RequestRecord, ts: str, level: str) -> _Line:
 def record_json_line(ts: str, error: bool, rec: RequestRecord) -> str | None:
     """`logs._access_json_line(ts, error, access_fields(rec))`, from the record; None when a
     free-text member holds a word `redact` looks for (then the dict's way must write it)."""
+    line = _record_json_bytes(ts, error, rec)
+    return None if line is None else line.decode()
+
+
+def _record_json_bytes(ts: str, error: bool, rec: RequestRecord) -> bytearray | None:
+    """`record_json_line`'s line encoded (UTF-8), as the writer takes it (proxy/logwriter.py:
+    to the process's stderr as it is, not decoded here to be encoded again there)."""
     # `_access_json_line`'s one look for redact's words over the free-text members (`error`,
     # `path`, `request_id`, `model`, `user_agent`; an absent `error` reads "None" there too).
     # A member that is None is left out (`or ""`): "None" holds none of the words, and an
@@ -235,11 +242,10 @@ def record_json_line(ts: str, error: bool, rec: RequestRecord) -> str | None:
         return None
     # Encoded into a buffer as large as a usual line: `encode` starts small and grows its
     # output several times over (~2k instructions of reallocating and copying a line).
-    # A fresh buffer each time: a shared one could be written by another thread's line
-    # between the encode and the decode.
+    # A fresh buffer each time: it is the line the writer thread takes.
     buffer = bytearray(_LINE_BUFFER)
     _encode_into(_line(rec, ts, "error" if error else "info"), buffer)
-    return buffer.decode()
+    return buffer
 
 
 _ERROR: Final = logging.ERROR
@@ -260,15 +266,20 @@ def log_record(rec: RequestRecord, *, error: bool = False) -> None:
 
     A secret scrubber on the way (the app installs one for its configured keys) leaves the
     fields as they are when no string in them holds a secret; if one does, its JSON holds it
-    too (`_found_in_json`), so a line without any is the scrubbed line."""
+    too (`_found_in_json`), so a line without any is the scrubbed line: the encoded line's
+    bytes hold a secret's UTF-8 bytes exactly where its text holds the secret."""
     sole = _sole_writer(_ERROR if error else _INFO)
     if sole is not None and type(sole[0].target.formatter) is JsonFormatter:
         now = _time()
-        line = record_json_line(_second(int(now)) + _MILLIS[int(now * 1000.0) % 1000], error, rec)
+        ts = _second(int(now)) + _MILLIS[int(now * 1000.0) % 1000]
+        line = _record_json_bytes(ts, error, rec)
         if line is not None:
             for scrubber in sole[1]:
                 secrets = scrubber.secrets
-                if secrets and (not _found_in_json(secrets) or secrets.text(line) != line):
+                # (`data`'s regex takes any bytes-like value: the buffer without a copy)
+                if secrets and (
+                    not _found_in_json(secrets) or secrets.data(line) != line  # type: ignore[arg-type]
+                ):
                     break
             else:
                 sole[0].emit_line(line)

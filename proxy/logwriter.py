@@ -6,7 +6,9 @@ batches: one `write` and one flush for all lines waiting when it wakes, not one 
 at most once every 50 ms while lines keep coming, so that under load it wakes ~20 times a
 second whatever the request rate; a line after a quiet spell is written at once. Access lines
 come already formatted (`emit_line`, from `proxy.access_line.log_record` or
-`proxy.logs.log_access`).
+`proxy.logs.log_access`), the former already encoded: its UTF-8 bytes go to the process's own
+stderr or stdout below their text layer (`_utf8_buffer`), not decoded on the loop to be encoded
+again here; any other stream gets their text.
 Every line of the process goes through the same queue, so lines keep their order.
 
 Bounded: at most `max_pending` records wait; past that, records are dropped (never the loop
@@ -17,11 +19,13 @@ can. `flush()` waits until everything queued so far is written; `close()` (run b
 
 from __future__ import annotations
 
+import codecs
 import logging
 import queue
+import sys
 import threading
 import time
-from typing import Final, TextIO
+from typing import IO, Final, TextIO
 
 __all__ = ["BackgroundHandler"]
 
@@ -68,9 +72,10 @@ class BackgroundHandler(logging.Handler):
             record.msg, record.args = record.getMessage(), None
         self._queue.put(record)
 
-    def emit_line(self, line: str) -> None:
+    def emit_line(self, line: str | bytearray) -> None:
         """Queue a line already formatted by the caller (the access log's fast path, which
-        builds its line from a dict without a `LogRecord`); same order and bound as `emit`."""
+        builds its line from a dict without a `LogRecord`), as text or encoded in UTF-8 (a
+        buffer the caller no longer touches); same order and bound as `emit`."""
         if self._queue.qsize() >= self.max_pending:
             self.dropped += 1
             return
@@ -109,7 +114,8 @@ class BackgroundHandler(logging.Handler):
                     items.append(q.get_nowait())
                 except queue.Empty:
                     break
-            lines: list[str] = []
+            lines: list[str | bytearray] = []
+            encoded = False  # a line came as bytes
             markers: list[_Marker] = []
             stop = False
             dropped = self.dropped
@@ -119,6 +125,9 @@ class BackgroundHandler(logging.Handler):
             for item in items:
                 if type(item) is str:
                     lines.append(item)
+                elif type(item) is bytearray:
+                    lines.append(item)
+                    encoded = True
                 elif item is _STOP:
                     stop = True
                 elif isinstance(item, _Marker):
@@ -128,7 +137,7 @@ class BackgroundHandler(logging.Handler):
                         lines.append(self.target.format(item))
                     except Exception:  # noqa: BLE001  # logging's own contract: report, go on
                         self.target.handleError(item)
-            self._write(lines)
+            self._write(lines, encoded)
             for marker in markers:
                 marker.done.set()
             if stop:
@@ -146,12 +155,44 @@ class BackgroundHandler(logging.Handler):
         )
         return self.target.format(record)
 
-    def _write(self, lines: list[str]) -> None:
+    def _write(self, lines: list[str | bytearray], encoded: bool = False) -> None:
         if not lines:
             return
         stream = self.target.stream
         try:
-            stream.write("\n".join(lines) + "\n")
+            if not encoded:
+                stream.write("\n".join(lines) + "\n")  # type: ignore[arg-type]  # all str
+            elif (raw := _utf8_buffer(stream)) is not None:
+                errors = stream.errors or "strict"
+                data = b"\n".join(
+                    [
+                        line if isinstance(line, bytearray) else line.encode("utf-8", errors)
+                        for line in lines
+                    ]
+                )
+                stream.flush()  # what the text layer holds goes out first
+                raw.write(data + b"\n")
+                raw.flush()
+                return
+            else:
+                text = [line if isinstance(line, str) else line.decode() for line in lines]
+                stream.write("\n".join(text) + "\n")
             stream.flush()
         except (OSError, ValueError):
             pass  # stderr gone (its reader exited, or closed): nowhere to tell it
+
+
+def _utf8_buffer(stream: TextIO) -> IO[bytes] | None:
+    """The bytes below `stream` when lines encoded in UTF-8 may be written there as they are:
+    the process's own stderr or stdout (Python makes them with no newline translation on
+    POSIX) encoding UTF-8. None for any other stream (a file or a test's capture, which may
+    translate newlines or encode otherwise): its lines are written as text."""
+    if stream is not sys.__stderr__ and stream is not sys.__stdout__:
+        return None
+    buffer: IO[bytes] | None = getattr(stream, "buffer", None)
+    try:
+        if buffer is None or codecs.lookup(stream.encoding).name != "utf-8":
+            return None
+    except (LookupError, TypeError):
+        return None
+    return buffer

@@ -7,9 +7,11 @@ import io
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import TextIO
 
 import pytest
 from hypothesis import given, settings
@@ -185,3 +187,82 @@ def test_redact_still_redacts() -> None:
     assert redact("key sk-abcdefgh1234") == "key [redacted]"
     assert redact("/v1/chat/completions") == "/v1/chat/completions"
     assert redact("\u017fk-abcdefgh1") == "[redacted]"  # long s: the regex matches, so must we
+
+
+class TextLayer(io.TextIOWrapper):
+    """A std stream's layers over memory, its text writes counted."""
+
+    def __init__(self, encoding: str) -> None:
+        super().__init__(io.BytesIO(), encoding=encoding, errors="backslashreplace", newline="\n")
+        self.text_writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.text_writes.append(s)
+        return super().write(s)
+
+    def written(self) -> bytes:
+        self.flush()
+        raw = self.buffer
+        assert isinstance(raw, io.BufferedWriter | io.BytesIO)
+        return raw.getvalue() if isinstance(raw, io.BytesIO) else b""
+
+
+def _write_mixed(stream: TextIO, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record's line, two encoded lines (one not ASCII) and a record's line with a lone
+    surrogate, through a writer on `stream` as the process's stderr."""
+    monkeypatch.setattr(sys, "__stderr__", stream)
+    target: logging.StreamHandler[TextIO] = logging.StreamHandler(stream)
+    target.setFormatter(logging.Formatter("%(message)s"))
+    handler = BackgroundHandler(target)
+    try:
+        stream.write("before\n")  # held by the text layer: it must come out first
+        handler.emit(logging.LogRecord("t", logging.INFO, __file__, 0, "first é", None, None))
+        handler.emit_line(bytearray('{"a":"ü"}'.encode()))
+        handler.emit_line("text line")
+        handler.emit_line(bytearray(b'{"b":2}'))
+        handler.emit(logging.LogRecord("t", logging.INFO, __file__, 0, "sur\udc80", None, None))
+        handler.flush()
+    finally:
+        handler.close()
+
+
+EXPECTED = 'before\nfirst é\n{"a":"ü"}\ntext line\n{"b":2}\nsur\\udc80\n'
+
+
+def test_encoded_lines_go_below_a_utf8_std_streams_text_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """To the process's own UTF-8 stderr, lines that come encoded are written as they are
+    (no decode, no text write), in order with the others and after what the text layer held."""
+    stream = TextLayer("utf-8")
+    monkeypatch.setattr(TextLayer, "close", lambda self: None)  # (read after the handler)
+    _write_mixed(stream, monkeypatch)
+    assert stream.written() == EXPECTED.encode()
+    assert not any("{" in text for text in stream.text_writes)
+
+
+@pytest.mark.parametrize("kind", ["latin-1", "not std", "StringIO"])
+def test_any_other_stream_gets_the_encoded_lines_as_text(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another encoding, a stream that is not the process's own (it may translate newlines)
+    or one without bytes below: the same lines, written as text."""
+    monkeypatch.setattr(TextLayer, "close", lambda self: None)
+    if kind == "StringIO":
+        text = io.StringIO()
+        _write_mixed(text, monkeypatch)
+        assert text.getvalue() == EXPECTED.replace("\\udc80", "\udc80")
+        return
+    stream = TextLayer("latin-1" if kind == "latin-1" else "utf-8")
+    if kind == "not std":
+        monkeypatch.setattr(sys, "__stderr__", io.StringIO())
+        target: logging.StreamHandler[TextIO] = logging.StreamHandler(stream)
+        handler = BackgroundHandler(target)
+        handler.emit_line(bytearray(b'{"b":2}'))
+        handler.flush()
+        handler.close()
+        assert stream.written() == b'{"b":2}\n' and stream.text_writes == ['{"b":2}\n']
+        return
+    _write_mixed(stream, monkeypatch)
+    assert stream.written() == EXPECTED.encode("latin-1", "backslashreplace")
+    assert any('{"a":"ü"}' in text for text in stream.text_writes)
