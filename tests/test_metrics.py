@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,9 @@ def test_sdk_retries_background_cancels_and_connection_gauge() -> None:
 
 def test_in_flight_gauge_follows_start_and_end_not_the_record() -> None:
     m = new_metrics()
+    # Called for every request: the gauge value's own `inc`, no facade frame between.
+    assert isinstance(m.request_started, partial) and isinstance(m.request_ended, partial)
+    assert m.request_started.func == m.request_ended.func == m._in_flight_count.inc
     for _ in range(3):
         m.request_started()
     assert value(rendered(m), "hangup_requests_in_flight") == 3
