@@ -23,6 +23,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import DataQueue, StreamReader
 
+from proxy.head_read import head_read
 from proxy.steady_reader import SteadySink
 from proxy.upstream_body import lean_body
 
@@ -124,12 +125,18 @@ class UpstreamProtocol(ResponseHandler):
     # first (proxy/steady_reader.py); None otherwise (a class default: no bytes per connection
     # until a stream sets it).
     steady_sink: SteadySink | None = None
+    # From a request's connect (`Connector.connect`) until its response's head is parsed.
+    _head_due = False
 
     def data_received(self, data: bytes) -> None:
         """aiohttp's, then the steady stream's reads taken in it go out (one write for all
-        the events of one read, as the pump's write of a read joined them)."""
+        the events of one read, as the pump's write of a read joined them). A read that may
+        hold a response's head: proxy/head_read.py's."""
         try:
-            super().data_received(data)
+            if self._head_due:
+                head_read(self, data)
+            else:
+                super().data_received(data)
         finally:
             sink = self.steady_sink
             if sink is not None:
@@ -144,6 +151,7 @@ class UpstreamProtocol(ResponseHandler):
         (proxy/upstream_body.py) before anything reads it. Here rather than once the response
         is handed over: the reads between (the rest of this one, and any before the waiting
         task resumes) are fed to the lean reader already."""
+        self._head_due = False
         lean_body(data[1])
         DataQueue.feed_data(self, data, size)
 
@@ -178,8 +186,10 @@ class Connector(aiohttp.TCPConnector):
                 connection.close()
                 continue
             break
-        if protocol is not None and not reused:
-            setattr(protocol, _USED, True)
+        if protocol is not None:
+            if not reused:
+                setattr(protocol, _USED, True)
+            protocol._head_due = True  # type: ignore[attr-defined]
         # The attempt's hooks ride on its request (`UpstreamRequest.hooks`; None for a control
         # call's): no registry keyed by `asyncio.current_task()`, a getpid() syscall on 3.11.
         hooks: AttemptHooks | None = getattr(req, "hooks", None)
