@@ -12,10 +12,12 @@ import textwrap
 
 from bench.fake_upstream import stream_events
 from proxy.usage import plain_reads
-from proxy.usage.fast import shape_of
+from proxy.usage.fast import read_chunk, shape_of
 
 _EVENTS = stream_events(12)  # role, 8 content chunks, finish, usage, [DONE]
-_SHAPE = shape_of(_EVENTS[2][len(b"data: ") : -2])
+_FIELDS = read_chunk(_EVENTS[2][len(b"data: ") : -2])
+assert _FIELDS is not None
+_SHAPE = shape_of(_EVENTS[2][len(b"data: ") : -2], _FIELDS)
 assert _SHAPE is not None
 _LEAD, _TRAIL = _SHAPE.lead, _SHAPE.trail
 _WORDS = [b"Hello", b"!", b" How", b" can", b" I", b" help", b" you", b" today"]

@@ -39,7 +39,7 @@ from proxy.usage import (
     plain_reads,
 )
 from proxy.usage import stream as stream_module
-from proxy.usage.fast import content_sizes
+from proxy.usage.fast import content_sizes, read_chunk
 from proxy.usage.filter import cut_null_usages
 from proxy.usage.stream import delta_chars
 from tests.test_usage_fast import FIXTURE_FILES, _path_for, _serialised, _state
@@ -340,18 +340,29 @@ def test_generated_streams_agree_an_event_a_read(events: list[bytes]) -> None:
     _agree("/v1/chat/completions", [b"".join(events)])
 
 
-def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not vacuous either: chunks that differ only in their text are read through their
-    `Shape`, without `content_sizes` (only the role chunk and the first content chunk are
-    parsed), and count what the parse counts."""
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The data of each typed decode of an event: `feed`'s `content_sizes` and `feed_plain`'s
+    `read_chunk`, listed as they are made."""
     parsed: list[bytes] = []
 
     def counting(data: str | bytes) -> Any:
         parsed.append(data if isinstance(data, bytes) else data.encode())
         return content_sizes(data)
 
+    def counting_fields(data: bytes) -> Any:
+        parsed.append(data)
+        return read_chunk(data)
+
     monkeypatch.setattr(stream_module, "content_sizes", counting)  # `feed`
-    monkeypatch.setattr(plain_reads, "content_sizes", counting)  # `feed_plain`
+    monkeypatch.setattr(plain_reads, "read_chunk", counting_fields)  # `feed_plain`
+    return parsed
+
+
+def test_a_stream_of_one_shape_is_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not vacuous either: chunks that differ only in their text are read through their
+    `Shape`, without a typed decode (only the role chunk and the first content chunk are
+    decoded), and count what the parse counts."""
+    parsed = _count_decodes(monkeypatch)
     reads = stream_events(20)
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     assert len([d for d in parsed if b'"content":"' in d]) == 2, parsed
@@ -453,19 +464,12 @@ def test_a_read_cut_mid_event_after_shaped_reads_goes_to_the_decoder() -> None:
 
 
 def test_a_declined_block_is_not_decoded_twice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The finish and usage chunks: `feed_plain`'s typed decode declines them, the decoder
-    makes their events and `feed` parses them in full without trying the typed decode again
-    (each is decoded once); a block with invalid UTF-8, whose decoded text is not the bytes
-    declined, is tried again as text. The client and the tracker see what the full path
-    gives."""
-    parsed: list[bytes] = []
-
-    def counting(data: str | bytes) -> Any:
-        parsed.append(data if isinstance(data, bytes) else data.encode())
-        return content_sizes(data)
-
-    monkeypatch.setattr(stream_module, "content_sizes", counting)  # `feed`
-    monkeypatch.setattr(plain_reads, "content_sizes", counting)  # `feed_plain`
+    """The finish and usage chunks are decoded once, by `feed_plain`'s typed decode; a block
+    that decode and the full parse decline goes to the decoder, and `feed` parses it in full
+    without trying the typed decode again; a block with invalid UTF-8, whose decoded text is
+    not the bytes declined, is tried again as text. The client and the tracker see what the
+    full path gives."""
+    parsed = _count_decodes(monkeypatch)
     reads = stream_events(20)
     plain = _run("/v1/chat/completions", reads, UsageChunkFilter(), plain=True)
     finish, usage = reads[-3][6:-2], reads[-2][6:-2]

@@ -22,7 +22,18 @@ from typing import Any, Final
 
 import msgspec
 
-__all__ = ["Shape", "content_sizes", "parse_json", "parse_object", "shape_of"]
+from proxy.usage.reported import UsageFields
+
+__all__ = [
+    "ChunkFields",
+    "Shape",
+    "choice_sizes",
+    "content_sizes",
+    "parse_json",
+    "parse_object",
+    "read_chunk",
+    "shape_of",
+]
 
 # A field typed `None` may be absent or null; any other value fails the typed decode, and the
 # event goes to the full parse: that is how usage, errors, Responses types and tool calls leave
@@ -53,7 +64,23 @@ class _Chunk(msgspec.Struct, gc=False):
     type: None = None
 
 
+class ChunkFields(msgspec.Struct, gc=False):
+    """A chat chunk's fields that `StreamUsageTracker._chunk` reads, typed: `_Chunk` with its
+    usage object (typed as `parse_usage`'s typed reading has it) and its model. A stream's
+    finish and usage chunks are read with it in one step (`read_chunk`), where a dict of
+    every member was built and walked (`parse_object`, `_chunk`, `delta_chars`,
+    `parse_usage`). What it refuses (an error, a Responses `type`, tool calls, a count out of
+    range or of another type, a model that is not a string...) goes to that full parse."""
+
+    choices: list[_Choice] | None = None
+    usage: UsageFields | None = None
+    model: str | None = None
+    error: None = None
+    type: None = None
+
+
 _decode: Final = msgspec.json.Decoder(_Chunk).decode
+_decode_fields: Final = msgspec.json.Decoder(ChunkFields).decode
 _decode_any: Final = msgspec.json.Decoder().decode
 
 
@@ -95,8 +122,22 @@ def content_sizes(data: str | bytes) -> Sizes | None:
         chunk = _decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None  # not strict JSON, or a field of another type: the full parse decides
+    return choice_sizes(chunk.choices)
+
+
+def read_chunk(data: bytes) -> ChunkFields | None:
+    """The chunk's typed fields (`ChunkFields`), or None when the typed decoder refuses it
+    (not strict JSON in valid UTF-8, not an object, a field of another type)."""
+    try:
+        return _decode_fields(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+
+
+def choice_sizes(choices: list[_Choice] | None) -> Sizes | None:
+    """`content_sizes` of a chunk with these choices and no usage (a `ChunkFields`' whose
+    `usage` is None: then the chunk is one `content_sizes` reads, and alike)."""
     sizes: Sizes = []
-    choices = chunk.choices
     if not choices:
         return sizes
     for choice in choices:
@@ -155,14 +196,10 @@ class Shape:
         )
 
 
-def shape_of(data: bytes) -> Shape | None:
-    """The shape of a chunk `content_sizes` read as one choice with content text only, or
-    None when it has none."""
+def shape_of(data: bytes, chunk: ChunkFields) -> Shape | None:
+    """The shape of a chunk `choice_sizes` read as one choice with content text only (`chunk`,
+    its fields), or None when it has none."""
     if 0x5C in data:  # a backslash (an int operand: one memchr; a bytes one raises first)
-        return None
-    try:
-        chunk = _decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     choices = chunk.choices
     if not choices or len(choices) != 1:

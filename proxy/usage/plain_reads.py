@@ -16,7 +16,15 @@ from operator import add, itemgetter
 from typing import Any, Final, Protocol
 
 from proxy.usage.event_kind import EVENT_CONTENT, EVENT_USAGE_ONLY, EventKind
-from proxy.usage.fast import TEXT_BREAK, Shape, content_sizes, parse_object, shape_of
+from proxy.usage.fast import (
+    TEXT_BREAK,
+    ChunkFields,
+    Shape,
+    choice_sizes,
+    parse_object,
+    read_chunk,
+    shape_of,
+)
 from proxy.usage.prompt import CHARS_PER_TOKEN
 
 # Streamed completion estimate: see `chunk_tokens`.
@@ -123,6 +131,8 @@ class _Tracker(Protocol):
     def _tally(self, index: int, chars: int) -> None: ...
 
     def _chunk(self, obj: dict[str, Any]) -> EventKind: ...
+
+    def _fields(self, chunk: ChunkFields) -> EventKind: ...
 
 
 class PlainReads:
@@ -279,14 +289,23 @@ class PlainReads:
             if data == b"[DONE]":
                 self.done = True
             else:
-                sizes = content_sizes(data)
+                # Its typed fields: `content_sizes` of a content chunk, and a finish or usage
+                # chunk read by `_fields` (as `_chunk` reads its full parse) in the same step.
+                fields = read_chunk(data)
+                sizes = (
+                    None
+                    if fields is None or fields.usage is not None
+                    else choice_sizes(fields.choices)
+                )
                 if sizes is None:
-                    # The full parse, from the bytes: what `feed` would parse from their text
-                    # (msgspec reads both alike, and refuses invalid UTF-8).
-                    obj = parse_object(data)
-                    if obj is None or _responses_event(obj):
-                        self._declined = data
-                        break  # not a chat chunk, or not JSON: the decoder and `feed` decide
+                    obj = None
+                    if fields is None:
+                        # The full parse, from the bytes: what `feed` would parse from their
+                        # text (msgspec reads both alike, and refuses invalid UTF-8).
+                        obj = parse_object(data)
+                        if obj is None or _responses_event(obj):
+                            self._declined = data
+                            break  # not a chat chunk, or not JSON: the decoder and `feed` decide
                     if contents:  # the counts so far first: `_chunk` may report usage
                         self._chunks0 += chunks0
                         self._chars0 += chars0
@@ -297,7 +316,11 @@ class PlainReads:
                         self.content_chunks += contents
                         parsed += contents
                         contents = estimated = estimated_reasoning = chunks0 = chars0 = 0
-                    kind = self._chunk(obj)
+                    if obj is not None:
+                        kind = self._chunk(obj)
+                    else:
+                        assert fields is not None  # (read, with a usage or a finish)
+                        kind = self._fields(fields)
                     if kind is EVENT_CONTENT:
                         parsed += 1
                     elif kind is EVENT_USAGE_ONLY:
@@ -310,7 +333,8 @@ class PlainReads:
                 if len(sizes) == 1 and not sizes[0][2] and self._shape_misses < _SHAPE_MISSES:
                     if shape is not None:
                         self._shape_misses += 1
-                    shape = self._shape = shape_of(data)
+                    assert fields is not None  # (sizes were read from it)
+                    shape = self._shape = shape_of(data, fields)
                     if shape is not None:
                         lead, trail, index = shape.lead, shape.trail, shape.index
                         lead_size, trail_size = len(lead), len(trail)

@@ -143,6 +143,9 @@ class _Usage(msgspec.Struct, gc=False):
 
 
 _decode_usage: Final = msgspec.json.Decoder(_Usage).decode
+# The typed usage object, for a decoder of a whole chunk (proxy/usage/fast.py `read_chunk`),
+# and `parse_usage` of one (`read_usage`).
+UsageFields = _Usage
 
 
 class _Tail(msgspec.Struct, gc=False):
@@ -216,7 +219,8 @@ def read_usage_at(body: bytes | bytearray, start: int) -> Reported | None:
 
 
 def _read(usage: _Usage) -> Reported | None:
-    """`parse_usage` of a decoded usage object."""
+    """`parse_usage` of a decoded usage object (what `parse_usage` says of the object the
+    typed decoder accepted: tests/test_usage_typed.py)."""
     # Every count is in range (`_Count`): the first of each pair that is there wins.
     prompt = usage.prompt_tokens
     if prompt is None:
@@ -228,6 +232,9 @@ def _read(usage: _Usage) -> Reported | None:
         return None
     cached, reasoning = detail_counts(usage)
     return _reported(Reported, (prompt, completion, cached, reasoning))
+
+
+read_usage: Final = _read
 
 
 def detail_counts(usage: _Usage) -> tuple[int | None, int | None]:

@@ -22,9 +22,9 @@ from proxy.usage.event_kind import (
     error_message,
 )
 from proxy.usage.facts import RequestFacts, as_int
-from proxy.usage.fast import Shape, Sizes, content_sizes, parse_json
+from proxy.usage.fast import ChunkFields, Shape, Sizes, content_sizes, parse_json
 from proxy.usage.plain_reads import SINGLE_TOKEN_MAX_CHARS, PlainReads, chunk_tokens
-from proxy.usage.reported import Reported, parse_usage
+from proxy.usage.reported import Reported, parse_usage, read_usage
 from proxy.usage.responses_events import (
     RESPONSE_HEAD_EVENTS,
     ResponsesEvents,
@@ -268,6 +268,52 @@ class StreamUsageTracker(PlainReads, ResponsesEvents):
             # so that the filter drops it even when its figures are not ones we can read.
             return EVENT_USAGE_ONLY
         return result
+
+    def _fields(self, chunk: ChunkFields) -> EventKind:
+        """`_chunk` of a chunk the typed decoder read (`read_chunk`: a stream's finish and
+        usage chunks): the same answer and the same counts, from its typed fields. What the
+        decoder accepts, `_chunk` reads alike: no error, no `type`, choices that are objects
+        whose delta (an object or null) has no tool or function call, strings where `_chunk`
+        reads strings, an int index, a usage object `read_usage` reads as `parse_usage` does.
+        tests/test_usage_fields.py holds the two equal."""
+        if self.response_model is None:
+            model = chunk.model
+            if model is not None:
+                self.response_model = model[:256]
+        result = EVENT_OTHER
+        choices = chunk.choices
+        if choices:
+            for choice in choices:
+                finish = choice.finish_reason
+                if finish is not None:
+                    self.finish_reason = finish
+                delta = choice.delta
+                if delta is not None:  # `delta_chars` of it
+                    content, refusal = delta.content, delta.refusal
+                    thought, reasoning = delta.reasoning_content, delta.reasoning
+                    if not (content or refusal or thought or reasoning):
+                        continue
+                    self._count(
+                        choice.index or 0,
+                        (len(content) if content else 0) + (len(refusal) if refusal else 0),
+                        (len(thought) if thought else 0) + (len(reasoning) if reasoning else 0),
+                    )
+                else:  # legacy completions: {"text": ...}
+                    text = choice.text
+                    if not text:
+                        continue
+                    self._count(choice.index or 0, len(text), 0)
+                result = EVENT_CONTENT
+            if result is EVENT_CONTENT:
+                self.content_chunks += 1
+        usage = chunk.usage
+        if usage is None:
+            return result
+        reported = read_usage(usage)
+        if reported is not None:
+            self._report(reported)
+        # choices [] or absent with a usage object: usage-only, as `_chunk` says by its shape
+        return result if choices else EVENT_USAGE_ONLY
 
     def _count(self, index: int, chars: int, reasoning: int) -> None:
         tokens = chunk_tokens(chars + reasoning)
