@@ -371,7 +371,7 @@ class SSERelay(ClientWrites, EventRelay, LargeEventRelay, SteadyRelay):
         if record.first_token_at is None:
             record.first_token_at = now
             # The stream enters the idle phase: its deadline may be the first one armed (when
-            # first_token_s is off).
-            stream.watchdog.rearm()
+            # first_token_s is off, or is longer than idle_s and the timer was armed for it).
+            stream.watchdog.streaming(now)
         if attempt.first_token_at is None:
             attempt.first_token_at = now

@@ -151,6 +151,17 @@ class Watchdog:
             return
         self.rearm()
 
+    def streaming(self, now: float) -> None:
+        """A stream's first content came at `now`: its idle deadline comes into force, and the
+        first token's goes. Every other deadline in force was before, so the timer stands
+        when it is armed no later than `now` + idle (no `Deadlines.next`; a timer early for
+        the deadlines in force re-arms itself when it rings)."""
+        idle = self._deadlines.budget.idle_s
+        handle = self._alarm.handle
+        if idle is not None and handle is not None and handle.when() <= now + idle:
+            return
+        self.rearm()
+
     def _on_timer(self) -> None:
         """The alarm rang (its handle is gone): cancel the task if a deadline passed, else
         re-arm for the earliest one (the timer was early, or armed for someone before)."""

@@ -60,6 +60,9 @@ class _Marks:
     def rearm(self) -> None:
         self.rearms += 1
 
+    def streaming(self, now: float) -> None:
+        self.rearms += 1
+
 
 class _Deadlines:
     """What `Deadlines.content` keeps (the pump may set it itself once the stream is
@@ -683,3 +686,23 @@ def test_runs_of_other_choices_with_text_beyond_ascii_agree() -> None:
                 ]
                 _agree("/v1/chat/completions", [b"".join(events)])
                 _agree("/v1/chat/completions", events)
+
+
+def test_blocks_whose_shape_has_another_usage_are_searched_by_the_filter() -> None:
+    """A stream whose chunks hold a `"usage"` besides the closing null (here a member's
+    name inside another object): its shape's blocks (a run of choice 0's, one by one for
+    choice 1's) each keep that one and lose the closing null, as the full path edits them,
+    after a block cut at its end in the same read."""
+    for index in (0, 1):
+        block = (
+            b'data: {"x":{"usage":null},"choices":[{"index":%d,"delta":{"content":"y"}}],'
+            b'"usage":null}\n\n' % index
+        )
+        read = b"".join([stream_events(5)[0], block, block, block, b"data: [DONE]\n\n"])
+        for chunk_filter in _FILTERS:
+            _agree_with(read, chunk_filter)
+
+
+def _agree_with(read: bytes, chunk_filter: UsageChunkFilter | None) -> None:
+    plain = _run("/v1/chat/completions", [read], chunk_filter, plain=True)
+    assert plain == _run("/v1/chat/completions", [read], chunk_filter, plain=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from unittest import mock
 
 import pytest
 
@@ -299,3 +300,60 @@ async def test_a_stopped_watchdog_armed_again_takes_a_timer_of_its_own(
     (kind1, at1), (kind2, at2) = await asyncio.gather(earlier(), later())
     assert kind1 is kind2 is TimeoutKind.CONNECT
     assert at1 >= began + 0.1 and at2 >= began + 0.05
+
+
+# --- a stream's first content ------------------------------------------------------------------
+
+
+async def _streaming_fires(
+    first_token_s: float | None, idle_s: float, armed_s: float | None
+) -> tuple[TimeoutKind | None, float, int]:
+    """A stream whose timer is armed `armed_s` from now (None: not armed) gets its first
+    content now, and none after: the kind that fires, after how long, and how many times
+    the earliest deadline was computed when the content came."""
+    loop = asyncio.get_running_loop()
+    d = make(loop.time(), first_token_s=first_token_s, idle_s=idle_s)
+    task = asyncio.current_task()
+    assert task is not None
+    wd = Watchdog(d, task)
+    computed = 0
+    async with asyncio.timeout(2):  # a deadline that never fires fails here
+        try:
+            with wd:
+                d.response_started(loop.time(), sse=True)
+                wd._alarm.cancel()
+                if armed_s is not None:
+                    wd._alarm.arm(loop.time() + armed_s)
+                now = loop.time()
+                d.content(now)
+                with mock.patch.object(
+                    Deadlines, "next", autospec=True, side_effect=Deadlines.next
+                ) as nxt:
+                    wd.streaming(now)
+                computed = nxt.call_count
+                started = loop.time()
+                await loop.create_future()  # only a cancellation ends this
+        except asyncio.CancelledError:
+            return wd.consume(), loop.time() - started, computed
+    return None, 0.0, computed
+
+
+async def test_first_content_keeps_a_timer_armed_before_its_idle_deadline() -> None:
+    """The timer rings (0.02 s) before the idle deadline (0.1 s): it stands, no deadline is
+    computed when the content comes, and idle fires on time (the early timer re-arms)."""
+    kind, after, computed = await _streaming_fires(first_token_s=5, idle_s=0.1, armed_s=0.02)
+    assert (kind, computed) == (TimeoutKind.IDLE, 0)
+    assert 0.08 <= after < 1.0
+
+
+@pytest.mark.parametrize("armed_s", [5.0, None])
+async def test_first_content_arms_an_idle_deadline_sooner_than_the_timer(
+    armed_s: float | None,
+) -> None:
+    """The timer is armed for the first token (5 s), or not at all (first_token_s off): the
+    idle deadline (0.05 s) is sooner, so the watchdog re-arms for it when the content comes."""
+    kind, after, computed = await _streaming_fires(
+        first_token_s=None if armed_s is None else 5, idle_s=0.05, armed_s=armed_s
+    )
+    assert (kind, computed) == (TimeoutKind.IDLE, 1)
+    assert 0.04 <= after < 1.0
