@@ -402,17 +402,21 @@ def test_a_run_of_blocks_is_edited_as_each_block_would_be() -> None:
 
 
 class _Uncounted(bytes):
-    """A run whose `count` fails the test: `plain_bytes` is to search, not count."""
+    """A run whose `count` or `replace` fails the test: `plain_bytes` is to split it where
+    the closing nulls are (one pass; `replace` counts them first) and search the result."""
 
     def count(self, *args: Any) -> int:
         raise AssertionError("plain_bytes counted over the run")
 
+    def replace(self, *args: Any) -> bytes:
+        raise AssertionError("plain_bytes went over the run twice (replace)")
 
-def test_a_run_of_closing_nulls_is_cut_in_one_replace_without_counts() -> None:
+
+def test_a_run_of_closing_nulls_is_cut_in_one_split_without_counts() -> None:
     """`plain_bytes` of a read of several events (the benchmark's role, content and finish
-    chunks, each closing with `,"usage":null}`): one `replace` and a search of its result,
+    chunks, each closing with `,"usage":null}`): one `split` and a search of its result,
     where two counts over the run were; and a `"usage"` left after the cut (a usage
-    chunk's) still sends the run block by block."""
+    chunk's) still sends the run block by block. `cut_null_usages` splits alike."""
     events = stream_events(8)
     run = _Uncounted(b"".join(events[:6]))
     want = b"".join(UsageChunkFilter().client_bytes(e, EventKind.OTHER) for e in _events(run))
@@ -424,6 +428,9 @@ def test_a_run_of_closing_nulls_is_cut_in_one_replace_without_counts() -> None:
     assert UsageChunkFilter.plain_bytes(other) == (
         b'data: {"choices":[]}\n\ndata: {"choices":[]}\n\n'
     )
+    shaped = _Uncounted(b"".join(events[2:6]))
+    ends = [len(b"".join(events[2:i])) for i in range(3, 7)]
+    assert cut_null_usages(shaped, ends) == UsageChunkFilter.plain_bytes(bytes(shaped))
 
 
 def _events(run: bytes) -> list[SSEEvent]:
