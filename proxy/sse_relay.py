@@ -290,6 +290,10 @@ class SSERelay(ClientWrites, EventRelay, LargeEventRelay, SteadyRelay):
         if not chunk:
             events = decoder.flush()
             upstream.check_end(mid_event=any(not ends_block(e.raw) for e in events))
+            if not events and stream.held is None:
+                # The usual end (the decoder held nothing): what `_sse_events` answers for it.
+                scrubber = self.scrubber
+                return scrubber.feed(b"") + scrubber.flush()
         else:
             taken = 0
             if _CR not in chunk and (

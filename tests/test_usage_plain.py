@@ -713,3 +713,27 @@ def test_blocks_whose_shape_has_another_usage_are_searched_by_the_filter() -> No
 def _agree_with(read: bytes, chunk_filter: UsageChunkFilter | None) -> None:
     plain = _run("/v1/chat/completions", [read], chunk_filter, plain=True)
     assert plain == _run("/v1/chat/completions", [read], chunk_filter, plain=False)
+
+
+def test_the_usual_end_is_answered_without_the_event_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body's end after whole events (the decoder holds nothing): the end checked, and
+    what `_sse_events` answers for it (the scrubber's flush), without it; a stream still
+    held (no content came) is not cut short of its failure."""
+    events = stream_events(5)
+    for chunk_filter in _FILTERS:
+        pump, stream, _ = _pump("/v1/chat/completions", chunk_filter, plain=True)
+        upstream = _Upstream()
+        pump._sse_step(stream, upstream, b"".join(events), 0.0)
+        pump.scrubber._held = b"sk-sec"  # (what a scrubber holds back that may begin a secret)
+
+        def refused(*args: Any) -> Any:
+            raise AssertionError("the event step ran for the usual end")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(type(pump), "_sse_events", refused)
+            assert pump._sse_step(stream, upstream, b"", 1.0) == b"sk-sec"
+        assert upstream.ends == [False]
+    pump, stream, _ = _pump("/v1/chat/completions", None, plain=True)
+    stream.held = []
+    with pytest.raises(AttemptFailed, match="ended the stream before any content"):
+        pump._sse_step(stream, _Upstream(), b"", 0.0)
