@@ -12,11 +12,13 @@ hangup's `BodyReader` before the first body byte is fed; then, while the parser 
 of the read, the reader's class is `_Batch`, whose `feed_data` only appends (the C parser calls
 it once a chunk), and the counts aiohttp keeps per piece are set once at the end.
 
-Nothing reads a reader made a moment ago, so no waiter waits on it, and its buffer held
-nothing before. The batch is at most `BATCH_MAX` bytes of one read: under the reader's bounds
-on buffered bytes and chunks (aiohttp's defaults: 128 KiB, 4,096 chunks), which are checked
-once after it as `feed_data` checks them a piece. tests/test_head_read.py holds it to the
-read parsed whole; tests/test_upstream_body.py's generated answers go through it.
+A body's part that does not parse fails the response as the read parsed whole fails it: its
+head is not handed over. Nothing reads a reader made a moment ago, so no waiter waits on it,
+and its buffer held nothing before. The batch is at most `BATCH_MAX` bytes of one read: under
+the reader's bounds on buffered bytes and chunks (aiohttp's defaults: 128 KiB, 4,096 chunks),
+which are checked once after it as `feed_data` checks them a piece. tests/test_head_read.py
+holds it to the read parsed whole; tests/test_upstream_body.py's generated answers go through
+it.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def head_read(protocol: ResponseHandler, data: bytes) -> None:
         # No whole head, nothing after it, or a body not in chunks (one piece a read anyway).
         _parse(protocol, data)
         return
+    queued, failed = len(protocol._buffer), protocol._exception
     _parse(protocol, data[:end])
     reader = protocol._payload
     if (
@@ -64,13 +67,19 @@ def head_read(protocol: ResponseHandler, data: bytes) -> None:
         or len(data) - end > BATCH_MAX
     ):
         _parse(protocol, data[end:])
-        return
-    reader.__class__ = _Batch
-    try:
-        _parse(protocol, data[end:])
-    finally:
-        reader.__class__ = BodyReader
-        buffer = reader._buffer
-        reader._size = reader.total_bytes = size = sum(map(len, buffer))
-        if size > reader._high_water or len(buffer) > reader._high_water_chunks:
-            protocol.pause_reading()
+    else:
+        reader.__class__ = _Batch
+        try:
+            _parse(protocol, data[end:])
+        finally:
+            reader.__class__ = BodyReader
+            buffer = reader._buffer
+            reader._size = reader.total_bytes = size = sum(map(len, buffer))
+            if size > reader._high_water or len(buffer) > reader._high_water_chunks:
+                protocol.pause_reading()
+    if protocol._exception is not failed:
+        # The body's part did not parse: as when aiohttp parses the read whole (its error
+        # then drops what the read's head made), no response of this read is handed over,
+        # and the request's start gets the error (a 502, not a head and a broken body).
+        while len(protocol._buffer) > queued:
+            protocol._buffer.pop()

@@ -19,7 +19,7 @@ from aiohttp.streams import StreamReader
 import proxy.head_read
 import proxy.upstream_connector
 from proxy.head_read import BATCH_MAX
-from proxy.upstream_body import BodyReader
+from proxy.upstream_body import BodyReader, lean_body
 from proxy.upstream_connector import UpstreamProtocol
 from tests.hostile_support import ScriptedUpstream, SeenRequest
 from tests.upstream_support import open_attempt, upstream_seam
@@ -238,3 +238,26 @@ async def test_the_connector_leaves_each_sent_request_awaiting_its_head() -> Non
     finally:
         await server.stop()
     assert server.connections == 1
+
+
+@pytest.mark.parametrize("rest", [b"zz\r\nabc\r\n", chunked(EVENTS[:2], end=False) + b"zz\r\n"])
+async def test_a_body_part_that_does_not_parse_fails_the_response_as_a_whole_read_does(
+    rest: bytes,
+) -> None:
+    """A broken chunk in the head's read (first, or after whole ones): no response is handed
+    over and reading one raises the parser's error, as when aiohttp parses the read whole."""
+    wire = SSE_HEAD + rest
+    outcomes = []
+    for lean in (True, False):
+        with mock.patch.object(
+            proxy.upstream_connector,
+            "lean_body",
+            lean_body if lean else lambda reader: None,
+        ):
+            protocol = protocol_awaiting_a_head()
+            protocol.data_received(wire)
+        assert not protocol._buffer
+        with pytest.raises(Exception) as caught:
+            await asyncio.wait_for(protocol.read(), 5)
+        outcomes.append((type(caught.value), str(caught.value)))
+    assert outcomes[0] == outcomes[1]
