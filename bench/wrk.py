@@ -204,35 +204,16 @@ def measure(
     load_cpus: set[int] | None = None,
 ) -> dict[str, Any]:
     """One warm-up and one measured wrk run; CPU of the target and of the machine around it."""
-    if warmup > 0:
-        run_wrk(wrk, target, script, connections=connections, duration=warmup, cpus=load_cpus)
-    own = {pid: cpu_seconds(pid) for pid in ours}
-    user0, system0 = cpu_split(target.pid)
-    kids0, self0, busy0, t0 = _children_cpu(), _self_cpu(), _machine_busy(), time.monotonic()
-    result = run_wrk(
-        wrk, target, script, connections=connections, duration=duration, cpus=load_cpus
-    )
-    wall = time.monotonic() - t0
-    busy = _machine_busy() - busy0
-    ours_cpu = sum(cpu_seconds(pid) - c for pid, c in own.items())
-    ours_cpu += (_children_cpu() - kids0) + (_self_cpu() - self0)  # wrk itself, and us
-    proxy_cpu = cpu_seconds(target.pid) - own[target.pid]
-    user1, system1 = cpu_split(target.pid)
-    ok = max(1, int(result["requests"]) - int(result["status"]))
-    result.update(
-        wall_s=wall,
-        rps=ok / (int(result["duration_us"]) / 1e6),
-        proxy_cpu_s=proxy_cpu,
-        cpu_us_per_req=proxy_cpu / ok * 1e6,
-        # Where the CPU went: the interpreter's and the libraries' own work (user) against
-        # the kernel's socket work (system), which a relay of the same traffic shares.
-        user_us_per_req=(user1 - user0) / ok * 1e6,
-        system_us_per_req=(system1 - system0) / ok * 1e6,
-        proxy_cpus=proxy_cpu / wall,
-        others_cpus=max(0.0, busy - ours_cpu) / wall,
-        busy_cpus=busy / wall,
-    )
-    return result
+    return measure_together(
+        wrk,
+        [target],
+        script,
+        ours,
+        connections=connections,
+        duration=duration,
+        warmup=warmup,
+        load_cpus=load_cpus,
+    )[0]
 
 
 def measure_together(
@@ -256,6 +237,17 @@ def measure_together(
     CPU, where the scheduler gives each runnable proxy its share)."""
 
     def load(seconds: float) -> list[dict[str, Any]]:
+        if len(targets) == 1:  # `measure`'s: wrk from this thread, no pool beside it
+            return [
+                run_wrk(
+                    wrk,
+                    targets[0],
+                    script,
+                    connections=connections,
+                    duration=seconds,
+                    cpus=load_cpus,
+                )
+            ]
         with ThreadPoolExecutor(len(targets)) as pool:
             return list(
                 pool.map(
@@ -275,7 +267,7 @@ def measure_together(
     wall = time.monotonic() - t0
     busy = _machine_busy() - busy0
     ours_cpu = sum(cpu_seconds(pid) - c for pid, c in own.items())
-    ours_cpu += (_children_cpu() - kids0) + (_self_cpu() - self0)
+    ours_cpu += (_children_cpu() - kids0) + (_self_cpu() - self0)  # wrk itself, and us
     for target, result in zip(targets, results, strict=True):
         proxy_cpu = cpu_seconds(target.pid) - own[target.pid]
         user0, system0 = split0[target.pid]
@@ -286,6 +278,9 @@ def measure_together(
             rps=ok / (int(result["duration_us"]) / 1e6),
             proxy_cpu_s=proxy_cpu,
             cpu_us_per_req=proxy_cpu / ok * 1e6,
+            # Where the CPU went: the interpreter's and the libraries' own work (user)
+            # against the kernel's socket work (system), which a relay of the same traffic
+            # shares.
             user_us_per_req=(user1 - user0) / ok * 1e6,
             system_us_per_req=(system1 - system0) / ok * 1e6,
             proxy_cpus=proxy_cpu / wall,
