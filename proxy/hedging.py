@@ -81,6 +81,7 @@ class Racer:
             headers=named.headers,
             body=named.body,
             on_headers_sent=on_headers_sent,
+            stream=plan.facts.stream,
         )
         self.tracker = StreamUsageTracker(plan.facts)
         # Called in the very loop step this racer sees its first content token (set by race).

@@ -290,6 +290,7 @@ class Exchange(AttemptFailures):
             headers=named.headers,
             body=named.body,
             on_headers_sent=watchdog.headers_sent,  # a bound method: no closure per attempt
+            stream=plan.facts.stream,
         )
 
 

@@ -201,11 +201,12 @@ class OpenAttempt:
         on_headers_sent: Callable[[], None],
         loop: asyncio.AbstractEventLoop,
         clock: Callable[[], float],
+        stream: bool = True,
     ) -> None:
         self._session = session
         self.upstream = upstream
         self._method, self._url, self._headers, self._body = method, url, headers, body
-        self._hooks = AttemptHooks(on_headers_sent, loop, clock)
+        self._hooks = AttemptHooks(on_headers_sent, loop, clock, stream)
         self._response: aiohttp.ClientResponse | None = None
         self._answer: UpstreamResponse | None = None
         self.resent = False
@@ -327,8 +328,11 @@ class Upstreams:
         headers: CIMultiDict[str],
         body: RequestBody,
         on_headers_sent: Callable[[], None],
+        stream: bool = True,
     ) -> OpenAttempt:
-        """A new attempt at `upstream` (its name, for messages); nothing is sent until start()."""
+        """A new attempt at `upstream` (its name, for messages); nothing is sent until start().
+        `stream`: the client asked for a stream (only then is the answer's head read split
+        from the events that came with it, proxy/head_read.py)."""
         if self._session is None or self._loop is None:
             raise AttemptFailed(
                 AttemptResult.CONNECT_ERROR,
@@ -344,6 +348,7 @@ class Upstreams:
             on_headers_sent,
             self._loop,
             self._clock,
+            stream,
         )
 
     async def post_empty(self, url: URL, headers: CIMultiDict[str]) -> tuple[int, bytes]:

@@ -43,6 +43,10 @@ class AttemptHooks(msgspec.Struct):
     on_headers_sent: Callable[[], None]
     loop: asyncio.AbstractEventLoop
     clock: Callable[[], float]  # the loop's (`sse_stream.loop_clock`)
+    # The request asked for a stream: its answer's head is read by proxy/head_read.py's split
+    # (which pays only for a chunked body's events read with the head). A completion's head
+    # is parsed as aiohttp parses it, without the split's two searches of its read.
+    split_head: bool = True
     transport: asyncio.Transport | None = None  # of the current send, once connected
     reused: bool = False  # the connection came from the pool
     sent_at: float | None = None  # when the request headers were written
@@ -125,7 +129,8 @@ class UpstreamProtocol(ResponseHandler):
     # first (proxy/steady_reader.py); None otherwise (a class default: no bytes per connection
     # until a stream sets it).
     steady_sink: SteadySink | None = None
-    # From a request's connect (`Connector.connect`) until its response's head is parsed.
+    # From a stream's request's connect (`Connector.connect`, `AttemptHooks.split_head`)
+    # until its response's head is parsed.
     _head_due = False
 
     def data_received(self, data: bytes) -> None:
@@ -186,13 +191,14 @@ class Connector(aiohttp.TCPConnector):
                 connection.close()
                 continue
             break
-        if protocol is not None:
-            if not reused:
-                setattr(protocol, _USED, True)
-            protocol._head_due = True  # type: ignore[attr-defined]
         # The attempt's hooks ride on its request (`UpstreamRequest.hooks`; None for a control
         # call's): no registry keyed by `asyncio.current_task()`, a getpid() syscall on 3.11.
         hooks: AttemptHooks | None = getattr(req, "hooks", None)
+        if protocol is not None:
+            if not reused:
+                setattr(protocol, _USED, True)
+            if hooks is not None and hooks.split_head:
+                protocol._head_due = True  # type: ignore[attr-defined]
         if hooks is not None:
             hooks.transport = transport
             hooks.reused = reused

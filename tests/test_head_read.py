@@ -21,7 +21,17 @@ import proxy.upstream_connector
 from proxy.head_read import BATCH_MAX
 from proxy.upstream_body import BodyReader, lean_body
 from proxy.upstream_connector import UpstreamProtocol
-from tests.hostile_support import ScriptedUpstream, SeenRequest
+from tests.conftest import StartProxy
+from tests.hostile_support import (
+    ScriptedUpstream,
+    ScriptedUpstreams,
+    SeenRequest,
+    chat_body,
+    exchange_raw,
+    proxy_before,
+    request_bytes,
+    sse_in_chunks,
+)
 from tests.upstream_support import open_attempt, upstream_seam
 
 SSE_HEAD = (
@@ -238,6 +248,62 @@ async def test_the_connector_leaves_each_sent_request_awaiting_its_head() -> Non
     finally:
         await server.stop()
     assert server.connections == 1
+
+
+@contextmanager
+def head_reads_counted() -> Iterator[list[bytes]]:
+    """The reads the upstream protocol hands to `head_read` (each still parsed by it)."""
+    reads: list[bytes] = []
+    split = proxy.upstream_connector.head_read
+
+    def counted(protocol: Any, data: bytes) -> None:
+        reads.append(data)
+        split(protocol, data)
+
+    with mock.patch.object(proxy.upstream_connector, "head_read", counted):
+        yield reads
+
+
+async def test_only_a_streams_answer_has_its_head_read_split() -> None:
+    """A completion's answer (no stream asked for) is parsed as aiohttp parses a read: the
+    split's searches are a stream's only; a stream's attempt on the same kept connection
+    after it has its head split again."""
+
+    async def reply(seen: SeenRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD + chunked(EVENTS))
+        await writer.drain()
+
+    server = await ScriptedUpstream(reply, keep_alive=True).start()
+    try:
+        async with upstream_seam() as upstreams:
+            for stream in (False, True):
+                attempt = open_attempt(upstreams, server.base_url + "/x", stream=stream)
+                with head_reads_counted() as reads:
+                    response = await asyncio.wait_for(attempt.start(), 5)
+                    assert await read_body(response._response.content) == b"".join(EVENTS)
+                assert bool(reads) is stream
+                await attempt.close()
+    finally:
+        await server.stop()
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_relay_splits_the_head_of_a_stream_it_was_asked_for_only(
+    stream: bool, scripted: ScriptedUpstreams, start_proxy: StartProxy
+) -> None:
+    """The relay tells the attempt whether the client asked for a stream: the same upstream
+    answer has its head read split for a stream's request only."""
+    events = [b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}]}\n\n', b"data: [DONE]\n\n"]
+    server, _, _ = await proxy_before(sse_in_chunks(events), scripted, start_proxy)
+    with head_reads_counted() as reads:
+        body = chat_body(stream=stream)
+        response = await exchange_raw(
+            server.port, request_bytes("POST", "/v1/chat/completions", body=body)
+        )
+    assert response.status == 200
+    assert b"hi" in response.body
+    assert bool(reads) is stream
 
 
 @pytest.mark.parametrize("rest", [b"zz\r\nabc\r\n", chunked(EVENTS[:2], end=False) + b"zz\r\n"])

@@ -36,8 +36,10 @@ def open_attempt(
     headers: CIMultiDict[str] | None = None,
     body: bytes = b"",
     on_headers_sent: Callable[[], None] = _nothing,
+    stream: bool = True,
 ) -> OpenAttempt:
-    """An attempt to the upstream "primary" at `url`, not yet started."""
+    """An attempt to the upstream "primary" at `url`, not yet started (`stream`: the client
+    asked for a stream)."""
     return upstreams.attempt(
         "primary",
         method,
@@ -45,4 +47,5 @@ def open_attempt(
         headers=CIMultiDict() if headers is None else headers,
         body=body,
         on_headers_sent=on_headers_sent,
+        stream=stream,
     )
