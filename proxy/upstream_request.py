@@ -23,9 +23,9 @@ and payload internals of the aiohttp it was measured on (3.14: `write_bytes`,
 `_get_content_length`, `_serialize_headers`, the writer's counts, `BytesPayload`'s fields),
 hence pyproject's floor; tests/test_upstream_request_inline.py compares its bytes on the
 wire, its errors and every attribute it sets with aiohttp's own. The response to such a
-request is built and started the same way (`_sent_response`, `_started`): the attributes
-aiohttp's `ClientResponse.__init__` and `start` leave, without the keyword call, the no-op
-timer's context and the properties.
+request is built and started the same way (`_sent_response`, and `send`'s own steps for its
+start): the attributes aiohttp's `ClientResponse.__init__` and `start` leave, without the
+keyword call, the no-op timer's context and the properties.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class UpstreamRequest(ClientRequest):
     # options, a body of bytes whose Content-Length is ours): `send` need not ask again what
     # that decided. None for any other request.
     _lean: BytesPayload | None = None
-    # `send` made the response itself (`_sent_response`): its start is `_started`.
+    # `send` made the response itself (`_sent_response`): the module's `send` starts it.
     _lean_response = False
 
     def __init__(
@@ -174,6 +174,64 @@ class UpstreamRequest(ClientRequest):
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         self._skip_auto_headers = _ADDED_NONE
 
+    def written(self, conn: Connection) -> ClientResponse | None:
+        """The usual lean request sent at once, synchronously: its head and small body in one
+        write on an open transport, its response made (`_sent_response` when it takes
+        aiohttp's defaults); None, with nothing written, for any other case (`send` then).
+
+        Not a coroutine: the module's `send` calls it first, so the usual request makes no
+        coroutine (and frame) for a step that never waits."""
+        lean = self._lean
+        if lean is None:
+            return None
+        protocol = conn._protocol  # (what the `protocol` property reads: a call fewer)
+        assert protocol is not None
+        # The lean `__init__`'s request: its body is a `BytesPayload` of bytes with our
+        # Content-Length, and chunking, compression, a proxy, 100-continue, an upload
+        # tracker, another version or CONNECT are aiohttp's options it never takes (nothing
+        # between it and this call sets them).
+        value = lean._value
+        size = len(value)
+        if size > INLINE_WRITE_BYTES or protocol.writing_paused or conn._connector.force_close:
+            return None
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            return None  # `send` fails it as aiohttp's `write_bytes` does
+        # No default Content-Type (the skip list) and no Connection header to add (HTTP/1.1
+        # on a connector that keeps connections): as aiohttp's `send` decides for this case.
+        head = _serialize_headers(f"{self.method} {self.url.raw_path_qs} HTTP/1.1", self.headers)
+        if len(head) + size > INLINE_WRITE_BYTES:
+            return None
+        # What `write_bytes` does for this body (`write_with_length`, `write`, `write_eof`):
+        # head and body in one transport write, the writer's counts and end marked, the read
+        # timeout started; without its three coroutines. Nothing else reads the writer but
+        # the response (`output_size`).
+        writer = StreamWriter(protocol, self.loop)
+        data = head + value
+        writer._headers_written = writer._eof = True
+        writer.buffer_size = writer.output_size = len(data)
+        transport.write(data)
+        protocol.start_timeout()
+        self.response = response = self._response_of(writer, lean=True)
+        return response
+
+    def _response_of(self, writer: StreamWriter, *, lean: bool) -> ClientResponse:
+        if lean and self.response_class is ClientResponse and self._timer is _NO_TIMER:
+            self._lean_response = True
+            return _sent_response(self, writer)
+        return self.response_class(
+            self.method,
+            self.original_url,
+            writer=None,
+            continue100=None,
+            timer=self._timer,
+            request_info=self.request_info,
+            traces=self._traces,
+            loop=self.loop,
+            session=self._session,
+            stream_writer=writer,
+        )
+
     async def send(self, conn: Connection) -> ClientResponse:
         """aiohttp's `send` for the relay's usual request: a small body of bytes, HTTP/1.1,
         no proxy, compression, chunking or 100-continue, a connection that may be kept.
@@ -183,20 +241,19 @@ class UpstreamRequest(ClientRequest):
         step and the `_writer` bookkeeping per request. A small body's write never waits
         (`INLINE_WRITE_BYTES`), so it is written here, in the same step, as aiohttp >= 3.12
         does on Python >= 3.12 when its eager task finishes at once; the response then has
-        no writer to wait for. On an open transport head and body go out in one write (what
-        `write_bytes` ends in, without its three coroutines); on a closing one `write_bytes`
-        itself fails it (set on the protocol, raised by the response's start), as its task
-        would. Anything else takes aiohttp's own path."""
+        no writer to wait for. On an open transport head and body go out in one write
+        (`written`, what `write_bytes` ends in, without its three coroutines); on a closing
+        one `write_bytes` itself fails it (set on the protocol, raised by the response's
+        start), as its task would. Anything else takes aiohttp's own path."""
+        response = self.written(conn)
+        if response is not None:
+            return response
         body = self._body
-        protocol = conn._protocol  # (what the `protocol` property reads: a call fewer)
+        protocol = conn._protocol
         assert protocol is not None
         lean = self._lean
         size: int | None
         if lean is not None:
-            # The lean `__init__`'s request: its body is a `BytesPayload` of bytes with our
-            # Content-Length, and chunking, compression, a proxy, 100-continue, an upload
-            # tracker, another version or CONNECT are aiohttp's options it never takes
-            # (nothing between it and this call sets them).
             body = lean
             size = len(lean._value)
             if size > INLINE_WRITE_BYTES or protocol.writing_paused or conn._connector.force_close:
@@ -217,9 +274,6 @@ class UpstreamRequest(ClientRequest):
         ):
             return await super().send(conn)
         writer = StreamWriter(protocol, self.loop)
-        # No default Content-Type (the skip list) and no Connection header to add (HTTP/1.1
-        # on a connector that keeps connections): as aiohttp's `send` decides for this case.
-        # (`write_headers` without its coroutine: it only serializes and buffers the head.)
         head = _serialize_headers(f"{self.method} {self.url.raw_path_qs} HTTP/1.1", self.headers)
         if len(head) + size > INLINE_WRITE_BYTES:
             return await super().send(conn)  # nothing was written: aiohttp's own path
@@ -234,33 +288,13 @@ class UpstreamRequest(ClientRequest):
             writer._headers_buf, writer._headers_written = head, False
             await self.write_bytes(writer, conn, self._get_content_length())
         else:
-            # What `write_bytes` does for this body (`write_with_length`, `write`,
-            # `write_eof`) when the transport is open: head and body in one transport
-            # write, the writer's counts and end marked, the read timeout started; without
-            # its three coroutines. Nothing else reads the writer but the response
-            # (`output_size`).
+            # (as `written` writes a lean request's: a bytes payload of another caller's)
             data = head + body._value
             writer._headers_written = writer._eof = True
             writer.buffer_size = writer.output_size = len(data)
             transport.write(data)
             protocol.start_timeout()
-        if lean is not None and self.response_class is ClientResponse and self._timer is _NO_TIMER:
-            response = _sent_response(self, writer)
-            self._lean_response = True
-        else:
-            response = self.response_class(
-                self.method,
-                self.original_url,
-                writer=None,
-                continue100=None,
-                timer=self._timer,
-                request_info=self.request_info,
-                traces=self._traces,
-                loop=self.loop,
-                session=self._session,
-                stream_writer=writer,
-            )
-        self.response = response
+        self.response = response = self._response_of(writer, lean=lean is not None)
         return response
 
 
@@ -287,39 +321,14 @@ def _sent_response(request: UpstreamRequest, writer: StreamWriter) -> ClientResp
     return response
 
 
-async def _started(response: ClientResponse, connection: Connection) -> None:
-    """`response.start(connection)` for a response `_sent_response` made: aiohttp's steps
-    without its no-op timer's context (two calls) and its properties (tests compare the
-    state it leaves with aiohttp's)."""
-    response._closed = False
-    response._protocol = protocol = connection._protocol
-    response._connection = connection
-    assert protocol is not None
-    while True:
-        try:
-            message, payload = await protocol.read()
-        except HttpProcessingError as exc:
-            raise ClientResponseError(
-                response.request_info,
-                response.history,
-                status=exc.code,
-                message=exc.message,
-                headers=exc.headers,
-            ) from exc
-        code = message.code
-        if code < 100 or code > 199 or code == 101:
-            break
-        # (an interim answer: no 100-continue was asked for, nothing to tell)
-    payload.on_eof(response._response_eof)
-    response.version = message.version
-    response.status = code
-    response.reason = message.reason
-    # `_cache["headers"]`: what `start` leaves there by reading `headers` (a reify).
-    response._headers = response._cache["headers"] = headers = message.headers
-    response._raw_headers = message.raw_headers
-    response.content = payload
-    if cookie_hdrs := headers.getall(hdrs.SET_COOKIE, ()):
-        response._raw_cookie_headers = tuple(cookie_hdrs)
+def _head_error(response: ClientResponse, exc: HttpProcessingError) -> ClientResponseError:
+    return ClientResponseError(
+        response.request_info,
+        response.history,
+        status=exc.code,
+        message=exc.message,
+        headers=exc.headers,
+    )
 
 
 def _bytes_payload(data: bytes | bytearray) -> BytesPayload:
@@ -383,10 +392,38 @@ async def send(
             auto_decompress=False,  # byte-faithful: compressed bodies pass as they are
         )
         try:
-            response = await request.send(connection)
+            # (no coroutine for the usual request's write: `written`)
+            response = request.written(connection)
+            if response is None:
+                response = await request.send(connection)
             try:
                 if request._lean_response:
-                    await _started(response, connection)
+                    # `response.start(connection)` for a response `_sent_response` made:
+                    # aiohttp's steps without its no-op timer's context (two calls), its
+                    # properties and a coroutine of their own (tests compare the state it
+                    # leaves with aiohttp's).
+                    response._closed = False
+                    response._protocol = protocol
+                    response._connection = connection
+                    while True:
+                        try:
+                            message, payload = await protocol.read()
+                        except HttpProcessingError as exc:
+                            raise _head_error(response, exc) from exc
+                        code = message.code
+                        if code < 100 or code > 199 or code == 101:
+                            break
+                        # (an interim answer: no 100-continue was asked for, nothing to tell)
+                    payload.on_eof(response._response_eof)
+                    response.version = message.version
+                    response.status = code
+                    response.reason = message.reason
+                    # `_cache["headers"]`: what `start` leaves there by reading `headers`.
+                    response._headers = response._cache["headers"] = got = message.headers
+                    response._raw_headers = message.raw_headers
+                    response.content = payload
+                    if cookie_hdrs := got.getall(hdrs.SET_COOKIE, ()):
+                        response._raw_cookie_headers = tuple(cookie_hdrs)
                 else:
                     await response.start(connection)
             except BaseException:
