@@ -177,7 +177,9 @@ class UpstreamRequest(ClientRequest):
     def written(self, conn: Connection) -> ClientResponse | None:
         """The usual lean request sent at once, synchronously: its head and small body in one
         write on an open transport, its response made (`_sent_response` when it takes
-        aiohttp's defaults); None, with nothing written, for any other case (`send` then).
+        aiohttp's defaults); None, with nothing written, for any other case (`send` then,
+        which writes the same way what it can, and fails a write on a closing transport as
+        aiohttp does).
 
         Not a coroutine: the module's `send` calls it first, so the usual request makes no
         coroutine (and frame) for a step that never waits."""
@@ -241,13 +243,11 @@ class UpstreamRequest(ClientRequest):
         step and the `_writer` bookkeeping per request. A small body's write never waits
         (`INLINE_WRITE_BYTES`), so it is written here, in the same step, as aiohttp >= 3.12
         does on Python >= 3.12 when its eager task finishes at once; the response then has
-        no writer to wait for. On an open transport head and body go out in one write
-        (`written`, what `write_bytes` ends in, without its three coroutines); on a closing
-        one `write_bytes` itself fails it (set on the protocol, raised by the response's
-        start), as its task would. Anything else takes aiohttp's own path."""
-        response = self.written(conn)
-        if response is not None:
-            return response
+        no writer to wait for. On an open transport head and body go out in one write (what
+        `write_bytes` ends in, without its three coroutines); on a closing one `write_bytes`
+        itself fails it (set on the protocol, raised by the response's start), as its task
+        would. Anything else takes aiohttp's own path. (The module's `send` tries `written`
+        first, the usual case of this without a coroutine.)"""
         body = self._body
         protocol = conn._protocol
         assert protocol is not None
@@ -288,7 +288,7 @@ class UpstreamRequest(ClientRequest):
             writer._headers_buf, writer._headers_written = head, False
             await self.write_bytes(writer, conn, self._get_content_length())
         else:
-            # (as `written` writes a lean request's: a bytes payload of another caller's)
+            # (as `written` writes the module's usual request)
             data = head + body._value
             writer._headers_written = writer._eof = True
             writer.buffer_size = writer.output_size = len(data)
