@@ -183,7 +183,8 @@ class Exchange(AttemptFailures):
                         plan, upstream, watchdog, attempt, prefix, chooser.can_switch(index)
                     )
                 finally:
-                    await opened.close()
+                    if not opened.closed_at_once():  # (most: no coroutine to close them)
+                        await opened.close()
                     attempt.closed_at = record.upstream_closed_at = clock()
                     attempt_closed(attempt, self.tracker)
             # The failures are handled in methods of their own, not here: each name this

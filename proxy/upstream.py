@@ -271,6 +271,24 @@ class OpenAttempt:
         if self._response is not None:
             self._response.close()
 
+    def closed_at_once(self) -> bool:
+        """`close()` where it would not wait, done here without its two coroutines (its own and
+        aiohttp's `wait_for_close`): True. A response aiohttp's own send made may have its
+        writer task still running: nothing is done, False (then `await close()`)."""
+        response = self._response
+        # (aiohttp's writer task, by its mangled name: its `_writer` property is a call)
+        writer = response._ClientResponse__writer if response is not None else None  # type: ignore[attr-defined]
+        if writer is not None:
+            return False
+        self._response = None
+        if self._answer is not None:
+            self._answer.detach()
+            self._answer = None
+        if response is not None:
+            # (what `wait_for_close` ends in, with no writer to wait for: `release` again)
+            response.release()
+        return True
+
     async def close(self) -> None:
         """Release a finished response to the pool; close an unfinished one at once."""
         response, self._response = self._response, None

@@ -254,7 +254,7 @@ async def test_the_connector_leaves_each_sent_request_awaiting_its_head() -> Non
 def head_reads_counted() -> Iterator[list[bytes]]:
     """The reads the upstream protocol hands to `head_read` (each still parsed by it)."""
     reads: list[bytes] = []
-    split = proxy.upstream_connector.head_read
+    split = proxy.head_read.head_read
 
     def counted(protocol: Any, data: bytes) -> None:
         reads.append(data)
