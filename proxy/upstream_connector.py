@@ -182,15 +182,23 @@ class Connector(aiohttp.TCPConnector):
     ) -> aiohttp.connector.Connection:
         while True:
             connection = await super().connect(req, traces, timeout)
-            # (aiohttp's `protocol` and `transport` properties read these: two calls fewer)
-            protocol = connection._protocol
-            transport = protocol.transport if protocol is not None else None
-            reused = getattr(protocol, _USED, False)
-            if reused and transport is not None and _closed_while_idle(transport):
-                log.debug("dropping a pooled upstream connection the upstream closed while idle")
-                connection.close()
-                continue
-            break
+            if self.adopt(connection, req):
+                return connection
+
+    def adopt(self, connection: aiohttp.connector.Connection, req: Any) -> bool:
+        """What `connect` does with the connection aiohttp's `connect` gave it: False for a
+        pooled one the upstream closed while idle (closed here: take another). Otherwise
+        the protocol is marked, a stream's head read is due, and the attempt's hooks learn
+        the transport, as its request's headers go out. proxy/upstream_request.py's `send`
+        calls aiohttp's `connect` and this itself: no coroutine of this class's a request."""
+        # (aiohttp's `protocol` and `transport` properties read these: two calls fewer)
+        protocol = connection._protocol
+        transport = protocol.transport if protocol is not None else None
+        reused = getattr(protocol, _USED, False)
+        if reused and transport is not None and _closed_while_idle(transport):
+            log.debug("dropping a pooled upstream connection the upstream closed while idle")
+            connection.close()
+            return False
         # The attempt's hooks ride on its request (`UpstreamRequest.hooks`; None for a control
         # call's): no registry keyed by `asyncio.current_task()`, a getpid() syscall on 3.11.
         hooks: AttemptHooks | None = getattr(req, "hooks", None)
@@ -203,4 +211,4 @@ class Connector(aiohttp.TCPConnector):
             hooks.transport = transport
             hooks.reused = reused
             hooks.headers_going_out()
-        return connection
+        return True

@@ -45,7 +45,7 @@ from aiohttp import (
 )
 from aiohttp.client_exceptions import ClientError, ConnectionTimeoutError
 from aiohttp.client_reqrep import _CONTAINS_CONTROL_CHAR_RE
-from aiohttp.connector import Connection
+from aiohttp.connector import BaseConnector, Connection
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpProcessingError, HttpVersion11, StreamWriter
 from aiohttp.http_writer import _serialize_headers
@@ -53,8 +53,13 @@ from aiohttp.payload import TOO_LARGE_BYTES_BODY, BytesPayload
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.upstream_connector import Connector
+
 if TYPE_CHECKING:
     from proxy.upstream_connector import AttemptHooks
+
+# aiohttp's own `connect`, which `Connector.connect` wraps (`send` runs the wrapper's checks).
+_connect: Final = BaseConnector.connect
 
 # What aiohttp must not add: read by its payload and send steps (`Content-Type`), never changed.
 _ADDED_NONE: Final[CIMultiDict[None]] = CIMultiDict(
@@ -378,9 +383,16 @@ async def send(
         request.hooks = hooks
     try:
         try:
-            connection = await connector.connect(
-                request, traces=_NO_TRACES, timeout=session.timeout
-            )
+            if type(connector) is Connector:
+                # `Connector.connect` without its coroutine: aiohttp's, then its checks.
+                while True:
+                    connection = await _connect(connector, request, _NO_TRACES, session.timeout)
+                    if connector.adopt(connection, request):
+                        break
+            else:
+                connection = await connector.connect(
+                    request, traces=_NO_TRACES, timeout=session.timeout
+                )
         except TimeoutError as exc:
             raise ConnectionTimeoutError(f"Connection timeout to host {request.url}") from exc
         protocol = connection._protocol

@@ -1,11 +1,16 @@
 """proxy/upstream.py `OpenAttempt.closed_at_once`: the relay's close of an attempt without a
-coroutine when nothing is left to wait for, against a scripted upstream on 127.0.0.1."""
+coroutine when nothing is left to wait for; and the other end of a pooled connection's use,
+`send`'s connect without `Connector.connect`'s coroutine: against a scripted upstream on
+127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+from unittest import mock
 
 from proxy.upstream import OpenAttempt
+from proxy.upstream_connector import Connector
 from tests.hostile_support import OK_BODY, ScriptedUpstream, answer_ok
 from tests.upstream_support import open_attempt, upstream_seam
 
@@ -74,3 +79,34 @@ async def test_an_answer_closed_before_its_body_ended_closes_its_connection() ->
             assert response._response._connection is None
     finally:
         await server.stop()
+
+
+async def test_send_takes_another_connection_for_one_the_connector_drops() -> None:
+    """`send` runs `Connector.adopt` on what aiohttp's `connect` gave: a pooled connection it
+    drops (closed by the upstream while idle) is never written to; a new one is taken, and
+    the request is sent once (not resent)."""
+    server = await ScriptedUpstream(answer_ok, keep_alive=True).start()
+    adopt = Connector.adopt
+    offered: list[Any] = []
+
+    def first_dropped(self: Connector, connection: Any, req: Any) -> bool:
+        offered.append(connection.protocol)
+        if len(offered) == 1:
+            connection.close()  # (what `adopt` does with a connection it drops)
+            return False
+        return adopt(self, connection, req)
+
+    try:
+        async with upstream_seam() as upstreams:
+            first = open_attempt(upstreams, server.base_url + "/x", method="POST", body=b"{}")
+            await _answered(first)
+            assert first.closed_at_once()  # pooled
+            with mock.patch.object(Connector, "adopt", first_dropped):
+                second = open_attempt(upstreams, server.base_url + "/x", method="POST", body=b"{}")
+                await _answered(second)
+            assert not second.resent
+            assert second.closed_at_once()
+    finally:
+        await server.stop()
+    assert len(offered) == 2 and offered[0] is not offered[1]
+    assert server.connections == 2
