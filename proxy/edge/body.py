@@ -15,6 +15,7 @@ import concurrent.futures
 from collections.abc import AsyncIterator, Generator, Iterable
 from typing import TypeVar
 
+from aiohttp import streams as web_streams
 from aiohttp import web
 from aiohttp.http import HttpVersion11
 
@@ -148,14 +149,9 @@ async def read_plain(request: web.Request, limit_mb: float) -> bytes:
     under every held stream, in the runs where it happened)."""
     limit = int(limit_mb * 1024 * 1024)
     content = request.content
+    if content.is_eof():
+        return read_arrived(content, limit_mb)
     try:
-        if content.is_eof():
-            # All of it is here already (a small body usually arrives whole, before the
-            # handler starts): taken in one call, without awaited reads.
-            whole = content.read_nowait()
-            if len(whole) > limit:
-                raise too_large(limit_mb)
-            return whole
         first = await content.readany()
         if not first:
             return b""
@@ -173,6 +169,19 @@ async def read_plain(request: web.Request, limit_mb: float) -> bytes:
         return bytes(body)
     except BodyTimeout as exc:
         raise _too_slow(exc) from exc
+
+
+def read_arrived(content: web_streams.StreamReader, limit_mb: float) -> bytes:
+    """`read_plain` of a body all of which is here already (`content.is_eof()`: a small body
+    usually arrives whole, before the handler starts): taken in one call, without awaited
+    reads, and without a coroutine (admission calls it when it sees such a body)."""
+    try:
+        whole = content.read_nowait()
+    except BodyTimeout as exc:
+        raise _too_slow(exc) from exc
+    if len(whole) > int(limit_mb * 1024 * 1024):
+        raise too_large(limit_mb)
+    return whole
 
 
 async def read_scanned(request: web.Request, limit_mb: float) -> tuple[bytearray, BodyScan]:
