@@ -129,7 +129,7 @@ class UpstreamProtocol(ResponseHandler):
     # first (proxy/steady_reader.py); None otherwise (a class default: no bytes per connection
     # until a stream sets it).
     steady_sink: SteadySink | None = None
-    # From a stream's request's connect (`Connector.connect`, `AttemptHooks.split_head`)
+    # From a stream's request's connect (`Connector.adopt`, `AttemptHooks.split_head`)
     # until its response's head is parsed.
     _head_due = False
 

@@ -83,7 +83,7 @@ class UpstreamRequest(ClientRequest):
     default header, and keeps the list where its payload and send steps look for it.
     tests/test_headers.py checks on the wire that nothing is added."""
 
-    # The attempt's hooks, for the connector (`Connector.connect`): set by `send`; None for a
+    # The attempt's hooks, for the connector (`Connector.adopt`): set by `send`; None for a
     # request the session builds itself (a control call).
     hooks: AttemptHooks | None = None
     # What aiohttp's `__init__` sets to the same value for every request the lean `__init__`

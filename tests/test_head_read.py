@@ -73,7 +73,7 @@ class _Transport(asyncio.Transport):
 
 def protocol_awaiting_a_head(read_bufsize: int = 2**16) -> UpstreamProtocol:
     """The upstream protocol as the connector leaves it for a request sent: its response's
-    head is due (`Connector.connect`), its parser set as proxy/upstream_request.py sets it."""
+    head is due (`Connector.adopt`), its parser set as proxy/upstream_request.py sets it."""
     protocol = UpstreamProtocol(asyncio.get_running_loop())
     protocol.connection_made(_Transport())
     protocol.set_response_params(
