@@ -181,16 +181,20 @@ class UpstreamRequest(ClientRequest):
 
     def written(self, conn: Connection) -> ClientResponse | None:
         """The usual lean request sent at once, synchronously: its head and small body in one
-        write on an open transport, its response made (`_sent_response` when it takes
-        aiohttp's defaults); None, with nothing written, for any other case (`send` then,
-        which writes the same way what it can, and fails a write on a closing transport as
-        aiohttp does).
+        write on an open transport, its response made by `_sent_response` (aiohttp's response
+        class, no timer); None, with nothing written, for any other case (`send` then, which
+        writes the same way what it can, and fails a write on a closing transport as aiohttp
+        does).
 
         Not a coroutine: the module's `send` calls it first, so the usual request makes no
         coroutine (and frame) for a step that never waits."""
         lean = self._lean
-        if lean is None:
-            return None
+        if (
+            lean is None
+            or self.response_class is not ClientResponse
+            or self._timer is not _NO_TIMER
+        ):
+            return None  # (the module's `send` makes none such: aiohttp's response and timer)
         protocol = conn._protocol  # (what the `protocol` property reads: a call fewer)
         assert protocol is not None
         # The lean `__init__`'s request: its body is a `BytesPayload` of bytes with our
@@ -219,7 +223,8 @@ class UpstreamRequest(ClientRequest):
         writer.buffer_size = writer.output_size = len(data)
         transport.write(data)
         protocol.start_timeout()
-        self.response = response = self._response_of(writer, lean=True)
+        self._lean_response = True
+        self.response = response = _sent_response(self, writer)
         return response
 
     def _response_of(self, writer: StreamWriter, *, lean: bool) -> ClientResponse:
