@@ -56,7 +56,7 @@ class _HeldHead(web.StreamResponse):
         super().__init__(status=200)
         self.error = error
 
-    async def prepare(self, request: object) -> None:  # type: ignore[override]
+    async def prepare(self, request: object) -> None:
         if self.error is not None:
             raise self.error
 
@@ -77,8 +77,8 @@ async def test_a_held_heads_commit_is_not_timed_as_a_client_wait(held: bool) -> 
         response=None, _pending=pending, record=make_record(), request=None, plan=None
     )
     exchange.clock = clock
-    exchange._client_io = lambda write: ClientWrites._client_io(exchange, write)  # type: ignore[arg-type]
-    assert await ClientWrites._commit(exchange) is pending  # type: ignore[arg-type]
+    exchange._client_io = lambda write: ClientWrites._client_io(exchange, write)
+    assert await ClientWrites._commit(exchange) is pending
     assert exchange.record.status == 200
     assert len(reads) == (0 if held else 2)
     assert exchange.record.client_wait_s == (0.0 if held else 1.0)
@@ -96,5 +96,5 @@ async def test_a_held_heads_commit_that_fails_is_a_client_gone() -> None:
         clock=lambda: 7.0,
     )
     with pytest.raises(ClientGone):
-        await ClientWrites._commit(exchange)  # type: ignore[arg-type]
+        await ClientWrites._commit(exchange)
     assert exchange.record.client_gone_at == 7.0
