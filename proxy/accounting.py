@@ -17,7 +17,7 @@ requests that completed normally.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from proxy.attempts import RESULT_OK, Attempt
 from proxy.billing import policy_for
@@ -40,15 +40,10 @@ from proxy.seal import (
     _CUT_SHORT,
     _GENERATING,
     _UPSTREAM_HAD_IT,
-    Facts,
     _no_answer,
     _refused,
-    seal,
 )
 from proxy.tokenize import PromptCounter
-
-if TYPE_CHECKING:
-    from proxy.relay import Exchange
 
 __all__ = ["Accountant"]
 
@@ -110,9 +105,6 @@ class Accountant:
             for u in config.upstreams.values()
         ):
             PromptCounter.preload()
-
-    def seal(self, record: RequestRecord, exchange: Exchange) -> Facts | None:
-        return seal(record, exchange, self.prompts)
 
     def settle(self, record: RequestRecord) -> None:
         """Usage, savings, waste and cost of a sealed record; a function of the record alone.

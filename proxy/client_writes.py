@@ -55,7 +55,17 @@ class ClientWrites:
             assert pending is not None
             self.record.status = pending.status
             self.response = pending  # before prepare: a client gone mid-head still has one
-            await self._client_io(pending.prepare(self.request))
+            if pending._send_headers_immediately:
+                await self._client_io(pending.prepare(self.request))
+            else:
+                # A head held for the first body write (`downstream._OneWriteResponse`, a
+                # complete answer) is only serialized here: nothing is written or waited
+                # for, so no client wait to time (`_client_io`'s two clock reads and frame).
+                try:
+                    await pending.prepare(self.request)
+                except ConnectionError as exc:  # (as `_client_io`, should a hook write)
+                    self.record.client_gone_at = self.clock()
+                    raise ClientGone from exc
             if self.plan is not None:
                 self.plan.deadlines.client_committed()
         return self.response

@@ -185,7 +185,9 @@ class Downstream(SSERelay):
                 # The last chunk: it and the end go in one write (with the headers, if they
                 # are still buffered), not in two or three.
                 upstream.check_end()
-                data = self.scrubber.feed(chunk) + self.scrubber.flush()
+                scrubber = self.scrubber
+                # Without secrets `feed` hands the chunk back and nothing is held: no calls.
+                data = scrubber.feed(chunk) + scrubber.flush() if scrubber.active else chunk
                 await self._client_io(response.write_eof(data))
                 record.bytes_to_client += len(chunk)
                 self.content_sent = True

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from proxy import access_line
 from proxy.access_line import log_record, record_json_line
 from proxy.logs import _access_json_line, _ms, access_fields, configure_logging, log_access
+from proxy.logwriter import BackgroundHandler
 from proxy.outcome import RequestRecord
 from proxy.secrets import Secrets, install_log_scrubber, remove_log_scrubber
 from proxy.tracing.context import TraceIds
@@ -124,6 +125,37 @@ def test_log_record_writes_what_log_access_writes(
     assert fast == slow
     if secret:
         assert secret not in fast[0] and json.dumps(secret)[1:-1] not in fast[0]
+
+
+@pytest.mark.parametrize("word", ["Bearer abc", "sk-abcdef123", "\u017fk-abcdef1", "apiKey: v"])
+@pytest.mark.parametrize("field", ["model", "error_message", "path", "request_id", "user_agent"])
+def test_log_record_leaves_text_to_redact_to_the_fields_way(word: str, field: str) -> None:
+    """`log_record`'s own look for redact's words (inline, not `record_json_line`'s) sends
+    such a line the dict's way, which redacts it."""
+    record = msgspec.structs.replace(make_record(), **{field: f"said {word}!"})
+    fast = _written(lambda: log_record(record), [])
+    assert fast == _written(lambda: log_access(access_fields(record)), [])
+    assert word not in fast[0]
+
+
+def test_log_record_keeps_the_writers_bound() -> None:
+    """The line queued inline is bounded as `emit_line` bounds it: past `max_pending` waiting,
+    it is dropped and counted (the writer then says how many)."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", io.StringIO())
+        (writer,) = root.handlers
+        assert isinstance(writer, BackgroundHandler)
+        writer.max_pending = 0
+        log_record(make_record())
+        assert writer.dropped == 1
+        writer.max_pending = 10_000
+        log_record(make_record())
+        assert writer.dropped == 1
+        writer.close()
+    finally:
+        root.handlers[:], root.level = saved
 
 
 def test_log_record_builds_no_dict_for_the_usual_record(monkeypatch: pytest.MonkeyPatch) -> None:

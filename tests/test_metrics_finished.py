@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from proxy.attempts import Attempt, AttemptResult
 from proxy.metrics import Metrics
+from proxy.metrics.loopvalue import LoopBuckets
 from proxy.outcome import Cost, Outcome, RequestRecord, TimeoutKind, Usage
 from tests.metrics_support import make_record, new_metrics
 
@@ -141,15 +142,32 @@ def test_durations_of_one_label_set_fall_in_their_own_buckets(
     ends: list[tuple[float, float]],
 ) -> None:
     """A kept label set tries its last duration's and overhead's buckets first: whatever the
-    order of the amounts (up, down, on a bound), each lands where `bisect` puts it."""
+    order of the amounts (up, down, on a bound), each lands where `bisect` puts it. The
+    reference observes each amount through `LoopBuckets.observe` (its buckets of a subclass,
+    which `request_finished` does not observe inline)."""
     looked_up = new_metrics()
     looked_up._max_finished = 0
+    taken = looked_up._buckets_of
+
+    def observed_by_bisect(histogram: Any, labels: tuple[str, ...]) -> Any:
+        buckets = taken(histogram, labels)
+        if type(buckets) is LoopBuckets:
+            buckets.__class__ = _BisectBuckets
+        return buckets
+
+    looked_up._buckets_of = observed_by_bisect  # type: ignore[method-assign]
     kept_together = new_metrics()
 
     def records() -> list[RequestRecord]:
         return [make_record(ended_at=end, upstream_wait_s=wait) for end, wait in ends]
 
     assert _scrape(kept_together, records()) == _scrape(looked_up, records())
+
+
+class _BisectBuckets(LoopBuckets):
+    """`LoopBuckets.observe` itself: the reference for the inline observation."""
+
+    __slots__ = ()
 
 
 class _CountedValue:

@@ -74,14 +74,11 @@ class _Finished:
         self.attempt_value: Value | None = None
 
 
-def _observe_near(buckets: LoopBuckets, value: float, at: int) -> int:
-    """`buckets.observe(value)` for single-process storage, trying bucket `at` (the label
-    set's last) before `bisect_left`; returns the bucket to try next time."""
-    buckets._sum._value += value  # a LoopValue (buckets_of)
+def _observe_far(buckets: LoopBuckets, value: float, at: int) -> int:
+    """A `LoopBuckets`' `observe` of `value` once bucket `at` (the label set's last) is not
+    its bucket (the sum already added): the first bucket whose bound is >= the value (none
+    for NaN); returns the bucket to try next time."""
     bounds = buckets._bounds
-    if value <= bounds[at] and (at == 0 or bounds[at - 1] < value):
-        buckets._buckets[at]._value += 1.0
-        return at
     i = bisect_left(bounds, value)
     if i < len(bounds) and value <= bounds[i]:
         buckets._buckets[i]._value += 1.0
@@ -96,9 +93,9 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     model = record.model
     if model not in metrics._models.known:
         model = metrics._model_for(record)
-    rm = (route, model)
     client = record.client if record.client in metrics._clients else NONE
-    rmc = (*rm, client)
+    # The (route, model) and (route, model, client) keys are built where a series is looked
+    # up (a label set's first request, or a rare member): the usual record builds neither.
     if record.outcome is None:
         log.error("request %s finished without an outcome", record.request_id)
         outcome = schema.UNSETTLED
@@ -179,7 +176,7 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
     attempts = record.attempts
     if usage.prompt_tokens > 0:  # as `_add`: a zero creates no series
         if common.prompt is None:
-            common.prompt = count(metrics._tokens, (*rm, "prompt", client))
+            common.prompt = count(metrics._tokens, (route, model, "prompt", client))
             inplace = common.inplace = inplace and type(common.prompt) is LoopValue
         if inplace:
             common.prompt._value += usage.prompt_tokens  # type: ignore[attr-defined]
@@ -187,7 +184,7 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             common.prompt.inc(usage.prompt_tokens)
     if usage.completion_tokens > 0:
         if common.completion is None:
-            common.completion = count(metrics._tokens, (*rm, "completion", client))
+            common.completion = count(metrics._tokens, (route, model, "completion", client))
             inplace = common.inplace = inplace and type(common.completion) is LoopValue
         if inplace:
             common.completion._value += usage.completion_tokens  # type: ignore[attr-defined]
@@ -205,11 +202,13 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         parts = [a.bill.usage for a in attempts if a.bill is not None] or [usage]
     for part in parts:
         if part.prompt_estimated:
-            metrics._add(metrics._tokens_estimated, (*rm, "prompt"), part.prompt_tokens)
+            metrics._add(metrics._tokens_estimated, (route, model, "prompt"), part.prompt_tokens)
         if part.completion_estimated:
-            metrics._add(metrics._tokens_estimated, (*rm, "completion"), part.completion_tokens)
+            metrics._add(
+                metrics._tokens_estimated, (route, model, "completion"), part.completion_tokens
+            )
         if part.prompt_tokenized:
-            metrics._add(metrics._tokens_tokenized, rm, part.prompt_tokens)
+            metrics._add(metrics._tokens_tokenized, (route, model), part.prompt_tokens)
     if record.waste and route in metrics._routes:  # most records have no waste: no `items`
         for reason, waste in record.waste.items():
             metrics._add(metrics._waste_tokens, (route, reason, "prompt"), waste.prompt_tokens)
@@ -218,39 +217,39 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
             )
             metrics._add(metrics._waste_cost, (route, reason), waste.usd)
             # A hedge loser closed early saved what it did not generate (proxy/bills.py).
-            metrics._add(metrics._saved, rmc, waste.tokens_saved)
+            metrics._add(metrics._saved, (route, model, client), waste.tokens_saved)
     # `_add`'s test first: most answers have neither (no call for nothing).
     if usage.cached_tokens > 0:
-        metrics._add(metrics._cached, rm, usage.cached_tokens)
+        metrics._add(metrics._cached, (route, model), usage.cached_tokens)
     if usage.reasoning_tokens > 0:
-        metrics._add(metrics._reasoning, rm, usage.reasoning_tokens)
+        metrics._add(metrics._reasoning, (route, model), usage.reasoning_tokens)
 
     savings = record.savings
     if savings is not None:
-        metrics._add(metrics._saved, rmc, savings.tokens_saved)
+        metrics._add(metrics._saved, (route, model, client), savings.tokens_saved)
         if savings.tokens_saved_upper is not None:
-            metrics._add(metrics._saved_upper, rm, savings.tokens_saved_upper)
-        metrics._add(metrics._wasted, rm, savings.tokens_wasted)
+            metrics._add(metrics._saved_upper, (route, model), savings.tokens_saved_upper)
+        metrics._add(metrics._wasted, (route, model), savings.tokens_wasted)
     cost = record.cost
     # `cost.priced` and `usage.total_tokens` without their properties (a call each).
     if cost is not None and (used := cost.used_usd) is not None:
         if used > 0:  # as `_add`, from the label set's own series
             value = common.cost
             if value is None:
-                value = common.cost = count(metrics._cost, rmc)
+                value = common.cost = count(metrics._cost, (route, model, client))
             if type(value) is LoopValue:
                 value._value += used  # LoopValue.inc, inline
             else:
                 value.inc(used)
         if cost.saved_usd:
-            metrics._add(metrics._cost_saved, rmc, cost.saved_usd)
+            metrics._add(metrics._cost_saved, (route, model, client), cost.saved_usd)
         if cost.wasted_usd:
-            metrics._add(metrics._cost_wasted, rm, cost.wasted_usd)
+            metrics._add(metrics._cost_wasted, (route, model), cost.wasted_usd)
     elif usage.prompt_tokens + usage.completion_tokens > 0 or (
         savings is not None and savings.tokens_saved > 0
     ):
         if common.unpriced is None:
-            common.unpriced = count(metrics._unpriced, rm)
+            common.unpriced = count(metrics._unpriced, (route, model))
         if inplace and type(common.unpriced) is LoopValue:
             common.unpriced._value += 1.0  # LoopValue.inc, inline
         else:
@@ -258,10 +257,10 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
 
     # The record's `duration_s`, `overhead_s`, `ttft_s` and `cancel_propagation_s`, each
     # worked out here once (the same arithmetic: tests/test_metrics_finished.py).
-    # A `LoopBuckets`' `observe` is `_observe_near`: the same sum and the same bucket (the
-    # first whose bound is >= the amount; none for NaN). The label set's last bucket is tried
-    # first: it is that bucket when the amount is within its bound and above the one below
-    # (no `bisect_left`, ~0.7k instructions, most requests).
+    # A `LoopBuckets`' `observe`, inline: the same sum and the same bucket (the first whose
+    # bound is >= the amount; none for NaN). The label set's last bucket is tried first: it
+    # is that bucket when the amount is within its bound and above the one below (no
+    # `bisect_left`, ~0.7k instructions, most requests; else `_observe_far`).
     ended = record.ended_at
     if ended is not None:
         duration = ended - record.started_at
@@ -269,14 +268,14 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         if buckets is None:
             buckets = common.duration = metrics._buckets_of(metrics._duration, (route, outcome))
         if type(buckets) is LoopBuckets:
-            common.duration_at = _observe_near(buckets, duration, common.duration_at)
+            buckets._sum._value += duration  # a LoopValue (buckets_of)
+            bounds, at = buckets._bounds, common.duration_at
+            if duration <= bounds[at] and (at == 0 or bounds[at - 1] < duration):
+                buckets._buckets[at]._value += 1.0
+            else:
+                common.duration_at = _observe_far(buckets, duration, at)
         else:
             buckets.observe(duration)
-    if record.first_token_at is not None:
-        if common.ttft is None:
-            common.ttft = metrics._buckets_of(metrics._ttft, rm)
-        common.ttft.observe(record.first_token_at - record.started_at)
-    if ended is not None:
         overhead = duration - record.upstream_wait_s - record.client_wait_s - record.backoff_wait_s
         # `max(0.0, overhead)` without the call (~1k instructions: `min_max` parses its
         # arguments): the same value for NaN and -0.0 too (both give 0.0).
@@ -286,8 +285,17 @@ def request_finished(metrics: Metrics, record: RequestRecord) -> None:
         if buckets is None:
             buckets = common.overhead = metrics._buckets_of(metrics._overhead, (route,))
         if type(buckets) is LoopBuckets:
-            common.overhead_at = _observe_near(buckets, overhead, common.overhead_at)
+            buckets._sum._value += overhead
+            bounds, at = buckets._bounds, common.overhead_at
+            if overhead <= bounds[at] and (at == 0 or bounds[at - 1] < overhead):
+                buckets._buckets[at]._value += 1.0
+            else:
+                common.overhead_at = _observe_far(buckets, overhead, at)
         else:
             buckets.observe(overhead)
+    if record.first_token_at is not None:
+        if common.ttft is None:
+            common.ttft = metrics._buckets_of(metrics._ttft, (route, model))
+        common.ttft.observe(record.first_token_at - record.started_at)
     if record.client_gone_at is not None and record.upstream_closed_at is not None:
         metrics._observe(metrics._cancel_propagation, (route,), record.cancel_propagation_s)
