@@ -23,9 +23,9 @@ and payload internals of the aiohttp it was measured on (3.14: `write_bytes`,
 `_get_content_length`, `_serialize_headers`, the writer's counts, `BytesPayload`'s fields),
 hence pyproject's floor; tests/test_upstream_request_inline.py compares its bytes on the
 wire, its errors and every attribute it sets with aiohttp's own. The response to such a
-request is built and started the same way (`_sent_response`, and `send`'s own steps for its
-start): the attributes aiohttp's `ClientResponse.__init__` and `start` leave, without the
-keyword call, the no-op timer's context and the properties.
+request is built and started the same way (proxy/sent_response.py, whose steps `send` runs
+for its start): the attributes aiohttp's `ClientResponse.__init__` and `start` leave,
+without the keyword call, the no-op timer's context and the properties.
 """
 
 from __future__ import annotations
@@ -38,21 +38,21 @@ from aiohttp import (
     ClientOSError,
     ClientRequest,
     ClientResponse,
-    ClientResponseError,
     ClientSession,
-    RequestInfo,
     hdrs,
 )
 from aiohttp.client_exceptions import ClientError, ConnectionTimeoutError
+from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import _CONTAINS_CONTROL_CHAR_RE
 from aiohttp.connector import BaseConnector, Connection
 from aiohttp.helpers import TimerNoop
 from aiohttp.http import HttpProcessingError, HttpVersion11, StreamWriter
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.payload import TOO_LARGE_BYTES_BODY, BytesPayload
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.sent_response import connected, head_error, headed, sent_response
 from proxy.upstream_connector import Connector
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ class UpstreamRequest(ClientRequest):
     # options, a body of bytes whose Content-Length is ours): `send` need not ask again what
     # that decided. None for any other request.
     _lean: BytesPayload | None = None
-    # `send` made the response itself (`_sent_response`): the module's `send` starts it.
+    # `send` made the response itself (`sent_response`): the module's `send` starts it.
     _lean_response = False
 
     def __init__(
@@ -181,7 +181,7 @@ class UpstreamRequest(ClientRequest):
 
     def written(self, conn: Connection) -> ClientResponse | None:
         """The usual lean request sent at once, synchronously: its head and small body in one
-        write on an open transport, its response made by `_sent_response` (aiohttp's response
+        write on an open transport, its response made by `sent_response` (aiohttp's response
         class, no timer); None, with nothing written, for any other case (`send` then, which
         writes the same way what it can, and fails a write on a closing transport as aiohttp
         does).
@@ -213,24 +213,17 @@ class UpstreamRequest(ClientRequest):
         head = _serialize_headers(f"{self.method} {self.url.raw_path_qs} HTTP/1.1", self.headers)
         if len(head) + size > INLINE_WRITE_BYTES:
             return None
-        # What `write_bytes` does for this body (`write_with_length`, `write`, `write_eof`):
-        # head and body in one transport write, the writer's counts and end marked, the read
-        # timeout started; without its three coroutines. Nothing else reads the writer but
-        # the response (`output_size`).
-        writer = StreamWriter(protocol, self.loop)
-        data = head + value
-        writer._headers_written = writer._eof = True
-        writer.buffer_size = writer.output_size = len(data)
-        transport.write(data)
-        protocol.start_timeout()
+        writer = _written_whole(
+            protocol, transport, StreamWriter(protocol, self.loop), head + value
+        )
         self._lean_response = True
-        self.response = response = _sent_response(self, writer)
+        self.response = response = sent_response(self, writer)
         return response
 
     def _response_of(self, writer: StreamWriter, *, lean: bool) -> ClientResponse:
         if lean and self.response_class is ClientResponse and self._timer is _NO_TIMER:
             self._lean_response = True
-            return _sent_response(self, writer)
+            return sent_response(self, writer)
         return self.response_class(
             self.method,
             self.original_url,
@@ -298,47 +291,23 @@ class UpstreamRequest(ClientRequest):
             writer._headers_buf, writer._headers_written = head, False
             await self.write_bytes(writer, conn, self._get_content_length())
         else:
-            # (as `written` writes the module's usual request)
-            data = head + body._value
-            writer._headers_written = writer._eof = True
-            writer.buffer_size = writer.output_size = len(data)
-            transport.write(data)
-            protocol.start_timeout()
+            _written_whole(protocol, transport, writer, head + body._value)
         self.response = response = self._response_of(writer, lean=lean is not None)
         return response
 
 
-def _sent_response(request: UpstreamRequest, writer: StreamWriter) -> ClientResponse:
-    """`ClientResponse(...)` as `send` makes it for a lean request it wrote itself, with the
-    attributes aiohttp's `__init__` sets for one (no writer task, no 100-continue, a session,
-    a URL without fragment and a loop out of debug: the lean `__init__` checked the last two),
-    without its call of ten keywords; and its `request_info` without the request's property
-    (tests/test_upstream_request_inline.py compares both with aiohttp's)."""
-    response = ClientResponse.__new__(ClientResponse)
-    response.method = request.method
-    response._real_url = response._url = url = request.url
-    response._output_size = writer.output_size
-    response._request_info = tuple.__new__(
-        RequestInfo, (url, request.method, CIMultiDictProxy(request.headers), request.original_url)
-    )
-    response._timer = request._timer
-    response._cache = {}
-    response._traces = request._traces
-    response._loop = request.loop
-    session = request._session
-    response._session = session
-    response._resolve_charset = session._resolve_charset
-    return response
-
-
-def _head_error(response: ClientResponse, exc: HttpProcessingError) -> ClientResponseError:
-    return ClientResponseError(
-        response.request_info,
-        response.history,
-        status=exc.code,
-        message=exc.message,
-        headers=exc.headers,
-    )
+def _written_whole(
+    protocol: ResponseHandler, transport: asyncio.Transport, writer: StreamWriter, data: bytes
+) -> StreamWriter:
+    """What `write_bytes` does for a small body (`write_with_length`, `write`, `write_eof`)
+    on an open transport: head and body (`data`) in one transport write, the writer's
+    counts and end marked, the read timeout started; without its three coroutines. Nothing
+    else reads the writer but the response (`output_size`)."""
+    writer._headers_written = writer._eof = True
+    writer.buffer_size = writer.output_size = len(data)
+    transport.write(data)
+    protocol.start_timeout()
+    return writer
 
 
 def _bytes_payload(data: bytes | bytearray) -> BytesPayload:
@@ -415,32 +384,19 @@ async def send(
                 response = await request.send(connection)
             try:
                 if request._lean_response:
-                    # `response.start(connection)` for a response `_sent_response` made:
-                    # aiohttp's steps without its no-op timer's context (two calls), its
-                    # properties and a coroutine of their own (tests compare the state it
-                    # leaves with aiohttp's).
-                    response._closed = False
-                    response._protocol = protocol
-                    response._connection = connection
+                    # `response.start(connection)` for a response `sent_response` made,
+                    # without a coroutine of its own (proxy/sent_response.py).
+                    connected(response, connection)
                     while True:
                         try:
                             message, payload = await protocol.read()
                         except HttpProcessingError as exc:
-                            raise _head_error(response, exc) from exc
+                            raise head_error(response, exc) from exc
                         code = message.code
                         if code < 100 or code > 199 or code == 101:
                             break
                         # (an interim answer: no 100-continue was asked for, nothing to tell)
-                    payload.on_eof(response._response_eof)
-                    response.version = message.version
-                    response.status = code
-                    response.reason = message.reason
-                    # `_cache["headers"]`: what `start` leaves there by reading `headers`.
-                    response._headers = response._cache["headers"] = got = message.headers
-                    response._raw_headers = message.raw_headers
-                    response.content = payload
-                    if cookie_hdrs := got.getall(hdrs.SET_COOKIE, ()):
-                        response._raw_cookie_headers = tuple(cookie_hdrs)
+                    headed(response, message, payload)
                 else:
                     await response.start(connection)
             except BaseException:
