@@ -269,39 +269,19 @@ def log_record(rec: RequestRecord, *, error: bool = False) -> None:
     too (`_found_in_json`), so a line without any is the scrubbed line: the encoded line's
     bytes hold a secret's UTF-8 bytes exactly where its text holds the secret."""
     sole = _sole_writer(_ERROR if error else _INFO)
-    if sole is not None:
-        writer = sole[0]
-        if type(writer.target.formatter) is JsonFormatter:
-            now = _time()
-            # `_record_json_bytes`, inline (a frame fewer a line; tests/test_access_line.py
-            # checks both against the dict's line).
-            low = (
-                f"{rec.error_message or ''}\0{rec.path}\0{rec.request_id}\0{rec.model or ''}"
-                f"\0{rec.user_agent or ''}"
-            ).casefold()
-            if not ("bearer" in low or "sk-" in low or "key" in low):
-                line = bytearray(_LINE_BUFFER)
-                _encode_into(
-                    _line(
-                        rec,
-                        _second(int(now)) + _MILLIS[int(now * 1000.0) % 1000],
-                        "error" if error else "info",
-                    ),
-                    line,
-                )
-                for scrubber in sole[1]:
-                    secrets = scrubber.secrets
-                    # (`data`'s regex takes any bytes-like value: the buffer without a copy)
-                    if secrets and (
-                        not _found_in_json(secrets) or secrets.data(line) != line  # type: ignore[arg-type]
-                    ):
-                        break
-                else:
-                    # `writer.emit_line(line)`, inline (its bound and the queue's put): a
-                    # frame fewer; `_sole_writer` found exactly a `BackgroundHandler`.
-                    if writer._queue.qsize() >= writer.max_pending:
-                        writer.dropped += 1
-                    else:
-                        writer._queue.put(line)
-                    return
+    if sole is not None and type(sole[0].target.formatter) is JsonFormatter:
+        now = _time()
+        ts = _second(int(now)) + _MILLIS[int(now * 1000.0) % 1000]
+        line = _record_json_bytes(ts, error, rec)
+        if line is not None:
+            for scrubber in sole[1]:
+                secrets = scrubber.secrets
+                # (`data`'s regex takes any bytes-like value: the buffer without a copy)
+                if secrets and (
+                    not _found_in_json(secrets) or secrets.data(line) != line  # type: ignore[arg-type]
+                ):
+                    break
+            else:
+                sole[0].emit_line(line)
+                return
     log_access(access_fields(rec), error=error)

@@ -130,8 +130,8 @@ def test_log_record_writes_what_log_access_writes(
 @pytest.mark.parametrize("word", ["Bearer abc", "sk-abcdef123", "\u017fk-abcdef1", "apiKey: v"])
 @pytest.mark.parametrize("field", ["model", "error_message", "path", "request_id", "user_agent"])
 def test_log_record_leaves_text_to_redact_to_the_fields_way(word: str, field: str) -> None:
-    """`log_record`'s own look for redact's words (inline, not `record_json_line`'s) sends
-    such a line the dict's way, which redacts it."""
+    """`log_record`'s look for redact's words (`_record_json_bytes`') sends such a line the
+    dict's way, which redacts it."""
     record = msgspec.structs.replace(make_record(), **{field: f"said {word}!"})
     fast = _written(lambda: log_record(record), [])
     assert fast == _written(lambda: log_access(access_fields(record)), [])
@@ -139,8 +139,8 @@ def test_log_record_leaves_text_to_redact_to_the_fields_way(word: str, field: st
 
 
 def test_log_record_keeps_the_writers_bound() -> None:
-    """The line queued inline is bounded as `emit_line` bounds it: past `max_pending` waiting,
-    it is dropped and counted (the writer then says how many)."""
+    """The line `log_record` queues is bounded by the writer (`emit_line`): past `max_pending`
+    waiting, it is dropped and counted (the writer then says how many)."""
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
